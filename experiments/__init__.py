@@ -1,0 +1,10 @@
+"""Experiment scripts; each writes figures/<name>.png and figures/<name>.json.
+
+``python -m experiments`` runs every name in :data:`EXPERIMENTS` (the README's main job).
+"""
+
+#: Experiments of the main job, in run order.
+EXPERIMENTS: tuple[str, ...] = (
+    "single_token_theorem_check",
+    "no_over_never",
+)
