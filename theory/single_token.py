@@ -174,8 +174,9 @@ def logprob_velocity(
     Example:
       >>> W = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
       >>> v = logprob_velocity(W, jnp.zeros(2), 0, 1, -1.0)  # pi uniform, h = 0
-      >>> [round(float(x), 4) for x in v]  # y+: 2/3 * 1 + 1/3 * 0 - 1/3 * 1 = 1/3
-      [0.3333, -0.3333, 0.0]
+      >>> # y+: m = (2/3)|W_0|^2 + (1/3)|W_1|^2 = 1, S = 0 since <W_2, W_0 - W_1> = 0; y- mirrors it
+      >>> [round(float(x), 4) for x in v]
+      [1.0, -1.0, 0.0]
     """
     _validate_single(W, h, y_pos, y_neg)
     check_ndim("ell_prime", ell_prime, 0, "[] (a scalar)")
