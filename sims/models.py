@@ -17,7 +17,7 @@ from theory._checks import check_finite, check_ndim, check_positive, check_posit
 
 
 class UnconstrainedFeatures(nnx.Module):
-    r"""Softmax model :math:`\pi(\cdot|p) = \mathrm{softmax}(W h_p)` with trainable ``W`` and ``h_p``.
+    r"""Softmax model :math:`\pi(\cdot|p) = \mathrm{softmax}(W h_p)`, ``W`` and ``h_p`` trainable.
 
     Source: Razin et al. 2024, Eq. 1 and §4.1 (unconstrained features, Mixon et al. 2022).
 
@@ -62,15 +62,19 @@ class UnconstrainedFeatures(nnx.Module):
         check_positive("hidden_scale", hidden_scale)
         std = 1.0 / jnp.sqrt(hidden_size)
         self.unembedding = nnx.Param(
-            unembedding_scale * std * jax.random.normal(rngs.params(), (vocab_size, hidden_size), dtype)
+            unembedding_scale
+            * std
+            * jax.random.normal(rngs.params(), (vocab_size, hidden_size), dtype)
         )
         self.hidden = nnx.Param(
-            hidden_scale * std * jax.random.normal(rngs.params(), (num_prefixes, hidden_size), dtype)
+            hidden_scale
+            * std
+            * jax.random.normal(rngs.params(), (num_prefixes, hidden_size), dtype)
         )
 
     @classmethod
     def from_arrays(cls, unembedding: ArrayLike, hidden: ArrayLike) -> UnconstrainedFeatures:
-        """Return a model whose parameters are copies of ``unembedding`` ``[V, d]`` and ``hidden`` ``[P, d]``.
+        """Return a model with copies of ``unembedding`` ``[V, d]`` and ``hidden`` ``[P, d]``.
 
         Raises:
           ValueError: wrong ranks, mismatched ``d``, non-finite entries.

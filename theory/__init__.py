@@ -1,6 +1,6 @@
 """Pure-JAX closed forms of the gradient-flow theory of likelihood displacement.
 
-Modules: ``losses`` (the one loss module), ``single_token`` (Razin et al. 2024, Theorems 4, 5, 8, 9).
+Modules: ``losses`` (the one loss module), ``single_token`` (Razin et al. 2024, Thms 4, 5, 8, 9).
 """
 
 from theory.losses import (
