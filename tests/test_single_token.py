@@ -39,7 +39,7 @@ LOSS_CASES = {
 
 
 def _instance(key, V, d):
-    """A random instance; half of them have W+ and W- aligned (correlation 0.95) and a small h,
+    """A random instance; half of them have W- = 1.2 W+ + noise and a small h,
     the geometry of Theorem 4 in which displacement is likely."""
     kW, kh, kp, kn, kr, ks, kc = jax.random.split(key, 7)
     scale = jnp.exp(jax.random.uniform(ks, (), minval=jnp.log(0.3), maxval=jnp.log(3.0)))
@@ -48,8 +48,8 @@ def _instance(key, V, d):
     y_pos = jax.random.randint(kp, (), 0, V)
     y_neg = (y_pos + jax.random.randint(kn, (), 1, V)) % V
     aligned = jax.random.bernoulli(kc)
-    W = W.at[y_neg].set(jnp.where(aligned, 0.95 * W[y_pos] + 0.3 * W[y_neg], W[y_neg]))
-    h = jnp.where(aligned, 0.1 * h, h)
+    W = W.at[y_neg].set(jnp.where(aligned, 1.2 * W[y_pos] + 0.3 * W[y_neg], W[y_neg]))
+    h = jnp.where(aligned, 0.1 * h / jnp.sqrt(d), h)
     ref = jax.random.normal(kr, (2,)) - 2.0
     return W, h, y_pos, y_neg, ref
 
