@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.special import ndtri
 from jax.typing import ArrayLike
 
 from theory._checks import check_positive, check_positive_int
@@ -39,17 +40,21 @@ class MixtureInstances(NamedTuple):
     beta: jax.Array
 
 
-def _one_distribution(key, V, concentration, zero_fraction, dtype):
-    k_dir, k_mask, k_keep = jax.random.split(key, 3)
+def _distributions(u, key, concentration, zero_fraction):
+    """``[R, V]`` Dirichlet rows, entries zeroed with probability ``zero_fraction`` (one kept).
+
+    ``u`` is ``[R, 2V + 1]`` uniforms in (0, 1): draws, zero mask, index of the entry kept.
+    """
+    R, V = u.shape[0], (u.shape[1] - 1) // 2
     if concentration == 1.0:  # Dirichlet(1): normalised Exp(1) draws (much cheaper than gamma)
-        p = jax.random.exponential(k_dir, (V,), dtype)
-        p = p / jnp.sum(p)
+        p = -jnp.log(u[:, :V])
     else:
-        p = jax.random.dirichlet(k_dir, jnp.full((V,), concentration, dtype))
-    keep = jax.random.uniform(k_mask, (V,)) >= zero_fraction
-    keep = keep.at[jax.random.randint(k_keep, (), 0, V)].set(True)  # never empty
-    p = jnp.where(keep, jnp.maximum(p, jnp.finfo(dtype).tiny), 0.0)
-    return p / jnp.sum(p)
+        p = jax.random.dirichlet(key, jnp.full((V,), concentration, u.dtype), (R,))
+    keep = u[:, V : 2 * V] >= zero_fraction
+    kept = jnp.minimum(jnp.floor(u[:, 2 * V] * V), V - 1).astype(jnp.int32)
+    keep = keep | jax.nn.one_hot(kept, V, dtype=bool)
+    p = jnp.where(keep, jnp.maximum(p, jnp.finfo(u.dtype).tiny), 0.0)
+    return p / jnp.sum(p, axis=1, keepdims=True)
 
 
 def random_instances(
@@ -113,20 +118,20 @@ def random_instances(
 
 @partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
 def _sample(key, num_instances, num_outcomes, reward_scale, concentration, zero_fraction, dtype):
-    def one(k):
-        ks = jax.random.split(k, 6)
-        pa = _one_distribution(ks[0], num_outcomes, concentration, zero_fraction, dtype)
-        pu = _one_distribution(ks[1], num_outcomes, concentration, zero_fraction, dtype)
-        log_beta = jax.random.uniform(ks[2], (), dtype, jnp.log(0.1), jnp.log(10.0))
-        log_s = jax.random.uniform(
-            ks[3], (), dtype, jnp.log(reward_scale / 10), jnp.log(reward_scale)
-        )
-        beta = jnp.exp(log_beta)
-        r = beta * jnp.exp(log_s) * jax.random.normal(ks[4], (num_outcomes,), dtype)
-        alpha = jax.random.uniform(ks[5], (), dtype, 0.05, 0.95)
-        return MixtureInstances(alpha, pa, pu, r, beta)
-
-    return jax.vmap(one)(jax.random.split(key, num_instances))
+    R, V = num_instances, num_outcomes
+    k_u, k_A, k_U = jax.random.split(key, 3)
+    # one uniform draw for everything: each threefry call costs a compile on small machines
+    tiny = jnp.finfo(dtype).tiny
+    u = jax.random.uniform(k_u, (R, 5 * V + 5), dtype, minval=tiny, maxval=1.0)  # in (0, 1)
+    p_A = _distributions(u[:, : 2 * V + 1], k_A, concentration, zero_fraction)
+    p_U = _distributions(u[:, 2 * V + 1 : 4 * V + 2], k_U, concentration, zero_fraction)
+    rest = u[:, 4 * V + 2 :]  # [R, V + 3]
+    beta = jnp.exp(jnp.log(0.1) + rest[:, 0] * (jnp.log(10.0) - jnp.log(0.1)))
+    log_s = jnp.log(reward_scale / 10) + rest[:, 1] * jnp.log(10.0)
+    normal = ndtri(jnp.clip(rest[:, 3:], tiny, 1 - jnp.finfo(dtype).eps))  # [R, V]
+    r = (beta * jnp.exp(log_s))[:, None] * normal
+    alpha = 0.05 + 0.9 * rest[:, 2]
+    return MixtureInstances(alpha.astype(dtype), p_A, p_U, r.astype(dtype), beta.astype(dtype))
 
 
 class Theorem2Status(NamedTuple):
