@@ -258,6 +258,9 @@ def theorem2_census(instances: MixtureInstances, *, criterion_atol: float) -> Th
     )
 
 
+_status_batch = jax.jit(jax.vmap(theorem2_status))
+
+
 class SearchResult(NamedTuple):
     """Counterexamples to Theorem 2 as stated, found in float32 and re-verified in float64.
 
@@ -304,7 +307,7 @@ def search_counterexamples(
         zero_fraction=zero_fraction,
         dtype=jnp.float32,
     )
-    status = jax.jit(jax.vmap(theorem2_status))
+    status = _status_batch
     hits = np.asarray(status(*inst32).margin > 0)
     inst = jax.tree.map(lambda x: x.astype(jnp.float64), inst32)
     margin = np.asarray(status(*inst).margin)
