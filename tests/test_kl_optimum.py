@@ -29,6 +29,8 @@ RTOL = 1e-12
 ATOL = 1e-14
 #: float32 vs float64 (style table).
 RTOL_F32 = 1e-4
+#: float32 absolute floor for probabilities near 0 (float32 eps 1.2e-7 times O(1) log-weights).
+ATOL_F32 = 1e-7
 #: |TPM(A) - alpha| above this is a decided sign (float64 rounding of sigmoid/logsumexp ~1e-16).
 SIGN_ATOL = 1e-12
 #: Number of random instances per property.
@@ -271,3 +273,20 @@ def test_covariance_functions_reject_bad_input():
         tilt_moments(jnp.array([0.5, 0.49]), Q, R, 1.0)
     with pytest.raises(ValueError, match="p and p_ref must have one shape"):
         objective(jnp.array([1.0, 0.0, 0.0]), P, R, 1.0)
+
+
+def test_objective_is_minus_infinity_off_the_support():
+    # p puts mass 0.1 where p_ref = 0: KL(p || p_ref) = +inf (definition of KL)
+    p_ref, r = jnp.array([0.5, 0.5, 0.0]), jnp.array([0.0, 1.0, 5.0])
+    assert float(objective(jnp.array([0.45, 0.45, 0.1]), p_ref, r, 1.0)) == -np.inf
+    # p = p_ref: KL = 0 and E[r] = 1/2; zeros of p contribute 0 (0 log 0 = 0)
+    assert float(objective(p_ref, p_ref, r, 1.0)) == 0.5
+
+
+def test_tilt_float32_matches_float64():
+    inst = _instances(6, num=500)
+    p_ref = inst.alpha[:, None] * inst.p_A + (1 - inst.alpha[:, None]) * inst.p_U
+    t64 = _jv(tilt)(p_ref, inst.r, inst.beta)
+    t32 = _jv(tilt)(*(x.astype(jnp.float32) for x in (p_ref, inst.r, inst.beta)))
+    assert t32.dtype == jnp.float32
+    np.testing.assert_allclose(t32, t64, rtol=RTOL_F32, atol=ATOL_F32)
