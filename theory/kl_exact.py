@@ -8,6 +8,7 @@ arithmetic cannot be traced by JAX.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -16,6 +17,9 @@ from jax.typing import ArrayLike
 
 from theory._checks import check_positive_int
 from theory.kl_counterexample import MixtureInstances
+
+#: Anything ``Fraction`` accepts exactly: int, Fraction, or a string such as ``"3/10"``.
+Rational = int | str | Fraction
 
 #: Relative width of the rational enclosure of e^x (far below any margin worth reporting).
 EXP_REL_TOL = Fraction(1, 10**30)
@@ -84,7 +88,13 @@ class ExactCheck(NamedTuple):
     violates_stated_theorem: bool
 
 
-def exact_check(alpha, p_A, p_U, r, beta) -> ExactCheck:
+def exact_check(
+    alpha: Rational,
+    p_A: Sequence[Rational],
+    p_U: Sequence[Rational],
+    r: Sequence[Rational],
+    beta: Rational,
+) -> ExactCheck:
     r"""Return Theorem 2's hypotheses and conclusion for a rational instance, rigorously.
 
     .. math:: \mathrm{TPM}(A) = \frac{\alpha M_A}{\alpha M_A + (1-\alpha)M_U}\ \text{ is increasing
