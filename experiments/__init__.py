@@ -7,4 +7,5 @@
 EXPERIMENTS: tuple[str, ...] = (
     "single_token_theorem_check",
     "no_over_never",
+    "kl_optimum_mixture",
 )

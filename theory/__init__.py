@@ -1,8 +1,41 @@
 """Pure-JAX closed forms of the gradient-flow theory of likelihood displacement.
 
-Modules: ``losses`` (the one loss module), ``single_token`` (Razin et al. 2024, Thms 4, 5, 8, 9).
+Modules: ``losses`` (the one loss module), ``single_token`` (Razin et al. 2024, Thms 4, 5, 8, 9),
+``kl_optimum`` / ``kl_counterexample`` / ``kl_exact`` / ``logit_arithmetic`` (KL-optimum mixture).
 """
 
+from theory.kl_counterexample import (
+    MixtureInstances,
+    SearchResult,
+    Theorem2Census,
+    Theorem2Status,
+    random_instances,
+    search_counterexamples,
+    theorem2_census,
+    theorem2_status,
+)
+from theory.kl_exact import (
+    ExactCheck,
+    RationalInstance,
+    exact_check,
+    exp_bounds,
+    rational_counterexample,
+    rationalize,
+)
+from theory.kl_optimum import (
+    MixtureWeights,
+    SupportCovariances,
+    TiltMoments,
+    TotalProbabilityMass,
+    mixture_weights,
+    objective,
+    residual_mass_bound,
+    support_covariances,
+    tilt,
+    tilt_moments,
+    total_probability_mass,
+)
+from theory.logit_arithmetic import arithmetic_mass, arithmetic_tilt, logit_arithmetic
 from theory.losses import (
     LOSSES,
     MARGIN_CLASS,
@@ -29,24 +62,52 @@ from theory.single_token import (
 )
 
 __all__ = [
-    "LOSSES",
-    "MARGIN_CLASS",
     "DisplacementTerms",
+    "ExactCheck",
+    "LOSSES",
     "LossCoefficients",
+    "MARGIN_CLASS",
+    "MixtureInstances",
+    "MixtureWeights",
+    "RationalInstance",
+    "SearchResult",
+    "SupportCovariances",
+    "Theorem2Census",
+    "Theorem2Status",
+    "TiltMoments",
+    "TotalProbabilityMass",
+    "arithmetic_mass",
+    "arithmetic_tilt",
     "displacement_terms",
     "dpo_loss",
     "dpop_loss",
+    "exact_check",
+    "exp_bounds",
     "gpo_loss",
     "ipo_loss",
+    "logit_arithmetic",
     "logprob_velocity",
     "loss_coefficients",
     "make_loss",
     "margin_derivative",
+    "mixture_weights",
     "multi_sample_logprob_velocity",
     "nll_loss",
+    "objective",
+    "random_instances",
+    "rational_counterexample",
+    "rationalize",
     "rebel_loss",
+    "residual_mass_bound",
+    "search_counterexamples",
     "sft_term_loss",
     "simpo_loss",
     "slic_loss",
+    "support_covariances",
+    "theorem2_census",
+    "theorem2_status",
+    "tilt",
+    "tilt_moments",
+    "total_probability_mass",
     "weighted_loss",
 ]
