@@ -26,7 +26,7 @@ BETA = 0.7
 
 
 def _states(seed, chosen, rejected, n):
-    """Random logit states (NumPy, seeded); half satisfy the well-optimised assumption by construction."""
+    """Random logit states (NumPy, seeded); half are well-optimised by construction."""
     rng = np.random.default_rng(seed)
     m = int(np.flatnonzero(np.asarray(chosen) != np.asarray(rejected))[0])
     scale = rng.uniform(0.3, 3.0, (n, 1, 1))
@@ -73,14 +73,14 @@ def test_position_logit_gradients_matches_autodiff(inside, lam):
         c, r = jnp.asarray(chosen), jnp.asarray(rejected)
         lw, lr, ref_c, ref_r = _states(10 + p, chosen, rejected, N_PER_PAIR)
         closed = jax.vmap(
-            lambda a, b, rc, rr: dpop.position_logit_gradients(
+            lambda a, b, rc, rr, c=c, r=r: dpop.position_logit_gradients(
                 a, b, c, r, rc, rr, beta=BETA, lam=lam, penalty_inside_beta=inside
             )
         )(lw, lr, ref_c, ref_r)
         loss = partial(dpop_loss, beta=BETA, lam=lam, penalty_inside_beta=inside)
-        auto = jax.vmap(lambda a, b, rc, rr: _autodiff_descent(loss, a, b, c, r, rc, rr))(
-            lw, lr, ref_c, ref_r
-        )
+        auto = jax.vmap(
+            lambda a, b, rc, rr, c=c, r=r, loss=loss: _autodiff_descent(loss, a, b, c, r, rc, rr)
+        )(lw, lr, ref_c, ref_r)
         S = 2 * L * _scale(closed)[:, None, None]
         err = np.max(
             np.abs(closed.descent - auto) - RTOL * np.abs(auto) - ATOL_PER_TERM * S, axis=(1, 2)
@@ -95,12 +95,14 @@ def test_position_logit_gradients_dpo_case_matches_dpo_loss():
         c, r = jnp.asarray(chosen), jnp.asarray(rejected)
         lw, lr, ref_c, ref_r = _states(20 + p, chosen, rejected, N_PER_PAIR)
         closed = jax.vmap(
-            lambda a, b, rc, rr: dpop.position_logit_gradients(
+            lambda a, b, rc, rr, c=c, r=r: dpop.position_logit_gradients(
                 a, b, c, r, rc, rr, beta=BETA, lam=0.0
             )
         )(lw, lr, ref_c, ref_r)
         auto = jax.vmap(
-            lambda a, b, rc, rr: _autodiff_descent(partial(dpo_loss, beta=BETA), a, b, c, r, rc, rr)
+            lambda a, b, rc, rr, c=c, r=r: _autodiff_descent(
+                partial(dpo_loss, beta=BETA), a, b, c, r, rc, rr
+            )
         )(lw, lr, ref_c, ref_r)
         S = 2 * L * _scale(closed)[:, None, None]
         np.testing.assert_allclose(
@@ -183,13 +185,15 @@ def test_predicted_signs_dpo_agree_exactly_where_assumption_holds():
         m = dpop.edit_position(c, r)
         lw, lr, ref_c, ref_r = _states(30 + p, chosen, rejected, N_PER_PAIR)
         auto = jax.vmap(
-            lambda a, b, rc, rr: _autodiff_descent(partial(dpo_loss, beta=BETA), a, b, c, r, rc, rr)
+            lambda a, b, rc, rr, c=c, r=r: _autodiff_descent(
+                partial(dpo_loss, beta=BETA), a, b, c, r, rc, rr
+            )
         )(lw, lr, ref_c, ref_r)
-        lp = jax.vmap(lambda a, b: dpop.sequence_logprobs(a, b, c, r))(lw, lr)
+        lp = jax.vmap(lambda a, b, c=c, r=r: dpop.sequence_logprobs(a, b, c, r))(lw, lr)
         coef = dpop.dpop_coefficients(*lp, ref_c, ref_r, beta=BETA, lam=0.0).coef_rejected
         got = _signs(auto, 2 * np.asarray(coef)[:, None, None])  # S = a- |e - s^w| + a- |e - s^l|
         pred = np.asarray(dpop.predicted_signs(c, r, V, penalised=False))[None]
-        ok = jax.vmap(lambda a, b: dpop.well_optimised(a, b, c, r))(lw, lr)  # [N, L]
+        ok = jax.vmap(lambda a, b, c=c, r=r: dpop.well_optimised(a, b, c, r))(lw, lr)  # [N, L]
         post = np.arange(L) > m
         held = np.asarray(ok)[:, post]
         agree = np.all(got == pred, axis=-1)[:, post]  # [N, positions after m]
@@ -211,9 +215,10 @@ def test_lambda_thresholds_are_tight(inside):
             continue  # no position after the edit
         lw, lr, ref_c, _ = _states(40 + p, chosen, rejected, N_PER_PAIR)
         ref_c = ref_c + 10.0  # hinge active everywhere
-        ref_r = jnp.zeros_like(ref_c)
         th = jax.vmap(
-            lambda a, b: dpop.lambda_thresholds(a, b, c, r, beta=BETA, penalty_inside_beta=inside)
+            lambda a, b, c=c, r=r: dpop.lambda_thresholds(
+                a, b, c, r, beta=BETA, penalty_inside_beta=inside
+            )
         )(lw, lr)
         assert np.all(np.asarray(th.correct) <= np.asarray(th.threshold) + 1e-12)
         k = m + 1
@@ -222,7 +227,7 @@ def test_lambda_thresholds_are_tight(inside):
         for factor, should_hold in ((1.0 + 1e-3, True), (1.0 - 1e-3, False)):
             lams = lam_star * factor + (1e-6 if should_hold else 0.0)
 
-            def auto_at(a, b, rc, lam):
+            def auto_at(a, b, rc, lam, c=c, r=r, k=k):
                 loss = partial(dpop_loss, beta=BETA, lam=lam, penalty_inside_beta=inside)
                 return _autodiff_descent(loss, a, b, c, r, rc, 0.0)[k]
 
@@ -303,7 +308,7 @@ def test_position_logit_gradients_jit_float32_matches_float64():
     lw, lr, ref_c, ref_r = _states(50, chosen, rejected, 8)
     f = jax.jit(
         jax.vmap(
-            lambda a, b, rc, rr: (
+            lambda a, b, rc, rr, c=c, r=r: (
                 dpop.position_logit_gradients(a, b, c, r, rc, rr, beta=BETA, lam=2.0).descent
             )
         )

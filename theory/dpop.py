@@ -123,11 +123,13 @@ def dpop_coefficients(
 
     with :math:`\Delta` the log-ratio margin (penalty inside :math:`\beta[\cdot]`, the default).
     Outside (the source note's form): :math:`a^- = \beta\sigma(-x)`,
-    :math:`a^+ = (\beta + \lambda\mathbb 1[P>0])\sigma(-x)`, :math:`x = \beta\Delta - \lambda\max(0,P)`,
+    :math:`a^+ = (\beta + \lambda\mathbb 1[P>0])\sigma(-x)`,
+    :math:`x = \beta\Delta - \lambda\max(0,P)`,
     i.e. the inside form with :math:`\lambda/\beta` in place of :math:`\lambda` in the weights.
 
     Source: Pal et al. 2024, Eq. 3 (chain rule, derived here). While the hinge is active this is
-    Razin et al. 2024's weighted loss (Eq. 5) with :math:`\lambda^+ = 1+\lambda`, :math:`\lambda^- = 1`.
+    Razin et al. 2024's weighted loss (Eq. 5) with :math:`\lambda^+ = 1+\lambda`,
+    :math:`\lambda^- = 1`.
     Reading: at the kink :math:`P = 0` the hinge counts as inactive (JAX's autodiff of ``max``
     takes half of each side there).
 
@@ -195,8 +197,8 @@ def _validate_pair(logits_chosen, logits_rejected, chosen, rejected) -> None:
         )
     ):
         raise ValueError(
-            f"logits_rejected[:m+1] must equal logits_chosen[:m+1] (contexts up to the edit at m={m} "
-            "are shared), got different rows"
+            "logits_rejected[:m+1] must equal logits_chosen[:m+1] (contexts up to the edit at "
+            f"m={m} are shared), got different rows"
         )
 
 
@@ -207,7 +209,7 @@ def _post_edit(chosen, rejected):
 
 
 def sequence_logprobs(logits_chosen, logits_rejected, chosen, rejected):
-    """Return the summed :math:`(\\ln\\pi(y_w), \\ln\\pi(y_l))` of per-position logits (unvalidated)."""
+    """Return the summed :math:`(\\ln\\pi(y_w), \\ln\\pi(y_l))` of ``[L, V]`` logits (no checks)."""
     rows = jnp.arange(chosen.shape[0])
     lp_c = jnp.sum(jax.nn.log_softmax(logits_chosen, axis=-1)[rows, chosen])
     lp_r = jnp.sum(jax.nn.log_softmax(logits_rejected, axis=-1)[rows, rejected])
@@ -215,7 +217,7 @@ def sequence_logprobs(logits_chosen, logits_rejected, chosen, rejected):
 
 
 class PositionGradients(NamedTuple):
-    r"""Per-position logit velocities :math:`-\partial L/\partial\theta_k` of an edit-distance-1 pair.
+    r"""Per-position logit velocities :math:`-\partial L/\partial\theta_k` of a pair.
 
     Attributes:
       descent: ``[L, V]``; entry ``[k, j] > 0`` means gradient descent raises logit ``j`` at ``k``.
@@ -252,7 +254,7 @@ def position_logit_gradients(
     lam: float = 0.0,
     penalty_inside_beta: bool = True,
 ) -> PositionGradients:
-    r"""Return :math:`-\partial L/\partial\theta_k` for every position (DPO at ``lam=0``, else DPOP).
+    r"""Return :math:`-\partial L/\partial\theta_k` at every position (DPO at ``lam=0``, else DPOP).
 
     .. math:: -\frac{\partial L}{\partial\theta_k} = a^+(e_{t_k} - s^w_k) - a^-(e_{t'_k} - s^l_k)
               \ \overset{k>m}{=}\ a^-\big[\lambda\,\mathbb 1[P>0]\,(e_{t_k} - s^w_k)
@@ -360,7 +362,7 @@ def lambda_thresholds(
     beta: float = 0.1,
     penalty_inside_beta: bool = True,
 ) -> LambdaThresholds:
-    r"""Return the smallest :math:`\lambda` per position that gives DPOP's logit gradient the right signs.
+    r"""Return the smallest :math:`\lambda` per position giving DPOP's gradient the right signs.
 
     .. math:: \lambda^*_k = \max\Big(0,\ \max_{j\ne t_k}\frac{s^l_{k,j}}{s^w_{k,j}} - 1\Big)
               \ \ge\ \frac{s^w_{k,t_k} - s^l_{k,t_k}}{1 - s^w_{k,t_k}}
@@ -470,7 +472,8 @@ class WeightedSplit(NamedTuple):
     r"""Proposition 2's split of :math:`\frac{d}{dt}\ln\pi(y^+)` for a weighted loss.
 
     Attributes:
-      dpo_part: :math:`\rho\,\mathcal E = a^-(\|\nabla lp^+\|^2 - \langle\nabla lp^+,\nabla lp^-\rangle)`.
+      dpo_part: :math:`\rho\,\mathcal E
+        = a^-(\|\nabla lp^+\|^2 - \langle\nabla lp^+,\nabla lp^-\rangle)`.
       gamma: :math:`\gamma = (\lambda^+-\lambda^-)(-\mu') = a^+ - a^-`.
       velocity: :math:`\rho\,\mathcal E + \gamma\|\nabla lp^+\|^2`.
     """
