@@ -14,7 +14,7 @@ from experiments._common import enable_x64, experiment_main, provenance
 from sims.dpop_checks import flow_summary, reference_context_logits, sign_checks
 from sims.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
 from sims.models import UnconstrainedFeatures
-from theory.dpop import lambda_thresholds, well_optimised
+from theory.dpop_signs import lambda_thresholds, well_optimised
 
 NAME = "dpop_edit_distance"
 TOKENS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=", ";", "<eos>")

@@ -16,13 +16,8 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from sims.logit_model import EditFlow, EditPrefixes
-from theory.dpop import (
-    lambda_thresholds,
-    position_logit_gradients,
-    predicted_signs,
-    sequence_logprobs,
-    well_optimised,
-)
+from theory.dpop import position_logit_gradients, sequence_logprobs
+from theory.dpop_signs import lambda_thresholds, predicted_signs, well_optimised
 
 
 def reference_context_logits(
@@ -104,7 +99,7 @@ def sign_checks(
     it fails, and how often DPOP's are right at :math:`1.001\lambda^*_k` and at
     :math:`0.999\lambda^*_k` (positions with :math:`\lambda^*_k > 0`).
 
-    Source: Pal et al. 2024, §3; thresholds from :func:`theory.dpop.lambda_thresholds`.
+    Source: Pal et al. 2024, §3; thresholds from :func:`theory.dpop_signs.lambda_thresholds`.
     """
     lw, lr = jnp.asarray(logits_chosen), jnp.asarray(logits_rejected)
     post = np.arange(len(chosen)) > np.flatnonzero(chosen != rejected)[0]

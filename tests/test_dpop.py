@@ -1,4 +1,4 @@
-"""Tests of theory.dpop: closed forms vs autodiff of the actual losses on random logit states."""
+"""Tests of theory.dpop and theory.dpop_signs: closed forms vs autodiff of the actual losses."""
 
 from functools import partial
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import worst_index
-from theory import dpop
+from theory import dpop, dpop_signs
 from theory.losses import dpo_loss, dpop_loss, loss_coefficients, weighted_loss
 
 RTOL = 1e-9  # closed form vs autodiff of the same float64 function: rounding only
@@ -192,8 +192,8 @@ def test_predicted_signs_dpo_agree_exactly_where_assumption_holds():
         lp = jax.vmap(lambda a, b, c=c, r=r: dpop.sequence_logprobs(a, b, c, r))(lw, lr)
         coef = dpop.dpop_coefficients(*lp, ref_c, ref_r, beta=BETA, lam=0.0).coef_rejected
         got = _signs(auto, 2 * np.asarray(coef)[:, None, None])  # S = a- |e - s^w| + a- |e - s^l|
-        pred = np.asarray(dpop.predicted_signs(c, r, V, penalised=False))[None]
-        ok = jax.vmap(lambda a, b, c=c, r=r: dpop.well_optimised(a, b, c, r))(lw, lr)  # [N, L]
+        pred = np.asarray(dpop_signs.predicted_signs(c, r, V, penalised=False))[None]
+        ok = jax.vmap(partial(dpop_signs.well_optimised, chosen=c, rejected=r))(lw, lr)  # [N, L]
         post = np.arange(L) > m
         held = np.asarray(ok)[:, post]
         agree = np.all(got == pred, axis=-1)[:, post]  # [N, positions after m]
@@ -216,14 +216,14 @@ def test_lambda_thresholds_are_tight(inside):
         lw, lr, ref_c, _ = _states(40 + p, chosen, rejected, N_PER_PAIR)
         ref_c = ref_c + 10.0  # hinge active everywhere
         th = jax.vmap(
-            lambda a, b, c=c, r=r: dpop.lambda_thresholds(
+            lambda a, b, c=c, r=r: dpop_signs.lambda_thresholds(
                 a, b, c, r, beta=BETA, penalty_inside_beta=inside
             )
         )(lw, lr)
         assert np.all(np.asarray(th.correct) <= np.asarray(th.threshold) + 1e-12)
         k = m + 1
         lam_star = np.asarray(th.threshold[:, k])
-        pred = np.asarray(dpop.predicted_signs(c, r, V, penalised=True))[k]
+        pred = np.asarray(dpop_signs.predicted_signs(c, r, V, penalised=True))[k]
         for factor, should_hold in ((1.0 + 1e-3, True), (1.0 - 1e-3, False)):
             lams = lam_star * factor + (1e-6 if should_hold else 0.0)
 
@@ -279,7 +279,7 @@ def test_position_logit_gradients_rejects_bad_pairs(override, match):
     with pytest.raises(ValueError, match=match):
         dpop.position_logit_gradients(**{**GOOD, **override}, beta=0.1, lam=1.0)
     with pytest.raises(ValueError, match=match):
-        dpop.lambda_thresholds(**{**GOOD, **override})
+        dpop_signs.lambda_thresholds(**{**GOOD, **override})
 
 
 def test_position_logit_gradients_rejects_bad_lam_and_beta():
@@ -297,7 +297,7 @@ def test_edit_position_and_predicted_signs_reject_bad_input():
     with pytest.raises(TypeError, match="integer token ids"):
         dpop.edit_position(jnp.array([0.0, 1.0]), jnp.array([0.0, 2.0]))
     with pytest.raises(ValueError, match="vocab_size must be an integer >= 2"):
-        dpop.predicted_signs(jnp.array([0, 1]), jnp.array([1, 1]), 1, penalised=True)
+        dpop_signs.predicted_signs(jnp.array([0, 1]), jnp.array([1, 1]), 1, penalised=True)
     with pytest.raises(ValueError, match="grad_sq_chosen must be >= 0"):
         dpop.weighted_split(1.0, 1.0, -1.0, 0.0)
 
