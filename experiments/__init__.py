@@ -8,4 +8,5 @@ EXPERIMENTS: tuple[str, ...] = (
     "single_token_theorem_check",
     "no_over_never",
     "kl_optimum_mixture",
+    "dpop_edit_distance",
 )

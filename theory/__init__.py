@@ -1,9 +1,21 @@
 """Pure-JAX closed forms of the gradient-flow theory of likelihood displacement.
 
 Modules: ``losses`` (the one loss module), ``single_token`` (Razin et al. 2024, Thms 4, 5, 8, 9),
-``kl_optimum`` / ``kl_counterexample`` / ``kl_exact`` / ``logit_arithmetic`` (KL-optimum mixture).
+``kl_optimum`` / ``kl_counterexample`` / ``kl_exact`` / ``logit_arithmetic`` (KL-optimum mixture),
+``dpop`` / ``dpop_signs`` (DPOP on edit-distance-1 pairs).
 """
 
+from theory.dpop import (
+    DPOPCoefficients,
+    PositionGradients,
+    WeightedSplit,
+    dpop_coefficients,
+    edit_position,
+    position_logit_gradients,
+    sequence_logprobs,
+    weighted_split,
+)
+from theory.dpop_signs import LambdaThresholds, lambda_thresholds, predicted_signs, well_optimised
 from theory.kl_counterexample import (
     MixtureInstances,
     SearchResult,
@@ -62,13 +74,16 @@ from theory.single_token import (
 )
 
 __all__ = [
+    "DPOPCoefficients",
     "DisplacementTerms",
     "ExactCheck",
     "LOSSES",
+    "LambdaThresholds",
     "LossCoefficients",
     "MARGIN_CLASS",
     "MixtureInstances",
     "MixtureWeights",
+    "PositionGradients",
     "RationalInstance",
     "SearchResult",
     "SupportCovariances",
@@ -76,15 +91,19 @@ __all__ = [
     "Theorem2Status",
     "TiltMoments",
     "TotalProbabilityMass",
+    "WeightedSplit",
     "arithmetic_mass",
     "arithmetic_tilt",
     "displacement_terms",
     "dpo_loss",
+    "dpop_coefficients",
     "dpop_loss",
+    "edit_position",
     "exact_check",
     "exp_bounds",
     "gpo_loss",
     "ipo_loss",
+    "lambda_thresholds",
     "logit_arithmetic",
     "logprob_velocity",
     "loss_coefficients",
@@ -94,12 +113,15 @@ __all__ = [
     "multi_sample_logprob_velocity",
     "nll_loss",
     "objective",
+    "position_logit_gradients",
+    "predicted_signs",
     "random_instances",
     "rational_counterexample",
     "rationalize",
     "rebel_loss",
     "residual_mass_bound",
     "search_counterexamples",
+    "sequence_logprobs",
     "sft_term_loss",
     "simpo_loss",
     "slic_loss",
@@ -110,4 +132,6 @@ __all__ = [
     "tilt_moments",
     "total_probability_mass",
     "weighted_loss",
+    "weighted_split",
+    "well_optimised",
 ]
