@@ -330,6 +330,7 @@ def apply_moving_rows(model: UnconstrainedFeatures, rows: MovingRows) -> Unconst
       >>> apply_moving_rows(model, rows).unembedding[1].tolist()
       [1.0, 1.0]
     """
-    unembedding = model.unembedding[...].at[rows.tokens].set(rows.token_rows)
-    hidden = model.hidden[...].at[rows.prompts].set(rows.prompt_rows)
+    W, H = model.unembedding[...], model.hidden[...]
+    unembedding = W.at[rows.tokens].set(jnp.asarray(rows.token_rows, W.dtype))
+    hidden = H.at[rows.prompts].set(jnp.asarray(rows.prompt_rows, H.dtype))
     return UnconstrainedFeatures.from_arrays(unembedding, hidden)

@@ -79,7 +79,9 @@ def _normwise_error(a, b):
 
 @pytest.mark.parametrize(
     "loss_type,structure",
-    [(name, "mixed") for name in LOSS_CASES] + [("ipo", "rank_deficient")],
+    [("dpo", "mixed")]
+    + [pytest.param(name, "mixed", marks=pytest.mark.slow) for name in LOSS_CASES if name != "dpo"]
+    + [pytest.param("ipo", "rank_deficient", marks=pytest.mark.slow)],
 )
 def test_reduced_flow_matches_full_parameter_flow(loss_type, structure):
     V, d, P, prompt, chosen, rejected = STRUCTURES[structure]
