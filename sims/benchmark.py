@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from sims.flow import PreferencePairs
 from sims.models import UnconstrainedFeatures
@@ -70,7 +71,10 @@ def random_geometry_traced(V: int, d: int, seed) -> tuple[jax.Array, jax.Array]:
 
 def reduced_rate(W, H, *, num_steps: int, num_checkpoints: int, repeats: int) -> dict:
     """Time the reduced flow: ``wall_s`` (best), ``steps_per_s``, ``first_call_s`` (compiles)."""
-    model = UnconstrainedFeatures.from_arrays(W, H)
+    # not from_arrays: it first draws (asynchronously) a discarded random V x d matrix, which at
+    # V = 128,256, d = 4,096 kept the CPU busy for ~30 s into the first timed call
+    model = UnconstrainedFeatures(1, W.shape[1], 1, rngs=nnx.Rngs(0), dtype=W.dtype)
+    model.unembedding, model.hidden = nnx.Param(W), nnx.Param(H)
     zero = jnp.zeros(1, jnp.float32)
     pairs = PreferencePairs(jnp.array([0]), jnp.array([CHOSEN]), jnp.array([REJECTED]), zero, zero)
     loss = make_loss("dpo", beta=BETA)
