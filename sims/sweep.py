@@ -1,0 +1,334 @@
+r"""Sweeps: many runs stacked on a leading "run" axis, sharded over all devices, saved per chunk.
+
+A run is a pure function ``run_fn(x) -> pytree of arrays`` of one input pytree ``x`` (a seed's
+key, a ``beta``, a learning rate, a loss index, a geometry...). :func:`sharded_map` evaluates it on
+``R`` stacked inputs: the run axis is split over a 1-D device mesh (``jax.make_mesh``, axis
+``"runs"``) with ``jax.shard_map``; inside each device, ``jax.lax.map(..., batch_size=b)`` runs
+vmapped batches of ``b`` one after another (on CPU, ``b`` of about 4 beat one big ``vmap`` by
+4x at V=1000: one batch's copies of ``W`` stay in cache). Runs are independent, so the sharded
+result equals the unsharded one.
+
+:func:`sweep` adds chunking and persistence: the runs are cut into chunks of ``chunk_size``; each
+finished chunk is written to ``out_dir/chunk_<k>.npz`` and recorded in ``out_dir/index.json``, both
+through a temporary file and ``os.replace`` (atomic on POSIX), so a killed sweep loses at most the
+chunk in flight and a rerun with the same arguments loads finished chunks instead of recomputing
+them. The index also records each run's status (``"ok"`` or ``"nonfinite"``) rather than aborting
+the other runs.
+
+Multi-host (TPU pods, GPU clusters): call ``jax.distributed.initialize()`` in every process before
+anything else touches JAX, then run the same script everywhere. ``jax.devices()`` is then the
+global device list, :func:`run_mesh` spans all hosts, inputs are placed with
+``jax.make_array_from_callback`` (each process supplies its own shards from the full host copy),
+results come back to every process with ``multihost_utils.process_allgather``, and only process 0
+writes files. Chunk size should be a multiple of the global device count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from theory._checks import check_positive_int
+
+RUN_AXIS = "runs"  # the mesh axis the runs are split over
+
+
+class SweepResult(NamedTuple):
+    """Outputs of a sweep, on the host.
+
+    Attributes:
+      outputs: ``run_fn``'s output pytree, each leaf with a leading run axis ``R``.
+      status: ``[R]`` strings, ``"ok"`` or ``"nonfinite"`` (some output leaf has NaN/inf).
+      computed_chunks: indices of the chunks computed by this call (the others were loaded).
+    """
+
+    outputs: Any
+    status: np.ndarray
+    computed_chunks: tuple[int, ...]
+
+
+def run_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    """Return a 1-D mesh with axis ``"runs"`` over the first ``num_devices`` devices (default all).
+
+    Raises:
+      ValueError: ``num_devices`` is not in ``[1, jax.device_count()]``.
+
+    Example:
+      >>> run_mesh(1).axis_names
+      ('runs',)
+    """
+    available = jax.device_count()
+    n = available if num_devices is None else num_devices
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= available:
+        raise ValueError(
+            f"num_devices must be an integer in [1, {available}] (jax.device_count()), "
+            f"got num_devices={num_devices!r}"
+        )
+    # Auto axis type: the mesh only splits independent runs; nothing inside run_fn is sharded
+    return jax.make_mesh(
+        (n,), (RUN_AXIS,), devices=jax.devices()[:n], axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def _num_runs(inputs) -> int:
+    leaves = jax.tree_util.tree_leaves(inputs)
+    if not leaves:
+        raise ValueError("inputs must hold at least one array with a leading run axis, got none")
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if None in sizes or len(sizes) != 1:
+        raise ValueError(
+            "every leaf of inputs must have the same leading run axis R, got leading sizes "
+            f"{[np.shape(leaf)[:1] for leaf in leaves]}"
+        )
+    return sizes.pop()
+
+
+def _pad_runs(inputs, size: int):
+    """Pad the run axis to ``size`` by repeating the last run (real data: no NaN from padding)."""
+    return jax.tree_util.tree_map(
+        lambda a: np.concatenate([a, np.repeat(a[-1:], size - a.shape[0], axis=0)]), inputs
+    )
+
+
+def _mapped(run_fn, mesh, batch_size):
+    """Return the jitted, sharded map ``[R, ...] -> [R, ...]`` of ``run_fn`` (R: mesh multiple)."""
+
+    def local(block):
+        return jax.lax.map(run_fn, block, batch_size=batch_size)
+
+    spec = jax.P(RUN_AXIS)
+    # check_vma=False: run_fn is written for one run and knows nothing of mesh axes (e.g. the
+    # integrator's scan carries an unsharded step counter); no collective is used, so no check
+    # of "varying across devices" types is needed
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+
+
+def _place(inputs, mesh):
+    sharding = jax.NamedSharding(mesh, jax.P(RUN_AXIS))
+    return jax.tree_util.tree_map(
+        lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx]), inputs
+    )
+
+
+def _to_host(tree):
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def sharded_runner(
+    run_fn: Callable[[Any], Any],
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    batch_size: int | None = None,
+) -> Callable[[Any], Any]:
+    """Return ``inputs -> outputs``: :func:`sharded_map` compiled once for repeated calls.
+
+    Raises:
+      ValueError: bad ``batch_size``.
+
+    Example:
+      >>> square = sharded_runner(lambda x: x**2, mesh=run_mesh(1))
+      >>> square(jnp.arange(3.0)).tolist(), square(jnp.ones(2)).tolist()
+      ([0.0, 1.0, 4.0], [1.0, 1.0])
+    """
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
+    mesh = run_mesh() if mesh is None else mesh
+    mapped = _mapped(run_fn, mesh, batch_size)
+    n = mesh.devices.size
+
+    def call(inputs):
+        inputs = jax.tree_util.tree_map(np.asarray, inputs)
+        R = _num_runs(inputs)
+        out = mapped(_place(_pad_runs(inputs, -(-R // n) * n), mesh))
+        return jax.tree_util.tree_map(lambda a: a[:R], _to_host(out))
+
+    return call
+
+
+def sharded_map(
+    run_fn: Callable[[Any], Any],
+    inputs: Any,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    batch_size: int | None = None,
+) -> Any:
+    """Return ``run_fn`` applied to every run of ``inputs``, sharded over ``mesh``'s devices.
+
+    Equivalent to ``jax.vmap(run_fn)(inputs)`` (runs are independent); host NumPy arrays out.
+    The run axis is padded to a multiple of the device count by repeating the last run.
+
+    Args:
+      run_fn: pure, jittable ``x -> pytree`` for one run.
+      inputs: pytree of arrays with a common leading run axis ``R``.
+      mesh: a 1-D mesh with axis ``"runs"``; default :func:`run_mesh` (all devices).
+      batch_size: runs vmapped together inside each device (``None``: all of the device's runs).
+
+    Raises:
+      ValueError: leaves disagree on ``R``; bad ``batch_size``.
+
+    Example:
+      >>> out = sharded_map(lambda x: x**2, jnp.arange(3.0), mesh=run_mesh(1))
+      >>> out.tolist()
+      [0.0, 1.0, 4.0]
+    """
+    return sharded_runner(run_fn, mesh=mesh, batch_size=batch_size)(inputs)
+
+
+def _fingerprint(inputs, name: str, chunk_size: int) -> str:
+    digest = hashlib.sha256(f"{name}|{chunk_size}|{jax.tree_util.tree_structure(inputs)}".encode())
+    for leaf in jax.tree_util.tree_leaves(inputs):
+        digest.update(f"{leaf.dtype}{leaf.shape}".encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _run_status(leaves, n: int) -> list[str]:
+    finite = np.ones(n, dtype=bool)
+    for leaf in leaves:
+        if np.issubdtype(leaf.dtype, np.inexact):
+            finite &= np.all(np.isfinite(leaf.reshape(n, -1)), axis=1)
+    return ["ok" if f else "nonfinite" for f in finite]
+
+
+def sweep(
+    run_fn: Callable[[Any], Any],
+    inputs: Any,
+    *,
+    name: str,
+    out_dir: str | os.PathLike | None = None,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    on_chunk: Callable[[int, int, bool], None] | None = None,
+) -> SweepResult:
+    """Run ``run_fn`` on every run of ``inputs`` chunk by chunk, sharded, saved and resumable.
+
+    Args:
+      run_fn: pure, jittable ``x -> pytree of arrays`` for one run.
+      inputs: pytree of host arrays with a common leading run axis ``R``.
+      name: identifies ``run_fn`` in the fingerprint of ``out_dir``; change it when ``run_fn``
+        changes, or a resume would mix results of two functions.
+      out_dir: folder for ``chunk_<k>.npz`` and ``index.json``; ``None`` keeps results in memory.
+      chunk_size: runs per chunk (default ``R``); best a multiple of the device count.
+      batch_size: runs vmapped together inside a device (see :func:`sharded_map`).
+      mesh: 1-D ``"runs"`` mesh; default all devices.
+      on_chunk: called as ``on_chunk(k, num_chunks, computed)`` after chunk ``k`` is saved or
+        loaded (progress reports).
+
+    Returns:
+      :class:`SweepResult`.
+
+    Raises:
+      ValueError: ``out_dir`` holds a different sweep (other inputs, name or chunk size), bad
+        sizes, leaves disagreeing on ``R``.
+
+    Example:
+      >>> res = sweep(lambda x: {"sq": x**2}, jnp.arange(5.0), name="sq", chunk_size=2,
+      ...             mesh=run_mesh(1))
+      >>> res.outputs["sq"].tolist(), res.status.tolist().count("ok"), res.computed_chunks
+      ([0.0, 1.0, 4.0, 9.0, 16.0], 5, (0, 1, 2))
+    """
+    inputs = jax.tree_util.tree_map(np.asarray, inputs)
+    R = _num_runs(inputs)
+    chunk_size = R if chunk_size is None else chunk_size
+    check_positive_int("chunk_size", chunk_size)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
+    mesh = run_mesh() if mesh is None else mesh
+    num_chunks = -(-R // chunk_size)
+    padded_chunk = -(-chunk_size // mesh.devices.size) * mesh.devices.size
+    example = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
+    out_tree = jax.tree_util.tree_structure(jax.eval_shape(run_fn, example))
+    mapped = _mapped(run_fn, mesh, batch_size)
+    writer = jax.process_index() == 0
+
+    folder = None if out_dir is None else Path(out_dir)
+    fingerprint = _fingerprint(inputs, name, chunk_size)
+    index = {
+        "fingerprint": fingerprint,
+        "name": name,
+        "num_runs": R,
+        "chunk_size": chunk_size,
+        "chunks": {},
+    }
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / "index.json").exists():
+            index = json.loads((folder / "index.json").read_text())
+            if index.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"out_dir={str(folder)!r} holds a different sweep (name "
+                    f"{index.get('name')!r}, {index.get('num_runs')} runs, chunk size "
+                    f"{index.get('chunk_size')}); use a fresh out_dir or delete it"
+                )
+
+    chunks, computed = [], []
+    for k in range(num_chunks):
+        entry = index["chunks"].get(str(k))
+        path = None if folder is None else folder / f"chunk_{k:05d}.npz"
+        if entry is not None and path is not None and path.exists():
+            with np.load(path) as data:
+                leaves = [data[f"leaf_{i}"] for i in range(out_tree.num_leaves)]
+            chunks.append((leaves, entry["status"]))
+            if on_chunk is not None:
+                on_chunk(k, num_chunks, False)
+            continue
+        lo, hi = k * chunk_size, min((k + 1) * chunk_size, R)
+        block = jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], inputs)
+        out = _to_host(mapped(_place(_pad_runs(block, padded_chunk), mesh)))
+        leaves = [leaf[: hi - lo] for leaf in jax.tree_util.tree_leaves(out)]
+        status = _run_status(leaves, hi - lo)
+        if path is not None and writer:
+            _write_atomic(
+                path,
+                lambda f, leaves=leaves: np.savez(
+                    f, **{f"leaf_{i}": leaf for i, leaf in enumerate(leaves)}
+                ),
+            )
+            index["chunks"][str(k)] = {"file": path.name, "runs": [lo, hi], "status": status}
+            text = json.dumps(index, sort_keys=True, indent=2)
+            _write_atomic(folder / "index.json", lambda f, text=text: f.write(text.encode()))
+        chunks.append((leaves, status))
+        computed.append(k)
+        if on_chunk is not None:
+            on_chunk(k, num_chunks, True)
+
+    outputs = [np.concatenate([c[0][i] for c in chunks]) for i in range(out_tree.num_leaves)]
+    status = np.array([s for c in chunks for s in c[1]])
+    return SweepResult(jax.tree_util.tree_unflatten(out_tree, outputs), status, tuple(computed))
+
+
+def stack_runs(**axes: Any) -> dict[str, np.ndarray]:
+    """Return the Cartesian product of named 1-D axes as flat ``[R]`` arrays (a sweep grid).
+
+    Example:
+      >>> grid = stack_runs(seed=jnp.arange(2), beta=jnp.array([0.1, 1.0]))
+      >>> grid["seed"].tolist(), grid["beta"].tolist()
+      ([0, 0, 1, 1], [0.1, 1.0, 0.1, 1.0])
+    """
+    names = list(axes)
+    arrays = [np.asarray(axes[k]) for k in names]
+    for k, a in zip(names, arrays, strict=True):
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"{k} must be a non-empty 1-D array of values, got shape {a.shape}")
+    grids = np.meshgrid(*arrays, indexing="ij")
+    return {k: g.reshape(-1) for k, g in zip(names, grids, strict=True)}

@@ -1,0 +1,62 @@
+"""Smoke test of experiments/bench.py and parity of its PyTorch baseline with the JAX flow."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import bench
+from experiments._common import dumps
+from sims import benchmark as bm
+
+# float32 torch loop vs float32 JAX flow, 20 steps: the style guide's float32 rtol
+FLOAT32_RTOL = 1e-4
+
+
+def _numbers(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _numbers(v)
+    elif isinstance(tree, list | tuple):
+        for v in tree:
+            yield from _numbers(v)
+    elif isinstance(tree, int | float) and not isinstance(tree, bool):
+        yield tree
+
+
+def test_bench_smoke_run_with_and_without_torch(monkeypatch):
+    config = bench.Config.smoke()
+    results = bench.run(config)
+    assert {"config", "cells", "sweep", "targets", "provenance"} <= set(results)
+    assert [(c["V"], c["d"]) for c in results["cells"]] == [(64, 8)]
+    assert all(math.isfinite(x) and x >= 0 for x in _numbers(results))
+    assert json.loads(dumps(results)) == json.loads(dumps(json.loads(dumps(results))))
+    if bm.torch_available():
+        assert results["cells"][0]["torch"]["steps_per_s"] > 0
+        assert results["sweep"]["over_torch"] > 0
+
+    # torch is optional: without it the bench still runs and says so
+    monkeypatch.setattr(bm, "torch_available", lambda: False)
+    no_torch = bench.run(config)
+    assert "torch" not in no_torch["cells"][0] and "torch" not in no_torch["sweep"]
+    assert no_torch["provenance"]["torch"] == "not installed"
+    assert not no_torch["targets"]["reduced_over_torch_ge_1e4"]
+    # timings are measurements and differ between runs; everything else is deterministic
+    assert no_torch["config"] == results["config"]
+    assert no_torch["targets"]["largest_cell"] == results["targets"]["largest_cell"]
+
+
+def test_torch_baseline_matches_jax_full_parameter_flow():
+    pytest.importorskip("torch")
+    W, H = bm.random_geometry(50, 8, seed=1)
+    num_steps = 20
+    torch_margin = bm.torch_dpo_margin_after(np.asarray(W), np.asarray(H[0]), num_steps)
+    params = bm.full_parameter_steps()((jnp.array(W), jnp.array(H)), num_steps)
+    logprobs = jax.nn.log_softmax(params[0] @ params[1][0])
+    jax_margin = float(logprobs[bm.CHOSEN] - logprobs[bm.REJECTED])
+    start = jax.nn.log_softmax(W @ H[0])
+    assert abs(jax_margin - float(start[bm.CHOSEN] - start[bm.REJECTED])) > 1e-3  # it moved
+    np.testing.assert_allclose(torch_margin, jax_margin, rtol=FLOAT32_RTOL)
