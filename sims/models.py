@@ -101,8 +101,8 @@ class UnconstrainedFeatures(nnx.Module):
             )
         check_finite("unembedding", unembedding)
         check_finite("hidden", hidden)
-        V, d = jnp.shape(unembedding)
-        model = cls(V, d, jnp.shape(hidden)[0], rngs=nnx.Rngs(0))
+        d = jnp.shape(unembedding)[1]
+        model = cls(1, d, 1, rngs=nnx.Rngs(0))  # tiny placeholder init, replaced below
         model.unembedding = nnx.Param(jnp.array(unembedding))
         model.hidden = nnx.Param(jnp.array(hidden))
         return model
