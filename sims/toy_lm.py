@@ -6,6 +6,10 @@ A preference run trains every transformer parameter on the weighted mean
 :math:`L = \sum_i w_i\,\ell(\ln\pi(y^+_i|x_i), \ln\pi(y^-_i|x_i), \mathrm{ref}) / \sum_i w_i`
 (Razin et al. 2024, Eq. 2 with sample weights; a weight of 0 drops a padded pair, so data sets of
 different sizes stack on one ``vmap`` axis).
+
+CHES note: ``_ches`` / ``_ches_length_normalized`` are private stand-ins for
+``theory.multi_token.ches`` / ``ches_length_normalized`` (Definitions 2/3), written here because
+that module had not landed on main when this was written; swap them for the library functions.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from flax import nnx
 
 from sims import corpus
 from sims.flow import flow_fn, make_optimizer
-from sims.transformer import CausalTransformer, pretrain, sequence_logprob
+from sims.transformer import CausalTransformer, pretrain, sample_tokens, sequence_logprob
 from theory.losses import PairLoss
 
 
@@ -159,3 +163,92 @@ def preference_runs(
             f"{np.asarray(first_bad)[bad].tolist()}; reduce dt"
         )
     return final, np.asarray(losses), jax.tree_util.tree_map(np.asarray, obs)
+
+
+def _ches(h_pos, h_neg):
+    """CHES, Definition 2: <sum h+, sum h-> - ||sum h+||^2 (private stand-in, see module note)."""
+    s_pos, s_neg = jnp.sum(h_pos, axis=0), jnp.sum(h_neg, axis=0)
+    return s_pos @ s_neg - s_pos @ s_pos
+
+
+def _ches_length_normalized(h_pos, h_neg):
+    """Length-normalised CHES, Definition 3: CHES of the mean hidden embeddings (stand-in)."""
+    return _ches(jnp.mean(h_pos, axis=0)[None, :], jnp.mean(h_neg, axis=0)[None, :])
+
+
+def normalized_edit_distance(a, b) -> float:
+    """Return the token Levenshtein distance of ``a`` and ``b`` over ``max(len(a), len(b))``.
+
+    The edit-distance baseline of Razin et al. 2024, §5 (lower = more similar).
+
+    Example:
+      >>> normalized_edit_distance([1, 2, 3], [1, 3])
+      0.3333333333333333
+    """
+    a, b = list(a), list(b)
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1] / max(len(a), len(b), 1)
+
+
+def pair_similarities(model: CausalTransformer, chosen: corpus.Batch, rejected: corpus.Batch):
+    """Return per-pair CHES, length-normalised CHES, edit distance and last-hidden inner product.
+
+    CHES uses :math:`h_{x, y_{<k}}` for ``k = 1..L`` (:func:`sims.transformer.prefix_hidden_states`
+    convention: from the prompt's last position, the final ``<eos>`` position dropped); the
+    inner-product baseline uses the hidden state at the last position of each full sequence.
+
+    Returns:
+      dict of ``[N]`` NumPy arrays: ``ches``, ``ches_ln``, ``edit_distance``, ``last_inner``.
+    """
+    graphdef, state = nnx.split(model)
+    hidden = jax.jit(lambda tok: nnx.merge(graphdef, state).hidden_states(tok))
+    H_pos, H_neg = np.asarray(hidden(chosen.tokens)), np.asarray(hidden(rejected.tokens))
+    out = {k: [] for k in ("ches", "ches_ln", "edit_distance", "last_inner")}
+    for i in range(H_pos.shape[0]):
+        (p0, l0), (p1, l1) = (
+            (int(chosen.prompt_len[i]), int(chosen.length[i])),
+            (int(rejected.prompt_len[i]), int(rejected.length[i])),
+        )
+        h_pos, h_neg = H_pos[i, p0 - 1 : l0 - 1], H_neg[i, p1 - 1 : l1 - 1]  # [L+, d], [L-, d]
+        out["ches"].append(float(_ches(h_pos, h_neg)))
+        out["ches_ln"].append(float(_ches_length_normalized(h_pos, h_neg)))
+        out["edit_distance"].append(
+            normalized_edit_distance(
+                np.asarray(chosen.tokens[i, p0:l0]), np.asarray(rejected.tokens[i, p1:l1])
+            )
+        )
+        out["last_inner"].append(float(H_pos[i, l0 - 1] @ H_neg[i, l1 - 1]))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def response_batch(tokens, prompt_len: int) -> corpus.Batch:
+    """Return the :class:`~sims.corpus.Batch` of sampled ``tokens`` ``[N, T]`` (ends at ``<eos>``,
+    or at ``T`` when none was sampled)."""
+    tokens = np.asarray(tokens)
+    N, T = tokens.shape
+    is_eos = tokens[:, prompt_len:] == corpus.EOS
+    length = np.where(is_eos.any(1), prompt_len + np.argmax(is_eos, 1) + 1, T)
+    return corpus.Batch(tokens, np.full(N, prompt_len, np.int32), length.astype(np.int32))
+
+
+def refusal_rates(
+    graphdef, states, key, prompts, prompt_len: int, *, samples: int, temperature: float
+) -> np.ndarray:
+    """Return the judged refusal rate of each stacked model state (leading axis ``R``).
+
+    Each state samples ``samples`` responses to every prompt; :func:`sims.corpus.is_refusal`
+    judges them.
+    """
+    rep = jnp.repeat(jnp.asarray(prompts), samples, axis=0)  # [P * samples, T]
+    fn = jax.jit(
+        jax.vmap(lambda st: sample_tokens(graphdef, st, key, rep, prompt_len, temperature))
+    )
+    toks = np.asarray(fn(states))  # [R, P * samples, T]
+    return np.array(
+        [np.mean([corpus.is_refusal(corpus.decode(t[prompt_len:])) for t in run]) for run in toks]
+    )

@@ -210,32 +210,36 @@ def pretrain(
     return nnx.merge(graphdef, state), losses
 
 
+def sample_tokens(graphdef, state, key: jax.Array, prompts, prompt_len: int, temperature: float):
+    """Pure, jit/vmap-able core of :func:`sample` on a split model ``(graphdef, state)``."""
+    m = nnx.merge(graphdef, state)
+    N, T = prompts.shape
+
+    def step(carry, t):
+        tokens, done = carry
+        logits = m(tokens)[:, t - 1]  # [N, V] log-probs of the token at position t
+        nxt = jax.random.categorical(jax.random.fold_in(key, t), logits / temperature)
+        nxt = jnp.where(done, 0, nxt).astype(tokens.dtype)
+        return (tokens.at[:, t].set(nxt), done | (nxt == 2)), None
+
+    init = (prompts.at[:, prompt_len:].set(0), jnp.zeros(N, dtype=bool))
+    (tokens, _), _ = jax.lax.scan(step, init, jnp.arange(prompt_len, T))
+    return tokens
+
+
 def sample(
     model: CausalTransformer, key: jax.Array, prompts, prompt_len: int, *, temperature: float
 ) -> jax.Array:
     """Return ``[N, T]`` tokens: ``prompts`` (all of length ``prompt_len``) then sampled tokens.
 
     Ancestral sampling at ``temperature`` up to position ``T - 1``; everything after a sampled
-    ``<eos>`` (id 2) becomes ``<pad>`` (id 0). One jitted scan over positions.
+    ``<eos>`` (id 2) becomes ``<pad>`` (id 0). One jitted scan over positions (no KV cache: the
+    sequences are short).
+
+    Raises:
+      ValueError: ``temperature <= 0``.
     """
     check_positive("temperature", temperature)
     graphdef, state = nnx.split(model)
-    prompts = jnp.asarray(prompts)
-    N, T = prompts.shape
-
-    @jax.jit
-    def run(state, tokens):
-        m = nnx.merge(graphdef, state)
-
-        def step(carry, t):
-            tokens, done = carry
-            logits = m(tokens)[:, t - 1]  # [N, V] log-probs of position t
-            nxt = jax.random.categorical(jax.random.fold_in(key, t), logits / temperature)
-            nxt = jnp.where(done, 0, nxt).astype(tokens.dtype)
-            return (tokens.at[:, t].set(nxt), done | (nxt == 2)), None
-
-        init = (tokens.at[:, prompt_len:].set(0), jnp.zeros(N, dtype=bool))
-        (tokens, _), _ = jax.lax.scan(step, init, jnp.arange(prompt_len, T))
-        return tokens
-
-    return run(state, prompts)
+    run = jax.jit(sample_tokens, static_argnums=(0, 4))
+    return run(graphdef, state, key, jnp.asarray(prompts), prompt_len, temperature)
