@@ -1,4 +1,4 @@
-"""Root pytest configuration (applies to tests/ and to the doctests of theory/, sims/, experiments/).
+"""Root pytest configuration: applies to tests/ and to the library doctests.
 
 Sets, before JAX initialises: 8 fake CPU devices for sharding tests, float64, and
 ``jax_numpy_rank_promotion="raise"`` so that implicit rank broadcasting is an error.

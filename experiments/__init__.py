@@ -7,4 +7,6 @@
 EXPERIMENTS: tuple[str, ...] = (
     "single_token_theorem_check",
     "no_over_never",
+    "kl_optimum_mixture",
+    "dpop_edit_distance",
 )

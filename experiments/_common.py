@@ -46,7 +46,10 @@ def provenance(dtype: str) -> dict[str, str]:
 
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -84,7 +87,9 @@ def dumps(results: dict) -> str:
     return json.dumps(to_jsonable(results), sort_keys=True, indent=2, allow_nan=False) + "\n"
 
 
-def save(name: str, results: dict, fig: plt.Figure, out_dir: Path | str = FIGURES_DIR) -> tuple[Path, Path]:
+def save(
+    name: str, results: dict, fig: plt.Figure, out_dir: Path | str = FIGURES_DIR
+) -> tuple[Path, Path]:
     """Write ``<out_dir>/<name>.png`` and ``<out_dir>/<name>.json``; return both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,8 +113,12 @@ def parse_config(config_cls: type, argv: Sequence[str] | None) -> tuple[Any, Pat
     parser.add_argument("--smoke", action="store_true", help="tiny version (tests)")
     parser.add_argument("--out", default=str(FIGURES_DIR), help="output folder (default figures/)")
     for field in dataclasses.fields(config_cls):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None,
-                            help=f"default {field.default!r}")
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            dest=field.name,
+            default=None,
+            help=f"default {field.default!r}",
+        )
     args = parser.parse_args(argv)
     config = config_cls.smoke() if args.smoke else config_cls()
     overrides = {}
@@ -133,7 +142,9 @@ def _convert(raw: str, default: Any, name: str) -> Any:
             return tuple(kind(x) for x in raw.split(",") if x)
         return type(default)(raw)
     except ValueError:
-        raise SystemExit(f"--{name.replace('_', '-')}: cannot read {raw!r} as {type(default).__name__}") from None
+        raise SystemExit(
+            f"--{name.replace('_', '-')}: cannot read {raw!r} as {type(default).__name__}"
+        ) from None
 
 
 def experiment_main(
@@ -166,3 +177,26 @@ def run_all(names: Sequence[str], argv_extra: Sequence[str] = ()) -> None:
         importlib.import_module(f"experiments.{name}").main(list(argv_extra))
     progress(f"=== all {len(names)} experiments done in {time.perf_counter() - start:.1f} s")
     sys.stdout.flush()
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two 1-D samples (average ranks for ties)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise ValueError(
+            f"spearman needs two 1-D samples of one length >= 2, got {a.shape}, {b.shape}"
+        )
+
+    def ranks(x):
+        order = np.argsort(x, kind="stable")
+        r = np.empty(x.size)
+        r[order] = np.arange(x.size, dtype=float)
+        for value in np.unique(x):  # average ranks over ties
+            tie = x == value
+            r[tie] = r[tie].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
+    return float(np.sum(ra * rb) / denom) if denom > 0 else float("nan")

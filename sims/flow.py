@@ -25,7 +25,13 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from sims.models import UnconstrainedFeatures
-from theory._checks import check_finite, check_ndim, check_positive, check_positive_int, check_token_ids
+from theory._checks import (
+    check_finite,
+    check_ndim,
+    check_positive,
+    check_positive_int,
+    check_token_ids,
+)
 from theory.losses import PairLoss, nll_loss
 
 OPTIMIZERS = ("sgd", "rmsprop_torch", "adam")
@@ -84,7 +90,7 @@ def flow_fn(
     num_steps: int,
     record_every: int,
 ) -> Callable[[Any, Any], tuple[Any, jax.Array, Any, jax.Array]]:
-    """Return the pure function ``run(params, data) -> (final_params, losses, observables, first_bad)``.
+    """Return the pure ``run(params, data) -> (final_params, losses, observables, first_bad)``.
 
     ``losses`` and ``observables`` have ``num_steps // record_every + 1`` rows; ``first_bad`` is the
     first step (1-based) whose result was non-finite, or -1. The function is jit-, vmap- and
@@ -125,7 +131,8 @@ def _check_schedule(dt: float, num_steps: int, record_every: int) -> None:
     check_positive_int("record_every", record_every)
     if num_steps % record_every:
         raise ValueError(
-            f"record_every must divide num_steps, got num_steps={num_steps}, record_every={record_every}"
+            "record_every must divide num_steps, "
+            f"got num_steps={num_steps}, record_every={record_every}"
         )
 
 
@@ -171,12 +178,15 @@ def integrate(
     tx = make_optimizer(optimizer, dt=dt)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         check_finite(f"params{jax.tree_util.keystr(path)}", leaf)
-    run = jax.jit(flow_fn(loss_fn, observe_fn, optimizer=tx, num_steps=num_steps, record_every=record_every))
+    run = jax.jit(
+        flow_fn(loss_fn, observe_fn, optimizer=tx, num_steps=num_steps, record_every=record_every)
+    )
     final, losses, observables, first_bad = run(params, data)
     first_bad = int(first_bad)
     if first_bad >= 0:
         raise FloatingPointError(
-            f"gradient flow produced a non-finite value at step {first_bad} (t = {first_bad * dt:g}); "
+            f"gradient flow produced a non-finite value at step {first_bad} "
+            f"(t = {first_bad * dt:g}); "
             "reduce dt or check the loss's domain"
         )
     t = dt * record_every * jnp.arange(num_steps // record_every + 1)
@@ -224,7 +234,9 @@ def make_pairs(
         raise ValueError("chosen and rejected must differ in every pair (y+ != y-)")
     logprobs = model(prompt)  # [N, V]
     rows = jnp.arange(prompt.shape[0])
-    return PreferencePairs(prompt, chosen, rejected, logprobs[rows, chosen], logprobs[rows, rejected])
+    return PreferencePairs(
+        prompt, chosen, rejected, logprobs[rows, chosen], logprobs[rows, rejected]
+    )
 
 
 class PreferenceRecord(NamedTuple):
@@ -282,8 +294,14 @@ def preference_flow(
         return PreferenceRecord(lp_c - lp_r, logprobs)
 
     final, traj = integrate(
-        loss_fn, observe_fn, state, pairs, dt=dt, num_steps=num_steps,
-        record_every=record_every, optimizer=optimizer,
+        loss_fn,
+        observe_fn,
+        state,
+        pairs,
+        dt=dt,
+        num_steps=num_steps,
+        record_every=record_every,
+        optimizer=optimizer,
     )
     return nnx.merge(graphdef, final), traj
 
@@ -298,7 +316,7 @@ def sft_flow(
     record_every: int | None = None,
     optimizer: str = "sgd",
 ) -> tuple[UnconstrainedFeatures, Trajectory]:
-    r"""Run supervised fine-tuning: flow on the mean cross-entropy :math:`-\frac1N\sum\ln\pi(y_i|x_i)`.
+    r"""Run SFT: gradient flow on the mean cross-entropy :math:`-\frac1N\sum_i\ln\pi(y_i|x_i)`.
 
     Source: the SFT phase before preference learning (Razin et al. 2024, §2.1, App. H.1).
     Observables: the per-example log-prob of the label, ``[N]``.
@@ -319,7 +337,12 @@ def sft_flow(
         return nnx.merge(graphdef, state)(prompt)[rows, label]
 
     final, traj = integrate(
-        lambda s, d: jnp.mean(nll_loss(label_logprob(s, d))), label_logprob, state,
-        dt=dt, num_steps=num_steps, record_every=record_every or num_steps, optimizer=optimizer,
+        lambda s, d: jnp.mean(nll_loss(label_logprob(s, d))),
+        label_logprob,
+        state,
+        dt=dt,
+        num_steps=num_steps,
+        record_every=record_every or num_steps,
+        optimizer=optimizer,
     )
     return nnx.merge(graphdef, final), traj

@@ -16,8 +16,21 @@ from jax.typing import ArrayLike
 from theory._checks import check_finite, check_ndim, check_positive, check_positive_int
 
 
+def softmax_logprobs(unembedding: jax.Array, hidden: jax.Array) -> jax.Array:
+    r"""Return :math:`\ln\mathrm{softmax}(W h)` for each row of ``hidden``: ``[..., V]``.
+
+    Source: Razin et al. 2024, Eq. 1 (one token). The maths of :class:`UnconstrainedFeatures`, as a
+    pure function of its parameters for code that transforms them directly (``vmap`` over runs).
+
+    Example:
+      >>> float(jnp.exp(softmax_logprobs(jnp.ones((4, 2)), jnp.zeros(2)))[0])  # uniform: 1/V
+      0.25
+    """
+    return jax.nn.log_softmax(hidden @ unembedding.T, axis=-1)
+
+
 class UnconstrainedFeatures(nnx.Module):
-    r"""Softmax model :math:`\pi(\cdot|p) = \mathrm{softmax}(W h_p)` with trainable ``W`` and ``h_p``.
+    r"""Softmax model :math:`\pi(\cdot|p) = \mathrm{softmax}(W h_p)`, ``W`` and ``h_p`` trainable.
 
     Source: Razin et al. 2024, Eq. 1 and §4.1 (unconstrained features, Mixon et al. 2022).
 
@@ -62,15 +75,19 @@ class UnconstrainedFeatures(nnx.Module):
         check_positive("hidden_scale", hidden_scale)
         std = 1.0 / jnp.sqrt(hidden_size)
         self.unembedding = nnx.Param(
-            unembedding_scale * std * jax.random.normal(rngs.params(), (vocab_size, hidden_size), dtype)
+            unembedding_scale
+            * std
+            * jax.random.normal(rngs.params(), (vocab_size, hidden_size), dtype)
         )
         self.hidden = nnx.Param(
-            hidden_scale * std * jax.random.normal(rngs.params(), (num_prefixes, hidden_size), dtype)
+            hidden_scale
+            * std
+            * jax.random.normal(rngs.params(), (num_prefixes, hidden_size), dtype)
         )
 
     @classmethod
     def from_arrays(cls, unembedding: ArrayLike, hidden: ArrayLike) -> UnconstrainedFeatures:
-        """Return a model whose parameters are copies of ``unembedding`` ``[V, d]`` and ``hidden`` ``[P, d]``.
+        """Return a model with copies of ``unembedding`` ``[V, d]`` and ``hidden`` ``[P, d]``.
 
         Raises:
           ValueError: wrong ranks, mismatched ``d``, non-finite entries.
@@ -104,4 +121,4 @@ class UnconstrainedFeatures(nnx.Module):
 
     def __call__(self, prefix_ids: jax.Array) -> jax.Array:
         """Return next-token log-probs, shape ``prefix_ids.shape + (V,)``."""
-        return jax.nn.log_softmax(self.logits(prefix_ids), axis=-1)
+        return softmax_logprobs(self.unembedding[...], self.hidden[...][prefix_ids])

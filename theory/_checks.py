@@ -56,7 +56,7 @@ def check_finite(name: str, value: Any) -> None:
 
 
 def check_ndim(name: str, value: Any, ndim: int, axes: str) -> None:
-    """Raise ``ValueError`` unless ``value`` has ``ndim`` axes (``axes`` names them, e.g. ``"[V, d]"``)."""
+    """Raise ``ValueError`` unless ``value`` has ``ndim`` axes (``axes`` names them)."""
     shape = np.shape(value)
     if len(shape) != ndim:
         raise ValueError(f"{name} must have shape {axes}, got shape {shape}")

@@ -163,7 +163,8 @@ def rebel_loss(
 ) -> jax.Array:
     r"""Return the REBEL loss of each pair.
 
-    .. math:: \ell(u) = \Big(\frac{1}{\eta}(u - u_{\mathrm{ref}}) - \big(r(x,y^+) - r(x,y^-)\big)\Big)^2
+    .. math::
+       \ell(u) = \Big(\frac{1}{\eta}(u - u_{\mathrm{ref}}) - \big(r(x,y^+) - r(x,y^-)\big)\Big)^2
 
     Source: Gao et al. 2024; Razin et al. 2024, App. B (REBEL).
 
@@ -270,7 +271,9 @@ def sft_term_loss(
       2.6931471...
     """
     check_nonnegative("sft_coef", sft_coef)
-    margin_part = base_loss(logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected)
+    margin_part = base_loss(
+        logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected
+    )
     return margin_part - sft_coef * jnp.asarray(logprob_chosen)
 
 
@@ -475,7 +478,11 @@ def make_loss(loss_type: str, **hyper) -> PairLoss:
 
 
 class LossCoefficients(NamedTuple):
-    r"""Signed weights of :math:`\nabla lp^\pm` in :math:`-\nabla L`: ``coef_chosen`` :math:`= -\partial L/\partial lp^+`, ``coef_rejected`` :math:`= \partial L/\partial lp^-`."""
+    r"""Signed weights of :math:`\nabla lp^\pm` in :math:`-\nabla L`.
+
+    ``coef_chosen`` :math:`= -\partial L/\partial lp^+`;
+    ``coef_rejected`` :math:`= \partial L/\partial lp^-`.
+    """
 
     coef_chosen: jax.Array
     coef_rejected: jax.Array
@@ -500,7 +507,9 @@ def loss_coefficients(
       >>> float(a.coef_chosen), float(a.coef_rejected)  # sigma(0) = 1/2
       (0.5, 0.5)
     """
-    grad_c, grad_r = jax.grad(lambda c, r: jnp.sum(loss(c, r, ref_logprob_chosen, ref_logprob_rejected)), (0, 1))(
+    grad_c, grad_r = jax.grad(
+        lambda c, r: jnp.sum(loss(c, r, ref_logprob_chosen, ref_logprob_rejected)), (0, 1)
+    )(
         jnp.asarray(logprob_chosen, dtype=jnp.result_type(float)),
         jnp.asarray(logprob_rejected, dtype=jnp.result_type(float)),
     )

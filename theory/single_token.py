@@ -75,7 +75,9 @@ def _terms(W, h, y_pos, y_neg) -> DisplacementTerms:
         + (1.0 - p_pos + p_neg) * hidden_norm_sq
     )
     # sum over z not in {y+, y-} of pi(z) <W_z, W+ - W->
-    others = probs @ token_alignment - p_pos * token_alignment[y_pos] - p_neg * token_alignment[y_neg]
+    others = (
+        probs @ token_alignment - p_pos * token_alignment[y_pos] - p_neg * token_alignment[y_neg]
+    )
     S = -(1.0 - p_pos + p_neg) * unembedding_alignment - others
     c = (p_neg - p_pos) * hidden_norm_sq - probs @ token_alignment
     return DisplacementTerms(
@@ -121,7 +123,9 @@ def _rejected_bracket(W, t: DisplacementTerms, y_pos, y_neg):
     w_pos, w_neg = W[y_pos], W[y_neg]
     weight = 1.0 + t.prob_pos - t.prob_neg
     m_swapped = (
-        (1.0 - t.prob_neg) * (w_neg @ w_neg) + t.prob_pos * (w_pos @ w_pos) + weight * t.hidden_norm_sq
+        (1.0 - t.prob_neg) * (w_neg @ w_neg)
+        + t.prob_pos * (w_pos @ w_pos)
+        + weight * t.hidden_norm_sq
     )
     # S for (y-, y+): -(1 - pi- + pi+) <W-, W+> - sum_{z != y+-} pi_z <W_z, W- - W+>
     s_swapped = -weight * t.unembedding_alignment + t.other_tokens_alignment
@@ -139,7 +143,7 @@ def _velocity(W, h, y_pos, y_neg, ell_prime):
 def logprob_velocity(
     W: ArrayLike, h: ArrayLike, y_pos: ArrayLike, y_neg: ArrayLike, ell_prime: ArrayLike
 ) -> jax.Array:
-    r"""Return :math:`\frac{d}{dt}\ln\pi_{\theta(t)}(z|x)` for every token ``z`` under gradient flow.
+    r"""Return :math:`\frac{d}{dt}\ln\pi_{\theta(t)}(z|x)` for every token ``z`` (gradient flow).
 
     .. math::
        \frac{d}{dt}\ln\pi(z|x) = -\ell'\,\Big[\langle W_z, W_{y^+}-W_{y^-}\rangle + c\Big]
@@ -231,7 +235,9 @@ def multi_sample_logprob_velocity(
     N, d = jnp.shape(H)
     V = jnp.shape(W)[0]
     if d != jnp.shape(W)[1]:
-        raise ValueError(f"H must have the hidden size d={jnp.shape(W)[1]} of W, got shape {(N, d)}")
+        raise ValueError(
+            f"H must have the hidden size d={jnp.shape(W)[1]} of W, got shape {(N, d)}"
+        )
     for name, arr in (("y_pos", y_pos), ("y_neg", y_neg), ("ell_prime", ell_prime)):
         if jnp.shape(arr) != (N,):
             raise ValueError(f"{name} must have shape [N]=({N},), got shape {jnp.shape(arr)}")
@@ -241,7 +247,11 @@ def multi_sample_logprob_velocity(
     for name, arr in (("W", W), ("H", H), ("ell_prime", ell_prime)):
         check_finite(name, arr)
     return _multi_velocity(
-        jnp.asarray(W), jnp.asarray(H), jnp.asarray(y_pos), jnp.asarray(y_neg), jnp.asarray(ell_prime)
+        jnp.asarray(W),
+        jnp.asarray(H),
+        jnp.asarray(y_pos),
+        jnp.asarray(y_neg),
+        jnp.asarray(ell_prime),
     )
 
 

@@ -1,0 +1,186 @@
+"""DPO vs DPOP on an edit-distance-1 pair ("2+2=4" vs "2+2=5"): per-position displacement."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+from experiments._common import enable_x64, experiment_main, provenance
+from sims.dpop_checks import flow_summary, reference_context_logits, sign_checks
+from sims.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
+from sims.models import UnconstrainedFeatures
+from theory.dpop_signs import lambda_thresholds, well_optimised
+
+NAME = "dpop_edit_distance"
+TOKENS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=", ";", "<eos>")
+
+
+@dataclass(frozen=True)
+class Config:
+    """DPO vs DPOP flows on one edit-distance-1 pair (logit and unconstrained-features models)."""
+
+    chosen: str = "2+2=4;4=2+2"  # y_w, one character per token, <eos> appended
+    rejected: str = "2+2=5;4=2+2"  # y_l, differs from chosen in one character
+    beta: float = 0.1  # DPO/DPOP beta
+    penalty_inside_beta: bool = True  # paper's Eq. 3 placement
+    dt: float = 0.5  # Euler step (flow time per step)
+    num_steps: int = 2000  # steps per flow
+    record_every: int = 40  # steps between checkpoints
+    lam_factors: tuple = (0.0, 0.1, 0.25, 0.5, 0.9, 1.1, 2.0, 4.0)  # lambda / max_k lambda*_k
+    confidence_chosen: float = 3.0  # correct-token logit boost in y_w contexts (reference model)
+    confidence_rejected: float = 1.0  # the same in y_l contexts (less sure after the wrong token)
+    edit_logits: tuple = (2.0, 1.0)  # reference logits of the correct and wrong token at the edit
+    noise: float = 0.5  # std of the random part of every context's logits
+    hidden_size: int = 16  # d of the unconstrained-features model
+    num_lam_grid: int = 200  # lambdas for the t = 0 sign check (log grid around lambda*)
+    num_random_states: int = 1000  # perturbed reference states for the sign-agreement rates
+    state_noise: float = (
+        0.3  # std of the perturbation of y_l-context logits (breaks the assumption)
+    )
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls) -> Config:
+        return cls(
+            chosen="2+2=4;4",
+            rejected="2+2=5;4",
+            num_steps=40,
+            record_every=20,
+            lam_factors=(0.0, 2.0),
+            hidden_size=4,
+            num_lam_grid=8,
+            num_random_states=16,
+        )
+
+
+def _ids(text):
+    return np.array([TOKENS.index(ch) for ch in text] + [len(TOKENS) - 1])
+
+
+def run(config: Config) -> dict:
+    chosen, rejected = _ids(config.chosen), _ids(config.rejected)
+    pre = edit_pair_prefixes(chosen, rejected)
+    k_logit, k_w, k_s = jax.random.split(jax.random.key(config.seed), 3)
+    context = reference_context_logits(
+        k_logit, chosen, rejected, pre, vocab_size=len(TOKENS),
+        confidence_chosen=config.confidence_chosen, confidence_rejected=config.confidence_rejected,
+        edit_logits=config.edit_logits, noise=config.noise,
+    )  # fmt: skip
+    lw, lr = context[pre.chosen], context[pre.rejected]  # [L, V]; position logits start at 0
+    placement = dict(beta=config.beta, penalty_inside_beta=config.penalty_inside_beta)
+    th = lambda_thresholds(lw, lr, chosen, rejected, **placement)
+    lam_star = float(np.max(th.threshold))
+    lams = jnp.asarray(config.lam_factors) * lam_star
+    kw = dict(dt=config.dt, num_steps=config.num_steps, record_every=config.record_every)
+    W = jax.random.normal(k_w, (len(TOKENS), config.hidden_size)) / np.sqrt(config.hidden_size)
+    H = jnp.linalg.lstsq(W, context.T)[0].T  # [P, d]: W H^T = reference logits when d >= V
+    models = {
+        "logit": PositionLogits(context, pre.position, len(chosen)),
+        "free_logit": PositionLogits(context, pre.position, len(chosen), trainable="context"),
+        "features": UnconstrainedFeatures.from_arrays(W, H),
+    }
+    results = {
+        name: flow_summary(edit_pair_flow(model, chosen, rejected, pre, lams, **placement, **kw),
+                           lams)
+        for name, model in models.items()
+    }  # fmt: skip
+    grid = lam_star * jnp.logspace(-2, 1, config.num_lam_grid)
+    signs = sign_checks(
+        k_s,
+        lw,
+        lr,
+        chosen,
+        rejected,
+        **placement,
+        lam_grid=grid,
+        num_states=config.num_random_states,
+        state_noise=config.state_noise,
+    )
+    return {
+        "config": dataclasses.asdict(config), "tokens": TOKENS, "edit": pre.edit,
+        "thresholds": th._asdict(), "lambda_star": lam_star,
+        "well_optimised": well_optimised(lw, lr, chosen, rejected), "signs": signs,
+        **results, "provenance": provenance("float64"),
+    }  # fmt: skip
+
+
+def plot(results: dict) -> plt.Figure:
+    m, models = results["edit"], ("logit", "free_logit", "features")
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12), constrained_layout=True)
+    for col, name in enumerate(models):
+        r = results[name]
+        t, lp, lams = np.asarray(r["t"]), np.asarray(r["logprob_chosen"]), np.asarray(r["lams"])
+        ax = axes[0, col]
+        for i, style in ((0, "-"), (len(lams) - 1, "--")):
+            for k in range(lp.shape[2]):
+                color = "tab:red" if k > m else ("tab:green" if k == m else "0.6")
+                ax.plot(t, lp[i, :, k] - lp[i, 0, k], style, color=color, lw=1)
+        ax.set(
+            title=f"{name}: ln pi(t_k|y_w^<k) - ref\nsolid DPO, dashed lam={lams[-1]:.3g}; "
+            "red k>m, green k=m",
+            xlabel="t",
+        )
+        ax = axes[1, col]
+        delta, x = np.asarray(r["delta_final"]), lams / results["lambda_star"]
+        ax.plot(x, delta[:, m + 1 :].min(-1), "o-", label="min over k>m")
+        ax.plot(x, delta[:, m + 1 :].max(-1), "^-", label="max over k>m")
+        ax.plot(x, delta.sum(-1), "s-", label="sequence ln pi(y_w)")
+        ax.axvline(1.0, color="k", ls=":", label="lambda = max_k lambda*_k")
+        ax.axhline(0, color="0.7")
+        ax.set(xscale="symlog", xlabel="lambda / max_k lambda*_k", title=f"{name}: change at t_end")
+        ax.legend(fontsize=7)
+    sg = results["signs"]
+    ax, grid = axes[2, 0], np.asarray(sg["lam_grid"])
+    right = np.asarray(sg["grid_signs_right"], float)
+    thr = np.asarray(results["thresholds"]["threshold"])[m + 1 :]
+    for j in range(right.shape[1]):
+        line = ax.semilogx(grid, right[:, j] + 0.02 * j, lw=1)[0]
+        ax.axvline(thr[j], color=line.get_color(), ls=":", lw=1)
+    ax.set(
+        xlabel="lambda",
+        ylabel="all signs right at k (offset per k)",
+        title="t=0, hinge active: exact signs vs lambda*_k (dotted)",
+    )
+    ax = axes[2, 1]
+    for name in models:
+        r = results[name]
+        ax.plot(
+            np.asarray(r["lams"]) / results["lambda_star"],
+            r["hinge_active_fraction"],
+            "o-",
+            label=name,
+        )
+    ax.set(
+        xscale="symlog",
+        xlabel="lambda / max_k lambda*_k",
+        ylabel="fraction of checkpoints",
+        title="DPOP hinge active (else on the kink / inactive)",
+    )
+    ax.legend(fontsize=7)
+    axes[2, 2].axis("off")
+    lines = [f"{k}: {v}" for k, v in sg.items() if v is None or isinstance(v, int | float)]
+    lines += [
+        f"Prop. 2 max |jvp - split| {n}: {results[n]['prop2_max_abs_error']:.2e}" for n in models
+    ]
+    axes[2, 2].text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=7)
+    return fig
+
+
+def _summary(r: dict) -> str:
+    post = np.asarray(r["logit"]["delta_final"])[:, r["edit"] + 1 :]
+    return (f"lambda*={r['lambda_star']:.4g}; logit model, min post-edit change per lam: "
+            f"{np.round(post.min(-1), 3).tolist()}")  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    enable_x64()
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Razin et al. 2024 Table 1 in the theory model: preferring ``No`` over ``Never`` raises ``Yes``.
+
+Protocol (App. H.1 analogue): a vocabulary with meaningful unembeddings (:mod:`sims.vocab`), ``P``
+prompts, half "trait" prompts labelled from {No, Never, Maybe, Perhaps}, half from the Yes set; an
+SFT flow on all prompts; then a DPO flow on one trait prompt with ``No > Never`` (reference = the
+SFT model). Reading: the paper draws one random label per prompt over 1000 prompts; in the
+unconstrained-features model each prompt's hidden embedding is free and would memorise its one
+label, so the SFT here is the expectation of that loss: every prompt is trained on every label of
+its set (pi spreads over the set, as a network shared across prompts does).
+
+For three geometries (catastrophic / benign / none) and several seeds: pi(No) over time; the mass
+on the Yes set (catastrophic) and on the rest of the No set plus No-synonyms (benign); the tokens
+gaining most at t = 5, 25, 100 (the paper's steps 5/25/100); Theorem 4's sign at t = 0 against a
+one-step probe; and Theorem 5's ranking ``<W_z, W_No - W_Never>`` beside the observed ranking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+from experiments._common import enable_x64, experiment_main, progress, provenance, spearman
+from sims.flow import make_pairs, preference_flow, sft_flow
+from sims.models import UnconstrainedFeatures
+from sims.vocab import (
+    BENIGN_FOR_NO,
+    CATASTROPHIC_FOR_NO,
+    GEOMETRIES,
+    NO_SET,
+    YES_SET,
+    semantic_unembeddings,
+)
+from theory import losses
+from theory.single_token import displacement_terms, logprob_velocity
+
+NAME = "no_over_never"
+
+
+@dataclass(frozen=True)
+class Config:
+    """DPO with No > Never after SFT, in three unembedding geometries."""
+
+    seed: int = 0
+    seeds: int = 3  # runs per geometry (vocabulary noise, prompts, SFT labels)
+    hidden_size: int = 32  # d
+    concept_scale: float = 3.0  # norm scale of the concept part of answer unembeddings
+    num_filler: int = 40  # unrelated tokens
+    prompts: int = 16  # P; the first half are "trait" prompts
+    sft_dt: float = 0.5  # Euler step of the SFT flow
+    sft_steps: int = 200
+    beta: float = 0.1  # DPO KL coefficient (paper: 0.1)
+    dt: float = 0.2  # Euler step of the DPO flow
+    steps: int = 500  # DPO steps; flow time t = steps * dt (checkpoints t = 5, 25, 100)
+    record_every: int = 10
+    top_k: int = 5  # gainers listed per checkpoint
+    probe_dt: float = 1e-4  # flow time of the one-step probe of the t = 0 velocity
+
+    @classmethod
+    def smoke(cls) -> Config:
+        return cls(seeds=1, num_filler=8, prompts=4, sft_steps=20, steps=40, record_every=10)
+
+
+def _one_run(config: Config, geometry: str, seed: int) -> dict:
+    k_vocab, k_hidden, k_labels = jax.random.split(jax.random.key(config.seed * 1000 + seed), 3)
+    W, tokens = semantic_unembeddings(
+        k_vocab,
+        geometry=geometry,
+        hidden_size=config.hidden_size,
+        concept_scale=config.concept_scale,
+        num_filler=config.num_filler,
+    )
+    idx = {t: i for i, t in enumerate(tokens)}
+    H = jax.random.normal(k_hidden, (config.prompts, config.hidden_size)) / jnp.sqrt(
+        config.hidden_size
+    )
+    half = config.prompts // 2
+    del k_labels
+    sft_prompts, labels = zip(
+        *[(p, idx[t]) for p in range(config.prompts) for t in (NO_SET if p < half else YES_SET)],
+        strict=True,
+    )
+    model, _ = sft_flow(
+        UnconstrainedFeatures.from_arrays(W, H),
+        jnp.array(sft_prompts),
+        jnp.array(labels),
+        dt=config.sft_dt,
+        num_steps=config.sft_steps,
+    )
+    y_pos, y_neg = idx["No"], idx["Never"]
+    pairs = make_pairs(model, [0], [y_pos], [y_neg])
+    loss = losses.make_loss("dpo", beta=config.beta)
+    W0, h0 = model.unembedding[...], model.hidden[...][0]
+    terms = displacement_terms(W0, h0, y_pos, y_neg)
+    lp0 = model(jnp.array([0]))[0]
+    ell_prime = losses.margin_derivative(loss, lp0[y_pos], lp0[y_neg], lp0[y_pos], lp0[y_neg])
+    predicted = logprob_velocity(W0, h0, y_pos, y_neg, ell_prime)
+    _, traj = preference_flow(
+        model, pairs, loss, dt=config.dt, num_steps=config.steps, record_every=config.record_every
+    )
+    logprobs = np.asarray(traj.observables.logprobs[:, 0])  # [C + 1, V]
+    probs = np.exp(logprobs)
+    others = np.array([i for i in range(len(tokens)) if i not in (y_pos, y_neg)])
+    # instantaneous velocity at t = 0: one Euler step of flow time probe_dt
+    _, probe = preference_flow(model, pairs, loss, dt=config.probe_dt, num_steps=1)
+    step = probe.observables.logprobs[1, 0] - probe.observables.logprobs[0, 0]
+    instant = np.asarray(step / config.probe_dt)
+    n_ckpt = probs.shape[0] - 1
+    early = logprobs[max(1, round(0.05 * n_ckpt))] - logprobs[0]
+    gainers = {}
+    for frac in (0.05, 0.25, 1.0):
+        c = max(1, round(frac * n_ckpt))
+        gain = probs[c] - probs[0]
+        top = np.argsort(-gain)[: config.top_k]
+        gainers[f"t={float(traj.t[c]):g}"] = [[tokens[i], float(gain[i])] for i in top]
+    p_no = probs[:, y_pos]
+    return {
+        "geometry": geometry,
+        "seed": seed,
+        "t": traj.t,
+        "loss": traj.loss,
+        "p_no": p_no,
+        "p_never": probs[:, y_neg],
+        "p_catastrophic": probs[:, [idx[t] for t in CATASTROPHIC_FOR_NO]].sum(1),
+        "p_benign": probs[:, [idx[t] for t in BENIGN_FOR_NO]].sum(1),
+        "no_decrease_max": float(np.max(np.maximum.accumulate(p_no) - p_no)),
+        "no_change": float(p_no[-1] - p_no[0]),
+        "theorem4_velocity_no": float(predicted[y_pos]),
+        "observed_velocity_no": float(instant[y_pos]),
+        "m_plus_S": float(terms.m + terms.S),
+        "theorem5_alignment": {tokens[i]: float(terms.token_alignment[i]) for i in others},
+        "early_logprob_change": {tokens[i]: float(early[i]) for i in others},
+        "spearman_alignment_vs_instant": spearman(terms.token_alignment[others], instant[others]),
+        "spearman_alignment_vs_early": spearman(terms.token_alignment[others], early[others]),
+        "spearman_alignment_vs_final": spearman(
+            terms.token_alignment[others], logprobs[-1, others] - logprobs[0, others]
+        ),
+        "top_gainers": gainers,
+        "top_predicted": [
+            tokens[i] for i in others[np.argsort(-predicted[others])][: config.top_k]
+        ],
+    }
+
+
+def run(config: Config) -> dict:
+    runs = []
+    for geometry in GEOMETRIES:
+        for seed in range(config.seeds):
+            runs.append(_one_run(config, geometry, seed))
+            r = runs[-1]
+            progress(
+                f"  {geometry} seed {seed}: pi(No) {r['p_no'][0]:.3f} -> {r['p_no'][-1]:.3f}, "
+                f"Yes set {r['p_catastrophic'][0]:.3f} -> {r['p_catastrophic'][-1]:.3f}, "
+                f"top gainer {r['top_gainers'][list(r['top_gainers'])[-1]][0][0]}"
+            )
+    summary = {}
+    for geometry in GEOMETRIES:
+        rs = [r for r in runs if r["geometry"] == geometry]
+        summary[geometry] = {
+            "runs_with_no_falling": sum(r["no_change"] < 0 for r in rs),
+            "mean_no_decrease_max": float(np.mean([r["no_decrease_max"] for r in rs])),
+            "mean_catastrophic_gain": float(
+                np.mean([r["p_catastrophic"][-1] - r["p_catastrophic"][0] for r in rs])
+            ),
+            "mean_benign_gain": float(np.mean([r["p_benign"][-1] - r["p_benign"][0] for r in rs])),
+            "theorem4_sign_matches": int(
+                sum(
+                    np.sign(r["theorem4_velocity_no"]) == np.sign(r["observed_velocity_no"])
+                    for r in rs
+                )
+            ),
+            "mean_spearman_alignment_vs_instant": float(
+                np.mean([r["spearman_alignment_vs_instant"] for r in rs])
+            ),
+            "mean_spearman_alignment_vs_early": float(
+                np.mean([r["spearman_alignment_vs_early"] for r in rs])
+            ),
+            "mean_catastrophic_peak_gain": float(
+                np.mean([max(r["p_catastrophic"]) - r["p_catastrophic"][0] for r in rs])
+            ),
+            "mean_benign_peak_gain": float(
+                np.mean([max(r["p_benign"]) - r["p_benign"][0] for r in rs])
+            ),
+            "mean_spearman_alignment_vs_final": float(
+                np.mean([r["spearman_alignment_vs_final"] for r in rs])
+            ),
+            "runs": len(rs),
+        }
+    return {"config": config, "runs": runs, "summary": summary, "provenance": provenance("float64")}
+
+
+def plot(results: dict) -> plt.Figure:
+    geometries = list(results["summary"])
+    fig, axes = plt.subplots(2, len(geometries), figsize=(5 * len(geometries), 8), squeeze=False)
+    for j, geometry in enumerate(geometries):
+        rs = [r for r in results["runs"] if r["geometry"] == geometry]
+        ax = axes[0, j]
+        for k, r in enumerate(rs):
+            t = np.asarray(r["t"])
+            for key, color in (
+                ("p_no", "tab:blue"),
+                ("p_catastrophic", "tab:red"),
+                ("p_benign", "tab:green"),
+                ("p_never", "0.5"),
+            ):
+                ax.plot(t, r[key], color=color, alpha=0.7, label=key if k == 0 else None)
+        ax.set(title=f"{geometry}: DPO with No > Never", xlabel="flow time t", ylabel="probability")
+        ax.legend(fontsize=8)
+        ax = axes[1, j]
+        r = rs[0]
+        names = list(r["theorem5_alignment"])
+        x = np.array([r["theorem5_alignment"][n] for n in names])
+        y = np.array([r["early_logprob_change"][n] for n in names])
+        ax.scatter(x, y, s=8, c=["0.6" if n.startswith("<") else "tab:purple" for n in names])
+        for n, xi, yi in zip(names, x, y, strict=True):
+            if not n.startswith("<"):
+                ax.annotate(n, (xi, yi), fontsize=7)
+        ax.set(
+            xlabel="<W_z, W_No - W_Never> at t=0 (Theorem 5)",
+            ylabel="observed change of ln pi(z) over t <= 5",
+            title=f"seed 0: Spearman = {r['spearman_alignment_vs_early']:.3f}",
+        )
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> dict:
+    enable_x64()
+    return experiment_main(NAME, Config, run, plot, argv, summary=lambda r: str(r["summary"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Theorems 4-5 (Razin et al. 2024) vs autodiff and vs a finite difference along the simulated flow.
+
+For each random instance (unembeddings ``W``, hidden embedding ``h``, a pair ``y+ != y-`` and a
+reference margin) the closed form :func:`theory.single_token.logprob_velocity` is compared, for
+every token, with (i) autodiff: ``jvp`` of the model's log-probs along ``-grad L`` of the actual
+loss, and (ii) a central difference of the log-probs over one simulated Euler step of the flow and
+one of the time-reversed flow (``sims.flow.flow_fn``, step ``fd_step``). Half of the instances have
+``W- = 1.2 W+ + noise`` and a small ``h``, so that displacement cases are well represented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+from experiments._common import enable_x64, experiment_main, progress, provenance
+from sims.flow import flow_fn, make_optimizer
+from sims.models import softmax_logprobs
+from theory import losses
+from theory.single_token import logprob_velocity
+
+NAME = "single_token_theorem_check"
+LOSSES = {"dpo": {"beta": 0.1}, "ipo": {"tau": 0.05}, "slic": {"delta": 50.0}}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Closed-form single-token velocities vs autodiff and finite differences."""
+
+    seed: int = 0
+    shapes: tuple[str, ...] = ("5x2", "50x16", "500x64")  # "VxD" vocabulary x hidden size
+    loss_types: tuple[str, ...] = ("dpo", "ipo", "slic")  # keys of LOSSES
+    instances: int = 128  # per (shape, loss); 3 x 3 x 128 = 1152 in all
+    init_scales: tuple[float, ...] = (0.3, 1.0, 3.0)  # row-norm scales, drawn per instance
+    fd_step: float = 1e-5  # flow time of the simulated step (central difference)
+
+    @classmethod
+    def smoke(cls) -> Config:
+        return cls(shapes=("5x2", "20x4"), loss_types=("dpo", "slic"), instances=8)
+
+
+def _instance(key, V, d, scales):
+    kW, kh, kp, kn, kr, ks, ka = jax.random.split(key, 7)
+    scale = jax.random.choice(ks, jnp.asarray(scales))
+    W = scale * jax.random.normal(kW, (V, d)) / jnp.sqrt(d)
+    h = scale * jax.random.normal(kh, (d,))
+    y_pos = jax.random.randint(kp, (), 0, V)
+    y_neg = (y_pos + jax.random.randint(kn, (), 1, V)) % V
+    aligned = jax.random.bernoulli(ka)  # displacement-prone geometry (Theorem 4)
+    W = W.at[y_neg].set(jnp.where(aligned, 1.2 * W[y_pos] + 0.3 * W[y_neg], W[y_neg]))
+    h = jnp.where(aligned, 0.1 * h / jnp.sqrt(d), h)
+    return W, h, y_pos, y_neg, jax.random.normal(kr, (2,)) - 2.0
+
+
+def _check_cell(loss, V, d, keys, scales, fd_step):
+    def pair_loss(params, data):
+        lp = softmax_logprobs(*params)[0]
+        y_pos, y_neg, ref = data
+        return loss(lp[y_pos], lp[y_neg], ref[0], ref[1])
+
+    def observe(params, _):
+        return softmax_logprobs(*params)[0]
+
+    forward = flow_fn(
+        pair_loss, observe, optimizer=make_optimizer("sgd", dt=fd_step), num_steps=1, record_every=1
+    )
+    backward = flow_fn(
+        lambda p, x: -pair_loss(p, x),
+        observe,
+        optimizer=make_optimizer("sgd", dt=fd_step),
+        num_steps=1,
+        record_every=1,
+    )
+
+    def one(key):
+        W, h, y_pos, y_neg, ref = _instance(key, V, d, scales)
+        params, data = (W, h[None]), (y_pos, y_neg, ref)
+        lp = observe(params, None)
+        ell_prime = losses.margin_derivative(loss, lp[y_pos], lp[y_neg], ref[0], ref[1])
+        closed = logprob_velocity(W, h, y_pos, y_neg, ell_prime)
+        grads = jax.grad(pair_loss)(params, data)
+        auto = jax.jvp(
+            lambda p: observe(p, None), (params,), (jax.tree_util.tree_map(jnp.negative, grads),)
+        )[1]
+        fd = (forward(params, data)[2][1] - backward(params, data)[2][1]) / (2 * fd_step)
+        return closed, auto, fd, y_pos, y_neg
+
+    return jax.jit(jax.vmap(one))(keys)
+
+
+def run(config: Config) -> dict:
+    keys = jax.random.split(
+        jax.random.key(config.seed), len(config.shapes) * len(config.loss_types)
+    )
+    cells = []
+    points = {"closed": [], "autodiff": [], "finite_difference": [], "kind": [], "scale": []}
+    for i, (shape, loss_type) in enumerate(
+        [(s, lt) for s in config.shapes for lt in config.loss_types]
+    ):
+        V, d = (int(x) for x in shape.split("x"))
+        loss = losses.make_loss(loss_type, **LOSSES[loss_type])
+        closed, auto, fd, y_pos, y_neg = _check_cell(
+            loss,
+            V,
+            d,
+            jax.random.split(keys[i], config.instances),
+            config.init_scales,
+            config.fd_step,
+        )
+        closed, auto, fd = (np.asarray(a) for a in (closed, auto, fd))
+        scale = np.max(np.abs(auto), axis=1)
+        rel_auto = np.max(np.abs(closed - auto), axis=1) / scale
+        rel_fd = np.max(np.abs(closed - fd), axis=1) / scale
+        # entries whose sign is meaningful: above round-off (autodiff) or above the O(dt^2)
+        # truncation error of the central difference (up to ~1e-4 relative here)
+        clear = np.abs(auto) > 1e-6 * scale[:, None]
+        clear_fd = np.abs(auto) > 1e-3 * scale[:, None]
+        rows = np.arange(config.instances)
+        v_pos = auto[rows, np.asarray(y_pos)]
+        cells.append(
+            {
+                "shape": shape,
+                "loss_type": loss_type,
+                "instances": config.instances,
+                "max_rel_err_autodiff": float(rel_auto.max()),
+                "max_rel_err_fd": float(rel_fd.max()),
+                "sign_agreement_autodiff": float(
+                    np.mean((np.sign(closed) == np.sign(auto))[clear])
+                ),
+                "sign_agreement_fd": float(np.mean((np.sign(closed) == np.sign(fd))[clear_fd])),
+                "displacing_instances": int(np.sum(v_pos < 0)),
+            }
+        )
+        for kind, cols in (
+            ("y_pos", np.asarray(y_pos)),
+            ("y_neg", np.asarray(y_neg)),
+            ("other", (np.asarray(y_pos) + np.asarray(y_neg)) % V),
+        ):
+            keep = cols != np.asarray(y_neg) if kind == "other" else np.ones_like(cols, bool)
+            keep &= cols != np.asarray(y_pos) if kind == "other" else keep
+            for key, arr in (("closed", closed), ("autodiff", auto), ("finite_difference", fd)):
+                points[key].extend(arr[rows, cols][keep].tolist())
+            points["kind"].extend([kind] * int(keep.sum()))
+            points["scale"].extend(scale[keep].tolist())
+        progress(
+            f"  {shape} {loss_type}: max rel err autodiff {rel_auto.max():.2e}, "
+            f"fd {rel_fd.max():.2e}, displacing {cells[-1]['displacing_instances']}"
+        )
+    total = sum(c["instances"] for c in cells)
+    return {
+        "config": config,
+        "cells": cells,
+        "points": points,
+        "summary": {
+            "instances": total,
+            "max_rel_err_autodiff": max(c["max_rel_err_autodiff"] for c in cells),
+            "max_rel_err_fd": max(c["max_rel_err_fd"] for c in cells),
+            "min_sign_agreement_autodiff": min(c["sign_agreement_autodiff"] for c in cells),
+            "min_sign_agreement_fd": min(c["sign_agreement_fd"] for c in cells),
+            "displacing_instances": sum(c["displacing_instances"] for c in cells),
+        },
+        "provenance": provenance("float64"),
+    }
+
+
+def plot(results: dict) -> plt.Figure:
+    p = {k: np.asarray(v) for k, v in results["points"].items()}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, ref in zip(axes[:2], ("autodiff", "finite_difference"), strict=True):
+        for kind, color in (("other", "0.6"), ("y_neg", "tab:red"), ("y_pos", "tab:blue")):
+            m = p["kind"] == kind
+            ax.scatter(p[ref][m], p["closed"][m], s=4, c=color, label=kind, alpha=0.6)
+        lim = np.max(np.abs(p[ref]))
+        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ticks = [-1e4, -1e2, -1, 0, 1, 1e2, 1e4]
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.set(
+            xlabel=f"measured d/dt ln pi(z) ({ref})",
+            ylabel="closed form (Thms 4-5)",
+        )
+        ax.legend(markerscale=3)
+    rel = np.abs(p["closed"] - p["autodiff"]) / p["scale"]
+    axes[2].hist(np.log10(np.maximum(rel, 1e-18)), bins=50)
+    axes[2].set(
+        xlabel="log10 |closed - autodiff| / max_z |autodiff| (exact zeros at -18)", ylabel="count"
+    )
+    s = results["summary"]
+    fig.suptitle(
+        f"{s['instances']} instances: max rel err {s['max_rel_err_autodiff']:.1e} "
+        f"(autodiff), {s['max_rel_err_fd']:.1e} (finite difference); "
+        f"{s['displacing_instances']} with displacement"
+    )
+    return fig
+
+
+def main(argv=None) -> dict:
+    enable_x64()
+    return experiment_main(NAME, Config, run, plot, argv, summary=lambda r: str(r["summary"]))
+
+
+if __name__ == "__main__":
+    main()

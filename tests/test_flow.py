@@ -1,0 +1,196 @@
+"""The integrator: exactness, Euler order, composition, reproducibility, failures, front ends."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sims.flow import integrate, make_optimizer, make_pairs, preference_flow, sft_flow
+from sims.models import UnconstrainedFeatures
+from theory import losses
+from theory.single_token import logprob_velocity
+
+# Euler's global error is O(dt): the fitted order over dt = 1e-2 .. 1e-4 must lie in this band.
+EULER_ORDER_BAND = (0.9, 1.1)
+
+
+def _quadratic(x, a):
+    return 0.5 * a * x**2
+
+
+def test_integrate_is_exact_euler_on_quadratic():
+    """Euler on L = a x^2 / 2 gives x_n = (1 - a dt)^n x_0 exactly (hand-derived)."""
+    a, dt, x0 = 2.0, 0.05, 1.5
+    _, traj = integrate(
+        _quadratic, lambda x, _: x, jnp.array(x0), a, dt=dt, num_steps=20, record_every=4
+    )
+    expected = x0 * (1 - a * dt) ** (4 * np.arange(6))
+    np.testing.assert_allclose(traj.observables, expected, rtol=1e-13)
+    np.testing.assert_allclose(traj.t, dt * 4 * np.arange(6), rtol=1e-15)
+    np.testing.assert_allclose(traj.loss, 0.5 * a * expected**2, rtol=1e-13)
+
+
+def test_integrate_euler_error_order_is_one():
+    """Against the exact flow x(t) = x0 e^{-a t} at T = 1."""
+    a, x0, T = 1.3, 1.0, 1.0
+    dts = np.array([1e-2, 1e-3, 1e-4])
+    errors = []
+    for dt in dts:
+        n = round(T / dt)
+        final, _ = integrate(
+            _quadratic, lambda x, _: x, jnp.array(x0), a, dt=float(dt), num_steps=n, record_every=n
+        )
+        errors.append(abs(float(final) - x0 * np.exp(-a * T)))
+    order = np.polyfit(np.log(dts), np.log(errors), 1)[0]
+    assert EULER_ORDER_BAND[0] <= order <= EULER_ORDER_BAND[1], f"order {order}, errors {errors}"
+
+
+def test_integrate_records_initial_state_first():
+    params = {"x": jnp.array([1.0, -2.0])}
+    _, traj = integrate(
+        lambda p, _: jnp.sum(p["x"] ** 2),
+        lambda p, _: p["x"],
+        params,
+        dt=0.1,
+        num_steps=3,
+        record_every=3,
+    )
+    np.testing.assert_array_equal(traj.observables[0], params["x"])
+
+
+def test_integrate_two_half_runs_equal_one_full_run():
+    model = UnconstrainedFeatures(12, 4, 3, rngs=nnx.Rngs(0), dtype=jnp.float64)
+    pairs = make_pairs(model, [0, 1, 2], [1, 2, 3], [4, 5, 6])
+    loss = losses.make_loss("dpo", beta=0.5)
+    full, _ = preference_flow(model, pairs, loss, dt=0.05, num_steps=40)
+    half, _ = preference_flow(model, pairs, loss, dt=0.05, num_steps=20)
+    half2, _ = preference_flow(half, pairs, loss, dt=0.05, num_steps=20)
+    np.testing.assert_allclose(half2.unembedding[...], full.unembedding[...], rtol=1e-13)
+    np.testing.assert_allclose(half2.hidden[...], full.hidden[...], rtol=1e-13)
+
+
+def test_preference_flow_lowers_loss_and_is_reproducible():
+    def run(seed):
+        model = UnconstrainedFeatures(30, 8, 5, rngs=nnx.Rngs(seed), dtype=jnp.float64)
+        pairs = make_pairs(model, jnp.arange(5), jnp.arange(5), jnp.arange(5) + 10)
+        return preference_flow(
+            model, pairs, losses.make_loss("dpo", beta=0.1), dt=0.1, num_steps=200, record_every=10
+        )[1]
+
+    traj = run(4)
+    assert bool(jnp.all(jnp.diff(traj.loss) < 0)), traj.loss
+    assert traj.observables.logprobs.dtype == jnp.float64
+    again = run(4)
+    np.testing.assert_array_equal(traj.observables.logprobs, again.observables.logprobs)
+    assert not np.array_equal(traj.observables.logprobs, run(5).observables.logprobs)
+
+
+def test_preference_flow_finite_difference_matches_theorems_4_5():
+    """(ln pi(dt) - ln pi(0)) / dt -> logprob_velocity, error O(dt), along the simulated flow."""
+    model = UnconstrainedFeatures(
+        20, 6, 1, rngs=nnx.Rngs(8), dtype=jnp.float64, unembedding_scale=2.0
+    )
+    pairs = make_pairs(model, [0], [3], [7])
+    loss = losses.make_loss("dpo", beta=0.5)
+    lp0 = model(jnp.array([0]))[0]
+    ell_prime = losses.margin_derivative(
+        loss, lp0[3], lp0[7], pairs.ref_logprob_chosen[0], pairs.ref_logprob_rejected[0]
+    )
+    predicted = logprob_velocity(model.unembedding[...], model.hidden[...][0], 3, 7, ell_prime)
+    errors = []
+    for dt in (1e-3, 1e-4, 1e-5):
+        _, traj = preference_flow(model, pairs, loss, dt=dt, num_steps=1)
+        measured = (traj.observables.logprobs[1, 0] - traj.observables.logprobs[0, 0]) / dt
+        errors.append(float(jnp.max(jnp.abs(measured - predicted))))
+    order = np.polyfit(np.log([1e-3, 1e-4, 1e-5]), np.log(errors), 1)[0]
+    assert EULER_ORDER_BAND[0] <= order <= EULER_ORDER_BAND[1], errors
+
+
+def test_rmsprop_torch_matches_torch_recurrence():
+    """torch.optim.RMSprop: v = a v + (1-a) g^2; x -= lr g / (sqrt(v) + eps); a=0.99, eps=1e-8."""
+    lr, a, eps, x = 0.01, 0.99, 1e-8, 2.0
+    v, xs = 0.0, [x]
+    for _ in range(5):
+        g = 3.0 * x  # gradient of 1.5 x^2
+        v = a * v + (1 - a) * g * g
+        x -= lr * g / (np.sqrt(v) + eps)
+        xs.append(x)
+    _, traj = integrate(
+        lambda x, _: 1.5 * x**2,
+        lambda x, _: x,
+        jnp.array(2.0),
+        dt=lr,
+        num_steps=5,
+        optimizer="rmsprop_torch",
+    )
+    np.testing.assert_allclose(traj.observables, xs, rtol=1e-12)
+
+
+def test_integrate_raises_naming_first_nonfinite_step():
+    # Gradient ascent on x^2/2 with dt = 1e150: x = 1e150, 1e300, then inf at step 3 (float64).
+    with pytest.raises(FloatingPointError, match=r"step 3 \(t = 3e\+150\)"):
+        integrate(lambda x, _: -0.5 * x**2, lambda x, _: x, jnp.array(1.0), dt=1e150, num_steps=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dt": 0.0}, "dt must be > 0"),
+        ({"dt": -1.0}, "dt must be > 0"),
+        ({"num_steps": 0}, "num_steps must be a positive integer"),
+        ({"num_steps": 2.0}, "num_steps must be a positive integer"),
+        ({"record_every": 3}, "record_every must divide num_steps"),
+        ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+    ],
+)
+def test_integrate_rejects_bad_schedule(kwargs, match):
+    args = {"dt": 0.1, "num_steps": 4, "record_every": 1} | kwargs
+    with pytest.raises(ValueError, match=match):
+        integrate(_quadratic, lambda x, _: x, jnp.array(1.0), 1.0, **args)
+
+
+def test_integrate_rejects_nonfinite_initial_params():
+    with pytest.raises(ValueError, match="must be finite"):
+        integrate(_quadratic, lambda x, _: x, jnp.array(jnp.nan), 1.0, dt=0.1, num_steps=1)
+
+
+def test_make_pairs_rejects_bad_pairs():
+    model = UnconstrainedFeatures(5, 2, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="chosen and rejected must differ"):
+        make_pairs(model, [0, 1], [2, 3], [2, 4])
+    with pytest.raises(ValueError, match=r"rejected must be token ids in \[0, V\)"):
+        make_pairs(model, [0], [1], [5])
+    with pytest.raises(ValueError, match=r"prompt must be token ids in \[0, V\) with V=2"):
+        make_pairs(model, [2], [1], [0])
+    with pytest.raises(ValueError, match="must have one shape"):
+        make_pairs(model, [0, 1], [1], [0])
+
+
+def test_sft_flow_raises_label_logprob():
+    model = UnconstrainedFeatures(10, 4, 3, rngs=nnx.Rngs(2), dtype=jnp.float64)
+    trained, traj = sft_flow(model, jnp.arange(3), jnp.array([1, 2, 3]), dt=0.5, num_steps=50)
+    assert bool(jnp.all(traj.observables[-1] > traj.observables[0]))
+    assert traj.loss[-1] < traj.loss[0]
+
+
+def test_make_optimizer_sgd_is_euler():
+    tx = make_optimizer("sgd", dt=0.25)
+    updates, _ = tx.update(jnp.array([4.0]), tx.init(jnp.array([0.0])))
+    np.testing.assert_allclose(updates, [-1.0])
+
+
+def test_flow_fn_vmaps_over_runs():
+    """flow_fn is pure: vmapping over initial points equals separate runs."""
+    from sims.flow import flow_fn
+
+    run = flow_fn(
+        _quadratic,
+        lambda x, _: x,
+        optimizer=make_optimizer("sgd", dt=0.1),
+        num_steps=5,
+        record_every=5,
+    )
+    x0 = jnp.array([1.0, 2.0, -3.0])
+    finals = jax.jit(jax.vmap(run, in_axes=(0, None)))(x0, 2.0)[0]
+    np.testing.assert_allclose(finals, x0 * 0.8**5, rtol=1e-13)
