@@ -7,9 +7,7 @@ A preference run trains every transformer parameter on the weighted mean
 (Razin et al. 2024, Eq. 2 with sample weights; a weight of 0 drops a padded pair, so data sets of
 different sizes stack on one ``vmap`` axis).
 
-CHES note: ``_ches`` / ``_ches_length_normalized`` are private stand-ins for
-``theory.multi_token.ches`` / ``ches_length_normalized`` (Definitions 2/3), written here because
-that module had not landed on main when this was written; swap them for the library functions.
+CHES scores come from :mod:`theory.multi_token` on the transformer's per-prefix hidden states.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from sims import corpus
 from sims.flow import flow_fn, make_optimizer
 from sims.transformer import CausalTransformer, pretrain, sample_tokens, sequence_logprob
 from theory.losses import PairLoss
+from theory.multi_token import ches, ches_length_normalized
 
 
 def pretrained_model(
@@ -165,17 +164,6 @@ def preference_runs(
     return final, np.asarray(losses), jax.tree_util.tree_map(np.asarray, obs)
 
 
-def _ches(h_pos, h_neg):
-    """CHES, Definition 2: <sum h+, sum h-> - ||sum h+||^2 (private stand-in, see module note)."""
-    s_pos, s_neg = jnp.sum(h_pos, axis=0), jnp.sum(h_neg, axis=0)
-    return s_pos @ s_neg - s_pos @ s_pos
-
-
-def _ches_length_normalized(h_pos, h_neg):
-    """Length-normalised CHES, Definition 3: CHES of the mean hidden embeddings (stand-in)."""
-    return _ches(jnp.mean(h_pos, axis=0)[None, :], jnp.mean(h_neg, axis=0)[None, :])
-
-
 def normalized_edit_distance(a, b) -> float:
     """Return the token Levenshtein distance of ``a`` and ``b`` over ``max(len(a), len(b))``.
 
@@ -215,8 +203,8 @@ def pair_similarities(model: CausalTransformer, chosen: corpus.Batch, rejected: 
             (int(rejected.prompt_len[i]), int(rejected.length[i])),
         )
         h_pos, h_neg = H_pos[i, p0 - 1 : l0 - 1], H_neg[i, p1 - 1 : l1 - 1]  # [L+, d], [L-, d]
-        out["ches"].append(float(_ches(h_pos, h_neg)))
-        out["ches_ln"].append(float(_ches_length_normalized(h_pos, h_neg)))
+        out["ches"].append(float(ches(h_pos, h_neg)))
+        out["ches_ln"].append(float(ches_length_normalized(h_pos, h_neg)))
         out["edit_distance"].append(
             normalized_edit_distance(
                 np.asarray(chosen.tokens[i, p0:l0]), np.asarray(rejected.tokens[i, p1:l1])
