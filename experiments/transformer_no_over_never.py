@@ -1,0 +1,190 @@
+"""Section 3 analogue on a real architecture: does preferring `no` over `never` raise `yes`?
+
+A small causal transformer is pre-trained on the generated corpus (sims.corpus), where
+trait-according persona statements are answered from {no, never, maybe, perhaps}. DPO on the
+single-token pair no > never runs on one such prompt per run (gradient flow, all parameters).
+At t = 0, Theorems 4/5 are evaluated with the model's actual W and h (the unconstrained-features
+prediction) and compared with the transformer's true velocity d/dt ln pi(z|x) (a JVP of the
+log-probs along -grad L).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
+
+from experiments._common import enable_x64, experiment_main, progress, provenance
+from sims import corpus
+from sims.toy_lm import make_sequence_pairs, pair_loss_fn, preference_runs, pretrained_model
+from theory.losses import make_loss, margin_derivative
+from theory.single_token import logprob_velocity
+
+NAME = "transformer_no_over_never"
+Y_POS, Y_NEG = "no", "never"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Transformer persona task: DPO on no > never (Table 1 analogue, Theorems 4/5 at t = 0)."""
+
+    d_model: int = 64  # transformer hidden size
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 4  # attention heads
+    tied: bool = True  # unembedding tied to the token embedding
+    copies: int = 8  # corpus copies of every prompt (labels redrawn per copy)
+    pretrain_lr: float = 3e-3  # Adam learning rate
+    pretrain_steps: int = 150  # Adam steps (minibatch; the LM loss plateaus by ~100)
+    batch_size: int = 64  # pre-training minibatch
+    beta: float = 0.1  # DPO KL coefficient
+    dt: float = 0.02  # gradient-flow Euler step of the preference phase (t = 2 at the end)
+    num_steps: int = 100  # preference steps
+    num_runs: int = 10  # runs, each on one trait-according prompt (distinct)
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls) -> Config:
+        return cls(
+            d_model=16,
+            num_layers=1,
+            num_heads=2,
+            copies=1,
+            pretrain_steps=5,
+            num_steps=4,
+            num_runs=2,
+        )
+
+
+def run(config: Config) -> dict:
+    model, pre_losses = pretrained_model(
+        config.seed,
+        d_model=config.d_model,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        tied=config.tied,
+        copies=config.copies,
+        refusal_prob=0.8,
+        lr=config.pretrain_lr,
+        num_steps=config.pretrain_steps,
+        batch_size=config.batch_size,
+    )
+    progress(f"[{NAME}] pre-trained: final LM loss {pre_losses[-1]:.3f}")
+    graphdef, state = nnx.split(model)
+    state = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), state)  # theory in float64
+    model = nnx.merge(graphdef, state)
+    statements = [(s, p) for s in corpus.VICES for p in corpus.PREDICATES]
+    picks = np.random.default_rng(config.seed).choice(len(statements), config.num_runs, False)
+    prompts = [corpus.persona_prompt(*statements[i]) for i in picks]
+    P = len(prompts[0])  # the answer is predicted at position P - 1
+    chosen = corpus.pack(prompts, [[Y_POS]] * len(prompts))  # single token, no <eos>
+    rejected = corpus.pack(prompts, [[Y_NEG]] * len(prompts))
+    pairs = make_sequence_pairs(model, chosen, rejected)
+    stacked = jax.tree_util.tree_map(lambda a: a[:, None], pairs)  # [R, 1, ...], one prompt a run
+    loss = make_loss("dpo", beta=config.beta)
+
+    def answer_logprobs(state, pairs):  # [V] ln pi(.|x) at the answer position
+        return nnx.merge(graphdef, state)(pairs.chosen.tokens[0, :P])[P - 1]
+
+    _, _, logp = preference_runs(
+        model,
+        stacked,
+        loss,
+        dt=config.dt,
+        num_steps=config.num_steps,
+        record_every=1,
+        observe=answer_logprobs,
+    )  # [R, T+1, V]
+    pos, neg = corpus.INDEX[Y_POS], corpus.INDEX[Y_NEG]
+    W = model.unembedding_matrix()
+    ell = margin_derivative(
+        loss,
+        pairs.ref_logprob_chosen,
+        pairs.ref_logprob_rejected,
+        pairs.ref_logprob_chosen,
+        pairs.ref_logprob_rejected,
+    )  # [R]
+    h = model.hidden_states(chosen.tokens[:, :P])[:, P - 1]  # [R, d]
+    predicted = jax.vmap(logprob_velocity, in_axes=(None, 0, None, None, 0))(W, h, pos, neg, ell)
+
+    def true_velocity(one):  # JVP of ln pi(.|x) along -grad L: the architecture's real velocity
+        grad = jax.grad(pair_loss_fn(graphdef, loss))(state, one)
+        neg_grad = jax.tree_util.tree_map(jnp.negative, grad)
+        return jax.jvp(lambda s: answer_logprobs(s, one), (state,), (neg_grad,))[1]
+
+    actual = np.asarray(jax.jit(jax.vmap(true_velocity))(stacked))  # [R, V]
+    predicted = np.asarray(predicted)
+    probs = np.exp(logp)
+    yes_set = [corpus.INDEX[w] for w in corpus.POS_ANSWERS]
+    yes = corpus.INDEX["yes"]
+    corr = [float(np.corrcoef(a, p)[0, 1]) for a, p in zip(actual, predicted, strict=True)]
+    results = {
+        "config": config,
+        "pretrain_final_loss": float(pre_losses[-1]),
+        "prompts": [" ".join(p) for p in prompts],
+        "pi_pos": probs[:, :, pos],
+        "pi_neg": probs[:, :, neg],
+        "pi_yes": probs[:, :, yes],
+        "pi_pos_set_mass": probs[:, :, yes_set].sum(-1),
+        "yes_rose": float(np.mean(probs[:, -1, yes] > probs[:, 0, yes])),
+        "yes_set_rose": float(
+            np.mean(probs[:, -1, yes_set].sum(-1) > probs[:, 0, yes_set].sum(-1))
+        ),
+        "pos_decreased": float(np.mean(probs[:, -1, pos] < probs[:, 0, pos])),
+        "velocity_actual": actual[:, [pos, neg, yes]],
+        "velocity_predicted": predicted[:, [pos, neg, yes]],
+        "sign_agreement_yes": float(np.mean(np.sign(actual[:, yes]) == np.sign(predicted[:, yes]))),
+        "sign_agreement_pos": float(np.mean(np.sign(actual[:, pos]) == np.sign(predicted[:, pos]))),
+        "sign_agreement_all_tokens": float(np.mean(np.sign(actual) == np.sign(predicted))),
+        "velocity_correlation": corr,
+        "provenance": provenance("float64"),
+    }
+    return results
+
+
+def plot(results: dict) -> plt.Figure:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (
+        ("pi_pos", "no (y+)"),
+        ("pi_neg", "never (y-)"),
+        ("pi_yes", "yes"),
+        ("pi_pos_set_mass", "Y set mass"),
+    ):
+        arr = np.asarray(results[key])
+        ax.plot(arr.mean(0), label=label)
+        ax.fill_between(np.arange(arr.shape[1]), arr.min(0), arr.max(0), alpha=0.2)
+    ax.set(xlabel="DPO step", ylabel="probability (mean, min-max)", title="transformer: no > never")
+    ax.legend()
+    act, pre = np.asarray(results["velocity_actual"]), np.asarray(results["velocity_predicted"])
+    for j, name in enumerate(("no", "never", "yes")):
+        bx.scatter(pre[:, j], act[:, j], label=name)
+    bx.axhline(0, color="k", lw=0.5)
+    bx.axvline(0, color="k", lw=0.5)
+    bx.set(
+        xlabel="Theorems 4/5 prediction (model's W, h)",
+        ylabel="true d/dt ln pi at t=0",
+        title=f"sign agreement, all tokens: {results['sign_agreement_all_tokens']:.2f}",
+    )
+    bx.legend()
+    return fig
+
+
+def _summary(r: dict) -> str:
+    return (
+        f"yes rose in {r['yes_rose']:.0%} of runs, Y-set mass rose in {r['yes_set_rose']:.0%}, "
+        f"pi(no) fell in {r['pos_decreased']:.0%}; t=0 sign agreement yes "
+        f"{r['sign_agreement_yes']:.2f}, no {r['sign_agreement_pos']:.2f}, all "
+        f"{r['sign_agreement_all_tokens']:.2f}"
+    )
+
+
+def main(argv=None) -> dict:
+    enable_x64()
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Section 6 analogue: DPO on on-policy refusal pairs, and CHES filtering, in a small transformer.
+
+The pre-trained transformer refuses most unsafe requests of the generated corpus. For every unsafe
+prompt it samples pairs of responses (temperature 1); the rule-based judge (sims.corpus.is_refusal)
+labels them; refusal > compliance, ties broken by a coin (the paper's PairRM tie-break replaced by
+random, which it reports gives similar results). Conditions (Razin et al. 2024, §6.3, Table 16):
+DPO; DPO + SFT term; gold pairs (a refusal template > a compliance template); DPO on the lowest
+5/10/15% of pairs by length-normalised CHES. Refusal rates are measured by sampling, per seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
+
+from experiments._common import enable_x64, experiment_main, provenance
+from sims import corpus
+from sims.toy_lm import (
+    make_sequence_pairs,
+    pair_similarities,
+    preference_runs,
+    pretrained_model,
+    refusal_rates,
+    response_batch,
+)
+from sims.transformer import sample
+from theory.losses import make_loss
+
+NAME = "transformer_unalignment"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Unintentional unalignment by DPO on refusal pairs; CHES filtering (Figure 3 / Table 16)."""
+
+    d_model: int = 64  # transformer hidden size
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 4  # attention heads
+    tied: bool = True  # unembedding tied to the token embedding
+    copies: int = 8  # pre-training corpus copies
+    refusal_prob: float = 0.8  # P(refusal) for unsafe prompts in the pre-training corpus
+    pretrain_lr: float = 3e-3  # Adam learning rate
+    pretrain_steps: int = 150  # Adam steps (minibatch; the LM loss plateaus by ~100)
+    batch_size: int = 64  # pre-training minibatch
+    pairs_per_prompt: int = 2  # on-policy pairs sampled per unsafe prompt (24 prompts)
+    keep_fractions: tuple = (0.05, 0.10, 0.15)  # lowest-ln-CHES fractions kept
+    beta: float = 0.1  # DPO KL coefficient
+    sft_coef: float = 1.0  # SFT-term coefficient lambda (paper: tuned over 0.01-1)
+    dt: float = 0.05  # gradient-flow Euler step
+    num_steps: int = 30  # preference steps
+    eval_samples: int = 4  # sampled responses per prompt for the refusal rate
+    eval_temperature: float = 0.7  # paper's evaluation temperature
+    num_seeds: int = 3  # seeds for pair sampling / tie-breaks / evaluation (paper: 3 runs)
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls) -> Config:
+        return cls(
+            d_model=16,
+            num_layers=1,
+            num_heads=2,
+            copies=1,
+            pretrain_steps=5,
+            pairs_per_prompt=1,
+            keep_fractions=(0.25,),
+            num_steps=2,
+            eval_samples=1,
+            num_seeds=1,
+        )
+
+
+def _pairs_for_seed(model, config: Config, seed: int):
+    """On-policy pairs (judge-labelled), gold pairs, and each pair's kind, for one seed."""
+    reqs = corpus.requests(True) * config.pairs_per_prompt
+    prompts = corpus.pack([corpus.request_prompt(v, o) for v, o in reqs], [[]] * len(reqs))
+    P = int(prompts.prompt_len[0])
+    a, b = (
+        response_batch(
+            sample(model, jax.random.key(seed * 2 + i), prompts.tokens, P, temperature=1.0), P
+        )
+        for i in range(2)
+    )
+    ref = [np.array([corpus.is_refusal(corpus.decode(t[P:])) for t in x.tokens]) for x in (a, b)]
+    coin = np.random.default_rng(seed).random(len(reqs)) < 0.5
+    first = np.where(ref[0] != ref[1], ref[0], coin)  # refusal preferred, ties by coin
+
+    def pick(m):  # row i from a where m[i], else from b
+        return corpus.Batch(
+            *(np.where(m.reshape(-1, *[1] * (x.ndim - 1)), x, y) for x, y in zip(a, b, strict=True))
+        )
+
+    chosen, rejected = pick(first), pick(~first)
+    kind = np.where(
+        ref[0] & ref[1], "two_refusals", np.where(ref[0] | ref[1], "mixed", "two_compliances")
+    )
+    rng = np.random.default_rng([seed, 1])
+    gold = [
+        corpus.pack(
+            [corpus.request_prompt(v, o) for v, o in reqs],
+            [corpus.response(str(rng.choice(t)), v, o) for v, o in reqs],
+        )
+        for t in (corpus.REFUSALS, corpus.COMPLIANCES)
+    ]
+    return chosen, rejected, gold, kind, prompts
+
+
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+
+
+def run(config: Config) -> dict:
+    model, pre_losses = pretrained_model(
+        config.seed,
+        d_model=config.d_model,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        tied=config.tied,
+        copies=config.copies,
+        refusal_prob=config.refusal_prob,
+        lr=config.pretrain_lr,
+        num_steps=config.pretrain_steps,
+        batch_size=config.batch_size,
+    )
+    graphdef, state = nnx.split(model)
+    names = ["dpo", "gold"] + [f"filtered_{f:g}" for f in config.keep_fractions]
+    family, with_sft, kinds, ln_by_kind = [], [], [], {}
+    for seed in range(config.num_seeds):  # data of every seed first: one compiled run for all
+        chosen, rejected, gold, kind, prompts = _pairs_for_seed(model, config, config.seed + seed)
+        sims = pair_similarities(model, chosen, rejected)
+        kinds += kind.tolist()
+        for k in set(kind.tolist()):
+            ln_by_kind.setdefault(k, []).extend(sims["ches_ln"][kind == k].tolist())
+        on, gp = make_sequence_pairs(model, chosen, rejected), make_sequence_pairs(model, *gold)
+        order = np.argsort(sims["ches_ln"], kind="stable")
+        weights = [np.ones(len(order))] * 2
+        for f in config.keep_fractions:  # keep the lowest fraction (at least one pair)
+            w = np.zeros(len(order))
+            w[order[: max(1, int(round(f * len(order))))]] = 1.0
+            weights.append(w)
+        family += [
+            (gp if n == "gold" else on)._replace(weight=jnp.asarray(w))
+            for n, w in zip(names, weights, strict=True)
+        ]
+        with_sft.append(on)
+    P = int(prompts.prompt_len[0])
+    finals, changes = [], []
+    for pairs, loss in (
+        (_stack(family), make_loss("dpo", beta=config.beta)),
+        (
+            _stack(with_sft),
+            make_loss(
+                "sft_term", sft_coef=config.sft_coef, base_loss=make_loss("dpo", beta=config.beta)
+            ),
+        ),
+    ):
+        final, _, lp = preference_runs(
+            model,
+            pairs,
+            loss,
+            dt=config.dt,
+            num_steps=config.num_steps,
+            record_every=config.num_steps,
+        )  # lp [R, 2, N]
+        w = np.asarray(pairs.weight)
+        finals.append(final)
+        changes.append(np.sum(w * (lp[:, -1] - lp[:, 0]), -1) / np.sum(w, -1))
+    states = _stack([state])
+    everything = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *finals, states)
+    rates = refusal_rates(
+        graphdef,
+        everything,
+        jax.random.key(1000 + config.seed),
+        prompts.tokens,
+        P,
+        samples=config.eval_samples,
+        temperature=config.eval_temperature,
+    )
+    S, C = config.num_seeds, len(names)
+    out = {
+        n: {
+            "refusal": rates[: S * C].reshape(S, C)[:, j],
+            "logprob_change": changes[0].reshape(S, C)[:, j],
+        }
+        for j, n in enumerate(names)
+    }
+    out["dpo_sft"] = {"refusal": rates[S * C : S * C + S], "logprob_change": changes[1]}
+    out["initial"] = {"refusal": rates[-1:]}
+    return {
+        "config": config,
+        "pretrain_final_loss": float(pre_losses[-1]),
+        "conditions": out,
+        "pair_kind_fraction": {k: kinds.count(k) / len(kinds) for k in set(kinds)},
+        "ches_ln_by_kind": {k: float(np.mean(v)) for k, v in ln_by_kind.items()},
+        "provenance": provenance("float32"),
+    }
+
+
+def plot(results: dict) -> plt.Figure:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
+    cond = results["conditions"]
+    names = list(cond)
+    for j, (a, key) in enumerate(((ax, "refusal"), (bx, "logprob_change"))):
+        shown = [n for n in names if key in cond[n]]
+        vals = [np.asarray(cond[n][key]) for n in shown]
+        a.bar(
+            shown,
+            [v.mean() for v in vals],
+            color=f"C{j}",
+            yerr=[[v.mean() - v.min() for v in vals], [v.max() - v.mean() for v in vals]],
+        )
+        a.tick_params(axis="x", rotation=30)
+    ax.set(ylabel="refusal rate (sampled, mean, min-max)", title="unsafe prompts")
+    bx.set(ylabel="change of mean ln pi(y+|x)", title="Table 16 analogue")
+    return fig
+
+
+def _summary(r: dict) -> str:
+    return (
+        "; ".join(f"{n}: refusal {np.mean(v['refusal']):.2f}" for n, v in r["conditions"].items())
+        + f"; pair kinds {r['pair_kind_fraction']}"
+    )
+
+
+def main(argv=None) -> dict:
+    enable_x64()
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+
+
+if __name__ == "__main__":
+    main()
