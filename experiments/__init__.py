@@ -9,4 +9,8 @@ EXPERIMENTS: tuple[str, ...] = (
     "no_over_never",
     "kl_optimum_mixture",
     "dpop_edit_distance",
+    "real_token_geometry",
+    "transformer_no_over_never",
+    "transformer_ches",
+    "transformer_unalignment",
 )

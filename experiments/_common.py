@@ -106,11 +106,15 @@ def save(
 def parse_config(config_cls: type, argv: Sequence[str] | None) -> tuple[Any, Path]:
     """Build an argparse CLI from ``config_cls``'s fields; return ``(config, out_dir)``.
 
-    ``--smoke`` starts from ``config_cls.smoke()``; explicit flags override either default.
+    ``--smoke`` starts from ``config_cls.smoke()``, ``--scale`` from ``config_cls.scaled()`` (the
+    bigger accelerator version, where defined); explicit flags override either default.
     Tuple fields take a comma-separated list.
     """
     parser = argparse.ArgumentParser(description=(config_cls.__doc__ or "").strip().splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny version (tests)")
+    parser.add_argument(
+        "--scale", action="store_true", help="bigger GPU/TPU version (Config.scaled(), if defined)"
+    )
     parser.add_argument("--out", default=str(FIGURES_DIR), help="output folder (default figures/)")
     for field in dataclasses.fields(config_cls):
         parser.add_argument(
@@ -120,7 +124,13 @@ def parse_config(config_cls: type, argv: Sequence[str] | None) -> tuple[Any, Pat
             help=f"default {field.default!r}",
         )
     args = parser.parse_args(argv)
-    config = config_cls.smoke() if args.smoke else config_cls()
+    if args.smoke and args.scale:
+        raise SystemExit("--smoke and --scale exclude each other")
+    if args.scale and not hasattr(config_cls, "scaled"):
+        raise SystemExit(f"{config_cls.__module__} has no --scale version")
+    config = (
+        config_cls.smoke() if args.smoke else config_cls.scaled() if args.scale else config_cls()
+    )
     overrides = {}
     for field in dataclasses.fields(config_cls):
         raw = getattr(args, field.name)

@@ -53,6 +53,11 @@ class Config:
     seed: int = 0
 
     @classmethod
+    def scaled(cls) -> Config:
+        """The ``--scale`` version for a GPU/TPU (paper-like sizes; too slow for this CPU)."""
+        return cls(vocab_size=0, num_prompts=1000, sft_steps=100)
+
+    @classmethod
     def smoke(cls) -> Config:
         return cls(vocab_size=40, num_prompts=8, sft_steps=5, num_steps=100, num_runs=2)
 

@@ -59,6 +59,20 @@ class Config:
     seed: int = 0
 
     @classmethod
+    def scaled(cls) -> Config:
+        """The ``--scale`` version for a GPU/TPU (paper-like sizes; too slow for this CPU)."""
+        return cls(
+            d_model=256,
+            num_layers=4,
+            num_heads=8,
+            copies=32,
+            pretrain_steps=2000,
+            pairs_per_prompt=16,
+            num_steps=100,
+            eval_samples=32,
+        )
+
+    @classmethod
     def smoke(cls) -> Config:
         return cls(
             d_model=16,

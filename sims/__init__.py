@@ -21,6 +21,14 @@ from sims.logit_model import (
     edit_pair_prefixes,
 )
 from sims.models import UnconstrainedFeatures, softmax_logprobs
+from sims.real_embeddings import (
+    MINILM_INSTALL,
+    RealEmbeddings,
+    load_minilm,
+    minilm_available,
+    token_ids,
+    word_subset,
+)
 from sims.reduced import (
     MovingRows,
     PairIndex,
@@ -32,17 +40,36 @@ from sims.reduced import (
 )
 from sims.sweep import SweepResult, run_mesh, sharded_map, sharded_runner, stack_runs, sweep
 from sims.tabular import TabularPolicy, TiltDistance, kl_objective_flow
+from sims.toy_lm import (
+    SequencePairs,
+    make_sequence_pairs,
+    pair_similarities,
+    preference_runs,
+    pretrained_model,
+    refusal_rates,
+)
+from sims.transformer import (
+    CausalTransformer,
+    prefix_hidden_states,
+    pretrain,
+    sample,
+    sequence_logprob,
+)
 from sims.vocab import semantic_unembeddings
 
 __all__ = [
+    "CausalTransformer",
     "EditFlow",
     "EditPrefixes",
+    "MINILM_INSTALL",
     "MovingRows",
     "OPTIMIZERS",
     "PairIndex",
     "PositionLogits",
     "PreferencePairs",
     "PreferenceRecord",
+    "RealEmbeddings",
+    "SequencePairs",
     "SweepResult",
     "TabularPolicy",
     "TiltDistance",
@@ -56,15 +83,26 @@ __all__ = [
     "flow_summary",
     "integrate",
     "kl_objective_flow",
+    "load_minilm",
     "make_optimizer",
     "make_pairs",
+    "make_sequence_pairs",
+    "minilm_available",
     "pair_index",
+    "pair_similarities",
     "preference_flow",
+    "preference_runs",
+    "prefix_hidden_states",
+    "pretrain",
+    "pretrained_model",
     "reduced_flow_fn",
     "reduced_preference_flow",
     "reference_context_logits",
+    "refusal_rates",
     "run_mesh",
+    "sample",
     "semantic_unembeddings",
+    "sequence_logprob",
     "sft_flow",
     "sharded_map",
     "sharded_runner",
@@ -72,4 +110,6 @@ __all__ = [
     "softmax_logprobs",
     "stack_runs",
     "sweep",
+    "token_ids",
+    "word_subset",
 ]
