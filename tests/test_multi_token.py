@@ -294,34 +294,38 @@ def test_gradient_inner_product_matches_autodiff():
 
 def test_positive_alpha_fraction_matches_brute_force():
     rng = np.random.default_rng(5)
-    for trial in range(40):
-        V, d, Lp, Ln = 6, 3, int(rng.integers(1, 5)), int(rng.integers(1, 5))
-        W = rng.normal(size=(V, d))
-        h_pos, h_neg = rng.normal(size=(Lp, d)), rng.normal(size=(Ln, d))
-        y_pos, y_neg = rng.integers(0, V, Lp), rng.integers(0, V, Ln)
-        y_neg[0] = (y_pos[0] + 1) % V  # no shared prefix beyond the prompt
-        h_neg[0] = h_pos[0]
-        mask_neg = np.arange(Ln) < int(rng.integers(1, Ln + 1))
+    V, d, Lp, Ln, trials = 6, 3, 3, 4, 64
+    W = rng.normal(size=(trials, V, d))
+    h_pos, h_neg = rng.normal(size=(trials, Lp, d)), rng.normal(size=(trials, Ln, d))
+    y_pos, y_neg = rng.integers(0, V, (trials, Lp)), rng.integers(0, V, (trials, Ln))
+    y_neg[:, 0] = (y_pos[:, 0] + 1) % V  # no shared prefix beyond the prompt
+    h_neg[:, 0] = h_pos[:, 0]
+    mask_neg = np.arange(Ln)[None, :] < rng.integers(1, Ln + 1, (trials, 1))
+    got = jax.jit(jax.vmap(positive_alpha_fraction))(
+        W, h_pos, h_neg, y_pos, y_neg, np.ones((trials, Lp), bool), mask_neg
+    )
+    for t in range(trials):
 
-        def resid(h, y, W=W, V=V):
-            logits = h @ W.T
+        def resid(h, y, t=t):
+            logits = h @ W[t].T
             p = np.exp(logits - logits.max(axis=1, keepdims=True))
             return np.eye(V)[y] - p / p.sum(axis=1, keepdims=True)
 
-        rp, rn = resid(h_pos, y_pos), resid(h_neg, y_neg)
+        rp, rn = resid(h_pos[t], y_pos[t]), resid(h_neg[t], y_neg[t])
         alphas = [rp[k] @ rp[j] for k in range(Lp) for j in range(Lp)]
-        alphas += [rp[k] @ rn[j] for k in range(Lp) for j in range(Ln) if mask_neg[j]]
+        alphas += [rp[k] @ rn[j] for k in range(Lp) for j in range(Ln) if mask_neg[t, j]]
         want = np.mean(np.array(alphas) > 0)
-        got = positive_alpha_fraction(W, h_pos, h_neg, y_pos, y_neg, mask_neg=mask_neg)
-        assert float(got) == pytest.approx(want, abs=1e-15), f"trial {trial}"
+        assert float(got[t]) == pytest.approx(want, abs=1e-15), f"trial {t}"
 
 
 def test_multi_token_terms_float32_matches_float64():
-    inst = _instance(jax.random.key(3), CASES[2])
-    W, h_pos, h_neg, _, y_pos, y_neg, _, _ = inst
-    h_neg = _tied(h_pos, y_pos, h_neg, y_neg)
-    t64 = multi_token_terms(W, h_pos, h_neg, y_pos, y_neg)
-    t32 = multi_token_terms(*(x.astype(jnp.float32) for x in (W, h_pos, h_neg)), y_pos, y_neg)
+    rng = np.random.default_rng(3)
+    W, h_pos, h_neg = rng.normal(size=(8, 4)), rng.normal(size=(4, 4)), rng.normal(size=(5, 4))
+    y_pos, y_neg = np.array([1, 2, 3, 4]), np.array([1, 2, 5, 6, 7])  # two shared tokens
+    h_neg[:3] = h_pos[:3]
+    terms = jax.jit(multi_token_terms)  # one compilation instead of eager per-op dispatch
+    t64 = terms(W, h_pos, h_neg, y_pos, y_neg)
+    t32 = terms(*(x.astype(np.float32) for x in (W, h_pos, h_neg)), y_pos, y_neg)
     size = float(
         jnp.abs(t64.m) + jnp.abs(t64.S) + jnp.abs(t64.self_alignment) + jnp.abs(t64.cross_alignment)
     )
@@ -371,9 +375,12 @@ def test_multi_token_terms_single_token_matches_theorem_4():
     # With L+ = L- = 1 Theorem 6 is Theorem 4 (App. D.1): compare with single_token's terms.
     from theory.single_token import displacement_terms
 
-    for seed in range(30):
-        inst = _instance(jax.random.key(seed), CASES[0])
-        W, h_pos, _, _, y_pos, y_neg, _, _ = inst
-        t = multi_token_terms(W, h_pos, h_pos, y_pos, y_neg)
+    @jax.jit
+    @jax.vmap
+    def both(key):
+        W, h_pos, _, _, y_pos, y_neg, _, _ = _instance(key, CASES[0])
         ref = displacement_terms(W, h_pos[0], y_pos[0], y_neg[0])
-        np.testing.assert_allclose(float(t.bracket), float(ref.m + ref.S), rtol=1e-10, atol=1e-12)
+        return multi_token_terms(W, h_pos, h_pos, y_pos, y_neg).bracket, ref.m + ref.S
+
+    got, want = both(jax.random.split(jax.random.key(4), 200))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12)
