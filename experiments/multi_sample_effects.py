@@ -1,0 +1,215 @@
+"""Theorems 8-9 (Razin et al. 2024): extra samples that make likelihood displacement worse.
+
+A base sample (x, y+, y-) plus one extra sample (x~, y~+, y~-) with <h_x, h_x~> > 0, single-token
+responses. Contradicting: y~- = y+. Non-contradicting: y+ not in {y~+, y~-} and
+pi(y~-|x) < pi(y~+|x). Theorem 8 predicts the extra sample's term in d/dt ln pi(y+|x),
+alpha * <h_x, h_x~> * (-l~')/N < 0; the simulation measures it as the flow's finite-time rate with
+both samples minus half the rate with the base sample alone (the mean loss halves its weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
+
+from experiments._common import enable_x64, experiment_main, progress, provenance
+from sims.models import UnconstrainedFeatures
+from sims.prefix_tree import index_prefixes, sequence_flow_fn, with_reference
+from theory.losses import make_loss
+from theory.single_token import logprob_velocity, multi_sample_logprob_velocity
+
+NAME = "multi_sample_effects"
+KINDS = ("contradicting", "non_contradicting")
+SIGN_RESOLUTION = 100.0  # |predicted| must exceed this * t_rate to count a sign (rate error O(t))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Predicted (Theorem 8) vs simulated effect of one extra sample on ln pi(y+|x)."""
+
+    seed: int = 0  # PRNG seed of the instances
+    instances: int = 200  # random instances per kind
+    vocab_size: int = 8  # V
+    hidden_size: int = 8  # d
+    beta: float = 1.0  # DPO coefficient
+    dt_rate: float = 1e-4  # Euler step for the rate estimate (error O(t))
+    steps_rate: int = 10  # steps for the rate estimate
+    dt: float = 0.05  # Euler step of the long runs
+    num_steps: int = 400  # long-run steps: t = num_steps * dt
+
+    @classmethod
+    def smoke(cls) -> Config:
+        return cls(instances=3, num_steps=8, steps_rate=2)
+
+
+def _instance(rng, V, d, kind):
+    mean = rng.normal(size=d)  # shared component: <h_x, h_x~> > 0 (the paper's observation)
+    H = mean[None, :] + 0.5 * rng.normal(size=(2, d))
+    W = rng.normal(size=(V, d)) / np.sqrt(d)
+    y_pos, y_neg = rng.choice(V, 2, replace=False)
+    if kind == "contradicting":
+        t_neg = y_pos
+        t_pos = rng.choice(np.setdiff1d(np.arange(V), [y_pos]))
+    else:
+        t_pos, t_neg = rng.choice(np.setdiff1d(np.arange(V), [y_pos]), 2, replace=False)
+        probs = np.exp(W @ H[0] - np.max(W @ H[0]))
+        if (
+            probs[t_neg] > probs[t_pos]
+        ):  # non-contradicting case of Thm 8 needs pi(y~-|x) < pi(y~+|x)
+            t_pos, t_neg = t_neg, t_pos
+    return W, H, np.array([y_pos, t_pos]), np.array([y_neg, t_neg])
+
+
+def _runner(graphdef, loss, dt, steps):
+    """A jitted, vmapped flow returning the change of ln pi(y+_0|x_0) per instance."""
+    flow = jax.vmap(
+        sequence_flow_fn(
+            graphdef, loss, optimizer="sgd", dt=dt, num_steps=steps, record_every=steps
+        )
+    )
+
+    @jax.jit
+    def change(states, datasets):
+        _, _, obs, bad = flow(states, datasets)
+        return obs.logprob_chosen[:, -1, 0] - obs.logprob_chosen[:, 0, 0], jnp.max(bad)
+
+    return change
+
+
+def _flows(runner, models, datasets):
+    stack = lambda xs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
+    change, bad = runner(stack([nnx.split(m)[1] for m in models]), stack(datasets))
+    if int(bad) >= 0:
+        raise FloatingPointError("a flow became non-finite")
+    return np.asarray(change)  # [R]
+
+
+def run(config: Config) -> dict:
+    rng = np.random.default_rng(config.seed)
+    loss = make_loss("dpo", beta=config.beta)
+    graphdef = nnx.split(
+        UnconstrainedFeatures(
+            config.vocab_size, config.hidden_size, 2, rngs=nnx.Rngs(0), dtype=jnp.float64
+        )
+    )[0]
+    rate = _runner(graphdef, loss, config.dt_rate, config.steps_rate)  # built once: kinds share
+    long_both_run = _runner(graphdef, loss, config.dt, config.num_steps)
+    long_alone_run = _runner(graphdef, loss, config.dt / 2, config.num_steps)  # same weight 1/2
+    out = {}
+    for kind in KINDS:
+        insts = [
+            _instance(rng, config.vocab_size, config.hidden_size, kind)
+            for _ in range(config.instances)
+        ]
+        models = [UnconstrainedFeatures.from_arrays(W, H) for W, H, _, _ in insts]
+        both = [
+            with_reference(m, index_prefixes([0, 1], [[p[0]], [p[1]]], [[n[0]], [n[1]]])[0])
+            for m, (_, _, p, n) in zip(models, insts, strict=True)
+        ]
+        alone = [
+            with_reference(m, index_prefixes([0], [[p[0]]], [[n[0]]])[0])
+            for m, (_, _, p, n) in zip(models, insts, strict=True)
+        ]
+        # At t = 0 the margins equal the reference margins: l' = -beta * sigma(0) = -beta / 2.
+        ell = -config.beta / 2
+        pred_both = np.array(
+            [
+                float(multi_sample_logprob_velocity(W, H, p, n, jnp.full(2, ell))[0, p[0]])
+                for W, H, p, n in insts
+            ]
+        )
+        pred_alone = np.array(
+            [float(logprob_velocity(W, H[0], p[0], n[0], ell)[p[0]]) for W, H, p, n in insts]
+        )
+        t_rate = config.dt_rate * config.steps_rate
+        sim_both = _flows(rate, models, both) / t_rate
+        sim_alone = _flows(rate, models, alone) / t_rate
+        t_long = config.dt * config.num_steps
+        long_both = _flows(long_both_run, models, both)
+        long_alone = _flows(long_alone_run, models, alone)
+        predicted = pred_both - pred_alone / 2  # the extra sample's term of Theorem 8
+        simulated = sim_both - sim_alone / 2
+        resolved = np.abs(predicted) > SIGN_RESOLUTION * t_rate
+        out[kind] = {
+            "predicted_extra_term": predicted,
+            "simulated_extra_term": simulated,
+            "predicted_velocity_with_extra": pred_both,
+            "simulated_velocity_with_extra": sim_both,
+            "long_run_change_with_extra": long_both,
+            "long_run_change_alone_half_weight": long_alone,
+            "fraction_predicted_negative": float(np.mean(predicted < 0)),
+            "fraction_simulated_negative": float(np.mean(simulated < 0)),
+            "sign_agreement": float(np.mean(np.sign(predicted) == np.sign(simulated))),
+            # the finite-time rate has error O(t * |d2/dt2 ln pi|): signs count where resolved
+            "resolved_count": int(np.sum(resolved)),
+            "sign_agreement_resolved": float(
+                np.mean(np.sign(predicted[resolved]) == np.sign(simulated[resolved]))
+            )
+            if resolved.any()
+            else 1.0,
+            "max_rel_diff_predicted_vs_simulated": float(
+                np.max(np.abs(predicted - simulated) / np.maximum(np.abs(predicted), 1e-12))
+            ),
+            "fraction_long_run_worse_with_extra": float(np.mean(long_both < long_alone)),
+            "long_run_t": t_long,
+        }
+        progress(
+            f"[{NAME}] {kind}: predicted negative {out[kind]['fraction_predicted_negative']:.2f}"
+        )
+    return {"config": config, "results": out, "provenance": provenance("float64")}
+
+
+def plot(results: dict) -> plt.Figure:
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for kind, color in zip(KINDS, ("tab:red", "tab:blue"), strict=True):
+        r = results["results"][kind]
+        axes[0].scatter(
+            r["predicted_extra_term"],
+            r["simulated_extra_term"],
+            s=6,
+            color=color,
+            label=f"{kind} (sign agree {r['sign_agreement']:.2f})",
+        )
+        axes[1].scatter(
+            r["long_run_change_alone_half_weight"],
+            r["long_run_change_with_extra"],
+            s=6,
+            color=color,
+            label=f"{kind} (worse {r['fraction_long_run_worse_with_extra']:.2f})",
+        )
+        axes[2].bar(kind, r["fraction_predicted_negative"], color=color, alpha=0.6)
+    lim = max(np.abs(axes[0].get_xlim()).max(), 1e-9)
+    axes[0].plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
+    axes[0].set(xlabel="Theorem 8 extra-sample term", ylabel="simulated (finite-time rate)")
+    lo, hi = axes[1].get_xlim()
+    axes[1].plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    axes[1].set(xlabel="change of ln pi(y+|x), base alone", ylabel="with the extra sample")
+    axes[2].set(ylabel="fraction with negative extra term", ylim=(0, 1))
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _summary(results: dict) -> str:
+    return "; ".join(
+        f"{k}: predicted<0 {v['fraction_predicted_negative']:.2f}, sign agreement "
+        f"{v['sign_agreement']:.2f} (resolved {v['sign_agreement_resolved']:.2f} of "
+        f"{v['resolved_count']}), worse after t={v['long_run_t']:g}: "
+        f"{v['fraction_long_run_worse_with_extra']:.2f}"
+        for k, v in results["results"].items()
+    )
+
+
+def main(argv=None) -> dict:
+    enable_x64()
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+
+
+if __name__ == "__main__":
+    main()

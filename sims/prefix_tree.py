@@ -1,0 +1,337 @@
+r"""The unconstrained-features model over a prefix tree: multi-token preference data and its flow.
+
+Razin et al. 2024 (§4.1) train one free hidden embedding per prefix :math:`(x, y_{<k})`. Here a
+dataset of ``(prompt, chosen tokens, rejected tokens)`` is mapped to rows of
+:class:`sims.models.UnconstrainedFeatures`'s ``hidden`` table: one row per *distinct* prefix, so
+responses sharing their first tokens (or pairs sharing a prompt) share rows. Responses are padded
+to one length with masks; summed response log-probs are masked sums, so everything is jit/vmap
+friendly with static shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sims.flow import Trajectory, flow_fn, integrate, make_optimizer
+from sims.models import UnconstrainedFeatures
+from theory._checks import check_token_ids
+from theory.losses import PairLoss
+
+
+class SequencePairs(NamedTuple):
+    """Padded multi-token preference pairs indexed into a prefix table (TRL names).
+
+    Attributes:
+      chosen: ``[N, Lc]`` token ids of :math:`y^+` (0 where padded).
+      chosen_prefix: ``[N, Lc]`` hidden-table row of the prefix predicting each token.
+      chosen_mask: ``[N, Lc]`` bool, real positions.
+      rejected, rejected_prefix, rejected_mask: ``[N, Lr]`` likewise for :math:`y^-`.
+      ref_logprob_chosen: ``[N]`` :math:`\\ln\\pi_{ref}(y^+|x)` (0 until set).
+      ref_logprob_rejected: ``[N]`` likewise.
+    """
+
+    chosen: jax.Array
+    chosen_prefix: jax.Array
+    chosen_mask: jax.Array
+    rejected: jax.Array
+    rejected_prefix: jax.Array
+    rejected_mask: jax.Array
+    ref_logprob_chosen: jax.Array
+    ref_logprob_rejected: jax.Array
+
+
+def _pad(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def index_prefixes(
+    prompt: Sequence[int], chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]]
+) -> tuple[SequencePairs, list[tuple]]:
+    r"""Return padded pairs whose prefix ids give one row per distinct prefix, and the prefixes.
+
+    Prefix :math:`(x, y_{<k})` is the key ``(prompt, tuple(y[:k-1]))``; ids are assigned in order
+    of first appearance (chosen before rejected, pair by pair), so the result is deterministic.
+
+    Source: the unconstrained-features model over all prefixes, Razin et al. 2024 §4.1.
+
+    Args:
+      prompt: ``N`` hashable prompt keys (equal keys are one prompt, shared by its pairs).
+      chosen: ``N`` non-empty token-id sequences :math:`y^+`.
+      rejected: ``N`` non-empty token-id sequences :math:`y^-`.
+
+    Returns:
+      ``(pairs, prefixes)``: :class:`SequencePairs` (reference log-probs 0) and the list of
+      prefix keys, ``prefixes[i]`` being row ``i``.
+
+    Raises:
+      ValueError: lengths differ, an empty response, or a negative token id.
+
+    Example:
+      >>> pairs, prefixes = index_prefixes([7], [[1, 2]], [[1, 3, 4]])
+      >>> pairs.chosen_prefix.tolist(), pairs.rejected_prefix.tolist()  # (x) and (x,1) shared
+      ([[0, 1]], [[0, 1, 2]])
+    """
+    if not len(prompt) == len(chosen) == len(rejected):
+        raise ValueError(
+            "prompt, chosen and rejected must have one length N, got "
+            f"{len(prompt)}, {len(chosen)}, {len(rejected)}"
+        )
+    ids: dict[tuple, int] = {}
+    paths = {"chosen": [], "rejected": []}
+    for i, x in enumerate(prompt):
+        for name, y in (("chosen", chosen[i]), ("rejected", rejected[i])):
+            y = [int(t) for t in y]
+            if not y:
+                raise ValueError(f"{name}[{i}] must be a non-empty response, got an empty one")
+            if min(y) < 0:
+                raise ValueError(f"{name}[{i}] must hold token ids >= 0, got {y}")
+            paths[name].append([ids.setdefault((x, tuple(y[:k])), len(ids)) for k in range(len(y))])
+    Lc = max(len(y) for y in chosen)
+    Lr = max(len(y) for y in rejected)
+    mask_c = np.arange(Lc)[None, :] < np.array([len(y) for y in chosen])[:, None]
+    mask_r = np.arange(Lr)[None, :] < np.array([len(y) for y in rejected])[:, None]
+    n = len(prompt)
+    pairs = SequencePairs(
+        jnp.asarray(_pad(chosen, Lc)),
+        jnp.asarray(_pad(paths["chosen"], Lc)),
+        jnp.asarray(mask_c),
+        jnp.asarray(_pad(rejected, Lr)),
+        jnp.asarray(_pad(paths["rejected"], Lr)),
+        jnp.asarray(mask_r),
+        jnp.zeros(n),
+        jnp.zeros(n),
+    )
+    return pairs, list(ids)
+
+
+def sequence_logprobs(
+    model: UnconstrainedFeatures, tokens: jax.Array, prefix: jax.Array, mask: jax.Array
+) -> jax.Array:
+    r"""Return summed response log-probs :math:`\sum_k \mathrm{mask}_k\ln\pi(y_k|x,y_{<k})`.
+
+    Source: Razin et al. 2024, Eq. 1.
+
+    Args:
+      model: the unconstrained-features model.
+      tokens: ``[..., L]`` token ids.
+      prefix: ``[..., L]`` hidden-table rows of the prefixes.
+      mask: ``[..., L]`` bool, real positions.
+
+    Returns:
+      ``[...]`` log-probs.
+
+    Example:
+      >>> from flax import nnx
+      >>> model = UnconstrainedFeatures(4, 2, 3, rngs=nnx.Rngs(0))
+      >>> lp = sequence_logprobs(model, jnp.array([[1, 0]]), jnp.array([[0, 0]]),
+      ...                        jnp.array([[True, False]]))
+      >>> bool(jnp.allclose(lp[0], model(jnp.array([0]))[0, 1]))  # the padded position is ignored
+      True
+    """
+    logprobs = model(prefix)  # [..., L, V]
+    picked = jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]  # [..., L]
+    return jnp.sum(jnp.where(mask, picked, 0.0), axis=-1)
+
+
+def pair_logprobs(
+    model: UnconstrainedFeatures, pairs: SequencePairs
+) -> tuple[jax.Array, jax.Array]:
+    """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""
+    return (
+        sequence_logprobs(model, pairs.chosen, pairs.chosen_prefix, pairs.chosen_mask),
+        sequence_logprobs(model, pairs.rejected, pairs.rejected_prefix, pairs.rejected_mask),
+    )
+
+
+def with_reference(model: UnconstrainedFeatures, pairs: SequencePairs) -> SequencePairs:
+    """Return ``pairs`` with reference log-probs taken from ``model`` now.
+
+    Raises:
+      ValueError: prefix ids outside the model's table or token ids outside its vocabulary.
+    """
+    for name in ("chosen", "rejected"):
+        check_token_ids(name, getattr(pairs, name), model.vocab_size)
+        check_token_ids(f"{name}_prefix", getattr(pairs, f"{name}_prefix"), model.num_prefixes)
+    lp_c, lp_r = pair_logprobs(model, pairs)
+    return pairs._replace(ref_logprob_chosen=lp_c, ref_logprob_rejected=lp_r)
+
+
+class SequenceRecord(NamedTuple):
+    """Observables of a sequence flow: ``logprob_chosen`` and ``logprob_rejected``, each ``[N]``."""
+
+    logprob_chosen: jax.Array
+    logprob_rejected: jax.Array
+
+
+def sequence_flow_fn(
+    graphdef, loss: PairLoss, *, optimizer: str, dt: float, num_steps: int, record_every: int
+):
+    """Return the pure ``run(state, pairs)`` of :func:`sims.flow.flow_fn` for vmapped sweeps.
+
+    ``state`` is ``nnx.split(model)[1]`` of an :class:`UnconstrainedFeatures`; runs with stacked
+    states and pairs of equal shapes batch with ``jax.vmap(run)``.
+    """
+
+    def loss_fn(state, pairs):
+        lp_c, lp_r = pair_logprobs(nnx.merge(graphdef, state), pairs)
+        return jnp.mean(loss(lp_c, lp_r, pairs.ref_logprob_chosen, pairs.ref_logprob_rejected))
+
+    def observe_fn(state, pairs):
+        return SequenceRecord(*pair_logprobs(nnx.merge(graphdef, state), pairs))
+
+    tx = make_optimizer(optimizer, dt=dt)
+    return flow_fn(
+        loss_fn, observe_fn, optimizer=tx, num_steps=num_steps, record_every=record_every
+    )
+
+
+def sequence_preference_flow(
+    model: UnconstrainedFeatures,
+    pairs: SequencePairs,
+    loss: PairLoss,
+    *,
+    dt: float,
+    num_steps: int,
+    record_every: int = 1,
+    optimizer: str = "sgd",
+) -> tuple[UnconstrainedFeatures, Trajectory]:
+    r"""Run gradient flow on :math:`L = \frac1N\sum_i\ell_i` over multi-token pairs.
+
+    Source: Razin et al. 2024, Eq. 2 and §4.1; ``W`` and every prefix's hidden embedding train.
+
+    Args:
+      model: the starting model (not modified).
+      pairs: :class:`SequencePairs` (see :func:`with_reference`).
+      loss: a pair loss from :mod:`theory.losses`.
+      dt, num_steps, record_every, optimizer: as in :func:`sims.flow.integrate`.
+
+    Returns:
+      ``(trained_model, Trajectory)`` with :class:`SequenceRecord` observables.
+
+    Raises:
+      As :func:`sims.flow.integrate`.
+    """
+    graphdef, state = nnx.split(model)
+
+    def loss_fn(state, pairs):
+        lp_c, lp_r = pair_logprobs(nnx.merge(graphdef, state), pairs)
+        return jnp.mean(loss(lp_c, lp_r, pairs.ref_logprob_chosen, pairs.ref_logprob_rejected))
+
+    def observe_fn(state, pairs):
+        return SequenceRecord(*pair_logprobs(nnx.merge(graphdef, state), pairs))
+
+    final, traj = integrate(
+        loss_fn,
+        observe_fn,
+        state,
+        pairs,
+        dt=dt,
+        num_steps=num_steps,
+        record_every=record_every,
+        optimizer=optimizer,
+    )
+    return nnx.merge(graphdef, final), traj
+
+
+def restrict(
+    model: UnconstrainedFeatures, pairs: SequencePairs, rows: np.ndarray, *, num_prefixes: int
+) -> tuple[UnconstrainedFeatures, SequencePairs]:
+    """Return a model and pairs for the subset ``rows``, with a compact prefix table.
+
+    The subset's prefixes are renumbered ``0..P_sub-1`` in order of appearance; the table is padded
+    to ``num_prefixes`` rows (unused rows copy row 0 and never receive gradient), so subsets of one
+    size stack for ``vmap``. ``W`` is copied.
+
+    Raises:
+      ValueError: the subset has more distinct prefixes than ``num_prefixes``.
+    """
+    rows = np.asarray(rows)
+    used_c = np.asarray(pairs.chosen_prefix)[rows]
+    used_r = np.asarray(pairs.rejected_prefix)[rows]
+    mask_c, mask_r = np.asarray(pairs.chosen_mask)[rows], np.asarray(pairs.rejected_mask)[rows]
+    old = np.unique(np.concatenate([used_c[mask_c], used_r[mask_r]]))
+    if old.size > num_prefixes:
+        raise ValueError(f"num_prefixes must be >= {old.size} for this subset, got {num_prefixes}")
+    new_of_old = np.zeros(model.num_prefixes, np.int32)
+    new_of_old[old] = np.arange(old.size)
+    table = np.asarray(model.hidden[...])
+    hidden = np.concatenate([table[old], np.repeat(table[:1], num_prefixes - old.size, axis=0)])
+    sub = UnconstrainedFeatures.from_arrays(model.unembedding[...], hidden)
+    picked = SequencePairs(*(jnp.asarray(np.asarray(a)[rows]) for a in pairs))
+    picked = picked._replace(
+        chosen_prefix=jnp.asarray(np.where(mask_c, new_of_old[used_c], 0)),
+        rejected_prefix=jnp.asarray(np.where(mask_r, new_of_old[used_r], 0)),
+    )
+    return sub, picked
+
+
+def extend_prefixes(
+    prefixes: list[tuple], prompt, tokens: Sequence[int]
+) -> tuple[list[int], list[tuple]]:
+    """Return the rows of the prefixes of ``tokens`` after ``prompt``, appending new prefixes.
+
+    Use it to give a response outside the dataset (Theorem 7's ``z``) its prefix rows: shared
+    prefixes reuse existing rows, new ones extend the table (they get no gradient from the loss).
+
+    Example:
+      >>> _, prefixes = index_prefixes([0], [[1, 2]], [[3]])
+      >>> extend_prefixes(prefixes, 0, [1, 5])[0]  # (x) and (x, 1) exist; nothing new needed
+      [0, 1]
+    """
+    row = {p: i for i, p in enumerate(prefixes)}
+    out = list(prefixes)
+    ids = []
+    for k in range(len(tokens)):
+        key = (prompt, tuple(int(t) for t in tokens[:k]))
+        if key not in row:
+            row[key] = len(out)
+            out.append(key)
+        ids.append(row[key])
+    return ids, out
+
+
+def flow_velocity(
+    model: UnconstrainedFeatures,
+    pairs: SequencePairs,
+    loss: PairLoss,
+    tokens: jax.Array,
+    prefix: jax.Array,
+    mask: jax.Array,
+) -> jax.Array:
+    r"""Return :math:`\frac{d}{dt}\ln\pi(z|x)` of query responses under gradient flow, by autodiff.
+
+    .. math:: \frac{d}{dt}\ln\pi(z|x) = \langle\nabla_\theta\ln\pi(z|x), -\nabla_\theta L\rangle,
+       \qquad L = \frac1N\sum_i\ell_i
+
+    computed with ``jax.grad`` of the actual loss and ``jax.jvp`` of the query log-probs: the
+    independent reference for the closed forms of :mod:`theory.multi_token`.
+
+    Source: gradient flow (Razin et al. 2024, §4.1).
+
+    Args:
+      model: the current model.
+      pairs: the training pairs (loss = mean over them).
+      loss: a pair loss.
+      tokens, prefix, mask: ``[M, L]`` query responses (as in :func:`sequence_logprobs`).
+
+    Returns:
+      ``[M]`` velocities.
+    """
+    graphdef, state = nnx.split(model)
+
+    def loss_fn(state):
+        lp_c, lp_r = pair_logprobs(nnx.merge(graphdef, state), pairs)
+        return jnp.mean(loss(lp_c, lp_r, pairs.ref_logprob_chosen, pairs.ref_logprob_rejected))
+
+    direction = jax.tree_util.tree_map(jnp.negative, jax.grad(loss_fn)(state))
+    query = lambda s: sequence_logprobs(nnx.merge(graphdef, s), tokens, prefix, mask)  # noqa: E731
+    return jax.jvp(query, (state,), (direction,))[1]

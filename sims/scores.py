@@ -1,0 +1,128 @@
+r"""Per-pair similarity scores of a preference dataset and the percentile-subset protocol.
+
+Razin et al. 2024 §5 (Figure 2) rank preference pairs by CHES, length-normalised CHES, normalised
+token edit distance and the inner product of the last hidden embeddings, train on subsets at
+score percentiles and compare the change in preferred log-probability; this module supplies the
+scores, the subsets and Spearman's rank correlation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from sims.models import UnconstrainedFeatures
+from sims.prefix_tree import SequencePairs
+from theory.multi_token import masked_ches
+
+
+def dataset_ches(
+    model: UnconstrainedFeatures, pairs: SequencePairs, *, length_normalized: bool = False
+) -> jax.Array:
+    """Return ``[N]`` CHES (Definition 2) or length-normalised CHES (Definition 3) of every pair.
+
+    Source: Razin et al. 2024, Definitions 2-3, on the model's hidden embeddings of each prefix.
+
+    Example:
+      >>> from sims.prefix_tree import index_prefixes
+      >>> pairs, _ = index_prefixes([0], [[1]], [[2]])
+      >>> model = UnconstrainedFeatures.from_arrays(jnp.eye(3), jnp.ones((1, 3)))
+      >>> float(dataset_ches(model, pairs)[0])  # one shared prompt row: <h, h> - |h|^2
+      0.0
+    """
+    hidden = model.hidden[...]
+    return masked_ches(
+        hidden[pairs.chosen_prefix],
+        hidden[pairs.rejected_prefix],
+        pairs.chosen_mask,
+        pairs.rejected_mask,
+        length_normalized=length_normalized,
+    )
+
+
+def normalized_edit_distance(a: Sequence[int], b: Sequence[int]) -> float:
+    """Return the Levenshtein distance of two token sequences divided by the longer length.
+
+    Source: the edit-distance baseline of Razin et al. 2024 §5 (suggested by Pal et al. 2024);
+    the official code divides by the maximum length. Lower means more similar.
+
+    Raises:
+      ValueError: both sequences empty.
+
+    Example:
+      >>> normalized_edit_distance([1, 2, 3], [1, 3])  # one deletion / 3
+      0.3333333333333333
+    """
+    if not len(a) and not len(b):
+        raise ValueError("a and b must not both be empty (the distance is normalised by length)")
+    prev = np.arange(len(b) + 1)
+    for i, x in enumerate(a, 1):
+        cur = np.empty_like(prev)
+        cur[0] = i
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return float(prev[-1]) / max(len(a), len(b))
+
+
+def percentile_subsets(scores: np.ndarray, percentiles: Sequence[float], size: int) -> np.ndarray:
+    """Return ``[len(percentiles), size]`` row indices of subsets centred on score percentiles.
+
+    The subset for percentile ``q`` is ``size`` consecutive pairs in score order centred on rank
+    ``q/100 * (N-1)``, clipped to the ends: 0 gives the ``size`` lowest, 100 the highest.
+    Ties are broken by index (stable sort), so the result is deterministic.
+
+    Source: Razin et al. 2024 §5 ("a subset of 512 samples centred on" each percentile).
+
+    Raises:
+      ValueError: ``size`` exceeds the number of pairs, or a percentile outside [0, 100].
+
+    Example:
+      >>> # score order: rows 1, 3, 2, 4, 0; the median window starts at rank floor(2 - 0.5 + 0.5)
+      >>> percentile_subsets(np.array([5.0, 1.0, 3.0, 2.0, 4.0]), [0, 50, 100], 2).tolist()
+      [[1, 3], [2, 4], [4, 0]]
+    """
+    scores = np.asarray(scores)
+    n = scores.shape[0]
+    if not 1 <= size <= n:
+        raise ValueError(f"size must be in [1, N={n}], got size={size}")
+    order = np.argsort(scores, kind="stable")
+    out = []
+    for q in percentiles:
+        if not 0 <= q <= 100:
+            raise ValueError(f"percentiles must be in [0, 100], got {q}")
+        centre = q / 100 * (n - 1)
+        start = int(np.clip(np.floor(centre - (size - 1) / 2 + 0.5), 0, n - size))
+        out.append(order[start : start + size])
+    return np.stack(out)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Return Spearman's rank correlation (Pearson correlation of average ranks).
+
+    Raises:
+      ValueError: fewer than two points, different lengths, or a constant input.
+
+    Example:
+      >>> spearman([0, 25, 50, 75, 100], [3.0, 1.0, 0.0, -2.0, -5.0])
+      -1.0
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.shape != y.shape or x.ndim != 1 or x.size < 2:
+        raise ValueError(f"x and y must be 1-D of one length >= 2, got {x.shape} and {y.shape}")
+    rx, ry = _ranks(x), _ranks(y)
+    if np.std(rx) == 0 or np.std(ry) == 0:
+        raise ValueError("x and y must not be constant (Spearman's correlation is undefined)")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(v.size)
+    ranks[order] = np.arange(v.size)
+    for value in np.unique(v):  # average ranks of ties
+        tied = v == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks

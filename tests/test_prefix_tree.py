@@ -1,0 +1,192 @@
+"""The prefix-tree unconstrained-features model, the synthetic data generator and the scores."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sims.models import UnconstrainedFeatures
+from sims.prefix_tree import (
+    extend_prefixes,
+    flow_velocity,
+    index_prefixes,
+    pair_logprobs,
+    restrict,
+    sequence_preference_flow,
+    with_reference,
+)
+from sims.scores import dataset_ches, normalized_edit_distance, percentile_subsets, spearman
+from sims.synthetic import synthetic_preferences
+from theory.losses import make_loss
+from theory.multi_token import ches
+from theory.regularized import loss_logprob_velocity
+
+# Same float64 arithmetic in a different order (masked sums vs Python loops).
+RTOL_SAME_MATH = 1e-12
+
+
+def test_index_prefixes_shares_exactly_the_common_prefixes():
+    prompts = [0, 0, 1]
+    chosen = [[1, 2, 3], [1, 2], [1]]
+    rejected = [[1, 4], [5], [1, 2]]
+    pairs, prefixes = index_prefixes(prompts, chosen, rejected)
+    # distinct prefixes by hand: prompt 0: (), (1,), (1,2); prompt 1: (), (1,)
+    assert sorted(prefixes) == sorted([(0, ()), (0, (1,)), (0, (1, 2)), (1, ()), (1, (1,))])
+    for resp, prefix, mask in (
+        (chosen, pairs.chosen_prefix, pairs.chosen_mask),
+        (rejected, pairs.rejected_prefix, pairs.rejected_mask),
+    ):
+        for i, y in enumerate(resp):
+            assert int(mask[i].sum()) == len(y)
+            for k in range(len(y)):
+                assert prefixes[int(prefix[i, k])] == (prompts[i], tuple(y[:k]))
+
+
+def test_pair_logprobs_match_brute_force():
+    rng = np.random.default_rng(0)
+    chosen = [list(rng.integers(0, 5, rng.integers(1, 4))) for _ in range(6)]
+    rejected = [list(rng.integers(0, 5, rng.integers(1, 4))) for _ in range(6)]
+    pairs, prefixes = index_prefixes(list(range(6)), chosen, rejected)
+    model = UnconstrainedFeatures.from_arrays(
+        rng.normal(size=(5, 3)), rng.normal(size=(len(prefixes), 3))
+    )
+    lp_c, _ = pair_logprobs(model, pairs)
+    W, H = np.asarray(model.unembedding[...]), np.asarray(model.hidden[...])
+    for i, y in enumerate(chosen):
+        total = 0.0
+        for k, tok in enumerate(y):
+            logits = W @ H[prefixes.index((i, tuple(y[:k])))]
+            total += logits[tok] - np.log(np.sum(np.exp(logits)))
+        np.testing.assert_allclose(float(lp_c[i]), total, rtol=RTOL_SAME_MATH, err_msg=f"pair {i}")
+
+
+def test_flow_velocity_matches_theorem_6_closed_form():
+    # autodiff of the simulated model's flow vs the closed form (shared prefix of one token)
+    pairs, prefixes = index_prefixes([0], [[1, 2, 3]], [[1, 4]])
+    rng = np.random.default_rng(1)
+    model = UnconstrainedFeatures.from_arrays(
+        rng.normal(size=(6, 4)), rng.normal(size=(len(prefixes), 4))
+    )
+    pairs = with_reference(model, pairs)._replace(ref_logprob_chosen=jnp.array([-1.0]))
+    loss = make_loss("dpo", beta=0.5)
+    got = flow_velocity(model, pairs, loss, pairs.chosen, pairs.chosen_prefix, pairs.chosen_mask)
+    H = model.hidden[...]
+    want = loss_logprob_velocity(
+        loss,
+        model.unembedding[...],
+        H[pairs.chosen_prefix[0]],
+        H[pairs.rejected_prefix[0, :2]],
+        pairs.chosen[0],
+        pairs.rejected[0, :2],
+        -1.0,
+        pairs.ref_logprob_rejected[0],
+    ).velocity
+    np.testing.assert_allclose(float(got[0]), float(want), rtol=1e-9)
+
+
+def test_restrict_keeps_logprobs_and_flow():
+    data = synthetic_preferences(
+        jax.random.key(0), num_pairs=30, vocab_size=10, hidden_size=4, max_len=4
+    )
+    pairs = with_reference(data.model, data.pairs)
+    rows = np.array([3, 7, 11, 20])
+    sub_model, sub_pairs = restrict(data.model, pairs, rows, num_prefixes=60)
+    full = pair_logprobs(data.model, pairs)
+    sub = pair_logprobs(sub_model, sub_pairs)
+    for a, b in zip(full, sub, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a)[rows], rtol=RTOL_SAME_MATH)
+    with pytest.raises(ValueError, match=r"num_prefixes must be >="):
+        restrict(data.model, pairs, rows, num_prefixes=2)
+
+
+def test_sequence_preference_flow_lowers_the_loss():
+    data = synthetic_preferences(
+        jax.random.key(1), num_pairs=8, vocab_size=10, hidden_size=4, max_len=3
+    )
+    pairs = with_reference(data.model, data.pairs)
+    _, traj = sequence_preference_flow(
+        data.model, pairs, make_loss("dpo", beta=0.1), dt=0.5, num_steps=20, record_every=10
+    )
+    assert float(traj.loss[-1]) < float(traj.loss[0])
+    np.testing.assert_allclose(
+        np.asarray(traj.observables.logprob_chosen[0]),
+        np.asarray(pairs.ref_logprob_chosen),
+        rtol=RTOL_SAME_MATH,
+    )
+
+
+def test_synthetic_preferences_properties():
+    data = synthetic_preferences(jax.random.key(2), num_pairs=200, vocab_size=16, hidden_size=8)
+    again = synthetic_preferences(jax.random.key(2), num_pairs=200, vocab_size=16, hidden_size=8)
+    np.testing.assert_array_equal(
+        np.asarray(data.model.hidden[...]), np.asarray(again.model.hidden[...])
+    )
+    H = np.asarray(data.model.hidden[...])
+    c, r = np.asarray(data.pairs.chosen_prefix), np.asarray(data.pairs.rejected_prefix)
+    inner = np.sum(H[c[:, 0]] * H[r[:, -1]], axis=1)  # prompt vs some rejected prefix
+    assert np.mean(inner > 0) > 0.9  # positive inner products, as in real models (§5)
+    for y_c, y_r in zip(data.chosen_tokens, data.rejected_tokens, strict=True):
+        assert y_c[-1] == 0 and y_r[-1] == 0 and y_c != y_r  # EOS-terminated, distinct
+    # dataset CHES equals the single-pair function on the gathered rows
+    scores = np.asarray(dataset_ches(data.model, data.pairs))
+    m_c, m_r = np.asarray(data.pairs.chosen_mask), np.asarray(data.pairs.rejected_mask)
+    for i in range(5):
+        np.testing.assert_allclose(
+            scores[i], float(ches(H[c[i]][m_c[i]], H[r[i]][m_r[i]])), rtol=1e-10
+        )
+
+
+def test_synthetic_preferences_rejects_bad_input():
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"min_len must be <= max_len"):
+        synthetic_preferences(key, num_pairs=2, min_len=5, max_len=3)
+    with pytest.raises(ValueError, match=r"rho must be in \[0, 1\)"):
+        synthetic_preferences(key, num_pairs=2, rho=1.0)
+    with pytest.raises(ValueError, match=r"num_pairs must be a positive integer"):
+        synthetic_preferences(key, num_pairs=0)
+
+
+def test_index_prefixes_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"rejected\[0\] must be a non-empty response"):
+        index_prefixes([0], [[1]], [[]])
+    with pytest.raises(ValueError, match=r"must have one length N"):
+        index_prefixes([0, 1], [[1]], [[2]])
+    with pytest.raises(ValueError, match=r"chosen\[0\] must hold token ids >= 0"):
+        index_prefixes([0], [[-1]], [[2]])
+
+
+def test_extend_prefixes_reuses_rows():
+    _, prefixes = index_prefixes([0], [[1, 2]], [[3]])
+    ids, grown = extend_prefixes(prefixes, 0, [1, 7, 8])
+    assert ids[:2] == [0, 1] and ids[2] == len(prefixes) and len(grown) == len(prefixes) + 1
+
+
+def test_normalized_edit_distance_matches_brute_force():
+    # brute force: minimum over all alignments is hard; use known small cases by hand
+    assert normalized_edit_distance([1, 2, 3], [1, 2, 3]) == 0.0
+    assert normalized_edit_distance([1, 2], [3, 4, 5]) == 1.0  # 2 substitutions + 1 insertion
+    assert normalized_edit_distance([1, 2, 3, 4], [2, 3, 4]) == 0.25  # one deletion
+    with pytest.raises(ValueError, match=r"must not both be empty"):
+        normalized_edit_distance([], [])
+
+
+def test_spearman_and_percentile_subsets():
+    x = np.arange(10.0)
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -np.exp(x)) == pytest.approx(-1.0)
+    ties = spearman([1, 2, 2, 3], [1, 2, 3, 4])  # ranks 0, 1.5, 1.5, 3 vs 0..3
+    r1, r2 = np.array([0, 1.5, 1.5, 3]), np.arange(4.0)
+    assert ties == pytest.approx(np.corrcoef(r1, r2)[0, 1])
+    with pytest.raises(ValueError, match=r"must not be constant"):
+        spearman([1, 1, 1], [1, 2, 3])
+    scores = np.random.default_rng(0).normal(size=101)
+    subsets = percentile_subsets(scores, [0, 50, 100], 11)
+    order = np.argsort(scores)
+    assert set(subsets[0]) == set(order[:11]) and set(subsets[2]) == set(order[-11:])
+    assert set(subsets[1]) == set(order[45:56])  # centred on rank 50
+    for a, b in itertools.combinations(range(3), 2):
+        assert not set(subsets[a]) & set(subsets[b])
+    with pytest.raises(ValueError, match=r"size must be in \[1, N=101\]"):
+        percentile_subsets(scores, [0], 200)
