@@ -187,26 +187,3 @@ def run_all(names: Sequence[str], argv_extra: Sequence[str] = ()) -> None:
         importlib.import_module(f"experiments.{name}").main(list(argv_extra))
     progress(f"=== all {len(names)} experiments done in {time.perf_counter() - start:.1f} s")
     sys.stdout.flush()
-
-
-def spearman(a, b) -> float:
-    """Spearman rank correlation of two 1-D samples (average ranks for ties)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
-        raise ValueError(
-            f"spearman needs two 1-D samples of one length >= 2, got {a.shape}, {b.shape}"
-        )
-
-    def ranks(x):
-        order = np.argsort(x, kind="stable")
-        r = np.empty(x.size)
-        r[order] = np.arange(x.size, dtype=float)
-        for value in np.unique(x):  # average ranks over ties
-            tie = x == value
-            r[tie] = r[tie].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
-    return float(np.sum(ra * rb) / denom) if denom > 0 else float("nan")

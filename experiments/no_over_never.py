@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import enable_x64, experiment_main, progress, provenance, spearman
+from experiments._common import enable_x64, experiment_main, progress, provenance
 from sims.flow import make_pairs, preference_flow, sft_flow
 from sims.models import UnconstrainedFeatures
+from sims.scores import spearman
 from sims.vocab import (
     BENIGN_FOR_NO,
     CATASTROPHIC_FOR_NO,

@@ -21,6 +21,21 @@ from sims.logit_model import (
     edit_pair_prefixes,
 )
 from sims.models import UnconstrainedFeatures, softmax_logprobs
+from sims.prefix_tree import (
+    SequencePairs as PrefixSequencePairs,
+)
+from sims.prefix_tree import (
+    SequenceRecord,
+    extend_prefixes,
+    flow_velocity,
+    index_prefixes,
+    pair_logprobs,
+    restrict,
+    sequence_flow_fn,
+    sequence_logprobs,
+    sequence_preference_flow,
+    with_reference,
+)
 from sims.real_embeddings import (
     MINILM_INSTALL,
     RealEmbeddings,
@@ -38,7 +53,9 @@ from sims.reduced import (
     reduced_flow_fn,
     reduced_preference_flow,
 )
+from sims.scores import dataset_ches, normalized_edit_distance, percentile_subsets
 from sims.sweep import SweepResult, run_mesh, sharded_map, sharded_runner, stack_runs, sweep
+from sims.synthetic import SyntheticPreferences, synthetic_preferences
 from sims.tabular import TabularPolicy, TiltDistance, kl_objective_flow
 from sims.toy_lm import (
     SequencePairs,
@@ -68,19 +85,26 @@ __all__ = [
     "PositionLogits",
     "PreferencePairs",
     "PreferenceRecord",
+    "PrefixSequencePairs",
     "RealEmbeddings",
     "SequencePairs",
+    "SequenceRecord",
     "SweepResult",
+    "SyntheticPreferences",
     "TabularPolicy",
     "TiltDistance",
     "Trajectory",
     "UnconstrainedFeatures",
     "apply_moving_rows",
     "check_margin_loss",
+    "dataset_ches",
     "edit_pair_flow",
     "edit_pair_prefixes",
+    "extend_prefixes",
     "flow_fn",
     "flow_summary",
+    "flow_velocity",
+    "index_prefixes",
     "integrate",
     "kl_objective_flow",
     "load_minilm",
@@ -88,8 +112,11 @@ __all__ = [
     "make_pairs",
     "make_sequence_pairs",
     "minilm_available",
+    "normalized_edit_distance",
     "pair_index",
+    "pair_logprobs",
     "pair_similarities",
+    "percentile_subsets",
     "preference_flow",
     "preference_runs",
     "prefix_hidden_states",
@@ -99,10 +126,14 @@ __all__ = [
     "reduced_preference_flow",
     "reference_context_logits",
     "refusal_rates",
+    "restrict",
     "run_mesh",
     "sample",
     "semantic_unembeddings",
+    "sequence_flow_fn",
     "sequence_logprob",
+    "sequence_logprobs",
+    "sequence_preference_flow",
     "sft_flow",
     "sharded_map",
     "sharded_runner",
@@ -110,6 +141,8 @@ __all__ = [
     "softmax_logprobs",
     "stack_runs",
     "sweep",
+    "synthetic_preferences",
     "token_ids",
+    "with_reference",
     "word_subset",
 ]

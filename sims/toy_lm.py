@@ -22,6 +22,7 @@ from flax import nnx
 
 from sims import corpus
 from sims.flow import flow_fn, make_optimizer
+from sims.scores import normalized_edit_distance
 from sims.transformer import CausalTransformer, pretrain, sample_tokens, sequence_logprob
 from theory.losses import PairLoss
 from theory.multi_token import ches, ches_length_normalized
@@ -162,25 +163,6 @@ def preference_runs(
             f"{np.asarray(first_bad)[bad].tolist()}; reduce dt"
         )
     return final, np.asarray(losses), jax.tree_util.tree_map(np.asarray, obs)
-
-
-def normalized_edit_distance(a, b) -> float:
-    """Return the token Levenshtein distance of ``a`` and ``b`` over ``max(len(a), len(b))``.
-
-    The edit-distance baseline of Razin et al. 2024, §5 (lower = more similar).
-
-    Example:
-      >>> normalized_edit_distance([1, 2, 3], [1, 3])
-      0.3333333333333333
-    """
-    a, b = list(a), list(b)
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1] / max(len(a), len(b), 1)
 
 
 def pair_similarities(model: CausalTransformer, chosen: corpus.Batch, rejected: corpus.Batch):

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from experiments import EXPERIMENTS
-from experiments._common import dumps, parse_config, spearman
+from experiments._common import dumps, parse_config
+from sims.scores import spearman
 
 
 def _finite(obj) -> bool:
@@ -46,5 +47,5 @@ def test_spearman_hand_values():
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     # ranks (0, 1, 2) vs (0.5, 0.5, 2) (a tie): covariance 1.5 / sqrt(2 * 1.5)
     assert spearman([1, 2, 3], [5, 5, 9]) == pytest.approx(1.5 / math.sqrt(2 * 1.5))
-    with pytest.raises(ValueError, match="two 1-D samples"):
+    with pytest.raises(ValueError, match="must be 1-D of one length"):
         spearman([1], [2])
