@@ -193,6 +193,48 @@ def integrate(
     return final, Trajectory(t, losses, observables)
 
 
+def integrate_model(
+    model: nnx.Module,
+    loss_fn: Callable[[Any, Any], jax.Array],
+    observe_fn: Callable[[Any, Any], Any],
+    data: Any = None,
+    *,
+    dt: float,
+    num_steps: int,
+    record_every: int = 1,
+    optimizer: str = "sgd",
+) -> tuple[Any, Trajectory]:
+    r"""Run :func:`integrate` on an NNX module's state; return ``(trained_module, Trajectory)``.
+
+    ``loss_fn(model, data)`` and ``observe_fn(model, data)`` receive the module rebuilt from the
+    flowing state (``nnx.split`` once, ``nnx.merge`` inside the compiled step), so front ends write
+    their maths on the module. The input module is not modified.
+
+    Raises:
+      As :func:`integrate`.
+
+    Example:
+      >>> from sims.models import UnconstrainedFeatures
+      >>> model = UnconstrainedFeatures.from_arrays(jnp.eye(2), jnp.ones((1, 2)))
+      >>> _, traj = integrate_model(model, lambda m, _: jnp.sum(m.hidden[...] ** 2),
+      ...                           lambda m, _: m.hidden[...][0, 0], dt=0.25, num_steps=1)
+      >>> [float(x) for x in traj.observables]  # h <- h - dt * 2h
+      [1.0, 0.5]
+    """
+    graphdef, state = nnx.split(model)
+    final, traj = integrate(
+        lambda s, d: loss_fn(nnx.merge(graphdef, s), d),
+        lambda s, d: observe_fn(nnx.merge(graphdef, s), d),
+        state,
+        data,
+        dt=dt,
+        num_steps=num_steps,
+        record_every=record_every,
+        optimizer=optimizer,
+    )
+    return nnx.merge(graphdef, final), traj
+
+
 class PreferencePairs(NamedTuple):
     """Single-token preference data for :class:`UnconstrainedFeatures` (TRL names).
 
@@ -283,27 +325,25 @@ def preference_flow(
     Raises:
       As :func:`integrate`.
     """
-    graphdef, state = nnx.split(model)
 
-    def loss_fn(state, pairs):
-        _, lp_c, lp_r = _pair_logprobs(nnx.merge(graphdef, state), pairs)
+    def loss_fn(model, pairs):
+        _, lp_c, lp_r = _pair_logprobs(model, pairs)
         return jnp.mean(loss(lp_c, lp_r, pairs.ref_logprob_chosen, pairs.ref_logprob_rejected))
 
-    def observe_fn(state, pairs):
-        logprobs, lp_c, lp_r = _pair_logprobs(nnx.merge(graphdef, state), pairs)
+    def observe_fn(model, pairs):
+        logprobs, lp_c, lp_r = _pair_logprobs(model, pairs)
         return PreferenceRecord(lp_c - lp_r, logprobs)
 
-    final, traj = integrate(
+    return integrate_model(
+        model,
         loss_fn,
         observe_fn,
-        state,
         pairs,
         dt=dt,
         num_steps=num_steps,
         record_every=record_every,
         optimizer=optimizer,
     )
-    return nnx.merge(graphdef, final), traj
 
 
 def sft_flow(
@@ -330,19 +370,17 @@ def sft_flow(
         raise ValueError(f"label must have the shape {prompt.shape} of prompt, got {label.shape}")
     check_token_ids("prompt", prompt, model.num_prefixes)
     check_token_ids("label", label, model.vocab_size)
-    graphdef, state = nnx.split(model)
     rows = jnp.arange(prompt.shape[0])
 
-    def label_logprob(state, _):
-        return nnx.merge(graphdef, state)(prompt)[rows, label]
+    def label_logprob(model, _):
+        return model(prompt)[rows, label]
 
-    final, traj = integrate(
-        lambda s, d: jnp.mean(nll_loss(label_logprob(s, d))),
+    return integrate_model(
+        model,
+        lambda m, d: jnp.mean(nll_loss(label_logprob(m, d))),
         label_logprob,
-        state,
         dt=dt,
         num_steps=num_steps,
         record_every=record_every or num_steps,
         optimizer=optimizer,
     )
-    return nnx.merge(graphdef, final), traj

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sims.flow import Trajectory, flow_fn, integrate, make_optimizer
+from sims.flow import Trajectory, flow_fn, integrate_model, make_optimizer
 from sims.models import UnconstrainedFeatures
 from theory._checks import check_token_ids
 from theory.losses import PairLoss
@@ -220,26 +220,24 @@ def sequence_preference_flow(
     Raises:
       As :func:`sims.flow.integrate`.
     """
-    graphdef, state = nnx.split(model)
 
-    def loss_fn(state, pairs):
-        lp_c, lp_r = pair_logprobs(nnx.merge(graphdef, state), pairs)
+    def loss_fn(model, pairs):
+        lp_c, lp_r = pair_logprobs(model, pairs)
         return jnp.mean(loss(lp_c, lp_r, pairs.ref_logprob_chosen, pairs.ref_logprob_rejected))
 
-    def observe_fn(state, pairs):
-        return SequenceRecord(*pair_logprobs(nnx.merge(graphdef, state), pairs))
+    def observe_fn(model, pairs):
+        return SequenceRecord(*pair_logprobs(model, pairs))
 
-    final, traj = integrate(
+    return integrate_model(
+        model,
         loss_fn,
         observe_fn,
-        state,
         pairs,
         dt=dt,
         num_steps=num_steps,
         record_every=record_every,
         optimizer=optimizer,
     )
-    return nnx.merge(graphdef, final), traj
 
 
 def restrict(

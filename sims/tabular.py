@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import Trajectory, integrate
+from sims.flow import Trajectory, integrate_model
 from theory._checks import check_finite, check_ndim
 from theory.kl_optimum import objective, tilt
 
@@ -72,8 +72,8 @@ class _FlowData(NamedTuple):
     support: jax.Array
 
 
-def _policy_probs(graphdef, state, data):
-    return jnp.exp(nnx.merge(graphdef, state)(data.support))
+def _policy_probs(policy, data):
+    return jnp.exp(policy(data.support))
 
 
 def kl_objective_flow(
@@ -124,29 +124,26 @@ def kl_objective_flow(
     data = _FlowData(
         p_ref, jnp.asarray(r, target.dtype), jnp.asarray(beta, target.dtype), target, p_ref > 0
     )
-    graphdef, state = nnx.split(policy)
 
-    def loss_fn(state, data):
-        p = _policy_probs(graphdef, state, data)
-        return -objective(p, data.p_ref, data.r, data.beta)
+    def loss_fn(policy, data):
+        return -objective(_policy_probs(policy, data), data.p_ref, data.r, data.beta)
 
-    def observe_fn(state, data):
-        p = _policy_probs(graphdef, state, data)
+    def observe_fn(policy, data):
+        p = _policy_probs(policy, data)
         on = data.support
         log_ratio = jnp.where(
             on, jnp.log(jnp.where(on, p, 1.0) / jnp.where(on, data.target, 1.0)), 0.0
         )
-        gap = objective(data.target, data.p_ref, data.r, data.beta) + loss_fn(state, data)
+        gap = objective(data.target, data.p_ref, data.r, data.beta) + loss_fn(policy, data)
         return TiltDistance(0.5 * jnp.sum(jnp.abs(p - data.target)), jnp.sum(p * log_ratio), gap)
 
-    final, traj = integrate(
+    return integrate_model(
+        policy,
         loss_fn,
         observe_fn,
-        state,
         data,
         dt=dt,
         num_steps=num_steps,
         record_every=record_every,
         optimizer=optimizer,
     )
-    return nnx.merge(graphdef, final), traj
