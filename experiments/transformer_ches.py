@@ -18,8 +18,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._transformer import PretrainConfig, pretrain
 from sims import corpus
-from sims.toy_lm import make_sequence_pairs, pair_similarities, preference_runs, pretrained_model
+from sims.toy_lm import make_sequence_pairs, pair_similarities, preference_runs
 from theory.losses import make_loss
 
 NAME = "transformer_ches"
@@ -28,17 +29,9 @@ PERCENTILES = (0, 25, 50, 75, 100)
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(PretrainConfig):
     """CHES percentile subsets vs preferred log-prob change under DPO (Figure 2 analogue)."""
 
-    d_model: int = 64  # transformer hidden size
-    num_layers: int = 2  # transformer blocks
-    num_heads: int = 4  # attention heads
-    tied: bool = True  # unembedding tied to the token embedding
-    copies: int = 8  # pre-training corpus copies
-    pretrain_lr: float = 3e-3  # Adam learning rate
-    pretrain_steps: int = 150  # Adam steps (minibatch; the LM loss plateaus by ~100)
-    batch_size: int = 64  # pre-training minibatch
     pairs_per_prompt: int = 4  # preference pairs drawn per request prompt (48 prompts)
     subset_size: int = 16  # pairs per percentile subset (paper: 512 of 5000)
     beta: float = 0.1  # DPO KL coefficient
@@ -82,18 +75,7 @@ def _subset(order: np.ndarray, q: int, n: int) -> np.ndarray:
 
 
 def run(config: Config) -> dict:
-    model, pre_losses = pretrained_model(
-        config.seed,
-        d_model=config.d_model,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        tied=config.tied,
-        copies=config.copies,
-        refusal_prob=0.8,
-        lr=config.pretrain_lr,
-        num_steps=config.pretrain_steps,
-        batch_size=config.batch_size,
-    )
+    model, pre_losses = pretrain(config)
     rng = np.random.default_rng(config.seed)
     templates = corpus.REFUSALS + corpus.COMPLIANCES
     prompts, pos, neg = [], [], []

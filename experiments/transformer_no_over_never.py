@@ -19,8 +19,9 @@ import numpy as np
 from flax import nnx
 
 from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._transformer import PretrainConfig, pretrain
 from sims import corpus
-from sims.toy_lm import make_sequence_pairs, pair_loss_fn, preference_runs, pretrained_model
+from sims.toy_lm import make_sequence_pairs, pair_loss_fn, preference_runs
 from theory.losses import make_loss, margin_derivative
 from theory.single_token import logprob_velocity
 
@@ -29,17 +30,9 @@ Y_POS, Y_NEG = "no", "never"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(PretrainConfig):
     """Transformer persona task: DPO on no > never (Table 1 analogue, Theorems 4/5 at t = 0)."""
 
-    d_model: int = 64  # transformer hidden size
-    num_layers: int = 2  # transformer blocks
-    num_heads: int = 4  # attention heads
-    tied: bool = True  # unembedding tied to the token embedding
-    copies: int = 8  # corpus copies of every prompt (labels redrawn per copy)
-    pretrain_lr: float = 3e-3  # Adam learning rate
-    pretrain_steps: int = 150  # Adam steps (minibatch; the LM loss plateaus by ~100)
-    batch_size: int = 64  # pre-training minibatch
     beta: float = 0.1  # DPO KL coefficient
     dt: float = 0.02  # gradient-flow Euler step of the preference phase (t = 2 at the end)
     num_steps: int = 100  # preference steps
@@ -67,18 +60,7 @@ class Config:
 
 
 def run(config: Config) -> dict:
-    model, pre_losses = pretrained_model(
-        config.seed,
-        d_model=config.d_model,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        tied=config.tied,
-        copies=config.copies,
-        refusal_prob=0.8,
-        lr=config.pretrain_lr,
-        num_steps=config.pretrain_steps,
-        batch_size=config.batch_size,
-    )
+    model, pre_losses = pretrain(config)
     progress(f"[{NAME}] pre-trained: final LM loss {pre_losses[-1]:.3f}")
     graphdef, state = nnx.split(model)
     state = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), state)  # theory in float64

@@ -19,12 +19,12 @@ import numpy as np
 from flax import nnx
 
 from experiments._common import enable_x64, experiment_main, provenance
+from experiments._transformer import PretrainConfig, pretrain
 from sims import corpus
 from sims.toy_lm import (
     make_sequence_pairs,
     pair_similarities,
     preference_runs,
-    pretrained_model,
     refusal_rates,
     response_batch,
 )
@@ -35,18 +35,10 @@ NAME = "transformer_unalignment"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(PretrainConfig):
     """Unintentional unalignment by DPO on refusal pairs; CHES filtering (Figure 3 / Table 16)."""
 
-    d_model: int = 64  # transformer hidden size
-    num_layers: int = 2  # transformer blocks
-    num_heads: int = 4  # attention heads
-    tied: bool = True  # unembedding tied to the token embedding
-    copies: int = 8  # pre-training corpus copies
     refusal_prob: float = 0.8  # P(refusal) for unsafe prompts in the pre-training corpus
-    pretrain_lr: float = 3e-3  # Adam learning rate
-    pretrain_steps: int = 150  # Adam steps (minibatch; the LM loss plateaus by ~100)
-    batch_size: int = 64  # pre-training minibatch
     pairs_per_prompt: int = 2  # on-policy pairs sampled per unsafe prompt (24 prompts)
     keep_fractions: tuple = (0.05, 0.10, 0.15)  # lowest-ln-CHES fractions kept
     beta: float = 0.1  # DPO KL coefficient
@@ -128,18 +120,7 @@ def _stack(trees):
 
 
 def run(config: Config) -> dict:
-    model, pre_losses = pretrained_model(
-        config.seed,
-        d_model=config.d_model,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        tied=config.tied,
-        copies=config.copies,
-        refusal_prob=config.refusal_prob,
-        lr=config.pretrain_lr,
-        num_steps=config.pretrain_steps,
-        batch_size=config.batch_size,
-    )
+    model, pre_losses = pretrain(config, refusal_prob=config.refusal_prob)
     graphdef, state = nnx.split(model)
     names = ["dpo", "gold"] + [f"filtered_{f:g}" for f in config.keep_fractions]
     family, with_sft, kinds, ln_by_kind = [], [], [], {}
