@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from sims.toy_lm import pretrained_model
-from sims.transformer import CausalTransformer
+from sims.data import corpus
+from sims.transformer import CausalTransformer, TokenBatch, sample_tokens
+from sims.transformer import pretrain as pretrain_lm
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Transformer size and pre-training schedule (corpus: :mod:`sims.corpus`)."""
+    """Transformer size and pre-training schedule (corpus: :mod:`sims.data.corpus`)."""
 
     d_model: int = 64  # transformer hidden size
     num_layers: int = 2  # transformer blocks
@@ -29,7 +33,7 @@ class PretrainConfig:
 
 
 def pretrain(config, *, refusal_prob: float = 0.8) -> tuple[CausalTransformer, np.ndarray]:
-    """Return ``(model, losses)`` of :func:`sims.toy_lm.pretrained_model` for ``config``.
+    """Return ``(model, losses)`` of :func:`pretrained_model` for ``config``.
 
     ``config`` is a :class:`PretrainConfig` subclass with a ``seed`` field.
     """
@@ -44,4 +48,80 @@ def pretrain(config, *, refusal_prob: float = 0.8) -> tuple[CausalTransformer, n
         lr=config.pretrain_lr,
         num_steps=config.pretrain_steps,
         batch_size=config.batch_size,
+    )
+
+
+def pretrained_model(
+    seed: int,
+    *,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    tied: bool,
+    copies: int,
+    refusal_prob: float,
+    lr: float,
+    num_steps: int,
+    batch_size: int,
+) -> tuple[CausalTransformer, np.ndarray]:
+    """Return a :class:`CausalTransformer` pre-trained on the corpus of :mod:`sims.data.corpus`.
+
+    Returns:
+      ``(model, losses)``; ``losses`` ``[num_steps]`` minibatch LM losses.
+    """
+    data = corpus.pretraining_corpus(
+        np.random.default_rng(seed), copies=copies, refusal_prob=refusal_prob
+    )
+    model = CausalTransformer(
+        len(corpus.VOCAB),
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        max_len=corpus.MAX_LEN,
+        tied=tied,
+        rngs=nnx.Rngs(seed),
+    )
+    model, losses = pretrain_lm(
+        model,
+        jax.random.key(seed),
+        data.tokens,
+        data.length,
+        lr=lr,
+        num_steps=num_steps,
+        batch_size=batch_size,
+    )
+    return model, np.asarray(losses)
+
+
+def response_batch(tokens, prompt_len: int) -> TokenBatch:
+    """Return the :class:`~sims.transformer.TokenBatch` of sampled ``tokens`` ``[N, T]``.
+
+    A response ends at its first ``<eos>``, or at ``T`` when none was sampled.
+    """
+    tokens = np.asarray(tokens)
+    N, T = tokens.shape
+    is_eos = tokens[:, prompt_len:] == corpus.EOS
+    length = np.where(is_eos.any(1), prompt_len + np.argmax(is_eos, 1) + 1, T)
+    return TokenBatch(tokens, np.full(N, prompt_len, np.int32), length.astype(np.int32))
+
+
+def refusal_rates(
+    graphdef, states, key, prompts, prompt_len: int, *, samples: int, temperature: float
+) -> np.ndarray:
+    """Return the judged refusal rate of each stacked model state (leading axis ``R``).
+
+    Each state samples ``samples`` responses to every prompt; :func:`sims.data.corpus.is_refusal`
+    judges them.
+    """
+    rep = jnp.repeat(jnp.asarray(prompts), samples, axis=0)  # [P * samples, T]
+    fn = jax.jit(
+        jax.vmap(
+            lambda st: sample_tokens(
+                graphdef, st, key, rep, prompt_len, temperature, corpus.EOS, corpus.PAD
+            )
+        )
+    )
+    toks = np.asarray(fn(states))  # [R, P * samples, T]
+    return np.array(
+        [np.mean([corpus.is_refusal(corpus.decode(t[prompt_len:])) for t in run]) for run in toks]
     )

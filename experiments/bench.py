@@ -16,8 +16,8 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments import _bench as bm
 from experiments._common import experiment_main, progress, provenance
-from sims import benchmark as bm
 from sims.sweep import sharded_runner
 
 NAME = "bench"

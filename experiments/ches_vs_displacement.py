@@ -1,6 +1,6 @@
 """Figure 2 analogue (Razin et al. 2024 §5): which similarity score predicts displacement?
 
-Synthetic preference datasets (``sims.synthetic``) of ``num_pairs`` pairs, ranked by CHES,
+Synthetic preference datasets (``sims.data.synthetic``) of ``num_pairs`` pairs, ranked by CHES,
 length-normalised CHES, (negative) normalised edit distance and the last-hidden inner product;
 DPO runs on a subset centred on each percentile; the change of the subset's mean preferred
 log-prob is recorded. One seed = one fresh dataset and model. All subset runs of a seed share one
@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-from flax import nnx
 
 from experiments._common import enable_x64, experiment_main, progress, provenance
-from sims.prefix_tree import restrict, sequence_flow_fn, with_reference
+from sims.data.synthetic import synthetic_preferences
+from sims.flow import preference_flow, stack_models
+from sims.prefix_tree import restrict, with_reference
 from sims.scores import dataset_ches, normalized_edit_distance, percentile_subsets, spearman
-from sims.synthetic import synthetic_preferences
 from theory.losses import make_loss
 
 NAME = "ches_vs_displacement"
@@ -39,7 +39,7 @@ class Config:
     vocab_size: int = 32  # V (token 0 is EOS)
     hidden_size: int = 16  # d
     max_len: int = 8  # content tokens per response at most
-    head_scale: float = 3.0  # shared next-token head (sims.synthetic); ~62% positive alphas
+    head_scale: float = 3.0  # shared next-token head (sims.data.synthetic); ~62% positive alphas
     beta: float = 0.1  # DPO KL coefficient (paper's value)
     dt: float = 0.5  # Euler step of gradient flow
     num_steps: int = 60  # steps: t = num_steps * dt
@@ -79,25 +79,17 @@ def _one_seed(config: Config, seed: int) -> dict:
     rows = np.concatenate(rows)  # [scores * percentiles, size]
     P = 2 * config.subset_size * (config.max_len + 1)  # bound on a subset's distinct prefixes
     subsets = [restrict(data.model, pairs, r, num_prefixes=P) for r in rows]
-    graphdef = nnx.split(subsets[0][0])[0]
     stack = lambda xs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
-    run_flow = jax.jit(
-        jax.vmap(
-            sequence_flow_fn(
-                graphdef,
-                make_loss("dpo", beta=config.beta),
-                optimizer="sgd",
-                dt=config.dt,
-                num_steps=config.num_steps,
-                record_every=config.num_steps,
-            )
-        )
+    res = preference_flow(
+        stack_models([m for m, _ in subsets]),
+        stack([p for _, p in subsets]),
+        make_loss("dpo", beta=config.beta),
+        dt=config.dt,
+        num_steps=config.num_steps,
+        record_every=config.num_steps,
+        in_axes=(0, 0),
     )
-    _, losses, obs, first_bad = run_flow(
-        stack([nnx.split(m)[1] for m, _ in subsets]), stack([p for _, p in subsets])
-    )
-    if int(jnp.max(first_bad)) >= 0:
-        raise FloatingPointError(f"a subset flow became non-finite (seed {seed})")
+    obs, losses = res.observables, res.loss
     change = np.asarray(jnp.mean(obs.logprob_chosen[:, -1] - obs.logprob_chosen[:, 0], axis=1))
     shape = (len(SCORES), len(config.percentiles))
     return {

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments._common import enable_x64, experiment_main, provenance
-from sims.dpop_checks import flow_summary, reference_context_logits, sign_checks
+from experiments._dpop import flow_summary, reference_context_logits, sign_checks
 from sims.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
 from sims.models import UnconstrainedFeatures
 from theory.dpop_signs import lambda_thresholds, well_optimised

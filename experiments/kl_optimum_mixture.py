@@ -129,7 +129,7 @@ def run(config: Config) -> dict:
     tpm_U_temp, tpm_U_gamma = amp[: temps.shape[0]], amp[temps.shape[0] :]
 
     p_ref = config.demo_alpha * demo[0] + (1 - config.demo_alpha) * demo[1]
-    _, traj = kl_objective_flow(
+    traj = kl_objective_flow(
         TabularPolicy(logits=jnp.zeros_like(p_ref)),
         p_ref,
         demo[2],

@@ -1,9 +1,9 @@
 """Razin et al. 2024 Table 1 in the theory model: preferring ``No`` over ``Never`` raises ``Yes``.
 
-Protocol (App. H.1 analogue): a vocabulary with meaningful unembeddings (:mod:`sims.vocab`), ``P``
-prompts, half "trait" prompts labelled from {No, Never, Maybe, Perhaps}, half from the Yes set; an
-SFT flow on all prompts; then a DPO flow on one trait prompt with ``No > Never`` (reference = the
-SFT model). Reading: the paper draws one random label per prompt over 1000 prompts; in the
+Protocol (App. H.1 analogue): a vocabulary with meaningful unembeddings (:mod:`sims.data.vocab`),
+``P`` prompts, half "trait" prompts labelled from {No, Never, Maybe, Perhaps}, half from the Yes
+set; an SFT flow on all prompts; then a DPO flow on one trait prompt with ``No > Never`` (reference
+= the SFT model). Reading: the paper draws one random label per prompt over 1000 prompts; in the
 unconstrained-features model each prompt's hidden embedding is free and would memorise its one
 label, so the SFT here is the expectation of that loss: every prompt is trained on every label of
 its set (pi spreads over the set, as a network shared across prompts does).
@@ -24,10 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments._common import enable_x64, experiment_main, progress, provenance
-from sims.flow import make_pairs, preference_flow, sft_flow
-from sims.models import UnconstrainedFeatures
-from sims.scores import spearman
-from sims.vocab import (
+from sims.data.vocab import (
     BENIGN_FOR_NO,
     CATASTROPHIC_FOR_NO,
     GEOMETRIES,
@@ -35,6 +32,9 @@ from sims.vocab import (
     YES_SET,
     semantic_unembeddings,
 )
+from sims.flow import preference_flow, sft_flow
+from sims.models import UnconstrainedFeatures, make_pairs
+from sims.scores import spearman
 from theory import losses
 from theory.single_token import displacement_terms, logprob_velocity
 
@@ -84,13 +84,13 @@ def _one_run(config: Config, geometry: str, seed: int) -> dict:
         *[(p, idx[t]) for p in range(config.prompts) for t in (NO_SET if p < half else YES_SET)],
         strict=True,
     )
-    model, _ = sft_flow(
+    model = sft_flow(
         UnconstrainedFeatures.from_arrays(W, H),
         jnp.array(sft_prompts),
         jnp.array(labels),
         dt=config.sft_dt,
         num_steps=config.sft_steps,
-    )
+    ).final
     y_pos, y_neg = idx["No"], idx["Never"]
     pairs = make_pairs(model, [0], [y_pos], [y_neg])
     loss = losses.make_loss("dpo", beta=config.beta)
@@ -99,14 +99,14 @@ def _one_run(config: Config, geometry: str, seed: int) -> dict:
     lp0 = model(jnp.array([0]))[0]
     ell_prime = losses.margin_derivative(loss, lp0[y_pos], lp0[y_neg], lp0[y_pos], lp0[y_neg])
     predicted = logprob_velocity(W0, h0, y_pos, y_neg, ell_prime)
-    _, traj = preference_flow(
+    traj = preference_flow(
         model, pairs, loss, dt=config.dt, num_steps=config.steps, record_every=config.record_every
     )
     logprobs = np.asarray(traj.observables.logprobs[:, 0])  # [C + 1, V]
     probs = np.exp(logprobs)
     others = np.array([i for i in range(len(tokens)) if i not in (y_pos, y_neg)])
     # instantaneous velocity at t = 0: one Euler step of flow time probe_dt
-    _, probe = preference_flow(model, pairs, loss, dt=config.probe_dt, num_steps=1)
+    probe = preference_flow(model, pairs, loss, dt=config.probe_dt, num_steps=1)
     step = probe.observables.logprobs[1, 0] - probe.observables.logprobs[0, 0]
     instant = np.asarray(step / config.probe_dt)
     n_ckpt = probs.shape[0] - 1

@@ -18,12 +18,11 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-from flax import nnx
 
 from experiments._common import enable_x64, experiment_main, progress, provenance
-from sims.flow import flow_fn, make_optimizer, make_pairs, sft_flow
-from sims.models import UnconstrainedFeatures
-from sims.real_embeddings import MINILM_INSTALL, load_minilm, minilm_available, word_subset
+from sims.data.real_embeddings import MINILM_INSTALL, load_minilm, minilm_available, word_subset
+from sims.flow import preference_flow, sft_flow
+from sims.models import UnconstrainedFeatures, make_pairs
 from theory.losses import make_loss, margin_derivative
 from theory.single_token import logprob_velocity
 
@@ -78,31 +77,9 @@ def _kind(word: str, y_pos: str) -> str:
     )
 
 
-def _flow(model, pairs, loss, dt: float, num_steps: int):
-    """Run preference flow for a stack of independent single-prompt runs (pairs fields [R, 1])."""
-    graphdef, state = nnx.split(model)
-
-    def logps(state, pairs):
-        logprobs = nnx.merge(graphdef, state)(pairs.prompt)  # [1, V]
-        return logprobs, logprobs[0, pairs.chosen[0]], logprobs[0, pairs.rejected[0]]
-
-    def loss_fn(state, pairs):
-        _, lp_c, lp_r = logps(state, pairs)
-        return loss(lp_c, lp_r, pairs.ref_logprob_chosen[0], pairs.ref_logprob_rejected[0])
-
-    fn = flow_fn(
-        loss_fn,
-        lambda s, p: logps(s, p)[0][0],
-        optimizer=make_optimizer("sgd", dt=dt),
-        num_steps=num_steps,
-        record_every=1,
-    )
-    _, _, logprobs, first_bad = jax.jit(jax.vmap(fn, in_axes=(None, 0)))(state, pairs)
-    if np.any(np.asarray(first_bad) >= 0):
-        raise FloatingPointError(
-            f"preference flow diverged (first bad steps {first_bad}); lower dt"
-        )
-    return np.asarray(logprobs)  # [R, T+1, V]
+def _prompt_logprobs(model: UnconstrainedFeatures, pairs) -> jax.Array:
+    """[V] ln pi(.|x) of a single-prompt run's prompt (pairs fields [1])."""
+    return model(pairs.prompt)[0]
 
 
 def run(config: Config) -> dict:
@@ -130,7 +107,7 @@ def run(config: Config) -> dict:
     noise = config.prompt_spread * rng.standard_normal((P, d))
     H0 = config.hidden_scale / np.sqrt(d) * (centres + noise)
     model = UnconstrainedFeatures.from_arrays(W0, jnp.asarray(H0))
-    model, sft = sft_flow(
+    sft = sft_flow(
         model,
         jnp.arange(P),
         jnp.asarray(labels),
@@ -138,6 +115,7 @@ def run(config: Config) -> dict:
         num_steps=config.sft_steps,
         optimizer="sgd",
     )
+    model = sft.final
     W, H = model.unembedding[...], model.hidden[...]
     table13 = {}
     for yp, yn in PAIRS:
@@ -170,7 +148,17 @@ def run(config: Config) -> dict:
         ("ipo", {"tau": config.tau}, config.ipo_dt),
     ):
         loss = make_loss(loss_type, **hyper)
-        logp = _flow(model, pairs, loss, dt, config.num_steps)  # [3 R, T+1, V]
+        logp = np.asarray(
+            preference_flow(
+                model,
+                pairs,
+                loss,
+                dt=dt,
+                num_steps=config.num_steps,
+                observe=_prompt_logprobs,
+                in_axes=(None, 0),
+            ).observables
+        )  # [3 R, T+1, V]
         ell = margin_derivative(
             loss,
             base.ref_logprob_chosen,

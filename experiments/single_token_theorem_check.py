@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments._common import enable_x64, experiment_main, progress, provenance
-from sims.flow import flow_fn, make_optimizer
+from sims.flow import flow_fn
 from sims.models import softmax_logprobs
 from theory import losses
 from theory.single_token import logprob_velocity
@@ -65,15 +65,9 @@ def _check_cell(loss, V, d, keys, scales, fd_step):
     def observe(params, _):
         return softmax_logprobs(*params)[0]
 
-    forward = flow_fn(
-        pair_loss, observe, optimizer=make_optimizer("sgd", dt=fd_step), num_steps=1, record_every=1
-    )
+    forward = flow_fn(pair_loss, observe, optimizer="sgd", num_steps=1, record_every=1)
     backward = flow_fn(
-        lambda p, x: -pair_loss(p, x),
-        observe,
-        optimizer=make_optimizer("sgd", dt=fd_step),
-        num_steps=1,
-        record_every=1,
+        lambda p, x: -pair_loss(p, x), observe, optimizer="sgd", num_steps=1, record_every=1
     )
 
     def one(key):
@@ -86,7 +80,10 @@ def _check_cell(loss, V, d, keys, scales, fd_step):
         auto = jax.jvp(
             lambda p: observe(p, None), (params,), (jax.tree_util.tree_map(jnp.negative, grads),)
         )[1]
-        fd = (forward(params, data)[2][1] - backward(params, data)[2][1]) / (2 * fd_step)
+        fd = (
+            forward(params, data, fd_step).observables[1]
+            - backward(params, data, fd_step).observables[1]
+        ) / (2 * fd_step)
         return closed, auto, fd, y_pos, y_neg
 
     return jax.jit(jax.vmap(one))(keys)

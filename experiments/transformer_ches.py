@@ -19,8 +19,10 @@ import numpy as np
 
 from experiments._common import enable_x64, experiment_main, progress, provenance
 from experiments._transformer import PretrainConfig, pretrain
-from sims import corpus
-from sims.toy_lm import make_sequence_pairs, pair_similarities, preference_runs
+from sims.data import corpus
+from sims.flow import preference_flow
+from sims.scores import transformer_pair_scores
+from sims.transformer import make_transformer_pairs
 from theory.losses import make_loss
 
 NAME = "transformer_ches"
@@ -86,7 +88,7 @@ def run(config: Config) -> dict:
             pos.append(corpus.response(templates[a], verb, obj))
             neg.append(corpus.response(templates[b], verb, obj))
     chosen, rejected = corpus.pack(prompts, pos), corpus.pack(prompts, neg)
-    scores = pair_similarities(model, chosen, rejected)
+    scores = transformer_pair_scores(model, chosen, rejected)
     progress(f"[{NAME}] scored {len(prompts)} pairs")
     subsets = np.stack(
         [
@@ -95,16 +97,18 @@ def run(config: Config) -> dict:
             for q in PERCENTILES
         ]
     )  # [S * Q, n]
-    pairs = make_sequence_pairs(model, chosen, rejected)
+    pairs = make_transformer_pairs(model, chosen, rejected)
     stacked = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[subsets], pairs)  # [S * Q, n, ...]
-    _, losses, lp = preference_runs(
+    res = preference_flow(
         model,
         stacked,
         make_loss("dpo", beta=config.beta),
         dt=config.dt,
         num_steps=config.num_steps,
         record_every=config.num_steps,
-    )  # lp [S * Q, 2, n]
+        in_axes=(None, 0),
+    )
+    losses, lp = np.asarray(res.loss), np.asarray(res.observables)  # lp [S * Q, 2, n]
     change = (lp[:, -1] - lp[:, 0]).mean(-1).reshape(len(SCORES), len(PERCENTILES))
     rank = {s: float(np.corrcoef(PERCENTILES, -change[i])[0, 1]) for i, s in enumerate(SCORES)}
     return {

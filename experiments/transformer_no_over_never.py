@@ -1,6 +1,6 @@
 """Section 3 analogue on a real architecture: does preferring `no` over `never` raise `yes`?
 
-A small causal transformer is pre-trained on the generated corpus (sims.corpus), where
+A small causal transformer is pre-trained on the generated corpus (sims.data.corpus), where
 trait-according persona statements are answered from {no, never, maybe, perhaps}. DPO on the
 single-token pair no > never runs on one such prompt per run (gradient flow, all parameters).
 At t = 0, Theorems 4/5 are evaluated with the model's actual W and h (the unconstrained-features
@@ -20,8 +20,9 @@ from flax import nnx
 
 from experiments._common import enable_x64, experiment_main, progress, provenance
 from experiments._transformer import PretrainConfig, pretrain
-from sims import corpus
-from sims.toy_lm import make_sequence_pairs, pair_loss_fn, preference_runs
+from sims.data import corpus
+from sims.flow import PairObjective, preference_flow
+from sims.transformer import make_transformer_pairs
 from theory.losses import make_loss, margin_derivative
 from theory.single_token import logprob_velocity
 
@@ -59,6 +60,17 @@ class Config(PretrainConfig):
         )
 
 
+@dataclass(frozen=True)
+class _AnswerLogprobs:
+    """[V] ln pi(.|x) at the answer position of a one-pair run (pairs fields [1, ...])."""
+
+    prompt_len: int  # P: the answer is predicted at position P - 1
+
+    def __call__(self, model, pairs) -> jax.Array:
+        P = self.prompt_len
+        return jax.nn.log_softmax(model(pairs.chosen.tokens[0, :P])[P - 1], axis=-1)
+
+
 def run(config: Config) -> dict:
     model, pre_losses = pretrain(config)
     progress(f"[{NAME}] pre-trained: final LM loss {pre_losses[-1]:.3f}")
@@ -69,23 +81,23 @@ def run(config: Config) -> dict:
     picks = np.random.default_rng(config.seed).choice(len(statements), config.num_runs, False)
     prompts = [corpus.persona_prompt(*statements[i]) for i in picks]
     P = len(prompts[0])  # the answer is predicted at position P - 1
+    answer_logprobs = _AnswerLogprobs(P)
     chosen = corpus.pack(prompts, [[Y_POS]] * len(prompts))  # single token, no <eos>
     rejected = corpus.pack(prompts, [[Y_NEG]] * len(prompts))
-    pairs = make_sequence_pairs(model, chosen, rejected)
+    pairs = make_transformer_pairs(model, chosen, rejected)
     stacked = jax.tree_util.tree_map(lambda a: a[:, None], pairs)  # [R, 1, ...], one prompt a run
     loss = make_loss("dpo", beta=config.beta)
 
-    def answer_logprobs(state, pairs):  # [V] ln pi(.|x) at the answer position
-        return nnx.merge(graphdef, state)(pairs.chosen.tokens[0, :P])[P - 1]
-
-    _, _, logp = preference_runs(
-        model,
-        stacked,
-        loss,
-        dt=config.dt,
-        num_steps=config.num_steps,
-        record_every=1,
-        observe=answer_logprobs,
+    logp = np.asarray(
+        preference_flow(
+            model,
+            stacked,
+            loss,
+            dt=config.dt,
+            num_steps=config.num_steps,
+            observe=answer_logprobs,
+            in_axes=(None, 0),
+        ).observables
     )  # [R, T+1, V]
     pos, neg = corpus.INDEX[Y_POS], corpus.INDEX[Y_NEG]
     W = model.unembedding_matrix()
@@ -100,9 +112,12 @@ def run(config: Config) -> dict:
     predicted = jax.vmap(logprob_velocity, in_axes=(None, 0, None, None, 0))(W, h, pos, neg, ell)
 
     def true_velocity(one):  # JVP of ln pi(.|x) along -grad L: the architecture's real velocity
-        grad = jax.grad(pair_loss_fn(graphdef, loss))(state, one)
+        objective = PairObjective(loss)
+        grad = jax.grad(lambda s: objective(nnx.merge(graphdef, s), one))(state)
         neg_grad = jax.tree_util.tree_map(jnp.negative, grad)
-        return jax.jvp(lambda s: answer_logprobs(s, one), (state,), (neg_grad,))[1]
+        return jax.jvp(
+            lambda s: answer_logprobs(nnx.merge(graphdef, s), one), (state,), (neg_grad,)
+        )[1]
 
     actual = np.asarray(jax.jit(jax.vmap(true_velocity))(stacked))  # [R, V]
     predicted = np.asarray(predicted)

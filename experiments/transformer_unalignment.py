@@ -1,12 +1,12 @@
 """Section 6 analogue: DPO on on-policy refusal pairs, and CHES filtering, in a small transformer.
 
 The pre-trained transformer refuses most unsafe requests of the generated corpus. For every unsafe
-prompt it samples pairs of responses (temperature 1); the rule-based judge (sims.corpus.is_refusal)
-labels them; refusal > compliance, ties broken by a coin (the paper's PairRM tie-break replaced by
-random, which it reports gives similar results). Conditions (Razin et al. 2024, §6.3, Table 16):
-DPO; DPO + SFT term; gold pairs (a refusal template > a compliance template); DPO on the lowest
-5/10/15% of pairs by length-normalised CHES. Refusal rates are measured by sampling, per seed.
-"""
+prompt it samples pairs of responses (temperature 1); the rule-based judge
+(sims.data.corpus.is_refusal) labels them; refusal > compliance, ties broken by a coin (the paper's
+PairRM tie-break replaced by random, which it reports gives similar results). Conditions (Razin et
+al. 2024, §6.3, Table 16): DPO; DPO + SFT term; gold pairs (a refusal template > a compliance
+template); DPO on the lowest 5/10/15% of pairs by length-normalised CHES. Refusal rates are measured
+by sampling, per seed."""
 
 from __future__ import annotations
 
@@ -19,16 +19,11 @@ import numpy as np
 from flax import nnx
 
 from experiments._common import enable_x64, experiment_main, provenance
-from experiments._transformer import PretrainConfig, pretrain
-from sims import corpus
-from sims.toy_lm import (
-    make_sequence_pairs,
-    pair_similarities,
-    preference_runs,
-    refusal_rates,
-    response_batch,
-)
-from sims.transformer import sample
+from experiments._transformer import PretrainConfig, pretrain, refusal_rates, response_batch
+from sims.data import corpus
+from sims.flow import preference_flow
+from sims.scores import transformer_pair_scores
+from sims.transformer import TokenBatch, make_transformer_pairs, sample
 from theory.losses import make_loss
 
 NAME = "transformer_unalignment"
@@ -87,7 +82,16 @@ def _pairs_for_seed(model, config: Config, seed: int):
     P = int(prompts.prompt_len[0])
     a, b = (
         response_batch(
-            sample(model, jax.random.key(seed * 2 + i), prompts.tokens, P, temperature=1.0), P
+            sample(
+                model,
+                jax.random.key(seed * 2 + i),
+                prompts.tokens,
+                P,
+                temperature=1.0,
+                eos_id=corpus.EOS,
+                pad_id=corpus.PAD,
+            ),
+            P,
         )
         for i in range(2)
     )
@@ -96,7 +100,7 @@ def _pairs_for_seed(model, config: Config, seed: int):
     first = np.where(ref[0] != ref[1], ref[0], coin)  # refusal preferred, ties by coin
 
     def pick(m):  # row i from a where m[i], else from b
-        return corpus.Batch(
+        return TokenBatch(
             *(np.where(m.reshape(-1, *[1] * (x.ndim - 1)), x, y) for x, y in zip(a, b, strict=True))
         )
 
@@ -126,11 +130,12 @@ def run(config: Config) -> dict:
     family, with_sft, kinds, ln_by_kind = [], [], [], {}
     for seed in range(config.num_seeds):  # data of every seed first: one compiled run for all
         chosen, rejected, gold, kind, prompts = _pairs_for_seed(model, config, config.seed + seed)
-        sims = pair_similarities(model, chosen, rejected)
+        sims = transformer_pair_scores(model, chosen, rejected)
         kinds += kind.tolist()
         for k in set(kind.tolist()):
             ln_by_kind.setdefault(k, []).extend(sims["ches_ln"][kind == k].tolist())
-        on, gp = make_sequence_pairs(model, chosen, rejected), make_sequence_pairs(model, *gold)
+        on = make_transformer_pairs(model, chosen, rejected)
+        gp = make_transformer_pairs(model, *gold)
         order = np.argsort(sims["ches_ln"], kind="stable")
         weights = [np.ones(len(order))] * 2
         for f in config.keep_fractions:  # keep the lowest fraction (at least one pair)
@@ -153,16 +158,18 @@ def run(config: Config) -> dict:
             ),
         ),
     ):
-        final, _, lp = preference_runs(
+        res = preference_flow(
             model,
             pairs,
             loss,
             dt=config.dt,
             num_steps=config.num_steps,
             record_every=config.num_steps,
-        )  # lp [R, 2, N]
+            in_axes=(None, 0),
+        )
+        lp = np.asarray(res.observables)  # [R, 2, N]
         w = np.asarray(pairs.weight)
-        finals.append(final)
+        finals.append(nnx.split(res.final)[1])
         changes.append(np.sum(w * (lp[:, -1] - lp[:, 0]), -1) / np.sum(w, -1))
     states = _stack([state])
     everything = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *finals, states)

@@ -1,150 +1,156 @@
-"""Flax NNX models and the jit-compiled gradient-flow integrator."""
+"""Flax NNX models, the one gradient-flow integrator, sweeps, and the data generators.
 
-from sims.dpop_checks import flow_summary, reference_context_logits, sign_checks
+Modules:
+
+* ``flow`` -- the integrator (``FlowResult``, ``integrate``, ``preference_flow``, ``sft_flow``);
+* model families and their pairs types: ``models`` (unconstrained features, single-token
+  ``PreferencePairs``), ``prefix_tree`` (multi-token ``PrefixTreePairs``), ``transformer``
+  (``CausalTransformer``, ``TransformerPairs``), ``logit_model`` (DPOP edit pairs), ``tabular``
+  (KL objective);
+* ``reduced`` (exact reduced flow), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
+  baselines per pair);
+* ``data`` -- generators: ``vocab``, ``corpus``, ``synthetic``, ``real_embeddings``.
+"""
+
 from sims.flow import (
     OPTIMIZERS,
-    PreferencePairs,
-    PreferenceRecord,
-    Trajectory,
+    FlowResult,
+    PairObjective,
+    SFTData,
+    check_optimizer,
+    check_schedule,
+    compiled_flow,
+    default_record,
     flow_fn,
     integrate,
     integrate_model,
     make_optimizer,
-    make_pairs,
+    pair_logprobs,
     preference_flow,
+    raise_on_nonfinite,
     sft_flow,
+    stack_models,
 )
 from sims.logit_model import (
-    EditFlow,
+    EditPairData,
     EditPrefixes,
+    EditRecord,
     PositionLogits,
     edit_pair_flow,
     edit_pair_prefixes,
 )
-from sims.models import UnconstrainedFeatures, softmax_logprobs
-from sims.prefix_tree import (
-    SequencePairs as PrefixSequencePairs,
+from sims.models import (
+    PreferencePairs,
+    PreferenceRecord,
+    UnconstrainedFeatures,
+    make_pairs,
+    softmax_logprobs,
 )
 from sims.prefix_tree import (
-    SequenceRecord,
+    PairRecord,
+    PrefixTreePairs,
     extend_prefixes,
     flow_velocity,
     index_prefixes,
-    pair_logprobs,
+    response_logprobs_from_prefixes,
     restrict,
-    sequence_flow_fn,
-    sequence_logprobs,
-    sequence_preference_flow,
     with_reference,
-)
-from sims.real_embeddings import (
-    MINILM_INSTALL,
-    RealEmbeddings,
-    load_minilm,
-    minilm_available,
-    token_ids,
-    word_subset,
 )
 from sims.reduced import (
     MovingRows,
     PairIndex,
+    ReducedState,
     apply_moving_rows,
     check_margin_loss,
     pair_index,
     reduced_flow_fn,
     reduced_preference_flow,
 )
-from sims.scores import dataset_ches, normalized_edit_distance, percentile_subsets
-from sims.sweep import SweepResult, run_mesh, sharded_map, sharded_runner, stack_runs, sweep
-from sims.synthetic import SyntheticPreferences, synthetic_preferences
-from sims.tabular import TabularPolicy, TiltDistance, kl_objective_flow
-from sims.toy_lm import (
-    SequencePairs,
-    make_sequence_pairs,
-    pair_similarities,
-    preference_runs,
-    pretrained_model,
-    refusal_rates,
+from sims.scores import (
+    dataset_ches,
+    normalized_edit_distance,
+    percentile_subsets,
+    spearman,
+    transformer_pair_scores,
 )
+from sims.sweep import SweepResult, run_mesh, sharded_map, sharded_runner, stack_runs, sweep
+from sims.tabular import TabularPolicy, TiltDistance, kl_objective_flow
 from sims.transformer import (
     CausalTransformer,
+    TokenBatch,
+    TransformerPairs,
+    make_transformer_pairs,
     prefix_hidden_states,
     pretrain,
+    response_logprobs_from_tokens,
     sample,
-    sequence_logprob,
 )
-from sims.vocab import semantic_unembeddings
 
 __all__ = [
     "CausalTransformer",
-    "EditFlow",
+    "EditPairData",
     "EditPrefixes",
-    "MINILM_INSTALL",
+    "EditRecord",
+    "FlowResult",
     "MovingRows",
     "OPTIMIZERS",
     "PairIndex",
+    "PairObjective",
+    "PairRecord",
     "PositionLogits",
     "PreferencePairs",
     "PreferenceRecord",
-    "PrefixSequencePairs",
-    "RealEmbeddings",
-    "SequencePairs",
-    "SequenceRecord",
+    "PrefixTreePairs",
+    "ReducedState",
+    "SFTData",
     "SweepResult",
-    "SyntheticPreferences",
     "TabularPolicy",
     "TiltDistance",
-    "Trajectory",
+    "TokenBatch",
+    "TransformerPairs",
     "UnconstrainedFeatures",
     "apply_moving_rows",
     "check_margin_loss",
+    "check_optimizer",
+    "check_schedule",
+    "compiled_flow",
     "dataset_ches",
+    "default_record",
     "edit_pair_flow",
     "edit_pair_prefixes",
     "extend_prefixes",
     "flow_fn",
-    "flow_summary",
     "flow_velocity",
     "index_prefixes",
     "integrate",
     "integrate_model",
     "kl_objective_flow",
-    "load_minilm",
     "make_optimizer",
     "make_pairs",
-    "make_sequence_pairs",
-    "minilm_available",
+    "make_transformer_pairs",
     "normalized_edit_distance",
     "pair_index",
     "pair_logprobs",
-    "pair_similarities",
     "percentile_subsets",
     "preference_flow",
-    "preference_runs",
     "prefix_hidden_states",
     "pretrain",
-    "pretrained_model",
+    "raise_on_nonfinite",
     "reduced_flow_fn",
     "reduced_preference_flow",
-    "reference_context_logits",
-    "refusal_rates",
+    "response_logprobs_from_prefixes",
+    "response_logprobs_from_tokens",
     "restrict",
     "run_mesh",
     "sample",
-    "semantic_unembeddings",
-    "sequence_flow_fn",
-    "sequence_logprob",
-    "sequence_logprobs",
-    "sequence_preference_flow",
     "sft_flow",
     "sharded_map",
     "sharded_runner",
-    "sign_checks",
     "softmax_logprobs",
+    "spearman",
+    "stack_models",
     "stack_runs",
     "sweep",
-    "synthetic_preferences",
-    "token_ids",
+    "transformer_pair_scores",
     "with_reference",
-    "word_subset",
 ]

@@ -1,19 +1,38 @@
-r"""The one gradient-flow integrator, and its preference / SFT front ends.
+r"""The one gradient-flow integrator: a compiled core, one result type, one failure path.
 
 Gradient flow :math:`\dot\theta = -\nabla L(\theta)` is integrated by an optax optimiser inside
-one ``jax.jit``: ``optax.sgd(dt)`` is the explicit Euler step of size ``dt``, so ``n`` steps reach
+one ``jax.jit``: ``optimizer="sgd"`` is the explicit Euler step of size ``dt``, so ``n`` steps reach
 ``t = n * dt``. ``"rmsprop_torch"`` reproduces ``torch.optim.RMSprop`` defaults (the paper's
 optimiser, App. H): ``decay=0.99``, ``eps=1e-8`` added *outside* the square root, zero initial
-scale; its ``t`` is ``n * lr`` but it is not gradient flow.
+scale; its ``t`` is ``n * lr`` but it is not gradient flow. An optimiser is always named by a string
+of :data:`OPTIMIZERS`.
 
-Steps run in a ``lax.scan`` nested in a scan over checkpoints; every ``record_every`` steps the
-loss and an observable pytree are recorded (``t = 0`` included). The first step that makes the
-parameters or loss non-finite is tracked in the carry; :func:`integrate` then raises
-``FloatingPointError`` naming it.
+Layers, from the bottom:
+
+* :func:`flow_fn` -- the pure ``run(params, data, dt) -> FlowResult`` (steps in a ``lax.scan``
+  nested in a scan over checkpoints; every ``record_every`` steps the loss and an observable pytree
+  are recorded, ``t = 0`` included; the first non-finite step is tracked in the carry). jit-, vmap-
+  and shard-friendly: sweeps batch it themselves.
+* :func:`compiled_flow` -- ``jax.jit`` of :func:`flow_fn` (optionally vmapped), cached per
+  (loss, observable, optimiser, schedule, batching): **a second call with the same shapes does not
+  recompile**. ``dt`` is a run-time argument, so changing it does not recompile either. Loss and
+  observable functions must therefore be hashable and stable: module-level functions, or frozen
+  dataclasses such as :class:`PairObjective` (a fresh ``lambda`` per call compiles per call).
+* :func:`integrate` / :func:`integrate_model` -- validate, run the compiled core, and raise
+  ``FloatingPointError`` through :func:`raise_on_nonfinite`, the one failure path of the package.
+* :func:`preference_flow` / :func:`sft_flow` -- front ends. ``preference_flow`` serves every model
+  family: a pairs type (:class:`sims.models.PreferencePairs`,
+  :class:`sims.prefix_tree.PrefixTreePairs`, :class:`sims.transformer.TransformerPairs`) knows
+  how to score itself on its model (``pairs.logprobs(model)``), what to record by default
+  (``pairs.record(model)``) and how to validate itself (``pairs.validate(model)``).
+
+Every integrator returns a :class:`FlowResult`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,23 +41,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.typing import ArrayLike
 
-from sims.models import UnconstrainedFeatures
-from theory._checks import (
+from theory.checks import (
     check_finite,
     check_ndim,
     check_positive,
     check_positive_int,
     check_token_ids,
 )
-from theory.losses import PairLoss, nll_loss
+from theory.losses import PairLoss, mean_pair_loss, nll_loss
 
+#: Optimiser names accepted everywhere (``optimizer=...``); see :func:`make_optimizer`.
 OPTIMIZERS = ("sgd", "rmsprop_torch", "adam")
 
 
-def make_optimizer(name: str, *, dt: float) -> optax.GradientTransformation:
-    """Return the optax optimiser ``name`` with step size ``dt``.
+def check_optimizer(optimizer: str) -> None:
+    """Raise ``ValueError`` unless ``optimizer`` is a name of :data:`OPTIMIZERS`."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got optimizer={optimizer!r}")
+
+
+def make_optimizer(name: str, *, dt: float | jax.Array) -> optax.GradientTransformation:
+    """Return the optax optimiser ``name`` with step size ``dt`` (a float, or traced in a flow).
 
     ``"sgd"`` is explicit Euler for gradient flow; ``"rmsprop_torch"`` matches
     ``torch.optim.RMSprop(lr=dt)`` (alpha 0.99, eps 1e-8 outside the square root); ``"adam"`` is
@@ -53,28 +77,70 @@ def make_optimizer(name: str, *, dt: float) -> optax.GradientTransformation:
       >>> float(u[0])  # -dt * gradient
       -0.2
     """
+    check_optimizer(name)
     check_positive("dt", dt)
     if name == "sgd":
         return optax.sgd(dt)
     if name == "rmsprop_torch":
         return optax.rmsprop(dt, decay=0.99, eps=1e-8, eps_in_sqrt=False)
-    if name == "adam":
-        return optax.adam(dt)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got optimizer={name!r}")
+    return optax.adam(dt)
 
 
-class Trajectory(NamedTuple):
-    """A recorded flow: ``C + 1`` checkpoints (``t = 0`` first).
+class FlowResult(NamedTuple):
+    """A recorded flow: ``C + 1`` checkpoints (``t = 0`` first). Every integrator returns one.
 
     Attributes:
+      final: the parameters after the last step (a pytree; from a front end, the trained model
+        or, for :func:`sims.reduced.reduced_preference_flow`, the
+        :class:`~sims.reduced.MovingRows`).
       t: ``[C + 1]`` flow time ``k * record_every * dt``.
-      loss: ``[C + 1]`` loss at each checkpoint.
-      observables: pytree whose leaves have leading axis ``C + 1``.
+      loss: ``[..., C + 1]`` loss at each checkpoint (a leading run axis for stacked runs).
+      observables: pytree whose leaves have the checkpoint axis after any run axis.
+      first_nonfinite_step: ``[...]`` int, the first step (1-based) whose parameters or loss were
+        NaN/inf, or -1; all -1 once :func:`raise_on_nonfinite` has passed.
     """
 
+    final: Any
     t: jax.Array
     loss: jax.Array
     observables: Any
+    first_nonfinite_step: jax.Array
+
+
+def raise_on_nonfinite(
+    first_nonfinite_step: Any, *, dt: float, what: str = "gradient flow"
+) -> None:
+    """Raise ``FloatingPointError`` if any run's ``first_nonfinite_step`` is ``>= 0``.
+
+    The one failure path of the package's flows: the message names the step, its time ``t`` and,
+    for stacked runs (``[R]`` or any shape), which runs.
+
+    Raises:
+      FloatingPointError: a run produced NaN/inf.
+
+    Example:
+      >>> raise_on_nonfinite(np.array([-1, 7, -1]), dt=0.5)
+      Traceback (most recent call last):
+        ...
+      FloatingPointError: gradient flow produced a non-finite value in 1 of 3 runs; first: run ...
+    """
+    steps = np.asarray(first_nonfinite_step)
+    hint = "reduce dt or check the loss's domain"
+    if steps.ndim == 0:
+        if steps >= 0:
+            raise FloatingPointError(
+                f"{what} produced a non-finite value at step {int(steps)} "
+                f"(t = {int(steps) * dt:g}); {hint}"
+            )
+        return
+    bad = np.argwhere(steps >= 0)
+    if bad.size:
+        run = tuple(int(i) for i in bad[0])
+        step = int(steps[run])
+        raise FloatingPointError(
+            f"{what} produced a non-finite value in {bad.shape[0]} of {steps.size} runs; "
+            f"first: run {run} at step {step} (t = {step * dt:g}); {hint}"
+        )
 
 
 def _all_finite(tree) -> jax.Array:
@@ -86,22 +152,32 @@ def flow_fn(
     loss_fn: Callable[[Any, Any], jax.Array],
     observe_fn: Callable[[Any, Any], Any],
     *,
-    optimizer: optax.GradientTransformation,
+    optimizer: str,
     num_steps: int,
     record_every: int,
-) -> Callable[[Any, Any], tuple[Any, jax.Array, Any, jax.Array]]:
-    """Return the pure ``run(params, data) -> (final_params, losses, observables, first_bad)``.
+) -> Callable[[Any, Any, Any], FlowResult]:
+    """Return the pure ``run(params, data, dt) -> FlowResult``.
 
-    ``losses`` and ``observables`` have ``num_steps // record_every + 1`` rows; ``first_bad`` is the
-    first step (1-based) whose result was non-finite, or -1. The function is jit-, vmap- and
-    shard-friendly: batch runs by ``jax.vmap`` over ``params`` and/or ``data``.
+    ``loss`` and ``observables`` have ``num_steps // record_every + 1`` rows (``t = 0`` first);
+    ``first_nonfinite_step`` is the first step (1-based) whose parameters or loss were non-finite,
+    or -1. jit-, vmap- and shard-friendly: batch runs by ``jax.vmap`` over ``params``, ``data``
+    and/or ``dt``. Callers validate (see :func:`integrate`).
+
+    Example:
+      >>> run = flow_fn(lambda x, _: 0.5 * x**2, lambda x, _: x, optimizer="sgd", num_steps=2,
+      ...               record_every=1)
+      >>> [float(x) for x in run(jnp.array(1.0), None, 0.5).observables]  # x <- (1 - dt) x
+      [1.0, 0.5, 0.25]
     """
+    check_optimizer(optimizer)
 
-    def run(params, data):
+    def run(params, data, dt):
+        tx = make_optimizer(optimizer, dt=dt)
+
         def step(carry, _):
             params, opt_state, k, first_bad = carry
             loss, grads = jax.value_and_grad(loss_fn)(params, data)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             finite = _all_finite(params) & jnp.isfinite(loss)
             first_bad = jnp.where((first_bad < 0) & ~finite, k + 1, first_bad)
@@ -111,7 +187,7 @@ def flow_fn(
             carry, _ = jax.lax.scan(step, carry, None, length=record_every)
             return carry, (loss_fn(carry[0], data), observe_fn(carry[0], data))
 
-        carry0 = (params, optimizer.init(params), jnp.int32(0), jnp.int32(-1))
+        carry0 = (params, tx.init(params), jnp.int32(0), jnp.int32(-1))
         carry, (losses, observables) = jax.lax.scan(
             checkpoint, carry0, None, length=num_steps // record_every
         )
@@ -120,12 +196,45 @@ def flow_fn(
         observables = jax.tree_util.tree_map(
             lambda a, b: jnp.concatenate([a[None], b]), first[1], observables
         )
-        return carry[0], losses, observables, carry[3]
+        t = dt * record_every * jnp.arange(num_steps // record_every + 1)
+        return FlowResult(carry[0], t, losses, observables, carry[3])
 
     return run
 
 
-def _check_schedule(dt: float, num_steps: int, record_every: int) -> None:
+@functools.lru_cache(maxsize=256)
+def compiled_flow(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    observe_fn: Callable[[Any, Any], Any],
+    *,
+    optimizer: str,
+    num_steps: int,
+    record_every: int,
+    in_axes: Any = None,
+) -> Callable[[Any, Any, Any], FlowResult]:
+    """Return ``jax.jit`` of :func:`flow_fn`, vmapped over ``in_axes`` of ``(params, data)`` if set.
+
+    Cached: equal arguments give the same compiled function, so a repeat call with the same shapes
+    runs without tracing or compiling. ``loss_fn`` and ``observe_fn`` must be hashable (module-level
+    functions, frozen dataclasses); ``in_axes`` a hashable ``vmap`` spec such as ``(None, 0)``.
+    """
+    run = flow_fn(
+        loss_fn, observe_fn, optimizer=optimizer, num_steps=num_steps, record_every=record_every
+    )
+    if in_axes is not None:
+        run = jax.vmap(run, in_axes=(*in_axes, None))
+    return jax.jit(run)
+
+
+def check_schedule(dt: float, num_steps: int, record_every: int) -> None:
+    """Raise ``ValueError`` unless ``dt > 0``, ``num_steps >= 1`` and ``record_every`` divides it.
+
+    Example:
+      >>> check_schedule(0.1, 10, 3)
+      Traceback (most recent call last):
+        ...
+      ValueError: record_every must divide num_steps, got num_steps=10, record_every=3
+    """
     check_positive("dt", dt)
     check_positive_int("num_steps", num_steps)
     check_positive_int("record_every", record_every)
@@ -134,6 +243,10 @@ def _check_schedule(dt: float, num_steps: int, record_every: int) -> None:
             "record_every must divide num_steps, "
             f"got num_steps={num_steps}, record_every={record_every}"
         )
+
+
+def _host_time(dt: float, num_steps: int, record_every: int) -> jax.Array:
+    return dt * record_every * jnp.arange(num_steps // record_every + 1)
 
 
 def integrate(
@@ -146,51 +259,71 @@ def integrate(
     num_steps: int,
     record_every: int = 1,
     optimizer: str = "sgd",
-) -> tuple[Any, Trajectory]:
+    in_axes: Any = None,
+    check: bool = True,
+) -> FlowResult:
     r"""Integrate :math:`\dot\theta = -\nabla_\theta\,\mathrm{loss\_fn}(\theta, \mathrm{data})`.
 
     Source: gradient flow, Razin et al. 2024 §4.1; explicit Euler through ``optax.sgd``.
+    Compiled once per (``loss_fn``, ``observe_fn``, optimiser, schedule, ``in_axes``, shapes):
+    see :func:`compiled_flow`.
 
     Args:
-      loss_fn: ``(params, data) -> scalar``.
+      loss_fn: ``(params, data) -> scalar``; hashable (a module-level function) to reuse compiles.
       observe_fn: ``(params, data) -> pytree`` recorded at checkpoints.
       params: pytree of arrays (e.g. an ``nnx.State``).
       data: pytree passed through to ``loss_fn``/``observe_fn``.
       dt: step size (``lr``), ``> 0``.
       num_steps: number of steps, ``>= 1``.
-      record_every: steps between checkpoints; must divide ``num_steps``.
+      record_every: steps between checkpoints, ``>= 1``; must divide ``num_steps``.
       optimizer: one of :data:`OPTIMIZERS`.
+      in_axes: ``None`` (one run) or a ``vmap`` spec for ``(params, data)`` to run a stack of
+        independent runs, e.g. ``(None, 0)`` for one start and stacked data.
+      check: raise on a non-finite run (default); ``False`` returns the per-run
+        ``first_nonfinite_step`` instead (sweeps record a status rather than abort).
 
     Returns:
-      ``(final_params, Trajectory)``.
+      :class:`FlowResult`.
 
     Raises:
       ValueError: bad schedule, unknown optimiser, non-finite initial parameters.
-      FloatingPointError: the flow produced NaN/inf; the message names the first such step and t.
+      FloatingPointError: the flow produced NaN/inf; the message names the first such step, t and
+        run (see :func:`raise_on_nonfinite`).
 
     Example:
-      >>> final, traj = integrate(lambda x, _: 0.5 * x**2, lambda x, _: x, jnp.array(1.0),
-      ...                         dt=0.1, num_steps=2, record_every=1)
-      >>> [round(float(x), 4) for x in traj.observables]  # x <- (1 - dt) x
+      >>> res = integrate(lambda x, _: 0.5 * x**2, lambda x, _: x, jnp.array(1.0),
+      ...                 dt=0.1, num_steps=2, record_every=1)
+      >>> [round(float(x), 4) for x in res.observables]  # x <- (1 - dt) x
       [1.0, 0.9, 0.81]
     """
-    _check_schedule(dt, num_steps, record_every)
-    tx = make_optimizer(optimizer, dt=dt)
+    check_schedule(dt, num_steps, record_every)
+    check_optimizer(optimizer)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         check_finite(f"params{jax.tree_util.keystr(path)}", leaf)
-    run = jax.jit(
-        flow_fn(loss_fn, observe_fn, optimizer=tx, num_steps=num_steps, record_every=record_every)
+    run = compiled_flow(
+        loss_fn,
+        observe_fn,
+        optimizer=optimizer,
+        num_steps=num_steps,
+        record_every=record_every,
+        in_axes=in_axes,
     )
-    final, losses, observables, first_bad = run(params, data)
-    first_bad = int(first_bad)
-    if first_bad >= 0:
-        raise FloatingPointError(
-            f"gradient flow produced a non-finite value at step {first_bad} "
-            f"(t = {first_bad * dt:g}); "
-            "reduce dt or check the loss's domain"
-        )
-    t = dt * record_every * jnp.arange(num_steps // record_every + 1)
-    return final, Trajectory(t, losses, observables)
+    result = run(params, data, float(dt))
+    if check:
+        raise_on_nonfinite(result.first_nonfinite_step, dt=dt)
+    return result._replace(t=_host_time(dt, num_steps, record_every))
+
+
+@dataclasses.dataclass(frozen=True)
+class _OnModel:
+    """``fn(model, data)`` as a hashable function of a split model's ``(params, (rest, data))``."""
+
+    graphdef: Any
+    fn: Callable[[nnx.Module, Any], Any]
+
+    def __call__(self, params, rest_and_data):
+        rest, data = rest_and_data
+        return self.fn(nnx.merge(self.graphdef, params, rest), data)
 
 
 def integrate_model(
@@ -203,12 +336,16 @@ def integrate_model(
     num_steps: int,
     record_every: int = 1,
     optimizer: str = "sgd",
-) -> tuple[Any, Trajectory]:
-    r"""Run :func:`integrate` on an NNX module's state; return ``(trained_module, Trajectory)``.
+    in_axes: Any = None,
+    check: bool = True,
+) -> FlowResult:
+    r"""Run :func:`integrate` on an NNX module's ``nnx.Param`` state; ``final`` is the new module.
 
     ``loss_fn(model, data)`` and ``observe_fn(model, data)`` receive the module rebuilt from the
     flowing state (``nnx.split`` once, ``nnx.merge`` inside the compiled step), so front ends write
-    their maths on the module. The input module is not modified.
+    their maths on the module. Only ``nnx.Param`` variables train; other variables (constants) ride
+    along unchanged. The input module is not modified. With ``in_axes = (model_axis, data_axis)``
+    a stack of runs is vmapped (``model_axis=None``: every run starts from ``model``).
 
     Raises:
       As :func:`integrate`.
@@ -216,149 +353,175 @@ def integrate_model(
     Example:
       >>> from sims.models import UnconstrainedFeatures
       >>> model = UnconstrainedFeatures.from_arrays(jnp.eye(2), jnp.ones((1, 2)))
-      >>> _, traj = integrate_model(model, lambda m, _: jnp.sum(m.hidden[...] ** 2),
-      ...                           lambda m, _: m.hidden[...][0, 0], dt=0.25, num_steps=1)
-      >>> [float(x) for x in traj.observables]  # h <- h - dt * 2h
+      >>> res = integrate_model(model, lambda m, _: jnp.sum(m.hidden[...] ** 2),
+      ...                       lambda m, _: m.hidden[...][0, 0], dt=0.25, num_steps=1)
+      >>> [float(x) for x in res.observables]  # h <- h - dt * 2h
       [1.0, 0.5]
     """
-    graphdef, state = nnx.split(model)
-    final, traj = integrate(
-        lambda s, d: loss_fn(nnx.merge(graphdef, s), d),
-        lambda s, d: observe_fn(nnx.merge(graphdef, s), d),
-        state,
-        data,
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    axes = None
+    if in_axes is not None:
+        model_axis, data_axis = in_axes
+        axes = (model_axis, (model_axis, data_axis))
+    result = integrate(
+        _OnModel(graphdef, loss_fn),
+        _OnModel(graphdef, observe_fn),
+        params,
+        (rest, data),
         dt=dt,
         num_steps=num_steps,
         record_every=record_every,
         optimizer=optimizer,
+        in_axes=axes,
+        check=check,
     )
-    return nnx.merge(graphdef, final), traj
+    return result._replace(final=nnx.merge(graphdef, result.final, rest))
 
 
-class PreferencePairs(NamedTuple):
-    """Single-token preference data for :class:`UnconstrainedFeatures` (TRL names).
+@dataclasses.dataclass(frozen=True)
+class PairObjective:
+    r"""The preference objective :math:`L(\theta)` of a model on a pairs type (hashable).
+
+    ``objective(model, pairs)`` is :func:`theory.losses.mean_pair_loss` of ``pairs.logprobs(model)``
+    against the pairs' reference log-probs (weighted when the pairs carry a ``weight`` field).
+    Equal losses give equal objectives, so :func:`preference_flow` compiles once per loss.
+
+    Source: Razin et al. 2024, Eq. 2.
 
     Attributes:
-      prompt: ``[N]`` row of the hidden table (prefix id) of each pair.
-      chosen: ``[N]`` preferred token ids :math:`y^+`.
-      rejected: ``[N]`` dispreferred token ids :math:`y^-`.
-      ref_logprob_chosen: ``[N]`` :math:`\\ln\\pi_{ref}(y^+|x)`.
-      ref_logprob_rejected: ``[N]`` :math:`\\ln\\pi_{ref}(y^-|x)`.
+      loss: a per-pair loss from :mod:`theory.losses` (e.g. ``make_loss("dpo", beta=0.1)``).
     """
 
-    prompt: jax.Array
-    chosen: jax.Array
-    rejected: jax.Array
-    ref_logprob_chosen: jax.Array
-    ref_logprob_rejected: jax.Array
+    loss: PairLoss
 
-
-def make_pairs(
-    model: UnconstrainedFeatures, prompt: ArrayLike, chosen: ArrayLike, rejected: ArrayLike
-) -> PreferencePairs:
-    """Return :class:`PreferencePairs` with the reference log-probs taken from ``model`` now.
-
-    Raises:
-      ValueError: shapes differ, ids out of range, ``chosen == rejected`` for some pair.
-    """
-    prompt, chosen, rejected = (jnp.atleast_1d(jnp.asarray(a)) for a in (prompt, chosen, rejected))
-    for name, arr in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        check_ndim(name, arr, 1, "[N]")
-    if not prompt.shape == chosen.shape == rejected.shape:
-        raise ValueError(
-            "prompt, chosen and rejected must have one shape [N], got "
-            f"{prompt.shape}, {chosen.shape}, {rejected.shape}"
+    def __call__(self, model: nnx.Module, pairs: Any) -> jax.Array:
+        lp_c, lp_r = pairs.logprobs(model)
+        return mean_pair_loss(
+            self.loss,
+            lp_c,
+            lp_r,
+            pairs.ref_logprob_chosen,
+            pairs.ref_logprob_rejected,
+            weight=getattr(pairs, "weight", None),
         )
-    check_token_ids("prompt", prompt, model.num_prefixes)
-    check_token_ids("chosen", chosen, model.vocab_size)
-    check_token_ids("rejected", rejected, model.vocab_size)
-    if np.any(np.asarray(chosen) == np.asarray(rejected)):
-        raise ValueError("chosen and rejected must differ in every pair (y+ != y-)")
-    logprobs = model(prompt)  # [N, V]
-    rows = jnp.arange(prompt.shape[0])
-    return PreferencePairs(
-        prompt, chosen, rejected, logprobs[rows, chosen], logprobs[rows, rejected]
-    )
 
 
-class PreferenceRecord(NamedTuple):
-    """Observables of a preference flow at one checkpoint.
-
-    Attributes:
-      margin: ``[N]`` :math:`\\ln\\pi(y^+|x) - \\ln\\pi(y^-|x)`.
-      logprobs: ``[N, V]`` :math:`\\ln\\pi(z|x)` of every token for every pair's prompt.
-    """
-
-    margin: jax.Array
-    logprobs: jax.Array
+def pair_logprobs(model: nnx.Module, pairs: Any) -> tuple[jax.Array, jax.Array]:
+    """Return ``(logprob_chosen, logprob_rejected)`` of any pairs type on its model family."""
+    return pairs.logprobs(model)
 
 
-def _pair_logprobs(model: UnconstrainedFeatures, pairs: PreferencePairs):
-    logprobs = model(pairs.prompt)  # [N, V]
-    rows = jnp.arange(pairs.prompt.shape[0])
-    return logprobs, logprobs[rows, pairs.chosen], logprobs[rows, pairs.rejected]
+def default_record(model: nnx.Module, pairs: Any) -> Any:
+    """The default observable of :func:`preference_flow`: ``pairs.record(model)``."""
+    return pairs.record(model)
 
 
 def preference_flow(
-    model: UnconstrainedFeatures,
-    pairs: PreferencePairs,
+    model: nnx.Module,
+    pairs: Any,
     loss: PairLoss,
     *,
     dt: float,
     num_steps: int,
     record_every: int = 1,
     optimizer: str = "sgd",
-) -> tuple[UnconstrainedFeatures, Trajectory]:
+    observe: Callable[[nnx.Module, Any], Any] = default_record,
+    in_axes: tuple[int | None, int | None] | None = None,
+) -> FlowResult:
     r"""Run gradient flow on :math:`L = \frac1N\sum_i \ell_i` (Razin et al. 2024, Eq. 2).
 
-    ``W`` and every hidden embedding train. The input model is not modified.
+    Every ``nnx.Param`` of ``model`` trains (for the unconstrained-features model: ``W`` and every
+    hidden embedding). The input model is not modified.
 
     Args:
-      model: the starting model.
-      pairs: :class:`PreferencePairs` (reference log-probs fixed inside).
+      model: the starting model of any family.
+      pairs: a pairs type of that family (:class:`sims.models.PreferencePairs`,
+        :class:`sims.prefix_tree.PrefixTreePairs`, :class:`sims.transformer.TransformerPairs`),
+        reference log-probs fixed inside.
       loss: a pair loss from :mod:`theory.losses` (e.g. ``make_loss("dpo", beta=0.1)``).
       dt, num_steps, record_every, optimizer: as in :func:`integrate`.
+      observe: ``(model, pairs) -> pytree`` recorded at checkpoints; default ``pairs.record``.
+        Pass a module-level function to reuse compilations.
+      in_axes: ``None`` for one flow, or ``(model_axis, pairs_axis)`` to vmap ``R`` independent
+        flows: ``(None, 0)`` runs every stacked data set from ``model``; ``(0, 0)`` pairs a stack of
+        models (:func:`stack_models`) with a stack of data sets. Results get a leading ``[R]``.
 
     Returns:
-      ``(trained_model, Trajectory)`` with :class:`PreferenceRecord` observables.
+      :class:`FlowResult` with ``final`` the trained model.
 
     Raises:
-      As :func:`integrate`.
+      ValueError: ``pairs`` invalid for ``model`` (ids out of range...); as :func:`integrate`.
+      FloatingPointError: as :func:`integrate`.
     """
-
-    def loss_fn(model, pairs):
-        _, lp_c, lp_r = _pair_logprobs(model, pairs)
-        return jnp.mean(loss(lp_c, lp_r, pairs.ref_logprob_chosen, pairs.ref_logprob_rejected))
-
-    def observe_fn(model, pairs):
-        logprobs, lp_c, lp_r = _pair_logprobs(model, pairs)
-        return PreferenceRecord(lp_c - lp_r, logprobs)
-
+    pairs.validate(model)
     return integrate_model(
         model,
-        loss_fn,
-        observe_fn,
+        PairObjective(loss),
+        observe,
         pairs,
         dt=dt,
         num_steps=num_steps,
         record_every=record_every,
         optimizer=optimizer,
+        in_axes=in_axes,
     )
 
 
+def stack_models(models: list[nnx.Module]) -> nnx.Module:
+    """Return one module whose arrays stack ``models``' arrays on a leading run axis ``R``.
+
+    For ``in_axes=(0, ...)`` runs of :func:`integrate_model` / :func:`preference_flow`; the models
+    must share a structure and shapes.
+
+    Raises:
+      ValueError: no models, or models of different structure or shapes.
+
+    Example:
+      >>> from sims.models import UnconstrainedFeatures
+      >>> ms = [UnconstrainedFeatures(3, 2, 1, rngs=nnx.Rngs(i)) for i in range(4)]
+      >>> stack_models(ms).unembedding.shape
+      (4, 3, 2)
+    """
+    if not models:
+        raise ValueError("models must hold at least one module, got none")
+    splits = [nnx.split(m) for m in models]
+    graphdef = splits[0][0]
+    shapes = {tuple(np.shape(x) for x in jax.tree_util.tree_leaves(state)) for g, state in splits}
+    if any(g != graphdef for g, _ in splits) or len(shapes) != 1:
+        raise ValueError("models must share one structure and parameter shapes to be stacked")
+    states = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *(s for _, s in splits))
+    return nnx.merge(graphdef, states)
+
+
+class SFTData(NamedTuple):
+    """Supervised examples for :func:`sft_flow`: ``prompt`` ``[N]`` prefix ids, ``label``."""
+
+    prompt: jax.Array
+    label: jax.Array
+
+
+def _label_logprobs(model: nnx.Module, data: SFTData) -> jax.Array:
+    return model(data.prompt)[jnp.arange(data.prompt.shape[0]), data.label]
+
+
+def _sft_loss(model: nnx.Module, data: SFTData) -> jax.Array:
+    return jnp.mean(nll_loss(_label_logprobs(model, data)))
+
+
 def sft_flow(
-    model: UnconstrainedFeatures,
-    prompt: ArrayLike,
-    label: ArrayLike,
+    model: nnx.Module,
+    prompt: Any,
+    label: Any,
     *,
     dt: float,
     num_steps: int,
-    record_every: int | None = None,
+    record_every: int = 1,
     optimizer: str = "sgd",
-) -> tuple[UnconstrainedFeatures, Trajectory]:
+) -> FlowResult:
     r"""Run SFT: gradient flow on the mean cross-entropy :math:`-\frac1N\sum_i\ln\pi(y_i|x_i)`.
 
     Source: the SFT phase before preference learning (Razin et al. 2024, §2.1, App. H.1).
+    ``model(prompt)`` must return ``[N, V]`` next-token log-probs (unconstrained features).
     Observables: the per-example log-prob of the label, ``[N]``.
 
     Raises:
@@ -370,17 +533,13 @@ def sft_flow(
         raise ValueError(f"label must have the shape {prompt.shape} of prompt, got {label.shape}")
     check_token_ids("prompt", prompt, model.num_prefixes)
     check_token_ids("label", label, model.vocab_size)
-    rows = jnp.arange(prompt.shape[0])
-
-    def label_logprob(model, _):
-        return model(prompt)[rows, label]
-
     return integrate_model(
         model,
-        lambda m, d: jnp.mean(nll_loss(label_logprob(m, d))),
-        label_logprob,
+        _sft_loss,
+        _label_logprobs,
+        SFTData(prompt, label),
         dt=dt,
         num_steps=num_steps,
-        record_every=record_every or num_steps,
+        record_every=record_every,
         optimizer=optimizer,
     )

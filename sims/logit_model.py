@@ -13,6 +13,7 @@ up to the edit are shared, later ones come in pairs. (A general prefix tree is o
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -21,8 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import flow_fn, make_optimizer
-from theory._checks import check_finite, check_ndim, check_positive, check_positive_int
+from sims.flow import FlowResult, check_schedule, integrate_model
+from theory.checks import check_finite, check_ndim, check_positive, check_positive_int
 from theory.dpop import dpop_coefficients, edit_position, weighted_split
 from theory.losses import dpop_loss
 
@@ -134,19 +135,17 @@ def edit_pair_prefixes(chosen: ArrayLike, rejected: ArrayLike) -> EditPrefixes:
     return EditPrefixes(row_c, row_r, position, m)
 
 
-class EditFlow(NamedTuple):
-    r"""A recorded DPO/DPOP flow on one pair, for every :math:`\lambda` of a sweep.
+class EditRecord(NamedTuple):
+    r"""Observables of a DPO/DPOP flow on one edit-distance-1 pair at one checkpoint.
 
     Attributes:
-      t: ``[C+1]`` flow time.
-      logprob_chosen: ``[R, C+1, L]`` :math:`\ln\pi(t_k|y_w^{<k})`.
-      logprob_rejected: ``[R, C+1, L]`` :math:`\ln\pi(t'_k|y_l^{<k})`.
-      hinge_active: ``[R, C+1]``.
-      velocity: ``[R, C+1]`` :math:`\frac{d}{dt}\ln\pi(y_w)` by ``jax.jvp`` along :math:`-\nabla L`.
-      split: :class:`theory.dpop.WeightedSplit` of ``[R, C+1]`` arrays (Proposition 2).
+      logprob_chosen: ``[L]`` :math:`\ln\pi(t_k|y_w^{<k})`.
+      logprob_rejected: ``[L]`` :math:`\ln\pi(t'_k|y_l^{<k})`.
+      hinge_active: scalar bool, DPOP's penalty is active.
+      velocity: :math:`\frac{d}{dt}\ln\pi(y_w)` by ``jax.jvp`` along :math:`-\nabla L`.
+      split: :class:`theory.dpop.WeightedSplit` (Proposition 2).
     """
 
-    t: jax.Array
     logprob_chosen: jax.Array
     logprob_rejected: jax.Array
     hinge_active: jax.Array
@@ -154,8 +153,75 @@ class EditFlow(NamedTuple):
     split: Any
 
 
+class EditPairData(NamedTuple):
+    """Arrays of :func:`edit_pair_flow`'s objective: pair, prefix rows, reference, ``lam``."""
+
+    chosen: jax.Array
+    rejected: jax.Array
+    rows_chosen: jax.Array
+    rows_rejected: jax.Array
+    ref_chosen: jax.Array
+    ref_rejected: jax.Array
+    lam: jax.Array
+
+
 def _tree_dot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _per_position(model: nnx.Module, data: EditPairData):
+    """Per-position log-probs ``[L]`` of the chosen and rejected tokens."""
+    pos = jnp.arange(data.chosen.shape[0])
+    lp_c = jax.nn.log_softmax(model.logits(data.rows_chosen), axis=-1)[pos, data.chosen]
+    lp_r = jax.nn.log_softmax(model.logits(data.rows_rejected), axis=-1)[pos, data.rejected]
+    return lp_c, lp_r
+
+
+@dataclasses.dataclass(frozen=True)
+class _DPOPObjective:
+    """DPOP loss of one edit pair as ``(model, data) -> scalar``; ``record`` its observables."""
+
+    beta: float
+    penalty_inside_beta: bool
+
+    def __call__(self, model: nnx.Module, data: EditPairData) -> jax.Array:
+        lp_c, lp_r = (jnp.sum(x) for x in _per_position(model, data))
+        return dpop_loss(
+            lp_c,
+            lp_r,
+            data.ref_chosen,
+            data.ref_rejected,
+            beta=self.beta,
+            lam=data.lam,
+            penalty_inside_beta=self.penalty_inside_beta,
+        )
+
+    def record(self, model: nnx.Module, data: EditPairData) -> EditRecord:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def chosen_lp(p):
+            return jnp.sum(_per_position(nnx.merge(graphdef, p, rest), data)[0])
+
+        def rejected_lp(p):
+            return jnp.sum(_per_position(nnx.merge(graphdef, p, rest), data)[1])
+
+        pc, pr = _per_position(model, data)
+        g_c, g_r = jax.grad(chosen_lp)(params), jax.grad(rejected_lp)(params)
+        down = jax.grad(lambda p: -self(nnx.merge(graphdef, p, rest), data))(params)
+        velocity = jax.jvp(chosen_lp, (params,), (down,))[1]
+        coef = dpop_coefficients(
+            jnp.sum(pc),
+            jnp.sum(pr),
+            data.ref_chosen,
+            data.ref_rejected,
+            beta=self.beta,
+            lam=data.lam,
+            penalty_inside_beta=self.penalty_inside_beta,
+        )
+        split = weighted_split(
+            coef.coef_chosen, coef.coef_rejected, _tree_dot(g_c, g_c), _tree_dot(g_c, g_r)
+        )
+        return EditRecord(pc, pr, coef.hinge_active, velocity, split)
 
 
 def edit_pair_flow(
@@ -170,74 +236,44 @@ def edit_pair_flow(
     num_steps: int,
     record_every: int,
     penalty_inside_beta: bool = True,
-) -> EditFlow:
+) -> FlowResult:
     r"""Run gradient flow on :func:`theory.losses.dpop_loss` for every ``lam`` (vmapped).
 
     :math:`\pi_{\mathrm{ref}}` is ``model`` at :math:`t = 0`; ``lam = 0`` is DPO. Every
-    ``nnx.Param`` of ``model`` trains (explicit Euler, ``optax.sgd(dt)``).
+    ``nnx.Param`` of ``model`` trains (explicit Euler, ``optax.sgd(dt)``). ``model`` is
+    :class:`PositionLogits` or :class:`sims.models.UnconstrainedFeatures` (anything with
+    ``logits(prefix_ids)``).
 
     Source: Pal et al. 2024, Eq. 3; Razin et al. 2024, Proposition 2 (recorded split).
 
+    Returns:
+      :class:`~sims.flow.FlowResult` with a leading ``[R]`` run axis (one run per ``lam``);
+      observables are :class:`EditRecord`.
+
     Raises:
       ValueError: bad schedule, ``lams`` not 1-D or negative, ``beta <= 0``.
-      FloatingPointError: a run became non-finite.
+      FloatingPointError: a run became non-finite (names the run, step and t).
     """
     check_ndim("lams", lams, 1, "[R]")
     check_positive("beta", beta)
+    check_schedule(dt, num_steps, record_every)
     if np.any(np.asarray(lams) < 0):
         raise ValueError(f"lams must be >= 0, got lams={np.asarray(lams).tolist()}")
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     c_tok, r_tok = jnp.asarray(chosen), jnp.asarray(rejected)
     rows_c, rows_r = jnp.asarray(prefixes.chosen), jnp.asarray(prefixes.rejected)
-    pos = jnp.arange(c_tok.shape[0])
-
-    def per_position(p):
-        m = nnx.merge(graphdef, p, rest)
-        return m(rows_c)[pos, c_tok], m(rows_r)[pos, r_tok]  # [L], [L]
-
-    ref_c, ref_r = (jnp.sum(x) for x in per_position(params))
-
-    def lp_chosen(p):
-        return jnp.sum(per_position(p)[0])
-
-    def loss_fn(p, lam):
-        lp_c, lp_r = (jnp.sum(x) for x in per_position(p))
-        return dpop_loss(
-            lp_c, lp_r, ref_c, ref_r, beta=beta, lam=lam, penalty_inside_beta=penalty_inside_beta
-        )
-
-    def observe_fn(p, lam):
-        pc, pr = per_position(p)
-        g_c = jax.grad(lp_chosen)(p)
-        g_r = jax.grad(lambda q: jnp.sum(per_position(q)[1]))(p)
-        down = jax.tree.map(jnp.negative, jax.grad(loss_fn)(p, lam))
-        velocity = jax.jvp(lp_chosen, (p,), (down,))[1]
-        coef = dpop_coefficients(
-            jnp.sum(pc),
-            jnp.sum(pr),
-            ref_c,
-            ref_r,
-            beta=beta,
-            lam=lam,
-            penalty_inside_beta=penalty_inside_beta,
-        )
-        split = weighted_split(
-            coef.coef_chosen, coef.coef_rejected, _tree_dot(g_c, g_c), _tree_dot(g_c, g_r)
-        )
-        return pc, pr, coef.hinge_active, velocity, split
-
-    if num_steps % record_every:
-        raise ValueError(f"record_every must divide num_steps, got {num_steps}, {record_every}")
-    run = flow_fn(
-        loss_fn,
-        observe_fn,
-        optimizer=make_optimizer("sgd", dt=dt),
+    probe = EditPairData(c_tok, r_tok, rows_c, rows_r, 0.0, 0.0, 0.0)
+    ref_c, ref_r = (jnp.sum(x) for x in _per_position(model, probe))
+    data = probe._replace(
+        ref_chosen=ref_c, ref_rejected=ref_r, lam=jnp.asarray(lams, dtype=ref_c.dtype)
+    )
+    objective = _DPOPObjective(float(beta), bool(penalty_inside_beta))
+    return integrate_model(
+        model,
+        objective,
+        objective.record,
+        data,
+        dt=dt,
         num_steps=num_steps,
         record_every=record_every,
+        in_axes=(None, EditPairData(None, None, None, None, None, None, 0)),
     )
-    lams = jnp.asarray(lams, dtype=ref_c.dtype)
-    _, _, obs, first_bad = jax.jit(jax.vmap(run, in_axes=(None, 0)))(params, lams)
-    if np.any(np.asarray(first_bad) >= 0):
-        raise FloatingPointError(f"a flow became non-finite at steps {np.asarray(first_bad)}")
-    t = dt * record_every * jnp.arange(num_steps // record_every + 1)
-    return EditFlow(t, *obs)

@@ -8,12 +8,22 @@ distinct (prompt, response-prefix) to one row, so shared prefixes share one para
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from theory._checks import check_finite, check_ndim, check_positive, check_positive_int
+from theory.checks import (
+    check_distinct,
+    check_finite,
+    check_ndim,
+    check_positive,
+    check_positive_int,
+    check_token_ids,
+)
 
 
 def softmax_logprobs(unembedding: jax.Array, hidden: jax.Array) -> jax.Array:
@@ -109,11 +119,11 @@ class UnconstrainedFeatures(nnx.Module):
 
     @property
     def vocab_size(self) -> int:
-        return self.unembedding.shape[0]
+        return self.unembedding.shape[-2]
 
     @property
     def num_prefixes(self) -> int:
-        return self.hidden.shape[0]
+        return self.hidden.shape[-2]
 
     def logits(self, prefix_ids: jax.Array) -> jax.Array:
         """Return logits :math:`W h_p`, shape ``prefix_ids.shape + (V,)``."""
@@ -122,3 +132,87 @@ class UnconstrainedFeatures(nnx.Module):
     def __call__(self, prefix_ids: jax.Array) -> jax.Array:
         """Return next-token log-probs, shape ``prefix_ids.shape + (V,)``."""
         return softmax_logprobs(self.unembedding[...], self.hidden[...][prefix_ids])
+
+
+class PreferenceRecord(NamedTuple):
+    """Observables of a single-token preference flow at one checkpoint.
+
+    Attributes:
+      margin: ``[N]`` :math:`\\ln\\pi(y^+|x) - \\ln\\pi(y^-|x)`.
+      logprobs: ``[N, V]`` :math:`\\ln\\pi(z|x)` of every token for every pair's prompt.
+    """
+
+    margin: jax.Array
+    logprobs: jax.Array
+
+
+class PreferencePairs(NamedTuple):
+    r"""Single-token preference pairs for :class:`UnconstrainedFeatures` (TRL names).
+
+    The pairs type of the single-token family; :func:`sims.flow.preference_flow` trains on it.
+
+    Attributes:
+      prompt: ``[N]`` row of the hidden table (prefix id) of each pair.
+      chosen: ``[N]`` preferred token ids :math:`y^+`.
+      rejected: ``[N]`` dispreferred token ids :math:`y^-`.
+      ref_logprob_chosen: ``[N]`` :math:`\ln\pi_{ref}(y^+|x)`.
+      ref_logprob_rejected: ``[N]`` :math:`\ln\pi_{ref}(y^-|x)`.
+    """
+
+    prompt: jax.Array
+    chosen: jax.Array
+    rejected: jax.Array
+    ref_logprob_chosen: jax.Array
+    ref_logprob_rejected: jax.Array
+
+    def logprobs(self, model: UnconstrainedFeatures) -> tuple[jax.Array, jax.Array]:
+        """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""
+        logprobs = model(self.prompt)  # [N, V]
+        rows = jnp.arange(self.prompt.shape[-1])
+        return logprobs[rows, self.chosen], logprobs[rows, self.rejected]
+
+    def record(self, model: UnconstrainedFeatures) -> PreferenceRecord:
+        """Return the default flow observables: margins and every token's log-prob."""
+        logprobs = model(self.prompt)  # [N, V]
+        rows = jnp.arange(self.prompt.shape[-1])
+        margin = logprobs[rows, self.chosen] - logprobs[rows, self.rejected]
+        return PreferenceRecord(margin, logprobs)
+
+    def validate(self, model: UnconstrainedFeatures) -> None:
+        """Raise ``ValueError`` unless the ids fit ``model`` and ``chosen != rejected`` per pair."""
+        _check_pair_ids(model, self.prompt, self.chosen, self.rejected)
+
+
+def _check_pair_ids(model, prompt, chosen, rejected) -> None:
+    shapes = {np.shape(a) for a in (prompt, chosen, rejected)}
+    if len(shapes) != 1 or len(shapes.pop()) not in (1, 2):
+        raise ValueError(
+            "prompt, chosen and rejected must have one shape [N] (or [R, N] stacked), got "
+            f"{np.shape(prompt)}, {np.shape(chosen)}, {np.shape(rejected)}"
+        )
+    check_token_ids("prompt", prompt, model.num_prefixes)
+    check_token_ids("chosen", chosen, model.vocab_size)
+    check_token_ids("rejected", rejected, model.vocab_size)
+    check_distinct("chosen", chosen, "rejected", rejected)
+
+
+def make_pairs(
+    model: UnconstrainedFeatures, prompt: ArrayLike, chosen: ArrayLike, rejected: ArrayLike
+) -> PreferencePairs:
+    """Return :class:`PreferencePairs` with the reference log-probs taken from ``model`` now.
+
+    Raises:
+      ValueError: shapes differ, ids out of range, ``chosen == rejected`` for some pair.
+
+    Example:
+      >>> model = UnconstrainedFeatures(4, 2, 1, rngs=nnx.Rngs(0))
+      >>> make_pairs(model, [0], [1], [2]).ref_logprob_chosen.shape
+      (1,)
+    """
+    prompt, chosen, rejected = (jnp.atleast_1d(jnp.asarray(a)) for a in (prompt, chosen, rejected))
+    for name, arr in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        check_ndim(name, arr, 1, "[N]")
+    _check_pair_ids(model, prompt, chosen, rejected)
+    pairs = PreferencePairs(prompt, chosen, rejected, jnp.zeros(0), jnp.zeros(0))
+    lp_c, lp_r = pairs.logprobs(model)
+    return pairs._replace(ref_logprob_chosen=lp_c, ref_logprob_rejected=lp_r)

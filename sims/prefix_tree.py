@@ -18,14 +18,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sims.flow import Trajectory, flow_fn, integrate_model, make_optimizer
+from sims.flow import PairObjective
 from sims.models import UnconstrainedFeatures
-from theory._checks import check_token_ids
+from theory.checks import check_token_ids
 from theory.losses import PairLoss
 
 
-class SequencePairs(NamedTuple):
+class PairRecord(NamedTuple):
+    """Observables of a sequence flow: ``logprob_chosen`` and ``logprob_rejected``, each ``[N]``."""
+
+    logprob_chosen: jax.Array
+    logprob_rejected: jax.Array
+
+
+class PrefixTreePairs(NamedTuple):
     """Padded multi-token preference pairs indexed into a prefix table (TRL names).
+
+    The pairs type of the multi-token unconstrained-features family (one hidden row per distinct
+    prefix); :func:`sims.flow.preference_flow` trains on it.
 
     Attributes:
       chosen: ``[N, Lc]`` token ids of :math:`y^+` (0 where padded).
@@ -45,6 +55,27 @@ class SequencePairs(NamedTuple):
     ref_logprob_chosen: jax.Array
     ref_logprob_rejected: jax.Array
 
+    def logprobs(self, model: UnconstrainedFeatures) -> tuple[jax.Array, jax.Array]:
+        """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""
+        return (
+            response_logprobs_from_prefixes(
+                model, self.chosen, self.chosen_prefix, self.chosen_mask
+            ),
+            response_logprobs_from_prefixes(
+                model, self.rejected, self.rejected_prefix, self.rejected_mask
+            ),
+        )
+
+    def record(self, model: UnconstrainedFeatures) -> PairRecord:
+        """Return the default flow observables: both responses' log-probs."""
+        return PairRecord(*self.logprobs(model))
+
+    def validate(self, model: UnconstrainedFeatures) -> None:
+        """Raise ``ValueError`` for token ids outside ``model``'s vocabulary or prefix table."""
+        for name in ("chosen", "rejected"):
+            check_token_ids(name, getattr(self, name), model.vocab_size)
+            check_token_ids(f"{name}_prefix", getattr(self, f"{name}_prefix"), model.num_prefixes)
+
 
 def _pad(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
     out = np.zeros((len(rows), length), np.int32)
@@ -55,7 +86,7 @@ def _pad(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
 
 def index_prefixes(
     prompt: Sequence[int], chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]]
-) -> tuple[SequencePairs, list[tuple]]:
+) -> tuple[PrefixTreePairs, list[tuple]]:
     r"""Return padded pairs whose prefix ids give one row per distinct prefix, and the prefixes.
 
     Prefix :math:`(x, y_{<k})` is the key ``(prompt, tuple(y[:k-1]))``; ids are assigned in order
@@ -69,7 +100,7 @@ def index_prefixes(
       rejected: ``N`` non-empty token-id sequences :math:`y^-`.
 
     Returns:
-      ``(pairs, prefixes)``: :class:`SequencePairs` (reference log-probs 0) and the list of
+      ``(pairs, prefixes)``: :class:`PrefixTreePairs` (reference log-probs 0) and the list of
       prefix keys, ``prefixes[i]`` being row ``i``.
 
     Raises:
@@ -100,7 +131,7 @@ def index_prefixes(
     mask_c = np.arange(Lc)[None, :] < np.array([len(y) for y in chosen])[:, None]
     mask_r = np.arange(Lr)[None, :] < np.array([len(y) for y in rejected])[:, None]
     n = len(prompt)
-    pairs = SequencePairs(
+    pairs = PrefixTreePairs(
         jnp.asarray(_pad(chosen, Lc)),
         jnp.asarray(_pad(paths["chosen"], Lc)),
         jnp.asarray(mask_c),
@@ -113,7 +144,7 @@ def index_prefixes(
     return pairs, list(ids)
 
 
-def sequence_logprobs(
+def response_logprobs_from_prefixes(
     model: UnconstrainedFeatures, tokens: jax.Array, prefix: jax.Array, mask: jax.Array
 ) -> jax.Array:
     r"""Return summed response log-probs :math:`\sum_k \mathrm{mask}_k\ln\pi(y_k|x,y_{<k})`.
@@ -132,8 +163,8 @@ def sequence_logprobs(
     Example:
       >>> from flax import nnx
       >>> model = UnconstrainedFeatures(4, 2, 3, rngs=nnx.Rngs(0))
-      >>> lp = sequence_logprobs(model, jnp.array([[1, 0]]), jnp.array([[0, 0]]),
-      ...                        jnp.array([[True, False]]))
+      >>> lp = response_logprobs_from_prefixes(model, jnp.array([[1, 0]]), jnp.array([[0, 0]]),
+      ...                                      jnp.array([[True, False]]))
       >>> bool(jnp.allclose(lp[0], model(jnp.array([0]))[0, 1]))  # the padded position is ignored
       True
     """
@@ -142,107 +173,20 @@ def sequence_logprobs(
     return jnp.sum(jnp.where(mask, picked, 0.0), axis=-1)
 
 
-def pair_logprobs(
-    model: UnconstrainedFeatures, pairs: SequencePairs
-) -> tuple[jax.Array, jax.Array]:
-    """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""
-    return (
-        sequence_logprobs(model, pairs.chosen, pairs.chosen_prefix, pairs.chosen_mask),
-        sequence_logprobs(model, pairs.rejected, pairs.rejected_prefix, pairs.rejected_mask),
-    )
-
-
-def with_reference(model: UnconstrainedFeatures, pairs: SequencePairs) -> SequencePairs:
+def with_reference(model: UnconstrainedFeatures, pairs: PrefixTreePairs) -> PrefixTreePairs:
     """Return ``pairs`` with reference log-probs taken from ``model`` now.
 
     Raises:
       ValueError: prefix ids outside the model's table or token ids outside its vocabulary.
     """
-    for name in ("chosen", "rejected"):
-        check_token_ids(name, getattr(pairs, name), model.vocab_size)
-        check_token_ids(f"{name}_prefix", getattr(pairs, f"{name}_prefix"), model.num_prefixes)
-    lp_c, lp_r = pair_logprobs(model, pairs)
+    pairs.validate(model)
+    lp_c, lp_r = pairs.logprobs(model)
     return pairs._replace(ref_logprob_chosen=lp_c, ref_logprob_rejected=lp_r)
 
 
-class SequenceRecord(NamedTuple):
-    """Observables of a sequence flow: ``logprob_chosen`` and ``logprob_rejected``, each ``[N]``."""
-
-    logprob_chosen: jax.Array
-    logprob_rejected: jax.Array
-
-
-def sequence_flow_fn(
-    graphdef, loss: PairLoss, *, optimizer: str, dt: float, num_steps: int, record_every: int
-):
-    """Return the pure ``run(state, pairs)`` of :func:`sims.flow.flow_fn` for vmapped sweeps.
-
-    ``state`` is ``nnx.split(model)[1]`` of an :class:`UnconstrainedFeatures`; runs with stacked
-    states and pairs of equal shapes batch with ``jax.vmap(run)``.
-    """
-
-    def loss_fn(state, pairs):
-        lp_c, lp_r = pair_logprobs(nnx.merge(graphdef, state), pairs)
-        return jnp.mean(loss(lp_c, lp_r, pairs.ref_logprob_chosen, pairs.ref_logprob_rejected))
-
-    def observe_fn(state, pairs):
-        return SequenceRecord(*pair_logprobs(nnx.merge(graphdef, state), pairs))
-
-    tx = make_optimizer(optimizer, dt=dt)
-    return flow_fn(
-        loss_fn, observe_fn, optimizer=tx, num_steps=num_steps, record_every=record_every
-    )
-
-
-def sequence_preference_flow(
-    model: UnconstrainedFeatures,
-    pairs: SequencePairs,
-    loss: PairLoss,
-    *,
-    dt: float,
-    num_steps: int,
-    record_every: int = 1,
-    optimizer: str = "sgd",
-) -> tuple[UnconstrainedFeatures, Trajectory]:
-    r"""Run gradient flow on :math:`L = \frac1N\sum_i\ell_i` over multi-token pairs.
-
-    Source: Razin et al. 2024, Eq. 2 and §4.1; ``W`` and every prefix's hidden embedding train.
-
-    Args:
-      model: the starting model (not modified).
-      pairs: :class:`SequencePairs` (see :func:`with_reference`).
-      loss: a pair loss from :mod:`theory.losses`.
-      dt, num_steps, record_every, optimizer: as in :func:`sims.flow.integrate`.
-
-    Returns:
-      ``(trained_model, Trajectory)`` with :class:`SequenceRecord` observables.
-
-    Raises:
-      As :func:`sims.flow.integrate`.
-    """
-
-    def loss_fn(model, pairs):
-        lp_c, lp_r = pair_logprobs(model, pairs)
-        return jnp.mean(loss(lp_c, lp_r, pairs.ref_logprob_chosen, pairs.ref_logprob_rejected))
-
-    def observe_fn(model, pairs):
-        return SequenceRecord(*pair_logprobs(model, pairs))
-
-    return integrate_model(
-        model,
-        loss_fn,
-        observe_fn,
-        pairs,
-        dt=dt,
-        num_steps=num_steps,
-        record_every=record_every,
-        optimizer=optimizer,
-    )
-
-
 def restrict(
-    model: UnconstrainedFeatures, pairs: SequencePairs, rows: np.ndarray, *, num_prefixes: int
-) -> tuple[UnconstrainedFeatures, SequencePairs]:
+    model: UnconstrainedFeatures, pairs: PrefixTreePairs, rows: np.ndarray, *, num_prefixes: int
+) -> tuple[UnconstrainedFeatures, PrefixTreePairs]:
     """Return a model and pairs for the subset ``rows``, with a compact prefix table.
 
     The subset's prefixes are renumbered ``0..P_sub-1`` in order of appearance; the table is padded
@@ -264,7 +208,7 @@ def restrict(
     table = np.asarray(model.hidden[...])
     hidden = np.concatenate([table[old], np.repeat(table[:1], num_prefixes - old.size, axis=0)])
     sub = UnconstrainedFeatures.from_arrays(model.unembedding[...], hidden)
-    picked = SequencePairs(*(jnp.asarray(np.asarray(a)[rows]) for a in pairs))
+    picked = PrefixTreePairs(*(jnp.asarray(np.asarray(a)[rows]) for a in pairs))
     picked = picked._replace(
         chosen_prefix=jnp.asarray(np.where(mask_c, new_of_old[used_c], 0)),
         rejected_prefix=jnp.asarray(np.where(mask_r, new_of_old[used_r], 0)),
@@ -299,7 +243,7 @@ def extend_prefixes(
 
 def flow_velocity(
     model: UnconstrainedFeatures,
-    pairs: SequencePairs,
+    pairs: PrefixTreePairs,
     loss: PairLoss,
     tokens: jax.Array,
     prefix: jax.Array,
@@ -319,17 +263,19 @@ def flow_velocity(
       model: the current model.
       pairs: the training pairs (loss = mean over them).
       loss: a pair loss.
-      tokens, prefix, mask: ``[M, L]`` query responses (as in :func:`sequence_logprobs`).
+      tokens, prefix, mask: ``[M, L]`` query responses (as in
+        :func:`response_logprobs_from_prefixes`).
 
     Returns:
       ``[M]`` velocities.
     """
     graphdef, state = nnx.split(model)
+    objective = PairObjective(loss)
+    direction = jax.tree_util.tree_map(
+        jnp.negative, jax.grad(lambda s: objective(nnx.merge(graphdef, s), pairs))(state)
+    )
 
-    def loss_fn(state):
-        lp_c, lp_r = pair_logprobs(nnx.merge(graphdef, state), pairs)
-        return jnp.mean(loss(lp_c, lp_r, pairs.ref_logprob_chosen, pairs.ref_logprob_rejected))
+    def query(state):
+        return response_logprobs_from_prefixes(nnx.merge(graphdef, state), tokens, prefix, mask)
 
-    direction = jax.tree_util.tree_map(jnp.negative, jax.grad(loss_fn)(state))
-    query = lambda s: sequence_logprobs(nnx.merge(graphdef, s), tokens, prefix, mask)  # noqa: E731
     return jax.jvp(query, (state,), (direction,))[1]

@@ -46,17 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sims.flow import (
-    PreferencePairs,
-    PreferenceRecord,
-    Trajectory,
-    _check_schedule,
-    flow_fn,
-    make_optimizer,
-)
-from sims.models import UnconstrainedFeatures
-from theory._checks import check_finite, check_token_ids
-from theory.losses import LOSSES, MARGIN_CLASS, PairLoss
+from sims.flow import FlowResult, check_schedule, flow_fn, raise_on_nonfinite
+from sims.models import PreferencePairs, PreferenceRecord, UnconstrainedFeatures
+from theory.checks import check_finite, check_token_ids
+from theory.losses import LOSSES, MARGIN_CLASS, BoundLoss, PairLoss
 
 _GENERAL_PATH = "use the general full-parameter path sims.flow.preference_flow"
 
@@ -77,6 +70,18 @@ class PairIndex(NamedTuple):
     chosen: np.ndarray
     rejected: np.ndarray
     prompt: np.ndarray
+
+
+class ReducedState(NamedTuple):
+    """Parameters of the reduced flow: moving vectors ``coef @ basis.T`` (tokens, then prompts).
+
+    Attributes:
+      coef: ``[M, r]`` coefficients of the ``M`` moving vectors in the basis.
+      basis: ``[d, r]`` orthonormal basis of their initial span.
+    """
+
+    coef: jax.Array
+    basis: jax.Array
 
 
 class MovingRows(NamedTuple):
@@ -134,7 +139,13 @@ def check_margin_loss(loss: PairLoss) -> str:
       >>> check_margin_loss(make_loss("ipo", tau=0.5))
       'ipo'
     """
-    fn = loss.func if isinstance(loss, functools.partial) else loss
+    fn = (
+        loss.fn
+        if isinstance(loss, BoundLoss)
+        else loss.func
+        if isinstance(loss, functools.partial)
+        else loss
+    )
     for name, candidate in LOSSES.items():
         if fn is candidate:
             if name in MARGIN_CLASS:
@@ -164,36 +175,34 @@ def reduced_flow_fn(
     loss: PairLoss,
     index: PairIndex,
     *,
-    dt: float,
     num_steps: int,
     record_every: int,
 ):
-    r"""Return the pure ``run(unembedding, hidden, ref_chosen, ref_rejected)`` of the reduced flow.
+    r"""Return the pure ``run(unembedding, hidden, ref_chosen, ref_rejected, dt) -> FlowResult``.
 
-    ``run`` returns ``(final_coef, basis, losses, records, first_bad)`` as :func:`sims.flow.flow_fn`
-    (``records`` are :class:`~sims.flow.PreferenceRecord`); the moving rows at the end are
-    ``final_coef @ basis.T`` (tokens first, then prompts). It is jit- and vmap-safe (batch seeds
-    or geometries by ``jax.vmap`` over its arrays); ``index`` and the schedule are static.
-    Callers validate (see :func:`reduced_preference_flow`).
+    As :func:`sims.flow.flow_fn` (``observables`` are :class:`~sims.models.PreferenceRecord`), with
+    ``final`` a :class:`ReducedState`; the moving rows at the end are ``coef @ basis.T`` (tokens
+    first, then prompts). It is jit- and vmap-safe (batch seeds or geometries by ``jax.vmap`` over
+    its arrays); ``index`` and the schedule are static. Callers validate (see
+    :func:`reduced_preference_flow`).
 
     Source: Razin et al. 2024, gradient identities of App. F (single token) and Eq. 2; the
     invariant subspace is derived in this module's docstring.
     """
-    tx = make_optimizer("sgd", dt=dt)
     K = index.tokens.shape[0]
     rows = jnp.arange(index.prompt.shape[0])
 
-    def run(unembedding, hidden, ref_chosen, ref_rejected):
+    def loss_fn(coef, refs):
+        # logits in place of log-probs: a margin loss sees only their difference, in which
+        # the log-sum-exp cancels
+        logit_c, logit_r = _margin_logits(coef, index)
+        return jnp.mean(loss(logit_c, logit_r, refs[0], refs[1]))
+
+    def run(unembedding, hidden, ref_chosen, ref_rejected, dt):
         moving = jnp.concatenate([unembedding[index.tokens], hidden[index.prompts]])  # [M, d]
         # Householder QR: basis [d, r] has orthonormal columns even when moving is rank deficient
         basis, upper = jnp.linalg.qr(moving.T)  # [d, r], [r, M]; moving = upper.T @ basis.T
         coef0, projection = upper.T, unembedding @ basis  # [M, r], [V, r]
-
-        def loss_fn(coef, refs):
-            # logits in place of log-probs: a margin loss sees only their difference, in which
-            # the log-sum-exp cancels
-            logit_c, logit_r = _margin_logits(coef, index)
-            return jnp.mean(loss(logit_c, logit_r, refs[0], refs[1]))
 
         def observe_fn(coef, refs):
             h = coef[K + index.prompt]  # [N, r]
@@ -207,23 +216,21 @@ def reduced_flow_fn(
             return PreferenceRecord(margin, logprobs)
 
         flow = flow_fn(
-            loss_fn, observe_fn, optimizer=tx, num_steps=num_steps, record_every=record_every
+            loss_fn, observe_fn, optimizer="sgd", num_steps=num_steps, record_every=record_every
         )
-        final, losses, records, first_bad = flow(coef0, (ref_chosen, ref_rejected))
-        return final, basis, losses, records, first_bad
+        result = flow(coef0, (ref_chosen, ref_rejected), dt)
+        return result._replace(final=ReducedState(result.final, basis))
 
     return run
 
 
-@functools.partial(
-    jax.jit, static_argnames=("loss", "index_key", "dt", "num_steps", "record_every")
-)
+@functools.partial(jax.jit, static_argnames=("loss", "index_key", "num_steps", "record_every"))
 def _run_jit(
-    unembedding, hidden, ref_chosen, ref_rejected, *, loss, index_key, dt, num_steps, record_every
+    unembedding, hidden, ref_chosen, ref_rejected, dt, *, loss, index_key, num_steps, record_every
 ):
     index = PairIndex(*(np.asarray(a) for a in index_key))
-    run = reduced_flow_fn(loss, index, dt=dt, num_steps=num_steps, record_every=record_every)
-    return run(unembedding, hidden, ref_chosen, ref_rejected)
+    run = reduced_flow_fn(loss, index, num_steps=num_steps, record_every=record_every)
+    return run(unembedding, hidden, ref_chosen, ref_rejected, dt)
 
 
 def reduced_preference_flow(
@@ -235,7 +242,7 @@ def reduced_preference_flow(
     num_steps: int,
     record_every: int = 1,
     optimizer: str = "sgd",
-) -> tuple[MovingRows, Trajectory]:
+) -> FlowResult:
     r"""Run :func:`sims.flow.preference_flow`'s flow exactly, moving only what moves.
 
     .. math:: \dot c = -\nabla_c \tfrac1N\textstyle\sum_i \ell_i(\langle c_{y^+_i} - c_{y^-_i},
@@ -257,7 +264,7 @@ def reduced_preference_flow(
       optimizer: must be ``"sgd"`` (explicit Euler with step ``dt``); see the module docstring.
 
     Returns:
-      ``(MovingRows, Trajectory)``.
+      :class:`~sims.flow.FlowResult` whose ``final`` is the :class:`MovingRows`.
 
     Raises:
       ValueError: a loss outside the margin class, multi-token responses, ids out of range,
@@ -267,13 +274,13 @@ def reduced_preference_flow(
 
     Example:
       >>> from flax import nnx
-      >>> from sims.flow import make_pairs
+      >>> from sims.models import make_pairs
       >>> from theory.losses import make_loss
       >>> model = UnconstrainedFeatures(50, 8, 2, rngs=nnx.Rngs(0), dtype=jnp.float64)
       >>> pairs = make_pairs(model, jnp.array([0, 1]), jnp.array([3, 4]), jnp.array([5, 3]))
-      >>> rows, traj = reduced_preference_flow(model, pairs, make_loss("dpo", beta=1.0),
-      ...                                      dt=0.1, num_steps=100, record_every=50)
-      >>> traj.observables.logprobs.shape, rows.token_rows.shape  # 3 checkpoints, 2 pairs, V
+      >>> res = reduced_preference_flow(model, pairs, make_loss("dpo", beta=1.0),
+      ...                               dt=0.1, num_steps=100, record_every=50)
+      >>> res.observables.logprobs.shape, res.final.token_rows.shape  # 3 checkpoints, 2 pairs, V
       ((3, 2, 50), (3, 8))
     """
     check_margin_loss(loss)
@@ -284,7 +291,7 @@ def reduced_preference_flow(
             f"minimum); "
             f"{_GENERAL_PATH}"
         )
-    _check_schedule(dt, num_steps, record_every)
+    check_schedule(dt, num_steps, record_every)
     index = pair_index(pairs)
     check_token_ids("pairs.chosen", pairs.chosen, model.vocab_size)
     check_token_ids("pairs.rejected", pairs.rejected, model.vocab_size)
@@ -294,30 +301,23 @@ def reduced_preference_flow(
         if not bool(_all_finite(arr)):  # on device: NumPy's check of a 2 GB W takes seconds
             check_finite(name, arr)
     index_key = tuple(tuple(int(i) for i in a) for a in index)
-    final, basis, losses, records, first_bad = _run_jit(
+    result = _run_jit(
         unembedding,
         hidden,
         pairs.ref_logprob_chosen,
         pairs.ref_logprob_rejected,
+        float(dt),
         loss=loss,
         index_key=index_key,
-        dt=float(dt),
         num_steps=num_steps,
         record_every=record_every,
     )
-    first_bad = int(first_bad)
-    if first_bad >= 0:
-        raise FloatingPointError(
-            f"gradient flow produced a non-finite value at step {first_bad} "
-            f"(t = {first_bad * dt:g}); reduce dt or check the loss's domain"
-        )
-    moving = final @ basis.T  # [M, d]
+    raise_on_nonfinite(result.first_nonfinite_step, dt=dt)
+    moving = result.final.coef @ result.final.basis.T  # [M, d]
     K = index.tokens.shape[0]
     t = dt * record_every * jnp.arange(num_steps // record_every + 1)
-    return (
-        MovingRows(index.tokens, moving[:K], index.prompts, moving[K:]),
-        Trajectory(t, losses, records),
-    )
+    rows = MovingRows(index.tokens, moving[:K], index.prompts, moving[K:])
+    return result._replace(final=rows, t=t)
 
 
 def apply_moving_rows(model: UnconstrainedFeatures, rows: MovingRows) -> UnconstrainedFeatures:

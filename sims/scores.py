@@ -12,14 +12,16 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from sims.models import UnconstrainedFeatures
-from sims.prefix_tree import SequencePairs
-from theory.multi_token import masked_ches
+from sims.prefix_tree import PrefixTreePairs
+from sims.transformer import TokenBatch
+from theory.multi_token import ches, ches_length_normalized, masked_ches
 
 
 def dataset_ches(
-    model: UnconstrainedFeatures, pairs: SequencePairs, *, length_normalized: bool = False
+    model: UnconstrainedFeatures, pairs: PrefixTreePairs, *, length_normalized: bool = False
 ) -> jax.Array:
     """Return ``[N]`` CHES (Definition 2) or length-normalised CHES (Definition 3) of every pair.
 
@@ -126,3 +128,36 @@ def _ranks(v: np.ndarray) -> np.ndarray:
         tied = v == value
         ranks[tied] = ranks[tied].mean()
     return ranks
+
+
+def transformer_pair_scores(model: nnx.Module, chosen: TokenBatch, rejected: TokenBatch) -> dict:
+    """Return per-pair CHES, length-normalised CHES, edit distance and last-hidden inner product.
+
+    ``model`` exposes ``hidden_states(tokens) -> [N, T, d]`` (final-norm hidden states), as
+    :class:`sims.transformer.CausalTransformer` does. CHES (Razin et al. 2024, Definitions 2-3)
+    uses :math:`h_{x, y_{<k}}` for ``k = 1..L`` (:func:`sims.transformer.prefix_hidden_states`
+    convention: from the prompt's last position, the final ``<eos>`` position dropped); the
+    inner-product baseline uses the hidden state at the last position of each full sequence.
+
+    Returns:
+      dict of ``[N]`` NumPy arrays: ``ches``, ``ches_ln``, ``edit_distance``, ``last_inner``.
+    """
+    graphdef, state = nnx.split(model)
+    hidden = jax.jit(lambda tok: nnx.merge(graphdef, state).hidden_states(tok))
+    H_pos, H_neg = np.asarray(hidden(chosen.tokens)), np.asarray(hidden(rejected.tokens))
+    out = {k: [] for k in ("ches", "ches_ln", "edit_distance", "last_inner")}
+    for i in range(H_pos.shape[0]):
+        (p0, l0), (p1, l1) = (
+            (int(chosen.prompt_len[i]), int(chosen.length[i])),
+            (int(rejected.prompt_len[i]), int(rejected.length[i])),
+        )
+        h_pos, h_neg = H_pos[i, p0 - 1 : l0 - 1], H_neg[i, p1 - 1 : l1 - 1]  # [L+, d], [L-, d]
+        out["ches"].append(float(ches(h_pos, h_neg)))
+        out["ches_ln"].append(float(ches_length_normalized(h_pos, h_neg)))
+        out["edit_distance"].append(
+            normalized_edit_distance(
+                np.asarray(chosen.tokens[i, p0:l0]), np.asarray(rejected.tokens[i, p1:l1])
+            )
+        )
+        out["last_inner"].append(float(H_pos[i, l0 - 1] @ H_neg[i, l1 - 1]))
+    return {k: np.array(v) for k, v in out.items()}

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from theory._checks import check_positive_int
+from theory.checks import check_positive_int
 
 RUN_AXIS = "runs"  # the mesh axis the runs are split over
 

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import Trajectory, integrate_model
-from theory._checks import check_finite, check_ndim
+from sims.flow import FlowResult, integrate_model
+from theory.checks import check_finite, check_ndim
 from theory.kl_optimum import objective, tilt
 
 
@@ -76,6 +76,18 @@ def _policy_probs(policy, data):
     return jnp.exp(policy(data.support))
 
 
+def _negative_objective(policy: TabularPolicy, data: _FlowData) -> jax.Array:
+    return -objective(_policy_probs(policy, data), data.p_ref, data.r, data.beta)
+
+
+def _tilt_distance(policy: TabularPolicy, data: _FlowData) -> TiltDistance:
+    p = _policy_probs(policy, data)
+    on = data.support
+    log_ratio = jnp.where(on, jnp.log(jnp.where(on, p, 1.0) / jnp.where(on, data.target, 1.0)), 0.0)
+    gap = objective(data.target, data.p_ref, data.r, data.beta) + _negative_objective(policy, data)
+    return TiltDistance(0.5 * jnp.sum(jnp.abs(p - data.target)), jnp.sum(p * log_ratio), gap)
+
+
 def kl_objective_flow(
     policy: TabularPolicy,
     p_ref: ArrayLike,
@@ -86,7 +98,7 @@ def kl_objective_flow(
     num_steps: int,
     record_every: int = 1,
     optimizer: str = "sgd",
-) -> tuple[TabularPolicy, Trajectory]:
+) -> FlowResult:
     r"""Run gradient flow on :math:`-(E_{p}[r] - \beta\,KL(p\|p_{ref}))` over the policy's logits.
 
     .. math:: \dot l = \nabla_l\Big(\sum_y p_l(y) r(y)
@@ -103,8 +115,8 @@ def kl_objective_flow(
       dt, num_steps, record_every, optimizer: as in :func:`sims.flow.integrate`.
 
     Returns:
-      ``(trained_policy, Trajectory)``; observables are :class:`TiltDistance`; the loss column is
-      :math:`-\mathcal L`.
+      :class:`~sims.flow.FlowResult` (``final`` the trained policy); observables are
+      :class:`TiltDistance`; the loss column is :math:`-\mathcal L`.
 
     Raises:
       ValueError: as :func:`theory.kl_optimum.tilt`; logits of the wrong shape; as
@@ -112,9 +124,9 @@ def kl_objective_flow(
 
     Example:
       >>> p_ref, r = jnp.array([0.5, 0.5]), jnp.array([1.0, 0.0])
-      >>> _, traj = kl_objective_flow(TabularPolicy(logits=jnp.zeros(2)), p_ref, r, beta=1.0,
-      ...                             dt=0.5, num_steps=400, record_every=400)
-      >>> float(traj.observables.total_variation[-1]) < 1e-6
+      >>> res = kl_objective_flow(TabularPolicy(logits=jnp.zeros(2)), p_ref, r, beta=1.0,
+      ...                         dt=0.5, num_steps=400, record_every=400)
+      >>> float(res.observables.total_variation[-1]) < 1e-6
       True
     """
     target = tilt(p_ref, r, beta)
@@ -125,22 +137,10 @@ def kl_objective_flow(
         p_ref, jnp.asarray(r, target.dtype), jnp.asarray(beta, target.dtype), target, p_ref > 0
     )
 
-    def loss_fn(policy, data):
-        return -objective(_policy_probs(policy, data), data.p_ref, data.r, data.beta)
-
-    def observe_fn(policy, data):
-        p = _policy_probs(policy, data)
-        on = data.support
-        log_ratio = jnp.where(
-            on, jnp.log(jnp.where(on, p, 1.0) / jnp.where(on, data.target, 1.0)), 0.0
-        )
-        gap = objective(data.target, data.p_ref, data.r, data.beta) + loss_fn(policy, data)
-        return TiltDistance(0.5 * jnp.sum(jnp.abs(p - data.target)), jnp.sum(p * log_ratio), gap)
-
     return integrate_model(
         policy,
-        loss_fn,
-        observe_fn,
+        _negative_objective,
+        _tilt_distance,
         data,
         dt=dt,
         num_steps=num_steps,

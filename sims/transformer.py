@@ -16,6 +16,8 @@ every loss here masks.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +25,7 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
-from theory._checks import check_positive, check_positive_int
+from theory.checks import check_positive, check_positive_int, check_token_ids
 
 
 class _Block(nnx.Module):
@@ -63,10 +65,14 @@ class CausalTransformer(nnx.Module):
       rngs: ``nnx.Rngs`` supplying ``params``.
       dtype: parameter dtype.
 
+    Calling the model on int32 token ids ``[..., T]`` returns next-token **logits**
+    ``[..., T, V]`` (as Hugging Face causal LMs and :func:`sims.checkpoints.load_causal_lm` do);
+    :func:`response_logprobs_from_tokens` turns them into response log-probs.
+
     Example:
       >>> m = CausalTransformer(11, d_model=8, num_layers=1, num_heads=2, max_len=6,
       ...                       rngs=nnx.Rngs(0))
-      >>> m(jnp.zeros((3, 6), dtype=jnp.int32)).shape  # log-probs per position
+      >>> m(jnp.zeros((3, 6), dtype=jnp.int32)).shape  # logits per position
       (3, 6, 11)
     """
 
@@ -117,9 +123,13 @@ class CausalTransformer(nnx.Module):
             x = block(x)
         return self.ln_f(x)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.embed.embedding.shape[-2]
+
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Return next-token log-probs at every position, ``tokens.shape + (V,)``."""
-        return jax.nn.log_softmax(self.hidden_states(tokens) @ self.unembedding_matrix().T, axis=-1)
+        """Return next-token logits at every position, ``tokens.shape + (V,)``."""
+        return self.hidden_states(tokens) @ self.unembedding_matrix().T
 
 
 def response_mask(prompt_len: ArrayLike, length: ArrayLike, T: int) -> jax.Array:
@@ -129,15 +139,89 @@ def response_mask(prompt_len: ArrayLike, length: ArrayLike, T: int) -> jax.Array
     return (t >= jnp.asarray(prompt_len)[:, None]) & (t < jnp.asarray(length)[:, None])
 
 
-def sequence_logprob(model: CausalTransformer, tokens, prompt_len, length) -> jax.Array:
+def response_logprobs_from_tokens(model: nnx.Module, tokens, prompt_len, length) -> jax.Array:
     r"""Return :math:`\ln\pi(y|x) = \sum_k \ln\pi(y_k|x, y_{<k})` per sequence, ``[N]`` (Eq. 1).
 
-    ``tokens`` ``[N, T]`` hold prompt then response (``<eos>`` counted as a response token).
+    ``model`` is any causal LM mapping token ids ``[N, T]`` to next-token logits ``[N, T, V]``
+    (:class:`CausalTransformer`, :func:`sims.checkpoints.load_causal_lm`). ``tokens`` ``[N, T]``
+    hold prompt then response (``<eos>`` counted as a response token), right-padded;
+    ``prompt_len`` ``[N]`` and ``length`` ``[N]`` (prompt + response) delimit the response.
     """
-    logprobs = model(tokens[:, :-1])  # [N, T-1, V], position t predicts token t+1
+    logprobs = jax.nn.log_softmax(model(tokens[:, :-1]), axis=-1)  # [N, T-1, V], t predicts t+1
     picked = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]  # [N, T-1]
     mask = response_mask(prompt_len, length, tokens.shape[1])[:, 1:]
     return jnp.sum(jnp.where(mask, picked, 0.0), axis=-1)
+
+
+class TokenBatch(NamedTuple):
+    """Right-padded token sequences: prompt then response.
+
+    Attributes:
+      tokens: ``[N, T]`` int32 ids.
+      prompt_len: ``[N]`` prompt length (the response starts at this position).
+      length: ``[N]`` prompt + response length (``<eos>`` included).
+    """
+
+    tokens: np.ndarray
+    prompt_len: np.ndarray
+    length: np.ndarray
+
+
+class TransformerPairs(NamedTuple):
+    """Multi-token preference pairs for causal LMs (fields have a leading axis ``N``).
+
+    The pairs type of the transformer family -- the project's :class:`CausalTransformer` and the
+    checkpoints of :mod:`sims.checkpoints`; :func:`sims.flow.preference_flow` trains on it.
+
+    Attributes:
+      chosen, rejected: :class:`TokenBatch` of prompt + preferred / dispreferred response.
+      ref_logprob_chosen, ref_logprob_rejected: ``[N]`` log-probs under the reference model.
+      weight: ``[N]`` sample weights (0 drops a pair: data sets of different sizes stack).
+    """
+
+    chosen: TokenBatch
+    rejected: TokenBatch
+    ref_logprob_chosen: jax.Array
+    ref_logprob_rejected: jax.Array
+    weight: jax.Array
+
+    def logprobs(self, model: nnx.Module) -> tuple[jax.Array, jax.Array]:
+        """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""
+        return (
+            response_logprobs_from_tokens(model, *self.chosen),
+            response_logprobs_from_tokens(model, *self.rejected),
+        )
+
+    def record(self, model: nnx.Module) -> jax.Array:
+        """Return the default flow observable: ``logprob_chosen`` ``[N]``."""
+        return response_logprobs_from_tokens(model, *self.chosen)
+
+    def validate(self, model: nnx.Module) -> None:
+        """Raise ``ValueError`` for token ids outside ``model``'s vocabulary."""
+        for name in ("chosen", "rejected"):
+            check_token_ids(f"{name}.tokens", getattr(self, name).tokens, model.vocab_size)
+
+
+def make_transformer_pairs(
+    model: nnx.Module, chosen: TokenBatch, rejected: TokenBatch, weight=None
+) -> TransformerPairs:
+    """Return :class:`TransformerPairs`, reference log-probs from ``model`` now (default weights 1).
+
+    Raises:
+      ValueError: ``chosen`` and ``rejected`` of different shapes, token ids out of range.
+    """
+    chosen = TokenBatch(*(jnp.asarray(a) for a in chosen))
+    rejected = TokenBatch(*(jnp.asarray(a) for a in rejected))
+    if chosen.tokens.shape != rejected.tokens.shape:
+        raise ValueError(
+            f"chosen and rejected must have one shape, got {chosen.tokens.shape}, "
+            f"{rejected.tokens.shape}"
+        )
+    weight = jnp.ones(chosen.tokens.shape[0]) if weight is None else jnp.asarray(weight, float)
+    pairs = TransformerPairs(chosen, rejected, weight, weight, weight)
+    pairs.validate(model)
+    lp_c, lp_r = pairs.logprobs(model)
+    return pairs._replace(ref_logprob_chosen=lp_c, ref_logprob_rejected=lp_r)
 
 
 def prefix_hidden_states(
@@ -162,9 +246,9 @@ def prefix_hidden_states(
     return model.hidden_states(tokens)[int(prompt_len) - 1 : int(length) - 1]
 
 
-def lm_loss(model: CausalTransformer, tokens, length) -> jax.Array:
+def lm_loss(model: nnx.Module, tokens, length) -> jax.Array:
     """Return the mean next-token cross-entropy over non-pad targets of ``tokens`` ``[N, T]``."""
-    logprobs = model(tokens[:, :-1])
+    logprobs = jax.nn.log_softmax(model(tokens[:, :-1]), axis=-1)
     picked = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]  # [N, T-1]
     mask = jnp.arange(1, tokens.shape[1])[None, :] < jnp.asarray(length)[:, None]
     return -jnp.sum(jnp.where(mask, picked, 0.0)) / jnp.sum(mask)
@@ -210,31 +294,40 @@ def pretrain(
     return nnx.merge(graphdef, state), losses
 
 
-def sample_tokens(graphdef, state, key: jax.Array, prompts, prompt_len: int, temperature: float):
+def sample_tokens(
+    graphdef, state, key: jax.Array, prompts, prompt_len: int, temperature: float, eos_id, pad_id
+):
     """Pure, jit/vmap-able core of :func:`sample` on a split model ``(graphdef, state)``."""
     m = nnx.merge(graphdef, state)
     N, T = prompts.shape
 
     def step(carry, t):
         tokens, done = carry
-        logits = m(tokens)[:, t - 1]  # [N, V] log-probs of the token at position t
-        nxt = jax.random.categorical(jax.random.fold_in(key, t), logits / temperature)
-        nxt = jnp.where(done, 0, nxt).astype(tokens.dtype)
-        return (tokens.at[:, t].set(nxt), done | (nxt == 2)), None
+        logprobs = jax.nn.log_softmax(m(tokens)[:, t - 1], axis=-1)  # [N, V] at position t
+        nxt = jax.random.categorical(jax.random.fold_in(key, t), logprobs / temperature)
+        nxt = jnp.where(done, pad_id, nxt).astype(tokens.dtype)
+        return (tokens.at[:, t].set(nxt), done | (nxt == eos_id)), None
 
-    init = (prompts.at[:, prompt_len:].set(0), jnp.zeros(N, dtype=bool))
+    init = (prompts.at[:, prompt_len:].set(pad_id), jnp.zeros(N, dtype=bool))
     (tokens, _), _ = jax.lax.scan(step, init, jnp.arange(prompt_len, T))
     return tokens
 
 
 def sample(
-    model: CausalTransformer, key: jax.Array, prompts, prompt_len: int, *, temperature: float
+    model: nnx.Module,
+    key: jax.Array,
+    prompts,
+    prompt_len: int,
+    *,
+    temperature: float,
+    eos_id: int,
+    pad_id: int,
 ) -> jax.Array:
     """Return ``[N, T]`` tokens: ``prompts`` (all of length ``prompt_len``) then sampled tokens.
 
     Ancestral sampling at ``temperature`` up to position ``T - 1``; everything after a sampled
-    ``<eos>`` (id 2) becomes ``<pad>`` (id 0). One jitted scan over positions (no KV cache: the
-    sequences are short).
+    ``eos_id`` becomes ``pad_id`` (the vocabulary's special ids, e.g. :data:`sims.data.corpus.EOS`).
+    One jitted scan over positions (no KV cache: the sequences are short).
 
     Raises:
       ValueError: ``temperature <= 0``.
@@ -242,4 +335,4 @@ def sample(
     check_positive("temperature", temperature)
     graphdef, state = nnx.split(model)
     run = jax.jit(sample_tokens, static_argnums=(0, 4))
-    return run(graphdef, state, key, jnp.asarray(prompts), prompt_len, temperature)
+    return run(graphdef, state, key, jnp.asarray(prompts), prompt_len, temperature, eos_id, pad_id)

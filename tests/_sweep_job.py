@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sims.flow import PreferencePairs
+from sims.models import PreferencePairs
 from sims.reduced import pair_index, reduced_flow_fn
 from sims.sweep import run_mesh, sharded_map, stack_runs, sweep
 from theory.losses import dpo_loss
@@ -35,9 +35,10 @@ def run_fn(x):
     W = jax.random.normal(k_w, (V, D)) / np.sqrt(D)
     H = jax.random.normal(k_h, (2, D)) / np.sqrt(D)
     loss = functools.partial(dpo_loss, beta=x["beta"])
-    run = reduced_flow_fn(loss, INDEX, dt=0.1, num_steps=200, record_every=50)
-    _, _, losses, records, _ = run(W, H, jnp.zeros(2), jnp.zeros(2))
-    return {"loss": losses, "margin": records.margin, "final_logprobs": records.logprobs[-1]}
+    run = reduced_flow_fn(loss, INDEX, num_steps=200, record_every=50)
+    res = run(W, H, jnp.zeros(2), jnp.zeros(2), 0.1)
+    records = res.observables
+    return {"loss": res.loss, "margin": records.margin, "final_logprobs": records.logprobs[-1]}
 
 
 def inputs():

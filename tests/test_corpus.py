@@ -1,9 +1,9 @@
-"""Tests of sims.corpus: the grammar, packing and the rule-based refusal judge."""
+"""Tests of sims.data.corpus: the grammar, packing and the rule-based refusal judge."""
 
 import numpy as np
 import pytest
 
-from sims import corpus
+from sims.data import corpus
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ def _autodiff_descent(loss, lw, lr, chosen, rejected, ref_c, ref_r):
     """-dL/dtheta for logits b_w + theta, b_l + theta (theta shared per position), at theta = 0."""
 
     def total(theta):
-        lp_c, lp_r = dpop.sequence_logprobs(lw + theta, lr + theta, chosen, rejected)
+        lp_c, lp_r = dpop.pair_logprobs_from_logits(lw + theta, lr + theta, chosen, rejected)
         return loss(lp_c, lp_r, ref_c, ref_r)
 
     return -jax.grad(total)(jnp.zeros_like(lw))
@@ -189,7 +189,7 @@ def test_predicted_signs_dpo_agree_exactly_where_assumption_holds():
                 partial(dpo_loss, beta=BETA), a, b, c, r, rc, rr
             )
         )(lw, lr, ref_c, ref_r)
-        lp = jax.vmap(lambda a, b, c=c, r=r: dpop.sequence_logprobs(a, b, c, r))(lw, lr)
+        lp = jax.vmap(lambda a, b, c=c, r=r: dpop.pair_logprobs_from_logits(a, b, c, r))(lw, lr)
         coef = dpop.dpop_coefficients(*lp, ref_c, ref_r, beta=BETA, lam=0.0).coef_rejected
         got = _signs(auto, 2 * np.asarray(coef)[:, None, None])  # S = a- |e - s^w| + a- |e - s^l|
         pred = np.asarray(dpop_signs.predicted_signs(c, r, V, penalised=False))[None]

@@ -4,6 +4,7 @@ import importlib
 import json
 import math
 
+import numpy as np
 import pytest
 
 from experiments import EXPERIMENTS
@@ -49,3 +50,12 @@ def test_spearman_hand_values():
     assert spearman([1, 2, 3], [5, 5, 9]) == pytest.approx(1.5 / math.sqrt(2 * 1.5))
     with pytest.raises(ValueError, match="must be 1-D of one length"):
         spearman([1], [2])
+
+
+def test_response_batch_finds_eos():
+    from experiments._transformer import response_batch
+    from sims.data import corpus
+
+    tokens = np.array([[1, 5, corpus.EOS, 0, 0], [1, 5, 6, 7, 8]])
+    b = response_batch(tokens, 1)
+    assert b.length.tolist() == [3, 5]  # <eos> counted; no <eos> -> T

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import _bench as bm
 from experiments import bench
 from experiments._common import dumps
-from sims import benchmark as bm
 
 # float32 torch loop vs float32 JAX flow, 20 steps: the style guide's float32 rtol
 FLOAT32_RTOL = 1e-4

@@ -12,7 +12,7 @@ from experiments import (
     transformer_unalignment,
 )
 from experiments._common import dumps
-from sims.real_embeddings import MINILM_INSTALL, minilm_available
+from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 
 KEYS = {
     real_token_geometry: {"config", "skipped", "table13", "rows", "provenance"},

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import integrate, make_optimizer, make_pairs, preference_flow, sft_flow
-from sims.models import UnconstrainedFeatures
+from sims.flow import flow_fn, integrate, make_optimizer, preference_flow, sft_flow
+from sims.models import UnconstrainedFeatures, make_pairs
 from theory import losses
 from theory.single_token import logprob_velocity
 
@@ -22,7 +22,7 @@ def _quadratic(x, a):
 def test_integrate_is_exact_euler_on_quadratic():
     """Euler on L = a x^2 / 2 gives x_n = (1 - a dt)^n x_0 exactly (hand-derived)."""
     a, dt, x0 = 2.0, 0.05, 1.5
-    _, traj = integrate(
+    traj = integrate(
         _quadratic, lambda x, _: x, jnp.array(x0), a, dt=dt, num_steps=20, record_every=4
     )
     expected = x0 * (1 - a * dt) ** (4 * np.arange(6))
@@ -38,9 +38,9 @@ def test_integrate_euler_error_order_is_one():
     errors = []
     for dt in dts:
         n = round(T / dt)
-        final, _ = integrate(
+        final = integrate(
             _quadratic, lambda x, _: x, jnp.array(x0), a, dt=float(dt), num_steps=n, record_every=n
-        )
+        ).final
         errors.append(abs(float(final) - x0 * np.exp(-a * T)))
     order = np.polyfit(np.log(dts), np.log(errors), 1)[0]
     assert EULER_ORDER_BAND[0] <= order <= EULER_ORDER_BAND[1], f"order {order}, errors {errors}"
@@ -48,7 +48,7 @@ def test_integrate_euler_error_order_is_one():
 
 def test_integrate_records_initial_state_first():
     params = {"x": jnp.array([1.0, -2.0])}
-    _, traj = integrate(
+    traj = integrate(
         lambda p, _: jnp.sum(p["x"] ** 2),
         lambda p, _: p["x"],
         params,
@@ -63,9 +63,9 @@ def test_integrate_two_half_runs_equal_one_full_run():
     model = UnconstrainedFeatures(12, 4, 3, rngs=nnx.Rngs(0), dtype=jnp.float64)
     pairs = make_pairs(model, [0, 1, 2], [1, 2, 3], [4, 5, 6])
     loss = losses.make_loss("dpo", beta=0.5)
-    full, _ = preference_flow(model, pairs, loss, dt=0.05, num_steps=40)
-    half, _ = preference_flow(model, pairs, loss, dt=0.05, num_steps=20)
-    half2, _ = preference_flow(half, pairs, loss, dt=0.05, num_steps=20)
+    full = preference_flow(model, pairs, loss, dt=0.05, num_steps=40).final
+    half = preference_flow(model, pairs, loss, dt=0.05, num_steps=20).final
+    half2 = preference_flow(half, pairs, loss, dt=0.05, num_steps=20).final
     np.testing.assert_allclose(half2.unembedding[...], full.unembedding[...], rtol=1e-13)
     np.testing.assert_allclose(half2.hidden[...], full.hidden[...], rtol=1e-13)
 
@@ -76,7 +76,7 @@ def test_preference_flow_lowers_loss_and_is_reproducible():
         pairs = make_pairs(model, jnp.arange(5), jnp.arange(5), jnp.arange(5) + 10)
         return preference_flow(
             model, pairs, losses.make_loss("dpo", beta=0.1), dt=0.1, num_steps=200, record_every=10
-        )[1]
+        )
 
     traj = run(4)
     assert bool(jnp.all(jnp.diff(traj.loss) < 0)), traj.loss
@@ -100,7 +100,7 @@ def test_preference_flow_finite_difference_matches_theorems_4_5():
     predicted = logprob_velocity(model.unembedding[...], model.hidden[...][0], 3, 7, ell_prime)
     errors = []
     for dt in (1e-3, 1e-4, 1e-5):
-        _, traj = preference_flow(model, pairs, loss, dt=dt, num_steps=1)
+        traj = preference_flow(model, pairs, loss, dt=dt, num_steps=1)
         measured = (traj.observables.logprobs[1, 0] - traj.observables.logprobs[0, 0]) / dt
         errors.append(float(jnp.max(jnp.abs(measured - predicted))))
     order = np.polyfit(np.log([1e-3, 1e-4, 1e-5]), np.log(errors), 1)[0]
@@ -116,7 +116,7 @@ def test_rmsprop_torch_matches_torch_recurrence():
         v = a * v + (1 - a) * g * g
         x -= lr * g / (np.sqrt(v) + eps)
         xs.append(x)
-    _, traj = integrate(
+    traj = integrate(
         lambda x, _: 1.5 * x**2,
         lambda x, _: x,
         jnp.array(2.0),
@@ -169,7 +169,7 @@ def test_make_pairs_rejects_bad_pairs():
 
 def test_sft_flow_raises_label_logprob():
     model = UnconstrainedFeatures(10, 4, 3, rngs=nnx.Rngs(2), dtype=jnp.float64)
-    trained, traj = sft_flow(model, jnp.arange(3), jnp.array([1, 2, 3]), dt=0.5, num_steps=50)
+    traj = sft_flow(model, jnp.arange(3), jnp.array([1, 2, 3]), dt=0.5, num_steps=50)
     assert bool(jnp.all(traj.observables[-1] > traj.observables[0]))
     assert traj.loss[-1] < traj.loss[0]
 
@@ -182,15 +182,7 @@ def test_make_optimizer_sgd_is_euler():
 
 def test_flow_fn_vmaps_over_runs():
     """flow_fn is pure: vmapping over initial points equals separate runs."""
-    from sims.flow import flow_fn
-
-    run = flow_fn(
-        _quadratic,
-        lambda x, _: x,
-        optimizer=make_optimizer("sgd", dt=0.1),
-        num_steps=5,
-        record_every=5,
-    )
+    run = flow_fn(_quadratic, lambda x, _: x, optimizer="sgd", num_steps=5, record_every=5)
     x0 = jnp.array([1.0, 2.0, -3.0])
-    finals = jax.jit(jax.vmap(run, in_axes=(0, None)))(x0, 2.0)[0]
+    finals = jax.jit(jax.vmap(run, in_axes=(0, None, None)))(x0, 2.0, 0.1).final
     np.testing.assert_allclose(finals, x0 * 0.8**5, rtol=1e-13)

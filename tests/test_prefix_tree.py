@@ -7,18 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sims.data.synthetic import synthetic_preferences
+from sims.flow import pair_logprobs as sims_pair_logprobs
+from sims.flow import preference_flow
 from sims.models import UnconstrainedFeatures
 from sims.prefix_tree import (
     extend_prefixes,
     flow_velocity,
     index_prefixes,
-    pair_logprobs,
     restrict,
-    sequence_preference_flow,
     with_reference,
 )
 from sims.scores import dataset_ches, normalized_edit_distance, percentile_subsets, spearman
-from sims.synthetic import synthetic_preferences
 from theory.losses import make_loss
 from theory.multi_token import ches
 from theory.regularized import loss_logprob_velocity
@@ -52,7 +52,7 @@ def test_pair_logprobs_match_brute_force():
     model = UnconstrainedFeatures.from_arrays(
         rng.normal(size=(5, 3)), rng.normal(size=(len(prefixes), 3))
     )
-    lp_c, _ = pair_logprobs(model, pairs)
+    lp_c, _ = sims_pair_logprobs(model, pairs)
     W, H = np.asarray(model.unembedding[...]), np.asarray(model.hidden[...])
     for i, y in enumerate(chosen):
         total = 0.0
@@ -93,20 +93,20 @@ def test_restrict_keeps_logprobs_and_flow():
     pairs = with_reference(data.model, data.pairs)
     rows = np.array([3, 7, 11, 20])
     sub_model, sub_pairs = restrict(data.model, pairs, rows, num_prefixes=60)
-    full = pair_logprobs(data.model, pairs)
-    sub = pair_logprobs(sub_model, sub_pairs)
+    full = sims_pair_logprobs(data.model, pairs)
+    sub = sims_pair_logprobs(sub_model, sub_pairs)
     for a, b in zip(full, sub, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a)[rows], rtol=RTOL_SAME_MATH)
     with pytest.raises(ValueError, match=r"num_prefixes must be >="):
         restrict(data.model, pairs, rows, num_prefixes=2)
 
 
-def test_sequence_preference_flow_lowers_the_loss():
+def test_preference_flow_on_prefix_tree_pairs_lowers_the_loss():
     data = synthetic_preferences(
         jax.random.key(1), num_pairs=8, vocab_size=10, hidden_size=4, max_len=3
     )
     pairs = with_reference(data.model, data.pairs)
-    _, traj = sequence_preference_flow(
+    traj = preference_flow(
         data.model, pairs, make_loss("dpo", beta=0.1), dt=0.5, num_steps=20, record_every=10
     )
     assert float(traj.loss[-1]) < float(traj.loss[0])

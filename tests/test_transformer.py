@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sims.flow import preference_flow
 from sims.transformer import (
     CausalTransformer,
+    TokenBatch,
     lm_loss,
+    make_transformer_pairs,
     prefix_hidden_states,
+    response_logprobs_from_tokens,
     sample,
-    sequence_logprob,
 )
+from theory.losses import make_loss
 
 RTOL = 1e-10  # float64 vectorised model vs an explicit per-position/per-head loop
 LN_EPS = 1e-6  # nnx.LayerNorm default epsilon
@@ -121,11 +125,11 @@ def test_prefix_hidden_states_ignore_later_tokens():
         np.testing.assert_allclose(h[k], alone, rtol=RTOL, atol=RTOL, err_msg=f"prefix k={k + 1}")
 
 
-def test_sequence_logprob_is_sum_of_prefix_logprobs():
+def test_response_logprobs_from_tokens_is_sum_of_prefix_logprobs():
     m = _model(False)
     tokens = np.random.default_rng(7).integers(0, V, (3, T))
     prompt_len, length = np.array([2, 3, 4]), np.array([5, 9, 6])
-    got = np.asarray(sequence_logprob(m, jnp.asarray(tokens), prompt_len, length))
+    got = np.asarray(response_logprobs_from_tokens(m, jnp.asarray(tokens), prompt_len, length))
     H = np.asarray(_hidden_fn(m)(jnp.asarray(tokens)))  # [3, T, d]
     W = np.asarray(m.unembedding_matrix())
     for i in range(3):
@@ -148,12 +152,18 @@ def test_lm_loss_uniform_model_is_log_v():
 def test_sample_keeps_prompt_and_pads_after_eos():
     m = _model(True)
     prompts = jnp.asarray(np.random.default_rng(2).integers(3, V, (16, T)))
-    out = np.asarray(sample(m, jax.random.key(0), prompts, 4, temperature=1.0))
+    eos, pad = 2, 0
+    out = np.asarray(
+        sample(m, jax.random.key(0), prompts, 4, temperature=1.0, eos_id=eos, pad_id=pad)
+    )
     np.testing.assert_array_equal(out[:, :4], np.asarray(prompts)[:, :4])
+    ended = 0
     for row in out:
-        eos = np.flatnonzero(row[4:] == 2)
-        if eos.size:
-            assert np.all(row[4 + eos[0] + 1 :] == 0)
+        first = np.flatnonzero(row[4:] == eos)
+        if first.size:
+            ended += 1
+            assert np.all(row[4 + first[0] + 1 :] == pad)
+    assert ended > 0  # the check above ran on some rows
 
 
 def test_transformer_rejects_bad_config():
@@ -174,5 +184,34 @@ def test_prefix_hidden_states_rejects_bad_lengths():
 def test_sample_rejects_bad_temperature():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         sample(
-            _model(True), jax.random.key(0), jnp.zeros((1, T), dtype=jnp.int32), 2, temperature=0.0
+            _model(True),
+            jax.random.key(0),
+            jnp.zeros((1, T), dtype=jnp.int32),
+            2,
+            temperature=0.0,
+            eos_id=2,
+            pad_id=0,
         )
+
+
+def test_preference_flow_zero_weight_pairs_do_not_matter():
+    # a pair with weight 0 must not change the flow: compare with the data set without it
+    m = _model(False)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, V, (2, 3, T))  # chosen, rejected; 3 pairs
+    prompt_len, length = np.array([2, 3, 2]), np.array([6, 9, 5])
+    chosen, rejected = (TokenBatch(t, prompt_len, length) for t in tokens)
+    full = make_transformer_pairs(m, chosen, rejected, weight=[1.0, 1.0, 0.0])
+    # the third pair replaced by a copy of the first, still of weight 0
+    swap = lambda b: TokenBatch(*(np.concatenate([x[:2], x[:1]]) for x in b))  # noqa: E731
+    part = make_transformer_pairs(m, swap(chosen), swap(rejected), weight=[1.0, 1.0, 0.0])
+    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), full, part)
+    res = preference_flow(
+        m, stacked, make_loss("dpo", beta=0.1), dt=0.1, num_steps=3, record_every=3,
+        in_axes=(None, 0),
+    )  # fmt: skip
+    lp = np.asarray(res.observables)  # [2 runs, 2 checkpoints, 3 pairs]
+    np.testing.assert_allclose(res.loss[0], res.loss[1], rtol=RTOL)
+    np.testing.assert_allclose(lp[0][:, :2], lp[1][:, :2], rtol=RTOL)
+    np.testing.assert_allclose(lp[0][0], full.ref_logprob_chosen, rtol=RTOL)
+    assert np.all(lp[0][1, :2] > lp[0][0, :2]) or np.any(lp[0][1] != lp[0][0])  # it moved

@@ -12,8 +12,8 @@ from theory.dpop import (
     WeightedSplit,
     dpop_coefficients,
     edit_position,
+    pair_logprobs_from_logits,
     position_logit_gradients,
-    sequence_logprobs,
     weighted_split,
 )
 from theory.dpop_signs import LambdaThresholds, lambda_thresholds, predicted_signs, well_optimised
@@ -52,6 +52,7 @@ from theory.logit_arithmetic import arithmetic_mass, arithmetic_tilt, logit_arit
 from theory.losses import (
     LOSSES,
     MARGIN_CLASS,
+    BoundLoss,
     LossCoefficients,
     dpo_loss,
     dpop_loss,
@@ -60,6 +61,7 @@ from theory.losses import (
     loss_coefficients,
     make_loss,
     margin_derivative,
+    mean_pair_loss,
     nll_loss,
     rebel_loss,
     sft_term_loss,
@@ -89,6 +91,7 @@ from theory.single_token import (
 )
 
 __all__ = [
+    "BoundLoss",
     "DPOPCoefficients",
     "DisplacementTerms",
     "ExactCheck",
@@ -132,6 +135,7 @@ __all__ = [
     "loss_logprob_velocity",
     "make_loss",
     "margin_derivative",
+    "mean_pair_loss",
     "masked_ches",
     "mixture_weights",
     "multi_sample_logprob_velocity",
@@ -150,7 +154,7 @@ __all__ = [
     "residual_mass_bound",
     "response_logprob_velocity",
     "search_counterexamples",
-    "sequence_logprobs",
+    "pair_logprobs_from_logits",
     "sft_term_loss",
     "simpo_loss",
     "slic_loss",

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from theory._checks import check_finite, check_ndim, check_token_ids, is_concrete
+from theory.checks import check_finite, check_ndim, check_token_ids, is_concrete
 
 
 def shared_prefixes(u, v):

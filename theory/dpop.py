@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from theory._checks import (
+from theory.checks import (
     check_finite,
     check_ndim,
     check_nonnegative,
@@ -209,7 +209,7 @@ def _post_edit(chosen, rejected):
     return jnp.cumsum(diff) - diff > 0
 
 
-def sequence_logprobs(
+def pair_logprobs_from_logits(
     logits_chosen: ArrayLike, logits_rejected: ArrayLike, chosen: ArrayLike, rejected: ArrayLike
 ) -> tuple[jax.Array, jax.Array]:
     r"""Return the summed :math:`(\ln\pi(y_w), \ln\pi(y_l))` of ``[L, V]`` per-position logits.
@@ -220,7 +220,7 @@ def sequence_logprobs(
     validation (a jit-internal helper; the public functions above validate).
 
     Example:
-      >>> lp = sequence_logprobs(jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.array([0, 1]),
+      >>> lp = pair_logprobs_from_logits(jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.array([0, 1]),
       ...                        jnp.array([2, 1]))
       >>> [round(float(x), 6) for x in lp]  # 2 ln(1/4)
       [-2.772589, -2.772589]
@@ -248,7 +248,7 @@ class PositionGradients(NamedTuple):
 
 def _gradients(logits_c, logits_r, chosen, rejected, ref_c, ref_r, beta, lam, inside):
     V = logits_c.shape[1]
-    lp_c, lp_r = sequence_logprobs(logits_c, logits_r, chosen, rejected)
+    lp_c, lp_r = pair_logprobs_from_logits(logits_c, logits_r, chosen, rejected)
     coef = _coefficients(lp_c, lp_r, ref_c, ref_r, beta, lam, inside)
     onehot_c = jax.nn.one_hot(chosen, V, dtype=logits_c.dtype)  # [L, V]
     onehot_r = jax.nn.one_hot(rejected, V, dtype=logits_c.dtype)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from theory._checks import check_positive, check_token_ids
+from theory.checks import check_positive, check_token_ids
 from theory.dpop import _post_edit, _validate_pair, edit_position
 
 

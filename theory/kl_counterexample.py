@@ -19,7 +19,7 @@ import numpy as np
 from jax.scipy.special import ndtri
 from jax.typing import ArrayLike
 
-from theory._checks import check_positive, check_positive_int
+from theory.checks import check_positive, check_positive_int
 from theory.kl_optimum import _log_moment, _support_covariances, _tpm_from_log_moments
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from theory._checks import check_positive_int
+from theory.checks import check_positive_int
 from theory.kl_counterexample import MixtureInstances
 
 #: Anything ``Fraction`` accepts exactly: int, Fraction, or a string such as ``"3/10"``.

@@ -25,7 +25,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from jax.typing import ArrayLike
 
-from theory._checks import check_finite, check_ndim, check_nonnegative, check_positive, is_concrete
+from theory.checks import check_finite, check_ndim, check_nonnegative, check_positive, is_concrete
 
 #: A distribution must sum to 1 within this absolute tolerance (float32 rounding of V <= 10^4
 #: entries stays well below it; a mis-normalised input is off by far more).

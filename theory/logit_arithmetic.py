@@ -21,7 +21,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from jax.typing import ArrayLike
 
-from theory._checks import check_finite, check_ndim, check_positive, is_concrete
+from theory.checks import check_finite, check_ndim, check_positive, is_concrete
 from theory.kl_optimum import (
     TotalProbabilityMass,
     _arrays,

@@ -21,15 +21,16 @@ Hyperparameters are keyword-only and validated when concrete (``beta must be > 0
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
-from theory._checks import check_nonnegative, check_positive
+from theory.checks import check_nonnegative, check_positive
 
 PairLoss = Callable[..., jax.Array]
 
@@ -449,7 +450,75 @@ LOSSES: dict[str, PairLoss] = {
 MARGIN_CLASS = ("dpo", "ipo", "slic", "rebel", "gpo")
 
 
-def make_loss(loss_type: str, **hyper) -> PairLoss:
+def _hash_key(value: Any) -> Any:
+    """A hashable stand-in for a hyperparameter value (arrays by content; tracers by identity)."""
+    if isinstance(value, BoundLoss) or callable(value):
+        return value
+    if isinstance(value, jax.core.Tracer):
+        return ("tracer", id(value))
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        arr = np.asarray(value)
+        return (arr.shape, str(arr.dtype), arr.tobytes())
+    return value
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BoundLoss:
+    """A pair loss of :data:`LOSSES` with its hyperparameters bound (from :func:`make_loss`).
+
+    Callable as the loss itself, ``loss(logprob_chosen, logprob_rejected, ref_logprob_chosen,
+    ref_logprob_rejected)``. Two ``BoundLoss`` objects with the same ``loss_type`` and equal
+    hyperparameters are equal and hash alike, so the compiled flows of :mod:`sims.flow`, which take
+    the loss as a static argument, compile once per distinct loss rather than once per object.
+
+    Attributes:
+      loss_type: a key of :data:`LOSSES`.
+      hyper: ``(name, value)`` pairs, sorted by name.
+    """
+
+    loss_type: str
+    hyper: tuple[tuple[str, Any], ...]
+
+    @property
+    def fn(self) -> PairLoss:
+        """The unbound loss function ``LOSSES[loss_type]``."""
+        return LOSSES[self.loss_type]
+
+    @property
+    def keywords(self) -> dict[str, Any]:
+        """The bound hyperparameters as a dict."""
+        return dict(self.hyper)
+
+    def __call__(
+        self,
+        logprob_chosen: ArrayLike,
+        logprob_rejected: ArrayLike,
+        ref_logprob_chosen: ArrayLike = 0.0,
+        ref_logprob_rejected: ArrayLike = 0.0,
+    ) -> jax.Array:
+        return self.fn(
+            logprob_chosen,
+            logprob_rejected,
+            ref_logprob_chosen,
+            ref_logprob_rejected,
+            **self.keywords,
+        )
+
+    def _key(self) -> tuple:
+        return (self.loss_type, tuple((k, _hash_key(v)) for k, v in self.hyper))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BoundLoss) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyper)
+        return f"make_loss({self.loss_type!r}{', ' if args else ''}{args})"
+
+
+def make_loss(loss_type: str, **hyper) -> BoundLoss:
     """Return ``LOSSES[loss_type]`` with its hyperparameters bound and validated now.
 
     ``sft_term`` and ``weighted`` take ``base_loss`` as a name or a callable.
@@ -461,6 +530,8 @@ def make_loss(loss_type: str, **hyper) -> PairLoss:
       >>> loss = make_loss("dpo", beta=0.5)
       >>> float(loss(0.0, 0.0))
       0.6931471...
+      >>> loss == make_loss("dpo", beta=0.5)  # equal by value: compiled flows are reused
+      True
     """
     if loss_type not in LOSSES:
         raise ValueError(f"loss_type must be one of {sorted(LOSSES)}, got loss_type={loss_type!r}")
@@ -474,7 +545,46 @@ def make_loss(loss_type: str, **hyper) -> PairLoss:
         fn(0.0, 0.0, 0.0, 0.0, **hyper)  # validates the hyperparameters eagerly
     except TypeError as err:
         raise ValueError(f"bad hyperparameters for loss_type={loss_type!r}: {err}") from None
-    return partial(fn, **hyper)
+    return BoundLoss(loss_type, tuple(sorted(hyper.items())))
+
+
+def mean_pair_loss(
+    loss: PairLoss,
+    logprob_chosen: ArrayLike,
+    logprob_rejected: ArrayLike,
+    ref_logprob_chosen: ArrayLike = 0.0,
+    ref_logprob_rejected: ArrayLike = 0.0,
+    *,
+    weight: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Return the (weighted) mean pair loss :math:`L = \sum_i w_i\,\ell_i / \sum_i w_i`.
+
+    .. math:: \mathcal L(\theta) = \mathbb E_{(x, y^+, y^-)\sim\mathcal D}
+              \big[\ell_{x,y^+,y^-}(\ln\pi_\theta(y^+|x) - \ln\pi_\theta(y^-|x))\big]
+
+    Source: Razin et al. 2024, Eq. 2 (the expectation over the data set is the mean over its
+    pairs). ``weight`` (default: all 1) lets padded pairs of weight 0 drop out, so data sets of
+    different sizes stack on one ``vmap`` axis. The one place the package averages pair losses.
+
+    Args:
+      loss: a per-pair loss (e.g. ``make_loss("dpo", beta=0.1)``).
+      logprob_chosen, logprob_rejected: ``[N]`` summed response log-probs.
+      ref_logprob_chosen, ref_logprob_rejected: ``[N]`` reference log-probs.
+      weight: ``[N]`` non-negative sample weights, or ``None``.
+
+    Returns:
+      Scalar loss.
+
+    Example:
+      >>> loss = make_loss("dpo", beta=1.0)
+      >>> float(mean_pair_loss(loss, jnp.zeros(2), jnp.zeros(2), weight=jnp.array([1.0, 0.0])))
+      0.6931471...
+    """
+    per_pair = loss(logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected)
+    if weight is None:
+        return jnp.mean(per_pair)
+    weight = jnp.asarray(weight, per_pair.dtype)
+    return jnp.sum(weight * per_pair) / jnp.sum(weight)
 
 
 class LossCoefficients(NamedTuple):

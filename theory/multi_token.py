@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from theory._checks import check_finite, check_ndim, is_concrete
 from theory._sequence_grads import (
     check_differ_within,
     check_mask_1d,
@@ -31,6 +30,7 @@ from theory._sequence_grads import (
     validate_pair,
     validate_response,
 )
+from theory.checks import check_finite, check_ndim, is_concrete
 
 
 def _check_hidden_pair(name_a: str, a, name_b: str, b) -> None:

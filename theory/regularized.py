@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from theory._checks import check_finite, check_ndim
 from theory._sequence_grads import check_differ_within, sequence_logprob, tie, validate_pair
+from theory.checks import check_finite, check_ndim
 from theory.losses import PairLoss, loss_coefficients
 from theory.multi_token import multi_token_terms
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from theory._checks import check_distinct, check_finite, check_ndim, check_token_ids
+from theory.checks import check_distinct, check_finite, check_ndim, check_token_ids
 
 
 class DisplacementTerms(NamedTuple):

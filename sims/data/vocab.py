@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from theory._checks import check_positive, check_positive_int
+from theory.checks import check_positive, check_positive_int
 
 CONCEPTS = ("polarity", "emphasis", "hedge", "polite", "informal", "answer")
 

@@ -22,9 +22,10 @@ influences an earlier position. :func:`is_refusal` is the rule-based judge (on s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
+
+from sims.transformer import TokenBatch
 
 MAX_LEN = 24  # longest sequence (prompt + response + <eos>), tokens
 SPECIAL = ("<pad>", "<bos>", "<eos>", "<ans>")
@@ -116,22 +117,8 @@ def response(template: str, verb: str, obj: str) -> list[str]:
     return [*template.format(v=verb, o=obj).split(), "<eos>"]
 
 
-class Batch(NamedTuple):
-    """Right-padded token sequences.
-
-    Attributes:
-      tokens: ``[N, MAX_LEN]`` int32 ids.
-      prompt_len: ``[N]`` prompt length (the response starts at this position).
-      length: ``[N]`` prompt + response length (``<eos>`` included).
-    """
-
-    tokens: np.ndarray
-    prompt_len: np.ndarray
-    length: np.ndarray
-
-
-def pack(prompts: Sequence[Sequence[str]], responses: Sequence[Sequence[str]]) -> Batch:
-    """Return the :class:`Batch` of ``prompt + response`` word sequences.
+def pack(prompts: Sequence[Sequence[str]], responses: Sequence[Sequence[str]]) -> TokenBatch:
+    """Return the :class:`~sims.transformer.TokenBatch` of ``prompt + response`` word sequences.
 
     Raises:
       ValueError: a sequence is longer than ``MAX_LEN`` or has an unknown word.
@@ -144,7 +131,7 @@ def pack(prompts: Sequence[Sequence[str]], responses: Sequence[Sequence[str]]) -
         tokens[i, : len(ids)] = ids
     prompt_len = np.array([len(p) for p in prompts], dtype=np.int32)
     length = prompt_len + np.array([len(r) for r in responses], dtype=np.int32)
-    return Batch(tokens, prompt_len, length)
+    return TokenBatch(tokens, prompt_len, length)
 
 
 def requests(unsafe: bool) -> list[tuple[str, str]]:
@@ -152,7 +139,7 @@ def requests(unsafe: bool) -> list[tuple[str, str]]:
     return [(v, o) for v in VERBS for o in (UNSAFE if unsafe else SAFE)]
 
 
-def pretraining_corpus(rng: np.random.Generator, *, copies: int, refusal_prob: float) -> Batch:
+def pretraining_corpus(rng: np.random.Generator, *, copies: int, refusal_prob: float) -> TokenBatch:
     """Return the pre-training corpus: ``copies`` labelled samples of every prompt of the grammar.
 
     Persona answers are drawn uniformly from the answer set of the statement's class; unsafe

@@ -5,7 +5,7 @@ r"""Setup and checks for the DPO/DPOP edit-distance-1 experiment (library side o
 * :func:`sign_checks`: the source's sign predictions vs the exact per-position gradient
   (:func:`theory.dpop.position_logit_gradients`, itself tested against autodiff) on a lambda grid
   and on perturbed states.
-* :func:`flow_summary`: the JSON-ready numbers of an :class:`sims.logit_model.EditFlow`.
+* :func:`flow_summary`: the JSON-ready numbers of :func:`sims.logit_model.edit_pair_flow`'s result.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from sims.logit_model import EditFlow, EditPrefixes
-from theory.dpop import position_logit_gradients, sequence_logprobs
+from sims.flow import FlowResult
+from sims.logit_model import EditPrefixes
+from theory.dpop import pair_logprobs_from_logits, position_logit_gradients
 from theory.dpop_signs import lambda_thresholds, predicted_signs, well_optimised
 
 
@@ -63,7 +64,7 @@ def reference_context_logits(
 
 def _signs_right(lw, lr, chosen, rejected, lam, penalised, beta, inside, *, entrywise=False):
     """[L] (or [L, V]) bool: exact descent signs equal the source's prediction, hinge active."""
-    lp_c, lp_r = sequence_logprobs(lw, lr, jnp.asarray(chosen), jnp.asarray(rejected))
+    lp_c, lp_r = pair_logprobs_from_logits(lw, lr, jnp.asarray(chosen), jnp.asarray(rejected))
     g = position_logit_gradients(
         lw, lr, chosen, rejected, lp_c + 1.0, lp_r, beta=beta, lam=lam, penalty_inside_beta=inside
     )
@@ -143,12 +144,13 @@ def sign_checks(
     }
 
 
-def flow_summary(flow: EditFlow, lams: ArrayLike) -> dict:
+def flow_summary(result: FlowResult, lams: ArrayLike) -> dict:
     """Return the JSON-ready numbers of a flow: per-position log-probs, changes, Prop. 2 error.
 
     ``prop2_max_abs_error`` excludes ``t = 0``, which sits on the hinge's kink (there autodiff
     averages the two one-sided gradients while the closed form takes the inactive side).
     """
+    flow = result.observables  # EditRecord of [R, C+1, ...] arrays
     err = np.abs(np.asarray(flow.velocity) - np.asarray(flow.split.velocity))
     dpo_part = np.asarray(flow.split.dpo_part)
     scale = np.abs(dpo_part) + np.abs(np.asarray(flow.split.velocity) - dpo_part)
@@ -156,7 +158,7 @@ def flow_summary(flow: EditFlow, lams: ArrayLike) -> dict:
     delta = lp - lp[:, :1]
     return {
         "lams": np.asarray(lams),
-        "t": np.asarray(flow.t),
+        "t": np.asarray(result.t),
         "logprob_chosen": lp,
         "delta_sequence": delta.sum(-1),
         "delta_final": delta[:, -1],

@@ -31,8 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sims.flow import PreferencePairs
-from sims.models import UnconstrainedFeatures
+from sims.models import PreferencePairs, UnconstrainedFeatures
 from sims.reduced import reduced_preference_flow
 from theory.losses import dpo_loss, make_loss
 
@@ -80,7 +79,7 @@ def reduced_rate(W, H, *, num_steps: int, num_checkpoints: int, repeats: int) ->
     loss = make_loss("dpo", beta=BETA)
 
     def call():
-        _, traj = reduced_preference_flow(
+        result = reduced_preference_flow(
             model,
             pairs,
             loss,
@@ -88,7 +87,7 @@ def reduced_rate(W, H, *, num_steps: int, num_checkpoints: int, repeats: int) ->
             num_steps=num_steps,
             record_every=num_steps // num_checkpoints,
         )
-        jax.block_until_ready(traj)
+        jax.block_until_ready(result)
 
     first = best_time(call, repeats=1)
     wall = best_time(call, repeats=repeats)

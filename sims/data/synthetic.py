@@ -30,8 +30,8 @@ import jax
 import numpy as np
 
 from sims.models import UnconstrainedFeatures
-from sims.prefix_tree import SequencePairs, index_prefixes
-from theory._checks import check_positive, check_positive_int
+from sims.prefix_tree import PrefixTreePairs, index_prefixes
+from theory.checks import check_positive, check_positive_int
 
 EOS = 0  #: token id ending every response
 
@@ -41,7 +41,7 @@ class SyntheticPreferences(NamedTuple):
 
     Attributes:
       model: :class:`UnconstrainedFeatures` whose ``hidden`` rows are the dataset's prefixes.
-      pairs: :class:`SequencePairs` into ``model`` (reference log-probs 0; see
+      pairs: :class:`~sims.prefix_tree.PrefixTreePairs` into ``model`` (reference log-probs 0; see
         :func:`sims.prefix_tree.with_reference`).
       last_hidden_chosen: ``[N, d]`` embedding of the complete chosen sequence (EOS position).
       last_hidden_rejected: ``[N, d]`` likewise.
@@ -50,7 +50,7 @@ class SyntheticPreferences(NamedTuple):
     """
 
     model: UnconstrainedFeatures
-    pairs: SequencePairs
+    pairs: PrefixTreePairs
     last_hidden_chosen: np.ndarray
     last_hidden_rejected: np.ndarray
     chosen_tokens: list

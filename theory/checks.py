@@ -1,4 +1,4 @@
-"""Input validation shared by the public functions of ``theory`` and ``sims``.
+"""Input validation shared by the public functions of ``theory`` and ``sims`` (public helpers).
 
 Every check runs in Python before tracing. Shape checks always run (shapes are static under
 ``jax.jit``); value checks (finiteness, ranges, token ids) run only on concrete values, because a
