@@ -1,6 +1,7 @@
 """Experiment scripts; each writes figures/<name>.png and figures/<name>.json.
 
-``python -m experiments`` runs every name in :data:`EXPERIMENTS` (the README's main job).
+``python -m experiments`` runs every name in :data:`EXPERIMENTS` (the README's main job);
+:data:`EXTRA` are separate commands (``python -m experiments bench``).
 """
 
 #: Experiments of the main job, in run order.
@@ -17,3 +18,6 @@ EXPERIMENTS: tuple[str, ...] = (
     "transformer_ches",
     "transformer_unalignment",
 )
+
+#: Separate commands, not part of the main job.
+EXTRA: tuple[str, ...] = ("bench",)

@@ -1,24 +1,139 @@
-"""``python -m experiments [all | NAME ...] [--smoke]``: regenerate figures/ (PNG + JSON each)."""
+"""``python -m experiments [NAMES... | all | list] [--flag VALUE | --flag=VALUE ...]``.
+
+Runs the named experiments (default: every experiment of the main job, :data:`EXPERIMENTS`), each
+writing ``<out>/<name>.png`` and ``.json``. Flags go only to the experiments whose ``Config``
+defines them (``--smoke``, ``--out`` go to all; ``--scale`` to those with a bigger version).
+Everything is checked before the first experiment starts: unknown names, flags no selected
+experiment defines, unreadable or invalid values, an unusable output folder."""
 
 from __future__ import annotations
 
+import importlib
 import sys
+import time
+from collections.abc import Sequence
 
-from experiments import EXPERIMENTS
-from experiments._common import enable_x64, run_all
+from experiments import EXPERIMENTS, EXTRA
+from experiments._common import (
+    ConfigError,
+    config_flags,
+    parse_config,
+    prepare_out_dir,
+    progress,
+)
+
+USAGE = (
+    "usage: python -m experiments [NAMES... | all | list] [--flag VALUE | --flag=VALUE ...]\n"
+    "       python -m experiments.NAME --help   (the flags of one experiment)"
+)
+_SWITCHES = ("--smoke", "--scale")  # flags without a value
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    flags = [a for a in args if a.startswith("--")]
-    names = [a for a in args if not a.startswith("--")]
+def _summary_line(name: str) -> str:
+    module = importlib.import_module(f"experiments.{name}")
+    doc = (module.__doc__ or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def list_experiments() -> str:
+    """Return the listing printed by ``--help``, ``-h`` and ``list``."""
+    lines = [USAGE, "", "experiments of the main job (run in this order by default):"]
+    lines += [f"  {n:<30} {_summary_line(n)}" for n in EXPERIMENTS]
+    lines += ["", "separate commands:"]
+    lines += [f"  {n:<30} {_summary_line(n)}" for n in EXTRA]
+    lines += [
+        "",
+        "common flags: --smoke (tiny version), --scale (GPU/TPU version, where defined),",
+        "              --out DIR (output folder, default figures/)",
+    ]
+    return "\n".join(lines)
+
+
+def split_args(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """Split the command line into experiment names and ``(flag, value)`` pairs.
+
+    ``--flag=value`` and ``--flag value`` both work; ``--smoke``/``--scale`` take no value.
+
+    Raises:
+      SystemExit: a flag that needs a value is last.
+    """
+    names, flags = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-") and arg != "-":
+            if "=" in arg:
+                key, value = arg.split("=", 1)
+                flags.append((key, value))
+            elif arg in _SWITCHES:
+                flags.append((arg, None))
+            else:
+                if i + 1 >= len(args):
+                    raise SystemExit(f"error: {arg} needs a value\n{USAGE}")
+                flags.append((arg, args[i + 1]))
+                i += 1
+        else:
+            names.append(arg)
+        i += 1
+    return names, flags
+
+
+def plan(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Return ``[(name, its argv), ...]`` after checking names, flags, values and ``--out``.
+
+    Raises:
+      SystemExit: with a message naming the unknown experiment, flag or bad value.
+    """
+    names, flags = split_args(argv)
     if not names or names == ["all"]:
         names = list(EXPERIMENTS)
-    unknown = [n for n in names if n not in EXPERIMENTS and n != "bench"]
+    unknown = [n for n in names if n not in EXPERIMENTS and n not in EXTRA]
     if unknown:
-        raise SystemExit(f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)}")
-    enable_x64()
-    run_all(names, flags)
+        raise SystemExit(
+            f"error: unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS + EXTRA)} "
+            "(python -m experiments list)"
+        )
+    modules = {n: importlib.import_module(f"experiments.{n}") for n in names}
+    accepted = {
+        n: set(config_flags(m.Config))
+        | {"--smoke", "--out"}
+        | ({"--scale"} if hasattr(m.Config, "scaled") else set())
+        for n, m in modules.items()
+    }
+    for key, _ in flags:
+        if not any(key in a for a in accepted.values()):
+            raise SystemExit(
+                f"error: no selected experiment defines {key} (selected: {names}); see "
+                f"python -m experiments.NAME --help"
+            )
+    out = [value for key, value in flags if key == "--out"]
+    if out:
+        try:
+            prepare_out_dir(out[-1])
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
+    runs = []
+    for n in names:
+        mine = []
+        for key, value in flags:
+            if key in accepted[n]:
+                mine += [key] if value is None else [f"{key}={value}"]
+        parse_config(modules[n].Config, mine, prog=f"python -m experiments.{n}")  # validates now
+        runs.append((n, mine))
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args) or args[:1] == ["list"]:
+        print(list_experiments())
+        return
+    runs = plan(args)
+    start = time.perf_counter()
+    for i, (name, flags) in enumerate(runs, 1):
+        progress(f"=== [{i}/{len(runs)}] {name} {' '.join(flags)}".rstrip())
+        importlib.import_module(f"experiments.{name}").main(flags)
+    progress(f"=== all {len(runs)} experiments done in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

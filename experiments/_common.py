@@ -1,22 +1,40 @@
-"""Shared plumbing for experiment scripts: CLI from a dataclass, provenance, saving PNG + JSON.
+"""Shared plumbing for experiment scripts: configs that validate themselves, the CLI, provenance,
+saving PNG + JSON.
 
-Every experiment module defines ``Config`` (frozen dataclass with ``smoke()``), ``run(config) ->
-dict``, ``plot(results) -> Figure`` and ``main(argv=None)``; ``main`` calls :func:`experiment_main`.
+Every experiment module defines ``Config`` (a frozen dataclass deriving from
+:class:`ExperimentConfig`, with ``smoke()`` and optionally ``scaled()``), ``run(config) -> dict``,
+``plot(results) -> Figure`` and ``main(argv=None)``; ``main`` calls :func:`experiment_main`.
+
+The CLI is argparse, generated from the ``Config`` fields (``--beta 0.1`` or ``--beta=0.1``; tuple
+fields take a comma-separated list ``--loss-types dpo,ipo``). Each field's help is the comment
+written beside it in the class body. We chose argparse over ``tyro``: the runner (``python -m
+experiments``) must route each flag to the experiments that define it and refuse unknown flags
+before any experiment starts, which needs our own pre-parse either way, and tyro's space-separated
+tuple syntax would change every documented command.
+
+Validation happens when a config is built (:meth:`ExperimentConfig.__post_init__`): each field's
+type, then its rule -- the one in the class's ``RULES`` (``{"loss_types": each(one_of(...))}``),
+else the default (counts >= 1, numbers > 0, ``seed`` >= 0); errors name the flag. The output folder
+is created and checked writable before a run starts (:func:`prepare_out_dir`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import io
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import tokenize
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import matplotlib
 
@@ -28,9 +46,196 @@ import numpy as np  # noqa: E402
 #: Default output folder: the repository's figures/.
 FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
 
+#: Switches every experiment takes (besides its Config fields).
+COMMON_SWITCHES = ("--smoke", "--scale")
+
+
+class ConfigError(ValueError):
+    """A config value breaks its rule; the message names the flag (``--beta``)."""
+
+
+def flag(name: str) -> str:
+    """Return the command-line flag of a Config field: ``loss_types`` -> ``--loss-types``."""
+    return "--" + name.replace("_", "-")
+
+
+# --- validation rules: each is ``rule(name, value)`` raising ConfigError, with a ``text`` for help
+
+
+def _rule(text: str, ok: Callable[[Any], bool]) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if not ok(value):
+            raise ConfigError(f"{flag(name)} must be {text}, got {value!r}")
+
+    check.text = text
+    return check
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+positive = _rule("a finite number > 0", lambda x: _is_number(x) and x > 0)
+nonnegative = _rule("a finite number >= 0", lambda x: _is_number(x) and x >= 0)
+positive_int = _rule(
+    "an integer >= 1", lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1
+)
+nonnegative_int = _rule(
+    "an integer >= 0", lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0
+)
+unit_interval = _rule("a number in (0, 1]", lambda x: _is_number(x) and 0 < x <= 1)
+open_unit_interval = _rule("a number in (0, 1)", lambda x: _is_number(x) and 0 < x < 1)
+probability = _rule("a number in [0, 1]", lambda x: _is_number(x) and 0 <= x <= 1)
+finite = _rule("a finite number", _is_number)
+
+
+def number_in(low: float, high: float) -> Callable[[str, Any], None]:
+    """Rule: a finite number in ``[low, high]``."""
+    return _rule(f"a number in [{low}, {high}]", lambda x: _is_number(x) and low <= x <= high)
+
+
+def grid(ends: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    """Rule for a grid ``(start, stop, num)``: ``start < stop`` obey ``ends``; ``num`` an int >= 2."""
+
+    def check(name: str, value: Any) -> None:
+        ok = (
+            isinstance(value, tuple)
+            and len(value) == 3
+            and all(_is_number(v) for v in value)
+            and float(value[2]).is_integer()
+            and value[2] >= 2
+            and value[0] < value[1]
+        )
+        if not ok:
+            raise ConfigError(
+                f"{flag(name)} must be start,stop,num with start < stop and an integer num >= 2, "
+                f"got {value!r}"
+            )
+        ends(name, value[0])
+        ends(name, value[1])
+
+    check.text = f"start,stop,num (start < stop, each {getattr(ends, 'text', '')}; num >= 2)"
+    return check
+
+
+def one_of(choices: Iterable[Any]) -> Callable[[str, Any], None]:
+    """Rule: the value is one of ``choices``."""
+    allowed = tuple(choices)
+    return _rule(f"one of {list(allowed)}", lambda x: x in allowed)
+
+
+def each(rule: Callable[[str, Any], None], *, min_len: int = 1) -> Callable[[str, Any], None]:
+    """Rule for a tuple field: at least ``min_len`` entries, each obeying ``rule``."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, tuple) or len(value) < min_len:
+            raise ConfigError(
+                f"{flag(name)} must be a comma-separated list of at least {min_len} value(s), "
+                f"got {value!r}"
+            )
+        for v in value:
+            try:
+                rule(name, v)
+            except ConfigError as err:
+                raise ConfigError(f"{err} (in {flag(name)}={value!r})") from None
+
+    check.text = f"a list of values each {getattr(rule, 'text', '')}".strip()
+    return check
+
+
+def _field_type_ok(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple):
+        return isinstance(value, tuple)
+    return True
+
+
+def default_rule(name: str, default: Any) -> Callable[[str, Any], None] | None:
+    """The rule a field gets unless ``RULES`` names it: counts ``>= 1``, numbers ``> 0``.
+
+    ``seed`` is ``>= 0``; other ints are counts (``>= 1``); floats are scales, steps or
+    coefficients (finite, ``> 0``); tuples are non-empty with entries following the same rules;
+    strings and booleans are free (their own rules go in ``RULES``).
+    """
+    if isinstance(default, bool | str):
+        return None
+    if name == "seed":
+        return nonnegative_int
+    if isinstance(default, int):
+        return positive_int
+    if isinstance(default, float):
+        return positive
+    if isinstance(default, tuple):
+        inner = [default_rule(name, v) for v in default[:1]]
+        return each(inner[0]) if inner and inner[0] is not None else each(lambda n, v: None)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Base of every experiment ``Config``: validates itself when built.
+
+    Every field is type-checked against its default's type, then checked by its rule: the one
+    named in the subclass's ``RULES`` (field name -> rule such as :data:`nonnegative`,
+    :func:`one_of`, :func:`each`), else :func:`default_rule` (counts ``>= 1``, numbers ``> 0``,
+    ``seed >= 0``). ``check(self)`` adds cross-field checks (raise :class:`ConfigError`).
+    """
+
+    RULES: ClassVar[dict[str, Callable[[str, Any], None]]] = {}
+
+    def __post_init__(self) -> None:
+        for name in self.RULES:
+            if name not in {f.name for f in dataclasses.fields(self)}:
+                raise TypeError(f"{type(self).__qualname__}.RULES names no field {name!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default
+            if default is not dataclasses.MISSING and not _field_type_ok(default, value):
+                raise ConfigError(
+                    f"{flag(f.name)} must be of type {type(default).__name__}, got {value!r}"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{flag(f.name)} must be finite, got {value!r}")
+            rule = self.RULES.get(f.name, default_rule(f.name, default))
+            if rule is not None:
+                rule(f.name, value)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field checks of a subclass (default: none)."""
+
+
+def field_comments(config_cls: type) -> dict[str, str]:
+    """Return each field's trailing comment in the class bodies of ``config_cls`` and its bases."""
+    comments: dict[str, str] = {}
+    for cls in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(cls) or cls is ExperimentConfig:
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        line_field: dict[int, str] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
+                line_field[tok.start[0]] = tok.string
+            if tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+                comments[line_field[tok.start[0]]] = tok.string.lstrip("# ").strip()
+    return comments
+
+
+# --- provenance, JSON, saving
+
 
 def enable_x64() -> None:
-    """Turn on float64 (experiments check theory in float64; call before creating arrays)."""
+    """Turn on float64 (``run`` functions that check theory in float64 call this first)."""
     jax.config.update("jax_enable_x64", True)
 
 
@@ -39,31 +244,46 @@ def progress(message: str) -> None:
     print(message, flush=True)
 
 
-def provenance(dtype: str) -> dict[str, str]:
-    """Return package versions, dtype, device kind and git commit (no timestamps)."""
-    import flax
-    import optax
-
+def _git(*args: str) -> str | None:
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+        return subprocess.run(
+            ["git", *args],
             capture_output=True,
             text=True,
             check=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        return None
+
+
+def provenance(*, dtype_of: Any) -> dict[str, Any]:
+    """Return package versions, the dtype actually computed, device kind and git state.
+
+    ``dtype_of`` is a result array (or a pytree of them) of the computation being reported: the
+    ``dtype`` label is read from it, so it cannot disagree with the computation. No timestamps.
+    ``git_dirty`` is true when the working tree had uncommitted changes (the commit alone does not
+    then identify the code).
+    """
+    import flax
+    import optax
+
+    dtypes = sorted({str(np.asarray(x).dtype) for x in jax.tree_util.tree_leaves(dtype_of)})
+    if not dtypes:
+        raise ValueError("dtype_of must hold at least one array of the reported computation")
+    status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "python": platform.python_version(),
         "jax": jax.__version__,
         "flax": flax.__version__,
         "optax": optax.__version__,
         "numpy": np.__version__,
-        "dtype": dtype,
+        "dtype": "+".join(dtypes),
+        "jax_enable_x64": bool(jax.config.jax_enable_x64),
         "device_kind": jax.devices()[0].device_kind,
         "platform": jax.devices()[0].platform,
-        "git_commit": commit,
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": None if status is None else bool(status),
     }
 
 
@@ -87,15 +307,33 @@ def dumps(results: dict) -> str:
     return json.dumps(to_jsonable(results), sort_keys=True, indent=2, allow_nan=False) + "\n"
 
 
+def prepare_out_dir(out_dir: Path | str) -> Path:
+    """Create ``out_dir`` and check that it is a writable folder; return it.
+
+    Raises:
+      ConfigError: ``out_dir`` is a file, cannot be created, or is not writable (names ``--out``).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out must be a folder, got the file {str(out)!r}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--out must be a writable folder, got {str(out)!r}: {err}") from None
+    return out
+
+
 def save(
     name: str, results: dict, fig: plt.Figure, out_dir: Path | str = FIGURES_DIR
 ) -> tuple[Path, Path]:
     """Write ``<out_dir>/<name>.png`` and ``<out_dir>/<name>.json``; return both paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(out_dir)
     png, js = out / f"{name}.png", out / f"{name}.json"
     text = dumps(results)
-    tmp = js.with_suffix(".json.tmp")
+    tmp = js.with_name(f"{js.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, js)
     fig.savefig(png, dpi=120, bbox_inches="tight", metadata={"Software": None})
@@ -103,42 +341,72 @@ def save(
     return png, js
 
 
-def parse_config(config_cls: type, argv: Sequence[str] | None) -> tuple[Any, Path]:
-    """Build an argparse CLI from ``config_cls``'s fields; return ``(config, out_dir)``.
+# --- the CLI
 
-    ``--smoke`` starts from ``config_cls.smoke()``, ``--scale`` from ``config_cls.scaled()`` (the
-    bigger accelerator version, where defined); explicit flags override either default.
-    Tuple fields take a comma-separated list.
-    """
-    parser = argparse.ArgumentParser(description=(config_cls.__doc__ or "").strip().splitlines()[0])
+
+def config_flags(config_cls: type) -> dict[str, dataclasses.Field]:
+    """Return ``{"--flag": field}`` for every field of ``config_cls``."""
+    return {flag(f.name): f for f in dataclasses.fields(config_cls)}
+
+
+def build_parser(config_cls: type, prog: str | None = None) -> argparse.ArgumentParser:
+    """Return an experiment's argparse parser: its fields, ``--smoke``, ``--scale``, ``--out``."""
+    doc = (config_cls.__doc__ or "").strip().splitlines()
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=doc[0] if doc else None,
+        epilog="Tuple flags take a comma-separated list (e.g. --seeds 0,1,2).",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny version (tests)")
-    parser.add_argument(
-        "--scale", action="store_true", help="bigger GPU/TPU version (Config.scaled(), if defined)"
-    )
-    parser.add_argument("--out", default=str(FIGURES_DIR), help="output folder (default figures/)")
-    for field in dataclasses.fields(config_cls):
+    if hasattr(config_cls, "scaled"):
         parser.add_argument(
-            f"--{field.name.replace('_', '-')}",
-            dest=field.name,
-            default=None,
-            help=f"default {field.default!r}",
+            "--scale", action="store_true", help="bigger GPU/TPU version (Config.scaled())"
         )
-    args = parser.parse_args(argv)
-    if args.smoke and args.scale:
+    parser.add_argument("--out", default=str(FIGURES_DIR), help="output folder (default figures/)")
+    comments = field_comments(config_cls)
+    rules = getattr(config_cls, "RULES", {})
+    for f in dataclasses.fields(config_cls):
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+        rule = rules.get(f.name, default_rule(f.name, default))
+        extra = f"; {rule.text}" if rule is not None and getattr(rule, "text", "") else ""
+        parser.add_argument(
+            flag(f.name),
+            dest=f.name,
+            default=None,
+            metavar=type(default).__name__.upper() if default is not None else "VALUE",
+            help=f"{comments.get(f.name, '')} (default {shown}{extra})".strip(),
+        )
+    return parser
+
+
+def parse_config(
+    config_cls: type, argv: Sequence[str] | None, *, prog: str | None = None
+) -> tuple[Any, Path]:
+    """Parse ``argv`` into ``(config, out_dir)``; the config is validated, ``out_dir`` not yet.
+
+    ``--smoke`` starts from ``config_cls.smoke()``, ``--scale`` from ``config_cls.scaled()``;
+    explicit flags override either default.
+
+    Raises:
+      SystemExit: unreadable or invalid values (message names the flag), unknown flags.
+    """
+    args = build_parser(config_cls, prog).parse_args(argv)
+    scale = getattr(args, "scale", False)
+    if args.smoke and scale:
         raise SystemExit("--smoke and --scale exclude each other")
-    if args.scale and not hasattr(config_cls, "scaled"):
-        raise SystemExit(f"{config_cls.__module__} has no --scale version")
-    config = (
-        config_cls.smoke() if args.smoke else config_cls.scaled() if args.scale else config_cls()
-    )
-    overrides = {}
-    for field in dataclasses.fields(config_cls):
-        raw = getattr(args, field.name)
-        if raw is None:
-            continue
-        default = getattr(config, field.name)
-        overrides[field.name] = _convert(raw, default, field.name)
-    return dataclasses.replace(config, **overrides), Path(args.out)
+    try:
+        config = (
+            config_cls.smoke() if args.smoke else config_cls.scaled() if scale else config_cls()
+        )
+        overrides = {}
+        for f in dataclasses.fields(config_cls):
+            raw = getattr(args, f.name)
+            if raw is not None:
+                overrides[f.name] = _convert(raw, getattr(config, f.name), f.name)
+        return dataclasses.replace(config, **overrides), Path(args.out)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def _convert(raw: str, default: Any, name: str) -> Any:
@@ -152,8 +420,8 @@ def _convert(raw: str, default: Any, name: str) -> Any:
             return tuple(kind(x) for x in raw.split(",") if x)
         return type(default)(raw)
     except ValueError:
-        raise SystemExit(
-            f"--{name.replace('_', '-')}: cannot read {raw!r} as {type(default).__name__}"
+        raise ConfigError(
+            f"{flag(name)}: cannot read {raw!r} as {type(default).__name__}"
         ) from None
 
 
@@ -165,8 +433,12 @@ def experiment_main(
     argv: Sequence[str] | None = None,
     summary: Callable[[dict], str] | None = None,
 ) -> dict:
-    """Parse flags, run, plot, save PNG + JSON, print paths and key numbers; return the results."""
-    config, out_dir = parse_config(config_cls, argv)
+    """Parse flags, check the output folder, run, plot, save PNG + JSON, print paths and numbers."""
+    config, out_dir = parse_config(config_cls, argv, prog=f"python -m experiments.{name}")
+    try:
+        out_dir = prepare_out_dir(out_dir)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     start = time.perf_counter()
     progress(f"[{name}] running with {config}")
     results = run(config)
@@ -174,16 +446,5 @@ def experiment_main(
     progress(f"[{name}] wrote {png} and {js} in {time.perf_counter() - start:.1f} s")
     if summary is not None:
         progress(f"[{name}] {summary(results)}")
-    return results
-
-
-def run_all(names: Sequence[str], argv_extra: Sequence[str] = ()) -> None:
-    """Run the named experiments' ``main`` one after another (``python -m experiments``)."""
-    import importlib
-
-    start = time.perf_counter()
-    for i, name in enumerate(names, 1):
-        progress(f"=== [{i}/{len(names)}] {name}")
-        importlib.import_module(f"experiments.{name}").main(list(argv_extra))
-    progress(f"=== all {len(names)} experiments done in {time.perf_counter() - start:.1f} s")
     sys.stdout.flush()
+    return results

@@ -13,13 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments._common import ConfigError, ExperimentConfig
 from sims.data import corpus
 from sims.transformer import CausalTransformer, TokenBatch, sample_tokens
 from sims.transformer import pretrain as pretrain_lm
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(ExperimentConfig):
     """Transformer size and pre-training schedule (corpus: :mod:`sims.data.corpus`)."""
 
     d_model: int = 64  # transformer hidden size
@@ -30,6 +31,12 @@ class PretrainConfig:
     pretrain_lr: float = 3e-3  # Adam learning rate
     pretrain_steps: int = 150  # Adam steps (minibatch; the LM loss plateaus by ~100)
     batch_size: int = 64  # pre-training minibatch
+
+    def check(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ConfigError(
+                f"--d-model must be divisible by --num-heads, got {self.d_model}, {self.num_heads}"
+            )
 
 
 def pretrain(config, *, refusal_prob: float = 0.8) -> tuple[CausalTransformer, np.ndarray]:

@@ -16,7 +16,16 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._common import (
+    ConfigError,
+    ExperimentConfig,
+    each,
+    enable_x64,
+    experiment_main,
+    number_in,
+    progress,
+    provenance,
+)
 from sims.data.synthetic import synthetic_preferences
 from sims.flow import preference_flow, stack_models
 from sims.prefix_tree import restrict, with_reference
@@ -27,8 +36,11 @@ NAME = "ches_vs_displacement"
 SCORES = ("ches", "ches_length_normalized", "neg_edit_distance", "last_hidden_inner_product")
 
 
+_rule_percentile = number_in(0, 100)
+
+
 @dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """DPO on score-percentile subsets of synthetic preference data (Figure 2 analogue)."""
 
     seed: int = 0  # base seed; run r uses seed + r for data and model
@@ -43,6 +55,14 @@ class Config:
     beta: float = 0.1  # DPO KL coefficient (paper's value)
     dt: float = 0.5  # Euler step of gradient flow
     num_steps: int = 60  # steps: t = num_steps * dt
+
+    RULES = {"percentiles": each(_rule_percentile)}
+
+    def check(self) -> None:
+        if self.subset_size > self.num_pairs:
+            raise ConfigError("--subset-size must be <= --num-pairs")
+        if self.vocab_size < 2:
+            raise ConfigError(f"--vocab-size must be >= 2 (token 0 is EOS), got {self.vocab_size}")
 
     @classmethod
     def smoke(cls) -> Config:
@@ -118,6 +138,7 @@ def _one_seed(config: Config, seed: int) -> dict:
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # float64 flows, however run() is called
     per_seed = []
     for r in range(config.num_seeds):
         per_seed.append(_one_seed(config, config.seed + r))
@@ -143,7 +164,7 @@ def run(config: Config) -> dict:
         "spearman_score_vs_length_difference": {
             s: [p["score_length_spearman"][s] for p in per_seed] for s in SCORES
         },
-        "provenance": provenance("float64"),
+        "provenance": provenance(dtype_of=change),
     }
 
 
@@ -175,7 +196,6 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 

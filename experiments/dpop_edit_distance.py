@@ -10,7 +10,16 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import enable_x64, experiment_main, provenance
+from experiments._common import (
+    ConfigError,
+    ExperimentConfig,
+    each,
+    enable_x64,
+    experiment_main,
+    finite,
+    nonnegative,
+    provenance,
+)
 from experiments._dpop import flow_summary, reference_context_logits, sign_checks
 from sims.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
 from sims.models import UnconstrainedFeatures
@@ -21,7 +30,7 @@ TOKENS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=", ";", "<eos
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """DPO vs DPOP flows on one edit-distance-1 pair (logit and unconstrained-features models)."""
 
     chosen: str = "2+2=4;4=2+2"  # y_w, one character per token, <eos> appended
@@ -44,6 +53,21 @@ class Config:
     )
     seed: int = 0
 
+    RULES = {"lam_factors": each(nonnegative), "edit_logits": each(finite), "noise": nonnegative}
+
+    def check(self) -> None:
+        for name in ("chosen", "rejected"):
+            bad = sorted(set(getattr(self, name)) - set(TOKENS))
+            if bad or not getattr(self, name):
+                raise ConfigError(f"--{name} must be non-empty over {TOKENS[:-1]}, got bad {bad}")
+        diff = sum(a != b for a, b in zip(self.chosen, self.rejected, strict=False))
+        if len(self.chosen) != len(self.rejected) or diff != 1:
+            raise ConfigError("--chosen and --rejected must differ in exactly one character")
+        if self.num_steps % self.record_every:
+            raise ConfigError("--record-every must divide --num-steps")
+        if len(self.edit_logits) != 2:
+            raise ConfigError("--edit-logits must be two numbers (correct, wrong)")
+
     @classmethod
     def smoke(cls) -> Config:
         return cls(
@@ -63,6 +87,7 @@ def _ids(text):
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # float64 flows and sign checks, however run() is called
     chosen, rejected = _ids(config.chosen), _ids(config.rejected)
     pre = edit_pair_prefixes(chosen, rejected)
     k_logit, k_w, k_s = jax.random.split(jax.random.key(config.seed), 3)
@@ -105,7 +130,7 @@ def run(config: Config) -> dict:
         "config": dataclasses.asdict(config), "tokens": TOKENS, "edit": pre.edit,
         "thresholds": th._asdict(), "lambda_star": lam_star,
         "well_optimised": well_optimised(lw, lr, chosen, rejected), "signs": signs,
-        **results, "provenance": provenance("float64"),
+        **results, "provenance": provenance(dtype_of=context),
     }  # fmt: skip
 
 
@@ -178,7 +203,6 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 

@@ -11,7 +11,20 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._common import (
+    ConfigError,
+    ExperimentConfig,
+    each,
+    enable_x64,
+    experiment_main,
+    finite,
+    grid,
+    open_unit_interval,
+    positive,
+    probability,
+    progress,
+    provenance,
+)
 from sims.tabular import TabularPolicy, kl_objective_flow
 from theory.kl_counterexample import (
     random_instances,
@@ -30,7 +43,7 @@ CRITERION_ATOL = 1e-9
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """KL-optimum mixture shift: counterexample search, corrected theorem, bounds, amplification."""
 
     seed: int = 0  # PRNG seed of every random draw
@@ -53,6 +66,25 @@ class Config:
     flow_dt: float = 1.0  # Euler step (flow time per step)
     flow_steps: int = 6000  # steps of the flow
     flow_record_every: int = 60  # steps between recorded distances
+
+    RULES = {
+        "zero_fraction": probability,
+        "demo_alpha": open_unit_interval,
+        "demo_p_A": each(probability),
+        "demo_p_U": each(probability),
+        "demo_r": each(finite),
+        "betas": grid(positive),
+        "temperatures": grid(positive),
+        "gammas": grid(finite),
+    }
+
+    def check(self) -> None:
+        if not len(self.demo_p_A) == len(self.demo_p_U) == len(self.demo_r):
+            raise ConfigError("--demo-p-a, --demo-p-u and --demo-r must have one length")
+        if self.flow_steps % self.flow_record_every:
+            raise ConfigError("--flow-record-every must divide --flow-steps")
+        if self.scatter_points > self.corrected_instances:
+            raise ConfigError("--scatter-points must be <= --corrected-instances")
 
     @classmethod
     def smoke(cls) -> Config:
@@ -92,6 +124,7 @@ def _strs(x):
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # float64 checks (the counterexample search itself runs in float32)
     key_search, key_check = jax.random.split(jax.random.key(config.seed))
     common = dict(num_outcomes=config.num_outcomes, zero_fraction=config.zero_fraction)
     search = search_counterexamples(key_search, num_instances=config.search_instances, **common)
@@ -179,7 +212,7 @@ def run(config: Config) -> dict:
             "total_variation": traj.observables.total_variation,
             "kl": traj.observables.kl,
         },
-        "provenance": provenance("float64 (search float32)"),
+        "provenance": provenance(dtype_of=(search.margin, tpm_U)),
     }
 
 
@@ -260,7 +293,6 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 

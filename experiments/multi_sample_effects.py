@@ -16,7 +16,14 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._common import (
+    ConfigError,
+    ExperimentConfig,
+    enable_x64,
+    experiment_main,
+    progress,
+    provenance,
+)
 from sims.flow import preference_flow, stack_models
 from sims.models import UnconstrainedFeatures
 from sims.prefix_tree import index_prefixes, with_reference
@@ -29,7 +36,7 @@ SIGN_RESOLUTION = 100.0  # |predicted| must exceed this * t_rate to count a sign
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """Predicted (Theorem 8) vs simulated effect of one extra sample on ln pi(y+|x)."""
 
     seed: int = 0  # PRNG seed of the instances
@@ -41,6 +48,12 @@ class Config:
     steps_rate: int = 10  # steps for the rate estimate
     dt: float = 0.05  # Euler step of the long runs
     num_steps: int = 400  # long-run steps: t = num_steps * dt
+
+    def check(self) -> None:
+        if self.vocab_size < 4:
+            raise ConfigError(
+                f"--vocab-size must be >= 4 (two disjoint pairs), got {self.vocab_size}"
+            )
 
     @classmethod
     def smoke(cls) -> Config:
@@ -82,6 +95,7 @@ def _change(models, datasets, loss, dt: float, steps: int) -> np.ndarray:
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # float64 flows and closed forms, however run() is called
     rng = np.random.default_rng(config.seed)
     loss = make_loss("dpo", beta=config.beta)
     out = {}
@@ -146,7 +160,7 @@ def run(config: Config) -> dict:
         progress(
             f"[{NAME}] {kind}: predicted negative {out[kind]['fraction_predicted_negative']:.2f}"
         )
-    return {"config": config, "results": out, "provenance": provenance("float64")}
+    return {"config": config, "results": out, "provenance": provenance(dtype_of=simulated)}
 
 
 def plot(results: dict) -> plt.Figure:
@@ -192,7 +206,6 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 

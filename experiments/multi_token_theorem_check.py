@@ -15,7 +15,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._common import (
+    ConfigError,
+    ExperimentConfig,
+    enable_x64,
+    experiment_main,
+    progress,
+    provenance,
+)
 from sims.models import UnconstrainedFeatures
 from sims.prefix_tree import extend_prefixes, flow_velocity, index_prefixes, with_reference
 from theory.losses import loss_coefficients, make_loss
@@ -33,7 +40,7 @@ LOSSES = {
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """Closed forms vs autodiff on random multi-token instances."""
 
     seed: int = 0  # PRNG seed of the instances
@@ -42,6 +49,19 @@ class Config:
     hidden_size: int = 8  # d
     cases: tuple = ("1,1,0", "3,2,0", "2,5,0", "4,4,1", "5,3,2")  # "L+,L-,shared tokens"
     z_length: int = 4  # length of the other response z
+
+    def check(self) -> None:
+        for case in self.cases:
+            parts = case.split(",")
+            ok = len(parts) == 3 and all(p.strip().isdigit() for p in parts)
+            if not ok or min(int(parts[0]), int(parts[1])) < 1:
+                raise ConfigError(
+                    f"--cases entries must be 'L+,L-,shared' with L+-, >= 1, got {case!r}"
+                )
+            if int(parts[2]) >= min(int(parts[0]), int(parts[1])):
+                raise ConfigError(f"--cases: shared tokens must be < min(L+, L-), got {case!r}")
+        if self.vocab_size < 3:
+            raise ConfigError(f"--vocab-size must be >= 3, got {self.vocab_size}")
 
     @classmethod
     def smoke(cls) -> Config:
@@ -126,6 +146,7 @@ def _check_case(models, pairs, z, z_rows, losses, *, z_fresh):
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # a theorem check in float64, however run() is called
     rng = np.random.default_rng(config.seed)
     checks: dict[str, dict[str, list]] = {}
     for case in config.cases:
@@ -173,7 +194,7 @@ def run(config: Config) -> dict:
         "config": config,
         "checks": checks,
         "summary": summary,
-        "provenance": provenance("float64"),
+        "provenance": provenance(dtype_of=np.asarray(got)),
     }
 
 
@@ -202,7 +223,6 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 

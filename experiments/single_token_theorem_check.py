@@ -17,7 +17,17 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._analysis import sign_agreement
+from experiments._common import (
+    ConfigError,
+    ExperimentConfig,
+    each,
+    enable_x64,
+    experiment_main,
+    one_of,
+    progress,
+    provenance,
+)
 from sims.flow import flow_fn
 from sims.models import softmax_logprobs
 from theory import losses
@@ -28,7 +38,7 @@ LOSSES = {"dpo": {"beta": 0.1}, "ipo": {"tau": 0.05}, "slic": {"delta": 50.0}}
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """Closed-form single-token velocities vs autodiff and finite differences."""
 
     seed: int = 0
@@ -38,9 +48,19 @@ class Config:
     init_scales: tuple[float, ...] = (0.3, 1.0, 3.0)  # row-norm scales, drawn per instance
     fd_step: float = 1e-5  # flow time of the simulated step (central difference)
 
+    RULES = {"loss_types": each(one_of(LOSSES))}
+
     @classmethod
     def smoke(cls) -> Config:
         return cls(shapes=("5x2",), loss_types=("dpo",), instances=8)
+
+    def check(self) -> None:
+        for shape in self.shapes:
+            parts = shape.split("x")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 2:
+                raise ConfigError(f"--shapes must be VxD with V >= 2, D >= 1, got {shape!r}")
+            if int(parts[1]) < 1:
+                raise ConfigError(f"--shapes must be VxD with V >= 2, D >= 1, got {shape!r}")
 
 
 def _instance(key, V, d, scales):
@@ -90,6 +110,7 @@ def _check_cell(loss, V, d, keys, scales, fd_step):
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # a theorem check in float64, however run() is called
     keys = jax.random.split(
         jax.random.key(config.seed), len(config.shapes) * len(config.loss_types)
     )
@@ -114,8 +135,8 @@ def run(config: Config) -> dict:
         rel_fd = np.max(np.abs(closed - fd), axis=1) / scale
         # entries whose sign is meaningful: above round-off (autodiff) or above the O(dt^2)
         # truncation error of the central difference (up to ~1e-4 relative here)
-        clear = np.abs(auto) > 1e-6 * scale[:, None]
-        clear_fd = np.abs(auto) > 1e-3 * scale[:, None]
+        agree, _ = sign_agreement(closed, auto, threshold=1e-6 * scale[:, None])
+        agree_fd, _ = sign_agreement(closed, fd, threshold=1e-3 * scale[:, None], magnitude=auto)
         rows = np.arange(config.instances)
         v_pos = auto[rows, np.asarray(y_pos)]
         cells.append(
@@ -125,10 +146,8 @@ def run(config: Config) -> dict:
                 "instances": config.instances,
                 "max_rel_err_autodiff": float(rel_auto.max()),
                 "max_rel_err_fd": float(rel_fd.max()),
-                "sign_agreement_autodiff": float(
-                    np.mean((np.sign(closed) == np.sign(auto))[clear])
-                ),
-                "sign_agreement_fd": float(np.mean((np.sign(closed) == np.sign(fd))[clear_fd])),
+                "sign_agreement_autodiff": agree,
+                "sign_agreement_fd": agree_fd,
                 "displacing_instances": int(np.sum(v_pos < 0)),
             }
         )
@@ -160,7 +179,7 @@ def run(config: Config) -> dict:
             "min_sign_agreement_fd": min(c["sign_agreement_fd"] for c in cells),
             "displacing_instances": sum(c["displacing_instances"] for c in cells),
         },
-        "provenance": provenance("float64"),
+        "provenance": provenance(dtype_of=closed),
     }
 
 
@@ -198,7 +217,6 @@ def plot(results: dict) -> plt.Figure:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=lambda r: str(r["summary"]))
 
 

@@ -77,6 +77,7 @@ def _subset(order: np.ndarray, q: int, n: int) -> np.ndarray:
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # as in the main job (float64 scalars beside float32 parameters)
     model, pre_losses = pretrain(config)
     rng = np.random.default_rng(config.seed)
     templates = corpus.REFUSALS + corpus.COMPLIANCES
@@ -127,7 +128,7 @@ def run(config: Config) -> dict:
         "loss_decreased": bool(np.all(losses[:, -1] < losses[:, 0])),
         "corr_percentile_vs_decrease": rank,
         "ches_monotone": bool(np.all(np.diff(change[0]) < 0)),
-        "provenance": provenance("float32"),
+        "provenance": provenance(dtype_of=lp),
     }
 
 
@@ -150,7 +151,6 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 

@@ -72,6 +72,7 @@ class _AnswerLogprobs:
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # as in the main job (float64 scalars beside float32 parameters)
     model, pre_losses = pretrain(config)
     progress(f"[{NAME}] pre-trained: final LM loss {pre_losses[-1]:.3f}")
     graphdef, state = nnx.split(model)
@@ -144,7 +145,7 @@ def run(config: Config) -> dict:
         "sign_agreement_pos": float(np.mean(np.sign(actual[:, pos]) == np.sign(predicted[:, pos]))),
         "sign_agreement_all_tokens": float(np.mean(np.sign(actual) == np.sign(predicted))),
         "velocity_correlation": corr,
-        "provenance": provenance("float64"),
+        "provenance": provenance(dtype_of=logp),
     }
     return results
 
@@ -186,7 +187,6 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 

@@ -18,7 +18,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments._common import enable_x64, experiment_main, provenance
+from experiments._common import (
+    each,
+    enable_x64,
+    experiment_main,
+    nonnegative,
+    probability,
+    provenance,
+    unit_interval,
+)
 from experiments._transformer import PretrainConfig, pretrain, refusal_rates, response_batch
 from sims.data import corpus
 from sims.flow import preference_flow
@@ -44,6 +52,12 @@ class Config(PretrainConfig):
     eval_temperature: float = 0.7  # paper's evaluation temperature
     num_seeds: int = 3  # seeds for pair sampling / tie-breaks / evaluation (paper: 3 runs)
     seed: int = 0
+
+    RULES = {
+        "refusal_prob": probability,
+        "keep_fractions": each(unit_interval),
+        "sft_coef": nonnegative,
+    }
 
     @classmethod
     def scaled(cls) -> Config:
@@ -124,6 +138,7 @@ def _stack(trees):
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # as in the main job (float64 scalars beside float32 parameters)
     model, pre_losses = pretrain(config, refusal_prob=config.refusal_prob)
     graphdef, state = nnx.split(model)
     names = ["dpo", "gold"] + [f"filtered_{f:g}" for f in config.keep_fractions]
@@ -198,7 +213,7 @@ def run(config: Config) -> dict:
         "conditions": out,
         "pair_kind_fraction": {k: kinds.count(k) / len(kinds) for k in set(kinds)},
         "ches_ln_by_kind": {k: float(np.mean(v)) for k, v in ln_by_kind.items()},
-        "provenance": provenance("float32"),
+        "provenance": provenance(dtype_of=lp),
     }
 
 
@@ -229,7 +244,6 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 
