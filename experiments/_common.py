@@ -95,7 +95,7 @@ def number_in(low: float, high: float) -> Callable[[str, Any], None]:
 
 
 def grid(ends: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
-    """Rule for a grid ``(start, stop, num)``: ``start < stop`` obey ``ends``; ``num`` an int >= 2."""
+    """Rule for a grid ``(start, stop, num)``: ends obey ``ends``, start < stop, int num >= 2."""
 
     def check(name: str, value: Any) -> None:
         ok = (
