@@ -52,10 +52,8 @@ def list_experiments() -> str:
 def split_args(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str | None]]]:
     """Split the command line into experiment names and ``(flag, value)`` pairs.
 
-    ``--flag=value`` and ``--flag value`` both work; ``--smoke``/``--scale`` take no value.
-
-    Raises:
-      SystemExit: a flag that needs a value is last.
+    ``--flag=value`` and ``--flag value`` both work; ``--smoke``/``--scale`` take no value; a
+    last flag without its value gets ``None`` (:func:`plan` refuses it).
     """
     names, flags = [], []
     i = 0
@@ -68,9 +66,7 @@ def split_args(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str | No
             elif arg in _SWITCHES:
                 flags.append((arg, None))
             else:
-                if i + 1 >= len(args):
-                    raise SystemExit(f"error: {arg} needs a value\n{USAGE}")
-                flags.append((arg, args[i + 1]))
+                flags.append((arg, args[i + 1] if i + 1 < len(args) else None))
                 i += 1
         else:
             names.append(arg)
@@ -106,6 +102,9 @@ def plan(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
                 f"error: no selected experiment defines {key} (selected: {names}); see "
                 f"python -m experiments.NAME --help"
             )
+    for key, value in flags:
+        if value is None and key not in _SWITCHES:
+            raise SystemExit(f"error: {key} needs a value\n{USAGE}")
     out = [value for key, value in flags if key == "--out"]
     if out:
         try:

@@ -375,7 +375,8 @@ def build_parser(config_cls: type, prog: str | None = None) -> argparse.Argument
             dest=f.name,
             default=None,
             metavar=type(default).__name__.upper() if default is not None else "VALUE",
-            help=f"{comments.get(f.name, '')} (default {shown}{extra})".strip(),
+            # argparse formats help with %: a literal percent sign must be doubled
+            help=f"{comments.get(f.name, '')} (default {shown}{extra})".strip().replace("%", "%%"),
         )
     return parser
 

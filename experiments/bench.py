@@ -109,7 +109,7 @@ def run(config: Config) -> dict:
     run_fn = bm.generic_run_fn(config.sweep_vocab, config.sweep_hidden, config.sweep_steps)
     sweep_fn = sharded_runner(run_fn, batch_size=config.sweep_batch_size)
     seeds = np.arange(config.sweep_runs, dtype=np.uint32)
-    sweep_fn(seeds)  # compile
+    sample = sweep_fn(seeds)  # compile
     wall = bm.best_time(lambda: sweep_fn(seeds), repeats=config.repeats)
     sweep = {
         "runs": config.sweep_runs,
@@ -140,7 +140,7 @@ def run(config: Config) -> dict:
         "reduced_over_torch_ge_1e4": big.get("reduced_over_torch", 0.0) >= 1e4,
         "sweep_over_torch_ge_5": sweep.get("over_torch", 0.0) >= 5.0,
     }
-    prov = provenance("float32")
+    prov = provenance(dtype_of=sample)
     prov["torch"] = __import__("torch").__version__ if bm.torch_available() else "not installed"
     prov["cpu_count"] = os.cpu_count()
     return {

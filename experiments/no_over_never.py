@@ -29,7 +29,6 @@ from experiments._common import (
     ExperimentConfig,
     enable_x64,
     experiment_main,
-    nonnegative_int,
     progress,
     provenance,
 )
@@ -68,8 +67,6 @@ class Config(ExperimentConfig):
     record_every: int = 10  # DPO steps between recorded checkpoints
     top_k: int = 5  # gainers listed per checkpoint
     probe_dt: float = 1e-4  # flow time of the one-step probe of the t = 0 velocity
-
-    RULES = {"num_filler": nonnegative_int}
 
     @classmethod
     def smoke(cls) -> Config:

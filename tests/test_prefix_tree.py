@@ -1,6 +1,4 @@
-"""The prefix-tree unconstrained-features model, the synthetic data generator and the scores."""
-
-import itertools
+"""The prefix-tree unconstrained-features model: indexing, log-probs, flow velocity, subsets."""
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +16,7 @@ from sims.prefix_tree import (
     restrict,
     with_reference,
 )
-from sims.scores import dataset_ches, normalized_edit_distance, percentile_subsets, spearman
 from theory.losses import make_loss
-from theory.multi_token import ches
 from theory.regularized import loss_logprob_velocity
 
 # Same float64 arithmetic in a different order (masked sums vs Python loops).
@@ -117,37 +113,6 @@ def test_preference_flow_on_prefix_tree_pairs_lowers_the_loss():
     )
 
 
-def test_synthetic_preferences_properties():
-    data = synthetic_preferences(jax.random.key(2), num_pairs=200, vocab_size=16, hidden_size=8)
-    again = synthetic_preferences(jax.random.key(2), num_pairs=200, vocab_size=16, hidden_size=8)
-    np.testing.assert_array_equal(
-        np.asarray(data.model.hidden[...]), np.asarray(again.model.hidden[...])
-    )
-    H = np.asarray(data.model.hidden[...])
-    c, r = np.asarray(data.pairs.chosen_prefix), np.asarray(data.pairs.rejected_prefix)
-    inner = np.sum(H[c[:, 0]] * H[r[:, -1]], axis=1)  # prompt vs some rejected prefix
-    assert np.mean(inner > 0) > 0.9  # positive inner products, as in real models (§5)
-    for y_c, y_r in zip(data.chosen_tokens, data.rejected_tokens, strict=True):
-        assert y_c[-1] == 0 and y_r[-1] == 0 and y_c != y_r  # EOS-terminated, distinct
-    # dataset CHES equals the single-pair function on the gathered rows
-    scores = np.asarray(dataset_ches(data.model, data.pairs))
-    m_c, m_r = np.asarray(data.pairs.chosen_mask), np.asarray(data.pairs.rejected_mask)
-    for i in range(5):
-        np.testing.assert_allclose(
-            scores[i], float(ches(H[c[i]][m_c[i]], H[r[i]][m_r[i]])), rtol=1e-10
-        )
-
-
-def test_synthetic_preferences_rejects_bad_input():
-    key = jax.random.key(0)
-    with pytest.raises(ValueError, match=r"min_len must be <= max_len"):
-        synthetic_preferences(key, num_pairs=2, min_len=5, max_len=3)
-    with pytest.raises(ValueError, match=r"rho must be in \[0, 1\)"):
-        synthetic_preferences(key, num_pairs=2, rho=1.0)
-    with pytest.raises(ValueError, match=r"num_pairs must be a positive integer"):
-        synthetic_preferences(key, num_pairs=0)
-
-
 def test_index_prefixes_rejects_bad_input():
     with pytest.raises(ValueError, match=r"rejected\[0\] must be a non-empty response"):
         index_prefixes([0], [[1]], [[]])
@@ -161,32 +126,3 @@ def test_extend_prefixes_reuses_rows():
     _, prefixes = index_prefixes([0], [[1, 2]], [[3]])
     ids, grown = extend_prefixes(prefixes, 0, [1, 7, 8])
     assert ids[:2] == [0, 1] and ids[2] == len(prefixes) and len(grown) == len(prefixes) + 1
-
-
-def test_normalized_edit_distance_matches_brute_force():
-    # brute force: minimum over all alignments is hard; use known small cases by hand
-    assert normalized_edit_distance([1, 2, 3], [1, 2, 3]) == 0.0
-    assert normalized_edit_distance([1, 2], [3, 4, 5]) == 1.0  # 2 substitutions + 1 insertion
-    assert normalized_edit_distance([1, 2, 3, 4], [2, 3, 4]) == 0.25  # one deletion
-    with pytest.raises(ValueError, match=r"must not both be empty"):
-        normalized_edit_distance([], [])
-
-
-def test_spearman_and_percentile_subsets():
-    x = np.arange(10.0)
-    assert spearman(x, x**3) == pytest.approx(1.0)
-    assert spearman(x, -np.exp(x)) == pytest.approx(-1.0)
-    ties = spearman([1, 2, 2, 3], [1, 2, 3, 4])  # ranks 0, 1.5, 1.5, 3 vs 0..3
-    r1, r2 = np.array([0, 1.5, 1.5, 3]), np.arange(4.0)
-    assert ties == pytest.approx(np.corrcoef(r1, r2)[0, 1])
-    with pytest.raises(ValueError, match=r"must not be constant"):
-        spearman([1, 1, 1], [1, 2, 3])
-    scores = np.random.default_rng(0).normal(size=101)
-    subsets = percentile_subsets(scores, [0, 50, 100], 11)
-    order = np.argsort(scores)
-    assert set(subsets[0]) == set(order[:11]) and set(subsets[2]) == set(order[-11:])
-    assert set(subsets[1]) == set(order[45:56])  # centred on rank 50
-    for a, b in itertools.combinations(range(3), 2):
-        assert not set(subsets[a]) & set(subsets[b])
-    with pytest.raises(ValueError, match=r"size must be in \[1, N=101\]"):
-        percentile_subsets(scores, [0], 200)

@@ -1,13 +1,21 @@
 """Tests of sims.scores: per-pair CHES and baselines vs independent computations."""
 
 import functools
+import itertools
+import math
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from sims.data import corpus
-from sims.scores import normalized_edit_distance, transformer_pair_scores
+from sims.scores import (
+    normalized_edit_distance,
+    percentile_subsets,
+    spearman,
+    transformer_pair_scores,
+)
 from sims.transformer import CausalTransformer, prefix_hidden_states
 
 RTOL = 1e-10  # float64: the same hidden states summed in a different order
@@ -67,3 +75,41 @@ def test_normalized_edit_distance_hand_values():
     assert normalized_edit_distance("kitten", "sitting") == 3 / 7
     assert normalized_edit_distance([1, 2], [1, 2]) == 0.0
     assert normalized_edit_distance([], [5, 6]) == 1.0
+
+
+def test_normalized_edit_distance_matches_brute_force():
+    # brute force: minimum over all alignments is hard; use known small cases by hand
+    assert normalized_edit_distance([1, 2, 3], [1, 2, 3]) == 0.0
+    assert normalized_edit_distance([1, 2], [3, 4, 5]) == 1.0  # 2 substitutions + 1 insertion
+    assert normalized_edit_distance([1, 2, 3, 4], [2, 3, 4]) == 0.25  # one deletion
+    with pytest.raises(ValueError, match=r"must not both be empty"):
+        normalized_edit_distance([], [])
+
+
+def test_spearman_and_percentile_subsets():
+    x = np.arange(10.0)
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -np.exp(x)) == pytest.approx(-1.0)
+    ties = spearman([1, 2, 2, 3], [1, 2, 3, 4])  # ranks 0, 1.5, 1.5, 3 vs 0..3
+    r1, r2 = np.array([0, 1.5, 1.5, 3]), np.arange(4.0)
+    assert ties == pytest.approx(np.corrcoef(r1, r2)[0, 1])
+    with pytest.raises(ValueError, match=r"must not be constant"):
+        spearman([1, 1, 1], [1, 2, 3])
+    scores = np.random.default_rng(0).normal(size=101)
+    subsets = percentile_subsets(scores, [0, 50, 100], 11)
+    order = np.argsort(scores)
+    assert set(subsets[0]) == set(order[:11]) and set(subsets[2]) == set(order[-11:])
+    assert set(subsets[1]) == set(order[45:56])  # centred on rank 50
+    for a, b in itertools.combinations(range(3), 2):
+        assert not set(subsets[a]) & set(subsets[b])
+    with pytest.raises(ValueError, match=r"size must be in \[1, N=101\]"):
+        percentile_subsets(scores, [0], 200)
+
+
+def test_spearman_hand_values():
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (0, 1, 2) vs (0.5, 0.5, 2) (a tie): covariance 1.5 / sqrt(2 * 1.5)
+    assert spearman([1, 2, 3], [5, 5, 9]) == pytest.approx(1.5 / math.sqrt(2 * 1.5))
+    with pytest.raises(ValueError, match="must be 1-D of one length"):
+        spearman([1], [2])
