@@ -10,6 +10,8 @@ r"""Setup and checks for the DPO/DPOP edit-distance-1 experiment (library side o
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,26 +106,15 @@ def sign_checks(
     """
     lw, lr = jnp.asarray(logits_chosen), jnp.asarray(logits_rejected)
     post = np.arange(len(chosen)) > np.flatnonzero(chosen != rejected)[0]
-    args = (beta, penalty_inside_beta)
-    right = jax.jit(jax.vmap(lambda lam: _signs_right(lw, lr, chosen, rejected, lam, True, *args)))
+    static = dict(
+        chosen=tuple(int(c) for c in chosen),
+        rejected=tuple(int(r) for r in rejected),
+        beta=float(beta),
+        inside=bool(penalty_inside_beta),
+    )
     noise = state_noise * jax.random.normal(key, (num_states, *lr.shape))
     lrs = lr[None] + jnp.where(jnp.asarray(post)[None, :, None], noise, 0.0)
-
-    def one_state(b):
-        th = lambda_thresholds(
-            lw, b, chosen, rejected, beta=beta, penalty_inside_beta=penalty_inside_beta
-        ).threshold
-        at = jax.vmap(lambda lam: _signs_right(lw, b, chosen, rejected, lam, True, *args))
-        dpo = _signs_right(lw, b, chosen, rejected, 0.0, False, *args, entrywise=True)
-        return (
-            well_optimised(lw, b, chosen, rejected),
-            dpo,
-            th,
-            at(th * 1.001 + 1e-9),
-            at(th * 0.999),
-        )
-
-    held, dpo, th, above, below = (np.asarray(x) for x in jax.jit(jax.vmap(one_state))(lrs))
+    held, dpo, th, above, below = (np.asarray(x) for x in _state_checks(lw, lrs, **static))
     idx = np.flatnonzero(post)  # position k's check uses lambda = threshold_k (+-0.1%)
     held, dpo = held[:, idx], dpo[:, idx]  # [N, K], [N, K, V]
     above, below, th = above[:, idx, idx], below[:, idx, idx], th[:, idx]
@@ -131,7 +122,9 @@ def sign_checks(
     dpo_all = dpo.all(-1)
     return {
         "lam_grid": np.asarray(lam_grid),
-        "grid_signs_right": np.asarray(right(jnp.asarray(lam_grid)))[:, idx],
+        "grid_signs_right": np.asarray(_grid_signs(lw, lr, jnp.asarray(lam_grid), **static))[
+            :, idx
+        ],
         "num_states": int(held.shape[0]),
         "num_position_checks": int(held.size),
         "assumption_rate": float(held.mean()),
@@ -142,6 +135,30 @@ def sign_checks(
         "dpop_right_above_threshold": _rate(above),
         "dpop_right_below_positive_threshold": _rate(below[th > 0]),
     }
+
+
+_STATIC = ("chosen", "rejected", "beta", "inside")
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _grid_signs(lw, lr, lams, *, chosen, rejected, beta, inside):
+    """[G, L]: all signs right at each lambda of the grid (hinge active). Compiled once."""
+    c, r = np.array(chosen), np.array(rejected)
+    return jax.vmap(lambda lam: _signs_right(lw, lr, c, r, lam, True, beta, inside))(lams)
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _state_checks(lw, lrs, *, chosen, rejected, beta, inside):
+    """Per perturbed state: assumption, DPO signs, thresholds, DPOP signs at 1.001 / 0.999 x."""
+    c, r = np.array(chosen), np.array(rejected)
+
+    def one_state(b):
+        th = lambda_thresholds(lw, b, c, r, beta=beta, penalty_inside_beta=inside).threshold
+        at = jax.vmap(lambda lam: _signs_right(lw, b, c, r, lam, True, beta, inside))
+        dpo = _signs_right(lw, b, c, r, 0.0, False, beta, inside, entrywise=True)
+        return well_optimised(lw, b, c, r), dpo, th, at(th * 1.001 + 1e-9), at(th * 0.999)
+
+    return jax.vmap(one_state)(lrs)
 
 
 def flow_summary(result: FlowResult, lams: ArrayLike) -> dict:

@@ -121,14 +121,16 @@ def refusal_rates(
     judges them.
     """
     rep = jnp.repeat(jnp.asarray(prompts), samples, axis=0)  # [P * samples, T]
-    fn = jax.jit(
-        jax.vmap(
-            lambda st: sample_tokens(
-                graphdef, st, key, rep, prompt_len, temperature, corpus.EOS, corpus.PAD
-            )
-        )
-    )
-    toks = np.asarray(fn(states))  # [R, P * samples, T]
+    toks = np.asarray(
+        _sample_runs(graphdef, states, key, rep, prompt_len, temperature, corpus.EOS, corpus.PAD)
+    )  # [R, P * samples, T]
     return np.array(
         [np.mean([corpus.is_refusal(corpus.decode(t[prompt_len:])) for t in run]) for run in toks]
     )
+
+
+#: :func:`sims.transformer.sample_tokens` vmapped over stacked states, compiled once per shapes.
+_sample_runs = jax.jit(
+    jax.vmap(sample_tokens, in_axes=(None, 0, None, None, None, None, None, None)),
+    static_argnums=(0, 4),
+)

@@ -11,6 +11,7 @@ one of the time-reversed flow (``sims.flow.flow_fn``, step ``fd_step``). Half of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,10 @@ def _instance(key, V, d, scales):
     return W, h, y_pos, y_neg, jax.random.normal(kr, (2,)) - 2.0
 
 
-def _check_cell(loss, V, d, keys, scales, fd_step):
+@partial(jax.jit, static_argnames=("loss", "V", "d", "scales"))
+def _check_cell(keys, fd_step, *, loss, V, d, scales):
+    """Closed form, autodiff and central difference for a cell's instances (compiled once)."""
+
     def pair_loss(params, data):
         lp = softmax_logprobs(*params)[0]
         y_pos, y_neg, ref = data
@@ -106,7 +110,7 @@ def _check_cell(loss, V, d, keys, scales, fd_step):
         ) / (2 * fd_step)
         return closed, auto, fd, y_pos, y_neg
 
-    return jax.jit(jax.vmap(one))(keys)
+    return jax.vmap(one)(keys)
 
 
 def run(config: Config) -> dict:
@@ -122,12 +126,12 @@ def run(config: Config) -> dict:
         V, d = (int(x) for x in shape.split("x"))
         loss = losses.make_loss(loss_type, **LOSSES[loss_type])
         closed, auto, fd, y_pos, y_neg = _check_cell(
-            loss,
-            V,
-            d,
             jax.random.split(keys[i], config.instances),
-            config.init_scales,
             config.fd_step,
+            loss=loss,
+            V=V,
+            d=d,
+            scales=tuple(config.init_scales),
         )
         closed, auto, fd = (np.asarray(a) for a in (closed, auto, fd))
         scale = np.max(np.abs(auto), axis=1)

@@ -21,7 +21,7 @@ from flax import nnx
 from experiments._common import enable_x64, experiment_main, progress, provenance
 from experiments._transformer import PretrainConfig, pretrain
 from sims.data import corpus
-from sims.flow import PairObjective, preference_flow
+from sims.flow import PairObjective, preference_flow, velocity_along_flow
 from sims.transformer import make_transformer_pairs
 from theory.losses import make_loss, margin_derivative
 from theory.single_token import logprob_velocity
@@ -112,15 +112,13 @@ def run(config: Config) -> dict:
     h = model.hidden_states(chosen.tokens[:, :P])[:, P - 1]  # [R, d]
     predicted = jax.vmap(logprob_velocity, in_axes=(None, 0, None, None, 0))(W, h, pos, neg, ell)
 
-    def true_velocity(one):  # JVP of ln pi(.|x) along -grad L: the architecture's real velocity
-        objective = PairObjective(loss)
-        grad = jax.grad(lambda s: objective(nnx.merge(graphdef, s), one))(state)
-        neg_grad = jax.tree_util.tree_map(jnp.negative, grad)
-        return jax.jvp(
-            lambda s: answer_logprobs(nnx.merge(graphdef, s), one), (state,), (neg_grad,)
-        )[1]
-
-    actual = np.asarray(jax.jit(jax.vmap(true_velocity))(stacked))  # [R, V]
+    # the architecture's real velocity: JVP of ln pi(.|x) along -grad L, for each run's prompt
+    objective = PairObjective(loss)
+    actual = np.asarray(
+        jax.vmap(lambda one: velocity_along_flow(model, objective, one, answer_logprobs, one))(
+            stacked
+        )
+    )  # [R, V]
     predicted = np.asarray(predicted)
     probs = np.exp(logp)
     yes_set = [corpus.INDEX[w] for w in corpus.POS_ANSWERS]

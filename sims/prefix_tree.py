@@ -16,9 +16,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from sims.flow import PairObjective
+from sims.flow import PairObjective, velocity_along_flow
 from sims.models import UnconstrainedFeatures
 from theory.checks import check_token_ids
 from theory.losses import PairLoss
@@ -269,13 +268,17 @@ def flow_velocity(
     Returns:
       ``[M]`` velocities.
     """
-    graphdef, state = nnx.split(model)
-    objective = PairObjective(loss)
-    direction = jax.tree_util.tree_map(
-        jnp.negative, jax.grad(lambda s: objective(nnx.merge(graphdef, s), pairs))(state)
-    )
+    query = PrefixQuery(jnp.asarray(tokens), jnp.asarray(prefix), jnp.asarray(mask))
+    return velocity_along_flow(model, PairObjective(loss), pairs, _query_logprobs, query)
 
-    def query(state):
-        return response_logprobs_from_prefixes(nnx.merge(graphdef, state), tokens, prefix, mask)
 
-    return jax.jvp(query, (state,), (direction,))[1]
+class PrefixQuery(NamedTuple):
+    """Query responses for :func:`flow_velocity`: ``[M, L]`` tokens, prefix rows and mask."""
+
+    tokens: jax.Array
+    prefix: jax.Array
+    mask: jax.Array
+
+
+def _query_logprobs(model: UnconstrainedFeatures, query: PrefixQuery) -> jax.Array:
+    return response_logprobs_from_prefixes(model, query.tokens, query.prefix, query.mask)

@@ -8,9 +8,11 @@ scores, the subsets and Spearman's rank correlation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -143,8 +145,8 @@ def transformer_pair_scores(model: nnx.Module, chosen: TokenBatch, rejected: Tok
       dict of ``[N]`` NumPy arrays: ``ches``, ``ches_ln``, ``edit_distance``, ``last_inner``.
     """
     graphdef, state = nnx.split(model)
-    hidden = jax.jit(lambda tok: nnx.merge(graphdef, state).hidden_states(tok))
-    H_pos, H_neg = np.asarray(hidden(chosen.tokens)), np.asarray(hidden(rejected.tokens))
+    H_pos = np.asarray(_hidden_states(graphdef, state, jnp.asarray(chosen.tokens)))
+    H_neg = np.asarray(_hidden_states(graphdef, state, jnp.asarray(rejected.tokens)))
     out = {k: [] for k in ("ches", "ches_ln", "edit_distance", "last_inner")}
     for i in range(H_pos.shape[0]):
         (p0, l0), (p1, l1) = (
@@ -161,3 +163,8 @@ def transformer_pair_scores(model: nnx.Module, chosen: TokenBatch, rejected: Tok
         )
         out["last_inner"].append(float(H_pos[i, l0 - 1] @ H_neg[i, l1 - 1]))
     return {k: np.array(v) for k, v in out.items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hidden_states(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).hidden_states(tokens)

@@ -16,6 +16,7 @@ every loss here masks.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -273,25 +274,29 @@ def pretrain(
     check_positive_int("num_steps", num_steps)
     check_positive_int("batch_size", batch_size)
     graphdef, state = nnx.split(model)
-    tx = optax.adam(lr)
     tokens, length = jnp.asarray(tokens), jnp.asarray(length)
-
-    @jax.jit
-    def train(state):
-        def step(carry, s):
-            state, opt = carry
-            rows = jax.random.randint(jax.random.fold_in(key, s), (batch_size,), 0, tokens.shape[0])
-            loss, grads = jax.value_and_grad(
-                lambda st: lm_loss(nnx.merge(graphdef, st), tokens[rows], length[rows])
-            )(state)
-            updates, opt = tx.update(grads, opt, state)
-            return (optax.apply_updates(state, updates), opt), loss
-
-        (state, _), losses = jax.lax.scan(step, (state, tx.init(state)), jnp.arange(num_steps))
-        return state, losses
-
-    state, losses = train(state)
+    state, losses = _pretrain_scan(
+        graphdef, state, key, tokens, length, lr, num_steps=num_steps, batch_size=batch_size
+    )
     return nnx.merge(graphdef, state), losses
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "batch_size"))
+def _pretrain_scan(graphdef, state, key, tokens, length, lr, *, num_steps, batch_size):
+    """The compiled core of :func:`pretrain` (one compilation per model structure and shapes)."""
+    tx = optax.adam(lr)
+
+    def step(carry, s):
+        state, opt = carry
+        rows = jax.random.randint(jax.random.fold_in(key, s), (batch_size,), 0, tokens.shape[0])
+        loss, grads = jax.value_and_grad(
+            lambda st: lm_loss(nnx.merge(graphdef, st), tokens[rows], length[rows])
+        )(state)
+        updates, opt = tx.update(grads, opt, state)
+        return (optax.apply_updates(state, updates), opt), loss
+
+    (state, _), losses = jax.lax.scan(step, (state, tx.init(state)), jnp.arange(num_steps))
+    return state, losses
 
 
 def sample_tokens(
@@ -336,3 +341,6 @@ def sample(
     graphdef, state = nnx.split(model)
     run = jax.jit(sample_tokens, static_argnums=(0, 4))
     return run(graphdef, state, key, jnp.asarray(prompts), prompt_len, temperature, eos_id, pad_id)
+
+
+_sample_jit = jax.jit(sample_tokens, static_argnums=(0, 4))  # compiled once per graph and length

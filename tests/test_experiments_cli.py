@@ -1,0 +1,176 @@
+"""The experiments' command line (experiments/__main__.py, experiments/_common.py): both flag forms,
+help and listing, flags routed to the experiments that define them, everything refused before the
+first experiment runs, configs that validate themselves, honest dtype labels."""
+
+import dataclasses
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import EXPERIMENTS, EXTRA
+from experiments import __main__ as runner
+from experiments._common import (
+    ConfigError,
+    build_parser,
+    field_comments,
+    parse_config,
+    prepare_out_dir,
+    provenance,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _modules():
+    return {n: importlib.import_module(f"experiments.{n}") for n in EXPERIMENTS + EXTRA}
+
+
+def test_split_args_reads_both_flag_forms():
+    names, flags = runner.split_args(["bench", "--out", "/tmp/x", "--steps=8", "--smoke"])
+    assert names == ["bench"]
+    assert flags == [("--out", "/tmp/x"), ("--steps", "8"), ("--smoke", None)]
+
+
+def test_plan_routes_flags_only_to_experiments_that_define_them(tmp_path):
+    runs = dict(
+        runner.plan(
+            ["no_over_never", "multi_sample_effects", "--beta", "0.5", "--out", str(tmp_path)]
+        )
+    )
+    assert "--beta=0.5" in runs["no_over_never"] and "--beta=0.5" in runs["multi_sample_effects"]
+    runs = dict(runner.plan(["no_over_never", "kl_optimum_mixture", "--top-k", "2"]))
+    assert "--top-k=2" in runs["no_over_never"]
+    assert not any(f.startswith("--top-k") for f in runs["kl_optimum_mixture"])
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["bogus"], r"unknown experiment\(s\) \['bogus'\]"),
+        (["no_over_never", "--bogus", "3"], "no selected experiment defines --bogus"),
+        (["no_over_never", "--seeds"], "--seeds needs a value"),
+        (["single_token_theorem_check", "--loss-types=dpo,bogus"], "--loss-types must be one of"),
+        (["single_token_theorem_check", "--init-scales=0.0"], "--init-scales must be a finite"),
+        (["single_token_theorem_check", "--instances=0"], "--instances must be an integer >= 1"),
+        (["no_over_never", "--seeds=0"], "--seeds must be an integer >= 1"),
+        (["no_over_never", "--top-k=-3"], "--top-k must be an integer >= 1"),
+        (["no_over_never", "--beta", "nan"], "--beta must be finite"),
+        (["no_over_never", "--steps", "two"], "--steps: cannot read 'two' as int"),
+        (["no_over_never", "--steps", "7"], "--record-every must divide --steps"),
+        (["kl_optimum_mixture", "--no-such"], "no selected experiment defines --no-such"),
+    ],
+)
+def test_plan_refuses_bad_input_before_running(argv, match, monkeypatch):
+    called = []
+    for module in _modules().values():
+        monkeypatch.setattr(module, "main", lambda flags, m=module: called.append(m))
+    with pytest.raises(SystemExit, match=match):
+        runner.main(argv)
+    assert called == []  # refused before any experiment started
+
+
+def test_a_late_bad_flag_stops_before_the_first_experiment(monkeypatch):
+    """A flag only the second experiment rejects must stop the run before the first starts."""
+    called = []
+    from experiments import no_over_never
+
+    monkeypatch.setattr(no_over_never, "main", lambda argv: called.append(argv))
+    with pytest.raises(SystemExit, match="--beta must be a finite number > 0"):
+        runner.main(["no_over_never", "multi_sample_effects", "--beta", "-1"])
+    assert called == []
+
+
+def test_out_into_a_file_is_refused_first(tmp_path):
+    afile = tmp_path / "f"
+    afile.write_text("")
+    with pytest.raises(SystemExit, match="--out must be a folder"):
+        runner.main(["no_over_never", "--out", str(afile)])
+    with pytest.raises(ConfigError, match="--out must be a folder"):
+        prepare_out_dir(afile)
+
+
+@pytest.mark.parametrize("arg", ["--help", "-h", "list"])
+def test_help_lists_every_experiment(arg, capsys):
+    runner.main([arg])
+    out = capsys.readouterr().out
+    for name in EXPERIMENTS + EXTRA:
+        assert name in out
+
+
+def test_help_runs_as_a_module():
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "experiments of the main job" in out and EXPERIMENTS[0] in out
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS + EXTRA)
+def test_each_experiment_help_lists_its_flags_with_defaults_and_meaning(name):
+    config_cls = _modules()[name].Config
+    text = build_parser(config_cls).format_help()
+    comments = field_comments(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        if f.name in comments:
+            assert comments[f.name][:20] in " ".join(text.split()), (flag, comments[f.name])
+    assert "default" in text
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS + EXTRA)
+def test_default_smoke_and_scaled_configs_validate(name):
+    config_cls = _modules()[name].Config
+    config_cls()
+    config_cls.smoke()
+    if hasattr(config_cls, "scaled"):
+        config_cls.scaled()
+
+
+def test_parse_config_overrides_and_rejects_bad_values():
+    from experiments.no_over_never import Config
+
+    config, _ = parse_config(Config, ["--smoke", "--beta", "0.5", "--seeds=2"])
+    assert config.beta == 0.5 and config.seeds == 2 and config.steps == Config.smoke().steps
+    with pytest.raises(SystemExit, match="cannot read"):
+        parse_config(Config, ["--seeds", "two"])
+    with pytest.raises(ConfigError, match="--beta must be a finite number > 0"):
+        Config(beta=-1.0)  # direct construction validates too
+    with pytest.raises(ConfigError, match="--seeds must be of type int"):
+        Config(seeds=1.5)
+
+
+def test_provenance_reads_the_dtype_from_the_result():
+    assert provenance(dtype_of=np.zeros(2, np.float32))["dtype"] == "float32"
+    both = provenance(dtype_of=(np.zeros(1, np.float32), np.zeros(1, np.float64)))
+    assert both["dtype"] == "float32+float64"
+    assert isinstance(provenance(dtype_of=np.zeros(1))["git_dirty"], bool | None)
+    with pytest.raises(ValueError, match="at least one array"):
+        provenance(dtype_of=())
+
+
+def test_run_called_directly_computes_in_the_dtype_it_reports():
+    """The probe of the issue: run(Config.smoke()) outside main() used to run in float32 while
+    labelled float64; run() now enables float64 itself and the label is read from its arrays."""
+    code = (
+        "import json, jax\n"
+        "from experiments.single_token_theorem_check import Config, run\n"
+        "assert not jax.config.jax_enable_x64\n"
+        "r = run(Config.smoke())\n"
+        "print(json.dumps([r['provenance']['dtype'], r['summary']['max_rel_err_autodiff']]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    dtype, err = __import__("json").loads(out.strip().splitlines()[-1])
+    assert dtype == "float64"
+    assert err < 1e-9  # float64 accuracy of the closed form vs autodiff
+    assert jax.config.jax_enable_x64  # this process (the test suite) runs in float64 anyway
