@@ -20,4 +20,4 @@ EXPERIMENTS: tuple[str, ...] = (
 )
 
 #: Separate commands, not part of the main job.
-EXTRA: tuple[str, ...] = ("bench",)
+EXTRA: tuple[str, ...] = ("bench", "compile_once")

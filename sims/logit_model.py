@@ -196,7 +196,16 @@ class _DPOPObjective:
             penalty_inside_beta=self.penalty_inside_beta,
         )
 
-    def record(self, model: nnx.Module, data: EditPairData) -> EditRecord:
+
+@dataclasses.dataclass(frozen=True)
+class _DPOPRecord:
+    """The observables of :class:`_DPOPObjective`'s flow (hashable by value: a bound method would
+    compare its instance by identity and defeat the compile cache)."""
+
+    objective: _DPOPObjective
+
+    def __call__(self, model: nnx.Module, data: EditPairData) -> EditRecord:
+        beta, inside = self.objective.beta, self.objective.penalty_inside_beta
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def chosen_lp(p):
@@ -207,16 +216,16 @@ class _DPOPObjective:
 
         pc, pr = _per_position(model, data)
         g_c, g_r = jax.grad(chosen_lp)(params), jax.grad(rejected_lp)(params)
-        down = jax.grad(lambda p: -self(nnx.merge(graphdef, p, rest), data))(params)
+        down = jax.grad(lambda p: -self.objective(nnx.merge(graphdef, p, rest), data))(params)
         velocity = jax.jvp(chosen_lp, (params,), (down,))[1]
         coef = dpop_coefficients(
             jnp.sum(pc),
             jnp.sum(pr),
             data.ref_chosen,
             data.ref_rejected,
-            beta=self.beta,
+            beta=beta,
             lam=data.lam,
-            penalty_inside_beta=self.penalty_inside_beta,
+            penalty_inside_beta=inside,
         )
         split = weighted_split(
             coef.coef_chosen, coef.coef_rejected, _tree_dot(g_c, g_c), _tree_dot(g_c, g_r)
@@ -270,7 +279,7 @@ def edit_pair_flow(
     return integrate_model(
         model,
         objective,
-        objective.record,
+        _DPOPRecord(objective),
         data,
         dt=dt,
         num_steps=num_steps,

@@ -38,10 +38,11 @@ KEYS = {
     "transformer_ches": {"scores", "logprob_change", "corr_percentile_vs_decrease"},
     "transformer_unalignment": {"conditions", "pair_kind_fraction", "ches_ln_by_kind"},
     "bench": {"cells", "sweep", "targets"},
+    "compile_once": {"rows", "min_ratio"},
 }
 
 #: Experiments whose JSON holds wall-clock timings: not deterministic, compared without them.
-TIMED = {"bench"}
+TIMED = {"bench", "compile_once"}
 
 
 def _non_finite(obj, path="$"):

@@ -1,4 +1,7 @@
-"""The integrator: exactness, Euler order, composition, reproducibility, failures, front ends."""
+"""The integrator: exactness, Euler order, composition, reproducibility, failures, front ends,
+compile-once caching."""
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import flow_fn, integrate, make_optimizer, preference_flow, sft_flow
+from sims.flow import (
+    flow_fn,
+    integrate,
+    make_optimizer,
+    preference_flow,
+    raise_on_nonfinite,
+    sft_flow,
+)
 from sims.models import UnconstrainedFeatures, make_pairs
 from theory import losses
 from theory.single_token import logprob_velocity
@@ -186,3 +196,75 @@ def test_flow_fn_vmaps_over_runs():
     x0 = jnp.array([1.0, 2.0, -3.0])
     finals = jax.jit(jax.vmap(run, in_axes=(0, None, None)))(x0, 2.0, 0.1).final
     np.testing.assert_allclose(finals, x0 * 0.8**5, rtol=1e-13)
+
+
+def _compiles_during(caplog, call) -> list[str]:
+    """Names of the jitted functions XLA compiled while ``call()`` ran."""
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            caplog.clear()
+            jax.block_until_ready(call())
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    return [r.getMessage().split()[1] for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "name", ["single", "sft", "prefix_tree", "tabular", "logit", "transformer"]
+)
+def test_repeat_call_with_same_shapes_does_not_recompile(name, caplog):
+    """A second call with new values and an equal (not identical) loss object reuses the compiled
+    flow: no jit(run) is compiled again."""
+    from experiments.compile_once import _flows
+
+    call = dict(zip(FRONT_ENDS, _flows(3).values(), strict=True))[name]
+    first = _compiles_during(caplog, lambda: call(0))
+    assert "jit(run)" in first  # the flow's core was compiled on the first call
+    again = _compiles_during(caplog, lambda: call(1))
+    assert "jit(run)" not in again, again
+
+
+def test_raise_on_nonfinite_names_the_run_and_step():
+    raise_on_nonfinite(np.array([-1, -1]), dt=0.1)  # all finite: no error
+    with pytest.raises(FloatingPointError, match=r"in 2 of 3 runs; first: run \(0,\) at step 4"):
+        raise_on_nonfinite(np.array([4, -1, 2]), dt=0.5)
+    with pytest.raises(FloatingPointError, match=r"at step 3 \(t = 0.3\)"):
+        raise_on_nonfinite(np.array(3), dt=0.1)
+
+
+def test_stacked_flow_reports_the_diverging_run():
+    """Two stacked runs of gradient ascent on x^2/2, from 0 (a fixed point) and from 1 (overflows at
+    step 3 with dt = 1e150, as in the single-run test above): the error names run 1."""
+    xs = jnp.array([0.0, 1.0])
+    with pytest.raises(FloatingPointError, match=r"1 of 2 runs; first: run \(1,\)"):
+        integrate(
+            lambda x, _: -0.5 * x**2, lambda x, _: x, xs, dt=1e150, num_steps=3, in_axes=(0, None)
+        )
+
+
+def test_sft_flow_rejects_record_every_zero():
+    model = UnconstrainedFeatures(5, 2, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="record_every must be a positive integer"):
+        sft_flow(model, [0], [1], dt=0.1, num_steps=4, record_every=0)
+
+
+def test_preference_flow_rejects_out_of_range_ids_in_hand_built_pairs():
+    """Pairs built by hand (not make_pairs) are validated by the flow itself: no clamping."""
+    from sims.models import PreferencePairs
+
+    model = UnconstrainedFeatures(5, 2, 2, rngs=nnx.Rngs(0))
+    z = jnp.zeros(1)
+    bad = PreferencePairs(jnp.array([0]), jnp.array([7]), jnp.array([1]), z, z)
+    with pytest.raises(ValueError, match=r"chosen must be token ids in \[0, V\) with V=5"):
+        preference_flow(model, bad, losses.make_loss("dpo"), dt=0.1, num_steps=1)
+
+
+def test_stack_models_stacks_and_refuses_mismatch():
+    from sims.flow import stack_models
+
+    ms = [UnconstrainedFeatures(4, 2, 1, rngs=nnx.Rngs(i)) for i in range(3)]
+    stacked = stack_models(ms)
+    np.testing.assert_array_equal(stacked.unembedding[...][2], ms[2].unembedding[...])
+    with pytest.raises(ValueError, match="share one structure"):
+        stack_models([ms[0], UnconstrainedFeatures(5, 2, 1, rngs=nnx.Rngs(0))])
