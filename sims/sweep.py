@@ -38,7 +38,8 @@ A folder can only ever hold one sweep:
   last bits between batch sizes).
 * **Lock.** Process 0 holds ``fcntl.flock`` on ``out_dir/.lock`` (holding its pid) for the whole
   sweep; a second sweep into the same folder, from any process, raises ``RuntimeError`` at once,
-  naming the folder and the holder's pid. The kernel drops the lock when the holder exits, even by
+  naming the folder and the holder's pid (on a local file system; ``flock`` over NFS depends on
+  the mount). The kernel drops the lock when the holder exits, even by
   ``SIGKILL``; stale temporary files of a killed run are deleted by the next holder.
 * **Chunks are checked when loaded.** The index records each chunk's runs, statuses, leaf shapes and
   dtypes and the sha256 of its bytes. A chunk that is missing, unreadable, replaced (checksum),
