@@ -10,24 +10,58 @@ result equals the unsharded one.
 
 :func:`sweep` adds chunking and persistence: the runs are cut into chunks of ``chunk_size``; each
 finished chunk is written to ``out_dir/chunk_<k>.npz`` and recorded in ``out_dir/index.json``, both
-through a temporary file and ``os.replace`` (atomic on POSIX), so a killed sweep loses at most the
-chunk in flight and a rerun with the same arguments loads finished chunks instead of recomputing
-them. The index also records each run's status (``"ok"`` or ``"nonfinite"``) rather than aborting
-the other runs.
+through a per-process temporary file (``<file>.<pid>.tmp``) and ``os.replace`` (atomic on POSIX),
+so a killed sweep loses at most the chunk in flight and a rerun with the same arguments loads
+finished chunks instead of recomputing them. The index records each run's status (``"ok"`` or
+``"nonfinite"``) rather than aborting the other runs, and a ``summary`` of the failures.
+
+A folder can only ever hold one sweep:
+
+* **Fingerprint.** ``index.json`` starts with a fingerprint of the sweep, checked field by field on
+  every resume; any difference raises ``ValueError`` naming the fields. It covers ``name``,
+  ``chunk_size``, the input tree, dtypes, shapes and bytes, and ``run_fn`` itself through its
+  jaxpr on one run (``jax.make_jaxpr`` on the first run's shapes and dtypes): the sha256 of the
+  jaxpr's text (equations, nested jaxprs, static parameters, and scalar literals, which print in
+  round-trip precision: ``x * 0.3`` and ``x * 0.30000000000000004`` differ), of every literal's
+  and closed-over constant's bytes (a captured NumPy array is a constant the text does not show),
+  and the output tree, shapes and dtypes. It also holds the process-wide numerics flags
+  (``jax_enable_x64``, ``jax_default_matmul_precision``, ``jax_threefry_partitionable``,
+  ``jax_default_prng_impl``), the jax/jaxlib versions and the device platform and kind, none of
+  which a jaxpr shows.
+  It cannot see what the jaxpr does not hold: the Python body of a host callback
+  (``jax.pure_callback``, ``io_callback``), files or globals such a callback reads, XLA flags
+  (``XLA_FLAGS``) and JAX flags other than those listed. Edits that leave the jaxpr unchanged
+  (renamed local variables, an inlined helper) are accepted, rightly: the results are the same;
+  renaming a nested ``jax.jit`` function changes the jaxpr (its name is printed) and is refused.
+  ``batch_size`` and the mesh are left out on purpose: runs are independent, so they change how the
+  work is spread, not the results (bit-identical on CPU, tested; other backends may differ in the
+  last bits between batch sizes).
+* **Lock.** Process 0 holds ``fcntl.flock`` on ``out_dir/.lock`` (holding its pid) for the whole
+  sweep; a second sweep into the same folder, from any process, raises ``RuntimeError`` at once,
+  naming the folder and the holder's pid (on a local file system; ``flock`` over NFS depends on
+  the mount). The kernel drops the lock when the holder exits, even by
+  ``SIGKILL``; stale temporary files of a killed run are deleted by the next holder.
+* **Chunks are checked when loaded.** The index records each chunk's runs, statuses, leaf shapes and
+  dtypes and the sha256 of its bytes. A chunk that is missing, unreadable, replaced (checksum),
+  or disagrees with the index or with ``run_fn``'s outputs in leaf count, rows or dtypes is never
+  used: it is recomputed, with a ``RuntimeWarning`` naming the file and the reason.
+* **A damaged index is an error.** An unreadable or truncated ``index.json`` raises ``ValueError``
+  naming it: without it nothing says which sweep the chunks belong to, so they are not rebuilt
+  from; delete ``index.json`` to recompute every chunk in that folder, or use a fresh ``out_dir``.
 
 Multi-host (TPU pods, GPU clusters): call ``jax.distributed.initialize()`` in every process before
 anything else touches JAX, then run the same script everywhere. ``jax.devices()`` is then the
 global device list, :func:`run_mesh` spans all hosts, inputs are placed with
 ``jax.make_array_from_callback`` (each process supplies its own shards from the full host copy),
 results come back to every process with ``multihost_utils.process_allgather``, and only process 0
-writes files. Chunk size should be a multiple of the global device count.
+takes the lock and writes files. Chunk size should be a multiple of the global device count.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +70,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sims import _sweep_store as store
 from theory.checks import check_positive_int
 
 RUN_AXIS = "runs"  # the mesh axis the runs are split over
@@ -53,6 +88,15 @@ class SweepResult(NamedTuple):
     outputs: Any
     status: np.ndarray
     computed_chunks: tuple[int, ...]
+
+    def summary(self) -> dict[str, Any]:
+        """Return ``{"ok": n, "nonfinite": m, "nonfinite_runs": [run indices]}`` (JSON-ready).
+
+        Example:
+          >>> SweepResult(None, np.array(["ok", "nonfinite", "ok"]), ()).summary()
+          {'ok': 2, 'nonfinite': 1, 'nonfinite_runs': [1]}
+        """
+        return store.status_summary(enumerate(self.status.tolist()))
 
 
 def run_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -184,31 +228,6 @@ def sharded_map(
     return sharded_runner(run_fn, mesh=mesh, batch_size=batch_size)(inputs)
 
 
-def _fingerprint(inputs, name: str, chunk_size: int) -> str:
-    digest = hashlib.sha256(f"{name}|{chunk_size}|{jax.tree_util.tree_structure(inputs)}".encode())
-    for leaf in jax.tree_util.tree_leaves(inputs):
-        digest.update(f"{leaf.dtype}{leaf.shape}".encode())
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _run_status(leaves, n: int) -> list[str]:
-    finite = np.ones(n, dtype=bool)
-    for leaf in leaves:
-        if np.issubdtype(leaf.dtype, np.inexact):
-            finite &= np.all(np.isfinite(leaf.reshape(n, -1)), axis=1)
-    return ["ok" if f else "nonfinite" for f in finite]
-
-
 def sweep(
     run_fn: Callable[[Any], Any],
     inputs: Any,
@@ -222,12 +241,16 @@ def sweep(
 ) -> SweepResult:
     """Run ``run_fn`` on every run of ``inputs`` chunk by chunk, sharded, saved and resumable.
 
+    A folder holds one sweep only; see the module docstring for what the fingerprint covers, the
+    lock, and how saved chunks are checked.
+
     Args:
       run_fn: pure, jittable ``x -> pytree of arrays`` for one run.
       inputs: pytree of host arrays with a common leading run axis ``R``.
-      name: identifies ``run_fn`` in the fingerprint of ``out_dir``; change it when ``run_fn``
-        changes, or a resume would mix results of two functions.
-      out_dir: folder for ``chunk_<k>.npz`` and ``index.json``; ``None`` keeps results in memory.
+      name: names the sweep; part of the fingerprint of ``out_dir`` (``run_fn`` is fingerprinted
+        through its jaxpr, so an edited ``run_fn`` is refused even under the same name).
+      out_dir: folder for ``chunk_<k>.npz``, ``index.json`` and ``.lock``; ``None`` keeps
+        results in memory.
       chunk_size: runs per chunk (default ``R``); best a multiple of the device count.
       batch_size: runs vmapped together inside a device (see :func:`sharded_map`).
       mesh: 1-D ``"runs"`` mesh; default all devices.
@@ -238,8 +261,14 @@ def sweep(
       :class:`SweepResult`.
 
     Raises:
-      ValueError: ``out_dir`` holds a different sweep (other inputs, name or chunk size), bad
-        sizes, leaves disagreeing on ``R``.
+      ValueError: ``out_dir`` holds a different sweep (the message names the differing fields:
+        name, chunk size, inputs, ``run_fn``'s jaxpr, x64 or other numerics flags, versions,
+        device); ``out_dir/index.json`` is unreadable; bad sizes; leaves disagreeing on ``R``.
+      TypeError: ``name`` is not a non-empty string.
+      RuntimeError: another sweep holds ``out_dir`` (its pid is named).
+
+    Warns:
+      RuntimeWarning: a saved chunk failed its checks and is recomputed (names the file).
 
     Example:
       >>> res = sweep(lambda x: {"sq": x**2}, jnp.arange(5.0), name="sq", chunk_size=2,
@@ -247,6 +276,8 @@ def sweep(
       >>> res.outputs["sq"].tolist(), res.status.tolist().count("ok"), res.computed_chunks
       ([0.0, 1.0, 4.0, 9.0, 16.0], 5, (0, 1, 2))
     """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got name={name!r}")
     inputs = jax.tree_util.tree_map(np.asarray, inputs)
     R = _num_runs(inputs)
     chunk_size = R if chunk_size is None else chunk_size
@@ -256,61 +287,57 @@ def sweep(
     mesh = run_mesh() if mesh is None else mesh
     num_chunks = -(-R // chunk_size)
     padded_chunk = -(-chunk_size // mesh.devices.size) * mesh.devices.size
-    example = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
-    out_tree = jax.tree_util.tree_structure(jax.eval_shape(run_fn, example))
+    fingerprint, out_shape = store.fingerprint(
+        run_fn, inputs, name=name, chunk_size=chunk_size, device=mesh.devices.flat[0]
+    )
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    out_leaves = jax.tree_util.tree_leaves(out_shape)
     mapped = _mapped(run_fn, mesh, batch_size)
     writer = jax.process_index() == 0
-
     folder = None if out_dir is None else Path(out_dir)
-    fingerprint = _fingerprint(inputs, name, chunk_size)
-    index = {
-        "fingerprint": fingerprint,
-        "name": name,
-        "num_runs": R,
-        "chunk_size": chunk_size,
-        "chunks": {},
-    }
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        if (folder / "index.json").exists():
-            index = json.loads((folder / "index.json").read_text())
-            if index.get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"out_dir={str(folder)!r} holds a different sweep (name "
-                    f"{index.get('name')!r}, {index.get('num_runs')} runs, chunk size "
-                    f"{index.get('chunk_size')}); use a fresh out_dir or delete it"
-                )
 
-    chunks, computed = [], []
-    for k in range(num_chunks):
-        entry = index["chunks"].get(str(k))
-        path = None if folder is None else folder / f"chunk_{k:05d}.npz"
-        if entry is not None and path is not None and path.exists():
-            with np.load(path) as data:
-                leaves = [data[f"leaf_{i}"] for i in range(out_tree.num_leaves)]
-            chunks.append((leaves, entry["status"]))
+    with contextlib.ExitStack() as held:
+        index = {"fingerprint": fingerprint, "chunks": {}}
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            if writer:
+                held.enter_context(store.folder_lock(folder))
+                store.remove_stale_tmp(folder)
+            stored = store.read_index(folder, fingerprint)
+            if stored is not None:
+                index = stored
+            elif writer:  # label the folder before any chunk lands in it
+                store.write_index(folder, index, num_chunks)
+
+        chunks, computed = [], []
+        for k in range(num_chunks):
+            lo, hi = k * chunk_size, min((k + 1) * chunk_size, R)
+            path = None if folder is None else folder / f"chunk_{k:05d}.npz"
+            entry = index["chunks"].get(str(k))
+            if entry is not None and path is not None:
+                try:
+                    chunks.append(store.load_chunk(path, entry, lo, hi, out_leaves))
+                except store.BadChunk as e:
+                    warnings.warn(
+                        f"sweep {name!r}: chunk file {path} is not used: {e}; recomputing it",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                else:
+                    if on_chunk is not None:
+                        on_chunk(k, num_chunks, False)
+                    continue
+            block = jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], inputs)
+            out = _to_host(mapped(_place(_pad_runs(block, padded_chunk), mesh)))
+            leaves = [leaf[: hi - lo] for leaf in jax.tree_util.tree_leaves(out)]
+            status = store.run_status(leaves, hi - lo)
+            if path is not None and writer:
+                index["chunks"][str(k)] = store.save_chunk(path, leaves, lo, status)
+                store.write_index(folder, index, num_chunks)
+            chunks.append((leaves, status))
+            computed.append(k)
             if on_chunk is not None:
-                on_chunk(k, num_chunks, False)
-            continue
-        lo, hi = k * chunk_size, min((k + 1) * chunk_size, R)
-        block = jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], inputs)
-        out = _to_host(mapped(_place(_pad_runs(block, padded_chunk), mesh)))
-        leaves = [leaf[: hi - lo] for leaf in jax.tree_util.tree_leaves(out)]
-        status = _run_status(leaves, hi - lo)
-        if path is not None and writer:
-            _write_atomic(
-                path,
-                lambda f, leaves=leaves: np.savez(
-                    f, **{f"leaf_{i}": leaf for i, leaf in enumerate(leaves)}
-                ),
-            )
-            index["chunks"][str(k)] = {"file": path.name, "runs": [lo, hi], "status": status}
-            text = json.dumps(index, sort_keys=True, indent=2)
-            _write_atomic(folder / "index.json", lambda f, text=text: f.write(text.encode()))
-        chunks.append((leaves, status))
-        computed.append(k)
-        if on_chunk is not None:
-            on_chunk(k, num_chunks, True)
+                on_chunk(k, num_chunks, True)
 
     outputs = [np.concatenate([c[0][i] for c in chunks]) for i in range(out_tree.num_leaves)]
     status = np.array([s for c in chunks for s in c[1]])
