@@ -210,9 +210,10 @@ def _compiles_during(caplog, call) -> list[str]:
     return [r.getMessage().split()[1] for r in caplog.records if "Compiling" in r.getMessage()]
 
 
-@pytest.mark.parametrize(
-    "name", ["single", "sft", "prefix_tree", "tabular", "logit", "transformer"]
-)
+FRONT_ENDS = ["single", "sft", "prefix_tree", "tabular", "logit", "transformer"]
+
+
+@pytest.mark.parametrize("name", FRONT_ENDS)
 def test_repeat_call_with_same_shapes_does_not_recompile(name, caplog):
     """A second call with new values and an equal (not identical) loss object reuses the compiled
     flow: no jit(run) is compiled again."""
