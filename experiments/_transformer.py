@@ -7,6 +7,7 @@ Each ``experiments/transformer_*.py`` ``Config`` extends :class:`PretrainConfig`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,23 @@ class PretrainConfig(ExperimentConfig):
     pretrain_lr: float = 3e-3  # Adam learning rate
     pretrain_steps: int = 150  # Adam steps (minibatch; the LM loss plateaus by ~100)
     batch_size: int = 64  # pre-training minibatch
+
+    #: Pre-training knobs of every transformer experiment's ``--scale`` version (GPU/TPU sizes).
+    SCALED: ClassVar[dict] = {
+        "d_model": 256,
+        "num_layers": 4,
+        "num_heads": 8,
+        "copies": 32,
+        "pretrain_steps": 2000,
+    }
+    #: Pre-training knobs of every transformer experiment's ``--smoke`` version (tests).
+    SMOKE: ClassVar[dict] = {
+        "d_model": 16,
+        "num_layers": 1,
+        "num_heads": 2,
+        "copies": 1,
+        "pretrain_steps": 5,
+    }
 
     def check(self) -> None:
         if self.d_model % self.num_heads:

@@ -44,29 +44,11 @@ class Config(PretrainConfig):
     @classmethod
     def scaled(cls) -> Config:
         """The ``--scale`` version for a GPU/TPU (paper-like sizes; too slow for this CPU)."""
-        return cls(
-            d_model=256,
-            num_layers=4,
-            num_heads=8,
-            copies=32,
-            pretrain_steps=2000,
-            pairs_per_prompt=64,
-            subset_size=256,
-            num_steps=100,
-        )
+        return cls(**cls.SCALED, pairs_per_prompt=64, subset_size=256, num_steps=100)
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(
-            d_model=16,
-            num_layers=1,
-            num_heads=2,
-            copies=1,
-            pretrain_steps=5,
-            pairs_per_prompt=1,
-            subset_size=4,
-            num_steps=2,
-        )
+        return cls(**cls.SMOKE, pairs_per_prompt=1, subset_size=4, num_steps=2)
 
 
 def _subset(order: np.ndarray, q: int, n: int) -> np.ndarray:

@@ -43,21 +43,11 @@ class Config(PretrainConfig):
     @classmethod
     def scaled(cls) -> Config:
         """The ``--scale`` version for a GPU/TPU (paper-like sizes; too slow for this CPU)."""
-        return cls(
-            d_model=256, num_layers=4, num_heads=8, copies=32, pretrain_steps=2000, num_runs=20
-        )
+        return cls(**cls.SCALED, num_runs=20)
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(
-            d_model=16,
-            num_layers=1,
-            num_heads=2,
-            copies=1,
-            pretrain_steps=5,
-            num_steps=4,
-            num_runs=2,
-        )
+        return cls(**cls.SMOKE, num_steps=4, num_runs=2)
 
 
 @dataclass(frozen=True)
