@@ -16,4 +16,5 @@ EXPERIMENTS: tuple[str, ...] = (
     "transformer_no_over_never",
     "transformer_ches",
     "transformer_unalignment",
+    "kernel_theorem_check",
 )

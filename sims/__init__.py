@@ -4,9 +4,10 @@ Modules:
 
 * ``flow`` -- the integrator (``FlowResult``, ``integrate``, ``preference_flow``, ``sft_flow``);
 * model families and their pairs types: ``models`` (unconstrained features, single-token
-  ``PreferencePairs``), ``prefix_tree`` (multi-token ``PrefixTreePairs``), ``transformer``
-  (``CausalTransformer``, ``TransformerPairs``), ``logit_model`` (DPOP edit pairs), ``tabular``
-  (KL objective);
+  ``PreferencePairs``; ``MLPFeatures``, an MLP backbone), ``prefix_tree`` (multi-token
+  ``PrefixTreePairs``), ``transformer`` (``CausalTransformer``, ``TransformerPairs``),
+  ``logit_model`` (DPOP edit pairs), ``tabular`` (KL objective);
+* ``kernel`` (hidden-state kernel K = J P J^T, tied cross terms, velocity channels);
 * ``reduced`` (exact reduced flow), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
   baselines per pair);
 * ``data`` -- generators: ``vocab``, ``corpus``, ``synthetic``, ``real_embeddings``.
@@ -31,6 +32,15 @@ from sims.flow import (
     sft_flow,
     stack_models,
 )
+from sims.kernel import (
+    TiedCrossTerms,
+    VelocityChannels,
+    hidden_kernel,
+    param_paths,
+    rmsprop_preconditioner,
+    tied_cross_terms,
+    velocity_channels,
+)
 from sims.logit_model import (
     EditPairData,
     EditPrefixes,
@@ -40,6 +50,7 @@ from sims.logit_model import (
     edit_pair_prefixes,
 )
 from sims.models import (
+    MLPFeatures,
     PreferencePairs,
     PreferenceRecord,
     UnconstrainedFeatures,
@@ -92,6 +103,7 @@ __all__ = [
     "EditPrefixes",
     "EditRecord",
     "FlowResult",
+    "MLPFeatures",
     "MovingRows",
     "OPTIMIZERS",
     "PairIndex",
@@ -105,10 +117,12 @@ __all__ = [
     "SFTData",
     "SweepResult",
     "TabularPolicy",
+    "TiedCrossTerms",
     "TiltDistance",
     "TokenBatch",
     "TransformerPairs",
     "UnconstrainedFeatures",
+    "VelocityChannels",
     "apply_moving_rows",
     "check_margin_loss",
     "check_optimizer",
@@ -121,6 +135,7 @@ __all__ = [
     "extend_prefixes",
     "flow_fn",
     "flow_velocity",
+    "hidden_kernel",
     "index_prefixes",
     "integrate",
     "integrate_model",
@@ -131,6 +146,7 @@ __all__ = [
     "normalized_edit_distance",
     "pair_index",
     "pair_logprobs",
+    "param_paths",
     "percentile_subsets",
     "preference_flow",
     "prefix_hidden_states",
@@ -141,6 +157,7 @@ __all__ = [
     "response_logprobs_from_prefixes",
     "response_logprobs_from_tokens",
     "restrict",
+    "rmsprop_preconditioner",
     "run_mesh",
     "sample",
     "sft_flow",
@@ -151,6 +168,8 @@ __all__ = [
     "stack_models",
     "stack_runs",
     "sweep",
+    "tied_cross_terms",
     "transformer_pair_scores",
+    "velocity_channels",
     "with_reference",
 ]

@@ -7,7 +7,8 @@ preconditioner, ``I`` for gradient flow). This module measures, for any NNX mode
 
 * :func:`hidden_kernel` -- ``K`` ``[d, d]`` for one prompt, or the kernel between prompts
   ``K[i, j] = J_i P J_j^T`` ``[N, N, d, d]``, from products :math:`Kv = J(P(J^\top v))` (one
-  ``vjp`` then one ``jvp`` per basis vector, vmapped in chunks): ``J`` is never materialised;
+  transposed ``jvp`` then one ``jvp`` per basis vector, vmapped in chunks): ``J`` is never
+  materialised;
 * :func:`tied_cross_terms` -- the extra terms ``b`` ``[d]`` and ``r`` ``[V]`` of a model whose
   unembedding is also its input embedding (:func:`theory.kernel.tied_kernel_logprob_velocity`);
 * :func:`velocity_channels` -- the true velocity (``jax.jvp`` of the log-probs along
@@ -149,7 +150,8 @@ def hidden_kernel(
        K_{ij} = J_i\,P\,J_j^\top,\qquad J_i = \frac{\partial h_i}{\partial\theta}
        \ (\theta: \text{the backbone parameters})
 
-    built column by column as :math:`K e_b = J(P(J^\top e_b))` (one ``vjp``, one ``jvp``;
+    built column by column as :math:`K e_b = J(P(J^\top e_b))` (one ``vjp`` -- the transpose of
+    the linearised ``hidden_fn`` -- and one ``jvp``;
     ``lax.map`` over the ``n = h.size`` basis vectors in vmapped chunks of ``chunk_size``), then
     symmetrised, :math:`(K + K^\top)/2` (the two halves differ by round-off only).
 
@@ -189,10 +191,10 @@ def hidden_kernel(
     def f(p):
         return hidden_fn(nnx.merge(graphdef, p, rest))
 
-    h, vjp_fn = jax.vjp(f, params)
+    h, jvp_fn = jax.linearize(f, params)  # one forward pass serves J v and (transposed) J^T v
     if h.ndim not in (1, 2):
         raise ValueError(f"hidden_fn must return h of shape [d] or [N, d], got shape {h.shape}")
-    _, jvp_fn = jax.linearize(f, params)
+    vjp_fn = jax.linear_transpose(jvp_fn, params)
     n = h.size
 
     def column(e):  # e [n]: one basis vector -> K e [n]
@@ -263,7 +265,8 @@ def tied_cross_terms(
     def f(p):
         return hidden_fn(nnx.merge(graphdef, p, rest))
 
-    h, vjp_fn = jax.vjp(f, params)
+    h, jvp_fn = jax.linearize(f, params)
+    vjp_fn = jax.linear_transpose(jvp_fn, params)
     if h.ndim != 1 or W.ndim != 2 or W.shape[1] != h.shape[0]:
         raise ValueError(
             f"need h [d] and the table {unembedding!r} [V, d], got {h.shape} and {W.shape}"
@@ -278,7 +281,7 @@ def tied_cross_terms(
         ),
         params,
     )
-    hidden_cross = jax.jvp(f, (params,), (direction,))[1]
+    hidden_cross = jvp_fn(direction)
     return TiedCrossTerms(hidden_cross, logit_cross)
 
 

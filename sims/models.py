@@ -281,6 +281,10 @@ class MLPFeatures(nnx.Module):
     def vocab_size(self) -> int:
         return self.unembedding.shape[-2]
 
+    def unembedding_matrix(self) -> jax.Array:
+        """Return ``W`` ``[V, d]`` (the name :class:`~sims.transformer.CausalTransformer` uses)."""
+        return self.unembedding[...]
+
     def hidden(self, features: jax.Array) -> jax.Array:
         """Return :math:`h(x)`, shape ``features.shape[:-1] + (d,)``."""
         return self.fc2(jnp.tanh(self.fc1(features)))

@@ -459,45 +459,43 @@ def test_multi_sample_kernel_one_prompt_is_single_form():
 # --- anisotropy -----------------------------------------------------------------------------------
 
 
+ANISOTROPY_SHAPES = [(2, 1), (6, 2), (12, 7)]  # (d, k)
+
+
 def test_kernel_anisotropy_known_answers():
-    """K = I + lambda P_S gives 1 + lambda; K = c I gives 1; on random S of every dimension."""
+    """K = I + lambda P_S gives 1 + lambda; K = c I gives 1; 100 random S per (d, k)."""
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        d = int(rng.integers(2, 12))
-        k = int(rng.integers(1, d))
-        S = rng.normal(size=(k, d))
-        Q, _ = np.linalg.qr(S.T)
-        lam = float(rng.uniform(-0.9, 5.0))
-        K = np.eye(d) + lam * Q @ Q.T
-        res = kernel_anisotropy(K, S)
-        np.testing.assert_allclose(float(res.ratio), 1.0 + lam, rtol=RTOL_EXACT)
-        np.testing.assert_allclose(float(res.gain_complement), 1.0, rtol=RTOL_EXACT)
-        c = float(rng.uniform(0.1, 10.0))
-        np.testing.assert_allclose(
-            float(kernel_anisotropy(c * np.eye(d), S).ratio), 1.0, rtol=1e-12
-        )
+    fn = jax.jit(jax.vmap(kernel_anisotropy))
+    for d, k in ANISOTROPY_SHAPES:
+        S = rng.normal(size=(100, k, d))
+        Q = np.linalg.qr(np.swapaxes(S, 1, 2))[0]  # [100, d, k] orthonormal bases of span(S)
+        lam = rng.uniform(-0.9, 5.0, size=100)
+        K = np.eye(d)[None] + lam[:, None, None] * Q @ np.swapaxes(Q, 1, 2)
+        res = fn(K, S)
+        np.testing.assert_allclose(res.ratio, 1.0 + lam, rtol=RTOL_EXACT, err_msg=f"{d, k}")
+        np.testing.assert_allclose(res.gain_complement, 1.0, rtol=RTOL_EXACT)
+        c = rng.uniform(0.1, 10.0, size=100)
+        np.testing.assert_allclose(fn(c[:, None, None] * np.eye(d)[None], S).ratio, 1.0, rtol=1e-12)
 
 
 def test_kernel_anisotropy_matches_numpy_rayleigh_quotients():
-    """Independent: an SVD complement basis and per-vector Rayleigh quotients in NumPy; and the
-    ratio depends only on span(S) (S -> A S for invertible A)."""
+    """Independent: an SVD complement basis and per-vector Rayleigh quotients in NumPy (100 random
+    PSD K per shape); and the ratio depends only on span(S) (S -> A S for invertible A)."""
     rng = np.random.default_rng(1)
-    for _ in range(100):
-        d = int(rng.integers(3, 16))
-        k = int(rng.integers(1, d))
-        B = rng.normal(size=(d, d))
-        K = B @ B.T
-        S = rng.normal(size=(k, d))
-        U, _, _ = np.linalg.svd(S.T, full_matrices=True)  # columns: span(S), then complement
-        q_s = [U[:, i] @ K @ U[:, i] for i in range(k)]
-        q_c = [U[:, i] @ K @ U[:, i] for i in range(k, d)]
-        res = kernel_anisotropy(K, S)
-        np.testing.assert_allclose(float(res.gain_subspace), np.mean(q_s), rtol=1e-10)
-        np.testing.assert_allclose(float(res.gain_complement), np.mean(q_c), rtol=1e-10)
-        A = rng.normal(size=(k, k)) + 3 * np.eye(k)
-        np.testing.assert_allclose(
-            float(kernel_anisotropy(K, A @ S).ratio), float(res.ratio), rtol=1e-10
-        )
+    fn = jax.jit(jax.vmap(kernel_anisotropy))
+    for d, k in ANISOTROPY_SHAPES:
+        B = rng.normal(size=(100, d, d))
+        K = B @ np.swapaxes(B, 1, 2)
+        S = rng.normal(size=(100, k, d))
+        U = np.linalg.svd(np.swapaxes(S, 1, 2), full_matrices=True)[0]  # span(S), then complement
+        rayleigh = np.einsum("nai,nab,nbi->ni", U, K, U)  # [100, d]
+        res = fn(K, S)
+        np.testing.assert_allclose(res.gain_subspace, rayleigh[:, :k].mean(1), rtol=1e-10)
+        np.testing.assert_allclose(res.gain_complement, rayleigh[:, k:].mean(1), rtol=1e-10)
+        A = rng.normal(size=(100, k, k)) + 3 * np.eye(k)[None]
+        np.testing.assert_allclose(fn(K, A @ S).ratio, res.ratio, rtol=1e-10)
+    one = kernel_anisotropy(K[0], S[0])  # the validated (non-vmapped) path agrees
+    np.testing.assert_allclose(float(one.ratio), float(res.ratio[0]), rtol=1e-12)
 
 
 # --- dtypes, jit, validation ----------------------------------------------------------------------
