@@ -35,7 +35,8 @@ RTOL_FLOAT32 = 1e-4
 RTOL_EXACT = 1e-12
 
 DPO = losses.make_loss("dpo", beta=0.7)
-# (V, d, f, m): vocabulary, hidden size, prompt-feature size, MLP width
+# (V, d, f, m): vocabulary, hidden size, prompt-feature size, MLP width; SHAPES[1] is the default
+# (fast) selection, the others run with -m slow (each shape is one ~5-15 s compile here)
 SHAPES = [(2, 1, 3, 4), (16, 8, 5, 6), (120, 16, 8, 12)]
 RATES = jnp.array([0.0, 0.5, 1.0, 2.0])  # unembedding_rate eta, drawn per instance
 
@@ -143,11 +144,13 @@ def _free_instance(key, V, d):
     return W, h, y_pos, y_neg, ell_prime
 
 
-@pytest.mark.parametrize("V,d", [(2, 1), (300, 32)])
+_free_instance_jit = jax.jit(_free_instance, static_argnums=(1, 2))
+
+
+@pytest.mark.parametrize("V,d", [pytest.param(2, 1, marks=pytest.mark.slow), (300, 32)])
 def test_kernel_logprob_velocity_identity_kernel_is_theorems_4_5(V, d):
-    """K = I and eta = 1 (h itself trainable) must reproduce Theorems 4-5 on 600 instances per
-    shape (1200 in all); Theorems 4-5 are themselves pinned against autodiff in
-    test_single_token."""
+    """K = I and eta = 1 (h itself trainable) must reproduce Theorems 4-5 on 1200 instances per
+    shape; Theorems 4-5 are themselves pinned against autodiff in test_single_token."""
 
     def one(key):
         W, h, y_pos, y_neg, ell_prime = _free_instance(key, V, d)
@@ -156,14 +159,14 @@ def test_kernel_logprob_velocity_identity_kernel_is_theorems_4_5(V, d):
         u = W[y_pos] - W[y_neg]
         return ours, theirs, _scale(ell_prime, W, jnp.linalg.norm(u), h @ h)
 
-    ours, theirs, scale = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(V + d), 600))
+    ours, theirs, scale = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(V + d), 1200))
     _check(ours, theirs, scale, f"V={V} d={d}")
 
 
 # --- general K and eta vs autodiff ----------------------------------------------------------------
 
 
-INSTANCES = 400  # per shape: 3 x 400 = 1200 instances in all
+INSTANCES = 1000  # per shape
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -188,7 +191,9 @@ def _kernel_vs_autodiff(V, d, f, m, seed):
     return jax.vmap(one)(jax.random.split(jax.random.key(seed), INSTANCES))
 
 
-@pytest.mark.parametrize("V,d,f,m", SHAPES)
+@pytest.mark.parametrize(
+    "V,d,f,m", [SHAPES[1]] + [pytest.param(*s, marks=pytest.mark.slow) for s in SHAPES[::2]]
+)
 def test_kernel_logprob_velocity_matches_autodiff(V, d, f, m):
     """DPO on an MLP backbone, rates eta in {0, 0.5, 1, 2}; INSTANCES per shape."""
     closed, auto, scale, *_ = _kernel_vs_autodiff(V, d, f, m, V * 7 + d)
@@ -225,6 +230,7 @@ def test_kernel_displacement_criterion_matches_autodiff_signs():
     assert not bool(jnp.any(crit.gains_on_pos[rows, y_pos]))
 
 
+@pytest.mark.slow  # the default suite checks the criterion's signs against autodiff above
 def test_kernel_displacement_criterion_threshold_reading():
     """For l' < 0 a token z outside {y+, y-} gains on y+ iff (W_z - W_y+)^T K u > eta |h|^2."""
     V, d = 40, 6
@@ -249,6 +255,7 @@ def test_kernel_displacement_criterion_threshold_reading():
 # --- diagonal preconditioner ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # one large compile; the default suite covers it in test_sims_kernel
 def test_preconditioned_logprob_velocity_matches_autodiff():
     """Fixed random diagonal P (log-normal entries) on the backbone and W: K_P = J P J^T and the
     W-channel gains given per entry [V, d], per row [V] and as a scalar; 400 instances each."""
@@ -280,7 +287,7 @@ def test_preconditioned_logprob_velocity_matches_autodiff():
 
 
 def test_preconditioned_scalar_gain_is_kernel_form():
-    W, h, y_pos, y_neg, ell_prime = _free_instance(jax.random.key(1), 30, 5)
+    W, h, y_pos, y_neg, ell_prime = _free_instance_jit(jax.random.key(1), 30, 5)
     A = jax.random.normal(jax.random.key(2), (5, 5))
     K = A @ A.T
     np.testing.assert_allclose(
@@ -299,6 +306,7 @@ def _tied_hidden(phi, E, tokens):
     return A2 @ jnp.tanh(A1 @ jnp.mean(E[tokens], axis=0) + b1) + b2
 
 
+@pytest.mark.slow  # one large compile; the default suite covers it in test_sims_kernel
 def test_tied_kernel_logprob_velocity_matches_autodiff():
     """W = E also embeds the prompt; half of the prompts contain y+ or y-. K over (phi, E), cross
     terms b, r by one jvp / vjp; plain gradient flow (P = I) on 250 instances and a random
@@ -371,9 +379,9 @@ def test_tied_kernel_logprob_velocity_matches_autodiff():
 # --- several prompts ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("N,V,d", [(1, 5, 3), (6, 20, 8)])
+@pytest.mark.parametrize("N,V,d", [pytest.param(1, 5, 3, marks=pytest.mark.slow), (4, 12, 5)])
 def test_multi_sample_kernel_identity_is_theorems_8_9(N, V, d):
-    """K_ij = delta_ij I, eta = 1 must reproduce Theorems 8-9 (500 instances per shape)."""
+    """K_ij = delta_ij I, eta = 1 must reproduce Theorems 8-9 (1000 instances per shape)."""
     eye = jnp.einsum("ij,ab->ijab", jnp.eye(N), jnp.eye(d))  # [N, N, d, d]
 
     def one(key):
@@ -390,12 +398,13 @@ def test_multi_sample_kernel_identity_is_theorems_8_9(N, V, d):
         )
         return ours, theirs, scale
 
-    ours, theirs, scale = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(N + V), 500))
+    ours, theirs, scale = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(N + V), 1000))
     err = jnp.max(jnp.abs(ours - theirs) - RTOL_AUTODIFF * jnp.abs(theirs), axis=(1, 2))
     err = err - ATOL_PER_SCALE * N * scale
     np.testing.assert_array_less(np.asarray(err), 0.0, err_msg=f"worst {int(jnp.argmax(err))}")
 
 
+@pytest.mark.slow  # one large compile; the default suite covers it in test_sims_kernel
 def test_multi_sample_kernel_matches_autodiff():
     """N prompts through one shared MLP (K_ij = J_i J_j^T from jacfwd), mean DPO loss, eta drawn
     per instance; 300 instances."""
@@ -446,7 +455,7 @@ def test_multi_sample_kernel_matches_autodiff():
 
 
 def test_multi_sample_kernel_one_prompt_is_single_form():
-    W, h, y_pos, y_neg, ell_prime = _free_instance(jax.random.key(3), 20, 4)
+    W, h, y_pos, y_neg, ell_prime = _free_instance_jit(jax.random.key(3), 20, 4)
     A = jax.random.normal(jax.random.key(4), (4, 4))
     K = A @ A.T
     single = kernel_logprob_velocity(W, h, K, y_pos, y_neg, ell_prime, unembedding_rate=0.3)
@@ -502,7 +511,7 @@ def test_kernel_anisotropy_matches_numpy_rayleigh_quotients():
 
 
 def test_kernel_logprob_velocity_float32_matches_float64():
-    W, h, y_pos, y_neg, ell_prime = _free_instance(jax.random.key(4), 50, 8)
+    W, h, y_pos, y_neg, ell_prime = _free_instance_jit(jax.random.key(4), 50, 8)
     A = jax.random.normal(jax.random.key(5), (8, 8))
     K = A @ A.T / 8
     v64 = kernel_logprob_velocity(W, h, K, y_pos, y_neg, ell_prime, unembedding_rate=0.5)
@@ -572,12 +581,14 @@ def test_multi_sample_and_anisotropy_reject_bad_input():
 def test_invalid_values_under_jit_give_nan():
     """Under jit nothing can raise: bad ids, a negative rate or gain, an asymmetric K must poison
     every entry with NaN, never a plausible number."""
-    W, h, y_pos, y_neg, ell_prime = _free_instance(jax.random.key(6), 10, 3)
+    W, h, y_pos, y_neg, ell_prime = _free_instance_jit(jax.random.key(6), 10, 3)
     f = jax.jit(kernel_logprob_velocity)
     assert bool(jnp.all(jnp.isfinite(f(W, h, K3, y_pos, y_neg, ell_prime))))
     asymmetric = K3.at[0, 2].set(1.0)
-    for bad in ((K3, 10, y_neg), (K3, y_pos, -1), (K3, y_pos, y_pos), (asymmetric, 0, 1)):
-        assert bool(jnp.all(jnp.isnan(f(W, h, bad[0], bad[1], bad[2], ell_prime)))), bad[1:]
+    ids = [jnp.asarray(i, y_pos.dtype) for i in (10, -1, 0, 1)]  # one dtype: one compile
+    cases = ((K3, ids[0], y_neg), (K3, y_pos, ids[1]), (K3, y_pos, y_pos), (asymmetric, *ids[2:]))
+    for K, a, b in cases:
+        assert bool(jnp.all(jnp.isnan(f(W, h, K, a, b, ell_prime)))), (a, b)
     assert bool(jnp.all(jnp.isnan(f(W, h, K3, y_pos, y_neg, ell_prime, unembedding_rate=-1.0))))
     g = jax.jit(preconditioned_logprob_velocity)
     gain = jnp.ones((10, 3)).at[4, 0].set(-1.0)

@@ -5,6 +5,7 @@ the log-probs along ``-P grad L`` written out here for the true velocity; the fi
 project's flow (``sims.flow.integrate_model``, optax ``"rmsprop_torch"``) for the RMSprop form.
 """
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -78,25 +79,30 @@ def _random_gains(model, seed):
 # --- hidden_kernel vs jacrev ----------------------------------------------------------------------
 
 
+@partial(jax.jit, static_argnums=0)
+def _mlp_kernels(graphdef, state, X, gains):
+    """hidden_kernel and the explicit jacrev kernel of an MLP: one prompt, N prompts, with P."""
+    model = nnx.merge(graphdef, state)
+    one = lambda m: m.hidden(X[0])  # noqa: E731
+    many = lambda m: m.hidden(X)  # noqa: E731
+    return (
+        (hidden_kernel(one, model), _explicit_kernel(one, model)),
+        (hidden_kernel(many, model, chunk_size=4), _explicit_kernel(many, model)),  # 4 !| n
+        (hidden_kernel(one, model, preconditioner=gains), _explicit_kernel(one, model, gains)),
+    )
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_hidden_kernel_matches_jacrev_mlp(seed):
     model = _mlp(seed)
     X = jax.random.normal(jax.random.key(seed), (3, 4))
-    one = lambda m: m.hidden(X[0])  # noqa: E731
-    many = lambda m: m.hidden(X)  # noqa: E731
-    np.testing.assert_allclose(
-        hidden_kernel(one, model), _explicit_kernel(one, model), rtol=RTOL_KERNEL, atol=1e-14
+    (one, one_ref), (many, many_ref), (pre, pre_ref) = _mlp_kernels(
+        *nnx.split(model), X, _random_gains(model, seed)
     )
-    K = hidden_kernel(many, model, chunk_size=4)  # [N, N, d, d], chunks not dividing n = 15
-    flat = jnp.transpose(K, (0, 2, 1, 3)).reshape(15, 15)
-    np.testing.assert_allclose(flat, _explicit_kernel(many, model), rtol=RTOL_KERNEL, atol=1e-14)
-    gains = _random_gains(model, seed)
-    np.testing.assert_allclose(
-        hidden_kernel(one, model, preconditioner=gains),
-        _explicit_kernel(one, model, gains),
-        rtol=RTOL_KERNEL,
-        atol=1e-14,
-    )
+    np.testing.assert_allclose(one, one_ref, rtol=RTOL_KERNEL, atol=1e-14)
+    flat = jnp.transpose(many, (0, 2, 1, 3)).reshape(15, 15)  # [N, N, d, d] -> [N d, N d]
+    np.testing.assert_allclose(flat, many_ref, rtol=RTOL_KERNEL, atol=1e-14)
+    np.testing.assert_allclose(pre, pre_ref, rtol=RTOL_KERNEL, atol=1e-14)
 
 
 def test_hidden_kernel_exclude_drops_those_parameters():
@@ -128,15 +134,21 @@ def test_hidden_kernel_of_unconstrained_features_is_block_identity():
     np.testing.assert_array_equal(K, jnp.einsum("ij,ab->ijab", same, jnp.eye(3)))
 
 
+@pytest.mark.slow  # default: the MLP jacrev check and the transformer's exact kernel form below
 @pytest.mark.parametrize("tied", [True, False])
 def test_hidden_kernel_matches_jacrev_transformer(tied):
     model = _transformer(1, tied)
     tokens = jnp.array([[1, 4, 2, 7, 3], [5, 5, 0, 12, 9]])
     fn = lambda m: m.hidden_states(tokens)[:, -1]  # noqa: E731  [2, d]
     graphdef, state = nnx.split(model)
-    K = jax.jit(lambda s: hidden_kernel(fn, nnx.merge(graphdef, s)))(state)
+    K, ref = jax.jit(
+        lambda s: (
+            hidden_kernel(fn, nnx.merge(graphdef, s)),
+            _explicit_kernel(fn, nnx.merge(graphdef, s)),
+        )
+    )(state)
     flat = jnp.transpose(K, (0, 2, 1, 3)).reshape(16, 16)
-    np.testing.assert_allclose(flat, _explicit_kernel(fn, model), rtol=RTOL_KERNEL, atol=1e-13)
+    np.testing.assert_allclose(flat, ref, rtol=RTOL_KERNEL, atol=1e-13)
     names = param_paths(model)
     assert "embed.embedding" in names and ("unembedding" in names) != tied
 
@@ -184,8 +196,9 @@ def _direct_truth(model, prompt: _Prompt, gains=None):
     )[1]
 
 
-def _measure(model, prompt: _Prompt, unembedding: str, tied: bool, gains=None):
-    """Everything the closed forms need, plus the autodiff truth and its channels."""
+def _measure(model, prompt: _Prompt, unembedding: str, tied: bool, gains=None, direct=True):
+    """Everything the closed forms need, the autodiff channels and (``direct``) the truth written
+    out without sims.kernel."""
     channels = velocity_channels(
         lambda m: _answer_logprobs(m, prompt),
         lambda m: _pair_loss(m, prompt),
@@ -207,7 +220,7 @@ def _measure(model, prompt: _Prompt, unembedding: str, tied: bool, gains=None):
     ell_prime = losses.margin_derivative(
         DPO, lp[prompt.y_pos], lp[prompt.y_neg], prompt.ref[0], prompt.ref[1]
     )
-    truth = _direct_truth(model, prompt, gains)
+    truth = _direct_truth(model, prompt, gains) if direct else channels.total
     return channels, K, cross, hidden_fn(model), ell_prime, truth
 
 
@@ -221,7 +234,12 @@ def _assert_close(closed, auto, scale, label):
     )
 
 
-@pytest.mark.parametrize("seed", range(4))
+@partial(jax.jit, static_argnums=0)
+def _measure_mlp(graphdef, state, prompt):
+    return _measure(nnx.merge(graphdef, state), prompt, "unembedding", False)
+
+
+@pytest.mark.parametrize("seed", range(3))
 def test_velocity_channels_and_kernel_form_on_mlp(seed):
     model = _mlp(seed)
     k = jax.random.split(jax.random.key(seed), 3)
@@ -232,10 +250,7 @@ def test_velocity_channels_and_kernel_form_on_mlp(seed):
     prompt = prompt._replace(
         ref=jnp.stack([lp[seed], lp[seed + 3]]) + jax.random.normal(k[1], (2,))
     )
-    graphdef, state = nnx.split(model)
-    channels, K, _, h, ell, truth = jax.jit(
-        lambda s: _measure(nnx.merge(graphdef, s), prompt, "unembedding", False)
-    )(state)
+    channels, K, _, h, ell, truth = _measure_mlp(*nnx.split(model), prompt)
     scale = _scale(channels)
     W = model.unembedding[...]
     _assert_close(channels.total, truth, scale, "velocity_channels.total vs direct jvp")
@@ -249,7 +264,7 @@ def test_velocity_channels_and_kernel_form_on_mlp(seed):
     _assert_close(full, truth, scale, "kernel form")
 
 
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tied", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_kernel_form_is_exact_on_causal_transformer(tied):
     """4 prompts (random tokens; in two of them y+ is a prompt token, which is where the tied
     cross terms matter) x {gradient flow (P = 1), a random diagonal P}: one vmapped compile."""
@@ -268,13 +283,12 @@ def test_kernel_form_is_exact_on_causal_transformer(tied):
         ones,
         _random_gains(model, 5),
     )  # [8, ...]: P = 1 for the first four, random for the last four
-    channels, K, cross, h, ell, truth = jax.jit(
-        jax.vmap(lambda p, g: _measure(nnx.merge(graphdef, state), p, unembedding, tied, g))
+    channels, K, cross, h, ell, truth = jax.jit(  # velocity_channels vs a direct jvp: MLP tests
+        jax.vmap(lambda p, g: _measure(nnx.merge(graphdef, state), p, unembedding, tied, g, False))
     )(prompts, gains)
     W = model.unembedding_matrix()
     for i in range(8):
         scale = _scale([c[i] for c in channels])
-        _assert_close(channels.total[i], truth[i], scale, f"velocity_channels.total {i}")
         gain_W = _table(jax.tree_util.tree_map(lambda a, i=i: a[i], gains), tied)
         if tied:
             closed = tied_kernel_logprob_velocity(
