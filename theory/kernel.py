@@ -93,6 +93,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from theory._kernel_checks import (
+    asymmetry,
+    check_gain,
+    check_hidden,
+    check_kernel,
+    check_pair,
+    check_scalar,
+    invalid_ids,
+    poison,
+    tolerance,
+)
 from theory.checks import (
     check_distinct,
     check_finite,
@@ -101,95 +112,6 @@ from theory.checks import (
     check_token_ids,
     is_concrete,
 )
-
-
-def _tolerance(dtype) -> float:
-    """Relative round-off allowance for symmetry / PSD checks: sqrt(eps) of the dtype."""
-    return float(np.sqrt(np.finfo(dtype).eps))
-
-
-def _flat_kernel(K: jax.Array) -> jax.Array:
-    """``[d, d]`` as is; ``[N, N, d, d]`` -> ``[N d, N d]``, row ``(i, a)``, column ``(j, b)``."""
-    if K.ndim == 2:
-        return K
-    N, _, d, _ = K.shape
-    return jnp.transpose(K, (0, 2, 1, 3)).reshape(N * d, N * d)
-
-
-def _asymmetry(K: jax.Array) -> jax.Array:
-    """``max |K - K^T| / max |K|`` of the flat kernel (0 for K = 0)."""
-    flat = _flat_kernel(K)
-    size = jnp.max(jnp.abs(flat))
-    return jnp.max(jnp.abs(flat - flat.T)) / jnp.where(size > 0, size, 1.0)
-
-
-def _check_kernel(K, expected_shape: tuple[int, ...], axes: str) -> None:
-    """Shape always; symmetric and PSD (relative tolerance sqrt(eps)) when concrete."""
-    check_ndim("K", K, len(expected_shape), axes)
-    if tuple(jnp.shape(K)) != expected_shape:
-        raise ValueError(f"K must have shape {axes}={expected_shape}, got shape {jnp.shape(K)}")
-    check_finite("K", K)
-    if not is_concrete(K):
-        return
-    dtype = jnp.asarray(K).dtype
-    tol = _tolerance(dtype if jnp.issubdtype(dtype, jnp.floating) else np.float64)
-    flat = np.asarray(K, dtype=np.float64)
-    if flat.ndim == 4:  # [N, N, d, d] -> [N d, N d]
-        N, _, d, _ = flat.shape
-        flat = flat.transpose(0, 2, 1, 3).reshape(N * d, N * d)
-    size = float(np.max(np.abs(flat))) if flat.size else 0.0
-    asym = float(np.max(np.abs(flat - flat.T))) / size if size > 0 else 0.0
-    if asym > tol:
-        raise ValueError(
-            "K must be symmetric (K[i, j] = K[j, i]^T, as J J^T is), got max |K - K^T| / "
-            f"max |K| = {asym:.3g} > {tol:.3g}"
-        )
-    eig = np.linalg.eigvalsh(0.5 * (flat + flat.T))
-    scale = max(float(np.max(np.abs(eig))), np.finfo(np.float64).tiny)
-    if eig[0] < -tol * scale:
-        raise ValueError(
-            "K must be positive semi-definite (a Gram matrix J J^T), got smallest eigenvalue "
-            f"{eig[0]:.3g} (largest |eigenvalue| {scale:.3g})"
-        )
-
-
-def _check_hidden(W, h) -> None:
-    check_ndim("W", W, 2, "[V, d]")
-    check_ndim("h", h, 1, "[d]")
-    if jnp.shape(h)[0] != jnp.shape(W)[1]:
-        raise ValueError(
-            f"h must have the hidden size d={jnp.shape(W)[1]} of W, got shape {jnp.shape(h)}"
-        )
-    check_finite("W", W)
-    check_finite("h", h)
-
-
-def _check_pair(y_pos, y_neg, V: int) -> None:
-    for name, y in (("y_pos", y_pos), ("y_neg", y_neg)):
-        check_ndim(name, y, 0, "[] (a scalar token id)")
-        check_token_ids(name, y, V)
-    check_distinct("y_pos", y_pos, "y_neg", y_neg)
-
-
-def _check_scalar(name: str, value) -> None:
-    check_ndim(name, value, 0, "[] (a scalar)")
-    check_finite(name, value)
-
-
-def _check_gain(gain, V: int, d: int) -> None:
-    """``unembedding_gain``: shape ``[]``, ``[V]`` or ``[V, d]``, entries ``>= 0``."""
-    shape = tuple(jnp.shape(gain))
-    if shape not in ((), (V,), (V, d)):
-        raise ValueError(
-            f"unembedding_gain must have shape [], [V]=({V},) or [V, d]=({V}, {d}), got {shape}"
-        )
-    check_nonnegative("unembedding_gain", gain)
-
-
-def _invalid_ids(y_pos, y_neg, V: int) -> jax.Array:
-    """True where ids are out of ``[0, V)`` or equal (checked before tracing; NaN under jit)."""
-    out = (y_pos < 0) | (y_pos >= V) | (y_neg < 0) | (y_neg >= V)
-    return out | (y_pos == y_neg)
 
 
 def _gain_row(gain: jax.Array, y: jax.Array, d: int, dtype) -> jax.Array:
@@ -215,10 +137,6 @@ def _velocity(W, h, drive, logit_cross, g_pos, g_neg, y_pos, y_neg, ell_prime):
     return -ell_prime * (hidden_term + logit_term + w_term)
 
 
-def _poison(value: jax.Array, invalid: jax.Array) -> jax.Array:
-    return jnp.where(invalid, jnp.nan, value)
-
-
 @jax.jit
 def _single(W, h, K, logit_cross, hidden_cross, gain, y_pos, y_neg, ell_prime):
     """Compiled core shared by the single-prompt functions (inputs validated by the caller)."""
@@ -239,9 +157,9 @@ def _single(W, h, K, logit_cross, hidden_cross, gain, y_pos, y_neg, ell_prime):
     v = _velocity(
         W, h, drive, jnp.asarray(logit_cross, dtype), g_pos, g_neg, y_pos, y_neg, ell_prime
     )
-    invalid = _invalid_ids(y_pos, y_neg, V) | jnp.any(jnp.asarray(gain) < 0)
-    invalid = invalid | (_asymmetry(K) > _tolerance(dtype))
-    return _poison(v, invalid)
+    invalid = invalid_ids(y_pos, y_neg, V) | jnp.any(jnp.asarray(gain) < 0)
+    invalid = invalid | (asymmetry(K) > tolerance(dtype))
+    return poison(v, invalid)
 
 
 def kernel_logprob_velocity(
@@ -295,12 +213,12 @@ def kernel_logprob_velocity(
       >>> [round(float(x), 4) for x in v]
       [0.3333, -0.6667, 0.3333]
     """
-    _check_hidden(W, h)
+    check_hidden(W, h)
     V, d = jnp.shape(W)
-    _check_kernel(K, (d, d), "[d, d]")
-    _check_pair(y_pos, y_neg, V)
-    _check_scalar("ell_prime", ell_prime)
-    _check_scalar("unembedding_rate", unembedding_rate)
+    check_kernel(K, (d, d), "[d, d]")
+    check_pair(y_pos, y_neg, V)
+    check_scalar("ell_prime", ell_prime)
+    check_scalar("unembedding_rate", unembedding_rate)
     check_nonnegative("unembedding_rate", unembedding_rate)
     return _single(W, h, K, None, None, unembedding_rate, y_pos, y_neg, ell_prime)
 
@@ -359,12 +277,12 @@ def preconditioned_logprob_velocity(
       >>> bool(jnp.allclose(v, (jnp.eye(3)[0] - pi[0]) * 5.0))
       True
     """
-    _check_hidden(W, h)
+    check_hidden(W, h)
     V, d = jnp.shape(W)
-    _check_kernel(K, (d, d), "[d, d]")
-    _check_pair(y_pos, y_neg, V)
-    _check_scalar("ell_prime", ell_prime)
-    _check_gain(unembedding_gain, V, d)
+    check_kernel(K, (d, d), "[d, d]")
+    check_pair(y_pos, y_neg, V)
+    check_scalar("ell_prime", ell_prime)
+    check_gain(unembedding_gain, V, d)
     return _single(W, h, K, None, None, unembedding_gain, y_pos, y_neg, ell_prime)
 
 
@@ -418,9 +336,9 @@ def tied_kernel_logprob_velocity(
       >>> [float(x) for x in v]
       [0.5, -0.5]
     """
-    _check_hidden(W, h)
+    check_hidden(W, h)
     V, d = jnp.shape(W)
-    _check_kernel(K, (d, d), "[d, d]")
+    check_kernel(K, (d, d), "[d, d]")
     for name, arr, shape in (
         ("hidden_cross", hidden_cross, (d,)),
         ("logit_cross", logit_cross, (V,)),
@@ -428,9 +346,9 @@ def tied_kernel_logprob_velocity(
         if tuple(jnp.shape(arr)) != shape:
             raise ValueError(f"{name} must have shape {shape}, got shape {jnp.shape(arr)}")
         check_finite(name, arr)
-    _check_pair(y_pos, y_neg, V)
-    _check_scalar("ell_prime", ell_prime)
-    _check_gain(unembedding_gain, V, d)
+    check_pair(y_pos, y_neg, V)
+    check_scalar("ell_prime", ell_prime)
+    check_gain(unembedding_gain, V, d)
     return _single(W, h, K, logit_cross, hidden_cross, unembedding_gain, y_pos, y_neg, ell_prime)
 
 
@@ -534,9 +452,9 @@ def _multi(W, H, K, y_pos, y_neg, ell_prime, unembedding_rate):
     signs = jax.nn.one_hot(y_pos, V, dtype=dtype) - jax.nn.one_hot(y_neg, V, dtype=dtype)  # [N, V]
     shift = jnp.sum(coupling * (probs[:, y_pos] - probs[:, y_neg]), axis=1)  # [N]
     v = hidden_term + coupling @ signs - shift[:, None]
-    invalid = jnp.any(_invalid_ids(y_pos, y_neg, V)) | (rate < 0)
-    invalid = invalid | (_asymmetry(K) > _tolerance(dtype))
-    return _poison(v, invalid)
+    invalid = jnp.any(invalid_ids(y_pos, y_neg, V)) | (rate < 0)
+    invalid = invalid | (asymmetry(K) > tolerance(dtype))
+    return poison(v, invalid)
 
 
 def multi_sample_kernel_logprob_velocity(
@@ -596,7 +514,7 @@ def multi_sample_kernel_logprob_velocity(
     V = jnp.shape(W)[0]
     if d != jnp.shape(W)[1]:
         raise ValueError(f"H must have the hidden size d={jnp.shape(W)[1]} of W, got {(N, d)}")
-    _check_kernel(K, (N, N, d, d), "[N, N, d, d]")
+    check_kernel(K, (N, N, d, d), "[N, N, d, d]")
     for name, arr in (("y_pos", y_pos), ("y_neg", y_neg), ("ell_prime", ell_prime)):
         if tuple(jnp.shape(arr)) != (N,):
             raise ValueError(f"{name} must have shape [N]=({N},), got shape {jnp.shape(arr)}")
@@ -605,7 +523,7 @@ def multi_sample_kernel_logprob_velocity(
     check_distinct("y_pos", y_pos, "y_neg", y_neg)
     for name, arr in (("W", W), ("H", H), ("ell_prime", ell_prime)):
         check_finite(name, arr)
-    _check_scalar("unembedding_rate", unembedding_rate)
+    check_scalar("unembedding_rate", unembedding_rate)
     check_nonnegative("unembedding_rate", unembedding_rate)
     return _multi(W, H, K, y_pos, y_neg, ell_prime, unembedding_rate)
 
@@ -628,14 +546,14 @@ class KernelAnisotropy(NamedTuple):
 def _anisotropy(K, S):
     """Compiled core of :func:`kernel_anisotropy`."""
     d, k = K.shape[0], S.shape[0]
-    tol = _tolerance(K.dtype)
+    tol = tolerance(K.dtype)
     Q, R = jnp.linalg.qr(S.T)  # Q [d, k] orthonormal basis of span(S)
     diag = jnp.abs(jnp.diagonal(R))
     dependent = jnp.min(diag) <= tol * jnp.max(diag)
     on_s = jnp.trace(Q.T @ K @ Q)
     gain_s = on_s / k
     gain_c = (jnp.trace(K) - on_s) / (d - k)
-    gain_s, gain_c = _poison(gain_s, dependent), _poison(gain_c, dependent)
+    gain_s, gain_c = poison(gain_s, dependent), poison(gain_c, dependent)
     return KernelAnisotropy(gain_s, gain_c, gain_s / gain_c)
 
 
@@ -677,7 +595,7 @@ def kernel_anisotropy(K: ArrayLike, S: ArrayLike) -> KernelAnisotropy:
     """
     check_ndim("K", K, 2, "[d, d]")
     d = jnp.shape(K)[0]
-    _check_kernel(K, (d, d), "[d, d]")
+    check_kernel(K, (d, d), "[d, d]")
     check_ndim("S", S, 2, "[k, d]")
     k = jnp.shape(S)[0]
     if jnp.shape(S)[1] != d or not 1 <= k < d:
@@ -688,7 +606,7 @@ def kernel_anisotropy(K: ArrayLike, S: ArrayLike) -> KernelAnisotropy:
     K, S = jnp.asarray(K), jnp.asarray(S)
     dtype = jnp.result_type(K.dtype, S.dtype, jnp.float32)
     K, S = K.astype(dtype), S.astype(dtype)
-    tol = _tolerance(dtype)
+    tol = tolerance(dtype)
     if is_concrete(S):
         sv = np.linalg.svd(np.asarray(S, np.float64), compute_uv=False)
         if sv[-1] <= tol * sv[0]:
