@@ -64,10 +64,13 @@ with :math:`K = \hat J P \hat J^\top` over **all** parameters (``E`` included), 
 embeddings) and :math:`r = (P_E\odot J_E^\top u)\,h` ``[V]`` (how the backbone-channel step of
 ``E`` moves the logits through ``W``), and :math:`g_\pm` from :math:`P_E`. *Proof:* expand
 :math:`-\ell'(\hat J^\top a_z + D_z)^\top P(\hat J^\top u + D)` with :math:`D_z = (e_z-\pi)h^\top`:
-the four products are the four terms. Both cross terms vanish when no prompt token is
-:math:`y^\pm` *and* ``h`` does not depend on ``E`` (untied); :func:`kernel_logprob_velocity`
-assumes ``b = 0`` and ``r = 0`` (untied ``W``), :func:`tied_kernel_logprob_velocity` takes them.
-:mod:`sims.kernel` measures ``K``, ``b`` and ``r`` of an NNX model.
+the four products are the four terms. When ``E`` enters ``h`` only through the lookup of the
+prompt's tokens, :math:`J_E` is supported on their rows: ``b = 0`` unless :math:`y^+` or
+:math:`y^-` is a prompt token, while ``r`` is supported on the prompt's tokens (so the tied
+correction is generally nonzero for a tied model). Untied (``h`` independent of ``W``) both
+vanish: :func:`kernel_logprob_velocity` assumes ``b = 0`` and ``r = 0``,
+:func:`tied_kernel_logprob_velocity` takes them; :mod:`sims.kernel` measures ``K``, ``b`` and
+``r`` of an NNX model.
 
 **Several prompts** (Theorems 8-9 analogue): ``N`` prompts with :math:`h_i = f_\phi(x_i)`, pairs
 :math:`(y^+_i, y^-_i)`, :math:`L = \frac1N\sum_j\ell_j` and the kernel between prompts
