@@ -17,6 +17,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "transformer_no_over_never",
     "transformer_ches",
     "transformer_unalignment",
+    "kernel_theorem_check",
 )
 
 #: Separate commands, not part of the main job.

@@ -4,11 +4,12 @@ Modules:
 
 * ``flow`` -- the integrator (``FlowResult``, ``integrate``, ``preference_flow``, ``sft_flow``);
 * model families and their pairs types: ``models`` (unconstrained features, single-token
-  ``PreferencePairs``), ``prefix_tree`` (multi-token ``PrefixTreePairs``), ``transformer``
-  (``CausalTransformer``, ``TransformerPairs``), ``logit_model`` (DPOP edit pairs), ``tabular``
-  (KL objective);
+  ``PreferencePairs``; ``MLPFeatures``, an MLP backbone), ``prefix_tree`` (multi-token
+  ``PrefixTreePairs``), ``transformer`` (``CausalTransformer``, ``TransformerPairs``),
+  ``logit_model`` (DPOP edit pairs), ``tabular`` (KL objective);
 * ``bert`` (the MiniLM / BERT encoder loaded from a Hugging Face folder, tied ``[MASK]`` readout,
   prompt tokenization);
+* ``kernel`` (hidden-state kernel K = J P J^T, tied cross terms, velocity channels);
 * ``reduced`` (exact reduced flow), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
   baselines per pair);
 * ``data`` -- generators: ``vocab``, ``corpus``, ``synthetic``, ``real_embeddings``.
@@ -42,6 +43,15 @@ from sims.flow import (
     sft_flow,
     stack_models,
 )
+from sims.kernel import (
+    TiedCrossTerms,
+    VelocityChannels,
+    hidden_kernel,
+    param_paths,
+    rmsprop_preconditioner,
+    tied_cross_terms,
+    velocity_channels,
+)
 from sims.logit_model import (
     EditPairData,
     EditPrefixes,
@@ -51,6 +61,7 @@ from sims.logit_model import (
     edit_pair_prefixes,
 )
 from sims.models import (
+    MLPFeatures,
     PreferencePairs,
     PreferenceRecord,
     UnconstrainedFeatures,
@@ -105,6 +116,7 @@ __all__ = [
     "EditPrefixes",
     "EditRecord",
     "FlowResult",
+    "MLPFeatures",
     "MaskedPrompts",
     "MovingRows",
     "OPTIMIZERS",
@@ -119,10 +131,12 @@ __all__ = [
     "SFTData",
     "SweepResult",
     "TabularPolicy",
+    "TiedCrossTerms",
     "TiltDistance",
     "TokenBatch",
     "TransformerPairs",
     "UnconstrainedFeatures",
+    "VelocityChannels",
     "apply_moving_rows",
     "check_margin_loss",
     "check_optimizer",
@@ -136,6 +150,7 @@ __all__ = [
     "extend_prefixes",
     "flow_fn",
     "flow_velocity",
+    "hidden_kernel",
     "index_prefixes",
     "integrate",
     "integrate_model",
@@ -148,6 +163,7 @@ __all__ = [
     "normalized_edit_distance",
     "pair_index",
     "pair_logprobs",
+    "param_paths",
     "percentile_subsets",
     "persona_question",
     "preference_flow",
@@ -159,6 +175,7 @@ __all__ = [
     "response_logprobs_from_prefixes",
     "response_logprobs_from_tokens",
     "restrict",
+    "rmsprop_preconditioner",
     "run_mesh",
     "sample",
     "sft_flow",
@@ -169,6 +186,8 @@ __all__ = [
     "stack_models",
     "stack_runs",
     "sweep",
+    "tied_cross_terms",
     "transformer_pair_scores",
+    "velocity_channels",
     "with_reference",
 ]

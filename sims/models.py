@@ -216,3 +216,79 @@ def make_pairs(
     pairs = PreferencePairs(prompt, chosen, rejected, jnp.zeros(0), jnp.zeros(0))
     lp_c, lp_r = pairs.logprobs(model)
     return pairs._replace(ref_logprob_chosen=lp_c, ref_logprob_rejected=lp_r)
+
+
+class MLPFeatures(nnx.Module):
+    r"""Softmax model with a network backbone: :math:`\pi(\cdot|x) = \mathrm{softmax}(W h(x))`.
+
+    .. math:: h(x) = A_2\tanh(A_1 x + b_1) + b_2
+
+    Unlike :class:`UnconstrainedFeatures`, the hidden embedding is the output of a trainable
+    one-hidden-layer MLP of fixed prompt features ``x`` ``[f]``, so prompts share parameters and the
+    hidden-state kernel :math:`K = JJ^\top` is not the identity (:mod:`theory.kernel`). ``W`` is a
+    separate (untied) trainable parameter.
+
+    Source: Razin et al. 2024, Eq. 1 with a network computing :math:`h_x` (the setting their
+    unconstrained-features analysis abstracts away, §4.1 and §8.1).
+
+    Attributes:
+      fc1, fc2: the MLP's ``nnx.Linear`` layers (``f -> width -> d``).
+      unembedding: ``nnx.Param`` ``[V, d]``.
+
+    Args:
+      vocab_size: ``V``.
+      feature_size: ``f``, prompt-feature dimension.
+      hidden_size: ``d``.
+      width: MLP width.
+      rngs: ``nnx.Rngs`` supplying ``params``.
+      unembedding_scale: rows of ``W`` have norm about this (entries :math:`\mathcal N(0, s^2/d)`).
+      dtype: parameter dtype.
+
+    Example:
+      >>> m = MLPFeatures(5, 3, 2, width=4, rngs=nnx.Rngs(0))
+      >>> m(jnp.ones((6, 3))).shape  # log-probs for each prompt's features
+      (6, 5)
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_size: int,
+        hidden_size: int,
+        *,
+        width: int,
+        rngs: nnx.Rngs,
+        unembedding_scale: float = 1.0,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("feature_size", feature_size),
+            ("hidden_size", hidden_size),
+            ("width", width),
+        ):
+            check_positive_int(name, value)
+        check_positive("unembedding_scale", unembedding_scale)
+        self.fc1 = nnx.Linear(feature_size, width, rngs=rngs, param_dtype=dtype)
+        self.fc2 = nnx.Linear(width, hidden_size, rngs=rngs, param_dtype=dtype)
+        self.unembedding = nnx.Param(
+            unembedding_scale
+            / np.sqrt(hidden_size)
+            * jax.random.normal(rngs.params(), (vocab_size, hidden_size), dtype)
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unembedding.shape[-2]
+
+    def unembedding_matrix(self) -> jax.Array:
+        """Return ``W`` ``[V, d]`` (the name :class:`~sims.transformer.CausalTransformer` uses)."""
+        return self.unembedding[...]
+
+    def hidden(self, features: jax.Array) -> jax.Array:
+        """Return :math:`h(x)`, shape ``features.shape[:-1] + (d,)``."""
+        return self.fc2(jnp.tanh(self.fc1(features)))
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """Return next-token log-probs, shape ``features.shape[:-1] + (V,)``."""
+        return softmax_logprobs(self.unembedding[...], self.hidden(features))

@@ -3,7 +3,8 @@
 Modules: ``losses`` (the one loss module), ``single_token`` (Razin et al. 2024, Thms 4, 5, 8, 9),
 ``kl_optimum`` / ``kl_counterexample`` / ``kl_exact`` / ``logit_arithmetic`` (KL-optimum mixture),
 ``dpop`` / ``dpop_signs`` (DPOP on edit-distance-1 pairs), ``multi_token`` (CHES, Theorems 6-7),
-``regularized`` (Propositions 1-2).
+``regularized`` (Propositions 1-2), ``kernel`` (Theorems 4-5 / 8-9 when ``h`` is a network's
+output).
 """
 
 from theory.dpop import (
@@ -17,6 +18,16 @@ from theory.dpop import (
     weighted_split,
 )
 from theory.dpop_signs import LambdaThresholds, lambda_thresholds, predicted_signs, well_optimised
+from theory.kernel import (
+    DisplacementCriterion,
+    KernelAnisotropy,
+    kernel_anisotropy,
+    kernel_displacement_criterion,
+    kernel_logprob_velocity,
+    multi_sample_kernel_logprob_velocity,
+    preconditioned_logprob_velocity,
+    tied_kernel_logprob_velocity,
+)
 from theory.kl_counterexample import (
     MixtureInstances,
     SearchResult,
@@ -93,9 +104,11 @@ from theory.single_token import (
 __all__ = [
     "BoundLoss",
     "DPOPCoefficients",
+    "DisplacementCriterion",
     "DisplacementTerms",
     "ExactCheck",
     "GradientInnerProduct",
+    "KernelAnisotropy",
     "LOSSES",
     "LambdaThresholds",
     "LossCoefficients",
@@ -128,6 +141,9 @@ __all__ = [
     "gpo_loss",
     "gradient_inner_product",
     "ipo_loss",
+    "kernel_anisotropy",
+    "kernel_displacement_criterion",
+    "kernel_logprob_velocity",
     "lambda_thresholds",
     "logit_arithmetic",
     "logprob_velocity",
@@ -138,6 +154,7 @@ __all__ = [
     "mean_pair_loss",
     "masked_ches",
     "mixture_weights",
+    "multi_sample_kernel_logprob_velocity",
     "multi_sample_logprob_velocity",
     "multi_token_terms",
     "nll_loss",
@@ -145,6 +162,7 @@ __all__ = [
     "other_response_terms",
     "position_logit_gradients",
     "positive_alpha_fraction",
+    "preconditioned_logprob_velocity",
     "predicted_signs",
     "preferred_logprob_velocity",
     "random_instances",
@@ -161,6 +179,7 @@ __all__ = [
     "support_covariances",
     "theorem2_census",
     "theorem2_status",
+    "tied_kernel_logprob_velocity",
     "tilt",
     "tilt_moments",
     "total_probability_mass",
