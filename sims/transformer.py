@@ -119,7 +119,9 @@ class CausalTransformer(nnx.Module):
         """Return the final-norm hidden state at every position, ``tokens.shape + (d,)``."""
         T = tokens.shape[-1]
         pos = self.pos[...][:T].reshape((1,) * (tokens.ndim - 1) + (T, -1))  # [1.., T, d]
-        x = self.embed(tokens) + pos
+        # a plain gather, not nnx.Embed.__call__: Embed fixes its compute dtype when built, so a
+        # float32-built model cast to float64 would still look up float32 embeddings
+        x = jnp.take(self.embed.embedding[...], tokens, axis=0) + pos
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)

@@ -215,3 +215,26 @@ def test_preference_flow_zero_weight_pairs_do_not_matter():
     np.testing.assert_allclose(lp[0][:, :2], lp[1][:, :2], rtol=RTOL)
     np.testing.assert_allclose(lp[0][0], full.ref_logprob_chosen, rtol=RTOL)
     assert np.all(lp[0][1, :2] > lp[0][0, :2]) or np.any(lp[0][1] != lp[0][0])  # it moved
+
+
+def test_model_cast_to_float64_computes_in_float64():
+    """A float32-built model whose state is cast to float64 computes every hidden state in float64
+    (nnx.Embed would keep the float32 compute dtype it was built with)."""
+    m32 = CausalTransformer(
+        V, d_model=D, num_layers=1, num_heads=HEADS, max_len=T, rngs=nnx.Rngs(0)
+    )
+    graphdef, state = nnx.split(m32)
+    m64 = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), state))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, T)))
+    assert m64.hidden_states(tokens).dtype == jnp.float64
+    direct = _model_from_state(m64)
+    np.testing.assert_allclose(m64.hidden_states(tokens), direct.hidden_states(tokens), rtol=1e-13)
+
+
+def _model_from_state(model):
+    """The same parameters in a model built in float64 from the start."""
+    fresh = CausalTransformer(
+        V, d_model=D, num_layers=1, num_heads=HEADS, max_len=T, rngs=nnx.Rngs(0), dtype=jnp.float64
+    )
+    graphdef, _ = nnx.split(fresh)
+    return nnx.merge(graphdef, nnx.split(model)[1])
