@@ -34,8 +34,10 @@ only, never a probability of y+ or of another token):
   low final loss says the labels are largely memorised per prompt).
 * Preference (DPO): the largest lr in {sft_lr, sft_lr/3, sft_lr/10, sft_lr/30, sft_lr/100} at
   which every run of the default config decreases its DPO loss at every step (App. H's "largest
-  stable" rule), found by a pilot recording the loss only: PENDING. IPO: a tenth of it (App. H.1:
-  1e-8 vs 1e-7).
+  stable" rule), found by a pilot recording the loss only. Pilot (runs monotone of 4; first
+  non-decreasing steps): 1e-4: 1 (4, 3, 3); 3.3e-5: 0 (6, 4, 4, 8); 1e-5: 0 (22, 8, 17, 17);
+  3.3e-6: 2 (84, 16); 1e-6: 4. So lr = 1e-6 (final DPO losses 0.29-0.37 from ln 2). IPO: a tenth
+  of it, 1e-7 (App. H.1: 1e-8 vs 1e-7).
 
 Kernel at t = 0 (the first ``kernel_prompts`` no > never prompts, post-SFT model = reference),
 plain gradient flow on the DPO loss (P = I, so ``K`` describes the geometry rather than RMSprop's
@@ -157,8 +159,8 @@ class Config(ExperimentConfig):
     sft_statements: int = 8  # statements per class in the SFT set; preference prompts come from it
     sft_steps: int = 20  # full-batch SFT steps (the paper: one epoch, ~31 steps of 32)
     sft_lr: float = 1e-4  # SFT RMSprop lr (rule and pilot in the module docstring)
-    lr: float = 1e-5  # DPO RMSprop lr (rule in the module docstring)
-    ipo_lr: float = 1e-6  # IPO RMSprop lr: lr / 10 (App. H.1)
+    lr: float = 1e-6  # DPO RMSprop lr (rule and pilot in the module docstring)
+    ipo_lr: float = 1e-7  # IPO RMSprop lr: lr / 10 (App. H.1)
     beta: float = 0.1  # DPO KL coefficient
     ipo_tau: float = 0.01  # IPO KL coefficient tau (target margin 1 / (2 tau))
     losses: tuple = ("dpo",)  # preference losses run (the verdict uses dpo)
