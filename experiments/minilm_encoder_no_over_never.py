@@ -269,8 +269,9 @@ def _class_top(model, prompts, n, names, k=8) -> list:
     ]
 
 
-def _run_record(probs, loss, pos, neg, names, config, prompt) -> dict:
-    """One preference run: pi(y+) series, stability, decrease, top gainers, opposite flag."""
+def _run_record(probs, loss, pos, neg, names, ids, config, prompt) -> dict:
+    """One preference run: pi(y+) series, stability, decrease, top gainers, opposite flag, and
+    the mass on the N set, the Y set and the rest of the vocabulary."""
     pw, nw = names[pos], names[neg]
     opposite = set(Y_SET if pw in N_SET else N_SET) - {pw, nw}
     gainers = top_gainers(probs, names, k=config.top_k, checkpoints=config.gain_steps)
@@ -284,6 +285,8 @@ def _run_record(probs, loss, pos, neg, names, config, prompt) -> dict:
         "drop": float(max_drop(probs[:, pos])),
         "gainers": dict(zip(map(str, config.gain_steps), gainers, strict=True)),
         "opposite_gainer": any(w in opposite for g in gainers for w, _ in g),
+        "n_mass": probs[:, ids["N"]].sum(-1),
+        "y_mass": probs[:, ids["Y"]].sum(-1),
     }
 
 
@@ -318,6 +321,14 @@ def _pair_row(records, pos_word, neg_word) -> dict:
         "drop": drop,
         "opposite_gainer_runs": int(hits),
         "catastrophic": bool(drop >= DROP and 2 * hits >= len(stable)),
+        **{  # mean mass on N, Y and the rest of the vocabulary at the start and the end
+            f"mass_{when}": {
+                "N": float(np.mean([r["n_mass"][i] for r in stable])),
+                "Y": float(np.mean([r["y_mass"][i] for r in stable])),
+                "rest": float(np.mean([1.0 - r["n_mass"][i] - r["y_mass"][i] for r in stable])),
+            }
+            for when, i in (("start", 0), ("end", -1))
+        },
         "gainers": gainers,
     }
 
@@ -488,7 +499,7 @@ def run(config: Config) -> dict:
         probs, losses = np.asarray(res.observables), np.asarray(res.loss)  # [R, S+1, V], [R, S+1]
         recs = [
             _run_record(
-                probs[j], losses[j], chosen[j], rejected[j], names, config, statements[sel[j]]
+                probs[j], losses[j], chosen[j], rejected[j], names, ids, config, statements[sel[j]]
             )
             for j in range(len(runs))
         ]
