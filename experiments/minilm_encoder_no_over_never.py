@@ -64,7 +64,8 @@ the stable runs a token of the set opposite to y+ -- Y for y+ in N, N for y+ in 
 excluded -- is among the top-3 gainers at step 5, 25 or 100). Reproduced iff no > never is
 catastrophic and none of never > no, yes > no, sure > yes is; a pair without a stable run makes
 the result "not reproduced". The verdict uses DPO; IPO rows are reported beside it. Nothing is
-tuned after the first preference run.
+tuned after the first preference run. (Added after the first run, for exact ties in hand-built
+tests; it changes no recorded result: a counted gainer's increase must be > 0.)
 """
 
 from __future__ import annotations
@@ -256,13 +257,17 @@ def _encoder(config: Config, folder) -> BertEncoder:
     return BertEncoder(cfg, rngs=nnx.Rngs(config.seed))
 
 
+@jax.jit
+def _mask_probs_all(model, prompts) -> jax.Array:
+    """[N, V] pi(.|x) at every prompt's mask (one compiled call, not op-by-op)."""
+    return jnp.exp(
+        model.mask_logprobs(prompts.tokens, prompts.mask_position, prompts.attention_mask)
+    )
+
+
 def _class_top(model, prompts, n, names, k=8) -> list:
     """Top-k tokens of the mean pi over the N-class (first n) and Y-class prompts."""
-    p = np.exp(
-        np.asarray(
-            model.mask_logprobs(prompts.tokens, prompts.mask_position, prompts.attention_mask)
-        )
-    )
+    p = np.asarray(_mask_probs_all(model, prompts))
     return [
         [[names[i], float(m[i])] for i in np.argsort(-m)[:k]]
         for m in (p[:n].mean(0), p[n:].mean(0))
@@ -284,7 +289,7 @@ def _run_record(probs, loss, pos, neg, names, ids, config, prompt) -> dict:
         "stable": bool(np.all(np.diff(loss) < 0)),
         "drop": float(max_drop(probs[:, pos])),
         "gainers": dict(zip(map(str, config.gain_steps), gainers, strict=True)),
-        "opposite_gainer": any(w in opposite for g in gainers for w, _ in g),
+        "opposite_gainer": any(w in opposite and gain > 0 for g in gainers for w, gain in g),
         "n_mass": probs[:, ids["N"]].sum(-1),
         "y_mass": probs[:, ids["Y"]].sum(-1),
     }
@@ -602,11 +607,16 @@ def _summary(r: dict) -> str:
             else:
                 parts.append(f"{loss_name} {key}: no stable run of {row['runs']}")
     for k in r["kernel"]:
+        terms = k["yes_gain_terms"].values()
+        span = {q: (min(t[q] for t in terms), max(t[q] for t in terms)) for q in next(iter(terms))}
         parts.append(
-            f"kernel: rel err {k['kernel']['rel_err']:.1e}, signs {k['kernel']['sign_agree']}, "
-            f"free-h signs {k['free_h']['sign_agree']}; lambda_eff(S) {k['lambda_eff_sets']:.2f}; "
-            f"W-channel share GF {k['channels_gf']['unembedding_share']:.2f}, RMSprop "
-            f"{k['channels_rmsprop_first_step']['unembedding_share']:.2f}"
+            f"kernel at t = 0: rel err {k['kernel']['rel_err']:.1e}, signs "
+            f"{k['kernel']['sign_agree']:.3f} (free-h {k['free_h']['sign_agree']:.3f}); "
+            f"lambda_eff(S) {k['lambda_eff_sets']:.2f}; W-channel share GF "
+            f"{k['channels_gf']['unembedding_share']:.2f}, first RMSprop step "
+            f"{k['channels_rmsprop_first_step']['unembedding_share']:.2f}; Y tokens' "
+            "d/dt(ln pi_z - ln pi_y+) "
+            + ", ".join(f"{q} [{lo:.3g}, {hi:.3g}]" for q, (lo, hi) in span.items())
         )
     return "; ".join(parts)
 
