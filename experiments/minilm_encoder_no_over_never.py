@@ -275,8 +275,8 @@ def _class_top(model, prompts, n, names, k=8) -> list:
 
 
 def _run_record(probs, loss, pos, neg, names, ids, config, prompt) -> dict:
-    """One preference run: pi(y+) series, stability, decrease, top gainers, opposite flag, and
-    the mass on the N set, the Y set and the rest of the vocabulary."""
+    """One preference run: pi(y+) series, stability, decrease, top gainers, opposite flag, the
+    mass on the N set, the Y set and the rest of the vocabulary, and the entropy of pi (nats)."""
     pw, nw = names[pos], names[neg]
     opposite = set(Y_SET if pw in N_SET else N_SET) - {pw, nw}
     gainers = top_gainers(probs, names, k=config.top_k, checkpoints=config.gain_steps)
@@ -292,6 +292,7 @@ def _run_record(probs, loss, pos, neg, names, ids, config, prompt) -> dict:
         "opposite_gainer": any(w in opposite and gain > 0 for g in gainers for w, gain in g),
         "n_mass": probs[:, ids["N"]].sum(-1),
         "y_mass": probs[:, ids["Y"]].sum(-1),
+        "entropy": -np.sum(np.where(probs > 0, probs * np.log(np.maximum(probs, 1e-30)), 0), -1),
     }
 
 
@@ -331,6 +332,7 @@ def _pair_row(records, pos_word, neg_word) -> dict:
                 "N": float(np.mean([r["n_mass"][i] for r in stable])),
                 "Y": float(np.mean([r["y_mass"][i] for r in stable])),
                 "rest": float(np.mean([1.0 - r["n_mass"][i] - r["y_mass"][i] for r in stable])),
+                "entropy": float(np.mean([r["entropy"][i] for r in stable])),
             }
             for when, i in (("start", 0), ("end", -1))
         },
@@ -559,11 +561,17 @@ def plot(results: dict) -> plt.Figure:
             ax.plot(np.mean(series, 0), label=f"{key} ({len(series)} stable)")
     ax.set(xlabel="DPO step", ylabel="pi(y+), mean of stable runs", title="pi(y+) per pair")
     ax.legend(fontsize=8)
-    for r in [r for r in recs if r["pair"] == "no>never"][:1]:
-        bx.plot(r["pi_pos"], label="pi(no)")
-        bx.plot(r["pi_neg"], label="pi(never)")
-        bx.set_title(f"no > never: {r['prompt'][:40]}...", fontsize=9)
-    bx.set(xlabel="DPO step", ylabel="probability")
+    test = [r for r in recs if r["pair"] == "no>never"]
+    if test:
+        series = {
+            "pi(no)": [r["pi_pos"] for r in test],
+            "pi(never)": [r["pi_neg"] for r in test],
+            "Y-set mass": [r["y_mass"] for r in test],
+            "rest (not N, not Y)": [1 - np.asarray(r["n_mass"]) - r["y_mass"] for r in test],
+        }
+        for label, arr in series.items():
+            bx.plot(np.mean(arr, 0), label=label)
+    bx.set(xlabel="DPO step", ylabel="probability, mean of stable runs", title="no > never")
     bx.legend(fontsize=8)
     labels, drops, colors = [], [], []
     for loss_name, rows in results["rows"].items():
