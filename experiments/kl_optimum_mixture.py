@@ -25,6 +25,7 @@ from experiments._common import (
     progress,
     provenance,
 )
+from experiments._plots import identity_line
 from sims.tabular import TabularPolicy, kl_objective_flow
 from theory.kl_counterexample import (
     random_instances,
@@ -124,7 +125,8 @@ def _strs(x):
 
 
 def _stated_theorem(config: Config, key) -> tuple:
-    """Search float32 counterexamples to Theorem 2 as stated, confirm in float64, make one exact."""
+    """Return ``(search, exact counterexample, JSON part)``: float32 search for counterexamples to
+    Theorem 2 as stated, confirmed in float64, one made exact in rationals."""
     common = dict(num_outcomes=config.num_outcomes, zero_fraction=config.zero_fraction)
     search = search_counterexamples(key, num_instances=config.search_instances, **common)
     progress(f"search: {search.float32_hits} float32 hits, {len(search.confirmed)} in float64")
@@ -134,30 +136,28 @@ def _stated_theorem(config: Config, key) -> tuple:
         denominator=config.rational_denominator,
         reward_grid=config.reward_grid,
     )
-    return (
-        search,
-        ce,
-        {
-            "search": {
-                "instances": config.search_instances,
-                "float32_hits": search.float32_hits,
-                "float64_confirmed": len(search.confirmed),
-                "best_float64_margin": float(search.margin[search.confirmed[0]]),
-            },
-            "counterexample": {
-                **{k: _strs(getattr(ce, k)) for k in ("alpha", "p_A", "p_U", "r", "beta")},
-                **{k: _strs(getattr(ce.check, k)) for k in ("cov_r_A", "cov_r_U")},
-                **{k: [float(v) for v in getattr(ce.check, k)] for k in ("m_A", "m_U", "tpm_A")},
-                "search_index": ce.index,
-                "tpm_A_upper_minus_alpha": float(ce.check.tpm_A[1] - ce.alpha),
-                "violates_stated_theorem": ce.check.violates_stated_theorem,
-            },
+    summary = {
+        "search": {
+            "instances": config.search_instances,
+            "float32_hits": search.float32_hits,
+            "float64_confirmed": len(search.confirmed),
+            "best_float64_margin": float(search.margin[search.confirmed[0]]),
         },
-    )
+        "counterexample": {
+            **{k: _strs(getattr(ce, k)) for k in ("alpha", "p_A", "p_U", "r", "beta")},
+            **{k: _strs(getattr(ce.check, k)) for k in ("cov_r_A", "cov_r_U")},
+            **{k: [float(v) for v in getattr(ce.check, k)] for k in ("m_A", "m_U", "tpm_A")},
+            "search_index": ce.index,
+            "tpm_A_upper_minus_alpha": float(ce.check.tpm_A[1] - ce.alpha),
+            "violates_stated_theorem": ce.check.violates_stated_theorem,
+        },
+    }
+    return search, ce, summary
 
 
 def _corrected_theorem(config: Config, key) -> tuple:
-    """Census of the corrected theorem and the residual-mass bound on random float64 instances."""
+    """Return ``(TPM(U) per instance, JSON part)``: census of the corrected theorem and the
+    residual-mass bound on random float64 instances."""
     common = dict(num_outcomes=config.num_outcomes, zero_fraction=config.zero_fraction)
     checks = random_instances(key, num_instances=config.corrected_instances, **common)
     census = theorem2_census(checks, criterion_atol=CRITERION_ATOL)
@@ -255,9 +255,7 @@ def plot(results: dict) -> plt.Figure:
     ax[0, 0].set(xlabel="beta", ylabel="TPM(A)", title="Aligned mass of the KL optimum")
     res = results["residual"]
     ax[0, 1].loglog(res["bound"], res["tpm_U"], ".", ms=2)
-    ax[0, 1].loglog(
-        [min(res["bound"]), 1.0], [min(res["bound"]), 1.0], "k-", lw=0.8, label="TPM(U) = bound"
-    )
+    identity_line(ax[0, 1], min(res["bound"]), 1.0, "k-", label="TPM(U) = bound")
     ax[0, 1].set(
         xlabel="(1-alpha) exp((r_min^U - r_max)/beta)",
         ylabel="true TPM(U)",
