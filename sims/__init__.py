@@ -9,9 +9,25 @@ Modules:
   (KL objective);
 * ``reduced`` (exact reduced flow), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
   baselines per pair);
+* ``decoder`` (``DecoderLM``: Llama / Qwen2 / Gemma / OLMo in NNX) and ``checkpoints`` (Hugging
+  Face folders: ``load_causal_lm``, ``save_causal_lm``, ``shard_model``, tokenizers);
 * ``data`` -- generators: ``vocab``, ``corpus``, ``synthetic``, ``real_embeddings``.
 """
 
+from sims.checkpoints import (
+    chat_template,
+    decoder_config_from_hf,
+    format_prompt,
+    hf_config,
+    load_causal_lm,
+    load_tokenizer,
+    param_sharding,
+    save_causal_lm,
+    shard_model,
+    special_tokens,
+    word_level_tokenizer,
+)
+from sims.decoder import DecoderConfig, DecoderLM, rope_inv_freq
 from sims.flow import (
     OPTIMIZERS,
     FlowResult,
@@ -88,6 +104,8 @@ from sims.transformer import (
 
 __all__ = [
     "CausalTransformer",
+    "DecoderConfig",
+    "DecoderLM",
     "EditPairData",
     "EditPrefixes",
     "EditRecord",
@@ -110,27 +128,34 @@ __all__ = [
     "TransformerPairs",
     "UnconstrainedFeatures",
     "apply_moving_rows",
+    "chat_template",
     "check_margin_loss",
     "check_optimizer",
     "check_schedule",
     "compiled_flow",
     "dataset_ches",
+    "decoder_config_from_hf",
     "default_record",
     "edit_pair_flow",
     "edit_pair_prefixes",
     "extend_prefixes",
     "flow_fn",
     "flow_velocity",
+    "format_prompt",
+    "hf_config",
     "index_prefixes",
     "integrate",
     "integrate_model",
     "kl_objective_flow",
+    "load_causal_lm",
+    "load_tokenizer",
     "make_optimizer",
     "make_pairs",
     "make_transformer_pairs",
     "normalized_edit_distance",
     "pair_index",
     "pair_logprobs",
+    "param_sharding",
     "percentile_subsets",
     "preference_flow",
     "prefix_hidden_states",
@@ -141,16 +166,21 @@ __all__ = [
     "response_logprobs_from_prefixes",
     "response_logprobs_from_tokens",
     "restrict",
+    "rope_inv_freq",
     "run_mesh",
     "sample",
+    "save_causal_lm",
     "sft_flow",
+    "shard_model",
     "sharded_map",
     "sharded_runner",
     "softmax_logprobs",
     "spearman",
+    "special_tokens",
     "stack_models",
     "stack_runs",
     "sweep",
     "transformer_pair_scores",
     "with_reference",
+    "word_level_tokenizer",
 ]
