@@ -16,4 +16,9 @@ EXPERIMENTS: tuple[str, ...] = (
     "transformer_no_over_never",
     "transformer_ches",
     "transformer_unalignment",
+    "persona_no_over_never",
+    "ches_real",
 )
+
+#: Scripts run by name only (``python -m experiments NAME``), not by the main job.
+TOOLS: tuple[str, ...] = ("bench", "audit")

@@ -180,16 +180,21 @@ def audit_pairs(
     N = chosen.tokens.shape[0]
     parts: list[dict] = []
     start = time.perf_counter()
+    first_chunk = 0.0
     for lo in range(0, N, batch_size):
         rows = np.minimum(np.arange(lo, lo + batch_size), N - 1)  # pad the last chunk
         c, r = (TokenBatch(*(jnp.asarray(a[rows]) for a in b)) for b in (chosen, rejected))
         out = _audit_chunk(graphdef, params, rest, loss, top_k, c, r)
         n = min(batch_size, N - lo)
         parts.append({k: np.asarray(v)[:n] for k, v in out.items()})
-        if progress is not None:
-            done = lo + n
-            rate = done / (time.perf_counter() - start)
-            progress(f"[audit] {done}/{N} pairs ({rate:.1f} pairs/s)")
+        elapsed = time.perf_counter() - start
+        if lo == 0:  # the first chunk includes compilation: the rate is measured after it
+            first_chunk = elapsed
+        if progress is not None and lo == 0:
+            progress(f"[audit] {n}/{N} pairs (first chunk, with compilation: {elapsed:.1f} s)")
+        elif progress is not None:
+            rate = (lo + n - batch_size) / (elapsed - first_chunk)
+            progress(f"[audit] {lo + n}/{N} pairs ({rate:.1f} pairs/s after compilation)")
     res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     res["edit_distance"] = np.array(
         [
