@@ -22,16 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments._common import progress
-from sims.checkpoints import (
-    chat_template,
-    load_causal_lm,
-    load_tokenizer,
-    save_causal_lm,
-    special_tokens,
-    word_level_tokenizer,
-)
+from sims.checkpoints import load_causal_lm, save_causal_lm
 from sims.data import corpus
 from sims.decoder import DecoderConfig, init_decoder
+from sims.tokenization import chat_template, load_tokenizer, special_tokens, word_level_tokenizer
 from sims.transformer import pretrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

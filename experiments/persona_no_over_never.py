@@ -40,9 +40,9 @@ from experiments._checkpoint import (
     top_gainers,
 )
 from experiments._common import experiment_main, parse_config, progress, provenance
-from sims.checkpoints import format_prompt
 from sims.data import corpus
 from sims.flow import integrate_model, preference_flow
+from sims.tokenization import format_prompt
 from sims.transformer import TokenBatch, make_transformer_pairs, response_logprobs_from_tokens
 from theory.losses import make_loss
 

@@ -10,22 +10,20 @@ Modules:
 * ``reduced`` (exact reduced flow), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
   baselines per pair);
 * ``decoder`` (``DecoderLM``: Llama / Qwen2 / Gemma / OLMo in NNX) and ``checkpoints`` (Hugging
-  Face folders: ``load_causal_lm``, ``save_causal_lm``, ``shard_model``, tokenizers);
+  Face folders: ``load_causal_lm``, ``save_causal_lm``, ``shard_model``), ``tokenization``
+  (``tokenizer.json``, chat templates), ``audit`` (per-pair displacement audit);
 * ``data`` -- generators: ``vocab``, ``corpus``, ``synthetic``, ``real_embeddings``.
 """
 
+from sims.audit import PairAudit, audit_pairs
 from sims.checkpoints import (
-    chat_template,
     decoder_config_from_hf,
-    format_prompt,
     hf_config,
     load_causal_lm,
-    load_tokenizer,
     param_sharding,
     save_causal_lm,
     shard_model,
-    special_tokens,
-    word_level_tokenizer,
+    step_memory,
 )
 from sims.decoder import DecoderConfig, DecoderLM, rope_inv_freq
 from sims.flow import (
@@ -91,6 +89,13 @@ from sims.scores import (
 )
 from sims.sweep import SweepResult, run_mesh, sharded_map, sharded_runner, stack_runs, sweep
 from sims.tabular import TabularPolicy, TiltDistance, kl_objective_flow
+from sims.tokenization import (
+    chat_template,
+    format_prompt,
+    load_tokenizer,
+    special_tokens,
+    word_level_tokenizer,
+)
 from sims.transformer import (
     CausalTransformer,
     TokenBatch,
@@ -112,6 +117,7 @@ __all__ = [
     "FlowResult",
     "MovingRows",
     "OPTIMIZERS",
+    "PairAudit",
     "PairIndex",
     "PairObjective",
     "PairRecord",
@@ -128,6 +134,7 @@ __all__ = [
     "TransformerPairs",
     "UnconstrainedFeatures",
     "apply_moving_rows",
+    "audit_pairs",
     "chat_template",
     "check_margin_loss",
     "check_optimizer",
@@ -176,6 +183,7 @@ __all__ = [
     "sharded_runner",
     "softmax_logprobs",
     "spearman",
+    "step_memory",
     "special_tokens",
     "stack_models",
     "stack_runs",

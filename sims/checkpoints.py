@@ -1,4 +1,4 @@
-r"""Hugging Face checkpoints as Flax NNX models: load, shard, save; tokenizers and chat templates.
+r"""Hugging Face checkpoints as Flax NNX models: load, shard, save; memory of a training step.
 
 :func:`load_causal_lm` reads a Hugging Face folder (``config.json`` and ``model.safetensors``, or
 shards ``model-0000k-of-0000n.safetensors`` listed in ``model.safetensors.index.json``) into a
@@ -17,42 +17,41 @@ The model is the transformer family's model: ``model(tokens [B, T])`` returns lo
 :func:`sims.scores.transformer_pair_scores` and :func:`sims.flow.preference_flow` work on it.
 
 Memory for full fine-tuning of Llama-3-8B (:math:`P = 8.03\times10^9` parameters; ``d = 4096``,
-32 layers, MLP 14336, ``V = 128256``) with RMSprop on one 141 GB H200 (GB = 1e9 bytes):
+32 layers, MLP 14336, 8 KV heads, ``V = 128256``, untied) with RMSprop on one 141 GB H200
+(GB = 1e9 bytes). Parameters, gradients and RMSprop's square average each take ``P x b`` bytes
+(16.1 GB in bfloat16, 32.1 GB in float32); DPO needs no reference model in memory (reference
+log-probs are computed once and stored in the pairs). Activations for one pair of two ``T``-token
+sequences: per token and layer about ``(6 d + 2 d_kv + 4 d_mlp) x b`` bytes of saved tensors
+(~0.17 MB in bfloat16) plus attention probabilities ``H x T`` per token (quadratic in ``T``); the
+float32 logits and their log-softmax add ``2 T x V x 4`` bytes per copy.
 
-=========================================  ==============  ================
-item                                       bfloat16        float32
-=========================================  ==============  ================
-parameters :math:`P \times b`              16.1            32.1
-gradients (same dtype)                     16.1            32.1
-RMSprop square average (same dtype)        16.1            32.1
-reference model                            0 (reference log-probs are computed once and stored)
-**subtotal**                               **48.2**        **96.4**
-activations, no remat, per 1k tokens       ~8              ~16
-activations, ``remat=True``, per 1k tok.   ~0.5 + ~0.3     ~1 + ~0.5
-logits + log-softmax (+ grads), per 1k     ~1.5 (float32 logits: 1k x V x 4 B, x3)
-=========================================  ==============  ================
+:func:`step_memory` compiles one DPO step (parameters and optimiser state donated) on abstract
+shapes and reads XLA's memory analysis; measured on the CPU backend for the full 8B
+configuration (the compiled step applies each gradient as it is produced, so the 32 GB of float32
+gradients never coexist):
 
-Activations without remat (Korthikanti et al. 2022 count): per token and layer about
-``(6 d + 2 d_kv + 4 d_mlp) x b`` bytes of saved tensors plus the float32 attention
-probabilities ``H T x 4`` bytes, i.e. ~0.25 MB/token/layer in bfloat16 at ``T = 512``, ~8 GB per
-1k tokens over 32 layers (twice in float32). With ``remat=True`` only each block's input
-(``d x b`` per token per layer) is kept and one block is recomputed at a time. A DPO step on one
-pair of two 512-token sequences (1k tokens) therefore needs about 58 GB in bfloat16 and about
-114 GB in float32 without remat (about 50 GB / 99 GB with remat): **full fine-tuning of an 8B
-model fits on one 141 GB H200 in float32 with remat, and in bfloat16 with room for micro-batches of
-~8k tokens**; the paper's batch of 32 pairs is reached by gradient accumulation (App. H). Pure
-bfloat16 RMSprop keeps the square average in bfloat16 (8-bit mantissa): fine for the paper's
-100-step runs, noted as a difference from PyTorch mixed precision. On several devices,
-:func:`shard_model` (or ``mesh=``) divides every number above except activations by the device
-count.
+=================================  ===========================  =============  ===========
+dtype, pair of two ``T`` tokens    parameters + square average  temporaries    peak
+=================================  ===========================  =============  ===========
+float32, ``T = 512``               64.2 GB                      27.5 GB        **91.8 GB**
+float32, ``T = 1024``              64.2 GB                      61.5 GB        **125.7 GB**
+float32, ``T = 2048``              64.2 GB                      168.9 GB       233 GB
+bfloat16, ``T = 512``              32.1 GB                      ~14 GB (est.)  **~46 GB**
+=================================  ===========================  =============  ===========
 
-Tokenizers come from ``tokenizer.json`` through the ``tokenizers`` library
-(:func:`load_tokenizer`); :func:`chat_template` reads a chat template if the folder has one and
-:func:`format_prompt` renders it (needs ``jinja2``; plain concatenation otherwise).
+So **full float32 fine-tuning of an 8B model fits on one 141 GB H200 for the paper's pairs of up
+to 512 (and 1024) tokens**, and bfloat16 leaves ~90 GB for longer sequences or micro-batches (the
+paper's batch of 32 pairs is gradient accumulation, App. H). The bfloat16 temporaries are an
+estimate (half of float32): the CPU backend computes bfloat16 products in float32 and reported
+54 GB. ``remat=True`` (recompute each block in the backward pass) should cut activations to one
+block's input per layer on an accelerator; the CPU buffer assignment showed no saving, so it is
+not measured here. Pure bfloat16 RMSprop keeps the square average in bfloat16 (8-bit mantissa),
+a difference from PyTorch mixed precision. On several devices, :func:`shard_model` (or
+``mesh=``) divides parameters, gradients and optimiser state by the device count.
+
 :func:`save_causal_lm` writes a :class:`~sims.decoder.DecoderLM` in Hugging Face format
 (``config.json`` + ``model.safetensors``; with a tokenizer, ``tokenizer.json`` and
-``tokenizer_config.json``), and :func:`word_level_tokenizer` builds the tokenizer of a word
-vocabulary such as :data:`sims.data.corpus.VOCAB`.
+``tokenizer_config.json``). Tokenizers and chat templates: :mod:`sims.tokenization`.
 """
 
 from __future__ import annotations
@@ -66,6 +65,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -435,121 +435,62 @@ def save_causal_lm(
     return folder
 
 
-def word_level_tokenizer(vocab: Sequence[str], *, special_tokens: Sequence[str] = ()):
-    """Return a ``tokenizers.Tokenizer`` mapping whitespace-separated words to ``vocab`` ids.
+def step_memory(
+    config: DecoderConfig,
+    *,
+    seq_len: int,
+    dtype=jnp.float32,
+    remat: bool = False,
+    optimizer: str = "rmsprop_torch",
+    beta: float = 0.1,
+) -> dict[str, float]:
+    """Return the compiled memory (bytes) of one full fine-tuning DPO step, allocating nothing.
 
-    Word ``vocab[i]`` gets id ``i``; ``special_tokens`` (members of ``vocab``) are registered as
-    special. No unknown token: encoding a word outside ``vocab`` raises an ``Exception`` from
-    ``tokenizers`` (callers report the row; nothing is mapped silently).
+    Compiles ``step(params, opt_state, pair) -> (params, opt_state, loss)`` for one preference
+    pair of two ``seq_len``-token sequences on abstract shapes (``jax.eval_shape``; parameters and
+    optimiser state donated, as a training loop does) and reads XLA's memory analysis of the
+    default backend.
 
-    Example:
-      >>> tok = word_level_tokenizer(["<pad>", "no", "never"], special_tokens=["<pad>"])
-      >>> tok.encode("never no").ids
-      [2, 1]
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    if len(set(vocab)) != len(vocab):
-        raise ValueError("vocab must not repeat a word")
-    missing = [t for t in special_tokens if t not in vocab]
-    if missing:
-        raise ValueError(f"special_tokens must be in vocab, got unknown {missing}")
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(list(special_tokens))
-    return tok
-
-
-def load_tokenizer(path: str | Path):
-    """Return the ``tokenizers.Tokenizer`` of a checkpoint folder (its ``tokenizer.json``).
-
-    Raises:
-      FileNotFoundError: no ``tokenizer.json`` (SentencePiece-only folders: convert with
-        ``transformers`` once, ``AutoTokenizer.from_pretrained(p).save_pretrained(p)``).
-    """
-    from tokenizers import Tokenizer
-
-    file = Path(path)
-    file = file / "tokenizer.json" if file.is_dir() else file
-    if not file.exists():
-        raise FileNotFoundError(f"{file} not found: the tokenizers library reads tokenizer.json")
-    return Tokenizer.from_file(str(file))
-
-
-def special_tokens(path: str | Path) -> dict[str, str]:
-    """Return the special tokens (``bos_token``, ``eos_token``, ``pad_token``) a folder names.
-
-    Read from ``tokenizer_config.json`` (strings or ``{"content": ...}`` entries); absent ones
-    are left out.
-    """
-    file = Path(path) / "tokenizer_config.json"
-    cfg = json.loads(file.read_text()) if file.exists() else {}
-    out = {}
-    for key in ("bos_token", "eos_token", "pad_token"):
-        tok = cfg.get(key)
-        tok = tok.get("content") if isinstance(tok, dict) else tok
-        if tok:
-            out[key] = tok
-    return out
-
-
-def chat_template(path: str | Path) -> str | None:
-    """Return the folder's chat template (Jinja source), or ``None`` when it has none.
-
-    Looked up in ``chat_template.jinja`` (transformers >= 4.50 saves it there), then
-    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of
-    which ``"default"`` is taken).
-    """
-    folder = Path(path)
-    if (folder / "chat_template.jinja").exists():
-        return (folder / "chat_template.jinja").read_text()
-    file = folder / "tokenizer_config.json"
-    template = json.loads(file.read_text()).get("chat_template") if file.exists() else None
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default")
-    return template or None
-
-
-def _raise_template_error(message: str):
-    raise RuntimeError(f"the checkpoint's chat template raised: {message}")
-
-
-def format_prompt(prompt: str, *, template: str | None, tokens: dict[str, str]) -> str:
-    """Return the text that precedes a response: ``prompt`` itself, or the chat template applied.
-
-    With ``template`` (from :func:`chat_template`) the prompt becomes one user message rendered
-    with ``add_generation_prompt=True`` (the assistant header follows it), as TRL does;
-    ``tokens`` supplies ``bos_token``/``eos_token`` to the template. ``template=None`` is plain
-    concatenation: the response text follows ``prompt`` directly.
-
-    Raises:
-      RuntimeError: a template is given but ``jinja2`` is not installed, or it fails to render
-        (the message says so; pass ``template=None`` for plain concatenation).
+    Returns:
+      ``{"parameters", "arguments", "temporaries", "peak"}``: parameter bytes, argument bytes
+      (parameters + optimiser state + the pair's token arrays), temporaries (gradients as they
+      are produced, activations, logits) and their sum. On a CPU backend the buffer assignment
+      showed no saving from ``remat`` (nor from ``jax.checkpoint`` in a plain-JAX check), so
+      remat numbers need the accelerator itself.
 
     Example:
-      >>> format_prompt("Is it fine?", template=None, tokens={})
-      'Is it fine?'
+      >>> mem = step_memory(DecoderConfig.llama(11, hidden_size=8, num_heads=2), seq_len=4)
+      >>> # RMSprop: one square average per weight; the pair: 2 x (4 + 1 + 1) int32 + 3 float32
+      >>> mem["arguments"] - 2 * mem["parameters"]
+      60.0
     """
-    if template is None:
-        return prompt
-    try:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise RuntimeError(
-            "the checkpoint has a chat template but jinja2 is not installed, so it cannot be "
-            "rendered; install jinja2 or use plain concatenation (chat template off)"
-        ) from None
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.globals["raise_exception"] = _raise_template_error
-    try:
-        return env.from_string(template).render(
-            messages=[{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            **{k: v for k, v in tokens.items() if k in ("bos_token", "eos_token")},
+    from sims.flow import PairObjective, make_optimizer
+    from sims.transformer import TokenBatch, TransformerPairs
+    from theory.losses import make_loss
+
+    abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    ids = jax.ShapeDtypeStruct((1,), jnp.int32)
+    batch = TokenBatch(jax.ShapeDtypeStruct((1, seq_len), jnp.int32), ids, ids)
+    ref = jax.ShapeDtypeStruct((1,), jnp.float32)
+    pair = TransformerPairs(batch, batch, ref, ref, ref)
+    tx = make_optimizer(optimizer, dt=1e-7)
+    objective = PairObjective(make_loss("dpo", beta=beta))
+
+    def step(params, opt_state, pair):
+        loss, grads = jax.value_and_grad(lambda p: objective(nnx.merge(graphdef, p, rest), pair))(
+            params
         )
-    except jinja2.TemplateError as e:
-        raise RuntimeError(f"the checkpoint's chat template cannot be rendered: {e}") from e
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = jax.eval_shape(tx.init, params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, pair).compile()
+    mem = compiled.memory_analysis()
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    return {
+        "parameters": float(nbytes),
+        "arguments": float(mem.argument_size_in_bytes),
+        "temporaries": float(mem.temp_size_in_bytes),
+        "peak": float(mem.argument_size_in_bytes + mem.temp_size_in_bytes),
+    }

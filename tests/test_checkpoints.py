@@ -20,17 +20,19 @@ transformers = pytest.importorskip(
 )
 
 from sims.checkpoints import (  # noqa: E402
-    chat_template,
-    format_prompt,
     hf_config,
     load_causal_lm,
-    load_tokenizer,
     save_causal_lm,
     shard_model,
+)
+from sims.decoder import DecoderConfig, DecoderLM  # noqa: E402
+from sims.tokenization import (  # noqa: E402
+    chat_template,
+    format_prompt,
+    load_tokenizer,
     special_tokens,
     word_level_tokenizer,
 )
-from sims.decoder import DecoderConfig, DecoderLM  # noqa: E402
 from sims.transformer import response_logprobs_from_tokens  # noqa: E402
 
 RTOL = 1e-4  # float32 JAX vs float32 PyTorch: different kernels and reduction orders

@@ -9,15 +9,31 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.decoder import DecoderConfig, DecoderLM, rope_inv_freq
+from sims.decoder import DecoderConfig, DecoderLM, init_decoder, rope_inv_freq
 
 RTOL = 1e-12  # float64, the same arithmetic in another order (remat recomputes the forward)
+ULP_RTOL = 1e-15  # the same draws; XLA may fuse "std * normal" with another rounding (1 ulp)
 V, T = 13, 7
 
 
 def _model(remat: bool = False, **kw) -> DecoderLM:
     config = DecoderConfig.llama(V, hidden_size=16, num_heads=4, **kw)
-    return DecoderLM(config, rngs=nnx.Rngs(0), dtype=jnp.float64, remat=remat)
+    return init_decoder(config, seed=0, dtype=jnp.float64, remat=remat)
+
+
+@jax.jit
+def _logits(model, tokens):
+    return model(tokens)
+
+
+def test_init_decoder_equals_eager_constructor():
+    config = DecoderConfig.llama(V, hidden_size=8, num_heads=2, num_layers=1)
+    eager = nnx.split(DecoderLM(config, rngs=nnx.Rngs(5), dtype=jnp.float64))[1]
+    jitted = nnx.split(init_decoder(config, seed=5, dtype=jnp.float64))[1]
+    for a, b in zip(
+        jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=ULP_RTOL)
 
 
 def test_decoder_lm_is_causal():
@@ -25,7 +41,7 @@ def test_decoder_lm_is_causal():
     tokens = np.random.default_rng(0).integers(0, V, (2, T))
     changed = tokens.copy()
     changed[:, 4] = (changed[:, 4] + 1) % V
-    a, b = np.asarray(m(jnp.asarray(tokens))), np.asarray(m(jnp.asarray(changed)))
+    a, b = np.asarray(_logits(m, jnp.asarray(tokens))), np.asarray(_logits(m, jnp.asarray(changed)))
     np.testing.assert_array_equal(a[:, :4], b[:, :4])  # positions before the change: bit-equal
     assert np.min(np.max(np.abs(a[:, 4:] - b[:, 4:]), axis=-1)) > 1e-6  # later ones move
 
@@ -33,8 +49,8 @@ def test_decoder_lm_is_causal():
 def test_decoder_lm_accepts_any_leading_axes():
     m = _model()
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, V, (2, 3, T)))
-    full = np.asarray(m(tokens))
-    np.testing.assert_allclose(np.asarray(m(tokens[1, 2])), full[1, 2], rtol=RTOL)
+    full = np.asarray(_logits(m, tokens))
+    np.testing.assert_allclose(np.asarray(_logits(m, tokens[1, 2])), full[1, 2], rtol=RTOL)
     assert m.hidden_states(tokens).shape == (2, 3, T, 16)
 
 
@@ -47,7 +63,9 @@ def test_decoder_lm_remat_gives_same_loss_and_gradient():
     values = []
     for remat in (False, True):
         graphdef, state = nnx.split(_model(remat=remat))
-        values.append(jax.value_and_grad(lambda s, g=graphdef: loss(nnx.merge(g, s)))(state))
+        values.append(
+            jax.jit(jax.value_and_grad(lambda s, g=graphdef: loss(nnx.merge(g, s))))(state)
+        )
     (l0, g0), (l1, g1) = values
     np.testing.assert_allclose(l1, l0, rtol=RTOL)
     for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1), strict=True):

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from sims.checkpoints import word_level_tokenizer
 from sims.data.preferences import (
     BadRow,
     encode_preferences,
@@ -13,6 +12,7 @@ from sims.data.preferences import (
     read_preference_jsonl,
     write_preference_jsonl,
 )
+from sims.tokenization import word_level_tokenizer
 
 VOCAB = ("<pad>", "<bos>", "<eos>", "is", "it", "fine", "?", "no", "never", "yes", "sure", ".")
 TOK = word_level_tokenizer(VOCAB, special_tokens=VOCAB[:3])

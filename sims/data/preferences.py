@@ -8,7 +8,7 @@ the tokenizer cannot encode, a sequence over ``max_len`` tokens) is returned as 
 :class:`BadRow` with its 1-based line number and the reason: nothing is dropped silently.
 
 Sequence layout (the paper's "[PROMPT]x[ASSISTANT]y[EOS]", Razin et al. 2024 §5): the prompt text
-(plain, or rendered by the checkpoint's chat template, :func:`sims.checkpoints.format_prompt`)
+(plain, or rendered by the checkpoint's chat template, :func:`sims.tokenization.format_prompt`)
 is tokenized with the tokenizer's special tokens (e.g. a BOS; none when a chat template already
 wrote them), each response is tokenized separately without special tokens and followed by the EOS
 id, as TRL's DPO trainer does; the EOS token counts as a response token.
@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sims.checkpoints import format_prompt
+from sims.tokenization import format_prompt
 from sims.transformer import TokenBatch
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -146,14 +146,14 @@ def encode_preferences(
     """Return the :class:`EncodedPreferences` of ``rows`` for a ``tokenizers.Tokenizer``.
 
     Args:
-      tokenizer: a ``tokenizers.Tokenizer`` (:func:`sims.checkpoints.load_tokenizer`).
+      tokenizer: a ``tokenizers.Tokenizer`` (:func:`sims.tokenization.load_tokenizer`).
       rows: usable rows (:func:`read_preference_jsonl`).
       max_len: longest allowed sequence (prompt + response + EOS), tokens; longer rows are bad.
       eos_id: id appended to every response; ``None`` appends nothing.
       pad_id: id of right padding (never attended to by an earlier position).
-      template: a chat template (:func:`sims.checkpoints.chat_template`) or ``None`` for plain
+      template: a chat template (:func:`sims.tokenization.chat_template`) or ``None`` for plain
         concatenation.
-      tokens: special tokens for the template (:func:`sims.checkpoints.special_tokens`).
+      tokens: special tokens for the template (:func:`sims.tokenization.special_tokens`).
 
     Raises:
       ValueError: no row could be encoded (the message lists the first reasons).
