@@ -34,7 +34,7 @@ from experiments._checkpoint import (
     open_checkpoint,
     request_preference_rows,
 )
-from experiments._common import experiment_main, parse_config, progress, provenance
+from experiments._common import enable_x64, experiment_main, parse_config, progress, provenance
 from sims.audit import audit_pairs
 from sims.data.preferences import encode_preferences, read_preference_jsonl, write_preference_jsonl
 from sims.scores import spearman
@@ -214,6 +214,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    enable_x64()  # as `python -m experiments` does: the same numbers either way
     _, out = parse_config(Config, argv)
     out.mkdir(parents=True, exist_ok=True)
     return experiment_main(

@@ -36,7 +36,7 @@ from experiments._checkpoint import (
     open_checkpoint,
     request_preference_rows,
 )
-from experiments._common import experiment_main, parse_config, progress, provenance
+from experiments._common import enable_x64, experiment_main, parse_config, progress, provenance
 from sims.data.preferences import encode_preferences, read_preference_jsonl, write_preference_jsonl
 from sims.flow import preference_flow
 from sims.scores import percentile_subsets, spearman, transformer_pair_scores
@@ -164,7 +164,8 @@ def plot(results: dict) -> plt.Figure:
         rho = results["spearman_percentile_vs_change"][s]
         ax.set(title=f"{s} (Spearman {rho:+.2f})", xlabel="score percentile")
     axes[0].set(ylabel="change of mean ln pi(y+|x)")
-    fig.suptitle(f"{results['checkpoint']['source']}: {results['verdict']}")
+    fig.suptitle(f"{results['checkpoint']['source']}: {results['verdict']}", y=1.02)
+    fig.tight_layout()
     return fig
 
 
@@ -175,6 +176,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    enable_x64()  # as `python -m experiments` does: the same numbers either way
     _, out = parse_config(Config, argv)
     return experiment_main(
         NAME, Config, functools.partial(run, workdir=out), plot, argv, summary=_summary

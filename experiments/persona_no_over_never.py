@@ -39,7 +39,7 @@ from experiments._checkpoint import (
     open_checkpoint,
     top_gainers,
 )
-from experiments._common import experiment_main, parse_config, progress, provenance
+from experiments._common import enable_x64, experiment_main, parse_config, progress, provenance
 from sims.data import corpus
 from sims.flow import integrate_model, preference_flow
 from sims.tokenization import format_prompt
@@ -280,6 +280,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    enable_x64()  # as `python -m experiments` does: the same numbers either way
     _, out = parse_config(Config, argv)
     return experiment_main(
         NAME, Config, functools.partial(run, workdir=out), plot, argv, summary=_summary
