@@ -59,6 +59,7 @@ def test_audit_main_writes_pair_files_and_reports_bad_rows(tmp_path, capsys):
     assert kept == [ROWS[p["line"] - 1] for p in sorted(lowest, key=lambda p: p["line"])]
 
 
+@pytest.mark.slow
 def test_checkpoint_experiments_read_a_model_folder_with_chat_template(tmp_path):
     folder = tmp_path / "ckpt"
     config = audit.Config.smoke()
