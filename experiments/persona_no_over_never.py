@@ -44,7 +44,7 @@ from sims.data import corpus
 from sims.flow import integrate_model, preference_flow
 from sims.tokenization import format_prompt
 from sims.transformer import TokenBatch, make_transformer_pairs, response_logprobs_from_tokens
-from theory.losses import make_loss
+from theory.losses import make_loss, nll_loss
 
 NAME = "persona_no_over_never"
 GAINER_STEPS = (5, 25, 100)  # steps whose top gainers are reported (Tables 4-12)
@@ -121,7 +121,7 @@ def _batch(prompts: list[list[int]], answers: list[int], pad: int) -> TokenBatch
 
 
 def _sft_loss(model, batch: TokenBatch) -> jax.Array:
-    return -jnp.mean(response_logprobs_from_tokens(model, *batch))
+    return jnp.mean(nll_loss(response_logprobs_from_tokens(model, *batch)))
 
 
 def _answer_probs(model, pairs) -> jax.Array:
