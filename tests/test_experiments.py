@@ -51,7 +51,11 @@ KEYS = {
     "transformer_no_over_never": {"pi_pos", "pi_yes", "velocity_actual", "velocity_predicted"},
     "transformer_ches": {"scores", "logprob_change", "corr_percentile_vs_decrease"},
     "transformer_unalignment": {"conditions", "pair_kind_fraction", "ches_ln_by_kind"},
+    "kernel_theorem_check": {"families", "summary", "verdict"},
+    "persona_no_over_never": {"pi_pos", "top_gainers", "criteria", "verdict"},
+    "ches_real": {"scores", "logprob_change", "criteria", "verdict"},
     "bench": {"cells", "sweep", "targets"},
+    "audit": {"pairs", "fraction_predicted_displacing", "kept_lines"},
     "compile_once": {"rows", "min_ratio"},
 }
 
