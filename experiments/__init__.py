@@ -18,6 +18,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "transformer_ches",
     "transformer_unalignment",
     "kernel_theorem_check",
+    "learned_features_no_over_never",
 )
 
 #: Separate commands, not part of the main job.

@@ -144,13 +144,16 @@ def sft(model0, data: Data, config: Any):
 @partial(jax.jit, static_argnums=0)
 def _kernels(graphdef, state, X):
     model = nnx.merge(graphdef, state)
-    return jax.vmap(lambda x: hidden_kernel(lambda m: m.hidden(x), model))(X)  # [R, d, d]
+    K = jax.vmap(model.closed_form_kernel)(X)  # [R, d, d]
+    return K, hidden_kernel(lambda m: m.hidden(X[0]), model)  # the first one measured as well
 
 
-def kernels(model, X: np.ndarray) -> np.ndarray:
-    """Hidden-state kernels K = J J^T (gradient flow) at each prompt: ``[R, d, d]``."""
+def kernels(model, X: np.ndarray) -> tuple[np.ndarray, float]:
+    """Kernels K = J J^T (gradient flow) at each prompt ``[R, d, d]`` (the model's closed form),
+    and the relative error of the first against :func:`sims.kernel.hidden_kernel`."""
     graphdef, state = nnx.split(model)
-    return np.asarray(_kernels(graphdef, state, jnp.asarray(X)))
+    K, measured = _kernels(graphdef, state, jnp.asarray(X))
+    return np.asarray(K), float(relative_error(K[0], measured))
 
 
 def _lambda_eff(K, S) -> np.ndarray:
@@ -180,14 +183,13 @@ def measure(graphdef, loss, trained, state, X, pos, neg):
         def logprobs(m):
             return m(x[None])[0]  # [V]
 
-        ref = jax.lax.stop_gradient(logprobs(model))
+        ref = logprobs(model)
 
         def loss_fn(m):
-            lp = logprobs(m)
-            return mean_pair_loss(loss, lp[y_pos], lp[y_neg], ref[y_pos], ref[y_neg])
+            return _first_loss(m, loss, x, y_pos, y_neg)
 
         P = rmsprop_preconditioner(loss_fn, model)
-        K_P = hidden_kernel(lambda m: m.hidden(x), model, preconditioner=P)
+        K_P = model.closed_form_kernel(x, preconditioner=P)
         channels = velocity_channels(logprobs, loss_fn, model, unembedding=name, preconditioner=P)
         ell = margin_derivative(loss, ref[y_pos], ref[y_neg], ref[y_pos], ref[y_neg])
         h, W = model.hidden(x), model.unembedding_matrix()
@@ -203,7 +205,18 @@ def measure(graphdef, loss, trained, state, X, pos, neg):
             "K_P": K_P,
         }
 
-    return jax.vmap(one)(X, pos, neg)
+    out = jax.vmap(one)(X, pos, neg)
+    # the closed-form K_P of the first run against the measured one (sims.kernel.hidden_kernel)
+    P0 = rmsprop_preconditioner(lambda m: _first_loss(m, loss, X[0], pos[0], neg[0]), model)
+    out["K_P_measured_first"] = hidden_kernel(lambda m: m.hidden(X[0]), model, preconditioner=P0)
+    return out
+
+
+def _first_loss(m, loss, x, y_pos, y_neg):
+    """The preference loss of one run at t = 0 (reference = the model now)."""
+    lp = m(x[None])[0]
+    ref = jax.lax.stop_gradient(lp)
+    return mean_pair_loss(loss, lp[y_pos], lp[y_neg], ref[y_pos], ref[y_neg])
 
 
 def _stats(values) -> dict:
@@ -302,7 +315,8 @@ def summarise_cell(logp, at0, lr, data: Data, config: Any, K_start, K_init) -> d
             "rank_pos_K_P": _stats([x["rank_pos"]["K_P"] for x in runs]),
             "rank_best_yes_like_K_P": _stats([x["rank_best_yes_like"]["K_P"] for x in runs]),
         }
-    return {"lr": lr, "pairs": pairs}
+    closed = float(relative_error(at0["K_P"][0], at0["K_P_measured_first"]))
+    return {"lr": lr, "pairs": pairs, "K_P_closed_form_vs_measured": closed}
 
 
 def cell_verdict(cell: dict) -> str:

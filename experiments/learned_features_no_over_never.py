@@ -43,8 +43,10 @@ Setup (fixed before the first run; nothing is changed after it).
 
 Reported per (arm, init, loss, pair): lambda_eff of K = J J^T and of the RMSprop kernel
 K_P = J P J^T (P the diagonal of torch RMSprop's first step) on S at the start of the preference
-phase, and of K before SFT; pi(y+) at the start, its minimum, its largest drop; the top-3
-probability gainers at steps 5, 25, 100 (Tables 4-12); at t = 0 the kernel form
+phase, and of K before SFT (K from the model's closed form, checked against
+:func:`sims.kernel.hidden_kernel` on one run per cell); pi(y+) at the start, its minimum, its
+largest drop; the top-3 probability gainers at steps 5, 25, 100 (Tables 4-12); at t = 0 the kernel
+form
 (:func:`theory.kernel.preconditioned_logprob_velocity` with the measured K_P and W gains) and the
 free-h Theorems 4-5 (:func:`theory.single_token.logprob_velocity` with the model's W, h) vs the
 true velocity of ln pi(.|x) along the first RMSprop update -P grad L
@@ -96,6 +98,7 @@ from theory.losses import make_loss
 
 NAME = "learned_features_no_over_never"
 INITS = ("mean_field", "lazy")  # feature-learning and lazy parametrisations
+ARMS = ("W_frozen", "W_trained")  # the unembeddings during the preference phase
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ class Config(ExperimentConfig):
     beta: float = 0.1  # DPO KL coefficient (paper: 0.1)
     tau: float = 0.01  # IPO tau (paper: 0.01)
     loss_types: tuple = ("dpo", "ipo")  # preference losses
+    inits: tuple = INITS  # parametrisations run (mean_field: feature learning; lazy)
+    arms: tuple = ARMS  # W_frozen (eta = 0) and/or W_trained (eta = unembedding_rate)
     num_steps: int = 100  # preference steps (paper: 100)
     runs_per_pair: int = 3  # prompts (runs) per pair
     drop_threshold: float = 0.2  # pi(y+) drop that counts as displacement
@@ -122,6 +127,8 @@ class Config(ExperimentConfig):
         "sft_target": open_unit_interval,
         "drop_threshold": open_unit_interval,
         "loss_types": each(one_of(("dpo", "ipo"))),
+        "inits": each(one_of(INITS)),
+        "arms": each(one_of(ARMS)),
     }
 
     def check(self) -> None:
@@ -139,7 +146,10 @@ class Config(ExperimentConfig):
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(vocab_size=30, width=8, sft_steps=5, runs_per_pair=1, loss_types=("dpo",))
+        return cls(
+            vocab_size=30, width=8, sft_steps=5, runs_per_pair=1, loss_types=("dpo",),
+            inits=("mean_field",), arms=("W_trained",),
+        )  # fmt: skip
 
 
 def _run_logprobs(model: ScaledMLPFeatures, pairs: FeaturePairs) -> jax.Array:
@@ -208,18 +218,19 @@ def run(config: Config) -> dict:
     data = lf.build_data(config)
     losses = {"dpo": make_loss("dpo", beta=config.beta), "ipo": make_loss("ipo", tau=config.tau)}
     cells, sft = {}, {}
-    for init in INITS:
+    for init in config.inits:
         model0 = ScaledMLPFeatures(
             data.W, data.features.shape[1], width=config.width, parametrisation=init,
             lazy_scale=config.lazy_scale, rngs=nnx.Rngs(config.seed), dtype=jnp.float64,
         )  # fmt: skip
         model, sft[init] = lf.sft(model0, data, config)
-        K_init = lf.kernels(model0, data.runs[0])
-        K_start = lf.kernels(model, data.runs[0])
+        K_init, err_init = lf.kernels(model0, data.runs[0])
+        K_start, err_start = lf.kernels(model, data.runs[0])
         sft[init].update(lf.kernel_change(K_init, K_start, data.S))
+        sft[init]["K_closed_form_vs_measured"] = max(err_init, err_start)
         progress(f"[{NAME}] {init}: SFT lr {sft[init]['lr']:.3g}, {sft[init]}")
-        for rate in (0.0, config.unembedding_rate):
-            arm = "W_frozen" if rate == 0 else "W_trained"
+        for arm in config.arms:
+            rate = config.unembedding_rate if arm == "W_trained" else 0.0
             armed = model.with_unembedding_rate(rate)
             for lt in config.loss_types:
                 cal = _calibrate(armed, data, losses[lt], config)
@@ -238,6 +249,7 @@ def run(config: Config) -> dict:
         "prompts": data.texts,
         "sft": sft,
         "cells": cells,
+        "drop_threshold": config.drop_threshold,
         "cell_verdicts": verdicts,
         "verdict": "reproduced" if reproduced else "not reproduced",
         "reproduced_in": reproduced,
@@ -245,8 +257,19 @@ def run(config: Config) -> dict:
     }
 
 
+def _bars(ax, keys, series: dict, ylabel: str) -> None:
+    """Grouped bars: one group per cell, one bar per entry of ``series`` (name -> values)."""
+    width = 0.8 / len(series)
+    for j, (name, vals) in enumerate(series.items()):
+        ax.bar(np.arange(len(keys)) + j * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, keys, rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel=ylabel)
+    ax.legend(fontsize=7)
+
+
 def plot(results: dict) -> plt.Figure:
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
+    axes = axes.ravel()
     if results["skipped"]:
         axes[0].text(0.5, 0.5, f"skipped: {results['install']}", ha="center")
         return fig
@@ -257,22 +280,39 @@ def plot(results: dict) -> plt.Figure:
         axes[0].plot(pi, color=f"C{i}", label=key)
     axes[0].set(xlabel="step", ylabel=r"mean $\pi$(no|x)", title="no > never: preferred prob")
     axes[0].legend(fontsize=7)
-    pair_names = list(cells[keys[0]]["pairs"])
-    width = 0.8 / len(pair_names)
-    for j, pair in enumerate(pair_names):
-        drops = [cells[k]["pairs"][pair]["max_drop_mean"] for k in keys]
-        axes[1].bar(np.arange(len(keys)) + j * width, drops, width, label=pair)
-    axes[1].axhline(results["config"]["drop_threshold"], color="k", ls="--", lw=0.8)
-    axes[1].set_xticks(np.arange(len(keys)) + 0.4, keys, rotation=30, ha="right", fontsize=7)
-    axes[1].set(ylabel=r"mean largest drop of $\pi(y^+)$", title="displacement per cell")
-    axes[1].legend(fontsize=7)
-    for j, field in enumerate(("lambda_eff_K_init", "lambda_eff_K", "lambda_eff_KP")):
-        vals = [cells[k]["pairs"]["no>never"][field]["mean"] for k in keys]
-        axes[2].bar(np.arange(len(keys)) + 0.27 * j, vals, 0.27, label=field)
-    axes[2].set_xticks(np.arange(len(keys)) + 0.27, keys, rotation=30, ha="right", fontsize=7)
-    axes[2].set(ylabel=r"$\lambda_{eff}$ on S (no>never runs)", yscale="log")
-    axes[2].legend(fontsize=7)
+    pairs = list(cells[keys[0]]["pairs"])
+    _bars(
+        axes[1],
+        keys,
+        {p: [cells[k]["pairs"][p]["max_drop_mean"] for k in keys] for p in pairs},
+        r"mean largest drop of $\pi(y^+)$",
+    )
+    axes[1].axhline(results["drop_threshold"], color="k", ls="--", lw=0.8)
+    axes[1].set_title("displacement per cell (dashed: criterion)")
+    _bars(
+        axes[2],
+        keys,
+        {
+            p: [
+                cells[k]["pairs"][p]["yes_like_gainer_runs"] / len(cells[k]["pairs"][p]["runs"])
+                for k in keys
+            ]
+            for p in pairs
+        },  # fmt: skip
+        "fraction of runs with a yes-like top-3 gainer",
+    )
+    axes[2].set_title("yes-like tokens among the top gainers (steps 5/25/100)")
+    fields = {"K before SFT": "lambda_eff_K_init", "K": "lambda_eff_K", "K_P": "lambda_eff_KP"}
+    _bars(
+        axes[3],
+        keys,
+        {n: [cells[k]["pairs"]["no>never"][f]["mean"] for k in keys] for n, f in fields.items()},
+        r"$\lambda_{eff}$ on S (no>never runs, mean)",
+    )
+    axes[3].set_yscale("log")
+    axes[3].set_title("kernel gain on span(no-set, yes-set centroids)")
     fig.suptitle(f"learned features, MiniLM W: {results['verdict']}")
+    fig.tight_layout()
     return fig
 
 

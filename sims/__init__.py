@@ -10,6 +10,8 @@ Modules:
 * ``bert`` (the MiniLM / BERT encoder loaded from a Hugging Face folder, tied ``[MASK]`` readout,
   prompt tokenization);
 * ``kernel`` (hidden-state kernel K = J P J^T, tied cross terms, velocity channels);
+* ``mlp_features`` (``ScaledMLPFeatures``: a centred MLP over prompt features, lazy or mean
+  field, rate-scaled unembeddings; ``FeaturePairs``, ``feature_sft_flow``);
 * ``reduced`` (exact reduced flow), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
   baselines per pair);
 * ``data`` -- generators: ``vocab``, ``corpus``, ``synthetic``, ``real_embeddings``.
@@ -59,6 +61,17 @@ from sims.logit_model import (
     PositionLogits,
     edit_pair_flow,
     edit_pair_prefixes,
+)
+from sims.mlp_features import (
+    PARAMETRISATIONS,
+    FeaturePairs,
+    FeatureSFTData,
+    FixedArray,
+    ScaledMLPFeatures,
+    feature_sft_flow,
+    label_logprobs,
+    make_feature_pairs,
+    output_multiplier,
 )
 from sims.models import (
     MLPFeatures,
@@ -115,11 +128,15 @@ __all__ = [
     "EditPairData",
     "EditPrefixes",
     "EditRecord",
+    "FeaturePairs",
+    "FeatureSFTData",
+    "FixedArray",
     "FlowResult",
     "MLPFeatures",
     "MaskedPrompts",
     "MovingRows",
     "OPTIMIZERS",
+    "PARAMETRISATIONS",
     "PairIndex",
     "PairObjective",
     "PairRecord",
@@ -129,6 +146,7 @@ __all__ = [
     "PrefixTreePairs",
     "ReducedState",
     "SFTData",
+    "ScaledMLPFeatures",
     "SweepResult",
     "TabularPolicy",
     "TiedCrossTerms",
@@ -148,6 +166,7 @@ __all__ = [
     "edit_pair_prefixes",
     "encode_masked_prompts",
     "extend_prefixes",
+    "feature_sft_flow",
     "flow_fn",
     "flow_velocity",
     "hidden_kernel",
@@ -155,12 +174,15 @@ __all__ = [
     "integrate",
     "integrate_model",
     "kl_objective_flow",
+    "label_logprobs",
     "load_bert",
     "load_tokenizer",
+    "make_feature_pairs",
     "make_optimizer",
     "make_pairs",
     "make_transformer_pairs",
     "normalized_edit_distance",
+    "output_multiplier",
     "pair_index",
     "pair_logprobs",
     "param_paths",

@@ -33,7 +33,7 @@ under gradient flow :math:`\dot W = -\eta^2\nabla_W L` (:mod:`theory.kernel`'s u
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -191,7 +191,8 @@ class ScaledMLPFeatures(nnx.Module):
         return self.unembedding_base[...] + self.unembedding_rate[...] * self.unembedding_delta[...]
 
     def _branch(self, A1, b1, A2, features):
-        pre = features @ A1.T / np.sqrt(self.feature_size) + b1  # [..., m]
+        pre = features @ A1.T / np.sqrt(self.feature_size)  # [..., m]
+        pre = pre + b1.reshape((1,) * (pre.ndim - 1) + b1.shape)  # explicit broadcast of [m]
         return jnp.tanh(pre) @ A2.T  # [..., d]
 
     def hidden(self, features: jax.Array) -> jax.Array:
@@ -205,6 +206,45 @@ class ScaledMLPFeatures(nnx.Module):
     def __call__(self, features: jax.Array) -> jax.Array:
         """Return next-token log-probs, shape ``features.shape[:-1] + (V,)``."""
         return softmax_logprobs(self.unembedding_matrix(), self.hidden(features))
+
+    def closed_form_kernel(self, features: jax.Array, *, preconditioner: Any = None) -> jax.Array:
+        r"""Return the backbone kernel :math:`K = JPJ^\top` ``[d, d]`` at one prompt (closed form).
+
+        .. math::
+           K = \mathrm{diag}_k\Big(c^2\sum_j P_{A_2}[k, j]\,\sigma_j^2\Big)
+           + A_2\,\mathrm{diag}_j\Big(c^2\sigma_j'^2\big(\textstyle\sum_i P_{A_1}[j, i]\,x_i^2/f
+           + P_{b_1}[j]\big)\Big)A_2^\top,
+
+        :math:`\sigma = \tanh(A_1x/\sqrt f + b_1)`, :math:`\sigma' = 1 - \sigma^2`: the sum over
+        parameters of :math:`P_p\,\partial h/\partial p\,(\partial h/\partial p)^\top` (``h_k``
+        depends on :math:`A_2[k, j]` through :math:`c\sigma_j`, and on :math:`A_1[j, i]`,
+        :math:`b_1[j]` through :math:`cA_2[:, j]\sigma'_j x_i/\sqrt f` and
+        :math:`cA_2[:, j]\sigma'_j`; the centring term is constant). ``W`` does not enter ``h``.
+
+        Source: the kernel of :mod:`theory.kernel` for this model (derived here); equal to
+        :func:`sims.kernel.hidden_kernel` of :meth:`hidden` (tested), at O(d m (d + f)) cost.
+
+        Args:
+          features: ``[f]`` one prompt's features.
+          preconditioner: ``None`` (gradient flow, ``P = I``) or a pytree like
+            ``nnx.split(model, nnx.Param, ...)[1]`` holding the diagonal of ``P`` (e.g.
+            :func:`sims.kernel.rmsprop_preconditioner`); only its backbone entries are read.
+
+        Returns:
+          ``[d, d]`` symmetric PSD kernel.
+        """
+        x = jnp.asarray(features)
+        f = self.feature_size
+        A2 = self.fc_out[...]
+        sigma = jnp.tanh(self.fc_in[...] @ x / np.sqrt(f) + self.fc_in_bias[...])  # [m]
+        if preconditioner is None:
+            p1, pb, p2 = jnp.ones_like(self.fc_in[...]), jnp.ones_like(sigma), jnp.ones_like(A2)
+        else:
+            p1, pb, p2 = (preconditioner[n][...] for n in ("fc_in", "fc_in_bias", "fc_out"))
+        c2 = self.output_scale[...] ** 2
+        diag = c2 * (p2 @ sigma**2)  # [d]
+        weight = c2 * (1.0 - sigma**2) ** 2 * (p1 @ (x**2) / f + pb)  # [m]
+        return jnp.diag(diag) + (A2 * weight[None, :]) @ A2.T
 
 
 def _check_features(model: ScaledMLPFeatures, features, *others) -> None:
