@@ -176,43 +176,60 @@ def test_with_unembedding_rate_keeps_logprobs_and_resets_delta():
         model.with_unembedding_rate(-1.0)
 
 
+def _kernel_form_vs_truth(graphdef, state, x, y_pos, y_neg, trained):
+    """One instance: (kernel-form prediction, true velocity) along torch RMSprop's first step."""
+    model = nnx.merge(graphdef, state)
+    loss = make_loss("dpo", beta=0.5)
+
+    def logprobs(m):
+        return m(x[None])[0]
+
+    ref = jax.lax.stop_gradient(logprobs(model))
+
+    def loss_fn(m):
+        lp = logprobs(m)
+        return mean_pair_loss(loss, lp[y_pos], lp[y_neg], ref[y_pos], ref[y_neg])
+
+    P = rmsprop_preconditioner(loss_fn, model)
+    name = "unembedding_delta" if trained else "fc_out"  # frozen W: only .total is used
+    truth = velocity_channels(logprobs, loss_fn, model, unembedding=name, preconditioner=P).total
+    K_P = hidden_kernel(lambda m: m.hidden(x), model, preconditioner=P)
+    rate = model.unembedding_rate[...]
+    gain = rate**2 * P["unembedding_delta"][...] if trained else 0.0
+    pred = preconditioned_logprob_velocity(
+        model.unembedding_matrix(),
+        model.hidden(x),
+        K_P,
+        y_pos,
+        y_neg,
+        -0.25,
+        unembedding_gain=gain,
+    )  # fmt: skip  (l' = -beta sigma(0) = -0.25 at the reference)
+    return pred, truth
+
+
 @pytest.mark.parametrize("rate", [0.0, 0.4])
 def test_kernel_form_matches_true_rmsprop_velocity(rate):
     """theory.kernel with the measured K_P and W gains rate^2 * P_Delta (the module's reading of
-    the rate) = jvp of ln pi along -P grad L of the actual DPO loss (sims.kernel)."""
-    loss = make_loss("dpo", beta=0.5)
-    for seed in SEEDS:
+    the rate) = jvp of ln pi along -P grad L of the actual DPO loss (sims.kernel), on N prompts
+    and pairs per model (vmapped)."""
+    N = 200
+    for seed in range(2):
         model = _perturb(_model(seed, "mean_field", rate=rate), seed)
+        graphdef, state = nnx.split(model)
         rng = np.random.default_rng(seed)
-        x = jnp.asarray(rng.normal(size=F))
-        y_pos, y_neg = (int(v) for v in rng.choice(V, 2, replace=False))
-        ref = model(x[None])[0]
-
-        def logprobs(m, x=x):
-            return m(x[None])[0]
-
-        def loss_fn(m, x=x, y_pos=y_pos, y_neg=y_neg, ref=ref):
-            lp = logprobs(m)
-            return mean_pair_loss(loss, lp[y_pos], lp[y_neg], ref[y_pos], ref[y_neg])
-
-        P = rmsprop_preconditioner(loss_fn, model)
-        name = "unembedding_delta" if rate > 0 else "fc_out"  # frozen W: only .total is used
-        truth = velocity_channels(logprobs, loss_fn, model, unembedding=name, preconditioner=P)
-        K_P = hidden_kernel(lambda m, x=x: m.hidden(x), model, preconditioner=P)
-        gain = rate**2 * P["unembedding_delta"][...] if rate > 0 else 0.0
-        pred = preconditioned_logprob_velocity(
-            model.unembedding_matrix(),
-            model.hidden(x),
-            K_P,
-            y_pos,
-            y_neg,
-            -0.25,
-            unembedding_gain=gain,
-        )  # fmt: skip  (l' = -beta sigma(0) = -0.25 at the reference)
-        scale = np.max(np.abs(truth.total))
-        np.testing.assert_allclose(
-            pred, truth.total, rtol=RTOL_AUTODIFF, atol=1e-12 * scale, err_msg=f"seed {seed}"
+        x = jnp.asarray(rng.normal(size=(N, F)))
+        y_pos = jnp.asarray(rng.integers(0, V, N))
+        y_neg = (y_pos + jnp.asarray(rng.integers(1, V, N))) % V
+        run = jax.jit(
+            jax.vmap(_kernel_form_vs_truth, in_axes=(None, None, 0, 0, 0, None)),
+            static_argnums=(0, 5),
         )
+        pred, truth = run(graphdef, state, x, y_pos, y_neg, rate > 0)
+        scale = np.max(np.abs(truth), axis=1, keepdims=True)
+        err = np.max(np.abs(pred - truth) / scale, axis=1)
+        worst = int(np.argmax(err))
+        assert err[worst] <= RTOL_AUTODIFF, f"seed {seed}, instance {worst}: rel err {err[worst]}"
 
 
 def test_feature_pairs_reference_and_validation():
@@ -280,10 +297,13 @@ def test_integrate_model_trains_only_params():
 
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_closed_form_kernel_matches_hidden_kernel(rate):
-    """The closed form vs sims.kernel.hidden_kernel (vjp / jvp products), P = I and random P."""
-    for seed in SEEDS:
+    """The closed form vs sims.kernel.hidden_kernel (vjp / jvp products), P = I and a random
+    positive P, on N prompts per model (vmapped)."""
+    N = 200
+    for seed in range(4):
         model = _perturb(_model(seed, "lazy" if seed % 2 else "mean_field", rate=rate), seed)
-        x = jnp.asarray(np.random.default_rng(seed).normal(size=F))
+        graphdef, state = nnx.split(model)
+        x = jnp.asarray(np.random.default_rng(seed).normal(size=(N, F)))
         params = nnx.split(model, nnx.Param, ...)[1]
         leaves, tree = jax.tree_util.tree_flatten(params)
         keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -292,8 +312,16 @@ def test_closed_form_kernel_matches_hidden_kernel(rate):
             [jnp.exp(jax.random.normal(k, a.shape)) for k, a in zip(keys, leaves, strict=True)],
         )
         for P in (None, gains):
-            measured = hidden_kernel(lambda m, x=x: m.hidden(x), model, preconditioner=P)
-            np.testing.assert_allclose(
-                model.closed_form_kernel(x, preconditioner=P), measured, rtol=RTOL_AUTODIFF,
-                atol=1e-13 * np.max(np.abs(measured)), err_msg=f"seed {seed}, P {P is not None}",
-            )  # fmt: skip
+
+            def both(x, P=P, graphdef=graphdef, state=state):
+                m = nnx.merge(graphdef, state)
+                measured = hidden_kernel(lambda m: m.hidden(x), m, preconditioner=P)
+                return m.closed_form_kernel(x, preconditioner=P), measured
+
+            closed, measured = jax.jit(jax.vmap(both))(x)
+            scale = np.max(np.abs(measured), axis=(1, 2))
+            err = np.max(np.abs(closed - measured), axis=(1, 2)) / scale
+            worst = int(np.argmax(err))
+            assert err[worst] <= RTOL_AUTODIFF, (
+                f"seed {seed}, P {P is not None}, prompt {worst}: rel err {err[worst]}"
+            )
