@@ -59,7 +59,10 @@ class Data(NamedTuple):
 def build_data(config: Any) -> Data:
     """MiniLM rows and statement features, balanced SFT labels, held-out prompt and run prompts."""
     emb = load_minilm()
-    keep = word_subset(emb.vocab, NEG + POS, size=config.vocab_size or len(emb.vocab))
+    if config.vocab_size:
+        keep = word_subset(emb.vocab, NEG + POS, size=config.vocab_size)
+    else:  # every row ([PAD], [unused*], word pieces included)
+        keep = np.arange(len(emb.vocab))
     words = [emb.vocab[i] for i in keep]
     W = np.asarray(emb.W[keep], np.float64)
     ids = {w: words.index(w) for w in NEG + POS}
