@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from experiments._analysis import max_drop, relative_error, sign_agreement, top_gainers
-from sims.bert import load_tokenizer
+from sims.bert import load_bert_tokenizer
 from sims.data.real_embeddings import load_minilm, minilm_dir, word_subset
 from sims.kernel import hidden_kernel, rmsprop_preconditioner, velocity_channels
 from sims.mlp_features import feature_sft_flow
@@ -68,7 +68,7 @@ def build_data(config: Any) -> Data:
     ids = {w: words.index(w) for w in NEG + POS}
     texts = [f"{s} is {p}" for s in VICES + VIRTUES for p in PREDICATES]
     accords = np.array([s in VICES for s in VICES + VIRTUES for _ in PREDICATES])
-    tokenizer = load_tokenizer(minilm_dir())
+    tokenizer = load_bert_tokenizer(minilm_dir())
     table = np.asarray(emb.W, np.float64)
     X = np.stack([table[enc.ids[1:-1]].mean(0) for enc in tokenizer.encode_batch(texts)])
     X = X - X.mean(0)  # the shared part carries no prompt information
