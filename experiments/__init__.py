@@ -18,6 +18,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "transformer_ches",
     "transformer_unalignment",
     "kernel_theorem_check",
+    "displacement_phase_diagram",
 )
 
 #: Separate commands, not part of the main job.

@@ -37,6 +37,14 @@ KEYS = {
     "transformer_no_over_never": {"pi_pos", "pi_yes", "velocity_actual", "velocity_predicted"},
     "transformer_ches": {"scores", "logprob_change", "corr_percentile_vs_decrease"},
     "transformer_unalignment": {"conditions", "pair_kind_fraction", "ches_ln_by_kind"},
+    "displacement_phase_diagram": {
+        "confusion",
+        "panels",
+        "failure_by_axis",
+        "mass",
+        "summary",
+        "controls",
+    },
     "bench": {"cells", "sweep", "targets"},
     "compile_once": {"rows", "min_ratio"},
 }

@@ -1,0 +1,354 @@
+r"""When does DPO displace? A phase diagram of single-token flows against Theorem 4's t = 0 sign.
+
+Issue 14. Every cell is one prompt and one single-token pair, built explicitly
+(:mod:`experiments._phase_diagram`): :math:`W_{y^+} = w e_0`, :math:`W_{y^-} = w(\rho e_0 + \omega
+e_1)`, an opposite-meaning set along :math:`-e_1`, synonyms along :math:`e_0`, fillers elsewhere,
+:math:`h_0` of norm :math:`\sqrt\kappa\,w` on the max-margin direction of ``y+`` (plus an unused
+direction) solved to the target :math:`\pi(y^+)`; infeasible targets are flagged, not moved. Axes:
+:math:`\rho`, :math:`\omega` (relative to :math:`\|W_{y^+}\|`), :math:`\kappa = \|h_0\|^2 /
+\|W_{y^+}\|^2`, :math:`\pi(y^+)` at t = 0, ``beta``, the loss (DPO, IPO with ``tau = beta``, SLiC
+with ``delta = 1/(2 beta)``, DPO + SFT term), the optimiser (Euler = gradient flow; torch-parity
+RMSprop) and the kernel gain :math:`\lambda` of a constant-kernel feature network
+(:math:`\lambda_{\mathrm{eff}} = 1 + \lambda`; 0 = unconstrained features). The reference model is
+the model at t = 0. All flows run through :func:`sims.sweep.sweep` (sharded, chunked, resumable;
+``main`` keeps it in ``<out>/displacement_phase_diagram_sweep/<path>/``): the exact reduced flow
+(:mod:`sims.reduced`) for DPO/IPO/SLiC with SGD and :math:`\lambda = 0`, :func:`sims.flow.flow_fn`
+on ``(W, theta)`` otherwise.
+
+Definitions, fixed before the first run. Prediction: the sign of :math:`\frac{d}{dt}\ln\pi(y^+)`
+at t = 0 (Theorem 4; its kernel form for :math:`\lambda > 0`; plus Proposition 1's term for the
+SFT loss), "flat" where :math:`|v| \le` ``velocity_tol`` (SLiC whose margin already exceeds
+``delta``: nothing moves). Observed over the whole run (``num_steps`` checkpointed every
+``record_every``): *displaced* if the largest drop of :math:`\ln\pi(y^+)` below its running
+maximum exceeds ``displacement_tol``; *lasting* if moreover :math:`\ln\pi(y^+)` ends below its start
+by more than ``displacement_tol``, else *transient*. Agreement = (predicted down and displaced +
+predicted up and not displaced) / resolved runs. Controls: (1) the first checkpoint's change
+against the predicted sign (SGD: Theorem 4 is exact at t = 0, so disagreement measures only
+curvature within the first checkpoint); (2) ``control_runs`` random SGD cells rerun with the step
+divided by ``control_factor`` (Euler error) and (3) with the horizon multiplied by it (is
+"lasting" lasting?). No threshold, geometry or schedule was changed after seeing results.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from experiments import _phase_diagram as ph
+from experiments._common import (
+    ConfigError,
+    ExperimentConfig,
+    dumps,
+    each,
+    enable_x64,
+    experiment_main,
+    finite,
+    nonnegative,
+    nonnegative_int,
+    one_of,
+    open_unit_interval,
+    parse_config,
+    progress,
+    provenance,
+)
+from experiments._phase_report import OUTCOMES, analyse
+from experiments._phase_report import plot as plot_report
+from sims.sweep import run_mesh, sharded_runner, sweep
+
+NAME = "displacement_phase_diagram"
+SWEEP_FOLDER = f"{NAME}_sweep"  # in the output folder; one subfolder per config: reruns resume
+AXES = ("rho", "omega", "kappa", "prob_pos", "beta", "loss", "optimizer", "lam")
+OPTIMIZERS = ("sgd", "rmsprop_torch")
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Displacement phase diagram: observed displacement vs Theorem 4's t = 0 sign (issue 14)."""
+
+    seed: int = 0  # filler directions and the random rotation of the frame
+    rhos: tuple = (0.0, 0.5, 0.8, 1.0, 1.2, 1.5, 2.0)  # rho = <W+, W-> / |W+|^2
+    omegas: tuple = (0.0, 0.5, 1.0, 2.0)  # |(W+ - W-) orthogonal to W+| / |W+|
+    kappas: tuple = (0.0625, 0.25, 1.0)  # kappa = |h0|^2 / |W+|^2
+    probs: tuple = (0.2, 0.5, 0.8)  # target pi(y+) at t = 0
+    betas: tuple = (0.1, 0.5)  # DPO beta = IPO tau; SLiC delta = 1 / (2 beta)
+    losses: tuple = ph.LOSS_NAMES  # from dpo, ipo, slic, dpo_sft
+    optimizers: tuple = OPTIMIZERS  # sgd (Euler = gradient flow), rmsprop_torch
+    lambdas: tuple = (0.0, 4.0)  # kernel gain: K = I + lambda P_S (0: unconstrained features)
+    hidden_size: int = 8  # d (e_0, e_1, e_2 and d - 3 filler directions)
+    num_opposite: int = 3  # opposite-meaning tokens (along -e_1)
+    num_synonym: int = 2  # synonyms of y+ (along e_0)
+    num_filler: int = 7  # filler tokens (V = 2 + 3 + 2 + 7 = 14 by default)
+    unembedding_norm: float = 4.0  # w = |W+|: sets how sharp pi can be for a given kappa
+    opposite_scale: float = 1.0  # |W_opp| / |W+| (spread over 0.8 .. 1.2 times this)
+    synonym_scale: float = 0.5  # |W_syn| / |W+| (spread over 0.8 .. 1.2 times this; < 1/1.2)
+    filler_scale: float = 1.0  # typical |W_filler| / |W+|
+    rotate: bool = True  # random rotation of the frame (RMSprop is not rotation invariant)
+    sft_ratio: float = 1.0  # SFT weight lambda_SFT = sft_ratio * beta / 2 (DPO's -l'(u0))
+    horizon: float = 100.0  # SGD flow time, units 1 / (a^-(0) G_0): margin gain at the t=0 rate
+    num_steps: int = 2000  # steps of every run (SGD: dt = horizon / num_steps / (a^-(0) G_0))
+    record_every: int = 10  # steps between checkpoints
+    rmsprop_lr: float = 2e-3  # RMSprop learning rate (scale invariant: not normalised)
+    displacement_tol: float = 1e-3  # drop of ln pi(y+) that counts as displacement (nats)
+    velocity_tol: float = 1e-9  # |predicted d ln pi(y+)/dt| / (a^-(0) G_0) below which: flat
+    chunk_size: int = 1024  # runs per saved sweep chunk
+    batch_size: int = 32  # runs vmapped together on a device (0: all of a chunk's)
+    control_runs: int = 48  # random SGD cells rerun for the step and horizon controls (0: none)
+    control_factor: int = 4  # step / factor (Euler control) and horizon * factor (horizon control)
+    boundary_points: int = 25  # fine-grid points per axis of the Theorem-4 boundary contours
+
+    RULES = {
+        "rhos": each(finite),
+        "omegas": each(nonnegative),
+        "probs": each(open_unit_interval),
+        "losses": each(one_of(ph.LOSS_NAMES)),
+        "optimizers": each(one_of(OPTIMIZERS)),
+        "lambdas": each(nonnegative),
+        "batch_size": nonnegative_int,
+        "control_runs": nonnegative_int,
+    }
+
+    @classmethod
+    def smoke(cls) -> Config:
+        return cls(
+            rhos=(0.5, 1.5),
+            omegas=(0.0, 1.0),
+            kappas=(0.25,),
+            probs=(0.5,),
+            betas=(0.1,),
+            losses=("dpo", "dpo_sft"),
+            optimizers=("sgd",),
+            lambdas=(4.0,),  # one path (generic_sgd): one compile; tests cover the others
+            num_steps=200,
+            record_every=10,
+            chunk_size=8,
+            batch_size=0,
+            control_runs=0,
+            boundary_points=9,
+        )
+
+    @classmethod
+    def scaled(cls) -> Config:
+        """``--scale``: over 10^6 flows for a GPU/TPU (sharded over every device)."""
+        return cls(
+            rhos=tuple(np.round(np.linspace(-0.5, 2.5, 16), 3).tolist()),
+            omegas=tuple(np.round(np.linspace(0.0, 2.5, 11), 3).tolist()),
+            kappas=(0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0),
+            probs=(0.1, 0.2, 0.35, 0.5, 0.65, 0.8),
+            betas=(0.05, 0.1, 0.25, 0.5),
+            lambdas=(0.0, 1.0, 4.0, 9.0),
+            chunk_size=65536,
+            batch_size=0,
+            control_runs=512,
+            boundary_points=81,
+        )
+
+    def check(self) -> None:
+        if self.num_steps % self.record_every or self.num_steps // self.record_every < 2:
+            raise ConfigError(
+                f"--record-every must divide --num-steps into >= 2 checkpoints, got "
+                f"{self.record_every} and {self.num_steps}"
+            )
+        if self.synonym_scale * 1.2 >= 1.0:
+            raise ConfigError(f"--synonym-scale must be < 1/1.2, got {self.synonym_scale}")
+        if self.hidden_size < 4:
+            raise ConfigError(f"--hidden-size must be >= 4, got {self.hidden_size}")
+
+
+def geometry_of(config: Config) -> ph.Geometry:
+    return ph.make_geometry(
+        seed=config.seed,
+        hidden_size=config.hidden_size,
+        num_opposite=config.num_opposite,
+        num_synonym=config.num_synonym,
+        num_filler=config.num_filler,
+        unembedding_norm=config.unembedding_norm,
+        opposite_scale=config.opposite_scale,
+        synonym_scale=config.synonym_scale,
+        filler_scale=config.filler_scale,
+        rotate=config.rotate,
+    )
+
+
+def axes_of(config: Config) -> dict[str, np.ndarray]:
+    """The grid axes in :data:`AXES` order (``loss`` and ``optimizer`` as indices)."""
+    values = (config.rhos, config.omegas, config.kappas, config.probs, config.betas)
+    out = {a: np.asarray(v, np.float64) for a, v in zip(AXES[:5], values, strict=True)}
+    out["loss"] = np.array([ph.LOSS_NAMES.index(n) for n in config.losses], np.int32)
+    out["optimizer"] = np.array([OPTIMIZERS.index(n) for n in config.optimizers], np.int32)
+    out["lam"] = np.asarray(config.lambdas, np.float64)
+    return out
+
+
+def cells(config: Config, geometry: ph.Geometry, predict, axes: dict) -> dict[str, np.ndarray]:
+    """Every grid cell as flat ``[R]`` run inputs (row-major over :data:`AXES`), with ``feasible``,
+    the t = 0 prediction, the ``path`` (index into :data:`ph.PATHS`) and the step ``dt``."""
+    solved = ph.cell_inputs(
+        axes["rho"], axes["omega"], axes["kappa"], axes["prob_pos"], geometry=geometry
+    )
+    shape = tuple(len(axes[a]) for a in AXES)
+    index = np.indices(shape).reshape(len(AXES), -1)
+    x = {a: axes[a][i] for a, i in zip(AXES, index, strict=True)}
+    geo = tuple(index[:4])
+    x["phi"], x["cos"] = solved["phi"][geo], solved["cos"][geo]
+    feasible = solved["feasible"][geo]
+    x["loss_id"] = x.pop("loss")
+    inputs = {k: x[k][feasible] for k in ("rho", "omega", "kappa", "phi", "cos", "lam", "beta")}
+    inputs["loss_id"] = x["loss_id"][feasible]
+    pred = predict(inputs)
+    sgd = x["optimizer"][feasible] == OPTIMIZERS.index("sgd")
+    margin = np.isin(inputs["loss_id"], [ph.LOSS_NAMES.index(n) for n in ph.MARGIN_LOSSES])
+    path = np.where(sgd, np.where(margin & (inputs["lam"] == 0.0), 0, 1), 2)
+    dt = np.where(sgd, config.horizon / config.num_steps / pred["unit"], config.rmsprop_lr)
+    full = {"feasible": feasible, "optimizer": x["optimizer"], "prob_pos": x["prob_pos"]}
+    for key, value, fill in (
+        *((k, v, np.nan) for k, v in inputs.items() if k != "loss_id"),
+        ("loss_id", inputs["loss_id"], -1),
+        ("pred_velocity", pred["velocity"], np.nan),
+        ("pred_top_gainer", pred["top_gainer"], -1),
+        ("path", path, -1),
+        ("dt", dt, np.nan),
+    ):
+        full[key] = np.full(feasible.shape, fill, np.asarray(value).dtype)
+        full[key][feasible] = value
+    return full
+
+
+RUN_INPUTS = ("rho", "omega", "kappa", "phi", "cos", "lam", "beta", "loss_id", "dt")
+
+
+def run_sweeps(config: Config, geometry, grid: dict, sweep_dir=None) -> dict[str, np.ndarray]:
+    """Run every feasible cell through :func:`sims.sweep.sweep`, one sweep per path; return the
+    outputs scattered back onto the grid (NaN / -1 elsewhere) and ``status`` per cell."""
+    schedule = ph.Schedule(config.num_steps, config.record_every, config.sft_ratio)
+    status = np.where(grid["feasible"], "", "infeasible").astype(object)
+    outputs: dict[str, np.ndarray] = {}
+    for p, path in enumerate(ph.PATHS):
+        runs = np.flatnonzero(grid["path"] == p)
+        if runs.size == 0:
+            continue
+        start, done = time.perf_counter(), [0]
+
+        def report(k, n, computed, path=path, runs=runs, start=start, done=done):
+            done[0] = min((k + 1) * config.chunk_size, runs.size)
+            progress(
+                f"  [{path}] chunk {k + 1}/{n} {'computed' if computed else 'loaded'}: "
+                f"{done[0]}/{runs.size} runs, {time.perf_counter() - start:.1f} s"
+            )
+
+        res = sweep(
+            ph.make_run_fn(geometry, path, schedule),
+            {k: grid[k][runs] for k in RUN_INPUTS},
+            name=f"{NAME}/{path}",
+            out_dir=None if sweep_dir is None else Path(sweep_dir) / path,
+            chunk_size=config.chunk_size,
+            batch_size=config.batch_size or None,
+            on_chunk=report,
+        )
+        for key, value in res.outputs.items():
+            if key not in outputs:
+                fill = np.nan if np.issubdtype(value.dtype, np.floating) else -1
+                outputs[key] = np.full(status.shape, fill, value.dtype)
+            outputs[key][runs] = value
+        status[runs] = res.status
+    outputs["status"] = status.astype(str)
+    return outputs
+
+
+def controls(config: Config, geometry, grid: dict, outputs: dict) -> dict:
+    """Rerun ``control_runs`` random SGD cells with step / factor and with horizon * factor."""
+    ok = np.flatnonzero((outputs["status"] == "ok") & (grid["path"] < 2))
+    if config.control_runs == 0 or ok.size == 0:
+        return {}
+    rng = np.random.default_rng(config.seed)
+    pick = np.sort(rng.choice(ok, min(config.control_runs, ok.size), replace=False))
+    f = config.control_factor
+    schedule = ph.Schedule(config.num_steps * f, config.record_every * f, config.sft_ratio)
+    x = {k: grid[k][pick] for k in RUN_INPUTS}
+    both = {k: np.concatenate([v, v]) for k, v in x.items()}
+    both["dt"] = np.concatenate([x["dt"] / f, x["dt"]])  # finer steps; longer horizon
+    runner = sharded_runner(
+        ph.make_run_fn(geometry, "generic_sgd", schedule), mesh=run_mesh(), batch_size=None
+    )
+    out = runner(both)
+    n = pick.size
+    main_outcome = outcome_codes(outputs, config.displacement_tol)[pick]
+    result = {"runs": pick}
+    for label, sl in (("finer_step", slice(0, n)), ("longer_horizon", slice(n, 2 * n))):
+        part = {k: v[sl] for k, v in out.items()}
+        codes = outcome_codes(part, config.displacement_tol)
+        result[label] = {
+            "max_abs_diff_max_drop": float(
+                np.max(np.abs(part["max_drop"] - outputs["max_drop"][pick]))
+            ),
+            "outcome_changed": int(np.sum(codes != main_outcome)),
+            "transitions": {
+                f"{OUTCOMES[a]}->{OUTCOMES[b]}": int(np.sum((main_outcome == a) & (codes == b)))
+                for a in range(3)
+                for b in range(3)
+                if a != b
+            },
+            "nonfinite": int(np.sum(~np.isfinite(part["max_drop"]))),
+        }
+    return result
+
+
+def outcome_codes(outputs: dict, tol: float) -> np.ndarray:
+    """0 none, 1 transient, 2 lasting (see the module docstring); -1 where not ok / NaN."""
+    drop, final = outputs["max_drop"], outputs["final_change"]
+    codes = np.where(drop > tol, np.where(final < -tol, 2, 1), 0)
+    return np.where(np.isfinite(drop) & np.isfinite(final), codes, -1)
+
+
+def run(config: Config, *, sweep_dir: str | Path | None = None) -> dict:
+    """Build the grid, sweep it (in ``sweep_dir`` if given: resumable), analyse. JSON-ready."""
+    enable_x64()
+    geometry = geometry_of(config)
+    axes = axes_of(config)
+    predict = ph.make_predictor(geometry, sft_ratio=config.sft_ratio)
+    grid = cells(config, geometry, predict, axes)
+    progress(
+        f"  {grid['feasible'].size} cells, {int(grid['feasible'].sum())} feasible; paths "
+        + ", ".join(f"{p}: {int(np.sum(grid['path'] == i))}" for i, p in enumerate(ph.PATHS))
+    )
+    outputs = run_sweeps(config, geometry, grid, sweep_dir)
+    results = analyse(config, geometry, predict, axes, grid, outputs, outcome_codes)
+    results["controls"] = controls(config, geometry, grid, outputs)
+    results["config"] = config
+    results["provenance"] = provenance(dtype_of=outputs["max_drop"])
+    return results
+
+
+def plot(results: dict) -> plt.Figure:
+    return plot_report(results)
+
+
+def _summary(r: dict) -> str:
+    s = r["summary"]
+    return (
+        f"{s['runs_ok']} runs ok of {s['cells']} cells ({s['infeasible']} infeasible, "
+        f"{s['nonfinite']} non-finite); t = 0 sign vs eventual displacement: agreement "
+        f"{s['agreement_displaced']:.3f} over {s['resolved']} resolved runs; by optimizer "
+        + ", ".join(f"{k} {v:.3f}" for k, v in s["agreement_by_optimizer"].items())
+    )
+
+
+def sweep_folder(out_dir: str | Path, config: Config) -> Path:
+    """``<out_dir>/displacement_phase_diagram_sweep/<sha256 of the config, 12 hex>``."""
+    digest = hashlib.sha256(dumps({"config": config}).encode()).hexdigest()[:12]
+    return Path(out_dir) / SWEEP_FOLDER / digest
+
+
+def main(argv=None) -> dict:
+    config, out_dir = parse_config(Config, argv, prog=f"python -m experiments.{NAME}")
+    run_fn = functools.partial(run, sweep_dir=sweep_folder(out_dir, config))
+    return experiment_main(NAME, Config, run_fn, plot, argv, summary=_summary)
+
+
+if __name__ == "__main__":
+    main()
