@@ -470,7 +470,10 @@ def prediction(geometry: Geometry, x: dict, *, sft_ratio: float) -> dict[str, ja
     :func:`predicted_velocities` divided by ``unit`` (for a margin loss, the ratio
     :math:`d\ln\pi(y^+)/du` at t = 0). ``top_gainer``: the token with the largest
     :math:`\pi_z\frac{d}{dt}\ln\pi_z` (Theorem 5's ranking weighted by probability).
-    ``x`` as in :func:`make_run_fn`.
+    ``relative``: :math:`\max_{z\ne y^+}\frac{d}{dt}(\ln\pi_z - \ln\pi(y^+))` / ``unit``: some
+    token outpaces ``y+`` at t = 0 when it is > 0 (for a margin loss and :math:`z \notin
+    \{y^\pm\}`: :math:`(W_z - W_{y^+})^\top K(W_{y^+} - W_{y^-}) > \|h\|^2`, the corollary of
+    :mod:`theory.kernel`). ``x`` as in :func:`make_run_fn`.
     """
     inst = instance(geometry, x["rho"], x["omega"], x["kappa"], x["phi"], x["cos"], x["lam"])
     W, h = inst.unembedding, inst.hidden
@@ -484,6 +487,7 @@ def prediction(geometry: Geometry, x: dict, *, sft_ratio: float) -> dict[str, ja
     v = predicted_velocities(W, h, K, *coef) / unit
     return {
         "velocity": v[0],
+        "relative": jnp.max(v[1:] - v[0]),
         "top_gainer": jnp.argmax(jnp.exp(lp0) * v).astype(jnp.int32),
         "unit": unit,
     }
@@ -512,6 +516,7 @@ def make_predictor(
         if not out:
             return {
                 "velocity": np.zeros(0),
+                "relative": np.zeros(0),
                 "top_gainer": np.zeros(0, np.int32),
                 "unit": np.zeros(0),
             }

@@ -1,9 +1,17 @@
 """Tables and figure of the displacement phase diagram (``experiments/displacement_phase_diagram``).
 
-:func:`analyse` turns the per-run sweep outputs into JSON-ready summaries (confusion tables of the
-t = 0 prediction against the observed outcome, failure rates per axis value, where the mass went,
-heatmap slices with fine-grid Theorem-4 boundaries); :func:`plot` draws the figure from that JSON
-alone.
+:func:`analyse` turns the per-run sweep outputs into JSON-ready summaries: confusion tables of each
+t = 0 criterion (:data:`CRITERIA`) against the observed outcome, failure rates per axis value,
+where the mass went, and heatmap slices with fine-grid criterion boundaries; :func:`plot` draws
+the figure from that JSON alone.
+
+Criteria (both from :func:`experiments._phase_diagram.prediction`):
+
+* ``theorem4``: the sign of :math:`\frac{d}{dt}\ln\pi(y^+)` at t = 0 (fixed before the first run);
+* ``relative`` (added after the first run, exploratory): "down" also where some token's
+  log-probability grows faster than :math:`\ln\pi(y^+)` at t = 0 (Theorem 5 / the kernel
+  corollary), i.e. :math:`\frac{d}{dt}\ln\pi(y^+) < 0` or :math:`\max_z\frac{d}{dt}(\ln\pi_z
+  - \ln\pi(y^+)) > 0`.
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ from matplotlib.patches import Patch
 
 from experiments import _phase_diagram as ph
 
-PREDICTIONS = ("down", "up", "flat")  # sign of d/dt ln pi(y+) at t = 0
+PREDICTIONS = ("down", "up", "flat")  # predicted direction of ln pi(y+)
+CRITERIA = ("theorem4", "relative")
 OUTCOMES = ("none", "transient", "lasting")
 AXES = ("rho", "omega", "kappa", "prob_pos", "beta", "loss", "optimizer", "lam")
 GEOMETRY_AXES = AXES[:4]  # heatmap slices fix these at their middle value, the rest at the first
@@ -40,11 +49,14 @@ LABELS = {
 }
 
 
-def prediction_codes(velocity: np.ndarray, tol: float) -> np.ndarray:
-    """0 down, 1 up, 2 flat (``|v| <= tol``), -1 NaN."""
-    v = np.asarray(velocity)
-    codes = np.where(v < -tol, 0, np.where(v > tol, 1, 2))
-    return np.where(np.isfinite(v), codes, -1)
+def prediction_codes(velocity, relative, tol: float, criterion: str) -> np.ndarray:
+    """0 down, 1 up, 2 flat, -1 NaN, per :data:`CRITERIA` (``tol`` resolves a sign)."""
+    v, r = np.asarray(velocity), np.asarray(relative)
+    if criterion == "theorem4":
+        codes = np.where(v < -tol, 0, np.where(v > tol, 1, 2))
+    else:
+        codes = np.where((v < -tol) | (r > tol), 0, np.where((v > tol) & (r < -tol), 1, 2))
+    return np.where(np.isfinite(v) & np.isfinite(r), codes, -1)
 
 
 def _rate(num, den):
@@ -85,21 +97,23 @@ def _base_index(axis: str, n: int) -> int:
     return n // 2 if axis in GEOMETRY_AXES else 0
 
 
-def _slice(full: np.ndarray, shape, axes_order, x: str, y: str, fixed: dict) -> np.ndarray:
-    """``[ny, nx]`` slice of a flat grid array at ``fixed`` indices of the other axes."""
-    grid = full.reshape(shape)
-    index = tuple(slice(None) if a in (x, y) else fixed[a] for a in axes_order)
-    part = grid[index]  # dims in AXES order of (x, y)
-    return part.T if axes_order.index(x) < axes_order.index(y) else part
+def _slice(full: np.ndarray, shape, x: str, y: str, fixed: dict) -> np.ndarray:
+    """``[ny, nx]`` slice of a flat grid array (row-major over :data:`AXES`) at ``fixed``."""
+    index = tuple(slice(None) if a in (x, y) else fixed[a] for a in AXES)
+    part = np.asarray(full).reshape(shape)[index]  # dims in AXES order of (x, y)
+    return part.T if AXES.index(x) < AXES.index(y) else part
 
 
-def _panel_requests(config, axes: dict, specs) -> list[dict]:
-    """Fine-grid inputs of the boundary of each panel (other axes at their base values)."""
+def _boundaries(config, geometry, predict, axes, specs) -> list[dict]:
+    """Both criteria's t = 0 numbers on each panel's fine grid (one prediction call for all).
+
+    ``theorem4`` is the predicted velocity of ln pi(y+); ``relative`` is ``max(-velocity,
+    relative)``, negative exactly where the relative criterion predicts "up".
+    """
     requests = []
     for loss, optimizer, x, y in specs:
         values = {}
         for a in AXES:
-            base = axes[a][_base_index(a, len(axes[a]))]
             if a == "loss":
                 values[a] = np.array([ph.LOSS_NAMES.index(loss)])
             elif a == "optimizer":
@@ -107,39 +121,36 @@ def _panel_requests(config, axes: dict, specs) -> list[dict]:
             elif a in (x, y) and len(axes[a]) > 1:
                 values[a] = np.linspace(axes[a].min(), axes[a].max(), config.boundary_points)
             else:
-                values[a] = np.array([base])
-        requests.append(values)
-    return requests
-
-
-def _boundaries(config, geometry, predict, axes, specs) -> list[dict]:
-    """Predicted velocity on each panel's fine grid (one prediction call for all panels)."""
-    requests, flat = _panel_requests(config, axes, specs), []
-    for values in requests:
+                values[a] = np.array([axes[a][_base_index(a, len(axes[a]))]])
         solved = ph.cell_inputs(*(values[a] for a in GEOMETRY_AXES), geometry=geometry)
         shape = tuple(len(values[a]) for a in AXES)
         index = np.indices(shape).reshape(len(AXES), -1)
-        x = {a: values[a][i] for a, i in zip(AXES, index, strict=True)}
+        cell = {a: values[a][i] for a, i in zip(AXES, index, strict=True)}
         geo = tuple(index[:4])
-        x["phi"], x["cos"], ok = solved["phi"][geo], solved["cos"][geo], solved["feasible"][geo]
-        x["loss_id"] = x["loss"].astype(np.int32)
-        flat.append((shape, ok, {k: x[k] for k in ph.PREDICTION_INPUTS}))
-    stacked = {k: np.concatenate([f[2][k][f[1]] for f in flat]) for k in ph.PREDICTION_INPUTS}
-    velocity = predict(stacked)["velocity"]
+        cell["phi"], cell["cos"] = solved["phi"][geo], solved["cos"][geo]
+        cell["loss_id"] = cell["loss"].astype(np.int32)
+        requests.append((values, shape, solved["feasible"][geo], cell))
+    stacked = {
+        k: np.concatenate([c[k][ok] for _, _, ok, c in requests]) for k in ph.PREDICTION_INPUTS
+    }
+    pred = predict(stacked)
     out, at = [], 0
-    for (shape, ok, _), values, (_, _, x, y) in zip(flat, requests, specs, strict=True):
-        v = np.full(ok.shape, np.nan)
-        v[ok] = velocity[at : at + int(ok.sum())]
-        at += int(ok.sum())
-        fixed = {a: 0 for a in AXES}
-        out.append(
-            {
-                "x": values[x].tolist(),
-                "y": values[y].tolist(),
-                "velocity": _none_where_nan(_slice(v, shape, AXES, x, y, fixed)),
-            }
-        )
+    for (values, shape, ok, _), (_, _, x, y) in zip(requests, specs, strict=True):
+        n = int(ok.sum())
+        entry = {"x": values[x].tolist(), "y": values[y].tolist()}
+        velocity, relative = np.full(ok.shape, np.nan), np.full(ok.shape, np.nan)
+        velocity[ok], relative[ok] = pred["velocity"][at : at + n], pred["relative"][at : at + n]
+        at += n
+        fixed = dict.fromkeys(AXES, 0)
+        entry["theorem4"] = _none_where_nan(_slice(velocity, shape, x, y, fixed))
+        both = np.maximum(-velocity, relative)
+        entry["relative"] = _none_where_nan(_slice(both, shape, x, y, fixed))
+        out.append(entry)
     return out
+
+
+def _value(axes, names, axis, i):
+    return names[axis][i] if axis in names else float(axes[axis][i])
 
 
 def analyse(
@@ -149,56 +160,86 @@ def analyse(
     :func:`experiments._phase_diagram.make_predictor`'s function (its compile is reused)."""
     tol = config.displacement_tol
     ok = outputs["status"] == "ok"
-    pred = np.where(ok, prediction_codes(grid["pred_velocity"], config.velocity_tol), -1)
+    preds = {
+        c: np.where(
+            ok,
+            prediction_codes(grid["pred_velocity"], grid["pred_relative"], config.velocity_tol, c),
+            -1,
+        )
+        for c in CRITERIA
+    }
     outcome = np.where(ok, outcome_codes(outputs, tol), -1)
     below = ok & (outputs["min_change"] < -tol)
     shape = tuple(len(axes[a]) for a in AXES)
-    coords = {a: i for a, i in zip(AXES, np.indices(shape).reshape(len(AXES), -1), strict=True)}
+    coords = dict(zip(AXES, np.indices(shape).reshape(len(AXES), -1), strict=True))
     names = {
         "loss": [ph.LOSS_NAMES[i] for i in axes["loss"]],
         "optimizer": [OPTIMIZERS[i] for i in axes["optimizer"]],
     }
 
-    def by(axis):
-        labels = names.get(axis) or [f"{v:g}" for v in axes[axis]]
+    def labels(axis):
+        return names.get(axis) or [f"{v:g}" for v in axes[axis]]
+
+    def by(pred, axis):
         return {
             label: table(
                 pred[coords[axis] == i], outcome[coords[axis] == i], below[coords[axis] == i]
             )
-            for i, label in enumerate(labels)
+            for i, label in enumerate(labels(axis))
         }
 
-    groups = {}
-    for li, loss in enumerate(names["loss"]):
-        for oi, opt in enumerate(names["optimizer"]):
-            for ki, lam in enumerate(axes["lam"]):
-                m = (coords["loss"] == li) & (coords["optimizer"] == oi) & (coords["lam"] == ki)
-                entry = table(pred[m], outcome[m], below[m])
-                paths = np.unique(grid["path"][m & grid["feasible"]])
-                entry["path"] = [ph.PATHS[p] for p in paths]
-                groups[f"{loss}/{opt}/lam={lam:g}"] = entry
+    confusion = {}
+    for c, pred in preds.items():
+        groups = {}
+        for li, loss in enumerate(names["loss"]):
+            for oi, opt in enumerate(names["optimizer"]):
+                for ki, lam in enumerate(axes["lam"]):
+                    m = (coords["loss"] == li) & (coords["optimizer"] == oi) & (coords["lam"] == ki)
+                    entry = table(pred[m], outcome[m], below[m])
+                    entry["path"] = [
+                        ph.PATHS[p] for p in np.unique(grid["path"][m & grid["feasible"]])
+                    ]
+                    groups[f"{loss}/{opt}/lam={lam:g}"] = entry
+        confusion[c] = {
+            "all": table(pred, outcome, below),
+            **{f"by_{a}": by(pred, a) for a in ("loss", "optimizer", "lam", "beta")},
+            "by_group": groups,
+        }
+    pred = preds["theorem4"]
     resolved = (pred >= 0) & (pred <= 1) & (outcome >= 0)
     wrong = resolved & ((pred == 0) != (outcome >= 1))
-    failure = {}
-    for oi, opt in enumerate(names["optimizer"]):
-        sel = coords["optimizer"] == oi
-        failure[opt] = {
+
+    def failure_rate(mask):
+        return _rate(np.sum(wrong & mask), np.sum(resolved & mask))
+
+    failure = {
+        opt: {
             a: {
-                "values": names.get(a) or axes[a].tolist(),
+                "values": labels(a),
                 "failure_rate": [
-                    _rate(
-                        np.sum(wrong & sel & (coords[a] == i)),
-                        np.sum(resolved & sel & (coords[a] == i)),
-                    )
+                    failure_rate((coords["optimizer"] == oi) & (coords[a] == i))
                     for i in range(len(axes[a]))
                 ],
                 "resolved": [
-                    int(np.sum(resolved & sel & (coords[a] == i))) for i in range(len(axes[a]))
+                    int(np.sum(resolved & (coords["optimizer"] == oi) & (coords[a] == i)))
+                    for i in range(len(axes[a]))
                 ],
             }
             for a in AXES
             if a != "optimizer"
         }
+        for oi, opt in enumerate(names["optimizer"])
+    }
+    failure_vs_omega = {
+        f"{loss}/{opt}": [
+            failure_rate(
+                (coords["loss"] == li) & (coords["optimizer"] == oi) & (coords["omega"] == i)
+            )
+            for i in range(len(axes["omega"]))
+        ]
+        for li, loss in enumerate(names["loss"])
+        for oi, opt in enumerate(names["optimizer"])
+    }
     early = {}
     for oi, opt in enumerate(names["optimizer"]):
         m = resolved & (coords["optimizer"] == oi) & (np.abs(outputs["early_change"]) > EARLY_TOL)
@@ -206,7 +247,8 @@ def analyse(
         early[opt] = {"agreement": _rate(np.sum(same), np.sum(m)), "compared": int(np.sum(m))}
     displaced = ok & (outcome >= 1)
     category = ph.token_category(np.maximum(outputs["top_gainer_drop"], 0), geometry)
-    predicted_category = ph.token_category(np.maximum(grid["pred_top_gainer"], 0), geometry)
+    predicted = ph.token_category(np.maximum(grid["pred_top_gainer"], 0), geometry)
+    gain = outputs["opposite_mass_peak"] - outputs["opposite_mass_start"]
     mass = {}
     for oi, opt in enumerate(names["optimizer"]):
         m = displaced & (coords["optimizer"] == oi)
@@ -215,25 +257,16 @@ def analyse(
             "top_gainer_at_drop": {
                 c: int(np.sum(m & (category == k))) for k, c in enumerate(ph.CATEGORIES)
             },
-            "theorem5_top_gainer_matches": _rate(
-                np.sum(m & (category == predicted_category)), np.sum(m)
-            ),
-            "mean_opposite_peak_gain": _rate(
-                np.sum((outputs["opposite_mass_peak"] - outputs["opposite_mass_start"])[m]),
-                np.sum(m),
-            ),
+            "theorem5_top_gainer_matches": _rate(np.sum(m & (category == predicted)), np.sum(m)),
+            "mean_opposite_peak_gain": _rate(np.sum(gain[m]), np.sum(m)),
         }
     specs = [s for s in PANEL_SPECS if s[0] in config.losses and s[1] in config.optimizers]
-    boundaries = _boundaries(config, geometry, predict, axes, specs)
     panels = []
-    for (loss, opt, x, y), boundary in zip(specs, boundaries, strict=True):
+    for (loss, opt, x, y), boundary in zip(
+        specs, _boundaries(config, geometry, predict, axes, specs), strict=True
+    ):
         fixed = {a: _base_index(a, len(axes[a])) for a in AXES}
-        fixed["loss"] = config.losses.index(loss)
-        fixed["optimizer"] = config.optimizers.index(opt)
-
-        def sl(full, x=x, y=y, fixed=fixed):
-            return _slice(full, shape, AXES, x, y, fixed)
-
+        fixed["loss"], fixed["optimizer"] = config.losses.index(loss), config.optimizers.index(opt)
         panels.append(
             {
                 "loss": loss,
@@ -242,57 +275,52 @@ def analyse(
                 "y": y,
                 "x_values": axes[x].tolist(),
                 "y_values": axes[y].tolist(),
-                "fixed": {
-                    a: (names[a][fixed[a]] if a in names else float(axes[a][fixed[a]]))
-                    for a in AXES
-                    if a not in (x, y)
-                },
-                "max_drop": _none_where_nan(sl(np.where(ok, outputs["max_drop"], np.nan))),
-                "outcome": sl(outcome).tolist(),
-                "prediction": sl(pred).tolist(),
+                "fixed": {a: _value(axes, names, a, fixed[a]) for a in AXES if a not in (x, y)},
+                "max_drop": _none_where_nan(
+                    _slice(np.where(ok, outputs["max_drop"], np.nan), shape, x, y, fixed)
+                ),
+                "outcome": _slice(outcome, shape, x, y, fixed).tolist(),
                 "boundary": boundary,
             }
         )
     status = outputs["status"]
     nonfinite = np.flatnonzero(status == "nonfinite")
-    overall = table(pred, outcome, below)
+    summary = {
+        "cells": int(status.size),
+        "infeasible": int(np.sum(status == "infeasible")),
+        "runs_ok": int(np.sum(ok)),
+        "nonfinite": int(nonfinite.size),
+        "runs_by_path": {p: int(np.sum(grid["path"] == i)) for i, p in enumerate(ph.PATHS)},
+    }
+    for c in CRITERIA:
+        t = confusion[c]["all"]
+        summary[c] = {
+            **{k: t[k] for k in ("resolved", "agreement_displaced", "agreement_lasting")},
+            **{k: t[k] for k in ("displaced_given_down", "displaced_given_up")},
+            "agreement_by_optimizer": {
+                k: v["agreement_displaced"] for k, v in confusion[c]["by_optimizer"].items()
+            },
+            "agreement_by_loss": {
+                k: v["agreement_displaced"] for k, v in confusion[c]["by_loss"].items()
+            },
+            "agreement_by_kernel": {
+                k: v["agreement_displaced"] for k, v in confusion[c]["by_lam"].items()
+            },
+        }
     return {
-        "grid": {a: (names.get(a) or axes[a].tolist()) for a in AXES},
+        "grid": {a: labels(a) if a in names else axes[a].tolist() for a in AXES},
         "vocab_size": geometry.vocab_size,
         "feasible": grid["feasible"].reshape(shape)[:, :, :, :, 0, 0, 0, 0].tolist(),
-        "confusion": {
-            "all": overall,
-            "by_loss": by("loss"),
-            "by_optimizer": by("optimizer"),
-            "by_kernel": by("lam"),
-            "by_beta": by("beta"),
-            "by_group": groups,
-        },
+        "confusion": confusion,
         "failure_by_axis": failure,
+        "failure_vs_omega": failure_vs_omega,
         "early_change_vs_prediction": early,
         "mass": mass,
         "panels": panels,
         "nonfinite_runs": [
-            {
-                a: (names[a][coords[a][r]] if a in names else float(axes[a][coords[a][r]]))
-                for a in AXES
-            }
-            for r in nonfinite[:20]
+            {a: _value(axes, names, a, coords[a][r]) for a in AXES} for r in nonfinite[:20]
         ],
-        "summary": {
-            "cells": int(status.size),
-            "infeasible": int(np.sum(status == "infeasible")),
-            "runs_ok": int(np.sum(ok)),
-            "nonfinite": int(nonfinite.size),
-            "runs_by_path": {p: int(np.sum(grid["path"] == i)) for i, p in enumerate(ph.PATHS)},
-            "resolved": overall["resolved"],
-            "agreement_displaced": overall["agreement_displaced"],
-            "agreement_below_start": overall["agreement_below_start"],
-            "agreement_lasting": overall["agreement_lasting"],
-            "agreement_by_optimizer": {
-                k: v["agreement_displaced"] for k, v in by("optimizer").items()
-            },
-        },
+        "summary": summary,
     }
 
 
@@ -300,7 +328,7 @@ def _edges(values: np.ndarray) -> np.ndarray:
     """Cell edges around (possibly non-uniform) axis values, for ``pcolormesh``."""
     v = np.asarray(values, np.float64)
     if v.size == 1:
-        half = 0.5 * max(abs(v[0]), 1.0) * 0.2
+        half = 0.1 * max(abs(v[0]), 1.0)
         return np.array([v[0] - half, v[0] + half])
     mid = 0.5 * (v[1:] + v[:-1])
     return np.concatenate([[v[0] - (mid[0] - v[0])], mid, [v[-1] + (v[-1] - mid[-1])]])
@@ -308,6 +336,12 @@ def _edges(values: np.ndarray) -> np.ndarray:
 
 def _array(rows) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in rows], np.float64)
+
+
+def _contour(ax, boundary: dict, key: str, style: str) -> None:
+    v = np.ma.masked_invalid(_array(boundary[key]))
+    if v.shape[0] > 1 and v.shape[1] > 1 and v.count() and v.min() < 0.0 < v.max():
+        ax.contour(boundary["x"], boundary["y"], v, levels=[0.0], colors="r", linestyles=style)
 
 
 def _heatmap(ax, panel: dict) -> None:
@@ -322,10 +356,8 @@ def _heatmap(ax, panel: dict) -> None:
     ax.scatter(X[m], Y[m], marker="o", s=30, facecolors="none", edgecolors="w")
     m = outcome == 2
     ax.scatter(X[m], Y[m], marker="x", s=30, color="w")
-    b = panel["boundary"]
-    v = np.ma.masked_invalid(_array(b["velocity"]))
-    if v.shape[0] > 1 and v.shape[1] > 1 and v.count() and v.min() < 0.0 < v.max():
-        ax.contour(b["x"], b["y"], v, levels=[0.0], colors="r", linewidths=1.5)
+    _contour(ax, panel["boundary"], "theorem4", "solid")
+    _contour(ax, panel["boundary"], "relative", "dashed")
     fixed = ", ".join(
         f"{k}={v:g}" if isinstance(v, float) else f"{v}"
         for k, v in panel["fixed"].items()
@@ -336,59 +368,56 @@ def _heatmap(ax, panel: dict) -> None:
     ax.set_ylabel(LABELS[panel["y"]], fontsize=8)
 
 
-def _confusion(ax, all_runs: dict) -> None:
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _confusion(ax, confusion: dict) -> None:
     ax.axis("off")
-    counts = all_runs["counts"]
-    cells = [[str(counts[p][o]) for o in OUTCOMES] for p in PREDICTIONS]
-    table_ = ax.table(
-        cellText=cells,
-        rowLabels=[f"t=0 {p}" for p in PREDICTIONS],
-        colLabels=list(OUTCOMES),
-        loc="center",
-    )
-    table_.scale(1.0, 1.6)
-
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
-    ax.set_title(
-        "t = 0 sign (Theorem 4) vs observed, all runs\n"
-        f"agreement: displaced {pct(all_runs['agreement_displaced'])}, ever below start "
-        f"{pct(all_runs['agreement_below_start'])}, lasting {pct(all_runs['agreement_lasting'])}\n"
-        f"P(displaced | down) {pct(all_runs['displaced_given_down'])}, "
-        f"P(displaced | up) {pct(all_runs['displaced_given_up'])}",
-        fontsize=8,
-    )
+    rows, labels = [], []
+    for c in CRITERIA:
+        counts = confusion[c]["all"]["counts"]
+        rows += [[str(counts[p][o]) for o in OUTCOMES] for p in PREDICTIONS]
+        labels += [f"{c}: {p}" for p in PREDICTIONS]
+    ax.table(cellText=rows, rowLabels=labels, colLabels=list(OUTCOMES), loc="center").scale(1, 1.3)
+    lines = []
+    for c in CRITERIA:
+        t = confusion[c]["all"]
+        lines.append(
+            f"{c}: agreement {_pct(t['agreement_displaced'])} (lasting "
+            f"{_pct(t['agreement_lasting'])}), P(displaced|down) {_pct(t['displaced_given_down'])}"
+            f", P(displaced|up) {_pct(t['displaced_given_up'])}"
+        )
+    ax.set_title("t = 0 criterion vs observed outcome, all runs\n" + "\n".join(lines), fontsize=7)
 
 
-def _group_bars(ax, groups: dict) -> None:
+def _group_bars(ax, confusion: dict) -> None:
+    groups = confusion["theorem4"]["by_group"]
     keys = [k for k, v in groups.items() if v["agreement_displaced"] is not None]
-    rates = [groups[k]["agreement_displaced"] for k in keys]
-    colors = ["tab:blue" if "/sgd/" in k else "tab:orange" for k in keys]
-    ax.barh(range(len(keys)), rates, color=colors)
-    ax.set_yticks(range(len(keys)), keys, fontsize=7)
-    for i, k in enumerate(keys):
-        ax.text(0.01, i, f"n={groups[k]['resolved']}", va="center", fontsize=6, color="w")
-    ax.set(xlim=(0, 1.0), xlabel="agreement: t = 0 sign vs displaced (blue sgd, orange rmsprop)")
+    for j, c in enumerate(CRITERIA):
+        rates = [confusion[c]["by_group"][k]["agreement_displaced"] for k in keys]
+        colors = ["tab:blue" if "/sgd/" in k else "tab:orange" for k in keys]
+        ax.barh(
+            np.arange(len(keys)) + 0.4 * j - 0.2,
+            rates,
+            height=0.4,
+            color=colors,
+            alpha=1.0 if j == 0 else 0.45,
+            hatch=None if j == 0 else "//",
+        )
+    ax.set_yticks(range(len(keys)), [f"{k} (n={groups[k]['resolved']})" for k in keys], fontsize=6)
+    ax.set(xlim=(0, 1.0), xlabel="agreement with displaced (solid theorem4, hatched relative)")
     ax.invert_yaxis()
 
 
-def _failure(ax, failure: dict) -> None:
-    styles = {"sgd": "-", "rmsprop_torch": "--"}
-    for opt, per_axis in failure.items():
-        for i, (axis, entry) in enumerate(per_axis.items()):
-            rates = [np.nan if r is None else r for r in entry["failure_rate"]]
-            if len(rates) < 2:
-                continue
-            pos = np.linspace(0.0, 1.0, len(rates))
-            ax.plot(
-                pos, rates, styles.get(opt, ":"), color=f"C{i}", marker=".", label=f"{axis} ({opt})"
-            )
-    ax.set(
-        xlabel="axis value (first .. last, see JSON grid)",
-        ylabel="failure rate of the t = 0 sign",
-        ylim=(0, 1),
-    )
+def _failure(ax, results: dict) -> None:
+    omegas = results["grid"]["omega"]
+    for key, rates in results["failure_vs_omega"].items():
+        loss, opt = key.split("/")
+        y = [np.nan if r is None else r for r in rates]
+        style = "-" if opt == "sgd" else "--"
+        ax.plot(omegas, y, style, marker=".", color=f"C{ph.LOSS_NAMES.index(loss)}", label=key)
+    ax.set(xlabel=LABELS["omega"], ylabel="failure rate of the theorem4 sign", ylim=(0, 1))
     ax.legend(fontsize=6, ncol=2)
 
 
@@ -411,24 +440,24 @@ def plot(results: dict) -> plt.Figure:
         _heatmap(ax, panel)
     for ax in flat[len(results["panels"]) : 8]:
         ax.axis("off")
-    _confusion(flat[8], results["confusion"]["all"])
-    _group_bars(flat[9], results["confusion"]["by_group"])
-    _failure(flat[10], results["failure_by_axis"])
+    _confusion(flat[8], results["confusion"])
+    _group_bars(flat[9], results["confusion"])
+    _failure(flat[10], results)
     _mass(flat[11], results["mass"])
     handles = [
         Patch(color="0.8", label="grey: infeasible cell"),
-        plt.Line2D(
-            [], [], color="r", label="t = 0 velocity of ln pi(y+) = 0 (Thm 4 / kernel / Prop 1)"
-        ),
+        plt.Line2D([], [], color="r", label="theorem4: d/dt ln pi(y+) = 0 at t = 0"),
+        plt.Line2D([], [], color="r", ls="--", label="relative: some token outpaces y+ at t = 0"),
         plt.Line2D([], [], marker="o", ls="", mfc="none", mec="k", label="transient"),
         plt.Line2D([], [], marker="x", ls="", color="k", label="lasting"),
     ]
     fig.legend(handles=handles, loc="upper right", fontsize=8)
-    s = results["summary"]
+    s = results["summary"]["theorem4"]
     fig.suptitle(
-        f"Displacement phase diagram: {s['runs_ok']} flows; t = 0 sign vs eventual displacement "
-        f"agrees in {100 * (s['agreement_displaced'] or 0):.1f}% of {s['resolved']} resolved runs",
+        f"Displacement phase diagram: {results['summary']['runs_ok']} flows; the t = 0 sign of "
+        f"d/dt ln pi(y+) vs eventual displacement agrees in {_pct(s['agreement_displaced'])} of "
+        f"{s['resolved']} resolved runs",
         fontsize=12,
     )
-    fig.tight_layout(rect=(0, 0, 0.92, 0.97))
+    fig.tight_layout(rect=(0, 0, 0.9, 0.97))
     return fig

@@ -136,10 +136,10 @@ class Config(ExperimentConfig):
     def scaled(cls) -> Config:
         """``--scale``: over 10^6 flows for a GPU/TPU (sharded over every device)."""
         return cls(
-            rhos=tuple(np.round(np.linspace(-0.5, 2.5, 16), 3).tolist()),
-            omegas=tuple(np.round(np.linspace(0.0, 2.5, 11), 3).tolist()),
+            rhos=tuple(np.round(np.linspace(-0.5, 2.5, 21), 3).tolist()),
+            omegas=tuple(np.round(np.linspace(0.0, 2.5, 16), 4).tolist()),
             kappas=(0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0),
-            probs=(0.1, 0.2, 0.35, 0.5, 0.65, 0.8),
+            probs=(0.1, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8),
             betas=(0.05, 0.1, 0.25, 0.5),
             lambdas=(0.0, 1.0, 4.0, 9.0),
             chunk_size=65536,
@@ -210,6 +210,7 @@ def cells(config: Config, geometry: ph.Geometry, predict, axes: dict) -> dict[st
         *((k, v, np.nan) for k, v in inputs.items() if k != "loss_id"),
         ("loss_id", inputs["loss_id"], -1),
         ("pred_velocity", pred["velocity"], np.nan),
+        ("pred_relative", pred["relative"], np.nan),
         ("pred_top_gainer", pred["top_gainer"], -1),
         ("path", path, -1),
         ("dt", dt, np.nan),
@@ -330,12 +331,17 @@ def plot(results: dict) -> plt.Figure:
 
 def _summary(r: dict) -> str:
     s = r["summary"]
-    return (
+    parts = [
         f"{s['runs_ok']} runs ok of {s['cells']} cells ({s['infeasible']} infeasible, "
-        f"{s['nonfinite']} non-finite); t = 0 sign vs eventual displacement: agreement "
-        f"{s['agreement_displaced']:.3f} over {s['resolved']} resolved runs; by optimizer "
-        + ", ".join(f"{k} {v:.3f}" for k, v in s["agreement_by_optimizer"].items())
-    )
+        f"{s['nonfinite']} non-finite)"
+    ]
+    for c in ("theorem4", "relative"):
+        t = s[c]
+        parts.append(
+            f"{c}: agreement {t['agreement_displaced']} over {t['resolved']} resolved, "
+            f"by optimizer {t['agreement_by_optimizer']}, by loss {t['agreement_by_loss']}"
+        )
+    return "; ".join(parts)
 
 
 def sweep_folder(out_dir: str | Path, config: Config) -> Path:
