@@ -89,12 +89,12 @@ SOLVE_ITERS = 60  # bisection steps after it (bracket width 2 / 1024 / 2**60: be
 
 
 class Geometry(NamedTuple):
-    """The fixed parts of every instance (host constants; see the module docstring).
+    r"""The fixed parts of every instance (host constants; see the module docstring).
 
     Attributes:
-      unembedding_norm: :math:`w = \\|W_{y^+}\\|`.
+      unembedding_norm: :math:`w = \|W_{y^+}\|`.
       opposite_scales: ``[n_o]`` :math:`a_i`.
-      synonym_scales: ``[n_s]`` :math:`\\sigma_i`.
+      synonym_scales: ``[n_s]`` :math:`\sigma_i`.
       fillers: ``[n_f, d]`` filler rows in the unrotated frame.
       rotation: ``[d, d]`` orthogonal ``Q`` (rows of ``W`` and ``h`` are mapped to ``Q v``).
     """
@@ -431,13 +431,13 @@ _PAIR = pair_index(PreferencePairs(np.array([0]), np.array([0]), np.array([1]), 
 
 
 def summarise(logprobs: jax.Array, geometry: Geometry) -> dict[str, jax.Array]:
-    """Return the per-run numbers of a recorded flow ``logprobs`` ``[C + 1, V]`` (checkpoints).
+    r"""Return the per-run numbers of a recorded flow ``logprobs`` ``[C + 1, V]`` (checkpoints).
 
-    ``max_drop``: largest fall of :math:`\\ln\\pi(y^+)` below its running maximum, at checkpoint
-    ``drop_checkpoint``; ``final_change`` / ``min_change`` / ``early_change``: :math:`\\ln\\pi(y^+)`
+    ``max_drop``: largest fall of :math:`\ln\pi(y^+)` below its running maximum, at checkpoint
+    ``drop_checkpoint``; ``final_change`` / ``min_change`` / ``early_change``: :math:`\ln\pi(y^+)`
     at the end / its minimum / at the first checkpoint, minus its start; opposite-set mass at the
     start, end and its peak; the top gainers of probability (end vs start, and at the deepest
-    drop vs start); the margin :math:`\\ln\\pi(y^+) - \\ln\\pi(y^-)` at the start and end.
+    drop vs start); the margin :math:`\ln\pi(y^+) - \ln\pi(y^-)` at the start and end.
     """
     lp = logprobs[:, 0]
     gap = jax.lax.cummax(lp) - lp

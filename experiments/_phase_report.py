@@ -1,4 +1,4 @@
-"""Tables and figure of the displacement phase diagram (``experiments/displacement_phase_diagram``).
+r"""Tables and figure of the displacement phase diagram (experiments/displacement_phase_diagram).
 
 :func:`analyse` turns the per-run sweep outputs into JSON-ready summaries: confusion tables of each
 t = 0 criterion (:data:`CRITERIA`) against the observed outcome, failure rates per axis value,
