@@ -21,6 +21,7 @@ from matplotlib import pyplot as plt
 from matplotlib.patches import Patch
 
 from experiments import _phase_diagram as ph
+from experiments import _phase_instances as pi
 
 PREDICTIONS = ("down", "up", "flat")  # predicted direction of ln pi(y+)
 CRITERIA = ("theorem4", "relative")
@@ -122,7 +123,7 @@ def _boundaries(config, geometry, predict, axes, specs) -> list[dict]:
                 values[a] = np.linspace(axes[a].min(), axes[a].max(), config.boundary_points)
             else:
                 values[a] = np.array([axes[a][_base_index(a, len(axes[a]))]])
-        solved = ph.cell_inputs(*(values[a] for a in GEOMETRY_AXES), geometry=geometry)
+        solved = pi.cell_inputs(*(values[a] for a in GEOMETRY_AXES), geometry=geometry)
         shape = tuple(len(values[a]) for a in AXES)
         index = np.indices(shape).reshape(len(AXES), -1)
         cell = {a: values[a][i] for a, i in zip(AXES, index, strict=True)}
@@ -246,8 +247,8 @@ def analyse(
         same = np.sign(outputs["early_change"][m]) == np.where(pred[m] == 0, -1.0, 1.0)
         early[opt] = {"agreement": _rate(np.sum(same), np.sum(m)), "compared": int(np.sum(m))}
     displaced = ok & (outcome >= 1)
-    category = ph.token_category(np.maximum(outputs["top_gainer_drop"], 0), geometry)
-    predicted = ph.token_category(np.maximum(grid["pred_top_gainer"], 0), geometry)
+    category = pi.token_category(np.maximum(outputs["top_gainer_drop"], 0), geometry)
+    predicted = pi.token_category(np.maximum(grid["pred_top_gainer"], 0), geometry)
     gain = outputs["opposite_mass_peak"] - outputs["opposite_mass_start"]
     mass = {}
     for oi, opt in enumerate(names["optimizer"]):
@@ -255,7 +256,7 @@ def analyse(
         mass[opt] = {
             "displaced_runs": int(np.sum(m)),
             "top_gainer_at_drop": {
-                c: int(np.sum(m & (category == k))) for k, c in enumerate(ph.CATEGORIES)
+                c: int(np.sum(m & (category == k))) for k, c in enumerate(pi.CATEGORIES)
             },
             "theorem5_top_gainer_matches": _rate(np.sum(m & (category == predicted)), np.sum(m)),
             "mean_opposite_peak_gain": _rate(np.sum(gain[m]), np.sum(m)),
@@ -423,7 +424,7 @@ def _failure(ax, results: dict) -> None:
 
 def _mass(ax, mass: dict) -> None:
     bottom = np.zeros(len(mass))
-    for k, cat in enumerate(ph.CATEGORIES):
+    for k, cat in enumerate(pi.CATEGORIES):
         counts = np.array([m["top_gainer_at_drop"][cat] for m in mass.values()], np.float64)
         totals = np.array([max(m["displaced_runs"], 1) for m in mass.values()], np.float64)
         ax.bar(list(mass), counts / totals, bottom=bottom, color=f"C{k}", label=cat)

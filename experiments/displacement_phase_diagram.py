@@ -2,31 +2,49 @@ r"""When does DPO displace? A phase diagram of single-token flows against Theore
 
 Issue 14. Every cell is one prompt and one single-token pair, built explicitly
 (:mod:`experiments._phase_diagram`): :math:`W_{y^+} = w e_0`, :math:`W_{y^-} = w(\rho e_0 + \omega
-e_1)`, an opposite-meaning set along :math:`-e_1`, synonyms along :math:`e_0`, fillers elsewhere,
-:math:`h_0` of norm :math:`\sqrt\kappa\,w` on the max-margin direction of ``y+`` (plus an unused
-direction) solved to the target :math:`\pi(y^+)`; infeasible targets are flagged, not moved. Axes:
-:math:`\rho`, :math:`\omega` (relative to :math:`\|W_{y^+}\|`), :math:`\kappa = \|h_0\|^2 /
-\|W_{y^+}\|^2`, :math:`\pi(y^+)` at t = 0, ``beta``, the loss (DPO, IPO with ``tau = beta``, SLiC
-with ``delta = 1/(2 beta)``, DPO + SFT term), the optimiser (Euler = gradient flow; torch-parity
-RMSprop) and the kernel gain :math:`\lambda` of a constant-kernel feature network
-(:math:`\lambda_{\mathrm{eff}} = 1 + \lambda`; 0 = unconstrained features). The reference model is
-the model at t = 0. All flows run through :func:`sims.sweep.sweep` (sharded, chunked, resumable;
-``main`` keeps it in ``<out>/displacement_phase_diagram_sweep/<path>/``): the exact reduced flow
-(:mod:`sims.reduced`) for DPO/IPO/SLiC with SGD and :math:`\lambda = 0`, :func:`sims.flow.flow_fn`
-on ``(W, theta)`` otherwise.
+e_1)`, an opposite-meaning set along :math:`-e_1`, synonyms along :math:`e_0`, fillers elsewhere;
+:math:`h_0` of norm :math:`\sqrt\kappa\,w` on the max-margin direction of ``y+`` (plus a direction
+no token uses), solved to the target :math:`\pi(y^+)`; infeasible targets are flagged, not moved.
+Axes: :math:`\rho`, :math:`\omega` (relative to :math:`\|W_{y^+}\|`), :math:`\kappa = \|h_0\|^2 /
+\|W_{y^+}\|^2`, :math:`\pi(y^+)` at t = 0, ``beta``, the loss (DPO; IPO with ``tau = beta``; SLiC
+with ``delta = 1/(2 beta)``, reference-free as in the paper; DPO + SFT term with weight
+``sft_ratio * beta / 2``), the optimiser (Euler = gradient flow; torch-parity RMSprop) and the
+kernel gain :math:`\lambda` of a constant-kernel feature network (:math:`\lambda_{\mathrm{eff}} =
+1 + \lambda`; 0 = unconstrained features). The reference model is the model at t = 0. All flows
+run through :func:`sims.sweep.sweep` (sharded over every device, chunked, resumable; ``main``
+keeps it in ``<out>/displacement_phase_diagram_sweep/<config hash>/<path>/``), one sweep per path:
+the exact reduced flow (:mod:`sims.reduced`) for DPO/IPO/SLiC with SGD and :math:`\lambda = 0`,
+:func:`sims.flow.flow_fn` on ``(W, theta)`` otherwise (SFT term, RMSprop, kernel); the JSON's
+``confusion.theorem4.by_group.*.path`` says which served each (loss, optimiser, lambda).
 
-Definitions, fixed before the first run. Prediction: the sign of :math:`\frac{d}{dt}\ln\pi(y^+)`
-at t = 0 (Theorem 4; its kernel form for :math:`\lambda > 0`; plus Proposition 1's term for the
-SFT loss), "flat" where :math:`|v| \le` ``velocity_tol`` (SLiC whose margin already exceeds
-``delta``: nothing moves). Observed over the whole run (``num_steps`` checkpointed every
-``record_every``): *displaced* if the largest drop of :math:`\ln\pi(y^+)` below its running
-maximum exceeds ``displacement_tol``; *lasting* if moreover :math:`\ln\pi(y^+)` ends below its start
-by more than ``displacement_tol``, else *transient*. Agreement = (predicted down and displaced +
-predicted up and not displaced) / resolved runs. Controls: (1) the first checkpoint's change
-against the predicted sign (SGD: Theorem 4 is exact at t = 0, so disagreement measures only
-curvature within the first checkpoint); (2) ``control_runs`` random SGD cells rerun with the step
-divided by ``control_factor`` (Euler error) and (3) with the horizon multiplied by it (is
-"lasting" lasting?). No threshold, geometry or schedule was changed after seeing results.
+Definitions, fixed before the first run. Prediction (``theorem4``): the sign of
+:math:`\frac{d}{dt}\ln\pi(y^+)` at t = 0 (Theorem 4; its kernel form for :math:`\lambda > 0`;
+plus Proposition 1's term for the SFT loss), "flat" where :math:`|v| \le` ``velocity_tol`` (SLiC
+whose margin already exceeds ``delta``: nothing moves; excluded from the rates). For RMSprop the
+prediction is the same gradient-flow sign: the question is whether the paper's criterion carries
+over to the paper's optimiser. Observed over the whole run: *displaced* if the largest drop of
+:math:`\ln\pi(y^+)` below its running maximum (at checkpoints) exceeds ``displacement_tol``;
+*lasting* if moreover :math:`\ln\pi(y^+)` ends below its start by more than ``displacement_tol``,
+else *transient*. Agreement = (predicted down and displaced + predicted up and not displaced) /
+resolved runs (also against "ever below start" and "lasting"). Per run the sweep records the
+largest drop and its checkpoint, the change of :math:`\ln\pi(y^+)` at the end, its minimum and at
+the first checkpoint, the opposite-set mass (start, end, peak), the top gainers (end, deepest
+drop), the margin (start, end) and a status (ok / non-finite).
+
+Controls: (1) the sign of the first checkpoint's change against the prediction (Theorem 4 is
+exact at t = 0, so with SGD a disagreement means the velocity turned within one checkpoint);
+(2) ``control_runs`` random SGD cells rerun with the step divided by ``control_factor`` (Euler
+error) and (3) with the horizon multiplied by it (is "lasting" lasting?).
+
+What changed after the first run, and why (nothing else was tuned). The first run measured time
+in units of :math:`1/a^-(0)` alone; control (1) then showed cells where the whole rise and fall
+of :math:`\ln\pi(y^+)` happened inside the first checkpoint (large :math:`\omega` or
+:math:`\lambda`: the margin's rate :math:`G_0` differs by 100x between cells), so time is now in
+units of the initial margin rate :math:`1/(a^-(0)G_0)`; the step count was halved for the CPU
+budget (RMSprop's ``rmsprop_lr`` doubled to keep ``num_steps * rmsprop_lr``). The ``relative``
+criterion (some token outpaces ``y+`` at t = 0: Theorem 5 / the kernel corollary) was added after
+seeing that most failures were tokens of the opposite set overtaking ``y+`` later; it is reported
+beside ``theorem4`` as an exploratory explanation, not as a pre-registered test.
 """
 
 from __future__ import annotations
@@ -41,6 +59,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments import _phase_diagram as ph
+from experiments import _phase_instances as pi
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
@@ -160,8 +179,8 @@ class Config(ExperimentConfig):
             raise ConfigError(f"--hidden-size must be >= 4, got {self.hidden_size}")
 
 
-def geometry_of(config: Config) -> ph.Geometry:
-    return ph.make_geometry(
+def geometry_of(config: Config) -> pi.Geometry:
+    return pi.make_geometry(
         seed=config.seed,
         hidden_size=config.hidden_size,
         num_opposite=config.num_opposite,
@@ -185,10 +204,10 @@ def axes_of(config: Config) -> dict[str, np.ndarray]:
     return out
 
 
-def cells(config: Config, geometry: ph.Geometry, predict, axes: dict) -> dict[str, np.ndarray]:
+def cells(config: Config, geometry: pi.Geometry, predict, axes: dict) -> dict[str, np.ndarray]:
     """Every grid cell as flat ``[R]`` run inputs (row-major over :data:`AXES`), with ``feasible``,
     the t = 0 prediction, the ``path`` (index into :data:`ph.PATHS`) and the step ``dt``."""
-    solved = ph.cell_inputs(
+    solved = pi.cell_inputs(
         axes["rho"], axes["omega"], axes["kappa"], axes["prob_pos"], geometry=geometry
     )
     shape = tuple(len(axes[a]) for a in AXES)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from experiments import _phase_diagram as ph
+from experiments import _phase_instances as pi
 from experiments import displacement_phase_diagram as exp
 from experiments._common import dumps
 from experiments._phase_report import prediction_codes, table
@@ -68,12 +69,12 @@ def test_instance_realises_rho_omega_kappa_and_prob_pos(geometry):
         np.sort(rng.uniform(0.03, 1.5, 3)),
         np.sort(rng.uniform(0.05, 0.95, 3)),
     )
-    solved = ph.cell_inputs(*axes, geometry=geometry)
+    solved = pi.cell_inputs(*axes, geometry=geometry)
     grids = np.meshgrid(*axes, indexing="ij")
     ok = solved["feasible"]
     assert 20 <= ok.sum() < ok.size  # both feasible and infeasible cells are exercised
     rho, omega, kappa, prob = (g[ok] for g in grids)
-    inst = jax.vmap(partial(ph.instance, geometry))(
+    inst = jax.vmap(partial(pi.instance, geometry))(
         rho, omega, kappa, solved["phi"][ok], solved["cos"][ok], np.zeros(ok.sum())
     )
     W, h = np.asarray(inst.unembedding), np.asarray(inst.hidden)
@@ -100,7 +101,7 @@ def _prob_pos_fn(geometry):
 
     def prob_pos(rho, omega, kappa, phi, cos):
         def one(c):
-            inst = ph.instance(geometry, rho, omega, kappa, phi, c, 0.0)
+            inst = pi.instance(geometry, rho, omega, kappa, phi, c, 0.0)
             return jax.nn.softmax(inst.unembedding @ inst.hidden)[0]
 
         return jax.vmap(one)(cos)
@@ -111,7 +112,7 @@ def _prob_pos_fn(geometry):
 def test_solve_hidden_cos_gives_smallest_root_and_flags_infeasible(geometry):
     axes = (np.array([0.0, 1.0, 1.5, 2.0]), np.array([0.0, 0.7, 2.0]), np.array([0.05, 1.0]))
     probs = np.array([0.2, 0.6, 0.95])
-    solved = ph.cell_inputs(*axes, probs, geometry=geometry)
+    solved = pi.cell_inputs(*axes, probs, geometry=geometry)
     dense = np.linspace(-1.0, 1.0, 20001)  # 20x finer than the solver's first-crossing grid
     prob_pos = _prob_pos_fn(geometry)
     seen = {True: 0, False: 0}
@@ -134,10 +135,10 @@ def test_solve_hidden_cos_gives_smallest_root_and_flags_infeasible(geometry):
 def test_hidden_direction_is_the_max_margin_direction(geometry):
     rng = np.random.default_rng(2)
     rho, omega = rng.uniform(-0.5, 2.5, 12), rng.uniform(0.0, 2.5, 12)
-    phi, margin = ph.hidden_direction(rho, omega, geometry=geometry)
+    phi, margin = pi.hidden_direction(rho, omega, geometry=geometry)
     angles = np.linspace(-np.pi, np.pi, 200001)
     for i in range(rho.size):
-        inst = ph.instance(geometry, rho[i], omega[i], 1.0, 0.0, 1.0, 0.0)  # W only
+        inst = pi.instance(geometry, rho[i], omega[i], 1.0, 0.0, 1.0, 0.0)  # W only
         W, Q = np.asarray(inst.unembedding), geometry.rotation
         d = np.stack([np.cos(angles), np.sin(angles)], -1) @ Q[:, :2].T  # [A, d] rotated plane
         brute = np.min((W[0] - W[1:]) @ d.T, axis=0) / geometry.unembedding_norm  # [A]
@@ -149,9 +150,9 @@ def test_hidden_direction_is_the_max_margin_direction(geometry):
 
 def test_kernel_anisotropy_is_one_plus_lambda(geometry):
     for lam in (0.0, 0.5, 4.0, 9.0):
-        inst = ph.instance(geometry, 0.8, 1.0, 0.25, -0.3, 0.4, lam)
+        inst = pi.instance(geometry, 0.8, 1.0, 0.25, -0.3, 0.4, lam)
         K = inst.basis @ inst.basis.T
-        S = ph.kernel_subspace(inst, geometry)
+        S = pi.kernel_subspace(inst, geometry)
         got = float(kernel_anisotropy(K, S).ratio)
         assert abs(got - (1.0 + lam)) <= CONSTRUCTION_RTOL * (1.0 + lam), (lam, got)
         q, _ = np.linalg.qr(np.asarray(S).T)
@@ -173,11 +174,11 @@ def test_make_geometry_rejects_bad_sizes():
         rotate=True,
     )
     with pytest.raises(ValueError, match="hidden_size must be >= 4"):
-        ph.make_geometry(**{**base, "hidden_size": 3})
+        pi.make_geometry(**{**base, "hidden_size": 3})
     with pytest.raises(ValueError, match="synonym_scale must be < 1/1.2"):
-        ph.make_geometry(**{**base, "synonym_scale": 0.9})
+        pi.make_geometry(**{**base, "synonym_scale": 0.9})
     with pytest.raises(ValueError, match="num_opposite must be >= 1"):
-        ph.make_geometry(**{**base, "num_opposite": 0})
+        pi.make_geometry(**{**base, "num_opposite": 0})
 
 
 # --- the t = 0 prediction
@@ -185,7 +186,7 @@ def test_make_geometry_rejects_bad_sizes():
 
 def _autodiff_velocities(geometry, x, sft_ratio):
     """d/dt ln pi(.|x) at t = 0 by jax.jvp along -grad of the actual loss on (W, theta)."""
-    inst = ph.instance(geometry, x["rho"], x["omega"], x["kappa"], x["phi"], x["cos"], x["lam"])
+    inst = pi.instance(geometry, x["rho"], x["omega"], x["kappa"], x["phi"], x["cos"], x["lam"])
     lp0 = jax.nn.log_softmax(inst.unembedding @ inst.hidden)
     sft_coef = sft_ratio * x["beta"] / 2.0
 
@@ -205,7 +206,7 @@ def _autodiff_velocities(geometry, x, sft_ratio):
 
 
 def _closed_form_velocities(geometry, x, sft_ratio):
-    inst = ph.instance(geometry, x["rho"], x["omega"], x["kappa"], x["phi"], x["cos"], x["lam"])
+    inst = pi.instance(geometry, x["rho"], x["omega"], x["kappa"], x["phi"], x["cos"], x["lam"])
     W, h = inst.unembedding, inst.hidden
     lp0 = jax.nn.log_softmax(W @ h)
     loss = partial(ph.pair_loss, x["loss_id"], beta=x["beta"], sft_coef=sft_ratio * x["beta"] / 2)
@@ -333,8 +334,8 @@ def test_experiment_sweep_resumes_after_kill_without_recomputing(tmp_path, monke
     import _phase_diagram_job as job
 
     out = tmp_path / "sweep"
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # as this process (conftest)
+    env = dict(os.environ)  # the root conftest's XLA_FLAGS: 8 devices, same optimisation level
+    assert "--xla_force_host_platform_device_count=8" in env["XLA_FLAGS"]
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "_phase_diagram_job.py"), str(out)],
