@@ -216,7 +216,7 @@ def analyse(
     failure = {
         opt: {
             a: {
-                "values": labels(a),
+                "values": names.get(a) or axes[a].tolist(),
                 "failure_rate": [
                     failure_rate((coords["optimizer"] == oi) & (coords[a] == i))
                     for i in range(len(axes[a]))
@@ -249,8 +249,11 @@ def analyse(
     displaced = ok & (outcome >= 1)
     category = pi.token_category(np.maximum(outputs["top_gainer_drop"], 0), geometry)
     predicted = pi.token_category(np.maximum(grid["pred_top_gainer"], 0), geometry)
+    category_end = pi.token_category(np.maximum(outputs["top_gainer_end"], 0), geometry)
     gain = outputs["opposite_mass_peak"] - outputs["opposite_mass_start"]
-    mass = {}
+    gain_end = outputs["opposite_mass_end"] - outputs["opposite_mass_start"]
+    drop_fraction = outputs["drop_checkpoint"] / (config.num_steps // config.record_every)
+    mass, timing = {}, {}
     for oi, opt in enumerate(names["optimizer"]):
         m = displaced & (coords["optimizer"] == oi)
         mass[opt] = {
@@ -258,9 +261,24 @@ def analyse(
             "top_gainer_at_drop": {
                 c: int(np.sum(m & (category == k))) for k, c in enumerate(pi.CATEGORIES)
             },
+            "top_gainer_at_end": {
+                c: int(np.sum(m & (category_end == k))) for k, c in enumerate(pi.CATEGORIES)
+            },
             "theorem5_top_gainer_matches": _rate(np.sum(m & (category == predicted)), np.sum(m)),
             "mean_opposite_peak_gain": _rate(np.sum(gain[m]), np.sum(m)),
+            "mean_opposite_end_gain": _rate(np.sum(gain_end[m]), np.sum(m)),
         }
+        # when the deepest point comes, as a fraction of the run, per (prediction, outcome)
+        for pi_, p in enumerate(PREDICTIONS[:2]):
+            for oi_, o in enumerate(OUTCOMES[1:], start=1):
+                sel = m & (pred == pi_) & (outcome == oi_)
+                when = drop_fraction[sel]
+                timing[f"{opt}/{p}/{o}"] = {
+                    "runs": int(sel.sum()),
+                    "median": float(np.median(when)) if when.size else None,
+                    "q10": float(np.quantile(when, 0.1)) if when.size else None,
+                    "q90": float(np.quantile(when, 0.9)) if when.size else None,
+                }
     specs = [s for s in PANEL_SPECS if s[0] in config.losses and s[1] in config.optimizers]
     panels = []
     for (loss, opt, x, y), boundary in zip(
@@ -317,6 +335,7 @@ def analyse(
         "failure_vs_omega": failure_vs_omega,
         "early_change_vs_prediction": early,
         "mass": mass,
+        "drop_time_fraction": timing,
         "panels": panels,
         "nonfinite_runs": [
             {a: _value(axes, names, a, coords[a][r]) for a in AXES} for r in nonfinite[:20]
