@@ -1,4 +1,4 @@
-r"""t = 0 predictions and per-run flows of the displacement phase diagram (issue 14).
+r"""t = 0 predictions, per-run flows and the swept grid of the displacement phase diagram.
 
 Instances: :mod:`experiments._phase_instances`.
 
@@ -25,18 +25,22 @@ losses with SGD and :math:`\lambda = 0`; :func:`sims.flow.flow_fn` on ``(W, thet
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._phase_instances import Geometry, instance
+from experiments._common import progress
+from experiments._phase_instances import Geometry, cell_inputs, instance, make_geometry
 from sims.flow import flow_fn
 from sims.models import PreferencePairs
 from sims.reduced import pair_index, reduced_flow_fn
+from sims.sweep import run_mesh, sharded_runner, sweep
 from theory.kernel import kernel_logprob_velocity
 from theory.losses import (
     dpo_loss,
@@ -51,6 +55,10 @@ from theory.losses import (
 LOSS_NAMES = ("dpo", "ipo", "slic", "dpo_sft")
 MARGIN_LOSSES = LOSS_NAMES[:3]
 PATHS = ("reduced", "generic_sgd", "generic_rmsprop")
+#: Axes of the grid, in the (row-major) order of its flat run index.
+AXES = ("rho", "omega", "kappa", "prob_pos", "beta", "loss", "optimizer", "lam")
+OPTIMIZERS = ("sgd", "rmsprop_torch")
+OUTCOMES = ("none", "transient", "lasting")  # see outcome_codes
 #: Inputs of :func:`prediction` (one scalar each per cell).
 PREDICTION_INPUTS = ("rho", "omega", "kappa", "phi", "cos", "lam", "beta", "loss_id")
 
@@ -254,3 +262,151 @@ def make_run_fn(geometry: Geometry, path: str, schedule: Schedule) -> Callable[[
         return {**summarise(logprobs, geometry), "first_nonfinite_step": res.first_nonfinite_step}
 
     return run_fn
+
+
+def outcome_codes(outputs: dict, tol: float) -> np.ndarray:
+    """0 none, 1 transient, 2 lasting (max drop and final change vs ``tol``); -1 where NaN."""
+    drop, final = outputs["max_drop"], outputs["final_change"]
+    codes = np.where(drop > tol, np.where(final < -tol, 2, 1), 0)
+    return np.where(np.isfinite(drop) & np.isfinite(final), codes, -1)
+
+
+def geometry_of(config) -> Geometry:
+    """The :class:`~experiments._phase_instances.Geometry` of an experiment config."""
+    return make_geometry(
+        seed=config.seed,
+        hidden_size=config.hidden_size,
+        num_opposite=config.num_opposite,
+        num_synonym=config.num_synonym,
+        num_filler=config.num_filler,
+        unembedding_norm=config.unembedding_norm,
+        opposite_scale=config.opposite_scale,
+        synonym_scale=config.synonym_scale,
+        filler_scale=config.filler_scale,
+        rotate=config.rotate,
+    )
+
+
+def axes_of(config) -> dict[str, np.ndarray]:
+    """The grid axes in :data:`AXES` order (``loss`` and ``optimizer`` as indices)."""
+    values = (config.rhos, config.omegas, config.kappas, config.probs, config.betas)
+    out = {a: np.asarray(v, np.float64) for a, v in zip(AXES[:5], values, strict=True)}
+    out["loss"] = np.array([LOSS_NAMES.index(n) for n in config.losses], np.int32)
+    out["optimizer"] = np.array([OPTIMIZERS.index(n) for n in config.optimizers], np.int32)
+    out["lam"] = np.asarray(config.lambdas, np.float64)
+    return out
+
+
+def cells(config, geometry: Geometry, predict, axes: dict) -> dict[str, np.ndarray]:
+    """Every grid cell as flat ``[R]`` run inputs (row-major over :data:`AXES`), with ``feasible``,
+    the t = 0 prediction, the ``path`` (index into :data:`PATHS`) and the step ``dt``."""
+    solved = cell_inputs(
+        axes["rho"], axes["omega"], axes["kappa"], axes["prob_pos"], geometry=geometry
+    )
+    shape = tuple(len(axes[a]) for a in AXES)
+    index = np.indices(shape).reshape(len(AXES), -1)
+    x = {a: axes[a][i] for a, i in zip(AXES, index, strict=True)}
+    geo = tuple(index[:4])
+    x["phi"], x["cos"] = solved["phi"][geo], solved["cos"][geo]
+    feasible = solved["feasible"][geo]
+    x["loss_id"] = x.pop("loss")
+    inputs = {k: x[k][feasible] for k in ("rho", "omega", "kappa", "phi", "cos", "lam", "beta")}
+    inputs["loss_id"] = x["loss_id"][feasible]
+    pred = predict(inputs)
+    sgd = x["optimizer"][feasible] == OPTIMIZERS.index("sgd")
+    margin = np.isin(inputs["loss_id"], [LOSS_NAMES.index(n) for n in MARGIN_LOSSES])
+    path = np.where(sgd, np.where(margin & (inputs["lam"] == 0.0), 0, 1), 2)
+    dt = np.where(sgd, config.horizon / config.num_steps / pred["unit"], config.rmsprop_lr)
+    full = {"feasible": feasible, "optimizer": x["optimizer"], "prob_pos": x["prob_pos"]}
+    for key, value, fill in (
+        *((k, v, np.nan) for k, v in inputs.items() if k != "loss_id"),
+        ("loss_id", inputs["loss_id"], -1),
+        ("pred_velocity", pred["velocity"], np.nan),
+        ("pred_relative", pred["relative"], np.nan),
+        ("pred_top_gainer", pred["top_gainer"], -1),
+        ("path", path, -1),
+        ("dt", dt, np.nan),
+    ):
+        full[key] = np.full(feasible.shape, fill, np.asarray(value).dtype)
+        full[key][feasible] = value
+    return full
+
+
+RUN_INPUTS = ("rho", "omega", "kappa", "phi", "cos", "lam", "beta", "loss_id", "dt")
+
+
+def run_sweeps(config, geometry, grid: dict, sweep_dir=None) -> dict[str, np.ndarray]:
+    """Run every feasible cell through :func:`sims.sweep.sweep`, one sweep per path; return the
+    outputs scattered back onto the grid (NaN / -1 elsewhere) and ``status`` per cell."""
+    schedule = Schedule(config.num_steps, config.record_every, config.sft_ratio)
+    status = np.where(grid["feasible"], "", "infeasible").astype(object)
+    outputs: dict[str, np.ndarray] = {}
+    for p, path in enumerate(PATHS):
+        runs = np.flatnonzero(grid["path"] == p)
+        if runs.size == 0:
+            continue
+        start, done = time.perf_counter(), [0]
+
+        def report(k, n, computed, path=path, runs=runs, start=start, done=done):
+            done[0] = min((k + 1) * config.chunk_size, runs.size)
+            progress(
+                f"  [{path}] chunk {k + 1}/{n} {'computed' if computed else 'loaded'}: "
+                f"{done[0]}/{runs.size} runs, {time.perf_counter() - start:.1f} s"
+            )
+
+        res = sweep(
+            make_run_fn(geometry, path, schedule),
+            {k: grid[k][runs] for k in RUN_INPUTS},
+            name=f"displacement_phase_diagram/{path}",
+            out_dir=None if sweep_dir is None else Path(sweep_dir) / path,
+            chunk_size=config.chunk_size,
+            batch_size=config.batch_size or None,
+            on_chunk=report,
+        )
+        for key, value in res.outputs.items():
+            if key not in outputs:
+                fill = np.nan if np.issubdtype(value.dtype, np.floating) else -1
+                outputs[key] = np.full(status.shape, fill, value.dtype)
+            outputs[key][runs] = value
+        status[runs] = res.status
+    outputs["status"] = status.astype(str)
+    return outputs
+
+
+def controls(config, geometry, grid: dict, outputs: dict) -> dict:
+    """Rerun ``control_runs`` random SGD cells (through the generic path) with the step divided by
+    ``control_factor`` (same checkpoint times) and with the horizon multiplied by it."""
+    ok = np.flatnonzero((outputs["status"] == "ok") & (grid["path"] < 2))
+    if config.control_runs == 0 or ok.size == 0:
+        return {}
+    rng = np.random.default_rng(config.seed)
+    pick = np.sort(rng.choice(ok, min(config.control_runs, ok.size), replace=False))
+    f = config.control_factor
+    schedule = Schedule(config.num_steps * f, config.record_every * f, config.sft_ratio)
+    x = {k: grid[k][pick] for k in RUN_INPUTS}
+    both = {k: np.concatenate([v, v]) for k, v in x.items()}
+    both["dt"] = np.concatenate([x["dt"] / f, x["dt"]])  # finer steps; longer horizon
+    runner = sharded_runner(
+        make_run_fn(geometry, "generic_sgd", schedule), mesh=run_mesh(), batch_size=None
+    )
+    out = runner(both)
+    n = pick.size
+    main_outcome = outcome_codes(outputs, config.displacement_tol)[pick]
+    result = {"runs": pick}
+    for label, sl in (("finer_step", slice(0, n)), ("longer_horizon", slice(n, 2 * n))):
+        part = {k: v[sl] for k, v in out.items()}
+        codes = outcome_codes(part, config.displacement_tol)
+        result[label] = {
+            "max_abs_diff_max_drop": float(
+                np.max(np.abs(part["max_drop"] - outputs["max_drop"][pick]))
+            ),
+            "outcome_changed": int(np.sum(codes != main_outcome)),
+            "transitions": {
+                f"{OUTCOMES[a]}->{OUTCOMES[b]}": int(np.sum((main_outcome == a) & (codes == b)))
+                for a in range(3)
+                for b in range(3)
+                if a != b
+            },
+            "nonfinite": int(np.sum(~np.isfinite(part["max_drop"]))),
+        }
+    return result

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +58,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments import _phase_diagram as ph
-from experiments import _phase_instances as pi
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
@@ -76,14 +74,12 @@ from experiments._common import (
     progress,
     provenance,
 )
-from experiments._phase_report import OUTCOMES, analyse
-from experiments._phase_report import plot as plot_report
-from sims.sweep import run_mesh, sharded_runner, sweep
+from experiments._phase_diagram import OPTIMIZERS
+from experiments._phase_plot import plot as plot_report
+from experiments._phase_report import analyse
 
 NAME = "displacement_phase_diagram"
 SWEEP_FOLDER = f"{NAME}_sweep"  # in the output folder; one subfolder per config: reruns resume
-AXES = ("rho", "omega", "kappa", "prob_pos", "beta", "loss", "optimizer", "lam")
-OPTIMIZERS = ("sgd", "rmsprop_torch")
 
 
 @dataclass(frozen=True)
@@ -179,166 +175,20 @@ class Config(ExperimentConfig):
             raise ConfigError(f"--hidden-size must be >= 4, got {self.hidden_size}")
 
 
-def geometry_of(config: Config) -> pi.Geometry:
-    return pi.make_geometry(
-        seed=config.seed,
-        hidden_size=config.hidden_size,
-        num_opposite=config.num_opposite,
-        num_synonym=config.num_synonym,
-        num_filler=config.num_filler,
-        unembedding_norm=config.unembedding_norm,
-        opposite_scale=config.opposite_scale,
-        synonym_scale=config.synonym_scale,
-        filler_scale=config.filler_scale,
-        rotate=config.rotate,
-    )
-
-
-def axes_of(config: Config) -> dict[str, np.ndarray]:
-    """The grid axes in :data:`AXES` order (``loss`` and ``optimizer`` as indices)."""
-    values = (config.rhos, config.omegas, config.kappas, config.probs, config.betas)
-    out = {a: np.asarray(v, np.float64) for a, v in zip(AXES[:5], values, strict=True)}
-    out["loss"] = np.array([ph.LOSS_NAMES.index(n) for n in config.losses], np.int32)
-    out["optimizer"] = np.array([OPTIMIZERS.index(n) for n in config.optimizers], np.int32)
-    out["lam"] = np.asarray(config.lambdas, np.float64)
-    return out
-
-
-def cells(config: Config, geometry: pi.Geometry, predict, axes: dict) -> dict[str, np.ndarray]:
-    """Every grid cell as flat ``[R]`` run inputs (row-major over :data:`AXES`), with ``feasible``,
-    the t = 0 prediction, the ``path`` (index into :data:`ph.PATHS`) and the step ``dt``."""
-    solved = pi.cell_inputs(
-        axes["rho"], axes["omega"], axes["kappa"], axes["prob_pos"], geometry=geometry
-    )
-    shape = tuple(len(axes[a]) for a in AXES)
-    index = np.indices(shape).reshape(len(AXES), -1)
-    x = {a: axes[a][i] for a, i in zip(AXES, index, strict=True)}
-    geo = tuple(index[:4])
-    x["phi"], x["cos"] = solved["phi"][geo], solved["cos"][geo]
-    feasible = solved["feasible"][geo]
-    x["loss_id"] = x.pop("loss")
-    inputs = {k: x[k][feasible] for k in ("rho", "omega", "kappa", "phi", "cos", "lam", "beta")}
-    inputs["loss_id"] = x["loss_id"][feasible]
-    pred = predict(inputs)
-    sgd = x["optimizer"][feasible] == OPTIMIZERS.index("sgd")
-    margin = np.isin(inputs["loss_id"], [ph.LOSS_NAMES.index(n) for n in ph.MARGIN_LOSSES])
-    path = np.where(sgd, np.where(margin & (inputs["lam"] == 0.0), 0, 1), 2)
-    dt = np.where(sgd, config.horizon / config.num_steps / pred["unit"], config.rmsprop_lr)
-    full = {"feasible": feasible, "optimizer": x["optimizer"], "prob_pos": x["prob_pos"]}
-    for key, value, fill in (
-        *((k, v, np.nan) for k, v in inputs.items() if k != "loss_id"),
-        ("loss_id", inputs["loss_id"], -1),
-        ("pred_velocity", pred["velocity"], np.nan),
-        ("pred_relative", pred["relative"], np.nan),
-        ("pred_top_gainer", pred["top_gainer"], -1),
-        ("path", path, -1),
-        ("dt", dt, np.nan),
-    ):
-        full[key] = np.full(feasible.shape, fill, np.asarray(value).dtype)
-        full[key][feasible] = value
-    return full
-
-
-RUN_INPUTS = ("rho", "omega", "kappa", "phi", "cos", "lam", "beta", "loss_id", "dt")
-
-
-def run_sweeps(config: Config, geometry, grid: dict, sweep_dir=None) -> dict[str, np.ndarray]:
-    """Run every feasible cell through :func:`sims.sweep.sweep`, one sweep per path; return the
-    outputs scattered back onto the grid (NaN / -1 elsewhere) and ``status`` per cell."""
-    schedule = ph.Schedule(config.num_steps, config.record_every, config.sft_ratio)
-    status = np.where(grid["feasible"], "", "infeasible").astype(object)
-    outputs: dict[str, np.ndarray] = {}
-    for p, path in enumerate(ph.PATHS):
-        runs = np.flatnonzero(grid["path"] == p)
-        if runs.size == 0:
-            continue
-        start, done = time.perf_counter(), [0]
-
-        def report(k, n, computed, path=path, runs=runs, start=start, done=done):
-            done[0] = min((k + 1) * config.chunk_size, runs.size)
-            progress(
-                f"  [{path}] chunk {k + 1}/{n} {'computed' if computed else 'loaded'}: "
-                f"{done[0]}/{runs.size} runs, {time.perf_counter() - start:.1f} s"
-            )
-
-        res = sweep(
-            ph.make_run_fn(geometry, path, schedule),
-            {k: grid[k][runs] for k in RUN_INPUTS},
-            name=f"{NAME}/{path}",
-            out_dir=None if sweep_dir is None else Path(sweep_dir) / path,
-            chunk_size=config.chunk_size,
-            batch_size=config.batch_size or None,
-            on_chunk=report,
-        )
-        for key, value in res.outputs.items():
-            if key not in outputs:
-                fill = np.nan if np.issubdtype(value.dtype, np.floating) else -1
-                outputs[key] = np.full(status.shape, fill, value.dtype)
-            outputs[key][runs] = value
-        status[runs] = res.status
-    outputs["status"] = status.astype(str)
-    return outputs
-
-
-def controls(config: Config, geometry, grid: dict, outputs: dict) -> dict:
-    """Rerun ``control_runs`` random SGD cells with step / factor and with horizon * factor."""
-    ok = np.flatnonzero((outputs["status"] == "ok") & (grid["path"] < 2))
-    if config.control_runs == 0 or ok.size == 0:
-        return {}
-    rng = np.random.default_rng(config.seed)
-    pick = np.sort(rng.choice(ok, min(config.control_runs, ok.size), replace=False))
-    f = config.control_factor
-    schedule = ph.Schedule(config.num_steps * f, config.record_every * f, config.sft_ratio)
-    x = {k: grid[k][pick] for k in RUN_INPUTS}
-    both = {k: np.concatenate([v, v]) for k, v in x.items()}
-    both["dt"] = np.concatenate([x["dt"] / f, x["dt"]])  # finer steps; longer horizon
-    runner = sharded_runner(
-        ph.make_run_fn(geometry, "generic_sgd", schedule), mesh=run_mesh(), batch_size=None
-    )
-    out = runner(both)
-    n = pick.size
-    main_outcome = outcome_codes(outputs, config.displacement_tol)[pick]
-    result = {"runs": pick}
-    for label, sl in (("finer_step", slice(0, n)), ("longer_horizon", slice(n, 2 * n))):
-        part = {k: v[sl] for k, v in out.items()}
-        codes = outcome_codes(part, config.displacement_tol)
-        result[label] = {
-            "max_abs_diff_max_drop": float(
-                np.max(np.abs(part["max_drop"] - outputs["max_drop"][pick]))
-            ),
-            "outcome_changed": int(np.sum(codes != main_outcome)),
-            "transitions": {
-                f"{OUTCOMES[a]}->{OUTCOMES[b]}": int(np.sum((main_outcome == a) & (codes == b)))
-                for a in range(3)
-                for b in range(3)
-                if a != b
-            },
-            "nonfinite": int(np.sum(~np.isfinite(part["max_drop"]))),
-        }
-    return result
-
-
-def outcome_codes(outputs: dict, tol: float) -> np.ndarray:
-    """0 none, 1 transient, 2 lasting (see the module docstring); -1 where not ok / NaN."""
-    drop, final = outputs["max_drop"], outputs["final_change"]
-    codes = np.where(drop > tol, np.where(final < -tol, 2, 1), 0)
-    return np.where(np.isfinite(drop) & np.isfinite(final), codes, -1)
-
-
 def run(config: Config, *, sweep_dir: str | Path | None = None) -> dict:
     """Build the grid, sweep it (in ``sweep_dir`` if given: resumable), analyse. JSON-ready."""
     enable_x64()
-    geometry = geometry_of(config)
-    axes = axes_of(config)
+    geometry = ph.geometry_of(config)
+    axes = ph.axes_of(config)
     predict = ph.make_predictor(geometry, sft_ratio=config.sft_ratio)
-    grid = cells(config, geometry, predict, axes)
+    grid = ph.cells(config, geometry, predict, axes)
     progress(
         f"  {grid['feasible'].size} cells, {int(grid['feasible'].sum())} feasible; paths "
         + ", ".join(f"{p}: {int(np.sum(grid['path'] == i))}" for i, p in enumerate(ph.PATHS))
     )
-    outputs = run_sweeps(config, geometry, grid, sweep_dir)
-    results = analyse(config, geometry, predict, axes, grid, outputs, outcome_codes)
-    results["controls"] = controls(config, geometry, grid, outputs)
+    outputs = ph.run_sweeps(config, geometry, grid, sweep_dir)
+    results = analyse(config, geometry, predict, axes, grid, outputs)
+    results["controls"] = ph.controls(config, geometry, grid, outputs)
     results["config"] = config
     results["provenance"] = provenance(dtype_of=outputs["max_drop"])
     return results
@@ -356,9 +206,11 @@ def _summary(r: dict) -> str:
     ]
     for c in ("theorem4", "relative"):
         t = s[c]
+        by = {**t["agreement_by_optimizer"], **t["agreement_by_loss"]}
         parts.append(
-            f"{c}: agreement {t['agreement_displaced']} over {t['resolved']} resolved, "
-            f"by optimizer {t['agreement_by_optimizer']}, by loss {t['agreement_by_loss']}"
+            f"{c}: agreement {t['agreement_displaced']:.3f} over {t['resolved']} resolved runs ("
+            + ", ".join(f"{k} {v:.3f}" for k, v in by.items() if v is not None)
+            + ")"
         )
     return "; ".join(parts)
 

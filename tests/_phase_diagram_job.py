@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 
+from experiments import _phase_diagram as ph
 from experiments import displacement_phase_diagram as exp
 
 #: Two paths (reduced: DPO at lambda = 0; generic_sgd: the rest), chunks of 2 runs.
@@ -19,7 +20,7 @@ JOB_CONFIG = dataclasses.replace(exp.Config.smoke(), lambdas=(0.0, 4.0), chunk_s
 
 def main(out: str) -> None:
     print(json.dumps({"pid": os.getpid()}), flush=True)
-    original = exp.sweep
+    original = ph.sweep
 
     def dying_sweep(*args, on_chunk, **kwargs):
         def hook(k, num_chunks, computed):
@@ -29,7 +30,7 @@ def main(out: str) -> None:
 
         return original(*args, on_chunk=hook, **kwargs)
 
-    exp.sweep = dying_sweep  # run_sweeps looks it up on the module
+    ph.sweep = dying_sweep  # run_sweeps looks it up on the module
     exp.run(JOB_CONFIG, sweep_dir=out)
 
 

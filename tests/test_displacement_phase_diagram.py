@@ -20,6 +20,7 @@ from experiments import _phase_diagram as ph
 from experiments import _phase_instances as pi
 from experiments import displacement_phase_diagram as exp
 from experiments._common import dumps
+from experiments._phase_diagram import outcome_codes
 from experiments._phase_report import prediction_codes, table
 from theory.kernel import kernel_anisotropy
 from theory.losses import loss_coefficients
@@ -40,7 +41,7 @@ NUM_INSTANCES = 256  # random instances of the prediction checks (vmapped)
 
 @pytest.fixture(scope="module")
 def geometry():
-    return exp.geometry_of(exp.Config())
+    return ph.geometry_of(exp.Config())
 
 
 def _random_cells(seed: int, n: int) -> dict:
@@ -265,7 +266,7 @@ def test_prediction_codes_and_table_by_hand():
         "max_drop": np.array([0.5, 0.0, 0.5, 2e-3, np.nan]),
         "final_change": np.array([-0.4, 0.2, 0.1, 0.0, 0.0]),
     }
-    outcome = exp.outcome_codes(outputs, 1e-3)
+    outcome = outcome_codes(outputs, 1e-3)
     assert outcome.tolist() == [2, 0, 1, 1, -1]  # lasting, none, transient, transient, NaN
     t = table(np.array([0, 1, 1, 0]), outcome[:4], np.array([True, False, False, False]))
     # (down, lasting), (up, none), (down, transient) agree on "displaced"; (up, transient) not
@@ -285,10 +286,10 @@ SMALL = dataclasses.replace(
 
 @pytest.fixture(scope="module")
 def small_grid():
-    geometry = exp.geometry_of(SMALL)
+    geometry = ph.geometry_of(SMALL)
     predict = ph.make_predictor(geometry, sft_ratio=SMALL.sft_ratio)
-    grid = exp.cells(SMALL, geometry, predict, exp.axes_of(SMALL))
-    return geometry, grid, exp.run_sweeps(SMALL, geometry, grid)
+    grid = ph.cells(SMALL, geometry, predict, ph.axes_of(SMALL))
+    return geometry, grid, ph.run_sweeps(SMALL, geometry, grid)
 
 
 def test_sweep_equals_the_same_runs_one_by_one(small_grid):
@@ -301,7 +302,7 @@ def test_sweep_equals_the_same_runs_one_by_one(small_grid):
             continue
         one = jax.jit(ph.make_run_fn(geometry, path, schedule))
         for r in runs:
-            got = one({k: grid[k][r] for k in exp.RUN_INPUTS})
+            got = one({k: grid[k][r] for k in ph.RUN_INPUTS})
             for key, value in got.items():
                 want = outputs[key][r]
                 if np.issubdtype(np.asarray(value).dtype, np.integer):
@@ -319,7 +320,7 @@ def test_reduced_and_generic_paths_agree(small_grid):
     assert runs.size >= 2
     schedule = ph.Schedule(SMALL.num_steps, SMALL.record_every, SMALL.sft_ratio)
     generic = jax.jit(jax.vmap(ph.make_run_fn(geometry, "generic_sgd", schedule)))
-    got = generic({k: grid[k][runs] for k in exp.RUN_INPUTS})
+    got = generic({k: grid[k][runs] for k in ph.RUN_INPUTS})
     for key, value in got.items():
         if key == "first_nonfinite_step" or np.issubdtype(np.asarray(value).dtype, np.integer):
             np.testing.assert_array_equal(value, outputs[key][runs], err_msg=key)
@@ -351,14 +352,14 @@ def test_experiment_sweep_resumes_after_kill_without_recomputing(tmp_path, monke
     assert sorted(index["chunks"]) == ["0"]  # killed right after the first chunk was saved
     assert not (out / ph.PATHS[1]).exists()
 
-    computed, original = {}, exp.sweep
+    computed, original = {}, ph.sweep
 
     def recording(run_fn, inputs, *, name, **kwargs):
         res = original(run_fn, inputs, name=name, **kwargs)
         computed[name] = (res.computed_chunks, -(-len(inputs["rho"]) // kwargs["chunk_size"]))
         return res
 
-    monkeypatch.setattr(exp, "sweep", recording)
+    monkeypatch.setattr(ph, "sweep", recording)
     resumed = exp.run(job.JOB_CONFIG, sweep_dir=out)
     monkeypatch.undo()
     paths = {name.split("/")[1]: value for name, value in computed.items()}
