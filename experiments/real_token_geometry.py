@@ -239,7 +239,11 @@ def run(config: Config) -> dict:
             "provenance": provenance(dtype_of=np.zeros(0)),
         }
     emb = load_minilm()
-    keep = word_subset(emb.vocab, NEG + POS, size=config.vocab_size or len(emb.vocab))
+    keep = (  # 0: every row of the vocabulary (word_subset keeps plain words only)
+        word_subset(emb.vocab, NEG + POS, size=config.vocab_size)
+        if config.vocab_size
+        else np.arange(len(emb.vocab))
+    )
     words = [emb.vocab[i] for i in keep]
     W0 = jnp.asarray(emb.W[keep], dtype=jnp.float64)  # [V, d]
     ids = {w: words.index(w) for w in NEG + POS}

