@@ -21,6 +21,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "persona_no_over_never",
     "ches_real",
     "learned_features_no_over_never",
+    "displacement_phase_diagram",
 )
 
 #: Separate commands, not part of the main job (``python -m experiments NAME``).
