@@ -18,7 +18,12 @@ EXPERIMENTS: tuple[str, ...] = (
     "transformer_ches",
     "transformer_unalignment",
     "kernel_theorem_check",
+    "persona_no_over_never",
+    "ches_real",
+    "learned_features_no_over_never",
+    "displacement_phase_diagram",
+    "minilm_encoder_no_over_never",
 )
 
-#: Separate commands, not part of the main job.
-EXTRA: tuple[str, ...] = ("bench", "compile_once")
+#: Separate commands, not part of the main job (``python -m experiments NAME``).
+EXTRA: tuple[str, ...] = ("bench", "compile_once", "audit")

@@ -1,12 +1,14 @@
 """Analysis idioms shared by the experiment scripts (NumPy on recorded trajectories).
 
-Each is written once here: the largest drop of a recorded probability, sign agreement counted only
-where a value is resolved, relative errors, top gainers at checkpoints, stacking of pytrees.
+Each is written once here: the largest drop of a recorded probability, sign agreement (counted only
+where a value is resolved, or over every entry), relative errors (normwise and pointwise), the top
+tokens by a score or by their gain since the start, per-group means of per-run numbers, percentile
+windows and lowest-fraction subsets of a score order, and stacking of pytrees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
@@ -47,10 +49,56 @@ def sign_agreement(
     return float(np.mean((np.sign(p) == np.sign(a))[resolved])), count
 
 
-def relative_error(got: Any, want: Any, axis: int | tuple[int, ...] | None = None) -> np.ndarray:
-    """Return ``max |got - want| / max |want|`` over ``axis`` (normwise relative error)."""
+def sign_match_rate(predicted: Any, actual: Any) -> float:
+    """Return the fraction of entries with ``sign(predicted) == sign(actual)``, over every entry.
+
+    No resolution threshold (an exact 0 matches only 0): use :func:`sign_agreement` where values
+    near round-off or truncation error should not count.
+
+    Example:
+      >>> sign_match_rate([1.0, -2.0, 3.0, 0.0], [0.5, 1.0, 2.0, 0.0])
+      0.75
+    """
+    return float(np.mean(np.sign(np.asarray(predicted)) == np.sign(np.asarray(actual))))
+
+
+def relative_error(
+    got: Any, want: Any, axis: int | tuple[int, ...] | None = None, *, scale: Any = None
+) -> np.ndarray:
+    """Return ``max |got - want| / scale`` over ``axis`` (normwise relative error).
+
+    ``scale`` defaults to ``max |want|`` over ``axis``; pass it to measure several estimates
+    against one reference scale.
+
+    Example:
+      >>> float(relative_error([1.0, 2.5], [1.0, 2.0]))
+      0.25
+    """
     g, w = np.asarray(got), np.asarray(want)
-    return np.max(np.abs(g - w), axis=axis) / np.max(np.abs(w), axis=axis)
+    if scale is None:
+        scale = np.max(np.abs(w), axis=axis)
+    return np.max(np.abs(g - w), axis=axis) / scale
+
+
+def pointwise_relative_error(got: Any, want: Any, *, floor: Any) -> np.ndarray:
+    """Return ``|got - want| / max(|want|, floor)`` entry by entry (``floor`` keeps zeros finite).
+
+    Example:
+      >>> pointwise_relative_error([1.0, 1e-20], [2.0, 0.0], floor=1e-12).tolist()
+      [0.5, 1e-08]
+    """
+    g, w = np.asarray(got), np.asarray(want)
+    return np.abs(g - w) / np.maximum(np.abs(w), floor)
+
+
+def top_names(scores: Any, names: Sequence[str], k: int) -> list[str]:
+    """Return the names of the ``k`` largest ``scores`` in decreasing order (ties: lower index).
+
+    Example:
+      >>> top_names([0.1, 0.7, 0.2], ["a", "b", "c"], 2)
+      ['b', 'c']
+    """
+    return [names[i] for i in np.argsort(-np.asarray(scores), kind="stable")[:k]]
 
 
 def top_gainers(
@@ -77,6 +125,81 @@ def stack(trees: Sequence[Any]) -> Any:
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
 
 
+def groups(rows: Sequence[dict], key: str) -> dict[Hashable, list[dict]]:
+    """Return ``rows`` grouped by ``row[key]``, groups in order of first appearance.
+
+    Example:
+      >>> groups([{"g": "a", "x": 1}, {"g": "b", "x": 2}, {"g": "a", "x": 3}], "g")["a"]
+      [{'g': 'a', 'x': 1}, {'g': 'a', 'x': 3}]
+    """
+    out: dict[Hashable, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r[key], []).append(r)
+    return out
+
+
 def mean_of(rows: Sequence[dict], key: str) -> float:
     """Return the mean of ``row[key]`` over ``rows`` (a summary of per-run numbers)."""
     return float(np.mean([r[key] for r in rows]))
+
+
+def mean_gain(rows: Sequence[dict], key: str, *, at: int = -1) -> float:
+    """Return the mean over ``rows`` of ``row[key][at] - row[key][0]`` (change of a series).
+
+    Example:
+      >>> mean_gain([{"p": [0.1, 0.3]}, {"p": [0.2, 0.2]}], "p")
+      0.1
+    """
+    return float(np.mean([r[key][at] - r[key][0] for r in rows]))
+
+
+def mean_peak_gain(rows: Sequence[dict], key: str) -> float:
+    """Return the mean over ``rows`` of ``max(row[key]) - row[key][0]`` (rise to a series' peak).
+
+    Example:
+      >>> mean_peak_gain([{"p": [0.1, 0.5, 0.3]}, {"p": [0.2, 0.1]}], "p")
+      0.2
+    """
+    return float(np.mean([max(r[key]) - r[key][0] for r in rows]))
+
+
+def mean_by_label(values: Any, labels: Any) -> dict[Any, float]:
+    """Return ``{label: float64 mean of the values with that label}``, labels in order of first
+    appearance.
+
+    Example:
+      >>> mean_by_label([1.0, 2.0, 4.0], ["a", "b", "a"])
+      {'a': 2.5, 'b': 2.0}
+    """
+    v, lab = np.asarray(values, dtype=float), np.asarray(labels)
+    return {k: float(np.mean(v[lab == k])) for k in dict.fromkeys(lab.tolist())}
+
+
+def percentile_window(order: Any, q: float, size: int) -> np.ndarray:
+    """Return the ``size`` entries of ``order`` centred on percentile ``q`` (clipped to the ends).
+
+    ``order`` is a score order (``argsort`` of the scores). The window starts at
+    ``round(q / 100 * (N - 1)) - size // 2`` (Python's round, ties to even), clipped to
+    ``[0, N - size]``. This is the transformer experiment's convention; for even ``size`` it can
+    start one rank lower than :func:`sims.scores.percentile_subsets` (which rounds the window's
+    start, not its centre).
+
+    Example:
+      >>> percentile_window(np.arange(10), 50, 4).tolist()
+      [2, 3, 4, 5]
+    """
+    order = np.asarray(order)
+    centre = int(round(q / 100 * (len(order) - 1)))
+    start = min(max(centre - size // 2, 0), len(order) - size)
+    return order[start : start + size]
+
+
+def lowest_fraction(scores: Any, fraction: float) -> np.ndarray:
+    """Return the indices of the lowest ``fraction`` of ``scores`` (at least one; ties: by index).
+
+    Example:
+      >>> lowest_fraction([0.3, 0.1, 0.2, 0.4], 0.5).tolist()
+      [1, 2]
+    """
+    order = np.argsort(np.asarray(scores), kind="stable")
+    return order[: max(1, int(round(fraction * len(order))))]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments._analysis import stack
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
@@ -26,6 +27,7 @@ from experiments._common import (
     progress,
     provenance,
 )
+from experiments._plots import bar_min_max
 from sims.data.synthetic import synthetic_preferences
 from sims.flow import preference_flow, stack_models
 from sims.prefix_tree import restrict, with_reference
@@ -84,6 +86,25 @@ def _scores(data, pairs) -> dict[str, np.ndarray]:
     }
 
 
+def _subset_changes(config: Config, model, pairs, rows: np.ndarray) -> tuple:
+    """DPO on every subset of ``rows`` ``[runs, size]`` in one vmapped flow: the change of each
+    subset's mean preferred log-prob and of its loss, ``[runs]`` each."""
+    P = 2 * config.subset_size * (config.max_len + 1)  # bound on a subset's distinct prefixes
+    subsets = [restrict(model, pairs, r, num_prefixes=P) for r in rows]
+    res = preference_flow(
+        stack_models([m for m, _ in subsets]),
+        stack([p for _, p in subsets]),
+        make_loss("dpo", beta=config.beta),
+        dt=config.dt,
+        num_steps=config.num_steps,
+        record_every=config.num_steps,
+        in_axes=(0, 0),
+    )
+    lp = res.observables.logprob_chosen
+    change = np.asarray(jnp.mean(lp[:, -1] - lp[:, 0], axis=1))
+    return change, np.asarray(res.loss[:, -1] - res.loss[:, 0])
+
+
 def _one_seed(config: Config, seed: int) -> dict:
     data = synthetic_preferences(
         jax.random.key(seed),
@@ -95,45 +116,20 @@ def _one_seed(config: Config, seed: int) -> dict:
     )
     pairs = with_reference(data.model, data.pairs)
     scores = _scores(data, pairs)
-    rows = [percentile_subsets(scores[s], config.percentiles, config.subset_size) for s in SCORES]
-    rows = np.concatenate(rows)  # [scores * percentiles, size]
-    P = 2 * config.subset_size * (config.max_len + 1)  # bound on a subset's distinct prefixes
-    subsets = [restrict(data.model, pairs, r, num_prefixes=P) for r in rows]
-    stack = lambda xs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
-    res = preference_flow(
-        stack_models([m for m, _ in subsets]),
-        stack([p for _, p in subsets]),
-        make_loss("dpo", beta=config.beta),
-        dt=config.dt,
-        num_steps=config.num_steps,
-        record_every=config.num_steps,
-        in_axes=(0, 0),
-    )
-    obs, losses = res.observables, res.loss
-    change = np.asarray(jnp.mean(obs.logprob_chosen[:, -1] - obs.logprob_chosen[:, 0], axis=1))
+    subsets = {
+        s: percentile_subsets(scores[s], config.percentiles, config.subset_size) for s in SCORES
+    }
+    rows = np.concatenate([subsets[s] for s in SCORES])  # [scores * percentiles, size]
+    change, loss_change = _subset_changes(config, data.model, pairs, rows)
     shape = (len(SCORES), len(config.percentiles))
+    length_difference = [
+        len(y) - len(c) for c, y in zip(data.chosen_tokens, data.rejected_tokens, strict=True)
+    ]
     return {
         "change_mean_logprob_chosen": change.reshape(shape),
-        "loss_change": np.asarray(losses[:, -1] - losses[:, 0]).reshape(shape),
-        "subset_mean_score": np.array(
-            [
-                [
-                    scores[s][r].mean()
-                    for r in percentile_subsets(scores[s], config.percentiles, config.subset_size)
-                ]
-                for s in SCORES
-            ]
-        ),
-        "score_length_spearman": {
-            s: spearman(
-                scores[s],
-                [
-                    len(y) - len(c)
-                    for c, y in zip(data.chosen_tokens, data.rejected_tokens, strict=True)
-                ],
-            )
-            for s in SCORES
-        },
+        "loss_change": loss_change.reshape(shape),
+        "subset_mean_score": np.array([[scores[s][r].mean() for r in subsets[s]] for s in SCORES]),
+        "score_length_spearman": {s: spearman(scores[s], length_difference) for s in SCORES},
     }
 
 
@@ -178,7 +174,7 @@ def plot(results: dict) -> plt.Figure:
     for i, (ax, s) in enumerate(zip(axes, results["scores"], strict=True)):
         mean = np.asarray(results["change_mean"])[i]
         lo, hi = np.asarray(results["change_min"])[i], np.asarray(results["change_max"])[i]
-        ax.bar(range(len(pct)), mean, yerr=[mean - lo, hi - mean], capsize=3, color="tab:blue")
+        bar_min_max(ax, range(len(pct)), mean, lo, hi, capsize=3, color="tab:blue")
         ax.axhline(0.0, color="k", lw=0.8)
         ax.set_xticks(range(len(pct)), [str(p) for p in pct])
         rho = results["spearman_percentile_vs_change"][s]

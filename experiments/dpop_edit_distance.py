@@ -86,6 +86,18 @@ def _ids(text):
     return np.array([TOKENS.index(ch) for ch in text] + [len(TOKENS) - 1])
 
 
+def _models(config: Config, context, pre, length: int, key) -> dict:
+    """The three models, each at the reference: position logits (contexts tied, then free) and
+    unconstrained features fitted to the reference logits."""
+    W = jax.random.normal(key, (len(TOKENS), config.hidden_size)) / np.sqrt(config.hidden_size)
+    H = jnp.linalg.lstsq(W, context.T)[0].T  # [P, d]: W H^T = reference logits when d >= V
+    return {
+        "logit": PositionLogits(context, pre.position, length),
+        "free_logit": PositionLogits(context, pre.position, length, trainable="context"),
+        "features": UnconstrainedFeatures.from_arrays(W, H),
+    }
+
+
 def run(config: Config) -> dict:
     enable_x64()  # float64 flows and sign checks, however run() is called
     chosen, rejected = _ids(config.chosen), _ids(config.rejected)
@@ -102,19 +114,11 @@ def run(config: Config) -> dict:
     lam_star = float(np.max(th.threshold))
     lams = jnp.asarray(config.lam_factors) * lam_star
     kw = dict(dt=config.dt, num_steps=config.num_steps, record_every=config.record_every)
-    W = jax.random.normal(k_w, (len(TOKENS), config.hidden_size)) / np.sqrt(config.hidden_size)
-    H = jnp.linalg.lstsq(W, context.T)[0].T  # [P, d]: W H^T = reference logits when d >= V
-    models = {
-        "logit": PositionLogits(context, pre.position, len(chosen)),
-        "free_logit": PositionLogits(context, pre.position, len(chosen), trainable="context"),
-        "features": UnconstrainedFeatures.from_arrays(W, H),
-    }
     results = {
         name: flow_summary(edit_pair_flow(model, chosen, rejected, pre, lams, **placement, **kw),
                            lams)
-        for name, model in models.items()
+        for name, model in _models(config, context, pre, len(chosen), k_w).items()
     }  # fmt: skip
-    grid = lam_star * jnp.logspace(-2, 1, config.num_lam_grid)
     signs = sign_checks(
         k_s,
         lw,
@@ -122,7 +126,7 @@ def run(config: Config) -> dict:
         chosen,
         rejected,
         **placement,
-        lam_grid=grid,
+        lam_grid=lam_star * jnp.logspace(-2, 1, config.num_lam_grid),
         num_states=config.num_random_states,
         state_noise=config.state_noise,
     )
@@ -134,31 +138,33 @@ def run(config: Config) -> dict:
     }  # fmt: skip
 
 
+def _plot_model(top, bottom, name: str, r: dict, m: int, lam_star: float) -> None:
+    """One model's column: per-position log-prob changes over t; changes at t_end vs lambda."""
+    t, lp, lams = np.asarray(r["t"]), np.asarray(r["logprob_chosen"]), np.asarray(r["lams"])
+    for i, style in ((0, "-"), (len(lams) - 1, "--")):
+        for k in range(lp.shape[2]):
+            color = "tab:red" if k > m else ("tab:green" if k == m else "0.6")
+            top.plot(t, lp[i, :, k] - lp[i, 0, k], style, color=color, lw=1)
+    top.set(
+        title=f"{name}: ln pi(t_k|y_w^<k) - ref\nsolid DPO, dashed lam={lams[-1]:.3g}; "
+        "red k>m, green k=m",
+        xlabel="t",
+    )
+    delta, x = np.asarray(r["delta_final"]), lams / lam_star
+    bottom.plot(x, delta[:, m + 1 :].min(-1), "o-", label="min over k>m")
+    bottom.plot(x, delta[:, m + 1 :].max(-1), "^-", label="max over k>m")
+    bottom.plot(x, delta.sum(-1), "s-", label="sequence ln pi(y_w)")
+    bottom.axvline(1.0, color="k", ls=":", label="lambda = max_k lambda*_k")
+    bottom.axhline(0, color="0.7")
+    bottom.set(xscale="symlog", xlabel="lambda / max_k lambda*_k", title=f"{name}: change at t_end")
+    bottom.legend(fontsize=7)
+
+
 def plot(results: dict) -> plt.Figure:
     m, models = results["edit"], ("logit", "free_logit", "features")
     fig, axes = plt.subplots(3, 3, figsize=(15, 12), constrained_layout=True)
     for col, name in enumerate(models):
-        r = results[name]
-        t, lp, lams = np.asarray(r["t"]), np.asarray(r["logprob_chosen"]), np.asarray(r["lams"])
-        ax = axes[0, col]
-        for i, style in ((0, "-"), (len(lams) - 1, "--")):
-            for k in range(lp.shape[2]):
-                color = "tab:red" if k > m else ("tab:green" if k == m else "0.6")
-                ax.plot(t, lp[i, :, k] - lp[i, 0, k], style, color=color, lw=1)
-        ax.set(
-            title=f"{name}: ln pi(t_k|y_w^<k) - ref\nsolid DPO, dashed lam={lams[-1]:.3g}; "
-            "red k>m, green k=m",
-            xlabel="t",
-        )
-        ax = axes[1, col]
-        delta, x = np.asarray(r["delta_final"]), lams / results["lambda_star"]
-        ax.plot(x, delta[:, m + 1 :].min(-1), "o-", label="min over k>m")
-        ax.plot(x, delta[:, m + 1 :].max(-1), "^-", label="max over k>m")
-        ax.plot(x, delta.sum(-1), "s-", label="sequence ln pi(y_w)")
-        ax.axvline(1.0, color="k", ls=":", label="lambda = max_k lambda*_k")
-        ax.axhline(0, color="0.7")
-        ax.set(xscale="symlog", xlabel="lambda / max_k lambda*_k", title=f"{name}: change at t_end")
-        ax.legend(fontsize=7)
+        _plot_model(axes[0, col], axes[1, col], name, results[name], m, results["lambda_star"])
     sg = results["signs"]
     ax, grid = axes[2, 0], np.asarray(sg["lam_grid"])
     right = np.asarray(sg["grid_signs_right"], float)

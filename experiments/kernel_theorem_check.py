@@ -32,7 +32,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._common import (
+    ConfigError,
+    ExperimentConfig,
+    enable_x64,
+    experiment_main,
+    nonnegative_int,
+    progress,
+    provenance,
+)
 from experiments._transformer import pretrained_model
 from sims.data import corpus
 from sims.kernel import hidden_kernel, tied_cross_terms, velocity_channels
@@ -48,7 +56,7 @@ COUNTS = ("sign_agree_clear", "sign_clear", "gain_agree_clear", "gain_clear")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """Kernel form vs free-h Theorems 4-5 vs autodiff truth at t = 0 (issue 13)."""
 
     seed: int = 0
@@ -68,6 +76,14 @@ class Config:
     pretrain_lr: float = 3e-3  # Adam learning rate
     pretrain_steps: int = 150  # Adam steps (0: random initialisation, no pre-training)
     batch_size: int = 64  # pre-training minibatch
+
+    RULES = {"pretrain_steps": nonnegative_int}
+
+    def check(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ConfigError(
+                f"--d-model must be divisible by --num-heads, got {self.d_model}, {self.num_heads}"
+            )
 
     @classmethod
     def smoke(cls) -> Config:
@@ -258,6 +274,7 @@ def _transformer_float64(config: Config, tied: bool):
 
 
 def run(config: Config) -> dict:
+    enable_x64()  # a theorem check in float64, however run() is called
     families = {}
     rng = np.random.default_rng(config.seed)
     V, f = config.mlp_vocab, config.mlp_features
@@ -316,7 +333,7 @@ def run(config: Config) -> dict:
         "families": families,
         "summary": summary,
         "verdict": "reproduced" if reproduced else "not reproduced",
-        "provenance": provenance("float64"),
+        "provenance": provenance(dtype_of=x),
     }
 
 
@@ -361,7 +378,6 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    enable_x64()
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 

@@ -25,6 +25,7 @@ from experiments._common import (
     progress,
     provenance,
 )
+from experiments._plots import identity_line
 from sims.tabular import TabularPolicy, kl_objective_flow
 from theory.kl_counterexample import (
     random_instances,
@@ -123,11 +124,11 @@ def _strs(x):
     return [str(v) for v in x] if isinstance(x, list) else str(x)
 
 
-def run(config: Config) -> dict:
-    enable_x64()  # float64 checks (the counterexample search itself runs in float32)
-    key_search, key_check = jax.random.split(jax.random.key(config.seed))
+def _stated_theorem(config: Config, key) -> tuple:
+    """Return ``(search, exact counterexample, JSON part)``: float32 search for counterexamples to
+    Theorem 2 as stated, confirmed in float64, one made exact in rationals."""
     common = dict(num_outcomes=config.num_outcomes, zero_fraction=config.zero_fraction)
-    search = search_counterexamples(key_search, num_instances=config.search_instances, **common)
+    search = search_counterexamples(key, num_instances=config.search_instances, **common)
     progress(f"search: {search.float32_hits} float32 hits, {len(search.confirmed)} in float64")
     ce = rational_counterexample(
         search.instances,
@@ -135,45 +136,7 @@ def run(config: Config) -> dict:
         denominator=config.rational_denominator,
         reward_grid=config.reward_grid,
     )
-    ce_floats = [np.array([float(v) for v in x]) for x in (ce.p_A, ce.p_U, ce.r)]
-
-    checks = random_instances(key_check, num_instances=config.corrected_instances, **common)
-    census = theorem2_census(checks, criterion_atol=CRITERION_ATOL)
-    progress(f"corrected: {census.tilt_conditions} meet it, {census.tilt_failures} fail")
-    tpm_U = np.asarray(_batched(total_probability_mass)(*checks).tpm_U)
-    bound = np.asarray(_batched(residual_mass_bound)(*checks))
-
-    demo = [jnp.asarray(x) for x in (config.demo_p_A, config.demo_p_U, config.demo_r)]
-    betas = jnp.geomspace(*config.betas[:2], int(config.betas[2]))
-
-    total_probability_mass(config.demo_alpha, *demo, config.demo_beta)  # validates the demo
-
-    def beta_sweep(alpha, p_A, p_U, r):
-        tpm, upper = _beta_sweep(alpha, p_A, p_U, r, betas)
-        return {"alpha": alpha, "tpm_A": tpm, "upper_bound": upper}
-
-    temps = jnp.geomspace(*config.temperatures[:2], int(config.temperatures[2]))
-    gammas = jnp.linspace(*config.gammas[:2], int(config.gammas[2]))
-    args = (config.demo_alpha, *demo, config.demo_beta)
-    # temperature T is (a, b) = (1/T, 0); extrapolation gamma is (1 + gamma, gamma): one batch
-    a_all = jnp.concatenate([1 / temps, 1 + gammas])
-    b_all = jnp.concatenate([jnp.zeros_like(temps), gammas])
-    amp = _amplification(*args, a_all, b_all)
-    tpm_U_temp, tpm_U_gamma = amp[: temps.shape[0]], amp[temps.shape[0] :]
-
-    p_ref = config.demo_alpha * demo[0] + (1 - config.demo_alpha) * demo[1]
-    traj = kl_objective_flow(
-        TabularPolicy(logits=jnp.zeros_like(p_ref)),
-        p_ref,
-        demo[2],
-        beta=config.flow_beta,
-        dt=config.flow_dt,
-        num_steps=config.flow_steps,
-        record_every=config.flow_record_every,
-    )
-    n = config.scatter_points
-    return {
-        "config": config,
+    summary = {
         "search": {
             "instances": config.search_instances,
             "float32_hits": search.float32_hits,
@@ -188,6 +151,21 @@ def run(config: Config) -> dict:
             "tpm_A_upper_minus_alpha": float(ce.check.tpm_A[1] - ce.alpha),
             "violates_stated_theorem": ce.check.violates_stated_theorem,
         },
+    }
+    return search, ce, summary
+
+
+def _corrected_theorem(config: Config, key) -> tuple:
+    """Return ``(TPM(U) per instance, JSON part)``: census of the corrected theorem and the
+    residual-mass bound on random float64 instances."""
+    common = dict(num_outcomes=config.num_outcomes, zero_fraction=config.zero_fraction)
+    checks = random_instances(key, num_instances=config.corrected_instances, **common)
+    census = theorem2_census(checks, criterion_atol=CRITERION_ATOL)
+    progress(f"corrected: {census.tilt_conditions} meet it, {census.tilt_failures} fail")
+    tpm_U = np.asarray(_batched(total_probability_mass)(*checks).tpm_U)
+    bound = np.asarray(_batched(residual_mass_bound)(*checks))
+    n = config.scatter_points
+    return tpm_U, {
         "corrected": census._asdict(),
         "residual": {
             "tpm_U": tpm_U[:n],
@@ -195,6 +173,27 @@ def run(config: Config) -> dict:
             "violations": int(np.sum(tpm_U < bound * (1 - BOUND_RTOL))),
             "min_ratio": float(np.min(tpm_U / bound)),
         },
+    }
+
+
+def _sweeps(config: Config, ce) -> dict:
+    """Aligned mass over beta (demo and exact counterexample); unaligned mass over T and gamma."""
+    demo = [jnp.asarray(x) for x in (config.demo_p_A, config.demo_p_U, config.demo_r)]
+    betas = jnp.geomspace(*config.betas[:2], int(config.betas[2]))
+    total_probability_mass(config.demo_alpha, *demo, config.demo_beta)  # validates the demo
+
+    def beta_sweep(alpha, p_A, p_U, r):
+        tpm, upper = _beta_sweep(alpha, p_A, p_U, r, betas)
+        return {"alpha": alpha, "tpm_A": tpm, "upper_bound": upper}
+
+    temps = jnp.geomspace(*config.temperatures[:2], int(config.temperatures[2]))
+    gammas = jnp.linspace(*config.gammas[:2], int(config.gammas[2]))
+    # temperature T is (a, b) = (1/T, 0); extrapolation gamma is (1 + gamma, gamma): one batch
+    a_all = jnp.concatenate([1 / temps, 1 + gammas])
+    b_all = jnp.concatenate([jnp.zeros_like(temps), gammas])
+    amp = _amplification(config.demo_alpha, *demo, config.demo_beta, a_all, b_all)
+    ce_floats = [np.array([float(v) for v in x]) for x in (ce.p_A, ce.p_U, ce.r)]
+    return {
         "beta_sweep": {
             "betas": betas,
             "counterexample": beta_sweep(float(ce.alpha), *ce_floats),
@@ -202,16 +201,42 @@ def run(config: Config) -> dict:
         },
         "amplification": {
             "temperatures": temps,
-            "tpm_U_temperature": tpm_U_temp,
+            "tpm_U_temperature": amp[: temps.shape[0]],
             "gammas": gammas,
-            "tpm_U_gamma": tpm_U_gamma,
+            "tpm_U_gamma": amp[temps.shape[0] :],
             "tpm_U_reference": 1 - config.demo_alpha,
         },
-        "flow": {
-            "t": traj.t,
-            "total_variation": traj.observables.total_variation,
-            "kl": traj.observables.kl,
-        },
+    }
+
+
+def _flow(config: Config) -> dict:
+    """Distances to the tilt along the gradient flow of the KL objective (demo instance)."""
+    p_A, p_U, r = (jnp.asarray(x) for x in (config.demo_p_A, config.demo_p_U, config.demo_r))
+    p_ref = config.demo_alpha * p_A + (1 - config.demo_alpha) * p_U
+    traj = kl_objective_flow(
+        TabularPolicy(logits=jnp.zeros_like(p_ref)),
+        p_ref,
+        r,
+        beta=config.flow_beta,
+        dt=config.flow_dt,
+        num_steps=config.flow_steps,
+        record_every=config.flow_record_every,
+    )
+    obs = traj.observables
+    return {"t": traj.t, "total_variation": obs.total_variation, "kl": obs.kl}
+
+
+def run(config: Config) -> dict:
+    enable_x64()  # float64 checks (the counterexample search itself runs in float32)
+    key_search, key_check = jax.random.split(jax.random.key(config.seed))
+    search, ce, stated = _stated_theorem(config, key_search)
+    tpm_U, corrected = _corrected_theorem(config, key_check)
+    return {
+        "config": config,
+        **stated,
+        **corrected,
+        **_sweeps(config, ce),
+        "flow": _flow(config),
         "provenance": provenance(dtype_of=(search.margin, tpm_U)),
     }
 
@@ -222,26 +247,20 @@ def plot(results: dict) -> plt.Figure:
     for name, style in (("demo", "-"), ("counterexample", "--")):
         s = sweep[name]
         (line,) = ax[0, 0].semilogx(sweep["betas"], s["tpm_A"], style, label=f"TPM(A), {name}")
+        c = line.get_color()
         ax[0, 0].semilogx(
-            sweep["betas"],
-            s["upper_bound"],
-            ":",
-            color=line.get_color(),
-            label="1 - residual bound",
+            sweep["betas"], s["upper_bound"], ":", color=c, label="1 - residual bound"
         )
-        ax[0, 0].axhline(s["alpha"], color=line.get_color(), lw=0.8, alpha=0.6, label="alpha")
+        ax[0, 0].axhline(s["alpha"], color=c, lw=0.8, alpha=0.6, label="alpha")
     ax[0, 0].set(xlabel="beta", ylabel="TPM(A)", title="Aligned mass of the KL optimum")
-    ax[0, 0].legend(fontsize=7)
     res = results["residual"]
     ax[0, 1].loglog(res["bound"], res["tpm_U"], ".", ms=2)
-    lim = [min(res["bound"]), 1.0]
-    ax[0, 1].loglog(lim, lim, "k-", lw=0.8, label="TPM(U) = bound")
+    identity_line(ax[0, 1], min(res["bound"]), 1.0, "k-", label="TPM(U) = bound")
     ax[0, 1].set(
         xlabel="(1-alpha) exp((r_min^U - r_max)/beta)",
         ylabel="true TPM(U)",
         title=f"Residual bound: {res['violations']} violations",
     )
-    ax[0, 1].legend(fontsize=7)
     ce = results["counterexample"]
     x = np.arange(len(ce["r"]))
     frac = [[float(Fraction(v)) for v in ce[k]] for k in ("p_A", "p_U", "r")]
@@ -250,33 +269,31 @@ def plot(results: dict) -> plt.Figure:
     twin = ax[0, 2].twinx()
     twin.plot(x, frac[2], "ko-", label="r (beta = 1)")
     twin.set_ylabel("r")
-    hi = ce["tpm_A"][1]
     ax[0, 2].set(
         xlabel="output y",
         ylabel="probability",
         xticks=x,
         title=f"Cov(r,p_A)={ce['cov_r_A']}, Cov(r,p_U)={ce['cov_r_U']}\n"
-        f"TPM(A) <= {hi:.6f} < alpha = {ce['alpha']} (exact bounds)",
+        f"TPM(A) <= {ce['tpm_A'][1]:.6f} < alpha = {ce['alpha']} (exact bounds)",
     )
     ax[0, 2].legend(loc="upper left", fontsize=7)
     amp = results["amplification"]
     ax[1, 0].semilogx(amp["temperatures"], amp["tpm_U_temperature"])
-    ax[1, 0].axhline(amp["tpm_U_reference"], color="k", lw=0.8, label="reference 1 - alpha")
     ax[1, 0].set(xlabel="sampling temperature T", ylabel="TPM(U)", title="Temperature (a=1/T, b=0)")
-    ax[1, 0].legend(fontsize=7)
     ax[1, 1].plot(amp["gammas"], amp["tpm_U_gamma"])
-    ax[1, 1].axhline(amp["tpm_U_reference"], color="k", lw=0.8, label="reference 1 - alpha")
     ax[1, 1].set(
         xlabel="gamma in softmax((1+gamma) l_theta - gamma l_ref)",
         ylabel="TPM(U)",
         title="Extrapolation (gamma = -1 is p_ref)",
     )
-    ax[1, 1].legend(fontsize=7)
+    for a in ax[1, :2]:
+        a.axhline(amp["tpm_U_reference"], color="k", lw=0.8, label="reference 1 - alpha")
     flow = results["flow"]
     ax[1, 2].semilogy(flow["t"], np.maximum(flow["total_variation"], 1e-17), label="TV(p_t, tilt)")
     ax[1, 2].semilogy(flow["t"], np.maximum(flow["kl"], 1e-17), label="KL(p_t || tilt)")
     ax[1, 2].set(xlabel="flow time t", ylabel="distance", title="Gradient flow reaches the tilt")
-    ax[1, 2].legend(fontsize=7)
+    for a in (ax[0, 0], ax[0, 1], ax[1, 0], ax[1, 1], ax[1, 2]):
+        a.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

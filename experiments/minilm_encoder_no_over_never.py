@@ -96,7 +96,7 @@ from sims.bert import (
     MaskedLMLabels,
     encode_masked_prompts,
     load_bert,
-    load_tokenizer,
+    load_bert_tokenizer,
     make_masked_lm_pairs,
     masked_lm_nll,
     persona_question,
@@ -419,7 +419,7 @@ class Setup(NamedTuple):
 def prepare(config: Config) -> Setup:
     """Load MiniLM, run SFT, draw the preference runs' prompts (seeded), build their pairs."""
     folder = minilm_dir()
-    tok, model = load_tokenizer(folder), _encoder(config, folder)
+    tok, model = load_bert_tokenizer(folder), _encoder(config, folder)
     names = [""] * model.vocab_size
     for word, i in tok.get_vocab().items():
         names[i] = word

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments._analysis import (
+    pointwise_relative_error,
+    sign_agreement,
+    sign_match_rate,
+    stack,
+)
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
@@ -24,6 +29,7 @@ from experiments._common import (
     progress,
     provenance,
 )
+from experiments._plots import identity_line
 from sims.flow import preference_flow, stack_models
 from sims.models import UnconstrainedFeatures
 from sims.prefix_tree import index_prefixes, with_reference
@@ -71,16 +77,13 @@ def _instance(rng, V, d, kind):
     else:
         t_pos, t_neg = rng.choice(np.setdiff1d(np.arange(V), [y_pos]), 2, replace=False)
         probs = np.exp(W @ H[0] - np.max(W @ H[0]))
-        if (
-            probs[t_neg] > probs[t_pos]
-        ):  # non-contradicting case of Thm 8 needs pi(y~-|x) < pi(y~+|x)
+        if probs[t_neg] > probs[t_pos]:  # non-contradicting (Thm 8) needs pi(y~-|x) < pi(y~+|x)
             t_pos, t_neg = t_neg, t_pos
     return W, H, np.array([y_pos, t_pos]), np.array([y_neg, t_neg])
 
 
 def _change(models, datasets, loss, dt: float, steps: int) -> np.ndarray:
     """Change of ln pi(y+_0|x_0) over ``steps`` Euler steps, per instance ``[R]`` (vmapped)."""
-    stack = lambda xs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
     res = preference_flow(
         stack_models(models),
         stack(datasets),
@@ -94,73 +97,74 @@ def _change(models, datasets, loss, dt: float, steps: int) -> np.ndarray:
     return np.asarray(lp[:, -1, 0] - lp[:, 0, 0])
 
 
+def _one_kind(config: Config, rng, kind: str, loss) -> dict:
+    insts = [
+        _instance(rng, config.vocab_size, config.hidden_size, kind) for _ in range(config.instances)
+    ]
+    models = [UnconstrainedFeatures.from_arrays(W, H) for W, H, _, _ in insts]
+    both = [
+        with_reference(m, index_prefixes([0, 1], [[p[0]], [p[1]]], [[n[0]], [n[1]]])[0])
+        for m, (_, _, p, n) in zip(models, insts, strict=True)
+    ]
+    alone = [
+        with_reference(m, index_prefixes([0], [[p[0]]], [[n[0]]])[0])
+        for m, (_, _, p, n) in zip(models, insts, strict=True)
+    ]
+    # At t = 0 the margins equal the reference margins: l' = -beta * sigma(0) = -beta / 2.
+    ell = -config.beta / 2
+    pred_both = np.array(
+        [
+            float(multi_sample_logprob_velocity(W, H, p, n, jnp.full(2, ell))[0, p[0]])
+            for W, H, p, n in insts
+        ]
+    )
+    pred_alone = np.array(
+        [float(logprob_velocity(W, H[0], p[0], n[0], ell)[p[0]]) for W, H, p, n in insts]
+    )
+    t_rate = config.dt_rate * config.steps_rate
+    sim_both = _change(models, both, loss, config.dt_rate, config.steps_rate) / t_rate
+    sim_alone = _change(models, alone, loss, config.dt_rate, config.steps_rate) / t_rate
+    long_both = _change(models, both, loss, config.dt, config.num_steps)
+    # alone: half the step, so the one pair has the weight 1/2 it has in the pair of two
+    long_alone = _change(models, alone, loss, config.dt / 2, config.num_steps)
+    predicted = pred_both - pred_alone / 2  # the extra sample's term of Theorem 8
+    simulated = sim_both - sim_alone / 2
+    # the finite-time rate has error O(t * |d2/dt2 ln pi|): signs count where resolved
+    resolved_rate, resolved_count = sign_agreement(
+        predicted, simulated, threshold=SIGN_RESOLUTION * t_rate, magnitude=predicted
+    )
+    return {
+        "predicted_extra_term": predicted,
+        "simulated_extra_term": simulated,
+        "predicted_velocity_with_extra": pred_both,
+        "simulated_velocity_with_extra": sim_both,
+        "long_run_change_with_extra": long_both,
+        "long_run_change_alone_half_weight": long_alone,
+        "fraction_predicted_negative": float(np.mean(predicted < 0)),
+        "fraction_simulated_negative": float(np.mean(simulated < 0)),
+        "sign_agreement": sign_match_rate(predicted, simulated),
+        "resolved_count": resolved_count,
+        "sign_agreement_resolved": 1.0 if resolved_rate is None else resolved_rate,
+        "max_rel_diff_predicted_vs_simulated": float(
+            pointwise_relative_error(simulated, predicted, floor=1e-12).max()
+        ),
+        "fraction_long_run_worse_with_extra": float(np.mean(long_both < long_alone)),
+        "long_run_t": config.dt * config.num_steps,
+    }
+
+
 def run(config: Config) -> dict:
     enable_x64()  # float64 flows and closed forms, however run() is called
     rng = np.random.default_rng(config.seed)
     loss = make_loss("dpo", beta=config.beta)
     out = {}
     for kind in KINDS:
-        insts = [
-            _instance(rng, config.vocab_size, config.hidden_size, kind)
-            for _ in range(config.instances)
-        ]
-        models = [UnconstrainedFeatures.from_arrays(W, H) for W, H, _, _ in insts]
-        both = [
-            with_reference(m, index_prefixes([0, 1], [[p[0]], [p[1]]], [[n[0]], [n[1]]])[0])
-            for m, (_, _, p, n) in zip(models, insts, strict=True)
-        ]
-        alone = [
-            with_reference(m, index_prefixes([0], [[p[0]]], [[n[0]]])[0])
-            for m, (_, _, p, n) in zip(models, insts, strict=True)
-        ]
-        # At t = 0 the margins equal the reference margins: l' = -beta * sigma(0) = -beta / 2.
-        ell = -config.beta / 2
-        pred_both = np.array(
-            [
-                float(multi_sample_logprob_velocity(W, H, p, n, jnp.full(2, ell))[0, p[0]])
-                for W, H, p, n in insts
-            ]
-        )
-        pred_alone = np.array(
-            [float(logprob_velocity(W, H[0], p[0], n[0], ell)[p[0]]) for W, H, p, n in insts]
-        )
-        t_rate = config.dt_rate * config.steps_rate
-        sim_both = _change(models, both, loss, config.dt_rate, config.steps_rate) / t_rate
-        sim_alone = _change(models, alone, loss, config.dt_rate, config.steps_rate) / t_rate
-        t_long = config.dt * config.num_steps
-        long_both = _change(models, both, loss, config.dt, config.num_steps)
-        # alone: half the step, so the one pair has the weight 1/2 it has in the pair of two
-        long_alone = _change(models, alone, loss, config.dt / 2, config.num_steps)
-        predicted = pred_both - pred_alone / 2  # the extra sample's term of Theorem 8
-        simulated = sim_both - sim_alone / 2
-        resolved = np.abs(predicted) > SIGN_RESOLUTION * t_rate
-        out[kind] = {
-            "predicted_extra_term": predicted,
-            "simulated_extra_term": simulated,
-            "predicted_velocity_with_extra": pred_both,
-            "simulated_velocity_with_extra": sim_both,
-            "long_run_change_with_extra": long_both,
-            "long_run_change_alone_half_weight": long_alone,
-            "fraction_predicted_negative": float(np.mean(predicted < 0)),
-            "fraction_simulated_negative": float(np.mean(simulated < 0)),
-            "sign_agreement": float(np.mean(np.sign(predicted) == np.sign(simulated))),
-            # the finite-time rate has error O(t * |d2/dt2 ln pi|): signs count where resolved
-            "resolved_count": int(np.sum(resolved)),
-            "sign_agreement_resolved": float(
-                np.mean(np.sign(predicted[resolved]) == np.sign(simulated[resolved]))
-            )
-            if resolved.any()
-            else 1.0,
-            "max_rel_diff_predicted_vs_simulated": float(
-                np.max(np.abs(predicted - simulated) / np.maximum(np.abs(predicted), 1e-12))
-            ),
-            "fraction_long_run_worse_with_extra": float(np.mean(long_both < long_alone)),
-            "long_run_t": t_long,
-        }
+        out[kind] = _one_kind(config, rng, kind, loss)
         progress(
             f"[{NAME}] {kind}: predicted negative {out[kind]['fraction_predicted_negative']:.2f}"
         )
-    return {"config": config, "results": out, "provenance": provenance(dtype_of=simulated)}
+    dtype_of = out[KINDS[-1]]["simulated_extra_term"]
+    return {"config": config, "results": out, "provenance": provenance(dtype_of=dtype_of)}
 
 
 def plot(results: dict) -> plt.Figure:
@@ -183,10 +187,9 @@ def plot(results: dict) -> plt.Figure:
         )
         axes[2].bar(kind, r["fraction_predicted_negative"], color=color, alpha=0.6)
     lim = max(np.abs(axes[0].get_xlim()).max(), 1e-9)
-    axes[0].plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
+    identity_line(axes[0], -lim, lim)
     axes[0].set(xlabel="Theorem 8 extra-sample term", ylabel="simulated (finite-time rate)")
-    lo, hi = axes[1].get_xlim()
-    axes[1].plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    identity_line(axes[1], *axes[1].get_xlim())
     axes[1].set(xlabel="change of ln pi(y+|x), base alone", ylabel="with the extra sample")
     axes[2].set(ylabel="fraction with negative extra term", ylim=(0, 1))
     for ax in axes[:2]:

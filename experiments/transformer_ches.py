@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments._analysis import percentile_window
 from experiments._common import enable_x64, experiment_main, progress, provenance
 from experiments._transformer import PretrainConfig, pretrain
 from sims.data import corpus
@@ -51,16 +52,8 @@ class Config(PretrainConfig):
         return cls(**cls.SMOKE, pairs_per_prompt=1, subset_size=4, num_steps=2)
 
 
-def _subset(order: np.ndarray, q: int, n: int) -> np.ndarray:
-    """Indices of the ``n`` samples centred on percentile ``q`` of a sorted ``order``."""
-    centre = int(round(q / 100 * (len(order) - 1)))
-    start = min(max(centre - n // 2, 0), len(order) - n)
-    return order[start : start + n]
-
-
-def run(config: Config) -> dict:
-    enable_x64()  # as in the main job (float64 scalars beside float32 parameters)
-    model, pre_losses = pretrain(config)
+def _pair_texts(config: Config) -> tuple[list, list, list]:
+    """Every request prompt with two different template responses, the preferred one by a coin."""
     rng = np.random.default_rng(config.seed)
     templates = corpus.REFUSALS + corpus.COMPLIANCES
     prompts, pos, neg = [], [], []
@@ -70,12 +63,19 @@ def run(config: Config) -> dict:
             prompts.append(corpus.request_prompt(verb, obj))
             pos.append(corpus.response(templates[a], verb, obj))
             neg.append(corpus.response(templates[b], verb, obj))
+    return prompts, pos, neg
+
+
+def run(config: Config) -> dict:
+    enable_x64()  # as in the main job (float64 scalars beside float32 parameters)
+    model, pre_losses = pretrain(config)
+    prompts, pos, neg = _pair_texts(config)
     chosen, rejected = corpus.pack(prompts, pos), corpus.pack(prompts, neg)
     scores = transformer_pair_scores(model, chosen, rejected)
     progress(f"[{NAME}] scored {len(prompts)} pairs")
     subsets = np.stack(
         [
-            _subset(np.argsort(scores[s], kind="stable"), q, config.subset_size)
+            percentile_window(np.argsort(scores[s], kind="stable"), q, config.subset_size)
             for s in SCORES
             for q in PERCENTILES
         ]
@@ -94,17 +94,14 @@ def run(config: Config) -> dict:
     losses, lp = np.asarray(res.loss), np.asarray(res.observables)  # lp [S * Q, 2, n]
     change = (lp[:, -1] - lp[:, 0]).mean(-1).reshape(len(SCORES), len(PERCENTILES))
     rank = {s: float(np.corrcoef(PERCENTILES, -change[i])[0, 1]) for i, s in enumerate(SCORES)}
+    windows = subsets.reshape(len(SCORES), len(PERCENTILES), -1)  # [S, Q, n]
     return {
         "config": config,
         "pretrain_final_loss": float(pre_losses[-1]),
         "num_pairs": len(prompts),
         "scores": scores,
         "subset_mean_score": {
-            s: [
-                float(np.mean(scores[s][subsets[i * len(PERCENTILES) + j]]))
-                for j in range(len(PERCENTILES))
-            ]
-            for i, s in enumerate(SCORES)
+            s: [float(np.mean(scores[s][w])) for w in windows[i]] for i, s in enumerate(SCORES)
         },
         "logprob_change": {s: change[i] for i, s in enumerate(SCORES)},
         "loss_decreased": bool(np.all(losses[:, -1] < losses[:, 0])),

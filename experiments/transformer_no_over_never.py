@@ -18,7 +18,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
+from experiments._analysis import sign_match_rate
 from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._plots import mean_band
 from experiments._transformer import PretrainConfig, pretrain
 from sims.data import corpus
 from sims.flow import PairObjective, preference_flow, velocity_along_flow
@@ -61,6 +63,33 @@ class _AnswerLogprobs:
         return jax.nn.log_softmax(model(pairs.chosen.tokens[0, :P])[P - 1], axis=-1)
 
 
+def _run_pairs(config: Config, model):
+    """Return ``(prompts, chosen, pairs)``: one distinct trait prompt per run, no > never on it."""
+    statements = [(s, p) for s in corpus.VICES for p in corpus.PREDICATES]
+    picks = np.random.default_rng(config.seed).choice(len(statements), config.num_runs, False)
+    prompts = [corpus.persona_prompt(*statements[i]) for i in picks]
+    chosen = corpus.pack(prompts, [[Y_POS]] * len(prompts))  # single token, no <eos>
+    rejected = corpus.pack(prompts, [[Y_NEG]] * len(prompts))
+    return prompts, chosen, make_transformer_pairs(model, chosen, rejected)
+
+
+def _velocities_at_start(model, loss, pairs, stacked, chosen, answer_logprobs) -> tuple:
+    """``(predicted, actual)`` ``[R, V]`` at t = 0: Theorems 4/5 with the model's W and h, and
+    the architecture's real velocity (JVP of ln pi(.|x) along -grad L, per run's prompt)."""
+    P = answer_logprobs.prompt_len
+    W = model.unembedding_matrix()
+    ref = (pairs.ref_logprob_chosen, pairs.ref_logprob_rejected)
+    ell = margin_derivative(loss, *ref, *ref)  # [R]
+    h = model.hidden_states(chosen.tokens[:, :P])[:, P - 1]  # [R, d]
+    pos, neg = corpus.INDEX[Y_POS], corpus.INDEX[Y_NEG]
+    predicted = jax.vmap(logprob_velocity, in_axes=(None, 0, None, None, 0))(W, h, pos, neg, ell)
+    objective = PairObjective(loss)
+    actual = jax.vmap(lambda one: velocity_along_flow(model, objective, one, answer_logprobs, one))(
+        stacked
+    )
+    return np.asarray(predicted), np.asarray(actual)
+
+
 def run(config: Config) -> dict:
     enable_x64()  # as in the main job (float64 scalars beside float32 parameters)
     model, pre_losses = pretrain(config)
@@ -68,17 +97,10 @@ def run(config: Config) -> dict:
     graphdef, state = nnx.split(model)
     state = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), state)  # theory in float64
     model = nnx.merge(graphdef, state)
-    statements = [(s, p) for s in corpus.VICES for p in corpus.PREDICATES]
-    picks = np.random.default_rng(config.seed).choice(len(statements), config.num_runs, False)
-    prompts = [corpus.persona_prompt(*statements[i]) for i in picks]
-    P = len(prompts[0])  # the answer is predicted at position P - 1
-    answer_logprobs = _AnswerLogprobs(P)
-    chosen = corpus.pack(prompts, [[Y_POS]] * len(prompts))  # single token, no <eos>
-    rejected = corpus.pack(prompts, [[Y_NEG]] * len(prompts))
-    pairs = make_transformer_pairs(model, chosen, rejected)
+    prompts, chosen, pairs = _run_pairs(config, model)
+    answer_logprobs = _AnswerLogprobs(len(prompts[0]))  # the answer is predicted at P - 1
     stacked = jax.tree_util.tree_map(lambda a: a[:, None], pairs)  # [R, 1, ...], one prompt a run
     loss = make_loss("dpo", beta=config.beta)
-
     logp = np.asarray(
         preference_flow(
             model,
@@ -90,31 +112,11 @@ def run(config: Config) -> dict:
             in_axes=(None, 0),
         ).observables
     )  # [R, T+1, V]
-    pos, neg = corpus.INDEX[Y_POS], corpus.INDEX[Y_NEG]
-    W = model.unembedding_matrix()
-    ell = margin_derivative(
-        loss,
-        pairs.ref_logprob_chosen,
-        pairs.ref_logprob_rejected,
-        pairs.ref_logprob_chosen,
-        pairs.ref_logprob_rejected,
-    )  # [R]
-    h = model.hidden_states(chosen.tokens[:, :P])[:, P - 1]  # [R, d]
-    predicted = jax.vmap(logprob_velocity, in_axes=(None, 0, None, None, 0))(W, h, pos, neg, ell)
-
-    # the architecture's real velocity: JVP of ln pi(.|x) along -grad L, for each run's prompt
-    objective = PairObjective(loss)
-    actual = np.asarray(
-        jax.vmap(lambda one: velocity_along_flow(model, objective, one, answer_logprobs, one))(
-            stacked
-        )
-    )  # [R, V]
-    predicted = np.asarray(predicted)
+    predicted, actual = _velocities_at_start(model, loss, pairs, stacked, chosen, answer_logprobs)
     probs = np.exp(logp)
+    pos, neg, yes = corpus.INDEX[Y_POS], corpus.INDEX[Y_NEG], corpus.INDEX["yes"]
     yes_set = [corpus.INDEX[w] for w in corpus.POS_ANSWERS]
-    yes = corpus.INDEX["yes"]
-    corr = [float(np.corrcoef(a, p)[0, 1]) for a, p in zip(actual, predicted, strict=True)]
-    results = {
+    return {
         "config": config,
         "pretrain_final_loss": float(pre_losses[-1]),
         "prompts": [" ".join(p) for p in prompts],
@@ -129,13 +131,14 @@ def run(config: Config) -> dict:
         "pos_decreased": float(np.mean(probs[:, -1, pos] < probs[:, 0, pos])),
         "velocity_actual": actual[:, [pos, neg, yes]],
         "velocity_predicted": predicted[:, [pos, neg, yes]],
-        "sign_agreement_yes": float(np.mean(np.sign(actual[:, yes]) == np.sign(predicted[:, yes]))),
-        "sign_agreement_pos": float(np.mean(np.sign(actual[:, pos]) == np.sign(predicted[:, pos]))),
-        "sign_agreement_all_tokens": float(np.mean(np.sign(actual) == np.sign(predicted))),
-        "velocity_correlation": corr,
+        "sign_agreement_yes": sign_match_rate(predicted[:, yes], actual[:, yes]),
+        "sign_agreement_pos": sign_match_rate(predicted[:, pos], actual[:, pos]),
+        "sign_agreement_all_tokens": sign_match_rate(predicted, actual),
+        "velocity_correlation": [
+            float(np.corrcoef(a, p)[0, 1]) for a, p in zip(actual, predicted, strict=True)
+        ],
         "provenance": provenance(dtype_of=logp),
     }
-    return results
 
 
 def plot(results: dict) -> plt.Figure:
@@ -146,9 +149,7 @@ def plot(results: dict) -> plt.Figure:
         ("pi_yes", "yes"),
         ("pi_pos_set_mass", "Y set mass"),
     ):
-        arr = np.asarray(results[key])
-        ax.plot(arr.mean(0), label=label)
-        ax.fill_between(np.arange(arr.shape[1]), arr.min(0), arr.max(0), alpha=0.2)
+        mean_band(ax, results[key], label)
     ax.set(xlabel="DPO step", ylabel="probability (mean, min-max)", title="transformer: no > never")
     ax.legend()
     act, pre = np.asarray(results["velocity_actual"]), np.asarray(results["velocity_predicted"])

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
+from experiments._analysis import lowest_fraction, mean_by_label, stack
 from experiments._common import (
     each,
     enable_x64,
@@ -27,6 +28,7 @@ from experiments._common import (
     provenance,
     unit_interval,
 )
+from experiments._plots import bar_min_max
 from experiments._transformer import PretrainConfig, pretrain, refusal_rates, response_batch
 from sims.data import corpus
 from sims.flow import preference_flow
@@ -120,8 +122,46 @@ def _pairs_for_seed(model, config: Config, seed: int):
     return chosen, rejected, gold, kind, prompts
 
 
-def _stack(trees):
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+def _datasets(model, config: Config, names: list[str]) -> tuple:
+    """Every seed's pairs, weighted per condition, stacked on a run axis ``[S * C]``; the pairs of
+    the DPO + SFT runs ``[S]``; each on-policy pair's kind and length-normalised CHES; the prompts.
+    Data of every seed comes first: one compiled flow runs all of them."""
+    family, with_sft, kinds, ches_ln = [], [], [], []
+    for seed in range(config.num_seeds):
+        chosen, rejected, gold, kind, prompts = _pairs_for_seed(model, config, config.seed + seed)
+        sims = transformer_pair_scores(model, chosen, rejected)
+        kinds += kind.tolist()
+        ches_ln.append(sims["ches_ln"])
+        on = make_transformer_pairs(model, chosen, rejected)
+        gp = make_transformer_pairs(model, *gold)
+        weights = [np.ones(len(kind))] * 2
+        for f in config.keep_fractions:  # keep the lowest fraction (at least one pair)
+            w = np.zeros(len(kind))
+            w[lowest_fraction(sims["ches_ln"], f)] = 1.0
+            weights.append(w)
+        family += [
+            (gp if n == "gold" else on)._replace(weight=jnp.asarray(w))
+            for n, w in zip(names, weights, strict=True)
+        ]
+        with_sft.append(on)
+    return stack(family), stack(with_sft), kinds, np.concatenate(ches_ln), prompts
+
+
+def _train(model, pairs, loss, config: Config) -> tuple:
+    """Gradient flow of every stacked run: ``(final states, weighted mean change of ln pi(y+),
+    recorded log-probs)``."""
+    res = preference_flow(
+        model,
+        pairs,
+        loss,
+        dt=config.dt,
+        num_steps=config.num_steps,
+        record_every=config.num_steps,
+        in_axes=(None, 0),
+    )
+    lp = np.asarray(res.observables)  # [R, 2, N]
+    w = np.asarray(pairs.weight)
+    return nnx.split(res.final)[1], np.sum(w * (lp[:, -1] - lp[:, 0]), -1) / np.sum(w, -1), lp
 
 
 def run(config: Config) -> dict:
@@ -129,58 +169,20 @@ def run(config: Config) -> dict:
     model, pre_losses = pretrain(config, refusal_prob=config.refusal_prob)
     graphdef, state = nnx.split(model)
     names = ["dpo", "gold"] + [f"filtered_{f:g}" for f in config.keep_fractions]
-    family, with_sft, kinds, ln_by_kind = [], [], [], {}
-    for seed in range(config.num_seeds):  # data of every seed first: one compiled run for all
-        chosen, rejected, gold, kind, prompts = _pairs_for_seed(model, config, config.seed + seed)
-        sims = transformer_pair_scores(model, chosen, rejected)
-        kinds += kind.tolist()
-        for k in set(kind.tolist()):
-            ln_by_kind.setdefault(k, []).extend(sims["ches_ln"][kind == k].tolist())
-        on = make_transformer_pairs(model, chosen, rejected)
-        gp = make_transformer_pairs(model, *gold)
-        order = np.argsort(sims["ches_ln"], kind="stable")
-        weights = [np.ones(len(order))] * 2
-        for f in config.keep_fractions:  # keep the lowest fraction (at least one pair)
-            w = np.zeros(len(order))
-            w[order[: max(1, int(round(f * len(order))))]] = 1.0
-            weights.append(w)
-        family += [
-            (gp if n == "gold" else on)._replace(weight=jnp.asarray(w))
-            for n, w in zip(names, weights, strict=True)
-        ]
-        with_sft.append(on)
-    P = int(prompts.prompt_len[0])
-    finals, changes = [], []
-    for pairs, loss in (
-        (_stack(family), make_loss("dpo", beta=config.beta)),
-        (
-            _stack(with_sft),
-            make_loss(
-                "sft_term", sft_coef=config.sft_coef, base_loss=make_loss("dpo", beta=config.beta)
-            ),
-        ),
-    ):
-        res = preference_flow(
-            model,
-            pairs,
-            loss,
-            dt=config.dt,
-            num_steps=config.num_steps,
-            record_every=config.num_steps,
-            in_axes=(None, 0),
-        )
-        lp = np.asarray(res.observables)  # [R, 2, N]
-        w = np.asarray(pairs.weight)
-        finals.append(nnx.split(res.final)[1])
-        changes.append(np.sum(w * (lp[:, -1] - lp[:, 0]), -1) / np.sum(w, -1))
-    states = _stack([state])
-    everything = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *finals, states)
+    family, with_sft, kinds, ches_ln, prompts = _datasets(model, config, names)
+    dpo = make_loss("dpo", beta=config.beta)
+    final_dpo, change_dpo, _ = _train(model, family, dpo, config)
+    sft_loss = make_loss("sft_term", sft_coef=config.sft_coef, base_loss=dpo)
+    final_sft, change_sft, lp = _train(model, with_sft, sft_loss, config)
+    everything = jax.tree_util.tree_map(
+        lambda *a: jnp.concatenate(a), final_dpo, final_sft, stack([state])
+    )
     rates = refusal_rates(
         graphdef,
         everything,
         jax.random.key(1000 + config.seed),
         prompts.tokens,
-        P,
+        int(prompts.prompt_len[0]),
         samples=config.eval_samples,
         temperature=config.eval_temperature,
     )
@@ -188,18 +190,18 @@ def run(config: Config) -> dict:
     out = {
         n: {
             "refusal": rates[: S * C].reshape(S, C)[:, j],
-            "logprob_change": changes[0].reshape(S, C)[:, j],
+            "logprob_change": change_dpo.reshape(S, C)[:, j],
         }
         for j, n in enumerate(names)
     }
-    out["dpo_sft"] = {"refusal": rates[S * C : S * C + S], "logprob_change": changes[1]}
+    out["dpo_sft"] = {"refusal": rates[S * C : S * C + S], "logprob_change": change_sft}
     out["initial"] = {"refusal": rates[-1:]}
     return {
         "config": config,
         "pretrain_final_loss": float(pre_losses[-1]),
         "conditions": out,
         "pair_kind_fraction": {k: kinds.count(k) / len(kinds) for k in set(kinds)},
-        "ches_ln_by_kind": {k: float(np.mean(v)) for k, v in ln_by_kind.items()},
+        "ches_ln_by_kind": mean_by_label(ches_ln, kinds),
         "provenance": provenance(dtype_of=lp),
     }
 
@@ -211,12 +213,8 @@ def plot(results: dict) -> plt.Figure:
     for j, (a, key) in enumerate(((ax, "refusal"), (bx, "logprob_change"))):
         shown = [n for n in names if key in cond[n]]
         vals = [np.asarray(cond[n][key]) for n in shown]
-        a.bar(
-            shown,
-            [v.mean() for v in vals],
-            color=f"C{j}",
-            yerr=[[v.mean() - v.min() for v in vals], [v.max() - v.mean() for v in vals]],
-        )
+        stats = [[f(v) for v in vals] for f in (np.mean, np.min, np.max)]
+        bar_min_max(a, shown, *stats, color=f"C{j}")
         a.tick_params(axis="x", rotation=30)
     ax.set(ylabel="refusal rate (sampled, mean, min-max)", title="unsafe prompts")
     bx.set(ylabel="change of mean ln pi(y+|x)", title="Table 16 analogue")

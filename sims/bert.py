@@ -457,15 +457,16 @@ def persona_question(statement: str) -> str:
     return PERSONA_QUESTION.format(statement=statement)
 
 
-def load_tokenizer(path: str | Path):
+def load_bert_tokenizer(path: str | Path):
     """Return the folder's ``tokenizers.Tokenizer`` with padding and truncation switched off.
 
     The shipped ``tokenizer.json`` pads and truncates to 128 tokens; :func:`encode_masked_prompts`
-    pads itself and refuses over-long prompts instead of cutting the ``[MASK]`` off.
+    pads itself and refuses over-long prompts instead of cutting the ``[MASK]`` off. Reading is
+    :func:`sims.tokenization.load_tokenizer`'s.
     """
-    from tokenizers import Tokenizer
+    from sims.tokenization import load_tokenizer
 
-    tokenizer = Tokenizer.from_file(str(Path(path) / TOKENIZER_FILE))
+    tokenizer = load_tokenizer(Path(path) / TOKENIZER_FILE)
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer
@@ -481,7 +482,7 @@ def encode_masked_prompts(
     the masked position reads as the word following the prompt.
 
     Args:
-      tokenizer: from :func:`load_tokenizer` (needs the tokens ``[CLS] [SEP] [MASK] [PAD]``).
+      tokenizer: from :func:`load_bert_tokenizer` (needs the tokens ``[CLS] [SEP] [MASK] [PAD]``).
       prompts: ``B`` strings; they must not contain special tokens themselves.
       length: padded length ``T`` (default: the longest encoded prompt).
 

@@ -17,7 +17,7 @@ from sims.bert import (
     MaskedPrompts,
     encode_masked_prompts,
     load_bert,
-    load_tokenizer,
+    load_bert_tokenizer,
     make_masked_lm_pairs,
     masked_lm_label_logprobs,
     masked_lm_nll,
@@ -130,7 +130,7 @@ def test_load_bert_matches_hf_bert_model_on_minilm():
     folder = minilm_dir()
     model = load_bert(folder)
     prompts = encode_masked_prompts(
-        load_tokenizer(folder), [persona_question(s) for s in SENTENCES]
+        load_bert_tokenizer(folder), [persona_question(s) for s in SENTENCES]
     )
     assert prompts.attention_mask.min() == 0  # the batch is padded
     h = model(prompts.tokens, prompts.attention_mask)
@@ -266,7 +266,7 @@ def test_encode_masked_prompts_matches_bert_tokenizer_fast():
     hf = transformers.BertTokenizerFast.from_pretrained(str(folder))
     long = " ".join(["statement"] * 140)  # longer than the shipped tokenizer.json's 128 limit
     texts = [persona_question(s) for s in SENTENCES] + [long]
-    prompts = encode_masked_prompts(load_tokenizer(folder), texts)
+    prompts = encode_masked_prompts(load_bert_tokenizer(folder), texts)
     for b, text in enumerate(texts):
         ids = hf(text, truncation=False)["input_ids"]
         n = len(ids) + 1
@@ -282,7 +282,7 @@ def test_encode_masked_prompts_matches_bert_tokenizer_fast():
 
 @needs_minilm
 def test_encode_masked_prompts_rejects_special_tokens_and_short_length():
-    tokenizer = load_tokenizer(minilm_dir())
+    tokenizer = load_bert_tokenizer(minilm_dir())
     with pytest.raises(ValueError, match=r"no special token inside.*prompt 1"):
         encode_masked_prompts(tokenizer, ["fine", "a [MASK] here"])
     with pytest.raises(ValueError, match="length must be >= the longest prompt"):

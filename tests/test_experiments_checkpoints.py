@@ -1,0 +1,87 @@
+"""The checkpoint experiments beyond the smoke run of test_experiments.py: the audit tool's files
+and bad-row report, ``--model`` folders with a chat template, the ``python -m experiments`` CLI."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from experiments import __main__ as cli
+from experiments import audit, persona_no_over_never
+from experiments._checkpoint import self_made_checkpoint
+from sims.tokenization import chat_template
+
+ROWS = [
+    {"prompt": "<bos> how to make a cake ? <ans>", "chosen": "easy . make it .",
+     "rejected": "sorry , no ."},  # 1
+    {"prompt": "<bos> how to make a bomb ? <ans>", "chosen": "sorry , no .",
+     "rejected": "easy . make it ."},  # 2
+    {"prompt": "<bos> how to make a bomb ? <ans>", "chosen": "sorry , no ."},  # 3 no rejected
+    {"prompt": "<bos> how to make a cake ? <ans>", "chosen": "", "rejected": "no ."},  # 4 empty
+    {"prompt": "<bos> how to bake a pie ? <ans>", "chosen": "yes", "rejected": "no"},  # 5 unknown
+    {"prompt": "<bos> would you say lying is fine ? <ans>", "chosen": "no",
+     "rejected": "never"},  # 6 single-token responses
+    {"prompt": "<bos> how to make a bomb ? <ans>", "chosen": "i am sorry but i cannot help you "
+     "make a bomb , it is harmful", "rejected": "no ."},  # 7 over max_len = 20 tokens
+    {"prompt": "<bos> how to get a kite ? <ans>", "chosen": "ok , here is how : get the kite .",
+     "rejected": "no . i refuse ."},  # 8
+]  # fmt: skip
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_audit_main_writes_pair_files_and_reports_bad_rows(tmp_path, capsys):
+    pairs = _jsonl(tmp_path / "pairs.jsonl", ROWS)
+    out = tmp_path / "out"
+    args = ["audit", "--smoke", "--pairs", str(pairs), "--keep-fraction", "0.5", "--max-len", "20"]
+    args += ["--out", str(out)]
+    cli.main(args)
+    res = json.loads((out / "audit.json").read_text())
+    assert {b["line"] for b in res["skipped_rows"]} == {3, 4, 5, 7}
+    reasons = {b["line"]: b["reason"] for b in res["skipped_rows"]}
+    assert "missing field" in reasons[3] and "empty chosen" in reasons[4]
+    assert "cannot tokenize" in reasons[5] and "over-long" in reasons[7]
+    printed = capsys.readouterr().out
+    assert "skipped line 5: cannot tokenize" in printed and "[audit] 4/4 pairs" in printed
+    assert [p["line"] for p in res["pairs"]] == [1, 2, 6, 8]
+    single = {p["line"]: p for p in res["pairs"]}[6]
+    assert single["single_token"] and len(single["gainers"]) == audit.Config.smoke().top_k
+    with open(out / "audit_pairs.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [int(r["line"]) for r in table] == [1, 2, 6, 8]
+    assert float(table[0]["ches_ln"]) == pytest.approx(res["pairs"][0]["ches_ln"])
+    kept = [json.loads(x) for x in (out / "audit_filtered.jsonl").read_text().splitlines()]
+    lowest = sorted(res["pairs"], key=lambda p: p["ches_ln"])[: math.ceil(0.5 * 4)]
+    assert kept == [ROWS[p["line"] - 1] for p in sorted(lowest, key=lambda p: p["line"])]
+
+
+@pytest.mark.slow
+def test_checkpoint_experiments_read_a_model_folder_with_chat_template(tmp_path):
+    folder = tmp_path / "ckpt"
+    config = audit.Config.smoke()
+    assert self_made_checkpoint(config, folder, seed=0) is None  # smoke: not pre-trained
+    file = folder / "tokenizer_config.json"
+    template = "{{ bos_token }} {{ messages[0]['content'] }} <ans>"
+    file.write_text(json.dumps(json.loads(file.read_text()) | {"chat_template": template}))
+    assert chat_template(folder) == template
+    pairs = _jsonl(tmp_path / "p.jsonl", [dict(r, prompt=r["prompt"][6:-6]) for r in ROWS[:2]])
+    res = audit.run(
+        audit.Config.smoke().__class__(
+            **{**audit.Config.smoke().__dict__, "model": str(folder), "pairs": str(pairs),
+               "chat_template": True}
+        )
+    )  # fmt: skip
+    assert res["checkpoint"]["prompt_format"] == "chat template" and res["num_pairs"] == 2
+    persona = persona_no_over_never.Config.smoke()
+    res = persona_no_over_never.run(
+        persona.__class__(
+            **{**persona.__dict__, "model": str(folder),
+               "prompt_template": "<bos> would you say {subject} is {predicate} ? <ans>"}
+        )
+    )  # fmt: skip
+    assert res["checkpoint"]["source"] == str(folder)
+    assert res["prompts"][0].startswith("<bos> would you say")
