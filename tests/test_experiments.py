@@ -241,11 +241,16 @@ def test_response_batch_finds_eos():
 
 def test_minilm_pair_row_needs_drop_and_opposite_gainers_in_stable_runs():
     """Hand-built runs on a 10-token vocabulary: the pre-registered 'catastrophic' rule."""
+    from experiments import _minilm as helpers
     from experiments import minilm_encoder_no_over_never as exp
 
-    names = [*exp.N_SET, *exp.Y_SET, "cat"]  # ids 0-3 N, 4-8 Y, 9 other
+    names = [*helpers.N_SET, *helpers.Y_SET, "cat"]  # ids 0-3 N, 4-8 Y, 9 other
     ids = {"N": [0, 1, 2, 3], "Y": [4, 5, 6, 7, 8]}
     config = exp.Config(num_steps=2, gain_steps=(1, 2), top_k=2, tiny_encoder=True)
+
+    def row_of(records, pos, neg):
+        return helpers.pair_row(records, pos, neg, drop_threshold=exp.DROP)  # DROP = 0.2
+
     falls, rises = np.array([0.7, 0.6, 0.5]), np.array([0.7, 0.6, 0.65])
 
     def record(rows, pos, neg, loss=falls):
@@ -253,7 +258,7 @@ def test_minilm_pair_row_needs_drop_and_opposite_gainers_in_stable_runs():
         for t, row in enumerate(rows):
             for i, p in row.items():
                 probs[t, i] = p
-        return exp._run_record(probs, loss, pos, neg, names, ids, config, "s")
+        return helpers.run_record(probs, loss, pos, neg, names, ids, config, "s")
 
     yes_gains = record(
         [{0: 0.8, 1: 0.1, 9: 0.1}, {0: 0.5, 4: 0.3, 9: 0.2}, {0: 0.4, 4: 0.4, 9: 0.2}], 0, 1
@@ -261,16 +266,17 @@ def test_minilm_pair_row_needs_drop_and_opposite_gainers_in_stable_runs():
     assert yes_gains["drop"] == pytest.approx(0.4) and yes_gains["opposite_gainer"]
     mild = record([{0: 0.8, 9: 0.2}, {0: 0.7, 9: 0.3}, {0: 0.75, 9: 0.25}], 0, 1)
     assert mild["drop"] == pytest.approx(0.1) and not mild["opposite_gainer"]
-    row = exp._pair_row([yes_gains, mild], "no", "never")  # mean drop 0.25, 1 of 2 runs
+    row = row_of([yes_gains, mild], "no", "never")  # mean drop 0.25, 1 of 2 runs
     assert row["catastrophic"] and row["drop"] == pytest.approx(0.25)
+    assert row["runs_drop_and_opposite"] == 1  # yes_gains: drop 0.4 and a Y gainer
     assert row["mass_end"]["Y"] == pytest.approx(0.2)  # (0.4 + 0) / 2
-    assert not exp._pair_row([mild, mild], "no", "never")["catastrophic"]  # no Y gainer
+    assert not row_of([mild, mild], "no", "never")["catastrophic"]  # no Y gainer
     unstable = record([{0: 0.9, 9: 0.1}, {0: 0.1, 4: 0.9}, {0: 0.1, 4: 0.9}], 0, 1, loss=rises)
-    row = exp._pair_row([unstable, mild], "no", "never")  # the unstable run is left out
+    row = row_of([unstable, mild], "no", "never")  # the unstable run is left out
     assert (row["stable_runs"], row["catastrophic"]) == (1, False)
-    assert exp._pair_row([unstable], "no", "never")["catastrophic"] is None
+    assert row_of([unstable], "no", "never")["catastrophic"] is None
     # y+ = yes: the opposite set is N without y- = no; 'yeah' (same set) and 'no' do not count
     same = record([{4: 0.8, 0: 0.1, 9: 0.1}, {4: 0.5, 5: 0.4, 0: 0.1}, {4: 0.5, 5: 0.5}], 4, 0)
     other = record([{4: 0.8, 0: 0.1, 9: 0.1}, {4: 0.5, 1: 0.4, 9: 0.1}, {4: 0.5, 1: 0.5}], 4, 0)
     assert not same["opposite_gainer"] and other["opposite_gainer"]  # 'never' is opposite
-    assert exp._pair_row([same, other], "yes", "no")["catastrophic"]  # drop 0.3, 1 of 2
+    assert row_of([same, other], "yes", "no")["catastrophic"]  # drop 0.3, 1 of 2
