@@ -662,14 +662,12 @@ def masked_lm_nll(model: BertEncoder, data: MaskedLMLabels) -> jax.Array:
     :func:`theory.losses.nll_loss`.
 
     Example:
-      >>> cfg = BertConfig(vocab_size=7, hidden_size=4, num_hidden_layers=1,
-      ...                  num_attention_heads=1, intermediate_size=8,
-      ...                  max_position_embeddings=4, type_vocab_size=1, layer_norm_eps=1e-12)
-      >>> m = BertEncoder(cfg, rngs=nnx.Rngs(0))
-      >>> m.embeddings.word_embeddings[...] = jnp.zeros((7, 4))  # zero logits: uniform pi
-      >>> data = MaskedLMLabels(jnp.array([[1, 2, 3]]), jnp.ones((1, 3), int), jnp.array([1]),
+      >>> class Uniform:  # any model with mask_logprobs; here pi = 1/V with V = 7
+      ...     def mask_logprobs(self, tokens, mask_position, attention_mask):
+      ...         return jnp.full((1, 7), -jnp.log(7.0))
+      >>> data = MaskedLMLabels(jnp.zeros((1, 3), int), jnp.ones((1, 3), int), jnp.array([1]),
       ...                       jnp.array([5]))
-      >>> round(float(masked_lm_nll(m, data)), 6) == round(float(np.log(7)), 6)  # -ln(1/V)
-      True
+      >>> round(float(masked_lm_nll(Uniform(), data)), 5)  # -ln(1/7)
+      1.94591
     """
     return jnp.mean(nll_loss(masked_lm_label_logprobs(model, data)))

@@ -408,7 +408,7 @@ def _numpy_mask_logprobs(model, prompts) -> np.ndarray:
 
 def test_masked_lm_pairs_logprobs_match_unpadded_numpy_readout():
     rng = np.random.default_rng(11)
-    for seed in range(3):
+    for seed in range(2):
         model = BertEncoder(TINY, rngs=nnx.Rngs(seed), dtype=jnp.float64)
         prompts, chosen, rejected = _masked_batch(rng, 5)
         pairs = make_masked_lm_pairs(model, prompts, chosen, rejected)
