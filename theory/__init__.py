@@ -4,6 +4,31 @@ Modules: ``losses`` (the one loss module), ``single_token`` (Razin et al. 2024, 
 ``kl_optimum`` / ``kl_counterexample`` / ``kl_exact`` / ``logit_arithmetic`` (KL-optimum mixture),
 ``dpop`` / ``dpop_signs`` (DPOP on edit-distance-1 pairs), ``multi_token`` (CHES, Theorems 6-7),
 ``regularized`` (Propositions 1-2).
+
+Invalid values (the one rule, for every public function of ``theory``):
+
+1. **Concrete inputs are validated in Python before tracing.** Shapes, dtypes and values (token
+   ids in ``[0, V)``, ``y_pos != y_neg`` where a theorem needs it, ``beta > 0`` and every other
+   positive hyperparameter, ``lam >= 0``, probabilities that are finite, non-negative and sum to
+   1, edit distance 1, shared prefix rows that agree, ...) raise ``ValueError`` naming the
+   argument, the rule and what was received (``TypeError`` for a wrong dtype kind or a flag that
+   is not a real ``bool``).
+2. **Traced inputs give NaN, never a plausible number.** Inside ``jax.jit`` / ``vmap`` / ``grad``
+   a value has no value yet, so it cannot raise; an invalid traced value makes the result NaN
+   (the whole result, or the entries it affects, as each docstring says) and makes its
+   derivatives NaN too. Integer and boolean results cannot hold NaN; where a result has such
+   fields, the floating fields carry the NaN.
+3. **Valid inputs are untouched.** Concrete inputs give exactly the values they gave before the
+   poisoning existed (the check is a Python ``True`` and no operation is added); valid traced
+   inputs give the same values bit for bit (a select) and finite derivatives.
+4. **Opt-in raising under jit.** :func:`theory.checks.checked` runs a function under
+   ``jax.experimental.checkify``: ``checked(jax.jit(f))(...)`` raises ``ValueError``
+   (``checkify.JaxRuntimeError``) naming the argument and rule instead of returning NaN.
+
+The helpers are in :mod:`theory.checks`: ``check_*`` (rule 1), ``valid_*`` predicates,
+:func:`~theory.checks.poison` (rule 2) and :func:`~theory.checks.checked` (rule 4). Search
+kernels documented as unvalidated (:func:`theory.kl_counterexample.theorem2_status`) and the
+exact-arithmetic checks of :mod:`theory.kl_exact` are outside the rule.
 """
 
 from theory.dpop import (
@@ -40,6 +65,7 @@ from theory.kl_optimum import (
     SupportCovariances,
     TiltMoments,
     TotalProbabilityMass,
+    log_residual_mass_bound,
     mixture_weights,
     objective,
     residual_mass_bound,
@@ -129,6 +155,7 @@ __all__ = [
     "gradient_inner_product",
     "ipo_loss",
     "lambda_thresholds",
+    "log_residual_mass_bound",
     "logit_arithmetic",
     "logprob_velocity",
     "loss_coefficients",

@@ -11,7 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from theory.checks import check_finite, check_ndim, check_token_ids, is_concrete
+from theory.checks import (
+    all_valid,
+    check_finite,
+    check_ndim,
+    check_token_ids,
+    is_concrete,
+    valid_token_ids,
+)
 
 
 def shared_prefixes(u, v):
@@ -124,3 +131,46 @@ def check_mask_1d(name: str, mask, length: int) -> jax.Array:
     if is_concrete(mask) and not np.any(np.asarray(mask)):
         raise ValueError(f"{name} must select at least one position (responses are non-empty)")
     return jnp.asarray(mask, bool)
+
+
+# Traced validity (the rule of theory): (predicate, message) pairs, Python True where concrete.
+def id_rules(W, name_y, y) -> list:
+    V = jnp.shape(W)[0]
+    return [(all_valid(valid_token_ids(y, V)), f"{name_y} must be token ids in [0, V)")]
+
+
+def tied_rules(name_a, h_a, a, name_b, h_b, b) -> list:
+    """Rows of prefixes shared by ``a`` and ``b`` must be equal (what :func:`check_tied` checks)."""
+    if all(is_concrete(x) for x in (h_a, a, h_b, b)):
+        return []
+    shared = shared_prefixes(jnp.asarray(a), jnp.asarray(b))  # [m]
+    m = shared.shape[0]
+    same = jnp.all(jnp.asarray(h_a)[:m] == jnp.asarray(h_b)[:m], axis=1)  # [m]
+    ok = jnp.all(jnp.where(shared, same, True))
+    return [(ok, f"{name_a} and {name_b} must agree on the rows of shared prefixes")]
+
+
+def pair_rules(W, h_pos, h_neg, y_pos, y_neg) -> list:
+    """Traced version of :func:`validate_pair` (ids in range, shared rows tied)."""
+    return [
+        *id_rules(W, "y_pos", y_pos),
+        *id_rules(W, "y_neg", y_neg),
+        *tied_rules("h_pos", h_pos, y_pos, "h_neg", h_neg, y_neg),
+    ]
+
+
+def differ_rules(y_pos, y_neg, *, first: bool) -> list:
+    """Traced version of :func:`check_differ_within`."""
+    if is_concrete(y_pos) and is_concrete(y_neg):
+        return []
+    a, b = jnp.asarray(y_pos), jnp.asarray(y_neg)
+    m = min(a.shape[0], b.shape[0])
+    rules = [
+        (
+            jnp.any(a[:m] != b[:m]),
+            "y_pos and y_neg must differ at some position k <= min(L+, L-)",
+        )
+    ]
+    if first:
+        rules.append((a[0] != b[0], "y_pos and y_neg must differ in their first token"))
+    return rules

@@ -3,7 +3,9 @@ r"""Log-probability velocity of the preferred response for every loss: Propositi
 Razin et al. 2024, App. E: with an SFT term (Eq. 4; CPO, RPO, BoNBoN) or unequal weights (Eq. 5;
 SimPO, DPOP) the flow of :math:`\ln\pi(y^+|x)` gains a :math:`\|\nabla\ln\pi(y^+|x)\|^2` term.
 Written with the coefficients :math:`a^\pm` of :func:`theory.losses.loss_coefficients`, so every
-loss of :mod:`theory.losses` is covered. Setting and shapes as in :mod:`theory.multi_token`.
+loss of :mod:`theory.losses` is covered. Setting and shapes as in :mod:`theory.multi_token`, and
+so are invalid values: concrete ones raise, traced ones (ids out of range, untied shared rows,
+responses that do not differ) give NaN through :func:`theory.multi_token.multi_token_terms`.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def preferred_logprob_velocity(
       :class:`PreferredVelocity`.
 
     Raises:
-      ValueError: as :func:`multi_token_terms`; non-scalar or non-finite coefficients.
+      ValueError: as :func:`multi_token_terms`; non-scalar or non-finite coefficients (traced
+        values breaking a rule of :func:`multi_token_terms`: every field NaN).
 
     Example:
       >>> W, h = jnp.eye(2), jnp.zeros((1, 2))  # bracket 1, |grad|^2 = 1/2 (see above)
