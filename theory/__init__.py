@@ -17,10 +17,18 @@ Invalid values (the one rule, for every public function of ``theory``):
    a value has no value yet, so it cannot raise; an invalid traced value makes the result NaN
    (the whole result, or the entries it affects, as each docstring says) and makes its
    derivatives NaN too. Integer and boolean results cannot hold NaN; where a result has such
-   fields, the floating fields carry the NaN.
+   fields, the floating fields carry the NaN. The categories are those of rule 1 that concern
+   values: token ids, distinct ids, hyperparameters, probabilities, edit-distance pairs and
+   shared rows, masks. Inputs that are computed quantities rather than data or hyperparameters
+   (:func:`theory.dpop.weighted_split`'s Gram entries) are checked only when concrete.
 3. **Valid inputs are untouched.** Concrete inputs give exactly the values they gave before the
-   poisoning existed (the check is a Python ``True`` and no operation is added); valid traced
-   inputs give the same values bit for bit (a select) and finite derivatives.
+   checks existed: every predicate is a Python ``True`` and no operation is added. Valid traced
+   inputs give the same values in exact arithmetic; the compiled program gains the predicate and
+   a select, and XLA may then fuse (and round) neighbouring operations differently, so results
+   can move in the last bits (measured: up to a few ulp, in some experiments' JSON). Scalar
+   arguments that a rule reads (hyperparameters, a single token id; the losses' per-pair
+   hyperparameters and sample weights) are read through :func:`~theory.checks.guard`, which
+   keeps e.g. ``x / beta`` compiled as before. Derivatives of valid inputs stay finite.
 4. **Opt-in raising under jit.** :func:`theory.checks.checked` runs a function under
    ``jax.experimental.checkify``: ``checked(jax.jit(f))(...)`` raises ``ValueError``
    (``checkify.JaxRuntimeError``) naming the argument and rule instead of returning NaN.

@@ -276,14 +276,15 @@ def guard(value: Any, valid: Valid) -> Any:
 
     .. math:: \mathrm{guard}(x, v) = \begin{cases} x & v \\ \mathrm{NaN}\ (0) & \lnot v\end{cases}
 
-    Pass every argument that a traced predicate reads through ``guard`` and compute with the
-    result; then :func:`poison` (or :func:`enforce`) the output with the same predicate. Why:
-    XLA's simplifier rewrites by counting the users of a value (``x / beta`` becomes
-    ``x * (1 / beta)``, an ulp apart, only while the divide is ``beta``'s sole user), so a
-    predicate reading an argument that the computation reads too can change the compiled
-    arithmetic. Read through the guarded copy, the computation compiles as it did without the
-    check, and valid traced inputs give bit-identical results. A Python ``True`` returns ``value``
-    untouched, and so are concrete leaves (constants; the output's :func:`poison` still applies).
+    Two uses. (1) Scalar hyperparameters: compute with the guarded copy, then :func:`poison` (or
+    :func:`enforce`) the output with the same predicate. XLA's simplifier rewrites by counting
+    users (``x / beta`` becomes ``x * (1 / beta)``, an ulp apart, only while the divide is
+    ``beta``'s sole user), so a predicate reading ``beta`` next to the computation can change the
+    compiled arithmetic; through the guarded copy it compiles as before. (2) Poisoning by input:
+    guard one floating argument whose NaN reaches every floating output (the functions that do
+    this say so, and tests pin it), and :func:`report` the rules instead of selecting on the
+    output, where a select fused after a reduction can change its compiled summation order.
+    A Python ``True`` returns ``value`` untouched, and so are concrete leaves (constants).
     Derivatives as in :func:`poison`.
 
     Args:
@@ -316,6 +317,22 @@ def enforce(result: Any, rules: list[Rule]) -> Any:
     for valid, message in rules:
         result = poison(result, valid, message)
     return result
+
+
+def report(rules: list[Rule]) -> None:
+    """Register the traced rules with ``checkify`` (for :func:`checked`) without touching values.
+
+    For functions whose NaN reaches every floating output through a guarded input (see
+    :func:`guard`), so that no select is added after the computation.
+
+    Example:
+      >>> f = checked(jax.jit(lambda b: (report([(valid_positive(b), "b must be > 0")]), b)[1]))
+      >>> float(f(1.0))
+      1.0
+    """
+    for valid, message in rules:
+        if not isinstance(valid, bool | np.bool_):
+            checkify.debug_check(jnp.all(valid), message.replace("{", "{{").replace("}", "}}"))
 
 
 def rules_valid(rules: list[Rule]) -> Valid:

@@ -42,6 +42,7 @@ from theory.checks import (
     enforce,
     guard,
     is_concrete,
+    report,
     rules_valid,
     valid_finite,
     valid_nonnegative,
@@ -158,8 +159,8 @@ def dpop_coefficients(
       :class:`DPOPCoefficients`.
 
     Raises:
-      ValueError: ``beta <= 0``, ``lam < 0`` or non-finite log-probs (traced: NaN coefficients
-        where they apply; ``hinge_active`` is boolean and stays).
+      ValueError: ``beta <= 0``, ``lam < 0`` or non-finite log-probs. A traced ``beta <= 0`` or
+        ``lam < 0`` makes both coefficients NaN (``hinge_active`` is boolean: then False).
       TypeError: ``penalty_inside_beta`` is not a bool.
 
     Example:
@@ -175,18 +176,14 @@ def dpop_coefficients(
     names = ("logprob_chosen", "logprob_rejected", "ref_logprob_chosen", "ref_logprob_rejected")
     for name, a in zip(names, raw, strict=True):
         check_finite(name, a)
-    # each argument's rule is entrywise (these broadcast); compute with the guarded arguments
     rules = [
-        (valid_finite(a), f"{name} must be finite") for name, a in zip(names, raw, strict=True)
+        (all_valid(valid_positive(beta)), "beta must be > 0 and finite"),
+        (all_valid(valid_nonnegative(lam)), "lam must be >= 0 and finite"),
     ]
-    rules += [
-        (valid_positive(beta), "beta must be > 0 and finite"),
-        (valid_nonnegative(lam), "lam must be >= 0 and finite"),
-    ]
-    args = [guard(a, valid) for a, (valid, _) in zip((*raw, beta, lam), rules, strict=True)]
-    *lps, beta, lam = args
-    coef = _coefficients(*(jnp.asarray(a) for a in lps), beta, lam, penalty_inside_beta)
-    return enforce(coef, rules)
+    # poisoning by input: NaN log-probs make q, hence both coefficients, NaN (no output select)
+    report(rules)
+    lps = guard(raw, rules_valid(rules))
+    return _coefficients(*(jnp.asarray(a) for a in lps), beta, lam, penalty_inside_beta)
 
 
 def _validate_pair(logits_chosen, logits_rejected, chosen, rejected) -> None:
@@ -288,7 +285,6 @@ def pair_logprobs_from_logits(
         (all_valid(valid_token_ids(chosen, V)), "chosen must be token ids in [0, V)"),
         (all_valid(valid_token_ids(rejected, V)), "rejected must be token ids in [0, V)"),
     ]
-    chosen, rejected = guard((chosen, rejected), rules_valid(rules))
     lp = _pair_logprobs(logits_chosen, logits_rejected, jnp.asarray(chosen), jnp.asarray(rejected))
     return enforce(lp, rules)
 
@@ -404,8 +400,7 @@ def position_logit_gradients(
         (all_valid(valid_positive(beta)), "beta must be > 0 and finite"),
         (all_valid(valid_nonnegative(lam)), "lam must be >= 0 and finite"),
     ]
-    args = (logits_chosen, logits_rejected, chosen, rejected)
-    logits_chosen, logits_rejected, chosen, rejected = guard(args, rules_valid(rules))
+    # scalars through guard (see theory.checks.guard); arrays as passed, the output poisoned
     ref_logprob_chosen, ref_logprob_rejected, beta, lam = guard(
         (ref_logprob_chosen, ref_logprob_rejected, beta, lam), rules_valid(rules)
     )
@@ -465,7 +460,8 @@ def weighted_split(
       :class:`WeightedSplit` (broadcast shape of the inputs).
 
     Raises:
-      ValueError: ``grad_sq_chosen < 0`` or non-finite inputs (traced: every field NaN).
+      ValueError: ``grad_sq_chosen < 0`` or non-finite inputs, when concrete. Traced inputs are
+        used as given: they are computed quantities, outside the rule of :mod:`theory`.
 
     Example:
       >>> w = weighted_split(3.0, 1.0, 2.0, 1.5)  # 1 * (2 - 1.5) + 2 * 2
@@ -479,18 +475,11 @@ def weighted_split(
         ("grad_inner", grad_inner),
     ):
         check_finite(name, a)
-    # the fields broadcast differently (gamma omits the Gram entries): scalar rules, all fields
-    rules = [(all_valid(valid_nonnegative(grad_sq_chosen)), "grad_sq_chosen must be >= 0")]
-    rules += [
-        (all_valid(valid_finite(a)), f"{name} must be finite")
-        for name, a in (
-            ("coef_chosen", coef_chosen),
-            ("coef_rejected", coef_rejected),
-            ("grad_inner", grad_inner),
-        )
-    ]
-    args = guard((coef_chosen, coef_rejected, grad_sq_chosen, grad_inner), rules_valid(rules))
-    a_c, a_r, g_sq, g_in = (jnp.asarray(a) for a in args)
+    # No traced rule: the inputs are computed quantities (coefficients, Gram entries), not ids,
+    # hyperparameters or probabilities, and any check reading them next to the reductions that
+    # produce them changed their compiled summation order (an ulp in dpop_edit_distance's JSON).
+    a_c, a_r = jnp.asarray(coef_chosen), jnp.asarray(coef_rejected)
+    g_sq, g_in = jnp.asarray(grad_sq_chosen), jnp.asarray(grad_inner)
     dpo_part = a_r * (g_sq - g_in)
     gamma = a_c - a_r
-    return enforce(WeightedSplit(dpo_part, gamma, dpo_part + gamma * g_sq), rules)
+    return WeightedSplit(dpo_part, gamma, dpo_part + gamma * g_sq)

@@ -115,8 +115,7 @@ def lambda_thresholds(
     check_bool("penalty_inside_beta", penalty_inside_beta)
     rules = _pair_rules(logits_chosen, logits_rejected, chosen, rejected)
     rules.append((all_valid(valid_positive(beta)), "beta must be > 0 and finite"))
-    args = (logits_chosen, logits_rejected, chosen, rejected, beta)
-    logits_chosen, logits_rejected, chosen, rejected, beta = guard(args, rules_valid(rules))
+    beta = guard(beta, rules_valid(rules))  # a scalar: see theory.checks.guard
     thresholds = _thresholds(
         jnp.asarray(logits_chosen),
         jnp.asarray(logits_rejected),
@@ -149,8 +148,6 @@ def well_optimised(
     """
     _validate_pair(logits_chosen, logits_rejected, chosen, rejected)
     rules = _pair_rules(logits_chosen, logits_rejected, chosen, rejected)
-    args = (logits_chosen, logits_rejected, chosen, rejected)
-    logits_chosen, logits_rejected, chosen, rejected = guard(args, rules_valid(rules))
     s_c = jax.nn.softmax(jnp.asarray(logits_chosen), axis=-1)
     s_r = jax.nn.softmax(jnp.asarray(logits_rejected), axis=-1)
     is_correct = jax.nn.one_hot(jnp.asarray(chosen), s_c.shape[1], dtype=bool)

@@ -40,7 +40,6 @@ from theory.checks import (
     enforce,
     guard,
     is_concrete,
-    rules_valid,
     valid_distribution,
     valid_finite,
     valid_open_interval,
@@ -97,8 +96,9 @@ def _arrays(*xs):
     return tuple(jnp.asarray(x, dtype) for x in xs)
 
 
-# Traced validity: lists of (predicate, message), taken from the arguments as passed (inside jit,
-# jnp.asarray of a constant is a tracer, so predicates of converted arrays would never be concrete).
+# Traced validity: lists of (predicate, message), one per argument and in argument order, taken
+# from the arguments as passed (inside jit, jnp.asarray of a constant is a tracer, so predicates of
+# converted arrays would never be concrete).
 def _distribution_rules(name: str, p) -> list:
     message = f"{name} must be a distribution: finite, >= 0, summing to 1"
     return [(valid_distribution(p, atol=PROB_SUM_ATOL), message)]
@@ -121,9 +121,18 @@ def _mixture_rules(alpha, p_A, p_U, r, beta) -> list:
 
 
 def _checked_arrays(rules: list, *xs):
-    """:func:`_arrays` of the arguments as the computation must read them once checked
-    (:func:`theory.checks.guard`: bit-identical compiled arithmetic for valid traced input)."""
-    return _arrays(*guard(xs, rules_valid(rules)))
+    """:func:`_arrays` of the arguments as the computation must read them once checked.
+
+    ``rules[i]`` is the rule of ``xs[i]`` alone. Scalar arguments (``alpha``, ``beta``, ``a``,
+    ``b``) are read through :func:`theory.checks.guard` with their own rule (so ``r / beta``
+    compiles as without the check); array arguments are read as passed (a guard there moved
+    ``log p`` into batched fusions under ``vmap``, an ulp apart). The output is poisoned by
+    :func:`theory.checks.enforce` in every case.
+    """
+    guarded = (
+        guard(x, valid) if np.ndim(x) == 0 else x for x, (valid, _) in zip(xs, rules, strict=True)
+    )
+    return _arrays(*guarded)
 
 
 def _log_tilt(p_ref, r, beta):
@@ -368,7 +377,7 @@ def tilt_moments(p_A: ArrayLike, p_U: ArrayLike, r: ArrayLike, beta: ArrayLike) 
       True
     """
     _check_mixture(0.5, p_A, p_U, r, beta)
-    rules = _mixture_rules(0.5, p_A, p_U, r, beta)
+    rules = _mixture_rules(0.5, p_A, p_U, r, beta)[1:]  # alpha = 0.5 is not an argument
     p_A, p_U, r, beta = _checked_arrays(rules, p_A, p_U, r, beta)
     log_m_A, log_m_U = enforce((_log_moment(p_A, r, beta), _log_moment(p_U, r, beta)), rules)
     return TiltMoments(log_m_A, log_m_U, log_m_A >= log_m_U)
@@ -432,7 +441,7 @@ def support_covariances(
       (2, 0.15)
     """
     _check_mixture(0.5, p_A, p_U, r, beta)
-    rules = _mixture_rules(0.5, p_A, p_U, r, beta)
+    rules = _mixture_rules(0.5, p_A, p_U, r, beta)[1:]  # alpha = 0.5 is not an argument
     c = enforce(_support_covariances(*_checked_arrays(rules, p_A, p_U, r, beta)), rules)
     return c._replace(
         stated_conditions=(c.cov_r_A > 0) & (c.cov_r_U < 0),

@@ -59,17 +59,17 @@ def _coefficient_rules(a, b) -> list:
 
 
 def _logit_rules(logits_theta, logits_ref) -> list:
-    """Traced: ``logits_ref`` in [-inf, inf), one entry finite; ``logits_theta`` finite there."""
+    """Traced rules of ``(logits_theta, logits_ref)``, in that order: ``logits_ref`` in
+    [-inf, inf) with one entry finite; ``logits_theta`` finite there."""
+    theta_rule = "logits_theta must be finite wherever logits_ref is finite (same support)"
+    ref_rule = "logits_ref must be finite or -inf (off the support), with one finite"
     if is_concrete((logits_theta, logits_ref)):
-        return []  # checked in Python
+        return [(True, theta_rule), (True, ref_rule)]  # checked in Python
     l_theta, l_ref = jnp.asarray(logits_theta), jnp.asarray(logits_ref)
     on = l_ref > -jnp.inf
     ref_ok = ~jnp.any(jnp.isnan(l_ref) | (l_ref == jnp.inf)) & jnp.any(on)
     theta_ok = jnp.all(jnp.where(on, jnp.isfinite(l_theta), True))
-    return [
-        (ref_ok, "logits_ref must be finite or -inf (off the support), with one finite"),
-        (theta_ok, "logits_theta must be finite wherever logits_ref is finite (same support)"),
-    ]
+    return [(theta_ok, theta_rule), (ref_ok, ref_rule)]
 
 
 def logit_arithmetic(

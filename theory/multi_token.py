@@ -42,9 +42,7 @@ from theory.checks import (
     check_finite,
     check_ndim,
     enforce,
-    guard,
     is_concrete,
-    rules_valid,
 )
 
 
@@ -225,8 +223,6 @@ def masked_ches(
         (_valid_mask_rows(mask_pos), "mask_pos must be 0/1 and select a prefix in every pair"),
         (_valid_mask_rows(mask_neg), "mask_neg must be 0/1 and select a prefix in every pair"),
     ]
-    row_valid = [v if isinstance(v, bool) else v[:, None] for v, _ in rules]  # [N, 1] per mask
-    mask_pos, mask_neg = guard(mask_pos, row_valid[0]), guard(mask_neg, row_valid[1])
     h_pos, h_neg = jnp.asarray(h_pos), jnp.asarray(h_neg)
     m_pos = jnp.asarray(mask_pos).astype(h_pos.dtype)
     m_neg = jnp.asarray(mask_neg).astype(h_neg.dtype)
@@ -294,7 +290,6 @@ def gradient_inner_product(
     validate_response(W, "h_v", h_v, "v", v)
     check_tied("h_u", h_u, u, "h_v", h_v, v)
     rules = [*id_rules(W, "u", u), *id_rules(W, "v", v), *tied_rules("h_u", h_u, u, "h_v", h_v, v)]
-    h_u, u, h_v, v = guard((h_u, u, h_v, v), rules_valid(rules))
     W, h_u, u, h_v, v = (jnp.asarray(x) for x in (W, h_u, u, h_v, v))
     w_part, h_part = grad_inner(W, h_u, u, tie(h_u, u, h_v, v), v)
     return enforce(GradientInnerProduct(w_part, h_part, w_part + h_part), rules)
@@ -370,9 +365,6 @@ def response_logprob_velocity(
         *tied_rules("h_pos", h_pos, y_pos, "h_z", h_z, z),
         *tied_rules("h_neg", h_neg, y_neg, "h_z", h_z, z),
     ]
-    h_pos, h_neg, y_pos, y_neg, h_z, z = guard(
-        (h_pos, h_neg, y_pos, y_neg, h_z, z), rules_valid(rules)
-    )
     args = (W, h_pos, h_neg, y_pos, y_neg, h_z, z, coef_chosen, coef_rejected)
     return enforce(_response_velocity(*(jnp.asarray(a) for a in args)), rules)
 
@@ -478,7 +470,6 @@ def multi_token_terms(
     validate_pair(W, h_pos, h_neg, y_pos, y_neg)
     check_differ_within(y_pos, y_neg, first=False)
     rules = pair_rules(W, h_pos, h_neg, y_pos, y_neg) + differ_rules(y_pos, y_neg, first=False)
-    h_pos, h_neg, y_pos, y_neg = guard((h_pos, h_neg, y_pos, y_neg), rules_valid(rules))
     return enforce(_terms(*(jnp.asarray(a) for a in (W, h_pos, h_neg, y_pos, y_neg))), rules)
 
 
@@ -567,9 +558,6 @@ def other_response_terms(
     if not (is_concrete(z) and is_concrete(y_pos) and is_concrete(y_neg)):
         z0, p0, n0 = (jnp.asarray(x)[0] for x in (z, y_pos, y_neg))
         rules.append(((z0 != p0) & (z0 != n0), "z[0] must differ from y_pos[0] and y_neg[0]"))
-    h_pos, h_neg, y_pos, y_neg, h_z, z = guard(
-        (h_pos, h_neg, y_pos, y_neg, h_z, z), rules_valid(rules)
-    )
     W, h_pos, h_neg, y_pos, y_neg, h_z, z = (
         jnp.asarray(a) for a in (W, h_pos, h_neg, y_pos, y_neg, h_z, z)
     )
@@ -627,7 +615,6 @@ def positive_alpha_fraction(
         check_mask_1d("mask_neg", mask_neg, jnp.shape(y_neg)[0]),
     ]
     rules = pair_rules(W, h_pos, h_neg, y_pos, y_neg)
-    h_pos, h_neg, y_pos, y_neg = guard((h_pos, h_neg, y_pos, y_neg), rules_valid(rules))
     W, h_pos, h_neg, y_pos, y_neg = (jnp.asarray(a) for a in (W, h_pos, h_neg, y_pos, y_neg))
     r_pos = residuals(W, h_pos, y_pos)
     r_neg = residuals(W, tie(h_pos, y_pos, h_neg, y_neg), y_neg)

@@ -280,7 +280,6 @@ def multi_sample_logprob_velocity(
     for name, arr in (("W", W), ("H", H), ("ell_prime", ell_prime)):
         check_finite(name, arr)
     valid = _valid_ids(y_pos, y_neg, V)
-    y_pos, y_neg = guard((y_pos, y_neg), valid)
     velocity = _multi_velocity(
         jnp.asarray(W),
         jnp.asarray(H),
