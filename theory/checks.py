@@ -222,8 +222,6 @@ def _poison_leaf_jvp(primals, tangents):
 
 def _replace_invalid(value: Any, valid: jax.Array, *, is_guard: bool) -> Any:
     def leaf(x):
-        if is_guard and is_concrete(x):
-            return x  # guard: a constant has no users in the compiled graph to isolate
         x = jnp.asarray(x)
         mask = jnp.broadcast_to(valid, x.shape)
         if jnp.issubdtype(x.dtype, jnp.inexact):
@@ -284,7 +282,8 @@ def guard(value: Any, valid: Valid) -> Any:
     guard one floating argument whose NaN reaches every floating output (the functions that do
     this say so, and tests pin it), and :func:`report` the rules instead of selecting on the
     output, where a select fused after a reduction can change its compiled summation order.
-    A Python ``True`` returns ``value`` untouched, and so are concrete leaves (constants).
+    A Python ``True`` returns ``value`` untouched (pass each scalar its own rule, so that a
+    concrete argument stays a constant).
     Derivatives as in :func:`poison`.
 
     Args:

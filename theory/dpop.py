@@ -395,14 +395,16 @@ def position_logit_gradients(
         check_ndim(name, a, 0, "[] (a scalar)")
         check_finite(name, a)
     rules = _pair_rules(logits_chosen, logits_rejected, chosen, rejected)
-    rules += [(all_valid(valid_finite(a)), f"{name} must be finite") for name, a in refs]
-    rules += [
+    scalar_rules = [(all_valid(valid_finite(a)), f"{name} must be finite") for name, a in refs]
+    scalar_rules += [
         (all_valid(valid_positive(beta)), "beta must be > 0 and finite"),
         (all_valid(valid_nonnegative(lam)), "lam must be >= 0 and finite"),
     ]
-    # scalars through guard (see theory.checks.guard); arrays as passed, the output poisoned
-    ref_logprob_chosen, ref_logprob_rejected, beta, lam = guard(
-        (ref_logprob_chosen, ref_logprob_rejected, beta, lam), rules_valid(rules)
+    rules += scalar_rules
+    # scalars through guard, each with its own rule (see theory.checks.guard); arrays as passed
+    scalars = (ref_logprob_chosen, ref_logprob_rejected, beta, lam)
+    ref_logprob_chosen, ref_logprob_rejected, beta, lam = (
+        guard(x, valid) for x, (valid, _) in zip(scalars, scalar_rules, strict=True)
     )
     gradients = _gradients(
         jnp.asarray(logits_chosen),

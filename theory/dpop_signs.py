@@ -27,7 +27,6 @@ from theory.checks import (
     check_token_ids,
     enforce,
     guard,
-    rules_valid,
     valid_positive,
 )
 from theory.dpop import _pair_rules, _post_edit, _validate_pair, edit_position
@@ -114,8 +113,9 @@ def lambda_thresholds(
     check_positive("beta", beta)
     check_bool("penalty_inside_beta", penalty_inside_beta)
     rules = _pair_rules(logits_chosen, logits_rejected, chosen, rejected)
-    rules.append((all_valid(valid_positive(beta)), "beta must be > 0 and finite"))
-    beta = guard(beta, rules_valid(rules))  # a scalar: see theory.checks.guard
+    beta_valid = all_valid(valid_positive(beta))
+    rules.append((beta_valid, "beta must be > 0 and finite"))
+    beta = guard(beta, beta_valid)  # a scalar, its own rule: see theory.checks.guard
     thresholds = _thresholds(
         jnp.asarray(logits_chosen),
         jnp.asarray(logits_rejected),

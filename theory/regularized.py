@@ -16,8 +16,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from theory._sequence_grads import check_differ_within, sequence_logprob, tie, validate_pair
-from theory.checks import check_finite, check_ndim
+from theory._sequence_grads import (
+    check_differ_within,
+    pair_rules,
+    sequence_logprob,
+    tie,
+    validate_pair,
+)
+from theory.checks import check_finite, check_ndim, enforce
 from theory.losses import PairLoss, loss_coefficients
 from theory.multi_token import multi_token_terms
 
@@ -132,6 +138,7 @@ def loss_logprob_velocity(
       0.5
     """
     validate_pair(W, h_pos, h_neg, y_pos, y_neg)
+    rules = pair_rules(W, h_pos, h_neg, y_pos, y_neg)  # before tie() hides untied rows
     W, h_pos, h_neg, y_pos, y_neg = (jnp.asarray(a) for a in (W, h_pos, h_neg, y_pos, y_neg))
     h_neg = tie(h_pos, y_pos, h_neg, y_neg)
     coefs = loss_coefficients(
@@ -141,4 +148,4 @@ def loss_logprob_velocity(
         ref_logprob_chosen,
         ref_logprob_rejected,
     )
-    return preferred_logprob_velocity(W, h_pos, h_neg, y_pos, y_neg, *coefs)
+    return enforce(preferred_logprob_velocity(W, h_pos, h_neg, y_pos, y_neg, *coefs), rules)
