@@ -341,7 +341,6 @@ _VALID = (_VALID[0], _VALID[0].at[2].set(jnp.array([1.0, 0.0, 0.4, 0.2])))  # ro
         (dict(r=jnp.array([1, 3, 2])), "edit distance 2"),
         (dict(r=jnp.array([0, 3, 7])), "rejected id out of range"),
         (dict(c=jnp.array([-1, 1, 2])), "negative chosen id"),
-        (dict(lr=_VALID[1].at[0, 0].set(9.0)), "shared row differs"),
         (dict(lam=-1.0), "lam < 0"),
         (dict(beta=0.0), "beta = 0"),
     ],

@@ -18,9 +18,12 @@ Invalid values (the one rule, for every public function of ``theory``):
    (the whole result, or the entries it affects, as each docstring says) and makes its
    derivatives NaN too. Integer and boolean results cannot hold NaN; where a result has such
    fields, the floating fields carry the NaN. The categories are those of rule 1 that concern
-   values: token ids, distinct ids, hyperparameters, probabilities, edit-distance pairs and
-   shared rows, masks. Inputs that are computed quantities rather than data or hyperparameters
-   (:func:`theory.dpop.weighted_split`'s Gram entries) are checked only when concrete.
+   values: token ids, distinct ids, hyperparameters, probabilities, edit-distance pairs, masks.
+   Two rules stay concrete-only: rows that must be equal (shared prefixes, shared contexts),
+   because exact float equality of values computed inside one compiled program is not reliable
+   (XLA may round one expression differently in two fusions: false NaN for valid input), and
+   computed quantities rather than data or hyperparameters (:func:`theory.dpop.weighted_split`'s
+   Gram entries).
 3. **Valid inputs are untouched.** Concrete inputs give exactly the values they gave before the
    checks existed: every predicate is a Python ``True`` and no operation is added. Valid traced
    inputs give the same values in exact arithmetic; the compiled program gains the predicate and

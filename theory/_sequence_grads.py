@@ -139,24 +139,14 @@ def id_rules(W, name_y, y) -> list:
     return [(all_valid(valid_token_ids(y, V)), f"{name_y} must be token ids in [0, V)")]
 
 
-def tied_rules(name_a, h_a, a, name_b, h_b, b) -> list:
-    """Rows of prefixes shared by ``a`` and ``b`` must be equal (what :func:`check_tied` checks)."""
-    if all(is_concrete(x) for x in (h_a, a, h_b, b)):
-        return []
-    shared = shared_prefixes(jnp.asarray(a), jnp.asarray(b))  # [m]
-    m = shared.shape[0]
-    same = jnp.all(jnp.asarray(h_a)[:m] == jnp.asarray(h_b)[:m], axis=1)  # [m]
-    ok = jnp.all(jnp.where(shared, same, True))
-    return [(ok, f"{name_a} and {name_b} must agree on the rows of shared prefixes")]
-
-
+# No traced rule for tied rows (check_tied, concrete only): XLA may compute one expression twice
+# in different fusions with different rounding, so exact equality of rows computed inside one
+# program is not reliable (a traced check gave NaN for 162 of 200 valid instances in
+# tests/test_multi_token.py). Traced, the functions use h_pos's rows for shared prefixes.
 def pair_rules(W, h_pos, h_neg, y_pos, y_neg) -> list:
-    """Traced version of :func:`validate_pair` (ids in range, shared rows tied)."""
-    return [
-        *id_rules(W, "y_pos", y_pos),
-        *id_rules(W, "y_neg", y_neg),
-        *tied_rules("h_pos", h_pos, y_pos, "h_neg", h_neg, y_neg),
-    ]
+    """Traced version of :func:`validate_pair`'s value rules: ids in ``[0, V)``."""
+    del h_pos, h_neg  # shared rows: see the note above
+    return [*id_rules(W, "y_pos", y_pos), *id_rules(W, "y_neg", y_neg)]
 
 
 def differ_rules(y_pos, y_neg, *, first: bool) -> list:

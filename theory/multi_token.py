@@ -8,9 +8,10 @@ one parameter, so their rows must agree.
 
 Every function is pure JAX, jit- and vmap-safe, float32 and float64. Public functions validate
 shapes always and values (ids, finiteness, shared rows) when concrete; traced values that break a
-rule (ids out of ``[0, V)``, shared rows that differ, responses that must differ and do not, masks
-that are not 0/1 or select nothing) make the floating fields of the result NaN (the rule of
-:mod:`theory`).
+rule (ids out of ``[0, V)``, responses that must differ and do not, masks that are not 0/1 or
+select nothing) make the floating fields of the result NaN (the rule of :mod:`theory`). Shared
+rows are checked only when concrete: traced, the rows of ``h_pos`` (then ``h_neg``) are used for
+every shared prefix (exact float equality inside a compiled program is not reliable).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from theory._sequence_grads import (
     pair_rules,
     residuals,
     tie,
-    tied_rules,
     validate_pair,
     validate_response,
 )
@@ -276,7 +276,7 @@ def gradient_inner_product(
 
     Raises:
       ValueError: bad shapes, empty responses, ids out of range, non-finite input, shared rows
-        that differ (traced ids out of range or shared rows that differ: all fields NaN).
+        that differ (concrete only). Traced ids out of range: all fields NaN.
 
     Example:
       >>> W, h = jnp.eye(2), jnp.zeros((1, 2))  # pi uniform: e_0 - pi = (1/2, -1/2)
@@ -289,7 +289,7 @@ def gradient_inner_product(
     validate_response(W, "h_u", h_u, "u", u)
     validate_response(W, "h_v", h_v, "v", v)
     check_tied("h_u", h_u, u, "h_v", h_v, v)
-    rules = [*id_rules(W, "u", u), *id_rules(W, "v", v), *tied_rules("h_u", h_u, u, "h_v", h_v, v)]
+    rules = [*id_rules(W, "u", u), *id_rules(W, "v", v)]
     W, h_u, u, h_v, v = (jnp.asarray(x) for x in (W, h_u, u, h_v, v))
     w_part, h_part = grad_inner(W, h_u, u, tie(h_u, u, h_v, v), v)
     return enforce(GradientInnerProduct(w_part, h_part, w_part + h_part), rules)
@@ -362,8 +362,6 @@ def response_logprob_velocity(
     rules = [
         *pair_rules(W, h_pos, h_neg, y_pos, y_neg),
         *id_rules(W, "z", z),
-        *tied_rules("h_pos", h_pos, y_pos, "h_z", h_z, z),
-        *tied_rules("h_neg", h_neg, y_neg, "h_z", h_z, z),
     ]
     args = (W, h_pos, h_neg, y_pos, y_neg, h_z, z, coef_chosen, coef_rejected)
     return enforce(_response_velocity(*(jnp.asarray(a) for a in args)), rules)
@@ -553,7 +551,6 @@ def other_response_terms(
         *pair_rules(W, h_pos, h_neg, y_pos, y_neg),
         *id_rules(W, "z", z),
         *differ_rules(y_pos, y_neg, first=True),
-        *tied_rules("h_pos", h_pos, y_pos, "h_z", h_z, z),
     ]
     if not (is_concrete(z) and is_concrete(y_pos) and is_concrete(y_neg)):
         z0, p0, n0 = (jnp.asarray(x)[0] for x in (z, y_pos, y_neg))
@@ -602,7 +599,7 @@ def positive_alpha_fraction(
 
     Raises:
       ValueError: as :func:`gradient_inner_product`; masks of the wrong shape or selecting nothing
-        (traced ids out of range or untied shared rows: NaN).
+        (traced ids out of range: NaN).
 
     Example:
       >>> W, h = jnp.eye(2), jnp.zeros((1, 2))  # alpha+ = 1/2 > 0, alpha- = -1/2

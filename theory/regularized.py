@@ -4,8 +4,8 @@ Razin et al. 2024, App. E: with an SFT term (Eq. 4; CPO, RPO, BoNBoN) or unequal
 SimPO, DPOP) the flow of :math:`\ln\pi(y^+|x)` gains a :math:`\|\nabla\ln\pi(y^+|x)\|^2` term.
 Written with the coefficients :math:`a^\pm` of :func:`theory.losses.loss_coefficients`, so every
 loss of :mod:`theory.losses` is covered. Setting and shapes as in :mod:`theory.multi_token`, and
-so are invalid values: concrete ones raise, traced ones (ids out of range, untied shared rows,
-responses that do not differ) give NaN through :func:`theory.multi_token.multi_token_terms`.
+so are invalid values: concrete ones raise, traced ones (ids out of range, responses that do not
+differ) give NaN.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def loss_logprob_velocity(
       0.5
     """
     validate_pair(W, h_pos, h_neg, y_pos, y_neg)
-    rules = pair_rules(W, h_pos, h_neg, y_pos, y_neg)  # before tie() hides untied rows
+    rules = pair_rules(W, h_pos, h_neg, y_pos, y_neg)
     W, h_pos, h_neg, y_pos, y_neg = (jnp.asarray(a) for a in (W, h_pos, h_neg, y_pos, y_neg))
     h_neg = tie(h_pos, y_pos, h_neg, y_neg)
     coefs = loss_coefficients(
