@@ -26,12 +26,13 @@ Invalid values (the one rule, for every public function of ``theory``):
    Gram entries).
 3. **Valid inputs are untouched.** Concrete inputs give exactly the values they gave before the
    checks existed: every predicate is a Python ``True`` and no operation is added. Valid traced
-   inputs give the same values in exact arithmetic; the compiled program gains the predicate and
-   a select, and XLA may then fuse (and round) neighbouring operations differently, so results
-   can move in the last bits (measured: up to a few ulp, in some experiments' JSON). Scalar
-   arguments that a rule reads (hyperparameters, a single token id; the losses' per-pair
-   hyperparameters and sample weights) are read through :func:`~theory.checks.guard`, which
-   keeps e.g. ``x / beta`` compiled as before. Derivatives of valid inputs stay finite.
+   inputs give the same values in exact arithmetic, and measured bit for bit (every experiment's
+   JSON, and jit/vmap/grad of each function on seeded inputs, before vs after); but the compiled
+   program gains the predicate and a select, and XLA may fuse (and round) neighbouring
+   operations differently, so last-bit changes are possible in other programs. Scalar arguments
+   that a rule reads (hyperparameters, a single token id; the losses' per-pair hyperparameters
+   and sample weights) are read through :func:`~theory.checks.guard`, which keeps e.g.
+   ``x / beta`` compiled as before. Derivatives of valid inputs stay finite.
 4. **Opt-in raising under jit.** :func:`theory.checks.checked` runs a function under
    ``jax.experimental.checkify``: ``checked(jax.jit(f))(...)`` raises ``ValueError``
    (``checkify.JaxRuntimeError``) naming the argument and rule instead of returning NaN.
