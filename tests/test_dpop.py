@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import worst_index
 from theory import dpop, dpop_signs
+from theory.checks import checked
 from theory.losses import dpo_loss, dpop_loss, loss_coefficients, weighted_loss
 
 RTOL = 1e-9  # closed form vs autodiff of the same float64 function: rounding only
@@ -317,3 +318,103 @@ def test_position_logit_gradients_jit_float32_matches_float64():
     g32 = f(*(x.astype(jnp.float32) for x in (lw, lr, ref_c, ref_r)))
     assert g32.dtype == jnp.float32
     np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-6)  # float32 vs float64 reference
+
+
+# Traced invalid values (the rule of theory): NaN, never a plausible gradient.
+RTOL_JIT_VS_EAGER = 1e-12  # float64 eager vs jit of the same closed form: rounding only
+_JIT_GRADIENTS = jax.jit(
+    lambda lw, lr, c, r, beta, lam: dpop.position_logit_gradients(
+        lw, lr, c, r, -1.0, -2.0, beta=beta, lam=lam
+    )
+)
+_JIT_THRESHOLDS = jax.jit(
+    lambda lw, lr, c, r, beta: dpop_signs.lambda_thresholds(lw, lr, c, r, beta=beta)
+)
+_VALID = (jnp.array([[0.5, -1.0, 0.2, 0.0], [0.1, 0.3, -0.4, 1.0], [0.0, 0.2, 0.9, -0.3]]),)
+_VALID = (_VALID[0], _VALID[0].at[2].set(jnp.array([1.0, 0.0, 0.4, 0.2])))  # rows <= m=1 shared
+
+
+@pytest.mark.parametrize(
+    ("override", "what"),
+    [
+        (dict(r=jnp.array([0, 1, 2])), "edit distance 0"),
+        (dict(r=jnp.array([1, 3, 2])), "edit distance 2"),
+        (dict(r=jnp.array([0, 3, 7])), "rejected id out of range"),
+        (dict(c=jnp.array([-1, 1, 2])), "negative chosen id"),
+        (dict(lam=-1.0), "lam < 0"),
+        (dict(beta=0.0), "beta = 0"),
+    ],
+)
+def test_position_logit_gradients_traced_invalid_gives_nan(override, what):
+    """Probe: jit(position_logit_gradients) accepted pairs at edit distance 0 or 2."""
+    args = dict(lw=_VALID[0], lr=_VALID[1], c=jnp.array([0, 1, 2]), r=jnp.array([0, 3, 2]))
+    args |= dict(beta=0.5, lam=2.0) | override
+    g = _JIT_GRADIENTS(**args)
+    for field in (g.descent, g.coef_chosen, g.coef_rejected):
+        assert np.all(np.isnan(np.asarray(field))), what
+    if "lam" not in override:
+        th = _JIT_THRESHOLDS(*(args[k] for k in ("lw", "lr", "c", "r", "beta")))
+        assert all(np.all(np.isnan(np.asarray(x))) for x in th), what
+
+
+def test_position_logit_gradients_valid_traced_equals_eager_with_finite_gradients():
+    lw, lr = _VALID
+    c, r = jnp.array([0, 1, 2]), jnp.array([0, 3, 2])
+    eager = dpop.position_logit_gradients(lw, lr, c, r, -1.0, -2.0, beta=0.5, lam=2.0)
+    traced = _JIT_GRADIENTS(lw, lr, c, r, 0.5, 2.0)
+    for a, b in zip(traced, eager, strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL_JIT_VS_EAGER, atol=1e-15)
+    grad = jax.jit(
+        jax.grad(
+            lambda a, b, lam: jnp.sum(_JIT_GRADIENTS(a, b, c, r, 0.5, lam).descent ** 2), (0, 1, 2)
+        )
+    )(lw, lr, 2.0)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in grad)
+    np.testing.assert_allclose(
+        _JIT_THRESHOLDS(lw, lr, c, r, 0.5).threshold,
+        dpop_signs.lambda_thresholds(lw, lr, c, r, beta=0.5).threshold,
+        rtol=RTOL_JIT_VS_EAGER,
+    )
+
+
+def test_dpop_coefficients_traced_invalid_hyperparameter_gives_nan():
+    run = jax.jit(
+        lambda beta, lam: dpop.dpop_coefficients(-2.0, -2.0, -1.0, -2.0, beta=beta, lam=lam)
+    )
+    for beta, lam in ((1.0, -1.0), (0.0, 1.0), (-1.0, 0.0), (1.0, jnp.nan)):
+        c = run(beta, lam)
+        assert np.isnan(float(c.coef_chosen)) and np.isnan(float(c.coef_rejected)), (beta, lam)
+    eager = dpop.dpop_coefficients(-2.0, -2.0, -1.0, -2.0, beta=1.0, lam=1.0)
+    for a, b in zip(run(1.0, 1.0), eager, strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL_JIT_VS_EAGER)
+
+
+def test_well_optimised_traced_invalid_pair_raises_under_checked():
+    """A boolean result cannot be NaN: theory.checks.checked reports the rule instead."""
+    lw, lr = _VALID
+    run = checked(jax.jit(dpop_signs.well_optimised))
+    c, r = jnp.array([0, 1, 2]), jnp.array([0, 3, 2])
+    np.testing.assert_array_equal(run(lw, lr, c, r), dpop_signs.well_optimised(lw, lr, c, r))
+    with pytest.raises(ValueError, match="differ in exactly one position"):
+        run(lw, lr, jnp.array([0, 1, 2]), jnp.array([1, 3, 2]))
+
+
+def test_pair_logprobs_from_logits_ids_rule():
+    lw, lr = _VALID
+    run = jax.jit(dpop.pair_logprobs_from_logits)
+    assert all(np.isnan(float(x)) for x in run(lw, lr, jnp.array([0, 1, 9]), jnp.array([0, 3, 2])))
+    with pytest.raises(ValueError, match=r"chosen must be token ids in \[0, V\)"):
+        dpop.pair_logprobs_from_logits(lw, lr, jnp.array([0, 1, 9]), jnp.array([0, 3, 2]))
+
+
+def test_dpop_lam_required_and_flags_must_be_bools():
+    with pytest.raises(TypeError, match="lam"):
+        dpop.position_logit_gradients(**GOOD, beta=0.1)
+    with pytest.raises(TypeError, match="lam"):
+        dpop.dpop_coefficients(0.0, 0.0, beta=0.1)
+    with pytest.raises(TypeError, match="penalty_inside_beta must be a bool"):
+        dpop.position_logit_gradients(**GOOD, beta=0.1, lam=1.0, penalty_inside_beta="no")
+    with pytest.raises(TypeError, match="penalty_inside_beta must be a bool"):
+        dpop_signs.lambda_thresholds(**GOOD, penalty_inside_beta=0)
+    with pytest.raises(TypeError, match="penalised must be a bool"):
+        dpop_signs.predicted_signs(jnp.array([0, 1]), jnp.array([1, 1]), 3, penalised="yes")

@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import worst_index
 from theory.kl_counterexample import random_instances
 from theory.kl_optimum import (
+    log_residual_mass_bound,
     mixture_weights,
     objective,
     residual_mass_bound,
@@ -290,3 +291,110 @@ def test_tilt_float32_matches_float64():
     t32 = _jv(tilt)(*(x.astype(jnp.float32) for x in (p_ref, inst.r, inst.beta)))
     assert t32.dtype == jnp.float32
     np.testing.assert_allclose(t32, t64, rtol=RTOL_F32, atol=ATOL_F32)
+
+
+# Traced invalid values (the rule of theory): NaN, never a renormalised or plausible result.
+# float64 eager vs jit of the same closed form: rounding only.
+RTOL_JIT_VS_EAGER = 1e-12
+P_REF = jnp.array([0.2, 0.3, 0.5, 0.0])
+REWARD = jnp.array([1.0, -0.5, 2.0, 7.0])
+
+_JIT_TILT = jax.jit(tilt)
+
+
+@pytest.mark.parametrize(
+    "p_ref,r,beta",
+    [
+        (jnp.array([0.3, 0.3, 0.5, 0.0]), REWARD, 1.0),  # sums to 1.1: was renormalised
+        (jnp.array([0.6, -0.1, 0.5, 0.0]), REWARD, 1.0),  # negative entry
+        (jnp.array([0.2, 0.3, jnp.nan, 0.5]), REWARD, 1.0),
+        (P_REF, REWARD, -1.0),  # beta < 0: was a wrong (reversed) distribution
+        (P_REF, REWARD, 0.0),
+        (P_REF, REWARD.at[1].set(-jnp.inf), 1.0),  # was a plausible zero
+    ],
+    ids=["sum", "negative", "nan", "beta<0", "beta=0", "r=-inf"],
+)
+def test_tilt_traced_invalid_input_gives_all_nan(p_ref, r, beta):
+    """Probe: jit(tilt) renormalised a bad p and returned a wrong distribution for beta < 0."""
+    assert np.all(np.isnan(np.asarray(_JIT_TILT(p_ref, r, beta))))
+    assert np.isnan(float(jax.jit(objective)(P_REF, p_ref, r, beta)))
+    grad = jax.jit(jax.grad(lambda p, q, b: tilt(p, q, b)[0], argnums=(0, 1, 2)))(p_ref, r, beta)
+    assert all(np.all(np.isnan(np.asarray(g))) for g in grad)
+
+
+def test_tilt_valid_traced_equals_eager_with_finite_gradients():
+    inst = _instances(7, num=64)
+    p_refs = inst.alpha[:, None] * inst.p_A + (1 - inst.alpha[:, None]) * inst.p_U
+    grad = jax.jit(jax.grad(lambda p, r, b: tilt(p, r, b)[0], argnums=(0, 1, 2)))
+    for i in range(8):
+        args = (p_refs[i], inst.r[i], inst.beta[i])
+        np.testing.assert_allclose(
+            _JIT_TILT(*args), tilt(*args), rtol=RTOL_JIT_VS_EAGER, atol=ATOL, err_msg=f"{i}"
+        )
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in grad(*args)), i
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        dict(alpha=1.0),
+        dict(alpha=-0.2),
+        dict(p_A=jnp.array([0.5, 0.6])),
+        dict(p_U=jnp.array([1.2, -0.2])),
+        dict(r=jnp.array([jnp.inf, 0.0])),
+        dict(beta=-0.5),
+    ],
+    ids=["alpha=1", "alpha<0", "p_A sum", "p_U negative", "r inf", "beta<0"],
+)
+def test_mixture_functions_traced_invalid_input_give_nan(override):
+    args = dict(alpha=0.3, p_A=P, p_U=Q, r=R, beta=0.5) | override
+    order = ("alpha", "p_A", "p_U", "r", "beta")
+    values = [jnp.asarray(args[k]) for k in order]
+    for fn in (mixture_weights, total_probability_mass, residual_mass_bound):
+        out = jax.jit(fn)(*values)
+        assert all(np.all(np.isnan(np.asarray(x))) for x in jax.tree.leaves(out)), fn.__name__
+    if "alpha" not in override:  # tilt_moments and support_covariances take no alpha
+        moments = jax.jit(tilt_moments)(*values[1:])
+        assert np.isnan(float(moments.log_M_A)) and not bool(moments.aligned_mass_rises)
+        cov = jax.jit(support_covariances)(*values[1:])
+        assert np.isnan(float(cov.cov_w_A)) and not bool(cov.stated_conditions)
+        assert not bool(cov.tilt_conditions)
+    # the same values are valid when the rule holds (no false positives)
+    good = [jnp.asarray(x) for x in (0.3, P, Q, R, 0.5)]
+    assert np.isfinite(float(jax.jit(total_probability_mass)(*good).tpm_A))
+
+
+def test_tilt_accepts_python_lists():
+    """Probe: tilt with Python lists failed inside jax._src.dtypes after validation passed."""
+    p_ref, r = [0.25, 0.75, 0.0], [0.0, 1.0, 3.0]
+    np.testing.assert_array_equal(tilt(p_ref, r, 0.5), tilt(jnp.array(p_ref), jnp.array(r), 0.5))
+    np.testing.assert_array_equal(
+        total_probability_mass(0.5, [1.0, 0.0, 0.0], [0.0, 0.5, 0.5], r, 1.0),
+        total_probability_mass(0.5, jnp.array([1.0, 0, 0]), jnp.array([0, 0.5, 0.5]), r, 1.0),
+    )
+
+
+def test_residual_mass_bound_underflows_and_log_bound_does_not():
+    """B = (1 - alpha) e^{(r_min^U - r_max) / beta} > 0 exactly, but 0.0 once the exponent is below
+    about -745 (float64); ln B = ln(1 - alpha) - (r_max - r_min^U) / beta stays finite."""
+    args = (0.5, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]), jnp.array([800.0, 0.0]), 1.0)
+    assert float(residual_mass_bound(*args)) == 0.0  # underflow: the documented [0, 1 - alpha]
+    # hand value: ln 0.5 - 800 / 1
+    np.testing.assert_allclose(float(log_residual_mass_bound(*args)), np.log(0.5) - 800.0, rtol=0)
+
+
+def test_log_residual_mass_bound_matches_bound_and_lies_below_log_tpm():
+    inst = _instances(9, num=20_000, reward_scale=10.0)
+    log_bound = np.asarray(_jv(log_residual_mass_bound)(*inst))
+    bound = np.asarray(_jv(residual_mass_bound)(*inst))
+    np.testing.assert_allclose(np.exp(log_bound), bound, rtol=RTOL)
+    # ln TPM(U) in NumPy float64 log space, independently: ln((1-a) M_U) - ln(a M_A + (1-a) M_U)
+    a, pa, pu, r, b = (np.asarray(x, np.float64) for x in inst)
+    with np.errstate(divide="ignore"):
+        log_m = [np.logaddexp.reduce(np.log(p) + r / b[:, None], axis=1) for p in (pa, pu)]
+    log_tpm_U = (
+        np.log1p(-a) + log_m[1] - np.logaddexp(np.log(a) + log_m[0], np.log1p(-a) + log_m[1])
+    )
+    np.testing.assert_array_less(log_bound - 1e-12 * np.abs(log_bound), log_tpm_U)
+    # ln B <= ln(1 - alpha), equality where r_min^U = r_max (JAX vs NumPy log1p: rounding only)
+    np.testing.assert_array_less(log_bound, np.log1p(-a) + 1e-12 * np.abs(np.log1p(-a)))

@@ -142,3 +142,48 @@ def test_arithmetic_functions_reject_bad_input():
         arithmetic_mass(1.5, p, p, r, 1.0, a=1.0, b=0.0)
     with pytest.raises(ValueError, match="r must be finite"):
         arithmetic_mass(0.5, p, p, jnp.array([jnp.nan, 0.0]), 1.0, a=1.0, b=0.0)
+
+
+# Traced invalid values (the rule of theory): NaN; valid traced values equal the eager ones.
+RTOL_JIT_VS_EAGER = 1e-12  # float64 eager vs jit of the same closed form: rounding only
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((L, L), dict(a=jnp.nan, b=0.0)),
+        ((L, L), dict(a=1.0, b=jnp.inf)),
+        ((jnp.array([jnp.nan, 0.0]), L), dict(a=1.0, b=0.0)),
+        ((jnp.array([-jnp.inf, 0.0]), L), dict(a=1.0, b=0.0)),
+        ((L, jnp.array([jnp.inf, 0.0])), dict(a=1.0, b=0.0)),
+        ((L, jnp.array([-jnp.inf, -jnp.inf])), dict(a=1.0, b=0.0)),
+    ],
+)
+def test_logit_arithmetic_traced_invalid_input_gives_all_nan(args, kwargs):
+    fn = jax.jit(lambda x, y, a, b: logit_arithmetic(x, y, a=a, b=b))
+    out = np.asarray(fn(*args, jnp.asarray(kwargs["a"]), jnp.asarray(kwargs["b"])))
+    assert out.shape == (2,) and np.all(np.isnan(out))
+
+
+def test_arithmetic_functions_traced_invalid_input_give_nan():
+    p, r = jnp.array([0.5, 0.5]), jnp.array([1.0, 0.0])
+    tilt_fn = jax.jit(lambda p, r, beta, a, b: arithmetic_tilt(p, r, beta, a=a, b=b))
+    mass_fn = jax.jit(lambda *x: arithmetic_mass(*x[:5], a=x[5], b=x[6]))
+    for bad in (
+        (jnp.array([0.5, 0.6]), r, 1.0, 1.0, 0.0),  # p_ref sums to 1.1
+        (p, r, 0.0, 1.0, 0.0),  # beta = 0
+        (p, r, 1.0, jnp.inf, 0.0),  # a not finite
+    ):
+        assert np.all(np.isnan(np.asarray(tilt_fn(*bad)))), bad
+    for bad in (
+        (1.5, p, p, r, 1.0, 1.0, 0.0),  # alpha outside (0, 1)
+        (0.5, p, jnp.array([-0.5, 1.5]), r, 1.0, 1.0, 0.0),  # negative p_U
+        (0.5, p, p, r, 1.0, 1.0, jnp.nan),  # b not finite
+    ):
+        assert all(np.isnan(float(x)) for x in mass_fn(*bad)), bad
+    good = (0.5, p, jnp.array([0.9, 0.1]), r, 1.0, 2.0, 1.0)
+    np.testing.assert_allclose(
+        mass_fn(*good),
+        arithmetic_mass(*good[:5], a=good[5], b=good[6]),
+        rtol=RTOL_JIT_VS_EAGER,
+    )

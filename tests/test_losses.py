@@ -132,7 +132,126 @@ def test_make_loss_rejects_bad_hyperparameters(name, hyper, match):
 
 
 def test_dpo_loss_accepts_traced_beta():
-    """beta may be a traced array (sweeps vmap over it); validation then defers to the caller."""
+    """beta may be a traced array (sweeps vmap over it); invalid entries would be NaN (below)."""
     betas = jnp.array([0.1, 1.0])
     out = jax.vmap(lambda b: losses.dpo_loss(0.0, -1.0, beta=b))(betas)
     np.testing.assert_allclose(out, -jax.nn.log_sigmoid(betas), rtol=1e-14)
+
+
+# Traced invalid hyperparameters (the rule of theory): NaN, never a plausible loss.
+# float64 eager vs jit of the same formula: rounding only.
+RTOL_JIT_VS_EAGER = 1e-12
+BASE_HYPER = {
+    "dpo": {"beta": 0.5},
+    "ipo": {"tau": 0.5},
+    "slic": {"delta": 1.0},
+    "rebel": {"eta": 2.0},
+    "gpo": {"beta": 0.5},
+    "sft_term": {"sft_coef": 0.2},
+    "weighted": {"weight_chosen": 2.0, "weight_rejected": 0.5},
+    "simpo": {"beta": 2.0, "gamma": 0.5, "length_chosen": 2.0, "length_rejected": 3.0},
+    "dpop": {"beta": 0.5, "lam": 5.0},
+}
+BAD_TRACED = [
+    ("dpo", "beta", -1.0),
+    ("dpo", "beta", 0.0),
+    ("dpo", "beta", float("nan")),
+    ("ipo", "tau", 0.0),
+    ("slic", "delta", -1.0),
+    ("rebel", "eta", -2.0),
+    ("gpo", "beta", -0.5),
+    ("sft_term", "sft_coef", -0.1),
+    ("weighted", "weight_chosen", 0.0),
+    ("weighted", "weight_rejected", -1.0),
+    ("simpo", "beta", -1.0),
+    ("simpo", "gamma", -0.5),
+    ("simpo", "length_chosen", 0.0),
+    ("simpo", "length_rejected", float("inf")),
+    ("dpop", "beta", -1.0),
+    ("dpop", "lam", -1.0),
+]
+
+
+def _loss_of(name, key):
+    def loss(value, lp_c, lp_r):
+        return losses.LOSSES[name](lp_c, lp_r, REF_C, REF_R, **{**BASE_HYPER[name], key: value})
+
+    return loss
+
+
+@pytest.mark.parametrize("name,key,bad", BAD_TRACED, ids=lambda x: str(x))
+def test_loss_traced_invalid_hyperparameter_gives_nan(name, key, bad):
+    """Probe: jit(dpo_loss) with beta = -1 returned a number."""
+    fn = jax.jit(_loss_of(name, key))
+    assert np.isnan(float(fn(bad, LP_C, LP_R)))
+    good = BASE_HYPER[name][key]
+    np.testing.assert_allclose(
+        float(fn(good, LP_C, LP_R)),
+        float(_loss_of(name, key)(good, LP_C, LP_R)),
+        rtol=RTOL_JIT_VS_EAGER,
+    )
+    # derivatives: NaN for the bad value (loss_coefficients differentiates the loss) ...
+    grads = jax.jit(jax.grad(_loss_of(name, key), argnums=(0, 1, 2)))
+    assert all(np.isnan(float(g)) for g in grads(bad, LP_C, LP_R))
+    # ... finite for the valid one
+    assert all(np.isfinite(float(g)) for g in grads(good, LP_C, LP_R))
+
+
+def test_loss_traced_hyperparameter_poisons_only_its_pairs():
+    """A per-pair beta array: NaN exactly where beta <= 0."""
+    betas = jnp.array([0.5, -1.0, 2.0, 0.0])
+    lp_c, lp_r = jnp.array([-1.0, -2.0, -3.0, -4.0]), jnp.full(4, -2.5)
+    out = np.asarray(jax.jit(lambda b: losses.dpo_loss(lp_c, lp_r, beta=b))(betas))
+    np.testing.assert_array_equal(np.isnan(out), [False, True, False, True])
+    np.testing.assert_allclose(
+        out[[0, 2]],
+        -np.log(jax.nn.sigmoid(np.array([0.5, 2.0]) * (np.array([-1.0, -3.0]) + 2.5))),
+        rtol=RTOL_JIT_VS_EAGER,
+    )
+
+
+def test_margin_derivative_traced_invalid_beta_is_nan():
+    def ell(beta):
+        return losses.margin_derivative(lambda *a: losses.dpo_loss(*a, beta=beta), -1.0, -2.0)
+
+    assert np.isnan(float(jax.jit(ell)(-1.0)))
+    np.testing.assert_allclose(float(jax.jit(ell)(0.7)), float(ell(0.7)), rtol=RTOL_JIT_VS_EAGER)
+
+
+@pytest.mark.parametrize("flag", ["no", 0, 1, None])
+def test_make_loss_rejects_non_bool_flag(flag):
+    """Probe: make_loss("dpop", penalty_inside_beta="no") was treated as True."""
+    with pytest.raises(ValueError, match="penalty_inside_beta must be a bool"):
+        losses.make_loss("dpop", beta=0.1, lam=5.0, penalty_inside_beta=flag)
+    with pytest.raises(TypeError, match="penalty_inside_beta must be a bool"):
+        losses.dpop_loss(0.0, 0.0, beta=0.1, lam=5.0, penalty_inside_beta=flag)
+
+
+def test_dpop_lam_is_required():
+    """dpop_loss, dpop_coefficients and position_logit_gradients share one lam contract."""
+    with pytest.raises(ValueError, match="lam"):
+        losses.make_loss("dpop", beta=0.1)
+    with pytest.raises(TypeError, match="lam"):
+        losses.dpop_loss(0.0, 0.0, beta=0.1)
+
+
+def test_mean_pair_loss_weight_rule():
+    loss = losses.make_loss("dpo", beta=1.0)
+    lp_c, lp_r = jnp.array([-1.0, -2.0, -0.5]), jnp.array([-1.5, -1.0, -3.0])
+    per_pair = np.asarray(loss(lp_c, lp_r))
+    weight = jnp.array([1.0, 0.0, 2.0])
+    want = float(np.sum(np.asarray(weight) * per_pair) / 3.0)
+    run = jax.jit(lambda w: losses.mean_pair_loss(loss, lp_c, lp_r, weight=w))
+    np.testing.assert_allclose(float(run(weight)), want, rtol=RTOL_JIT_VS_EAGER)
+    np.testing.assert_allclose(
+        float(losses.mean_pair_loss(loss, lp_c, lp_r, weight=weight)), want, rtol=1e-15
+    )
+    for bad in ([1.0, -1.0, 2.0], [0.0, 0.0, 0.0], [1.0, float("nan"), 1.0]):
+        assert np.isnan(float(run(jnp.array(bad)))), bad
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        losses.mean_pair_loss(loss, lp_c, lp_r, weight=jnp.array([1.0, -1.0, 2.0]))
+    with pytest.raises(ValueError, match="weight must have a positive sum"):
+        losses.mean_pair_loss(loss, lp_c, lp_r, weight=jnp.zeros(3))
+    g = jax.jit(jax.grad(lambda c, w: losses.mean_pair_loss(loss, c, lp_r, weight=w)))
+    assert np.all(np.isfinite(np.asarray(g(lp_c, weight))))
+    assert np.all(np.isnan(np.asarray(g(lp_c, jnp.array([1.0, -1.0, 2.0])))))

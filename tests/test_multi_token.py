@@ -384,3 +384,79 @@ def test_multi_token_terms_single_token_matches_theorem_4():
 
     got, want = both(jax.random.split(jax.random.key(4), 200))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12)
+
+
+# Traced invalid values (the rule of theory): every floating field NaN; valid traced = eager.
+RTOL_JIT_VS_EAGER = 1e-12  # float64 eager vs jit of the same closed form: rounding only
+
+
+def _traced_case():
+    W = jax.random.normal(jax.random.key(40), (5, 3))
+    h_pos = jax.random.normal(jax.random.key(41), (2, 3))
+    h_neg = jax.random.normal(jax.random.key(42), (2, 3)).at[0].set(h_pos[0])
+    h_z = jax.random.normal(jax.random.key(43), (2, 3)).at[0].set(h_pos[0])
+    return W, h_pos, h_neg, jnp.array([0, 1]), jnp.array([1, 2]), h_z, jnp.array([3, 4])
+
+
+def _all_float_nan(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return all(np.all(np.isnan(np.asarray(x))) for x in leaves)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        dict(y_pos=jnp.array([0, 7])),  # id out of range
+        dict(y_neg=jnp.array([-1, 2])),  # negative id
+        dict(y_neg=jnp.array([0, 1]), h_neg="h_pos"),  # identical responses
+    ],
+    ids=["range", "negative", "identical"],
+)
+def test_multi_token_functions_traced_invalid_give_nan(override):
+    W, h_pos, h_neg, y_pos, y_neg, h_z, z = _traced_case()
+    args = dict(W=W, h_pos=h_pos, h_neg=h_neg, y_pos=y_pos, y_neg=y_neg)
+    args |= {k: v for k, v in override.items() if not isinstance(v, str)}
+    if override.get("h_neg") == "h_pos":
+        args["h_neg"] = h_pos
+    p = (args["W"], args["h_pos"], args["h_neg"], args["y_pos"], args["y_neg"])
+    assert _all_float_nan(jax.jit(multi_token_terms)(*p))
+    assert _all_float_nan(jax.jit(preferred_logprob_velocity)(*p, 0.7, 0.4))
+    if override.get("h_neg") != "h_pos":  # these need no distinct responses
+        assert _all_float_nan(jax.jit(positive_alpha_fraction)(*p))
+        h_z_tied = h_z.at[0].set(args["h_pos"][0])
+        assert _all_float_nan(jax.jit(response_logprob_velocity)(*p, h_z_tied, z, 0.7, 0.4))
+        assert _all_float_nan(jax.jit(gradient_inner_product)(W, p[1], p[3], p[2], p[4]))
+    dpop = losses.make_loss("dpop", beta=0.3, lam=5.0)
+    assert _all_float_nan(jax.jit(partial(loss_logprob_velocity, dpop))(*p))
+
+
+def test_other_response_terms_traced_invalid_first_tokens_give_nan():
+    W, h_pos, h_neg, y_pos, y_neg, h_z, z = _traced_case()
+    run = jax.jit(other_response_terms)
+    assert not _all_float_nan(run(W, h_pos, h_neg, y_pos, y_neg, h_z, z))
+    assert _all_float_nan(run(W, h_pos, h_neg, y_pos, y_neg, h_z, jnp.array([1, 4])))  # z1 = y-1
+    assert _all_float_nan(run(W, h_pos, h_neg, y_pos, jnp.array([0, 2]), h_z, z))  # y+1 = y-1
+
+
+def test_multi_token_functions_valid_traced_equal_eager_with_finite_gradients():
+    W, h_pos, h_neg, y_pos, y_neg, h_z, z = _traced_case()
+    p = (W, h_pos, h_neg, y_pos, y_neg)
+    for fn, extra in (
+        (multi_token_terms, ()),
+        (preferred_logprob_velocity, (0.7, 0.4)),
+        (response_logprob_velocity, (h_z, z, 0.7, 0.4)),
+        (other_response_terms, (h_z, z)),
+    ):
+        for a, b in zip(
+            jax.tree.leaves(jax.jit(fn)(*p, *extra)), jax.tree.leaves(fn(*p, *extra)), strict=True
+        ):
+            np.testing.assert_allclose(
+                a, b, rtol=RTOL_JIT_VS_EAGER, atol=1e-14, err_msg=fn.__name__
+            )
+    grad = jax.jit(
+        jax.grad(
+            lambda W, h: preferred_logprob_velocity(W, h, h_neg, y_pos, y_neg, 0.7, 0.4).velocity,
+            (0, 1),
+        )
+    )(W, h_pos)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grad)

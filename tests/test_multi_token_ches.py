@@ -164,3 +164,25 @@ def test_masked_ches_rejects_bad_input():
         masked_ches(h, h, 2 * np.ones((2, 3)), m)
     with pytest.raises(ValueError, match=r"h_pos must have shape \[N, L\+, d\]"):
         masked_ches(np.ones((3, 4)), h, m, m)
+
+
+def test_masked_ches_traced_invalid_masks_poison_their_pairs_only():
+    h = jax.random.normal(jax.random.key(5), (3, 2, 4))
+    good = jnp.array([[1, 1], [1, 0], [1, 1]])
+    run = jax.jit(masked_ches, static_argnames="length_normalized")
+    np.testing.assert_allclose(
+        run(h, h[::-1], good, good), masked_ches(h, h[::-1], good, good), rtol=1e-12
+    )
+    for bad, row in ((good.at[1].set(0), 1), (good.at[2, 0].set(2), 2)):  # empty row; a 2
+        for normalized in (False, True):
+            out = np.asarray(run(h, h[::-1], bad, good, length_normalized=normalized))
+            assert np.isnan(out[row]) and np.all(np.isfinite(np.delete(out, row))), (
+                row,
+                normalized,
+            )
+
+
+def test_masked_ches_rejects_non_bool_flag():
+    h, m = np.ones((1, 2, 3)), np.ones((1, 2), bool)
+    with pytest.raises(TypeError, match="length_normalized must be a bool"):
+        masked_ches(h, h, m, m, length_normalized="yes")

@@ -286,3 +286,56 @@ def test_multi_sample_rejects_bad_input():
         multi_sample_logprob_velocity(W3, H, ids, ids[::-1], jnp.array([-1.0]))
     with pytest.raises(ValueError, match="H must have the hidden size"):
         multi_sample_logprob_velocity(W3, jnp.ones((2, 2)), ids, ids[::-1], jnp.array([-1.0, -1.0]))
+
+
+# Traced invalid ids (the rule of theory): NaN, never a clamped plausible velocity.
+# float64 op-by-op (eager) vs one fused jit: same formula, rounding of reordered sums only.
+RTOL_JIT_VS_EAGER = 1e-12
+
+_JIT_VELOCITY = jax.jit(logprob_velocity)
+_JIT_TERMS = jax.jit(displacement_terms)
+_JIT_GRAD = jax.jit(
+    jax.grad(lambda W, h, p, n: jnp.sum(logprob_velocity(W, h, p, n, -0.7) ** 2), (0, 1))
+)
+
+
+@pytest.mark.parametrize("y_pos,y_neg", [(99, 1), (1, 99), (3, 3), (-1, 2), (2, -10)], ids=str)
+def test_logprob_velocity_traced_invalid_ids_give_all_nan(y_pos, y_neg):
+    """Probe: jit(logprob_velocity)(W, h, 99, 1, -0.5) with V = 10 clamped the id (finite)."""
+    W = jax.random.normal(jax.random.key(30), (10, 3))
+    h = jnp.array([0.3, -1.0, 0.5])
+    out = _JIT_VELOCITY(W, h, y_pos, y_neg, -0.5)
+    assert out.shape == (10,) and np.all(np.isnan(np.asarray(out)))
+    terms = _JIT_TERMS(W, h, y_pos, y_neg)
+    assert all(np.all(np.isnan(np.asarray(x))) for x in terms)
+    assert np.all(np.isnan(np.asarray(_JIT_GRAD(W, h, y_pos, y_neg)[0])))
+
+
+def test_logprob_velocity_valid_traced_equals_eager_with_finite_gradients():
+    W = jax.random.normal(jax.random.key(31), (10, 3))
+    H = jax.random.normal(jax.random.key(32), (8, 3))
+    pairs = [(0, 1), (9, 0), (4, 7), (2, 3), (5, 8), (8, 5), (1, 9), (6, 2)]
+    for i, (p, n) in enumerate(pairs):
+        eager = logprob_velocity(W, H[i], p, n, -0.7)
+        np.testing.assert_allclose(
+            _JIT_VELOCITY(W, H[i], p, n, -0.7),
+            eager,
+            rtol=RTOL_JIT_VS_EAGER,
+            atol=RTOL_JIT_VS_EAGER * float(jnp.max(jnp.abs(eager))),
+            err_msg=f"pair {i}",
+        )
+        gW, gh = _JIT_GRAD(W, H[i], p, n)
+        assert np.all(np.isfinite(np.asarray(gW))) and np.all(np.isfinite(np.asarray(gh))), i
+
+
+def test_multi_sample_traced_invalid_sample_poisons_every_entry():
+    W, H = jnp.ones((5, 3)), jnp.ones((3, 3))
+    good_pos, good_neg = jnp.array([0, 1, 2]), jnp.array([1, 2, 3])
+    ell = jnp.full(3, -0.5)
+    run = jax.jit(multi_sample_logprob_velocity)
+    assert np.all(np.isfinite(np.asarray(run(W, H, good_pos, good_neg, ell))))
+    for y_pos, y_neg in (
+        (good_pos.at[1].set(7), good_neg),  # out of range
+        (good_pos, good_neg.at[2].set(2)),  # equal ids in sample 2
+    ):
+        assert np.all(np.isnan(np.asarray(run(W, H, y_pos, y_neg, ell))))

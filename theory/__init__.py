@@ -5,6 +5,43 @@ Modules: ``losses`` (the one loss module), ``single_token`` (Razin et al. 2024, 
 ``dpop`` / ``dpop_signs`` (DPOP on edit-distance-1 pairs), ``multi_token`` (CHES, Theorems 6-7),
 ``regularized`` (Propositions 1-2), ``kernel`` (Theorems 4-5 / 8-9 when ``h`` is a network's
 output).
+
+Invalid values (the one rule, for every public function of ``theory``):
+
+1. **Concrete inputs are validated in Python before tracing.** Shapes, dtypes and values (token
+   ids in ``[0, V)``, ``y_pos != y_neg`` where a theorem needs it, ``beta > 0`` and every other
+   positive hyperparameter, ``lam >= 0``, probabilities that are finite, non-negative and sum to
+   1, edit distance 1, shared prefix rows that agree, ...) raise ``ValueError`` naming the
+   argument, the rule and what was received (``TypeError`` for a wrong dtype kind or a flag that
+   is not a real ``bool``).
+2. **Traced inputs give NaN, never a plausible number.** Inside ``jax.jit`` / ``vmap`` / ``grad``
+   a value has no value yet, so it cannot raise; an invalid traced value makes the result NaN
+   (the whole result, or the entries it affects, as each docstring says) and makes its
+   derivatives NaN too. Integer and boolean results cannot hold NaN; where a result has such
+   fields, the floating fields carry the NaN. The categories are those of rule 1 that concern
+   values: token ids, distinct ids, hyperparameters, probabilities, edit-distance pairs, masks.
+   Two rules stay concrete-only: rows that must be equal (shared prefixes, shared contexts),
+   because exact float equality of values computed inside one compiled program is not reliable
+   (XLA may round one expression differently in two fusions: false NaN for valid input), and
+   computed quantities rather than data or hyperparameters (:func:`theory.dpop.weighted_split`'s
+   Gram entries).
+3. **Valid inputs are untouched.** Concrete inputs give exactly the values they gave before the
+   checks existed: every predicate is a Python ``True`` and no operation is added. Valid traced
+   inputs give the same values in exact arithmetic, and measured bit for bit (every experiment's
+   JSON, and jit/vmap/grad of each function on seeded inputs, before vs after); but the compiled
+   program gains the predicate and a select, and XLA may fuse (and round) neighbouring
+   operations differently, so last-bit changes are possible in other programs. Scalar arguments
+   that a rule reads (hyperparameters, a single token id; the losses' per-pair hyperparameters
+   and sample weights) are read through :func:`~theory.checks.guard`, which keeps e.g.
+   ``x / beta`` compiled as before. Derivatives of valid inputs stay finite.
+4. **Opt-in raising under jit.** :func:`theory.checks.checked` runs a function under
+   ``jax.experimental.checkify``: ``checked(jax.jit(f))(...)`` raises ``ValueError``
+   (``checkify.JaxRuntimeError``) naming the argument and rule instead of returning NaN.
+
+The helpers are in :mod:`theory.checks`: ``check_*`` (rule 1), ``valid_*`` predicates,
+:func:`~theory.checks.poison` (rule 2) and :func:`~theory.checks.checked` (rule 4). Search
+kernels documented as unvalidated (:func:`theory.kl_counterexample.theorem2_status`) and the
+exact-arithmetic checks of :mod:`theory.kl_exact` are outside the rule.
 """
 
 from theory.dpop import (
@@ -51,6 +88,7 @@ from theory.kl_optimum import (
     SupportCovariances,
     TiltMoments,
     TotalProbabilityMass,
+    log_residual_mass_bound,
     mixture_weights,
     objective,
     residual_mass_bound,
@@ -145,6 +183,7 @@ __all__ = [
     "kernel_displacement_criterion",
     "kernel_logprob_velocity",
     "lambda_thresholds",
+    "log_residual_mass_bound",
     "logit_arithmetic",
     "logprob_velocity",
     "loss_coefficients",

@@ -11,7 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from theory.checks import check_finite, check_ndim, check_token_ids, is_concrete
+from theory.checks import (
+    all_valid,
+    check_finite,
+    check_ndim,
+    check_token_ids,
+    is_concrete,
+    valid_token_ids,
+)
 
 
 def shared_prefixes(u, v):
@@ -124,3 +131,36 @@ def check_mask_1d(name: str, mask, length: int) -> jax.Array:
     if is_concrete(mask) and not np.any(np.asarray(mask)):
         raise ValueError(f"{name} must select at least one position (responses are non-empty)")
     return jnp.asarray(mask, bool)
+
+
+# Traced validity (the rule of theory): (predicate, message) pairs, Python True where concrete.
+def id_rules(W, name_y, y) -> list:
+    V = jnp.shape(W)[0]
+    return [(all_valid(valid_token_ids(y, V)), f"{name_y} must be token ids in [0, V)")]
+
+
+# No traced rule for tied rows (check_tied, concrete only): XLA may compute one expression twice
+# in different fusions with different rounding, so exact equality of rows computed inside one
+# program is not reliable (a traced check gave NaN for 162 of 200 valid instances in
+# tests/test_multi_token.py). Traced, the functions use h_pos's rows for shared prefixes.
+def pair_rules(W, h_pos, h_neg, y_pos, y_neg) -> list:
+    """Traced version of :func:`validate_pair`'s value rules: ids in ``[0, V)``."""
+    del h_pos, h_neg  # shared rows: see the note above
+    return [*id_rules(W, "y_pos", y_pos), *id_rules(W, "y_neg", y_neg)]
+
+
+def differ_rules(y_pos, y_neg, *, first: bool) -> list:
+    """Traced version of :func:`check_differ_within`."""
+    if is_concrete(y_pos) and is_concrete(y_neg):
+        return []
+    a, b = jnp.asarray(y_pos), jnp.asarray(y_neg)
+    m = min(a.shape[0], b.shape[0])
+    rules = [
+        (
+            jnp.any(a[:m] != b[:m]),
+            "y_pos and y_neg must differ at some position k <= min(L+, L-)",
+        )
+    ]
+    if first:
+        rules.append((a[0] != b[0], "y_pos and y_neg must differ in their first token"))
+    return rules

@@ -15,8 +15,12 @@ raises :math:`\ln\pi(t_k|y_w^{<k})` at every position (its gradient in the :math
 :math:`a^+(e_{t_k} - s^w_k)`); the failure mode needs the tie across contexts, which is what the
 source's formula :math:`s_j(y_l^{<k}) - s_j(y_w^{<k})` computes.
 
-All functions are pure JAX, jit- and vmap-safe; validation runs on concrete inputs only. Sign
-predictions and the smallest :math:`\lambda` per position are in :mod:`theory.dpop_signs`.
+All functions are pure JAX, jit- and vmap-safe. Validation raises on concrete inputs; traced
+invalid inputs (ids out of range, a pair not at edit distance 1, ``beta <= 0``, ``lam < 0``,
+non-finite logits) make the floating fields of the result NaN (the rule of :mod:`theory`).
+Shared rows that differ are caught only when concrete (exact float equality inside a compiled
+program is not reliable). Sign predictions and the smallest :math:`\lambda` per position are in
+:mod:`theory.dpop_signs`.
 """
 
 from __future__ import annotations
@@ -29,12 +33,22 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from theory.checks import (
+    all_valid,
+    check_bool,
     check_finite,
     check_ndim,
     check_nonnegative,
     check_positive,
     check_token_ids,
+    enforce,
+    guard,
     is_concrete,
+    report,
+    rules_valid,
+    valid_finite,
+    valid_nonnegative,
+    valid_positive,
+    valid_token_ids,
 )
 
 
@@ -114,7 +128,7 @@ def dpop_coefficients(
     ref_logprob_rejected: ArrayLike = 0.0,
     *,
     beta: float = 0.1,
-    lam: float = 50.0,
+    lam: float,
     penalty_inside_beta: bool = True,
 ) -> DPOPCoefficients:
     r"""Return the closed-form :math:`(a^+, a^-)` of :func:`theory.losses.dpop_loss`.
@@ -138,14 +152,17 @@ def dpop_coefficients(
       logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected: summed
         log-probs, as in :func:`theory.losses.dpop_loss` (broadcastable).
       beta: :math:`\beta > 0`.
-      lam: :math:`\lambda \ge 0` (``lam=0`` gives DPO's coefficients).
+      lam: :math:`\lambda \ge 0`, required (``lam=0`` gives DPO's coefficients), as in
+        :func:`theory.losses.dpop_loss`.
       penalty_inside_beta: placement of the penalty (default: inside, as the paper's Eq. 3).
 
     Returns:
       :class:`DPOPCoefficients`.
 
     Raises:
-      ValueError: ``beta <= 0`` or ``lam < 0``.
+      ValueError: ``beta <= 0``, ``lam < 0`` or non-finite log-probs. A traced ``beta <= 0`` or
+        ``lam < 0`` makes both coefficients NaN (``hinge_active`` is boolean: then False).
+      TypeError: ``penalty_inside_beta`` is not a bool.
 
     Example:
       >>> c = dpop_coefficients(-2.0, -2.0, -1.0, -2.0, beta=1.0, lam=1.0)
@@ -155,17 +172,19 @@ def dpop_coefficients(
     """
     check_positive("beta", beta)
     check_nonnegative("lam", lam)
-    args = [
-        jnp.asarray(a)
-        for a in (logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected)
-    ]
-    for name, a in zip(
-        ("logprob_chosen", "logprob_rejected", "ref_logprob_chosen", "ref_logprob_rejected"),
-        args,
-        strict=True,
-    ):
+    check_bool("penalty_inside_beta", penalty_inside_beta)
+    raw = (logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected)
+    names = ("logprob_chosen", "logprob_rejected", "ref_logprob_chosen", "ref_logprob_rejected")
+    for name, a in zip(names, raw, strict=True):
         check_finite(name, a)
-    return _coefficients(*args, beta, lam, penalty_inside_beta)
+    rules = [
+        (all_valid(valid_positive(beta)), "beta must be > 0 and finite"),
+        (all_valid(valid_nonnegative(lam)), "lam must be >= 0 and finite"),
+    ]
+    # poisoning by input: NaN log-probs make q, hence both coefficients, NaN (no output select)
+    report(rules)
+    lps = guard(raw, rules_valid(rules))
+    return _coefficients(*(jnp.asarray(a) for a in lps), beta, lam, penalty_inside_beta)
 
 
 def _validate_pair(logits_chosen, logits_rejected, chosen, rejected) -> None:
@@ -203,6 +222,25 @@ def _validate_pair(logits_chosen, logits_rejected, chosen, rejected) -> None:
         )
 
 
+def _pair_rules(logits_chosen, logits_rejected, chosen, rejected) -> list:
+    """Traced validity of an edit pair as (predicate, message) (Python ``True`` if concrete)."""
+    V = np.shape(logits_chosen)[1]
+    rules = [
+        (all_valid(valid_token_ids(chosen, V)), "chosen must be token ids in [0, V)"),
+        (all_valid(valid_token_ids(rejected, V)), "rejected must be token ids in [0, V)"),
+        (all_valid(valid_finite(logits_chosen)), "logits_chosen must be finite"),
+        (all_valid(valid_finite(logits_rejected)), "logits_rejected must be finite"),
+    ]
+    if not is_concrete((chosen, rejected)):  # concrete: edit distance checked in Python
+        distance = jnp.sum(jnp.asarray(chosen) != jnp.asarray(rejected))
+        rules.append((distance == 1, "chosen and rejected must differ in exactly one position"))
+    # Shared rows (logits_rejected[:m+1] == logits_chosen[:m+1]) are checked only when concrete:
+    # exact float equality of values computed inside one compiled program is not reliable (XLA
+    # may round one expression differently in two fusions), so a traced check could give NaN
+    # for valid input. Traced, each context uses its own rows as given.
+    return rules
+
+
 def _post_edit(chosen, rejected):
     """Return ``[L]`` bool: position ``k`` lies after the edit (its contexts differ)."""
     diff = (chosen != rejected).astype(jnp.int32)
@@ -216,8 +254,19 @@ def pair_logprobs_from_logits(
 
     .. math:: \ln\pi(y) = \sum_k \ln\mathrm{softmax}(z_k)[y_k]
 
-    Source: autoregressive factorisation with teacher forcing (Pal et al. 2024, §3). No
-    validation (a jit-internal helper; the public functions above validate).
+    Source: autoregressive factorisation with teacher forcing (Pal et al. 2024, §3). Only the
+    ids are validated (concrete: ``ValueError``; traced ids out of ``[0, V)``: both results NaN);
+    the public functions below validate the pair.
+
+    Args:
+      logits_chosen, logits_rejected: ``[L, V]`` per-position logits.
+      chosen, rejected: ``[L]`` integer token ids.
+
+    Returns:
+      ``(lp_chosen, lp_rejected)``, scalars.
+
+    Raises:
+      ValueError: ids out of ``[0, V)``.
 
     Example:
       >>> lp = pair_logprobs_from_logits(jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.array([0, 1]),
@@ -225,7 +274,18 @@ def pair_logprobs_from_logits(
       >>> [round(float(x), 6) for x in lp]  # 2 ln(1/4)
       [-2.772589, -2.772589]
     """
-    chosen, rejected = jnp.asarray(chosen), jnp.asarray(rejected)
+    V = np.shape(logits_chosen)[-1]
+    check_token_ids("chosen", chosen, V)
+    check_token_ids("rejected", rejected, V)
+    rules = [
+        (all_valid(valid_token_ids(chosen, V)), "chosen must be token ids in [0, V)"),
+        (all_valid(valid_token_ids(rejected, V)), "rejected must be token ids in [0, V)"),
+    ]
+    lp = _pair_logprobs(logits_chosen, logits_rejected, jnp.asarray(chosen), jnp.asarray(rejected))
+    return enforce(lp, rules)
+
+
+def _pair_logprobs(logits_chosen, logits_rejected, chosen, rejected):
     rows = jnp.arange(chosen.shape[0])
     lp_c = jnp.sum(jax.nn.log_softmax(logits_chosen, axis=-1)[rows, chosen])
     lp_r = jnp.sum(jax.nn.log_softmax(logits_rejected, axis=-1)[rows, rejected])
@@ -248,7 +308,7 @@ class PositionGradients(NamedTuple):
 
 def _gradients(logits_c, logits_r, chosen, rejected, ref_c, ref_r, beta, lam, inside):
     V = logits_c.shape[1]
-    lp_c, lp_r = pair_logprobs_from_logits(logits_c, logits_r, chosen, rejected)
+    lp_c, lp_r = _pair_logprobs(logits_c, logits_r, chosen, rejected)
     coef = _coefficients(lp_c, lp_r, ref_c, ref_r, beta, lam, inside)
     onehot_c = jax.nn.one_hot(chosen, V, dtype=logits_c.dtype)  # [L, V]
     onehot_r = jax.nn.one_hot(rejected, V, dtype=logits_c.dtype)
@@ -267,7 +327,7 @@ def position_logit_gradients(
     ref_logprob_rejected: ArrayLike = 0.0,
     *,
     beta: float = 0.1,
-    lam: float = 0.0,
+    lam: float,
     penalty_inside_beta: bool = True,
 ) -> PositionGradients:
     r"""Return :math:`-\partial L/\partial\theta_k` at every position (DPO at ``lam=0``, else DPOP).
@@ -297,19 +357,24 @@ def position_logit_gradients(
       chosen, rejected: ``[L]`` integer ids, differing in exactly one position ``m``.
       ref_logprob_chosen, ref_logprob_rejected: summed reference log-probs (scalars).
       beta: :math:`\beta > 0`.
-      lam: :math:`\lambda \ge 0`.
+      lam: :math:`\lambda \ge 0`, required (``lam=0`` is DPO), as in
+        :func:`theory.losses.dpop_loss`.
       penalty_inside_beta: placement of the penalty (default inside, the paper's Eq. 3).
 
     Returns:
       :class:`PositionGradients`.
 
     Raises:
-      ValueError: bad shapes or lengths, edit distance not 1, shared rows differ, ids out of
-        range, non-finite logits, ``beta <= 0``, ``lam < 0``.
+      ValueError: bad shapes or lengths, edit distance not 1, shared rows differ (concrete
+        only), ids out of range, non-finite logits or reference log-probs, ``beta <= 0``,
+        ``lam < 0``. Traced values breaking a rule (inside ``jit``/``vmap``) give ``descent``
+        and both coefficients all NaN instead (``hinge_active`` is boolean and stays).
+      TypeError: ``penalty_inside_beta`` is not a bool.
 
     Example:
       >>> lw = jnp.array([[0.0, 0.0], [2.0, 0.0]]); lr = jnp.array([[0.0, 0.0], [0.0, 0.0]])
-      >>> g = position_logit_gradients(lw, lr, jnp.array([0, 0]), jnp.array([1, 0]), beta=1.0)
+      >>> g = position_logit_gradients(lw, lr, jnp.array([0, 0]), jnp.array([1, 0]), beta=1.0,
+      ...                              lam=0.0)
       >>> # k=1 > m=0: a (s^l - s^w) with s^w_0 = sigma(2) > s^l_0 = 1/2: correct logit lowered
       >>> bool(g.descent[1, 0] < 0), bool(g.descent[1, 1] > 0)
       (True, True)
@@ -317,13 +382,27 @@ def position_logit_gradients(
     _validate_pair(logits_chosen, logits_rejected, chosen, rejected)
     check_positive("beta", beta)
     check_nonnegative("lam", lam)
-    for name, a in (
+    check_bool("penalty_inside_beta", penalty_inside_beta)
+    refs = (
         ("ref_logprob_chosen", ref_logprob_chosen),
         ("ref_logprob_rejected", ref_logprob_rejected),
-    ):
+    )
+    for name, a in refs:
         check_ndim(name, a, 0, "[] (a scalar)")
         check_finite(name, a)
-    return _gradients(
+    rules = _pair_rules(logits_chosen, logits_rejected, chosen, rejected)
+    scalar_rules = [(all_valid(valid_finite(a)), f"{name} must be finite") for name, a in refs]
+    scalar_rules += [
+        (all_valid(valid_positive(beta)), "beta must be > 0 and finite"),
+        (all_valid(valid_nonnegative(lam)), "lam must be >= 0 and finite"),
+    ]
+    rules += scalar_rules
+    # scalars through guard, each with its own rule (see theory.checks.guard); arrays as passed
+    scalars = (ref_logprob_chosen, ref_logprob_rejected, beta, lam)
+    ref_logprob_chosen, ref_logprob_rejected, beta, lam = (
+        guard(x, valid) for x, (valid, _) in zip(scalars, scalar_rules, strict=True)
+    )
+    gradients = _gradients(
         jnp.asarray(logits_chosen),
         jnp.asarray(logits_rejected),
         jnp.asarray(chosen),
@@ -334,6 +413,7 @@ def position_logit_gradients(
         lam,
         penalty_inside_beta,
     )
+    return enforce(gradients, rules)
 
 
 class WeightedSplit(NamedTuple):
@@ -378,7 +458,8 @@ def weighted_split(
       :class:`WeightedSplit` (broadcast shape of the inputs).
 
     Raises:
-      ValueError: ``grad_sq_chosen < 0`` or non-finite inputs.
+      ValueError: ``grad_sq_chosen < 0`` or non-finite inputs, when concrete. Traced inputs are
+        used as given: they are computed quantities, outside the rule of :mod:`theory`.
 
     Example:
       >>> w = weighted_split(3.0, 1.0, 2.0, 1.5)  # 1 * (2 - 1.5) + 2 * 2
@@ -392,6 +473,9 @@ def weighted_split(
         ("grad_inner", grad_inner),
     ):
         check_finite(name, a)
+    # No traced rule: the inputs are computed quantities (coefficients, Gram entries), not ids,
+    # hyperparameters or probabilities, and any check reading them next to the reductions that
+    # produce them changed their compiled summation order (an ulp in dpop_edit_distance's JSON).
     a_c, a_r = jnp.asarray(coef_chosen), jnp.asarray(coef_rejected)
     g_sq, g_in = jnp.asarray(grad_sq_chosen), jnp.asarray(grad_inner)
     dpo_part = a_r * (g_sq - g_in)

@@ -5,6 +5,10 @@ two contexts at a position; :math:`s^w_k`, :math:`s^l_k` the next-token distribu
 :math:`y_w^{<k}`, :math:`y_l^{<k}`; edit at position :math:`m`). The exact gradient is
 :func:`theory.dpop.position_logit_gradients`; this module gives Pal et al.'s qualitative
 predictions, their "well-optimised" assumption, and the per-position thresholds.
+
+Invalid values as in :mod:`theory.dpop`: concrete ones raise; traced ones give NaN thresholds.
+:func:`well_optimised` returns booleans, which cannot be NaN: for traced pairs run it under
+:func:`theory.checks.checked` to have invalid ones raise.
 """
 
 from __future__ import annotations
@@ -16,8 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from theory.checks import check_positive, check_token_ids
-from theory.dpop import _post_edit, _validate_pair, edit_position
+from theory.checks import (
+    all_valid,
+    check_bool,
+    check_positive,
+    check_token_ids,
+    enforce,
+    guard,
+    valid_positive,
+)
+from theory.dpop import _pair_rules, _post_edit, _validate_pair, edit_position
 
 
 class LambdaThresholds(NamedTuple):
@@ -87,7 +99,8 @@ def lambda_thresholds(
       :class:`LambdaThresholds`, each ``[L]``.
 
     Raises:
-      ValueError: as :func:`position_logit_gradients`.
+      ValueError: as :func:`position_logit_gradients` (traced: all thresholds NaN instead).
+      TypeError: ``penalty_inside_beta`` is not a bool.
 
     Example:
       >>> lw = jnp.log(jnp.array([[1.0, 1.0], [3.0, 1.0]]))  # s^w_1 = (3/4, 1/4)
@@ -98,7 +111,12 @@ def lambda_thresholds(
     """
     _validate_pair(logits_chosen, logits_rejected, chosen, rejected)
     check_positive("beta", beta)
-    return _thresholds(
+    check_bool("penalty_inside_beta", penalty_inside_beta)
+    rules = _pair_rules(logits_chosen, logits_rejected, chosen, rejected)
+    beta_valid = all_valid(valid_positive(beta))
+    rules.append((beta_valid, "beta must be > 0 and finite"))
+    beta = guard(beta, beta_valid)  # a scalar, its own rule: see theory.checks.guard
+    thresholds = _thresholds(
         jnp.asarray(logits_chosen),
         jnp.asarray(logits_rejected),
         jnp.asarray(chosen),
@@ -106,6 +124,7 @@ def lambda_thresholds(
         beta,
         penalty_inside_beta,
     )
+    return enforce(thresholds, rules)
 
 
 def well_optimised(
@@ -119,7 +138,8 @@ def well_optimised(
     (with equality) at :math:`k \le m`, where the contexts coincide.
 
     Raises:
-      ValueError: as :func:`position_logit_gradients`.
+      ValueError: as :func:`position_logit_gradients`. A boolean result cannot be NaN: traced
+        invalid pairs give booleans; :func:`theory.checks.checked` makes them raise.
 
     Example:
       >>> lw = jnp.array([[0.0, 0.0], [2.0, 0.0]]); lr = jnp.zeros((2, 2))
@@ -127,11 +147,13 @@ def well_optimised(
       [True, True]
     """
     _validate_pair(logits_chosen, logits_rejected, chosen, rejected)
+    rules = _pair_rules(logits_chosen, logits_rejected, chosen, rejected)
     s_c = jax.nn.softmax(jnp.asarray(logits_chosen), axis=-1)
     s_r = jax.nn.softmax(jnp.asarray(logits_rejected), axis=-1)
     is_correct = jax.nn.one_hot(jnp.asarray(chosen), s_c.shape[1], dtype=bool)
     ok = jnp.where(is_correct, s_c >= s_r, s_c <= s_r)
-    return jnp.all(ok, axis=-1)
+    # booleans cannot carry NaN: the rules only reach checkify (theory.checks.checked)
+    return enforce(jnp.all(ok, axis=-1), rules)
 
 
 def predicted_signs(
@@ -147,13 +169,16 @@ def predicted_signs(
     in the wrong logit dimensions"; DPOP: "guaranteed to be positive ... negative").
 
     Raises:
-      ValueError: as :func:`edit_position`; ``vocab_size`` below 2 or ids out of range.
+      ValueError: as :func:`edit_position` (the ids must be concrete); ``vocab_size`` below 2 or
+        ids out of range.
+      TypeError: ``penalised`` is not a bool.
 
     Example:
       >>> predicted_signs(jnp.array([0, 0]), jnp.array([1, 0]), 3, penalised=False).tolist()
       [[0, 0, 0], [-1, 1, 1]]
     """
     edit_position(chosen, rejected)
+    check_bool("penalised", penalised)
     if (
         isinstance(vocab_size, bool)
         or not isinstance(vocab_size, int | np.integer)

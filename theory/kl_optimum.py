@@ -13,6 +13,12 @@ Reading (support): :math:`\mathrm{supp}\,p_\theta = \mathrm{supp}\,p_{ref}
 = \mathrm{supp}\,p_A \cup \mathrm{supp}\,p_U` (finite ``r``, ``0 < alpha < 1``); "the uniform
 measure on the support" is the uniform distribution on those ``N`` outputs, as in the sources'
 proof of Theorem 2. Outputs outside it play no role (their reward is ignored).
+
+Invalid values (the rule of :mod:`theory`): concrete inputs raise ``ValueError``; traced ones
+(inside ``jit``/``vmap``/``grad``) that break a rule - ``alpha`` outside (0, 1), a distribution
+that is negative, non-finite or does not sum to 1 (within ``PROB_SUM_ATOL`` plus the rounding of
+its own dtype, see :func:`theory.checks.valid_distribution`), a non-finite ``r``, ``beta <= 0`` -
+make every floating field of the result NaN (boolean fields derived from them are ``False``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,20 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from jax.typing import ArrayLike
 
-from theory.checks import check_finite, check_ndim, check_nonnegative, check_positive, is_concrete
+from theory.checks import (
+    all_valid,
+    check_finite,
+    check_ndim,
+    check_nonnegative,
+    check_positive,
+    enforce,
+    guard,
+    is_concrete,
+    valid_distribution,
+    valid_finite,
+    valid_open_interval,
+    valid_positive,
+)
 
 #: A distribution must sum to 1 within this absolute tolerance (float32 rounding of V <= 10^4
 #: entries stays well below it; a mis-normalised input is off by far more).
@@ -71,8 +90,49 @@ def _check_mixture(alpha, p_A, p_U, r, beta) -> None:
 
 
 def _arrays(*xs):
+    # lists and tuples are not JAX types: read them as NumPy arrays first
+    xs = tuple(np.asarray(x) if isinstance(x, list | tuple) else x for x in xs)
     dtype = jnp.result_type(*xs, jnp.float32)
     return tuple(jnp.asarray(x, dtype) for x in xs)
+
+
+# Traced validity: lists of (predicate, message), one per argument and in argument order, taken
+# from the arguments as passed (inside jit, jnp.asarray of a constant is a tracer, so predicates of
+# converted arrays would never be concrete).
+def _distribution_rules(name: str, p) -> list:
+    message = f"{name} must be a distribution: finite, >= 0, summing to 1"
+    return [(valid_distribution(p, atol=PROB_SUM_ATOL), message)]
+
+
+def _reward_beta_rules(r, beta) -> list:
+    return [
+        (all_valid(valid_finite(r)), "r must be finite"),
+        (all_valid(valid_positive(beta)), "beta must be > 0 and finite"),
+    ]
+
+
+def _mixture_rules(alpha, p_A, p_U, r, beta) -> list:
+    return [
+        (all_valid(valid_open_interval(alpha, 0.0, 1.0)), "alpha must be in (0, 1)"),
+        *_distribution_rules("p_A", p_A),
+        *_distribution_rules("p_U", p_U),
+        *_reward_beta_rules(r, beta),
+    ]
+
+
+def _checked_arrays(rules: list, *xs):
+    """:func:`_arrays` of the arguments as the computation must read them once checked.
+
+    ``rules[i]`` is the rule of ``xs[i]`` alone. Scalar arguments (``alpha``, ``beta``, ``a``,
+    ``b``) are read through :func:`theory.checks.guard` with their own rule (so ``r / beta``
+    compiles as without the check); array arguments are read as passed (a guard there moved
+    ``log p`` into batched fusions under ``vmap``, an ulp apart). The output is poisoned by
+    :func:`theory.checks.enforce` in every case.
+    """
+    guarded = (
+        guard(x, valid) if np.ndim(x) == 0 else x for x, (valid, _) in zip(xs, rules, strict=True)
+    )
+    return _arrays(*guarded)
 
 
 def _log_tilt(p_ref, r, beta):
@@ -98,7 +158,8 @@ def tilt(p_ref: ArrayLike, r: ArrayLike, beta: ArrayLike) -> jax.Array:
       ``[V]`` distribution with the support of ``p_ref``.
 
     Raises:
-      ValueError: negative or mis-normalised ``p_ref``, non-finite ``r``, ``beta <= 0``, shapes.
+      ValueError: negative or mis-normalised ``p_ref``, non-finite ``r``, ``beta <= 0``, shapes
+        (traced: all entries NaN instead).
 
     Example:
       >>> p = tilt(jnp.array([0.5, 0.5, 0.0]), jnp.array([jnp.log(3.0), 0.0, 9.0]), 1.0)
@@ -108,8 +169,8 @@ def tilt(p_ref: ArrayLike, r: ArrayLike, beta: ArrayLike) -> jax.Array:
     _check_distribution("p_ref", p_ref)
     _check_reward(r, np.shape(p_ref)[0])
     check_positive("beta", beta)
-    p_ref, r, beta = _arrays(p_ref, r, beta)
-    return jnp.exp(_log_tilt(p_ref, r, beta))
+    rules = _distribution_rules("p_ref", p_ref) + _reward_beta_rules(r, beta)
+    return enforce(jnp.exp(_log_tilt(*_checked_arrays(rules, p_ref, r, beta))), rules)
 
 
 def objective(p: ArrayLike, p_ref: ArrayLike, r: ArrayLike, beta: ArrayLike) -> jax.Array:
@@ -130,7 +191,7 @@ def objective(p: ArrayLike, p_ref: ArrayLike, r: ArrayLike, beta: ArrayLike) -> 
       Scalar; ``-inf`` when ``p`` puts mass outside the support of ``p_ref``.
 
     Raises:
-      ValueError: as :func:`tilt`, and for ``p``.
+      ValueError: as :func:`tilt`, and for ``p`` (traced: NaN instead).
 
     Example:
       >>> p_ref, r = jnp.array([0.5, 0.5]), jnp.array([1.0, 0.0])
@@ -145,7 +206,12 @@ def objective(p: ArrayLike, p_ref: ArrayLike, r: ArrayLike, beta: ArrayLike) -> 
         )
     _check_reward(r, np.shape(p)[0])
     check_positive("beta", beta)
-    return _objective(*_arrays(p, p_ref, r, beta))
+    rules = [
+        *_distribution_rules("p", p),
+        *_distribution_rules("p_ref", p_ref),
+        *_reward_beta_rules(r, beta),
+    ]
+    return enforce(_objective(*_checked_arrays(rules, p, p_ref, r, beta)), rules)
 
 
 def _objective(p, p_ref, r, beta):
@@ -191,7 +257,8 @@ def mixture_weights(
       :class:`MixtureWeights`.
 
     Raises:
-      ValueError: ``alpha`` not in (0, 1), bad distributions, non-finite ``r``, ``beta <= 0``.
+      ValueError: ``alpha`` not in (0, 1), bad distributions, non-finite ``r``, ``beta <= 0``
+        (traced: both fields NaN instead).
 
     Example:
       >>> w = mixture_weights(0.5, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]),
@@ -200,7 +267,8 @@ def mixture_weights(
       [0.75, 0.25]
     """
     _check_mixture(alpha, p_A, p_U, r, beta)
-    return _mixture_weights(*_arrays(alpha, p_A, p_U, r, beta))
+    rules = _mixture_rules(alpha, p_A, p_U, r, beta)
+    return enforce(_mixture_weights(*_checked_arrays(rules, alpha, p_A, p_U, r, beta)), rules)
 
 
 def _mixture_weights(alpha, p_A, p_U, r, beta):
@@ -251,7 +319,7 @@ def total_probability_mass(
       :class:`TotalProbabilityMass` (a tuple ``(tpm_A, tpm_U)``).
 
     Raises:
-      ValueError: as :func:`mixture_weights`.
+      ValueError: as :func:`mixture_weights` (traced: both fields NaN instead).
 
     Example:
       >>> m = total_probability_mass(0.5, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]),
@@ -260,8 +328,10 @@ def total_probability_mass(
       (0.75, 0.25)
     """
     _check_mixture(alpha, p_A, p_U, r, beta)
-    alpha, p_A, p_U, r, beta = _arrays(alpha, p_A, p_U, r, beta)
-    return _tpm_from_log_moments(alpha, _log_moment(p_A, r, beta), _log_moment(p_U, r, beta))
+    rules = _mixture_rules(alpha, p_A, p_U, r, beta)
+    alpha, p_A, p_U, r, beta = _checked_arrays(rules, alpha, p_A, p_U, r, beta)
+    tpm = _tpm_from_log_moments(alpha, _log_moment(p_A, r, beta), _log_moment(p_U, r, beta))
+    return enforce(tpm, rules)
 
 
 class TiltMoments(NamedTuple):
@@ -298,7 +368,8 @@ def tilt_moments(p_A: ArrayLike, p_U: ArrayLike, r: ArrayLike, beta: ArrayLike) 
       :class:`TiltMoments`.
 
     Raises:
-      ValueError: bad distributions, non-finite ``r``, ``beta <= 0``.
+      ValueError: bad distributions, non-finite ``r``, ``beta <= 0`` (traced: the moments NaN
+        and ``aligned_mass_rises`` False instead).
 
     Example:
       >>> t = tilt_moments(jnp.array([0.5, 0.5]), jnp.array([0.9, 0.1]), jnp.array([0.0, 1.0]), 1.0)
@@ -306,8 +377,9 @@ def tilt_moments(p_A: ArrayLike, p_U: ArrayLike, r: ArrayLike, beta: ArrayLike) 
       True
     """
     _check_mixture(0.5, p_A, p_U, r, beta)
-    p_A, p_U, r, beta = _arrays(p_A, p_U, r, beta)
-    log_m_A, log_m_U = _log_moment(p_A, r, beta), _log_moment(p_U, r, beta)
+    rules = _mixture_rules(0.5, p_A, p_U, r, beta)[1:]  # alpha = 0.5 is not an argument
+    p_A, p_U, r, beta = _checked_arrays(rules, p_A, p_U, r, beta)
+    log_m_A, log_m_U = enforce((_log_moment(p_A, r, beta), _log_moment(p_U, r, beta)), rules)
     return TiltMoments(log_m_A, log_m_U, log_m_A >= log_m_U)
 
 
@@ -359,7 +431,8 @@ def support_covariances(
       :class:`SupportCovariances`.
 
     Raises:
-      ValueError: bad distributions, non-finite ``r``, ``beta <= 0``.
+      ValueError: bad distributions, non-finite ``r``, ``beta <= 0`` (traced: the covariances
+        NaN and both conditions False instead; ``num_support`` is an integer and stays).
 
     Example:
       >>> c = support_covariances(jnp.array([0.2, 0.8, 0.0]), jnp.array([0.8, 0.2, 0.0]),
@@ -368,7 +441,12 @@ def support_covariances(
       (2, 0.15)
     """
     _check_mixture(0.5, p_A, p_U, r, beta)
-    return _support_covariances(*_arrays(p_A, p_U, r, beta))
+    rules = _mixture_rules(0.5, p_A, p_U, r, beta)[1:]  # alpha = 0.5 is not an argument
+    c = enforce(_support_covariances(*_checked_arrays(rules, p_A, p_U, r, beta)), rules)
+    return c._replace(
+        stated_conditions=(c.cov_r_A > 0) & (c.cov_r_U < 0),
+        tilt_conditions=(c.cov_w_A > 0) & (c.cov_w_U < 0),
+    )
 
 
 def _support_covariances(p_A, p_U, r, beta):
@@ -392,26 +470,36 @@ def residual_mass_bound(
 ) -> jax.Array:
     r"""Return a lower bound on :math:`\mathrm{TPM}(U)`: unaligned mass is shrunk, not removed.
 
-    .. math:: \mathrm{TPM}(U) = \frac{(1-\alpha) M_U}{Z} \ge (1-\alpha)\,
+    .. math:: \mathrm{TPM}(U) = \frac{(1-\alpha) M_U}{Z} \ge B = (1-\alpha)\,
        e^{(r_{\min}^U - r_{\max})/\beta} \ge (1-\alpha)\,e^{(r_{\min} - r_{\max})/\beta} > 0
 
     with :math:`r_{\min}^U = \min_{\mathrm{supp}\,p_U} r`,
-    :math:`r_{\max} = \max_{\mathrm{supp}\,p_{ref}} r` (:math:`M_U \ge e^{r^U_{\min}/\beta}`,
-    :math:`Z \le e^{r_{\max}/\beta}`); the second, looser form is the sources' statement. Per
-    output, :math:`p_\theta(y) \ge p_{ref}(y)e^{(r(y)-r_{\max})/\beta}`.
+    :math:`r_{\max} = \max_{\mathrm{supp}\,p_{ref}} r`, :math:`M_U = E_{p_U}[e^{r/\beta}]`,
+    :math:`Z = \alpha M_A + (1-\alpha) M_U`. Derivation: :math:`M_U \ge e^{r^U_{\min}/\beta}`
+    (every output of :math:`\mathrm{supp}\,p_U` has :math:`r \ge r^U_{\min}` and :math:`p_U` sums
+    to 1) and :math:`Z = E_{p_{ref}}[e^{r/\beta}] \le e^{r_{\max}/\beta}`. So
+    :math:`0 < B \le 1 - \alpha` (:math:`r^U_{\min} \le r_{\max}`, equality iff ``r`` is constant
+    on the support); the second, looser form is the sources' statement. Per output,
+    :math:`p_\theta(y) \ge p_{ref}(y)e^{(r(y)-r_{\max})/\beta}`.
 
     Source: sources 000/001, Theorem 2 (``0 < TPM(U)``) and §1.4 ("shrunk, not truncated").
     Reading: the sources give no quantitative bound; this is the one their argument implies, with
     the minimum taken over the support of ``p_U`` (tighter, still valid).
 
+    Floating point: :math:`B > 0` is exact, but :math:`B` is returned as a float, which is 0.0
+    once :math:`(r_{\max} - r^U_{\min})/\beta` exceeds about 745 (float64; about 87 in float32,
+    whose subnormals XLA's CPU backend flushes to zero) - as is the computed
+    :math:`\mathrm{TPM}(U)` itself. :func:`log_residual_mass_bound` returns :math:`\ln B`, finite
+    for every valid input.
+
     Args:
       alpha, p_A, p_U, r, beta: as in :func:`mixture_weights`.
 
     Returns:
-      Scalar lower bound in ``(0, 1 - alpha]``.
+      Scalar :math:`B` in ``[0, 1 - alpha]``: positive unless it underflows (see above).
 
     Raises:
-      ValueError: as :func:`mixture_weights`.
+      ValueError: as :func:`mixture_weights` (traced: NaN instead).
 
     Example:
       >>> b = residual_mass_bound(0.5, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]),
@@ -420,12 +508,49 @@ def residual_mass_bound(
       0.18394
     """
     _check_mixture(alpha, p_A, p_U, r, beta)
-    alpha, p_A, p_U, r, beta = _arrays(alpha, p_A, p_U, r, beta)
-    return _residual_mass_bound(alpha, p_A, p_U, r, beta)
+    rules = _mixture_rules(alpha, p_A, p_U, r, beta)
+    alpha, p_A, p_U, r, beta = _checked_arrays(rules, alpha, p_A, p_U, r, beta)
+    return enforce(_residual_mass_bound(alpha, p_A, p_U, r, beta), rules)
+
+
+def log_residual_mass_bound(
+    alpha: ArrayLike, p_A: ArrayLike, p_U: ArrayLike, r: ArrayLike, beta: ArrayLike
+) -> jax.Array:
+    r"""Return :math:`\ln B`, the log of :func:`residual_mass_bound`, finite where ``B`` underflows.
+
+    .. math:: \ln \mathrm{TPM}(U) \ge \ln B = \ln(1-\alpha) - \frac{r_{\max} - r^U_{\min}}{\beta}
+       \in (-\infty, \ln(1-\alpha)]
+
+    Source: as :func:`residual_mass_bound` (sources 000/001, Theorem 2; derivation there).
+
+    Args:
+      alpha, p_A, p_U, r, beta: as in :func:`mixture_weights`.
+
+    Returns:
+      Scalar :math:`\ln B \le \ln(1-\alpha)`, finite for every valid input.
+
+    Raises:
+      ValueError: as :func:`mixture_weights` (traced: NaN instead).
+
+    Example:
+      >>> lb = log_residual_mass_bound(0.5, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]),
+      ...                              jnp.array([1000.0, 0.0]), 1.0)
+      >>> round(float(lb), 6)  # ln 0.5 - 1000; residual_mass_bound underflows to 0.0 here
+      -1000.693147
+    """
+    _check_mixture(alpha, p_A, p_U, r, beta)
+    rules = _mixture_rules(alpha, p_A, p_U, r, beta)
+    alpha, p_A, p_U, r, beta = _checked_arrays(rules, alpha, p_A, p_U, r, beta)
+    r_max, r_min_U = _reward_range(p_A, p_U, r)
+    return enforce(jnp.log1p(-alpha) + (r_min_U - r_max) / beta, rules)
+
+
+def _reward_range(p_A, p_U, r):
+    """``(r_max over supp p_ref, r_min over supp p_U)``."""
+    on = (p_A > 0) | (p_U > 0)
+    return jnp.max(jnp.where(on, r, -jnp.inf)), jnp.min(jnp.where(p_U > 0, r, jnp.inf))
 
 
 def _residual_mass_bound(alpha, p_A, p_U, r, beta):
-    on = (p_A > 0) | (p_U > 0)
-    r_max = jnp.max(jnp.where(on, r, -jnp.inf))
-    r_min_U = jnp.min(jnp.where(p_U > 0, r, jnp.inf))
+    r_max, r_min_U = _reward_range(p_A, p_U, r)
     return (1 - alpha) * jnp.exp((r_min_U - r_max) / beta)

@@ -11,6 +11,9 @@ Sampling at temperature ``T`` is ``a = 1/T, b = 0``; reward extrapolation with c
 ``gamma`` (``softmax((1+gamma) l_theta - gamma l_ref)``) is ``a = 1 + gamma, b = gamma``: the KL
 optimum with ``beta / (1 + gamma)``; ``gamma = -1`` returns ``p_ref`` and ``gamma < -1`` reverses
 the tuning. Outputs outside the support of ``p_ref`` stay outside.
+
+Invalid values follow the rule of :mod:`theory` (and of :mod:`theory.kl_optimum`): concrete ones
+raise, traced ones make every floating entry of the result NaN.
 """
 
 from __future__ import annotations
@@ -21,13 +24,24 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from jax.typing import ArrayLike
 
-from theory.checks import check_finite, check_ndim, check_positive, is_concrete
+from theory.checks import (
+    all_valid,
+    check_finite,
+    check_ndim,
+    check_positive,
+    enforce,
+    is_concrete,
+    valid_finite,
+)
 from theory.kl_optimum import (
     TotalProbabilityMass,
-    _arrays,
     _check_distribution,
     _check_mixture,
     _check_reward,
+    _checked_arrays,
+    _distribution_rules,
+    _mixture_rules,
+    _reward_beta_rules,
     _tpm_from_log_moments,
 )
 
@@ -36,6 +50,26 @@ def _check_coefficients(a, b) -> None:
     for name, value in (("a", a), ("b", b)):
         check_ndim(name, value, 0, "[] (a scalar)")
         check_finite(name, value)
+
+
+def _coefficient_rules(a, b) -> list:
+    return [
+        (all_valid(valid_finite(x)), f"{name} must be finite") for name, x in (("a", a), ("b", b))
+    ]
+
+
+def _logit_rules(logits_theta, logits_ref) -> list:
+    """Traced rules of ``(logits_theta, logits_ref)``, in that order: ``logits_ref`` in
+    [-inf, inf) with one entry finite; ``logits_theta`` finite there."""
+    theta_rule = "logits_theta must be finite wherever logits_ref is finite (same support)"
+    ref_rule = "logits_ref must be finite or -inf (off the support), with one finite"
+    if is_concrete((logits_theta, logits_ref)):
+        return [(True, theta_rule), (True, ref_rule)]  # checked in Python
+    l_theta, l_ref = jnp.asarray(logits_theta), jnp.asarray(logits_ref)
+    on = l_ref > -jnp.inf
+    ref_ok = ~jnp.any(jnp.isnan(l_ref) | (l_ref == jnp.inf)) & jnp.any(on)
+    theta_ok = jnp.all(jnp.where(on, jnp.isfinite(l_theta), True))
+    return [(theta_ok, theta_rule), (ref_ok, ref_rule)]
 
 
 def logit_arithmetic(
@@ -62,7 +96,7 @@ def logit_arithmetic(
 
     Raises:
       ValueError: shapes differ, NaN or ``+inf`` logits, ``logits_theta`` not finite on the
-        support of ``logits_ref``, non-finite ``a``/``b``.
+        support of ``logits_ref``, non-finite ``a``/``b`` (traced values: all entries NaN).
 
     Example:
       >>> l = jnp.log(jnp.array([0.2, 0.8]))
@@ -86,10 +120,11 @@ def logit_arithmetic(
                 "logits_theta must be finite wherever logits_ref is finite (same support)"
             )
     _check_coefficients(a, b)
-    l_theta, l_ref, a, b = _arrays(logits_theta, logits_ref, a, b)
+    rules = _logit_rules(logits_theta, logits_ref) + _coefficient_rules(a, b)
+    l_theta, l_ref, a, b = _checked_arrays(rules, logits_theta, logits_ref, a, b)
     on = l_ref > -jnp.inf
     mixed = a * jnp.where(on, l_theta, 0.0) - b * jnp.where(on, l_ref, 0.0)
-    return jax.nn.softmax(jnp.where(on, mixed, -jnp.inf))
+    return enforce(jax.nn.softmax(jnp.where(on, mixed, -jnp.inf)), rules)
 
 
 def _log_weight(p_ref, r, beta, a, b):
@@ -117,7 +152,8 @@ def arithmetic_tilt(
       ``[V]`` distribution on the support of ``p_ref``.
 
     Raises:
-      ValueError: bad ``p_ref``, non-finite ``r``/``a``/``b``, ``beta <= 0``.
+      ValueError: bad ``p_ref``, non-finite ``r``/``a``/``b``, ``beta <= 0`` (traced: all
+        entries NaN instead).
 
     Example:
       >>> p_ref, r = jnp.array([0.5, 0.5]), jnp.array([1.0, 0.0])
@@ -129,8 +165,13 @@ def arithmetic_tilt(
     _check_reward(r, np.shape(p_ref)[0])
     check_positive("beta", beta)
     _check_coefficients(a, b)
-    p_ref, r, beta, a, b = _arrays(p_ref, r, beta, a, b)
-    return jax.nn.softmax(jnp.log(p_ref) + _log_weight(p_ref, r, beta, a, b))
+    rules = [
+        *_distribution_rules("p_ref", p_ref),
+        *_reward_beta_rules(r, beta),
+        *_coefficient_rules(a, b),
+    ]
+    p_ref, r, beta, a, b = _checked_arrays(rules, p_ref, r, beta, a, b)
+    return enforce(jax.nn.softmax(jnp.log(p_ref) + _log_weight(p_ref, r, beta, a, b)), rules)
 
 
 def arithmetic_mass(
@@ -164,7 +205,8 @@ def arithmetic_mass(
       :class:`theory.kl_optimum.TotalProbabilityMass`.
 
     Raises:
-      ValueError: as :func:`theory.kl_optimum.mixture_weights`; non-finite ``a``/``b``.
+      ValueError: as :func:`theory.kl_optimum.mixture_weights`; non-finite ``a``/``b`` (traced:
+        both fields NaN instead).
 
     Example:
       >>> m = arithmetic_mass(0.5, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]),
@@ -174,8 +216,10 @@ def arithmetic_mass(
     """
     _check_mixture(alpha, p_A, p_U, r, beta)
     _check_coefficients(a, b)
-    alpha, p_A, p_U, r, beta, a, b = _arrays(alpha, p_A, p_U, r, beta, a, b)
+    rules = _mixture_rules(alpha, p_A, p_U, r, beta) + _coefficient_rules(a, b)
+    alpha, p_A, p_U, r, beta, a, b = _checked_arrays(rules, alpha, p_A, p_U, r, beta, a, b)
     log_w = _log_weight(alpha * p_A + (1 - alpha) * p_U, r, beta, a, b)
-    return _tpm_from_log_moments(
+    tpm = _tpm_from_log_moments(
         alpha, logsumexp(jnp.log(p_A) + log_w), logsumexp(jnp.log(p_U) + log_w)
     )
+    return enforce(tpm, rules)

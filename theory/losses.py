@@ -16,7 +16,9 @@ Conventions (all losses):
   -\partial L/\partial lp^- = \ell'(u)`; :func:`margin_derivative` returns it by autodiff.
   For the SFT-term, weighted, SimPO and DPOP losses use :func:`loss_coefficients`.
 
-Hyperparameters are keyword-only and validated when concrete (``beta must be > 0 ...``).
+Hyperparameters are keyword-only and validated when concrete (``beta must be > 0 ...``); traced
+invalid hyperparameters make the affected entries of the loss NaN (the rule of :mod:`theory`), and
+so its derivatives (:func:`loss_coefficients`, :func:`margin_derivative`).
 """
 
 from __future__ import annotations
@@ -30,9 +32,31 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from theory.checks import check_nonnegative, check_positive
+from theory.checks import (
+    all_valid,
+    check_bool,
+    check_nonnegative,
+    check_positive,
+    enforce,
+    guard,
+    is_concrete,
+    poison,
+    valid_nonnegative,
+    valid_positive,
+)
 
 PairLoss = Callable[..., jax.Array]
+
+
+def _hyper(rules: list, name: str, value: Any, *, strict: bool) -> Any:
+    """Record the traced rule for ``value`` (``> 0`` if ``strict`` else ``>= 0``) and return the
+    guarded value the loss must compute with (:func:`theory.checks.guard`)."""
+    if strict:
+        valid, rule = valid_positive(value), f"{name} must be > 0 and finite"
+    else:
+        valid, rule = valid_nonnegative(value), f"{name} must be >= 0 and finite"
+    rules.append((valid, rule))
+    return guard(value, valid)
 
 
 def _margins(logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected):
@@ -68,15 +92,17 @@ def dpo_loss(
       The per-pair loss, broadcast shape of the inputs.
 
     Raises:
-      ValueError: if ``beta <= 0``.
+      ValueError: if ``beta <= 0`` (concrete; a traced ``beta <= 0`` gives NaN where it applies).
 
     Example:
       >>> float(dpo_loss(0.0, 0.0, beta=0.1))  # sigma(0) = 1/2, so ln 2
       0.6931471...
     """
     check_positive("beta", beta)
+    rules: list = []
+    beta = _hyper(rules, "beta", beta, strict=True)
     u, u_ref = _margins(logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected)
-    return -jax.nn.log_sigmoid(beta * (u - u_ref))
+    return enforce(-jax.nn.log_sigmoid(beta * (u - u_ref)), rules)
 
 
 def ipo_loss(
@@ -104,15 +130,17 @@ def ipo_loss(
       The per-pair loss.
 
     Raises:
-      ValueError: if ``tau <= 0``.
+      ValueError: if ``tau <= 0`` (traced: NaN where it applies).
 
     Example:
       >>> float(ipo_loss(0.0, 0.0, tau=0.5))  # (0 - 1)^2
       1.0
     """
     check_positive("tau", tau)
+    rules: list = []
+    tau = _hyper(rules, "tau", tau, strict=True)
     u, u_ref = _margins(logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected)
-    return (u - u_ref - 1.0 / (2.0 * tau)) ** 2
+    return enforce((u - u_ref - 1.0 / (2.0 * tau)) ** 2, rules)
 
 
 def slic_loss(
@@ -141,16 +169,18 @@ def slic_loss(
       The per-pair loss.
 
     Raises:
-      ValueError: if ``delta <= 0``.
+      ValueError: if ``delta <= 0`` (traced: NaN where it applies).
 
     Example:
       >>> float(slic_loss(-1.0, 0.0, delta=1.0))  # max(0, 1 - (-1))
       2.0
     """
     check_positive("delta", delta)
+    rules: list = []
+    delta = _hyper(rules, "delta", delta, strict=True)
     del ref_logprob_chosen, ref_logprob_rejected  # reference-free (paper's SLiC)
     u = jnp.asarray(logprob_chosen) - jnp.asarray(logprob_rejected)
-    return jnp.maximum(0.0, delta - u)
+    return enforce(jnp.maximum(0.0, delta - u), rules)
 
 
 def rebel_loss(
@@ -179,15 +209,17 @@ def rebel_loss(
       The per-pair loss.
 
     Raises:
-      ValueError: if ``eta <= 0``.
+      ValueError: if ``eta <= 0`` (traced: NaN where it applies).
 
     Example:
       >>> float(rebel_loss(1.0, 0.0, eta=2.0, reward_margin=1.0))  # (1/2 - 1)^2
       0.25
     """
     check_positive("eta", eta)
+    rules: list = []
+    eta = _hyper(rules, "eta", eta, strict=True)
     u, u_ref = _margins(logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected)
-    return ((u - u_ref) / eta - jnp.asarray(reward_margin)) ** 2
+    return enforce(((u - u_ref) / eta - jnp.asarray(reward_margin)) ** 2, rules)
 
 
 #: GPO's convex, decreasing f (Tang et al. 2024, Table 1). "logistic"/"hinge"/"squared" are DPO,
@@ -226,7 +258,7 @@ def gpo_loss(
       The per-pair loss.
 
     Raises:
-      ValueError: if ``beta <= 0`` or ``f`` is unknown.
+      ValueError: if ``beta <= 0`` (traced: NaN where it applies) or ``f`` is unknown.
 
     Example:
       >>> float(gpo_loss(0.0, 0.0, beta=1.0))  # e^0
@@ -235,8 +267,10 @@ def gpo_loss(
     check_positive("beta", beta)
     if f not in GPO_FUNCTIONS:
         raise ValueError(f"f must be one of {sorted(GPO_FUNCTIONS)}, got f={f!r}")
+    rules: list = []
+    beta = _hyper(rules, "beta", beta, strict=True)
     u, u_ref = _margins(logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected)
-    return GPO_FUNCTIONS[f](beta * (u - u_ref))
+    return enforce(GPO_FUNCTIONS[f](beta * (u - u_ref)), rules)
 
 
 def sft_term_loss(
@@ -265,17 +299,19 @@ def sft_term_loss(
       The per-pair loss.
 
     Raises:
-      ValueError: if ``sft_coef < 0``.
+      ValueError: if ``sft_coef < 0`` (traced: NaN where it applies).
 
     Example:
       >>> float(sft_term_loss(-1.0, -1.0, sft_coef=2.0))  # ln 2 + 2
       2.6931471...
     """
     check_nonnegative("sft_coef", sft_coef)
+    rules: list = []
+    sft_coef = _hyper(rules, "sft_coef", sft_coef, strict=False)
     margin_part = base_loss(
         logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected
     )
-    return margin_part - sft_coef * jnp.asarray(logprob_chosen)
+    return enforce(margin_part - sft_coef * jnp.asarray(logprob_chosen), rules)
 
 
 def weighted_loss(
@@ -309,7 +345,7 @@ def weighted_loss(
       The per-pair loss.
 
     Raises:
-      ValueError: if a weight is not positive.
+      ValueError: if a weight is not positive (traced: NaN in the pairs it applies to).
 
     Example:
       >>> float(weighted_loss(0.0, 0.0, weight_chosen=2.0, weight_rejected=1.0))
@@ -317,13 +353,17 @@ def weighted_loss(
     """
     check_positive("weight_chosen", weight_chosen)
     check_positive("weight_rejected", weight_rejected)
+    rules: list = []
+    weight_chosen = _hyper(rules, "weight_chosen", weight_chosen, strict=True)
+    weight_rejected = _hyper(rules, "weight_rejected", weight_rejected, strict=True)
     w_pos, w_neg = jnp.asarray(weight_chosen), jnp.asarray(weight_rejected)
-    return base_loss(
+    loss = base_loss(
         w_pos * jnp.asarray(logprob_chosen),
         w_neg * jnp.asarray(logprob_rejected),
         w_pos * jnp.asarray(ref_logprob_chosen),
         w_neg * jnp.asarray(ref_logprob_rejected),
     )
+    return enforce(loss, rules)
 
 
 def simpo_loss(
@@ -358,7 +398,8 @@ def simpo_loss(
       The per-pair loss.
 
     Raises:
-      ValueError: if ``beta <= 0``, ``gamma < 0`` or a length is not positive.
+      ValueError: if ``beta <= 0``, ``gamma < 0`` or a length is not positive (traced: NaN in
+        the pairs it applies to).
 
     Example:
       >>> float(simpo_loss(-2.0, -2.0, beta=1.0, gamma=0.0, length_chosen=2.0, length_rejected=2.0))
@@ -368,12 +409,17 @@ def simpo_loss(
     check_nonnegative("gamma", gamma)
     check_positive("length_chosen", length_chosen)
     check_positive("length_rejected", length_rejected)
+    rules: list = []
+    beta = _hyper(rules, "beta", beta, strict=True)
+    gamma = _hyper(rules, "gamma", gamma, strict=False)
+    length_chosen = _hyper(rules, "length_chosen", length_chosen, strict=True)
+    length_rejected = _hyper(rules, "length_rejected", length_rejected, strict=True)
     del ref_logprob_chosen, ref_logprob_rejected  # reference-free
     u = beta * (
         jnp.asarray(logprob_chosen) / jnp.asarray(length_chosen)
         - jnp.asarray(logprob_rejected) / jnp.asarray(length_rejected)
     )
-    return -jax.nn.log_sigmoid(u - gamma)
+    return enforce(-jax.nn.log_sigmoid(u - gamma), rules)
 
 
 def dpop_loss(
@@ -383,7 +429,7 @@ def dpop_loss(
     ref_logprob_rejected: ArrayLike = 0.0,
     *,
     beta: float = 0.1,
-    lam: float = 50.0,
+    lam: float,
     penalty_inside_beta: bool = True,
 ) -> jax.Array:
     r"""Return the DPO-Positive (DPOP) loss of each pair.
@@ -401,14 +447,17 @@ def dpop_loss(
       logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected: as in
         :func:`dpo_loss`.
       beta: :math:`\beta > 0`.
-      lam: penalty coefficient :math:`\lambda \ge 0` (``lam=0`` is DPO).
-      penalty_inside_beta: where the penalty sits (see Reading).
+      lam: penalty coefficient :math:`\lambda \ge 0`, required (the paper tries 5, 50 and 500;
+        ``lam=0`` is DPO), as in :func:`theory.dpop.dpop_coefficients` and
+        :func:`theory.dpop.position_logit_gradients`.
+      penalty_inside_beta: where the penalty sits (see Reading); a real ``bool``.
 
     Returns:
       The per-pair loss.
 
     Raises:
-      ValueError: if ``beta <= 0`` or ``lam < 0``.
+      ValueError: if ``beta <= 0`` or ``lam < 0`` (traced: NaN where it applies).
+      TypeError: if ``penalty_inside_beta`` is not a bool.
 
     Example:
       >>> float(dpop_loss(-1.0, -3.0, 0.0, 0.0, beta=1.0, lam=1.0))  # -ln sigma(2 - 1)
@@ -416,11 +465,17 @@ def dpop_loss(
     """
     check_positive("beta", beta)
     check_nonnegative("lam", lam)
+    check_bool("penalty_inside_beta", penalty_inside_beta)
+    rules: list = []
+    beta = _hyper(rules, "beta", beta, strict=True)
+    lam = _hyper(rules, "lam", lam, strict=False)
     u, u_ref = _margins(logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected)
     penalty = jnp.maximum(0.0, jnp.asarray(ref_logprob_chosen) - jnp.asarray(logprob_chosen))
     if penalty_inside_beta:
-        return -jax.nn.log_sigmoid(beta * (u - u_ref - lam * penalty))
-    return -jax.nn.log_sigmoid(beta * (u - u_ref) - lam * penalty)
+        loss = -jax.nn.log_sigmoid(beta * (u - u_ref - lam * penalty))
+    else:
+        loss = -jax.nn.log_sigmoid(beta * (u - u_ref) - lam * penalty)
+    return enforce(loss, rules)
 
 
 def nll_loss(logprob: ArrayLike) -> jax.Array:
@@ -521,10 +576,12 @@ class BoundLoss:
 def make_loss(loss_type: str, **hyper) -> BoundLoss:
     """Return ``LOSSES[loss_type]`` with its hyperparameters bound and validated now.
 
-    ``sft_term`` and ``weighted`` take ``base_loss`` as a name or a callable.
+    ``sft_term`` and ``weighted`` take ``base_loss`` as a name or a callable. Hyperparameters
+    without a default (``dpop``'s ``lam``) must be given.
 
     Raises:
-      ValueError: unknown ``loss_type``, unknown or invalid hyperparameter.
+      ValueError: unknown ``loss_type``; unknown, missing or invalid hyperparameter, including a
+        flag that is not a real ``bool`` (``penalty_inside_beta="no"``), named in the message.
 
     Example:
       >>> loss = make_loss("dpo", beta=0.5)
@@ -570,21 +627,30 @@ def mean_pair_loss(
       loss: a per-pair loss (e.g. ``make_loss("dpo", beta=0.1)``).
       logprob_chosen, logprob_rejected: ``[N]`` summed response log-probs.
       ref_logprob_chosen, ref_logprob_rejected: ``[N]`` reference log-probs.
-      weight: ``[N]`` non-negative sample weights, or ``None``.
+      weight: ``[N]`` non-negative sample weights with a positive sum, or ``None``.
 
     Returns:
-      Scalar loss.
+      Scalar loss (NaN if a traced ``weight`` breaks the rule).
+
+    Raises:
+      ValueError: a concrete ``weight`` with a negative or non-finite entry, or summing to 0.
 
     Example:
       >>> loss = make_loss("dpo", beta=1.0)
       >>> float(mean_pair_loss(loss, jnp.zeros(2), jnp.zeros(2), weight=jnp.array([1.0, 0.0])))
       0.6931471...
     """
+    if weight is not None:
+        check_nonnegative("weight", weight)
+        if is_concrete(weight) and not np.sum(np.asarray(weight)) > 0:
+            raise ValueError("weight must have a positive sum (some pair of weight > 0), got 0")
     per_pair = loss(logprob_chosen, logprob_rejected, ref_logprob_chosen, ref_logprob_rejected)
     if weight is None:
         return jnp.mean(per_pair)
-    weight = jnp.asarray(weight, per_pair.dtype)
-    return jnp.sum(weight * per_pair) / jnp.sum(weight)
+    valid = all_valid(valid_nonnegative(weight))
+    weight = jnp.asarray(guard(weight, valid), per_pair.dtype)
+    mean = jnp.sum(weight * per_pair) / jnp.sum(weight)
+    return poison(mean, valid, "weight must be >= 0 and finite")
 
 
 class LossCoefficients(NamedTuple):

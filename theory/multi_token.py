@@ -7,7 +7,11 @@ prefix. A response ``y`` of length ``L`` comes with ``h`` ``[L, d]``: row ``k-1`
 one parameter, so their rows must agree.
 
 Every function is pure JAX, jit- and vmap-safe, float32 and float64. Public functions validate
-shapes always and values (ids, finiteness, shared rows) when concrete.
+shapes always and values (ids, finiteness, shared rows) when concrete; traced values that break a
+rule (ids out of ``[0, V)``, responses that must differ and do not, masks that are not 0/1 or
+select nothing) make the floating fields of the result NaN (the rule of :mod:`theory`). Shared
+rows are checked only when concrete: traced, the rows of ``h_pos`` (then ``h_neg``) are used for
+every shared prefix (exact float equality inside a compiled program is not reliable).
 """
 
 from __future__ import annotations
@@ -23,14 +27,23 @@ from theory._sequence_grads import (
     check_differ_within,
     check_mask_1d,
     check_tied,
+    differ_rules,
     first_difference,
     grad_inner,
+    id_rules,
+    pair_rules,
     residuals,
     tie,
     validate_pair,
     validate_response,
 )
-from theory.checks import check_finite, check_ndim, is_concrete
+from theory.checks import (
+    check_bool,
+    check_finite,
+    check_ndim,
+    enforce,
+    is_concrete,
+)
 
 
 def _check_hidden_pair(name_a: str, a, name_b: str, b) -> None:
@@ -145,6 +158,14 @@ def _check_masks(h, mask, name_h: str, name_mask: str) -> None:
             )
 
 
+def _valid_mask_rows(mask):
+    """``[N]`` traced: row ``i`` of ``mask`` is 0/1 and selects something (``True`` if concrete)."""
+    if is_concrete(mask):
+        return True  # checked by _check_masks
+    m = jnp.asarray(mask)
+    return jnp.all((m == 0) | (m == 1), axis=1) & jnp.any(m != 0, axis=1)
+
+
 def masked_ches(
     h_pos: ArrayLike,
     h_neg: ArrayLike,
@@ -177,7 +198,9 @@ def masked_ches(
 
     Raises:
       ValueError: wrong ranks or sizes, mismatched ``d`` or ``N``, a mask that selects nothing for
-        some pair, non-0/1 masks, non-finite embeddings.
+        some pair, non-0/1 masks, non-finite embeddings. Traced masks breaking a rule make the
+        scores of the pairs concerned NaN.
+      TypeError: ``length_normalized`` is not a bool.
 
     Example:
       >>> h = jnp.array([[[1.0, 0.0], [5.0, 5.0]]])  # second row is padding
@@ -195,6 +218,11 @@ def masked_ches(
     _check_masks(h_neg, mask_neg, "h_neg", "mask_neg")
     check_finite("h_pos", h_pos)
     check_finite("h_neg", h_neg)
+    check_bool("length_normalized", length_normalized)
+    rules = [
+        (_valid_mask_rows(mask_pos), "mask_pos must be 0/1 and select a prefix in every pair"),
+        (_valid_mask_rows(mask_neg), "mask_neg must be 0/1 and select a prefix in every pair"),
+    ]
     h_pos, h_neg = jnp.asarray(h_pos), jnp.asarray(h_neg)
     m_pos = jnp.asarray(mask_pos).astype(h_pos.dtype)
     m_neg = jnp.asarray(mask_neg).astype(h_neg.dtype)
@@ -203,7 +231,7 @@ def masked_ches(
     if length_normalized:
         sum_pos = sum_pos / jnp.sum(m_pos, axis=1)[:, None]
         sum_neg = sum_neg / jnp.sum(m_neg, axis=1)[:, None]
-    return jnp.sum(sum_pos * (sum_neg - sum_pos), axis=1)
+    return enforce(jnp.sum(sum_pos * (sum_neg - sum_pos), axis=1), rules)
 
 
 class GradientInnerProduct(NamedTuple):
@@ -248,7 +276,7 @@ def gradient_inner_product(
 
     Raises:
       ValueError: bad shapes, empty responses, ids out of range, non-finite input, shared rows
-        that differ.
+        that differ (concrete only). Traced ids out of range: all fields NaN.
 
     Example:
       >>> W, h = jnp.eye(2), jnp.zeros((1, 2))  # pi uniform: e_0 - pi = (1/2, -1/2)
@@ -261,9 +289,10 @@ def gradient_inner_product(
     validate_response(W, "h_u", h_u, "u", u)
     validate_response(W, "h_v", h_v, "v", v)
     check_tied("h_u", h_u, u, "h_v", h_v, v)
+    rules = [*id_rules(W, "u", u), *id_rules(W, "v", v)]
     W, h_u, u, h_v, v = (jnp.asarray(x) for x in (W, h_u, u, h_v, v))
     w_part, h_part = grad_inner(W, h_u, u, tie(h_u, u, h_v, v), v)
-    return GradientInnerProduct(w_part, h_part, w_part + h_part)
+    return enforce(GradientInnerProduct(w_part, h_part, w_part + h_part), rules)
 
 
 def _response_velocity(W, h_pos, h_neg, y_pos, y_neg, h_z, z, coef_chosen, coef_rejected):
@@ -316,7 +345,7 @@ def response_logprob_velocity(
       Scalar velocity.
 
     Raises:
-      ValueError: as :func:`gradient_inner_product`, for each pair of responses.
+      ValueError: as :func:`gradient_inner_product`, for each pair of responses (traced: NaN).
 
     Example:
       >>> W, h, y = jnp.eye(2), jnp.zeros((1, 2)), jnp.array([0])
@@ -330,8 +359,12 @@ def response_logprob_velocity(
     for name, value in (("coef_chosen", coef_chosen), ("coef_rejected", coef_rejected)):
         check_ndim(name, value, 0, "[] (a scalar)")
         check_finite(name, value)
+    rules = [
+        *pair_rules(W, h_pos, h_neg, y_pos, y_neg),
+        *id_rules(W, "z", z),
+    ]
     args = (W, h_pos, h_neg, y_pos, y_neg, h_z, z, coef_chosen, coef_rejected)
-    return _response_velocity(*(jnp.asarray(a) for a in args))
+    return enforce(_response_velocity(*(jnp.asarray(a) for a in args)), rules)
 
 
 class MultiTokenTerms(NamedTuple):
@@ -423,7 +456,8 @@ def multi_token_terms(
     Raises:
       ValueError: bad shapes, empty responses, ids out of range, non-finite input, shared rows
         that differ, responses that do not differ within ``min(L+, L-)`` tokens (identical, or
-        one a prefix of the other: use :func:`response_logprob_velocity`).
+        one a prefix of the other: use :func:`response_logprob_velocity`). Traced values
+        breaking a rule make every floating field NaN (``first_difference`` is an integer).
 
     Example:
       >>> W, h = jnp.eye(2), jnp.zeros((1, 2))  # single tokens, uniform pi: Theorem 4
@@ -433,7 +467,8 @@ def multi_token_terms(
     """
     validate_pair(W, h_pos, h_neg, y_pos, y_neg)
     check_differ_within(y_pos, y_neg, first=False)
-    return _terms(*(jnp.asarray(a) for a in (W, h_pos, h_neg, y_pos, y_neg)))
+    rules = pair_rules(W, h_pos, h_neg, y_pos, y_neg) + differ_rules(y_pos, y_neg, first=False)
+    return enforce(_terms(*(jnp.asarray(a) for a in (W, h_pos, h_neg, y_pos, y_neg))), rules)
 
 
 class OtherResponseTerms(NamedTuple):
@@ -492,7 +527,8 @@ def other_response_terms(
 
     Raises:
       ValueError: bad shapes, ids, non-finite input, differing prompt rows,
-        ``y_pos[0] == y_neg[0]`` or ``z[0]`` in ``{y_pos[0], y_neg[0]}``.
+        ``y_pos[0] == y_neg[0]`` or ``z[0]`` in ``{y_pos[0], y_neg[0]}`` (traced: every field
+        NaN instead).
 
     Example:
       >>> W, h = jnp.eye(3), jnp.zeros((1, 3))  # uniform pi; <W_2, W_0 - W_1> = 0
@@ -511,6 +547,14 @@ def other_response_terms(
             )
     check_tied("h_pos", h_pos, y_pos, "h_z", h_z, z)
     check_tied("h_pos", h_pos, y_pos, "h_neg", h_neg, y_neg)
+    rules = [
+        *pair_rules(W, h_pos, h_neg, y_pos, y_neg),
+        *id_rules(W, "z", z),
+        *differ_rules(y_pos, y_neg, first=True),
+    ]
+    if not (is_concrete(z) and is_concrete(y_pos) and is_concrete(y_neg)):
+        z0, p0, n0 = (jnp.asarray(x)[0] for x in (z, y_pos, y_neg))
+        rules.append(((z0 != p0) & (z0 != n0), "z[0] must differ from y_pos[0] and y_neg[0]"))
     W, h_pos, h_neg, y_pos, y_neg, h_z, z = (
         jnp.asarray(a) for a in (W, h_pos, h_neg, y_pos, y_neg, h_z, z)
     )
@@ -523,7 +567,8 @@ def other_response_terms(
     pos_alignment = jnp.sum(beta_pos * (h_z @ h_pos.T))
     neg_alignment = jnp.sum(beta_neg * (h_z @ h_neg.T))
     bracket = c + first - neg_alignment + pos_alignment
-    return OtherResponseTerms(c, first, beta_pos, beta_neg, pos_alignment, neg_alignment, bracket)
+    terms = OtherResponseTerms(c, first, beta_pos, beta_neg, pos_alignment, neg_alignment, bracket)
+    return enforce(terms, rules)
 
 
 def positive_alpha_fraction(
@@ -553,7 +598,8 @@ def positive_alpha_fraction(
       Scalar fraction in ``[0, 1]``.
 
     Raises:
-      ValueError: as :func:`gradient_inner_product`; masks of the wrong shape or selecting nothing.
+      ValueError: as :func:`gradient_inner_product`; masks of the wrong shape or selecting nothing
+        (traced ids out of range: NaN).
 
     Example:
       >>> W, h = jnp.eye(2), jnp.zeros((1, 2))  # alpha+ = 1/2 > 0, alpha- = -1/2
@@ -565,6 +611,7 @@ def positive_alpha_fraction(
         check_mask_1d("mask_pos", mask_pos, jnp.shape(y_pos)[0]),
         check_mask_1d("mask_neg", mask_neg, jnp.shape(y_neg)[0]),
     ]
+    rules = pair_rules(W, h_pos, h_neg, y_pos, y_neg)
     W, h_pos, h_neg, y_pos, y_neg = (jnp.asarray(a) for a in (W, h_pos, h_neg, y_pos, y_neg))
     r_pos = residuals(W, h_pos, y_pos)
     r_neg = residuals(W, tie(h_pos, y_pos, h_neg, y_neg), y_neg)
@@ -573,4 +620,4 @@ def positive_alpha_fraction(
     positive = jnp.sum(((r_pos @ r_pos.T) > 0) & valid_pos) + jnp.sum(
         ((r_pos @ r_neg.T) > 0) & valid_neg
     )
-    return positive / (jnp.sum(valid_pos) + jnp.sum(valid_neg))
+    return enforce(positive / (jnp.sum(valid_pos) + jnp.sum(valid_neg)), rules)

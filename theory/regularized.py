@@ -3,7 +3,9 @@ r"""Log-probability velocity of the preferred response for every loss: Propositi
 Razin et al. 2024, App. E: with an SFT term (Eq. 4; CPO, RPO, BoNBoN) or unequal weights (Eq. 5;
 SimPO, DPOP) the flow of :math:`\ln\pi(y^+|x)` gains a :math:`\|\nabla\ln\pi(y^+|x)\|^2` term.
 Written with the coefficients :math:`a^\pm` of :func:`theory.losses.loss_coefficients`, so every
-loss of :mod:`theory.losses` is covered. Setting and shapes as in :mod:`theory.multi_token`.
+loss of :mod:`theory.losses` is covered. Setting and shapes as in :mod:`theory.multi_token`, and
+so are invalid values: concrete ones raise, traced ones (ids out of range, responses that do not
+differ) give NaN.
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from theory._sequence_grads import check_differ_within, sequence_logprob, tie, validate_pair
-from theory.checks import check_finite, check_ndim
+from theory._sequence_grads import (
+    check_differ_within,
+    pair_rules,
+    sequence_logprob,
+    tie,
+    validate_pair,
+)
+from theory.checks import check_finite, check_ndim, enforce
 from theory.losses import PairLoss, loss_coefficients
 from theory.multi_token import multi_token_terms
 
@@ -71,7 +79,8 @@ def preferred_logprob_velocity(
       :class:`PreferredVelocity`.
 
     Raises:
-      ValueError: as :func:`multi_token_terms`; non-scalar or non-finite coefficients.
+      ValueError: as :func:`multi_token_terms`; non-scalar or non-finite coefficients (traced
+        values breaking a rule of :func:`multi_token_terms`: every field NaN).
 
     Example:
       >>> W, h = jnp.eye(2), jnp.zeros((1, 2))  # bracket 1, |grad|^2 = 1/2 (see above)
@@ -129,6 +138,7 @@ def loss_logprob_velocity(
       0.5
     """
     validate_pair(W, h_pos, h_neg, y_pos, y_neg)
+    rules = pair_rules(W, h_pos, h_neg, y_pos, y_neg)
     W, h_pos, h_neg, y_pos, y_neg = (jnp.asarray(a) for a in (W, h_pos, h_neg, y_pos, y_neg))
     h_neg = tie(h_pos, y_pos, h_neg, y_neg)
     coefs = loss_coefficients(
@@ -138,4 +148,4 @@ def loss_logprob_velocity(
         ref_logprob_chosen,
         ref_logprob_rejected,
     )
-    return preferred_logprob_velocity(W, h_pos, h_neg, y_pos, y_neg, *coefs)
+    return enforce(preferred_logprob_velocity(W, h_pos, h_neg, y_pos, y_neg, *coefs), rules)

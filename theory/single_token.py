@@ -5,7 +5,8 @@ embedding ``h`` ``[d]`` per prompt; :math:`\pi(\cdot|x) = \mathrm{softmax}(W h)`
 :math:`\dot\theta = -\nabla L` on a loss of the class :math:`\ell(\ln\pi(y^+|x) - \ln\pi(y^-|x))`.
 
 Every function here is pure JAX, jit- and vmap-safe, and works in float32 and float64. Public
-functions validate shapes always and values (ids, finiteness, ``y_pos != y_neg``) when concrete.
+functions validate shapes always and values (ids, finiteness, ``y_pos != y_neg``) when concrete;
+traced ids out of ``[0, V)`` or equal ids give an all-NaN result (the rule of :mod:`theory`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,20 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from theory.checks import check_distinct, check_finite, check_ndim, check_token_ids
+from theory.checks import (
+    all_valid,
+    check_distinct,
+    check_finite,
+    check_ndim,
+    check_token_ids,
+    guard,
+    poison,
+    valid_distinct,
+    valid_token_ids,
+)
+
+#: What a traced pair of ids must satisfy (the message :func:`theory.checks.checked` reports).
+IDS_RULE = "y_pos and y_neg must be token ids in [0, V) with y_pos != y_neg"
 
 
 class DisplacementTerms(NamedTuple):
@@ -60,6 +74,15 @@ def _validate_single(W, h, y_pos, y_neg) -> None:
     check_distinct("y_pos", y_pos, "y_neg", y_neg)
     check_finite("W", W)
     check_finite("h", h)
+
+
+def _valid_ids(y_pos, y_neg, vocab_size: int):
+    """Traced validity of the id pair(s): in range and distinct (Python ``True`` if concrete)."""
+    return all_valid(
+        valid_token_ids(y_pos, vocab_size),
+        valid_token_ids(y_neg, vocab_size),
+        valid_distinct(y_pos, y_neg),
+    )
 
 
 def _terms(W, h, y_pos, y_neg) -> DisplacementTerms:
@@ -107,7 +130,8 @@ def displacement_terms(
       :class:`DisplacementTerms`.
 
     Raises:
-      ValueError: bad shapes, ids out of ``[0, V)``, ``y_pos == y_neg``, non-finite inputs.
+      ValueError: bad shapes, ids out of ``[0, V)``, ``y_pos == y_neg``, non-finite inputs
+        (traced ids out of range or equal: every field is NaN).
 
     Example:
       >>> t = displacement_terms(jnp.eye(3), jnp.zeros(3), 0, 1)  # uniform pi = 1/3
@@ -115,7 +139,10 @@ def displacement_terms(
       (1.0, 0.0)
     """
     _validate_single(W, h, y_pos, y_neg)
-    return _terms(jnp.asarray(W), jnp.asarray(h), jnp.asarray(y_pos), jnp.asarray(y_neg))
+    valid = _valid_ids(y_pos, y_neg, jnp.shape(W)[0])
+    y_pos, y_neg = guard((y_pos, y_neg), valid)
+    terms = _terms(jnp.asarray(W), jnp.asarray(h), jnp.asarray(y_pos), jnp.asarray(y_neg))
+    return poison(terms, valid, IDS_RULE)
 
 
 def _rejected_bracket(W, t: DisplacementTerms, y_pos, y_neg):
@@ -174,6 +201,7 @@ def logprob_velocity(
 
     Raises:
       ValueError: bad shapes, ids out of ``[0, V)``, ``y_pos == y_neg``, non-finite inputs.
+        Traced ids out of range or equal (inside ``jit``/``vmap``) give all ``V`` entries NaN.
 
     Example:
       >>> W = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -185,9 +213,12 @@ def logprob_velocity(
     _validate_single(W, h, y_pos, y_neg)
     check_ndim("ell_prime", ell_prime, 0, "[] (a scalar)")
     check_finite("ell_prime", ell_prime)
-    return _velocity(
+    valid = _valid_ids(y_pos, y_neg, jnp.shape(W)[0])
+    y_pos, y_neg = guard((y_pos, y_neg), valid)
+    velocity = _velocity(
         jnp.asarray(W), jnp.asarray(h), jnp.asarray(y_pos), jnp.asarray(y_neg), ell_prime
     )
+    return poison(velocity, valid, IDS_RULE)
 
 
 def multi_sample_logprob_velocity(
@@ -221,6 +252,8 @@ def multi_sample_logprob_velocity(
 
     Raises:
       ValueError: bad shapes, ids out of range, ``y_pos[i] == y_neg[i]``, non-finite inputs.
+        Traced: any invalid sample makes all ``[N, V]`` entries NaN (every row couples to every
+        sample through the Gram matrix).
 
     Example:
       >>> W = jnp.eye(3)
@@ -246,13 +279,15 @@ def multi_sample_logprob_velocity(
     check_distinct("y_pos", y_pos, "y_neg", y_neg)
     for name, arr in (("W", W), ("H", H), ("ell_prime", ell_prime)):
         check_finite(name, arr)
-    return _multi_velocity(
+    valid = _valid_ids(y_pos, y_neg, V)
+    velocity = _multi_velocity(
         jnp.asarray(W),
         jnp.asarray(H),
         jnp.asarray(y_pos),
         jnp.asarray(y_neg),
         jnp.asarray(ell_prime),
     )
+    return poison(velocity, valid, IDS_RULE)
 
 
 def _multi_velocity(W, H, y_pos, y_neg, ell_prime):
