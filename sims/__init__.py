@@ -7,7 +7,8 @@ Modules:
   ``PreferencePairs``), ``prefix_tree`` (multi-token ``PrefixTreePairs``), ``transformer``
   (``CausalTransformer``, ``TransformerPairs``), ``logit_model`` (DPOP edit pairs), ``tabular``
   (KL objective);
-* ``reduced`` (exact reduced flow), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
+* ``reduced`` (exact reduced flow, margin losses), ``lowrank`` (exact fast full-parameter flow,
+  any pair loss, SGD), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
   baselines per pair);
 * ``data`` -- generators: ``vocab``, ``corpus``, ``synthetic``, ``real_embeddings``.
 """
@@ -39,6 +40,7 @@ from sims.logit_model import (
     edit_pair_flow,
     edit_pair_prefixes,
 )
+from sims.lowrank import FOLD_EVERY, lowrank_flow_fn, lowrank_preference_flow, preference_record
 from sims.models import (
     PreferencePairs,
     PreferenceRecord,
@@ -91,6 +93,7 @@ __all__ = [
     "EditPairData",
     "EditPrefixes",
     "EditRecord",
+    "FOLD_EVERY",
     "FlowResult",
     "MovingRows",
     "OPTIMIZERS",
@@ -127,12 +130,15 @@ __all__ = [
     "kl_objective_flow",
     "make_optimizer",
     "make_pairs",
+    "lowrank_flow_fn",
+    "lowrank_preference_flow",
     "make_transformer_pairs",
     "normalized_edit_distance",
     "pair_index",
     "pair_logprobs",
     "percentile_subsets",
     "preference_flow",
+    "preference_record",
     "prefix_hidden_states",
     "pretrain",
     "raise_on_nonfinite",
