@@ -10,8 +10,16 @@ with one prompt and one pair :math:`(y^+, y^-) = (3, 5)`, explicit Euler (SGD) w
   with a run-time step count and donated parameters (``W`` updated in place);
 * **PyTorch**: the usual autograd loop on CPU -- ``torch.optim.SGD``, ``zero_grad()`` (grads set to
   ``None``, so each step allocates a fresh ``V x d`` gradient), ``loss.backward()``, ``step()``,
-  float32, ``torch.get_num_threads()`` threads, default allocator. Its DPO loss is written in torch
-  (a baseline cannot call :mod:`theory.losses`); it is checked against the JAX loss in the tests.
+  float32, ``torch.get_num_threads()`` threads, default (glibc) allocator. Its DPO loss (plus the
+  SFT term for the sweep) is written in torch (a baseline cannot call :mod:`theory.losses`); it is
+  checked against the JAX loss in the tests.
+
+The **sweep** (many trajectories from random initialisations) trains DPO plus an SFT term
+(:data:`SWEEP_LOSS`), a loss outside the margin class that the reduced flow refuses: every row of
+``W`` moves. It times the exact low-rank flow (:func:`sims.lowrank.lowrank_flow_fn`), the autodiff
+full-parameter step (the generic path before it) and the PyTorch loop on that loss.
+:func:`machine_peaks` measures this machine's memory bandwidth and flop rate with small kernels
+for the roofline (:func:`lowrank_step_cost`).
 
 Timings: one warm-up (compilation) call, then the minimum wall time of ``repeats`` calls, each
 ending in ``block_until_ready``. Slow baselines are time-boxed: the step count is chosen from the
@@ -21,6 +29,7 @@ warm-up so that one timed call takes about ``budget_s``. torch is optional (the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import time
 from collections.abc import Callable
@@ -31,13 +40,18 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sims.lowrank import lowrank_flow_fn
 from sims.models import PreferencePairs, UnconstrainedFeatures
 from sims.reduced import reduced_preference_flow
-from theory.losses import dpo_loss, make_loss
+from sims.sweep import RUN_AXIS, run_mesh, sharded_runner
+from theory.losses import dpo_loss, make_loss, mean_pair_loss
 
 CHOSEN, REJECTED = 3, 5  # the pair's token ids (any two distinct ids give the same cost)
 BETA = 0.1  # DPO beta of every timed flow
 DT = 1e-2  # Euler step of every timed flow
+SFT_COEF = 1.0  # lambda of the sweep's SFT term
+#: The sweep's loss: DPO (beta = BETA) plus SFT_COEF times the NLL of the chosen token.
+SWEEP_LOSS = make_loss("sft_term", base_loss=make_loss("dpo", beta=BETA), sft_coef=SFT_COEF)
 
 
 def torch_available() -> bool:
@@ -137,7 +151,7 @@ def full_jax_rate(W, H, *, budget_s: float, min_steps: int, max_steps: int, repe
     return {"steps_per_s": n / wall, "steps": n}
 
 
-def _torch_loop(W_np: np.ndarray, h_np: np.ndarray):
+def _torch_loop(W_np: np.ndarray, h_np: np.ndarray, sft_coef: float = 0.0):
     import torch
 
     W = torch.nn.Parameter(torch.from_numpy(W_np))
@@ -150,6 +164,8 @@ def _torch_loop(W_np: np.ndarray, h_np: np.ndarray):
             logprobs = torch.log_softmax(W @ h, dim=-1)
             margin = logprobs[CHOSEN] - logprobs[REJECTED]
             loss = -torch.nn.functional.logsigmoid(BETA * margin)  # DPO, zero reference margin
+            if sft_coef:
+                loss = loss - sft_coef * logprobs[CHOSEN]  # SFT term (Razin et al. Eq. 4)
             loss.backward()
             opt.step()
 
@@ -167,46 +183,214 @@ def torch_rate(W, H, *, budget_s: float, min_steps: int, max_steps: int, repeats
     return {"steps_per_s": n / wall, "steps": n, "threads": torch.get_num_threads()}
 
 
-def torch_dpo_margin_after(W: np.ndarray, h: np.ndarray, num_steps: int) -> float:
-    """Return the margin :math:`lp^+ - lp^-` after ``num_steps`` torch steps (a parity check)."""
+def torch_dpo_margin_after(
+    W: np.ndarray, h: np.ndarray, num_steps: int, *, sft_coef: float = 0.0
+) -> float:
+    """Return the margin :math:`lp^+ - lp^-` after ``num_steps`` torch steps (a parity check).
+
+    ``sft_coef > 0`` adds the SFT term of :data:`SWEEP_LOSS`.
+    """
     import torch
 
-    steps, (Wt, ht) = _torch_loop(np.array(W), np.array(h))
+    steps, (Wt, ht) = _torch_loop(np.array(W), np.array(h), sft_coef)
     steps(num_steps)
     with torch.no_grad():
         logprobs = torch.log_softmax(Wt @ ht, dim=-1)
         return float(logprobs[CHOSEN] - logprobs[REJECTED])
 
 
-def generic_run_fn(V: int, d: int, num_steps: int) -> Callable:
-    """Return ``seed -> final margin``: one full-parameter DPO flow from a random init.
+def _sweep_loss(params):
+    W, H = params
+    logprobs = jax.nn.log_softmax(W @ H[0])  # [V]
+    return mean_pair_loss(SWEEP_LOSS, logprobs[CHOSEN][None], logprobs[REJECTED][None])
 
-    The generic path: autodiff through ``log_softmax(W h)`` on all parameters, as any loss needs
-    (SFT term, DPOP); only the step loop, no per-step finiteness tracking (the torch loop has none).
+
+def _sweep_steps(params, n):
+    """``n`` autodiff full-parameter Euler steps of :data:`SWEEP_LOSS` (``optax.sgd``)."""
+    tx = optax.sgd(DT)
+
+    def body(_, carry):
+        params, opt_state = carry
+        grads = jax.grad(_sweep_loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.lax.fori_loop(0, n, body, (params, tx.init(params)))[0]
+
+
+@functools.cache
+def autodiff_run_fn(V: int, d: int, num_steps: int) -> Callable:
+    """Return ``seed -> final margin``: the autodiff full-parameter flow of :data:`SWEEP_LOSS`.
+
+    The generic path before :mod:`sims.lowrank`: ``jax.grad`` through ``log_softmax(W h)`` on all
+    parameters, ``optax.sgd``; only the step loop, no per-step finiteness tracking (the torch loop
+    has none).
     """
 
     def run(seed):
-        W, H = random_geometry_traced(V, d, seed)
-        W, H = _full_steps((W, H), num_steps)
+        W, H = _sweep_steps(random_geometry_traced(V, d, seed), num_steps)
         logprobs = jax.nn.log_softmax(W @ H[0])
         return logprobs[CHOSEN] - logprobs[REJECTED]
 
     return run
 
 
-def torch_sweep_rate(V: int, d: int, *, num_runs: int, num_steps: int, repeats: int) -> dict:
-    """Time ``num_runs`` PyTorch trajectories one after another: ``trajectory_steps_per_s``."""
+@functools.cache
+def lowrank_run_fn(V: int, d: int, num_steps: int, fold_every: int) -> Callable:
+    """Return ``seed -> final margin``: :func:`sims.lowrank.lowrank_flow_fn` on :data:`SWEEP_LOSS`.
+
+    The same trajectory as :func:`autodiff_run_fn`, exactly (it also tracks non-finite steps).
+    """
+    flow = lowrank_flow_fn(
+        SWEEP_LOSS, (0,), num_steps=num_steps, record_every=num_steps, fold_every=fold_every
+    )
+
+    def run(seed):
+        W, H = random_geometry_traced(V, d, seed)
+        zero = jnp.zeros(1, W.dtype)
+        pairs = PreferencePairs(
+            jnp.array([0]), jnp.array([CHOSEN]), jnp.array([REJECTED]), zero, zero
+        )
+        return flow(W, H, pairs, DT).observables.margin[-1, 0]
+
+    return run
+
+
+def lowrank_step_cost(V: int, d: int, fold_every: int) -> dict:
+    """Return ``flops`` and ``bytes`` (float32) of one trajectory-step of :func:`lowrank_run_fn`.
+
+    Counted from the algorithm (one pair, ``K = fold_every``): two passes over ``W_b``
+    (``W_b h`` and ``G W_b``: ``2 V d`` flops and ``4 V d`` bytes each); the fold
+    ``W_b + A^T B`` amortised (``2 V d K`` flops per ``K`` steps; it reads and writes ``W_b`` and
+    the product: about ``4 x 4 V d`` bytes per ``K`` steps); the products with the factors, all
+    ``K`` slots (``A`` ``[K, V]`` and ``B`` ``[K, d]`` each read twice: ``4 K (V + d)`` flops and
+    ``8 K (V + d)`` bytes); the softmax and its gradient (about ``10 V`` flops; vectors in cache).
+    """
+    K = fold_every
+    flops = 4 * V * d + 2 * V * d + 4 * K * (V + d) + 10 * V
+    bytes_ = 8 * V * d + 16 * V * d / K + 8 * K * (V + d)
+    return {"flops": float(flops), "bytes": float(bytes_)}
+
+
+def autodiff_step_cost(V: int, d: int) -> dict:
+    """Return XLA's own count (``cost_analysis``) of one step of :func:`autodiff_run_fn`."""
+    params = random_geometry(V, d, 0)
+    cost = jax.jit(lambda p: _sweep_steps(p, 1)).lower(params).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return {"flops": float(cost["flops"]), "bytes": float(cost["bytes accessed"])}
+
+
+@functools.cache
+def _one_and_every(kernel: Callable) -> tuple[Callable, Callable, jax.sharding.Mesh]:
+    """Jitted ``kernel`` on one device, and on every device at once (one input each); cached."""
+    mesh = run_mesh()
+    spec = jax.P(RUN_AXIS)
+    every = jax.shard_map(
+        lambda b: jax.lax.map(kernel, b), mesh=mesh, in_specs=spec, out_specs=spec
+    )
+    return jax.jit(kernel), jax.jit(every), mesh
+
+
+def _rates(kernel: Callable, make_input: Callable, work: float, repeats: int) -> dict:
+    """Return ``work`` per second of ``kernel(x)`` on one device and on every device at once."""
+    one, every, mesh = _one_and_every(kernel)
+    x = make_input(jax.random.key(0))
+    jax.block_until_ready(one(x))
+    single = best_time(lambda: jax.block_until_ready(one(x)), repeats=repeats)
+    n = mesh.devices.size
+    xs = jax.device_put(
+        jax.vmap(make_input)(jax.random.split(jax.random.key(1), n)),
+        jax.NamedSharding(mesh, jax.P(RUN_AXIS)),
+    )
+    jax.block_until_ready(every(xs))
+    wall = best_time(lambda: jax.block_until_ready(every(xs)), repeats=repeats)
+    return {"one_device": work / single, "all_devices": n * work / wall, "devices": n}
+
+
+@functools.cache
+def _matvec_passes(times: int) -> Callable:
+    """Return ``W -> scalar``: ``times`` dependent products ``W h`` (each one pass over ``W``)."""
+
+    def kernel(W):
+        def body(_, h):
+            return 0.5 * h + jnp.resize(W @ h, h.shape)  # [d]; each pass needs the last one
+
+        return jnp.sum(jax.lax.fori_loop(0, times, body, W[0]))
+
+    return kernel
+
+
+def _gemm(A):
+    return jnp.sum((A @ A) @ A)  # two dependent n x n x n products
+
+
+def machine_peaks(*, repeats: int, scale: float = 1.0) -> dict:
+    """Measure this machine's float32 rates with small JAX kernels (one device, every device).
+
+    * ``cache_bandwidth``: bytes/s of matrix-vector products with a ``W``-sized (``1000 x 256``,
+      1 MB) random matrix, 2,000 dependent products: the sweep's own pass over ``W_b``;
+    * ``dram_bandwidth``: the same with a ``16384 x 4096`` (256 MB) matrix, 4 products (streams
+      from memory);
+    * ``flop_rate``: flop/s of ``1024 x 1024`` matrix products (XLA's matmul).
+
+    Each holds ``one_device`` and ``all_devices`` (the kernel on every device at once: with one
+    CPU device per core, the whole machine). ``scale`` shrinks every size (smoke runs).
+    """
+    out = {}
+    for key, rows, cols, times in (
+        ("cache_bandwidth", 1000, 256, 2000),
+        ("dram_bandwidth", 16384, 4096, 4),
+    ):
+        rows, cols = max(8, int(rows * scale)), max(8, int(cols * scale))
+
+        def make(k, rows=rows, cols=cols):
+            return jax.random.normal(k, (rows, cols), jnp.float32) / np.sqrt(cols)
+
+        out[key] = _rates(_matvec_passes(times), make, 4.0 * rows * cols * times, repeats)
+        out[key]["matrix_bytes"] = 4 * rows * cols
+    n = max(8, int(1024 * scale))
+    out["flop_rate"] = _rates(
+        _gemm,
+        lambda k: jax.random.normal(k, (n, n), jnp.float32) / np.sqrt(n),
+        4.0 * n**3,
+        repeats,
+    )
+    return out
+
+
+def torch_sweep_rate(
+    V: int, d: int, *, num_runs: int, num_steps: int, repeats: int, threads: int
+) -> dict:
+    """Time ``num_runs`` PyTorch trajectories of :data:`SWEEP_LOSS` one after another.
+
+    Returns ``trajectory_steps_per_s``, ``runs`` and ``threads`` (intra-op threads used).
+    """
     import torch
 
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
 
     def call():
         for _ in range(num_runs):
             W = torch.randn(V, d, generator=gen) / np.sqrt(d)
             h = torch.randn(d, generator=gen) / np.sqrt(d)
-            steps, _ = _torch_loop(W.numpy(), h.numpy())
+            steps, _ = _torch_loop(W.numpy(), h.numpy(), SFT_COEF)
             steps(num_steps)
 
-    call()  # warm-up
-    wall = best_time(call, repeats=repeats)
-    return {"trajectory_steps_per_s": num_runs * num_steps / wall, "runs": num_runs}
+    try:
+        call()  # warm-up
+        wall = best_time(call, repeats=repeats)
+    finally:
+        torch.set_num_threads(previous)
+    rate = num_runs * num_steps / wall
+    return {"trajectory_steps_per_s": rate, "runs": num_runs, "threads": threads}
+
+
+@functools.cache
+def sweep_runner(run_fn: Callable, batch_size: int) -> Callable:
+    """:func:`sims.sweep.sharded_runner` of ``run_fn`` over every device (cached per arguments).
+
+    ``batch_size`` runs are vmapped together per device; 1 runs them one after another.
+    """
+    return sharded_runner(run_fn, batch_size=None if batch_size == 1 else batch_size)
