@@ -78,7 +78,8 @@ def _pair_logit_grad(loss: PairLoss, Z: jax.Array, pairs: PreferencePairs, pos: 
 
     L, (g_c, g_r) = jax.value_and_grad(objective, argnums=(0, 1))(lp[rows[0]], lp[rows[1]])
     share = jax.ops.segment_sum(g_c + g_r, pos, num_segments=Z.shape[0])  # [P_u]
-    G = (-share[:, None] * jnp.exp(lp)).at[rows[0]].add(g_c).at[rows[1]].add(g_r)
+    both = (jnp.concatenate([pos, pos]), jnp.concatenate([pairs.chosen, pairs.rejected]))  # [2N]
+    G = (-share[:, None] * jnp.exp(lp)).at[both].add(jnp.concatenate([g_c, g_r]))
     return L, G
 
 
@@ -110,8 +111,9 @@ def lowrank_flow_fn(
     As :func:`sims.flow.flow_fn` with ``optimizer="sgd"`` on the parameters ``(W, hidden)``:
     ``loss`` and ``observables`` at ``num_steps // record_every + 1`` checkpoints (``t = 0``
     first), ``final = (unembedding, hidden)``, ``first_nonfinite_step`` the first step whose
-    logits, logit gradient, hidden rows or loss were NaN/inf (``-1`` if none). ``observe_fn``
-    receives the exact arrays at each checkpoint (the factors are folded in there).
+    loss or updated hidden rows were NaN/inf (``-1`` if none; a non-finite entry of ``W`` or of
+    the logit gradient reaches the hidden rows through :math:`G W`, as ``inf * 0`` is NaN).
+    ``observe_fn`` receives the exact arrays at each checkpoint (the factors are folded in there).
     jit-, vmap- and shard-safe (batch seeds, geometries or ``dt`` with ``jax.vmap``); ``prompts``
     and the schedule are static, ``pairs`` may be traced. Callers validate (see
     :func:`lowrank_preference_flow`): every ``pairs.prompt`` must be in ``prompts``.
@@ -166,8 +168,9 @@ def lowrank_flow_fn(
                 Z = (Wb @ H.T).T + (H @ B.T) @ A  # [P_u, V] logits of W = W_b + A^T B
                 L, G = _pair_logit_grad(loss, Z, pairs, pos)
                 H_next = H - dt * (G @ Wb + (G @ A.T) @ B)  # G W: [P_u, d]
-                # a non-finite W or H shows in G or H_next (inf * 0 is NaN): no pass over W
-                finite = jnp.isfinite(L) & jnp.all(jnp.isfinite(G)) & jnp.all(jnp.isfinite(H_next))
+                # a non-finite W, H or G shows in H_next = H - dt G W (inf * 0 is NaN): no pass
+                # over W is needed
+                finite = jnp.isfinite(L) & jnp.all(jnp.isfinite(H_next))
                 first_bad = jnp.where((first_bad < 0) & ~finite, k + 1, first_bad)
                 return (H_next, A, B, -dt * G, k + 1, first_bad), None
 
