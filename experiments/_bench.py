@@ -15,7 +15,7 @@ with one prompt and one pair :math:`(y^+, y^-) = (3, 5)`, explicit Euler (SGD) w
   checked against the JAX loss in the tests.
 
 The **sweep** (many trajectories from random initialisations) trains DPO plus an SFT term
-(:data:`SWEEP_LOSS`), a loss outside the margin class that the reduced flow refuses: every row of
+(:func:`sweep_loss`), a loss outside the margin class that the reduced flow refuses: every row of
 ``W`` moves. It times the exact low-rank flow (:func:`sims.lowrank.lowrank_flow_fn`), the autodiff
 full-parameter step (the generic path before it) and the PyTorch loop on that loss.
 :func:`machine_peaks` measures this machine's memory bandwidth and flop rate with small kernels
@@ -44,14 +44,22 @@ from sims.lowrank import lowrank_flow_fn
 from sims.models import PreferencePairs, UnconstrainedFeatures
 from sims.reduced import reduced_preference_flow
 from sims.sweep import RUN_AXIS, run_mesh, sharded_runner
-from theory.losses import dpo_loss, make_loss, mean_pair_loss
+from theory.losses import BoundLoss, dpo_loss, make_loss, mean_pair_loss
 
 CHOSEN, REJECTED = 3, 5  # the pair's token ids (any two distinct ids give the same cost)
 BETA = 0.1  # DPO beta of every timed flow
 DT = 1e-2  # Euler step of every timed flow
 SFT_COEF = 1.0  # lambda of the sweep's SFT term
-#: The sweep's loss: DPO (beta = BETA) plus SFT_COEF times the NLL of the chosen token.
-SWEEP_LOSS = make_loss("sft_term", base_loss=make_loss("dpo", beta=BETA), sft_coef=SFT_COEF)
+
+
+@functools.cache
+def sweep_loss() -> BoundLoss:
+    """The sweep's loss: DPO (``beta = BETA``) plus ``SFT_COEF`` times the NLL of ``y+``.
+
+    Built on first use: :func:`theory.losses.make_loss` evaluates the loss once, which would
+    start JAX's backend at import, before ``bench.main`` can choose the number of CPU devices.
+    """
+    return make_loss("sft_term", base_loss=make_loss("dpo", beta=BETA), sft_coef=SFT_COEF)
 
 
 def torch_available() -> bool:
@@ -188,7 +196,7 @@ def torch_dpo_margin_after(
 ) -> float:
     """Return the margin :math:`lp^+ - lp^-` after ``num_steps`` torch steps (a parity check).
 
-    ``sft_coef > 0`` adds the SFT term of :data:`SWEEP_LOSS`.
+    ``sft_coef > 0`` adds the SFT term of :func:`sweep_loss`.
     """
     import torch
 
@@ -202,11 +210,11 @@ def torch_dpo_margin_after(
 def _sweep_loss(params):
     W, H = params
     logprobs = jax.nn.log_softmax(W @ H[0])  # [V]
-    return mean_pair_loss(SWEEP_LOSS, logprobs[CHOSEN][None], logprobs[REJECTED][None])
+    return mean_pair_loss(sweep_loss(), logprobs[CHOSEN][None], logprobs[REJECTED][None])
 
 
 def _sweep_steps(params, n):
-    """``n`` autodiff full-parameter Euler steps of :data:`SWEEP_LOSS` (``optax.sgd``)."""
+    """``n`` autodiff full-parameter Euler steps of :func:`sweep_loss` (``optax.sgd``)."""
     tx = optax.sgd(DT)
 
     def body(_, carry):
@@ -220,7 +228,7 @@ def _sweep_steps(params, n):
 
 @functools.cache
 def autodiff_run_fn(V: int, d: int, num_steps: int) -> Callable:
-    """Return ``seed -> final margin``: the autodiff full-parameter flow of :data:`SWEEP_LOSS`.
+    """Return ``seed -> final margin``: the autodiff full-parameter flow of :func:`sweep_loss`.
 
     The generic path before :mod:`sims.lowrank`: ``jax.grad`` through ``log_softmax(W h)`` on all
     parameters, ``optax.sgd``; only the step loop, no per-step finiteness tracking (the torch loop
@@ -237,12 +245,12 @@ def autodiff_run_fn(V: int, d: int, num_steps: int) -> Callable:
 
 @functools.cache
 def lowrank_run_fn(V: int, d: int, num_steps: int, fold_every: int) -> Callable:
-    """Return ``seed -> final margin``: :func:`sims.lowrank.lowrank_flow_fn` on :data:`SWEEP_LOSS`.
+    """Return ``seed -> final margin``: :func:`sims.lowrank.lowrank_flow_fn` on :func:`sweep_loss`.
 
     The same trajectory as :func:`autodiff_run_fn`, exactly (it also tracks non-finite steps).
     """
     flow = lowrank_flow_fn(
-        SWEEP_LOSS, (0,), num_steps=num_steps, record_every=num_steps, fold_every=fold_every
+        sweep_loss(), (0,), num_steps=num_steps, record_every=num_steps, fold_every=fold_every
     )
 
     def run(seed):
@@ -359,11 +367,13 @@ def machine_peaks(*, repeats: int, scale: float = 1.0) -> dict:
 
 
 def torch_sweep_rate(
-    V: int, d: int, *, num_runs: int, num_steps: int, repeats: int, threads: int
+    V: int, d: int, *, num_runs: int, num_steps: int, repeats: int, threads: int, budget_s: float
 ) -> dict:
-    """Time ``num_runs`` PyTorch trajectories of :data:`SWEEP_LOSS` one after another.
+    """Time PyTorch trajectories of :func:`sweep_loss` one after another.
 
-    Returns ``trajectory_steps_per_s``, ``runs`` and ``threads`` (intra-op threads used).
+    Time-boxed: after a one-trajectory warm-up, at most ``num_runs`` (at least 1) trajectories,
+    about ``budget_s`` seconds per timed call. Returns ``trajectory_steps_per_s``, ``runs`` and
+    ``threads`` (intra-op threads used).
     """
     import torch
 
@@ -371,20 +381,20 @@ def torch_sweep_rate(
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
 
-    def call():
-        for _ in range(num_runs):
+    def call(runs):
+        for _ in range(runs):
             W = torch.randn(V, d, generator=gen) / np.sqrt(d)
             h = torch.randn(d, generator=gen) / np.sqrt(d)
             steps, _ = _torch_loop(W.numpy(), h.numpy(), SFT_COEF)
             steps(num_steps)
 
     try:
-        call()  # warm-up
-        wall = best_time(call, repeats=repeats)
+        runs = _boxed_steps(best_time(lambda: call(1), repeats=1), budget_s, 1, num_runs)
+        wall = best_time(lambda: call(runs), repeats=repeats)
     finally:
         torch.set_num_threads(previous)
-    rate = num_runs * num_steps / wall
-    return {"trajectory_steps_per_s": rate, "runs": num_runs, "threads": threads}
+    rate = runs * num_steps / wall
+    return {"trajectory_steps_per_s": rate, "runs": runs, "threads": threads}
 
 
 @functools.cache

@@ -9,7 +9,6 @@ every core; single-trajectory timings run on one device.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import os
@@ -54,6 +53,7 @@ class Config:
     # baseline (0: one per core)
     torch_sweep_threads: tuple[int, ...] = (1, 0)
     peaks_scale: float = 1.0  # size factor of the roofline kernels (machine_peaks)
+    peaks_repeats: int = 5  # timed calls of each roofline kernel (the fastest counts)
     seed: int = 0  # geometry seed
 
     @classmethod
@@ -76,6 +76,7 @@ class Config:
             autodiff_batch_size=2,
             torch_sweep_runs=2,
             peaks_scale=0.02,
+            peaks_repeats=1,
         )
 
 
@@ -117,7 +118,7 @@ def _sweep(config: Config) -> dict:
     """Time the low-rank and autodiff sweeps and the PyTorch loop on the sweep's loss."""
     V, d, n, R = config.sweep_vocab, config.sweep_hidden, config.sweep_steps, config.sweep_runs
     seeds = np.arange(R, dtype=np.uint32)
-    sweep = {"runs": R, "steps": n, "devices": jax.device_count(), "loss": repr(bm.SWEEP_LOSS)}
+    sweep = {"runs": R, "steps": n, "devices": jax.device_count(), "loss": repr(bm.sweep_loss())}
     margins = {}
     for key, run_fn, b in (
         ("lowrank", bm.lowrank_run_fn(V, d, n, config.sweep_fold_every), config.sweep_batch_size),
@@ -142,6 +143,7 @@ def _sweep(config: Config) -> dict:
                 num_steps=n,
                 repeats=config.repeats,
                 threads=t or os.cpu_count(),
+                budget_s=config.budget_s,
             )
             for t in config.torch_sweep_threads
         ]
@@ -167,7 +169,7 @@ def _sweep(config: Config) -> dict:
 
 def _roofline(config: Config, sweep: dict) -> dict:
     """Bytes and flops per trajectory-step, the machine's measured peaks, where the sweeps sit."""
-    peaks = bm.machine_peaks(repeats=config.repeats, scale=config.peaks_scale)
+    peaks = bm.machine_peaks(repeats=config.peaks_repeats, scale=config.peaks_scale)
     V, d = config.sweep_vocab, config.sweep_hidden
     roof = {"peaks": peaks}
     for key, cost in (
@@ -294,8 +296,10 @@ def _summary(results: dict) -> str:
 def main(argv=None) -> dict:
     # one CPU device per core, so that the sweep can shard its runs over every core; only possible
     # before JAX starts its backend (else the devices stay as they are; the JSON records them)
-    with contextlib.suppress(RuntimeError):
+    try:
         jax.config.update("jax_num_cpu_devices", os.cpu_count())
+    except RuntimeError:
+        progress(f"[bench] JAX already started: the sweep uses its {jax.device_count()} device(s)")
     # float32 benchmark: x64 is left as the caller set it; every array here is created float32
     return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
