@@ -165,9 +165,9 @@ def lowrank_flow_fn(
                 # slot is still zero), slot j - 1 of A the previous step's -dt G
                 A = jax.lax.dynamic_update_slice(A, a_prev, (jnp.maximum(j - 1, 0) * P_u, 0))
                 B = jax.lax.dynamic_update_slice(B, H, (j * P_u, 0))
-                Z = (Wb @ H.T).T + (H @ B.T) @ A  # [P_u, V] logits of W = W_b + A^T B
+                Z = (Wb @ H.T).T + (B @ H.T).T @ A  # [P_u, V] logits of W = W_b + A^T B
                 L, G = _pair_logit_grad(loss, Z, pairs, pos)
-                H_next = H - dt * (G @ Wb + (G @ A.T) @ B)  # G W: [P_u, d]
+                H_next = H - dt * (G @ Wb + (A @ G.T).T @ B)  # G W: [P_u, d]
                 # a non-finite W, H or G shows in H_next = H - dt G W (inf * 0 is NaN): no pass
                 # over W is needed
                 finite = jnp.isfinite(L) & jnp.all(jnp.isfinite(H_next))
