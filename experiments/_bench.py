@@ -77,6 +77,22 @@ def best_time(fn: Callable[[], object], *, repeats: int) -> float:
     return min(times)
 
 
+def best_wall_and_cpu(fn: Callable[[], object], *, repeats: int) -> tuple[float, float]:
+    """Return the minimum wall time and the minimum CPU time (s) of ``repeats`` calls of ``fn``.
+
+    CPU time is this process's (all threads, ``time.process_time``): on a machine shared with
+    other jobs it counts only the time the work held a core, so rates per CPU-second vary far
+    less with the load than wall-clock rates.
+    """
+    walls, cpus = [], []
+    for _ in range(repeats):
+        cpu, start = time.process_time(), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
+
+
 def random_geometry(V: int, d: int, seed: int) -> tuple[jax.Array, jax.Array]:
     """Return float32 ``W`` ``[V, d]`` and ``h`` ``[1, d]`` with entries :math:`N(0, 1/d)`."""
     return random_geometry_traced(V, d, seed)
@@ -300,11 +316,11 @@ def _one_and_every(kernel: Callable) -> tuple[Callable, Callable, jax.sharding.M
 
 
 def _rates(kernel: Callable, make_input: Callable, work: float, repeats: int) -> dict:
-    """Return ``work`` per second of ``kernel(x)`` on one device and on every device at once."""
+    """Return ``work`` per second of ``kernel(x)``: one device, every device, per CPU-second."""
     one, every, mesh = _one_and_every(kernel)
     x = make_input(jax.random.key(0))
     jax.block_until_ready(one(x))
-    single = best_time(lambda: jax.block_until_ready(one(x)), repeats=repeats)
+    single, cpu = best_wall_and_cpu(lambda: jax.block_until_ready(one(x)), repeats=repeats)
     n = mesh.devices.size
     xs = jax.device_put(
         jax.vmap(make_input)(jax.random.split(jax.random.key(1), n)),
@@ -312,7 +328,12 @@ def _rates(kernel: Callable, make_input: Callable, work: float, repeats: int) ->
     )
     jax.block_until_ready(every(xs))
     wall = best_time(lambda: jax.block_until_ready(every(xs)), repeats=repeats)
-    return {"one_device": work / single, "all_devices": n * work / wall, "devices": n}
+    return {
+        "one_device": work / single,
+        "all_devices": n * work / wall,
+        "per_cpu_s": work / cpu,
+        "devices": n,
+    }
 
 
 @functools.cache
@@ -341,8 +362,10 @@ def machine_peaks(*, repeats: int, scale: float = 1.0) -> dict:
       from memory);
     * ``flop_rate``: flop/s of ``1024 x 1024`` matrix products (XLA's matmul).
 
-    Each holds ``one_device`` and ``all_devices`` (the kernel on every device at once: with one
-    CPU device per core, the whole machine). ``scale`` shrinks every size (smoke runs).
+    Each holds ``one_device`` and ``all_devices`` (wall-clock rates of the kernel on one device
+    and on every device at once: with one CPU device per core, the whole machine) and
+    ``per_cpu_s`` (the one-device rate per second of CPU time: what a core achieves while it
+    runs the kernel, the stable number on a shared machine). ``scale`` shrinks every size.
     """
     out = {}
     for key, rows, cols, times in (
@@ -372,7 +395,8 @@ def torch_sweep_rate(
     """Time PyTorch trajectories of :func:`sweep_loss` one after another.
 
     Time-boxed: after a one-trajectory warm-up, at most ``num_runs`` (at least 1) trajectories,
-    about ``budget_s`` seconds per timed call. Returns ``trajectory_steps_per_s``, ``runs`` and
+    about ``budget_s`` seconds per timed call. Returns ``trajectory_steps_per_s`` (wall clock),
+    ``trajectory_steps_per_cpu_s`` (per second of this process's CPU time), ``runs`` and
     ``threads`` (intra-op threads used).
     """
     import torch
@@ -390,11 +414,15 @@ def torch_sweep_rate(
 
     try:
         runs = _boxed_steps(best_time(lambda: call(1), repeats=1), budget_s, 1, num_runs)
-        wall = best_time(lambda: call(runs), repeats=repeats)
+        wall, cpu = best_wall_and_cpu(lambda: call(runs), repeats=repeats)
     finally:
         torch.set_num_threads(previous)
-    rate = runs * num_steps / wall
-    return {"trajectory_steps_per_s": rate, "runs": runs, "threads": threads}
+    return {
+        "trajectory_steps_per_s": runs * num_steps / wall,
+        "trajectory_steps_per_cpu_s": runs * num_steps / cpu,
+        "runs": runs,
+        "threads": threads,
+    }
 
 
 @functools.cache
