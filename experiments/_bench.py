@@ -375,14 +375,15 @@ def machine_peaks(*, repeats: int, scale: float = 1.0) -> dict:
         rows, cols = max(8, int(rows * scale)), max(8, int(cols * scale))
 
         def make(k, rows=rows, cols=cols):
-            return jax.random.normal(k, (rows, cols), jnp.float32) / np.sqrt(cols)
+            # float32 scale: a NumPy float64 scalar would promote W to float64 under x64
+            return jax.random.normal(k, (rows, cols), jnp.float32) * jnp.float32(cols**-0.5)
 
         out[key] = _rates(_matvec_passes(times), make, 4.0 * rows * cols * times, repeats)
         out[key]["matrix_bytes"] = 4 * rows * cols
     n = max(8, int(1024 * scale))
     out["flop_rate"] = _rates(
         _gemm,
-        lambda k: jax.random.normal(k, (n, n), jnp.float32) / np.sqrt(n),
+        lambda k: jax.random.normal(k, (n, n), jnp.float32) * jnp.float32(n**-0.5),
         4.0 * n**3,
         repeats,
     )
