@@ -44,6 +44,9 @@ class Config:
     # without a batch; a vmap of 2 or 4 keeps that many W in cache at once)
     sweep_batch_size: int = 1
     sweep_fold_every: int = 16  # low-rank sweep: steps between folds of the factors into W
+    # timed calls of each sweep and of its torch loop (the fastest counts: under a varying load
+    # each side's least disturbed call is the comparable one)
+    sweep_repeats: int = 3
     autodiff_batch_size: int = 4  # autodiff sweep: vmap batch per device (its best, per notes)
     torch_sweep_runs: int = 8  # trajectories timed for the PyTorch per-trajectory loop
     # PyTorch intra-op threads of the single-trajectory cells. 1: on the shared 2-core machine,
@@ -73,6 +76,7 @@ class Config:
             sweep_steps=5,
             sweep_batch_size=2,
             sweep_fold_every=2,
+            sweep_repeats=1,
             autodiff_batch_size=2,
             torch_sweep_runs=2,
             peaks_scale=0.02,
@@ -126,7 +130,7 @@ def _sweep(config: Config) -> dict:
     ):
         sweep_fn = bm.sweep_runner(run_fn, b)
         margins[key] = sweep_fn(seeds)  # compiles; host arrays, so each call blocks
-        wall, cpu = bm.best_wall_and_cpu(lambda f=sweep_fn: f(seeds), repeats=config.repeats)
+        wall, cpu = bm.best_wall_and_cpu(lambda f=sweep_fn: f(seeds), repeats=config.sweep_repeats)
         sweep[key] = {
             "trajectory_steps_per_s": R * n / wall,
             "trajectory_steps_per_cpu_s": R * n / cpu,
@@ -146,7 +150,7 @@ def _sweep(config: Config) -> dict:
                 d,
                 num_runs=config.torch_sweep_runs,
                 num_steps=n,
-                repeats=config.repeats,
+                repeats=config.sweep_repeats,
                 threads=t or os.cpu_count(),
                 budget_s=config.budget_s,
             )
