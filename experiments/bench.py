@@ -44,8 +44,8 @@ class Config:
     # without a batch; a vmap of 2 or 4 keeps that many W in cache at once)
     sweep_batch_size: int = 1
     sweep_fold_every: int = 16  # low-rank sweep: steps between folds of the factors into W
-    # timed calls of each sweep and of its torch loop (the fastest counts: under a varying load
-    # each side's least disturbed call is the comparable one)
+    # interleaved timed calls of each sweep and of its torch loop (the fastest of each counts:
+    # under a varying load each side's least disturbed call is the comparable one)
     sweep_repeats: int = 3
     autodiff_batch_size: int = 4  # autodiff sweep: vmap batch per device (its best, per notes)
     torch_sweep_runs: int = 8  # trajectories timed for the PyTorch per-trajectory loop
@@ -119,18 +119,41 @@ def _cell(config: Config, V: int, d: int) -> dict:
 
 
 def _sweep(config: Config) -> dict:
-    """Time the low-rank and autodiff sweeps and the PyTorch loop on the sweep's loss."""
+    """Time the low-rank and autodiff sweeps and the PyTorch loop on the sweep's loss.
+
+    The timed calls are interleaved (low-rank, autodiff, torch per thread count; repeated
+    ``sweep_repeats`` times) and each side's fastest call counts, so that JAX and torch sample
+    the same stretches of the shared machine's load.
+    """
     V, d, n, R = config.sweep_vocab, config.sweep_hidden, config.sweep_steps, config.sweep_runs
     seeds = np.arange(R, dtype=np.uint32)
     sweep = {"runs": R, "steps": n, "devices": jax.device_count(), "loss": repr(bm.sweep_loss())}
-    margins = {}
-    for key, run_fn, b in (
-        ("lowrank", bm.lowrank_run_fn(V, d, n, config.sweep_fold_every), config.sweep_batch_size),
-        ("autodiff", bm.autodiff_run_fn(V, d, n), config.autodiff_batch_size),
-    ):
-        sweep_fn = bm.sweep_runner(run_fn, b)
-        margins[key] = sweep_fn(seeds)  # compiles; host arrays, so each call blocks
-        wall, cpu = bm.best_wall_and_cpu(lambda f=sweep_fn: f(seeds), repeats=config.sweep_repeats)
+    jax_paths = {
+        "lowrank": (bm.lowrank_run_fn(V, d, n, config.sweep_fold_every), config.sweep_batch_size),
+        "autodiff": (bm.autodiff_run_fn(V, d, n), config.autodiff_batch_size),
+    }
+    runners = {key: bm.sweep_runner(fn, b) for key, (fn, b) in jax_paths.items()}
+    margins = {key: f(seeds) for key, f in runners.items()}  # compiles; host arrays: blocks
+    times = {key: [] for key in runners}
+    threads = [t or os.cpu_count() for t in config.torch_sweep_threads]
+    torch_runs = {t: [] for t in threads} if bm.torch_available() else {}
+    for _ in range(config.sweep_repeats):
+        for key, f in runners.items():
+            times[key].append(bm.best_wall_and_cpu(lambda f=f: f(seeds), repeats=1))
+        for t in torch_runs:
+            torch_runs[t].append(
+                bm.torch_sweep_rate(
+                    V,
+                    d,
+                    num_runs=config.torch_sweep_runs,
+                    num_steps=n,
+                    repeats=1,
+                    threads=t,
+                    budget_s=config.budget_s,
+                )
+            )
+    for key, (_, b) in jax_paths.items():
+        wall, cpu = min(w for w, _ in times[key]), min(c for _, c in times[key])
         sweep[key] = {
             "trajectory_steps_per_s": R * n / wall,
             "trajectory_steps_per_cpu_s": R * n / cpu,
@@ -143,18 +166,15 @@ def _sweep(config: Config) -> dict:
         np.max(np.abs(margins["lowrank"] - margins["autodiff"]))
         / np.max(np.abs(margins["autodiff"]))
     )
-    if bm.torch_available():
+    if torch_runs:
         runs = [
-            bm.torch_sweep_rate(
-                V,
-                d,
-                num_runs=config.torch_sweep_runs,
-                num_steps=n,
-                repeats=config.sweep_repeats,
-                threads=t or os.cpu_count(),
-                budget_s=config.budget_s,
-            )
-            for t in config.torch_sweep_threads
+            {
+                "threads": t,
+                "runs": calls[0]["runs"],
+                "trajectory_steps_per_s": max(c["trajectory_steps_per_s"] for c in calls),
+                "trajectory_steps_per_cpu_s": max(c["trajectory_steps_per_cpu_s"] for c in calls),
+            }
+            for t, calls in torch_runs.items()
         ]
         sweep["torch_variants"] = runs
         sweep["torch"] = max(runs, key=lambda r: r["trajectory_steps_per_s"])
