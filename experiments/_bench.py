@@ -18,8 +18,8 @@ The **sweep** (many trajectories from random initialisations) trains DPO plus an
 (:func:`sweep_loss`), a loss outside the margin class that the reduced flow refuses: every row of
 ``W`` moves. It times the exact low-rank flow (:func:`sims.lowrank.lowrank_flow_fn`), the autodiff
 full-parameter step (the generic path before it) and the PyTorch loop on that loss.
-:func:`machine_peaks` measures this machine's memory bandwidth and flop rate with small kernels
-for the roofline (:func:`lowrank_step_cost`).
+:func:`sweep_rates` times them (interleaved calls); :mod:`experiments._roofline` measures this
+machine's bandwidth and flop rate for the sweep's roofline.
 
 Timings: one warm-up (compilation) call, then the minimum wall time of ``repeats`` calls, each
 ending in ``block_until_ready``. Slow baselines are time-boxed: the step count is chosen from the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import time
 from collections.abc import Callable
 
@@ -40,10 +41,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments._common import progress
 from sims.lowrank import lowrank_flow_fn
 from sims.models import PreferencePairs, UnconstrainedFeatures
 from sims.reduced import reduced_preference_flow
-from sims.sweep import RUN_AXIS, run_mesh, sharded_runner
+from sims.sweep import sharded_runner
 from theory.losses import BoundLoss, dpo_loss, make_loss, mean_pair_loss
 
 CHOSEN, REJECTED = 3, 5  # the pair's token ids (any two distinct ids give the same cost)
@@ -229,7 +231,7 @@ def _sweep_loss(params):
     return mean_pair_loss(sweep_loss(), logprobs[CHOSEN][None], logprobs[REJECTED][None])
 
 
-def _sweep_steps(params, n):
+def sweep_steps(params, n):
     """``n`` autodiff full-parameter Euler steps of :func:`sweep_loss` (``optax.sgd``)."""
     tx = optax.sgd(DT)
 
@@ -252,7 +254,7 @@ def autodiff_run_fn(V: int, d: int, num_steps: int) -> Callable:
     """
 
     def run(seed):
-        W, H = _sweep_steps(random_geometry_traced(V, d, seed), num_steps)
+        W, H = sweep_steps(random_geometry_traced(V, d, seed), num_steps)
         logprobs = jax.nn.log_softmax(W @ H[0])
         return logprobs[CHOSEN] - logprobs[REJECTED]
 
@@ -278,116 +280,6 @@ def lowrank_run_fn(V: int, d: int, num_steps: int, fold_every: int) -> Callable:
         return flow(W, H, pairs, DT).observables.margin[-1, 0]
 
     return run
-
-
-def lowrank_step_cost(V: int, d: int, fold_every: int) -> dict:
-    """Return ``flops`` and ``bytes`` (float32) of one trajectory-step of :func:`lowrank_run_fn`.
-
-    Counted from the algorithm (one pair, ``K = fold_every``): two passes over ``W_b``
-    (``W_b h`` and ``G W_b``: ``2 V d`` flops and ``4 V d`` bytes each); the fold
-    ``W_b + A^T B`` amortised (``2 V d K`` flops per ``K`` steps; it reads and writes ``W_b`` and
-    the product: about ``4 x 4 V d`` bytes per ``K`` steps); the products with the factors, all
-    ``K`` slots (``A`` ``[K, V]`` and ``B`` ``[K, d]`` each read twice: ``4 K (V + d)`` flops and
-    ``8 K (V + d)`` bytes); the softmax and its gradient (about ``10 V`` flops; vectors in cache).
-    """
-    K = fold_every
-    flops = 4 * V * d + 2 * V * d + 4 * K * (V + d) + 10 * V
-    bytes_ = 8 * V * d + 16 * V * d / K + 8 * K * (V + d)
-    return {"flops": float(flops), "bytes": float(bytes_)}
-
-
-def autodiff_step_cost(V: int, d: int) -> dict:
-    """Return XLA's own count (``cost_analysis``) of one step of :func:`autodiff_run_fn`."""
-    params = random_geometry(V, d, 0)
-    cost = jax.jit(lambda p: _sweep_steps(p, 1)).lower(params).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return {"flops": float(cost["flops"]), "bytes": float(cost["bytes accessed"])}
-
-
-@functools.cache
-def _one_and_every(kernel: Callable) -> tuple[Callable, Callable, jax.sharding.Mesh]:
-    """Jitted ``kernel`` on one device, and on every device at once (one input each); cached."""
-    mesh = run_mesh()
-    spec = jax.P(RUN_AXIS)
-    every = jax.shard_map(
-        lambda b: jax.lax.map(kernel, b), mesh=mesh, in_specs=spec, out_specs=spec
-    )
-    return jax.jit(kernel), jax.jit(every), mesh
-
-
-def _rates(kernel: Callable, make_input: Callable, work: float, repeats: int) -> dict:
-    """Return ``work`` per second of ``kernel(x)``: one device, every device, per CPU-second."""
-    one, every, mesh = _one_and_every(kernel)
-    x = make_input(jax.random.key(0))
-    jax.block_until_ready(one(x))
-    single, cpu = best_wall_and_cpu(lambda: jax.block_until_ready(one(x)), repeats=repeats)
-    n = mesh.devices.size
-    xs = jax.device_put(
-        jax.vmap(make_input)(jax.random.split(jax.random.key(1), n)),
-        jax.NamedSharding(mesh, jax.P(RUN_AXIS)),
-    )
-    jax.block_until_ready(every(xs))
-    wall = best_time(lambda: jax.block_until_ready(every(xs)), repeats=repeats)
-    return {
-        "one_device": work / single,
-        "all_devices": n * work / wall,
-        "per_cpu_s": work / cpu,
-        "devices": n,
-    }
-
-
-@functools.cache
-def _matvec_passes(times: int) -> Callable:
-    """Return ``W -> scalar``: ``times`` dependent products ``W h`` (each one pass over ``W``)."""
-
-    def kernel(W):
-        def body(_, h):
-            return 0.5 * h + jnp.resize(W @ h, h.shape)  # [d]; each pass needs the last one
-
-        return jnp.sum(jax.lax.fori_loop(0, times, body, W[0]))
-
-    return kernel
-
-
-def _gemm(A):
-    return jnp.sum((A @ A) @ A)  # two dependent n x n x n products
-
-
-def machine_peaks(*, repeats: int, scale: float = 1.0) -> dict:
-    """Measure this machine's float32 rates with small JAX kernels (one device, every device).
-
-    * ``cache_bandwidth``: bytes/s of matrix-vector products with a ``W``-sized (``1000 x 256``,
-      1 MB) random matrix, 2,000 dependent products: the sweep's own pass over ``W_b``;
-    * ``dram_bandwidth``: the same with a ``16384 x 4096`` (256 MB) matrix, 4 products (streams
-      from memory);
-    * ``flop_rate``: flop/s of ``1024 x 1024`` matrix products (XLA's matmul).
-
-    Each holds ``one_device`` and ``all_devices`` (wall-clock rates of the kernel on one device
-    and on every device at once: with one CPU device per core, the whole machine) and
-    ``per_cpu_s`` (the one-device rate per second of CPU time: what a core achieves while it
-    runs the kernel, the stable number on a shared machine). ``scale`` shrinks every size.
-    """
-    out = {}
-    for key, rows, cols, times in (
-        ("cache_bandwidth", 1000, 256, 2000),
-        ("dram_bandwidth", 16384, 4096, 4),
-    ):
-        rows, cols = max(8, int(rows * scale)), max(8, int(cols * scale))
-
-        def make(k, rows=rows, cols=cols):
-            # float32 scale: a NumPy float64 scalar would promote W to float64 under x64
-            return jax.random.normal(k, (rows, cols), jnp.float32) * jnp.float32(cols**-0.5)
-
-        out[key] = _rates(_matvec_passes(times), make, 4.0 * rows * cols * times, repeats)
-        out[key]["matrix_bytes"] = 4 * rows * cols
-    n = max(8, int(1024 * scale))
-    out["flop_rate"] = _rates(
-        _gemm,
-        lambda k: jax.random.normal(k, (n, n), jnp.float32) * jnp.float32(n**-0.5),
-        4.0 * n**3,
-        repeats,
-    )
-    return out
 
 
 def torch_sweep_rate(
@@ -433,3 +325,89 @@ def sweep_runner(run_fn: Callable, batch_size: int) -> Callable:
     ``batch_size`` runs are vmapped together per device; 1 runs them one after another.
     """
     return sharded_runner(run_fn, batch_size=None if batch_size == 1 else batch_size)
+
+
+def sweep_rates(config) -> dict:
+    """Time the low-rank and autodiff sweeps and the PyTorch loop on :func:`sweep_loss`.
+
+    ``config`` is ``experiments.bench.Config`` (its ``sweep_*``, ``autodiff_batch_size``,
+    ``torch_sweep_*`` and ``budget_s`` fields).
+
+    The timed calls are interleaved (low-rank, autodiff, torch per thread count; repeated
+    ``sweep_repeats`` times) and each side's fastest call counts, so that JAX and torch sample
+    the same stretches of the shared machine's load.
+    """
+    V, d, n, R = config.sweep_vocab, config.sweep_hidden, config.sweep_steps, config.sweep_runs
+    seeds = np.arange(R, dtype=np.uint32)
+    sweep = {"runs": R, "steps": n, "devices": jax.device_count(), "loss": repr(sweep_loss())}
+    jax_paths = {
+        "lowrank": (lowrank_run_fn(V, d, n, config.sweep_fold_every), config.sweep_batch_size),
+        "autodiff": (autodiff_run_fn(V, d, n), config.autodiff_batch_size),
+    }
+    runners = {key: sweep_runner(fn, b) for key, (fn, b) in jax_paths.items()}
+    margins = {key: f(seeds) for key, f in runners.items()}  # compiles; host arrays: blocks
+    times = {key: [] for key in runners}
+    threads = [t or os.cpu_count() for t in config.torch_sweep_threads]
+    torch_runs = {t: [] for t in threads} if torch_available() else {}
+    for _ in range(config.sweep_repeats):
+        for key, f in runners.items():
+            times[key].append(best_wall_and_cpu(lambda f=f: f(seeds), repeats=1))
+        for t in torch_runs:
+            torch_runs[t].append(
+                torch_sweep_rate(
+                    V,
+                    d,
+                    num_runs=config.torch_sweep_runs,
+                    num_steps=n,
+                    repeats=1,
+                    threads=t,
+                    budget_s=config.budget_s,
+                )
+            )
+    for key, (_, b) in jax_paths.items():
+        wall, cpu = min(w for w, _ in times[key]), min(c for _, c in times[key])
+        sweep[key] = {
+            "trajectory_steps_per_s": R * n / wall,
+            "trajectory_steps_per_cpu_s": R * n / cpu,
+            "wall_s": wall,
+            "batch_size": b,
+        }
+    sweep["lowrank"]["fold_every"] = config.sweep_fold_every
+    # float32 agreement of the two exact paths on every run (sums in different orders)
+    sweep["lowrank_vs_autodiff_max_rel_diff"] = float(
+        np.max(np.abs(margins["lowrank"] - margins["autodiff"]))
+        / np.max(np.abs(margins["autodiff"]))
+    )
+    if torch_runs:
+        runs = [
+            {
+                "threads": t,
+                "runs": calls[0]["runs"],
+                "trajectory_steps_per_s": max(c["trajectory_steps_per_s"] for c in calls),
+                "trajectory_steps_per_cpu_s": max(c["trajectory_steps_per_cpu_s"] for c in calls),
+            }
+            for t, calls in torch_runs.items()
+        ]
+        sweep["torch_variants"] = runs
+        sweep["torch"] = max(runs, key=lambda r: r["trajectory_steps_per_s"])
+        torch_rate = sweep["torch"]["trajectory_steps_per_s"]
+        sweep["over_torch"] = sweep["lowrank"]["trajectory_steps_per_s"] / torch_rate
+        sweep["autodiff_over_torch"] = sweep["autodiff"]["trajectory_steps_per_s"] / torch_rate
+        one_thread = [r for r in runs if r["threads"] == 1]
+        if one_thread:  # one JAX device (core) against one torch thread
+            sweep["over_torch_per_core"] = (
+                sweep["lowrank"]["trajectory_steps_per_s"]
+                / sweep["devices"]
+                / one_thread[0]["trajectory_steps_per_s"]
+            )
+            # the same per second of CPU time: less sensitive to other jobs on the machine
+            sweep["over_torch_per_cpu_s"] = (
+                sweep["lowrank"]["trajectory_steps_per_cpu_s"]
+                / one_thread[0]["trajectory_steps_per_cpu_s"]
+            )
+    progress(
+        f"[bench] sweep: low-rank {sweep['lowrank']['trajectory_steps_per_s']:.3g} "
+        f"trajectory-steps/s, autodiff {sweep['autodiff']['trajectory_steps_per_s']:.3g}, "
+        f"x{sweep.get('over_torch', float('nan')):.3g} over torch"
+    )
+    return sweep

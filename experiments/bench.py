@@ -2,7 +2,8 @@
 
 Not part of the main job (``python -m experiments bench``; several minutes). float32 throughout.
 Timings depend on the machine and its load: the JSON records the load average before and after.
-See docs/performance.md for how to read the numbers and experiments/_bench.py for what is timed.
+See docs/performance.md for how to read the numbers, experiments/_bench.py for what is timed
+and experiments/_roofline.py for the roofline.
 ``main`` makes one JAX CPU device per core (``jax_num_cpu_devices``) so that the sweep can use
 every core; single-trajectory timings run on one device.
 """
@@ -19,6 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments import _bench as bm
+from experiments import _roofline as rf
 from experiments._common import experiment_main, progress, provenance
 
 NAME = "bench"
@@ -118,147 +120,15 @@ def _cell(config: Config, V: int, d: int) -> dict:
     return cell
 
 
-def _sweep(config: Config) -> dict:
-    """Time the low-rank and autodiff sweeps and the PyTorch loop on the sweep's loss.
-
-    The timed calls are interleaved (low-rank, autodiff, torch per thread count; repeated
-    ``sweep_repeats`` times) and each side's fastest call counts, so that JAX and torch sample
-    the same stretches of the shared machine's load.
-    """
-    V, d, n, R = config.sweep_vocab, config.sweep_hidden, config.sweep_steps, config.sweep_runs
-    seeds = np.arange(R, dtype=np.uint32)
-    sweep = {"runs": R, "steps": n, "devices": jax.device_count(), "loss": repr(bm.sweep_loss())}
-    jax_paths = {
-        "lowrank": (bm.lowrank_run_fn(V, d, n, config.sweep_fold_every), config.sweep_batch_size),
-        "autodiff": (bm.autodiff_run_fn(V, d, n), config.autodiff_batch_size),
-    }
-    runners = {key: bm.sweep_runner(fn, b) for key, (fn, b) in jax_paths.items()}
-    margins = {key: f(seeds) for key, f in runners.items()}  # compiles; host arrays: blocks
-    times = {key: [] for key in runners}
-    threads = [t or os.cpu_count() for t in config.torch_sweep_threads]
-    torch_runs = {t: [] for t in threads} if bm.torch_available() else {}
-    for _ in range(config.sweep_repeats):
-        for key, f in runners.items():
-            times[key].append(bm.best_wall_and_cpu(lambda f=f: f(seeds), repeats=1))
-        for t in torch_runs:
-            torch_runs[t].append(
-                bm.torch_sweep_rate(
-                    V,
-                    d,
-                    num_runs=config.torch_sweep_runs,
-                    num_steps=n,
-                    repeats=1,
-                    threads=t,
-                    budget_s=config.budget_s,
-                )
-            )
-    for key, (_, b) in jax_paths.items():
-        wall, cpu = min(w for w, _ in times[key]), min(c for _, c in times[key])
-        sweep[key] = {
-            "trajectory_steps_per_s": R * n / wall,
-            "trajectory_steps_per_cpu_s": R * n / cpu,
-            "wall_s": wall,
-            "batch_size": b,
-        }
-    sweep["lowrank"]["fold_every"] = config.sweep_fold_every
-    # float32 agreement of the two exact paths on every run (sums in different orders)
-    sweep["lowrank_vs_autodiff_max_rel_diff"] = float(
-        np.max(np.abs(margins["lowrank"] - margins["autodiff"]))
-        / np.max(np.abs(margins["autodiff"]))
-    )
-    if torch_runs:
-        runs = [
-            {
-                "threads": t,
-                "runs": calls[0]["runs"],
-                "trajectory_steps_per_s": max(c["trajectory_steps_per_s"] for c in calls),
-                "trajectory_steps_per_cpu_s": max(c["trajectory_steps_per_cpu_s"] for c in calls),
-            }
-            for t, calls in torch_runs.items()
-        ]
-        sweep["torch_variants"] = runs
-        sweep["torch"] = max(runs, key=lambda r: r["trajectory_steps_per_s"])
-        torch_rate = sweep["torch"]["trajectory_steps_per_s"]
-        sweep["over_torch"] = sweep["lowrank"]["trajectory_steps_per_s"] / torch_rate
-        sweep["autodiff_over_torch"] = sweep["autodiff"]["trajectory_steps_per_s"] / torch_rate
-        one_thread = [r for r in runs if r["threads"] == 1]
-        if one_thread:  # one JAX device (core) against one torch thread
-            sweep["over_torch_per_core"] = (
-                sweep["lowrank"]["trajectory_steps_per_s"]
-                / sweep["devices"]
-                / one_thread[0]["trajectory_steps_per_s"]
-            )
-            # the same per second of CPU time: less sensitive to other jobs on the machine
-            sweep["over_torch_per_cpu_s"] = (
-                sweep["lowrank"]["trajectory_steps_per_cpu_s"]
-                / one_thread[0]["trajectory_steps_per_cpu_s"]
-            )
-    progress(
-        f"[bench] sweep: low-rank {sweep['lowrank']['trajectory_steps_per_s']:.3g} "
-        f"trajectory-steps/s, autodiff {sweep['autodiff']['trajectory_steps_per_s']:.3g}, "
-        f"x{sweep.get('over_torch', float('nan')):.3g} over torch"
-    )
-    return sweep
-
-
-def _best_peaks(*measurements: dict) -> dict:
-    """The larger of each measured rate: the machine's peak shows in its least disturbed run."""
-    first = measurements[0]
-    return {k: {f: max(m[k][f] for m in measurements) for f in first[k]} for k in first}
-
-
-def _roofline(config: Config, sweep: dict, peaks_before: dict) -> dict:
-    """Bytes and flops per trajectory-step, the machine's measured peaks, where the sweeps sit.
-
-    Per core and per second of CPU time (sweep and peak kernels alike), which a shared machine's
-    load disturbs far less than wall-clock rates; the peaks are measured before and after the
-    sweep and the larger of the two counts (other jobs can still slow a core: the host's other
-    tenants share its caches and memory).
-    """
-    peaks_after = bm.machine_peaks(repeats=config.peaks_repeats, scale=config.peaks_scale)
-    peaks = _best_peaks(peaks_before, peaks_after)
-    V, d = config.sweep_vocab, config.sweep_hidden
-    roof = {"peaks": peaks, "peaks_before_sweep": peaks_before, "peaks_after_sweep": peaks_after}
-    for key, cost in (
-        ("lowrank", bm.lowrank_step_cost(V, d, config.sweep_fold_every)),
-        ("autodiff", bm.autodiff_step_cost(V, d)),
-    ):
-        rate = sweep[key]["trajectory_steps_per_cpu_s"]  # per core while it computes
-        roof[key] = {
-            "flops_per_step": cost["flops"],
-            "bytes_per_step": cost["bytes"],
-            "intensity": cost["flops"] / cost["bytes"],
-            "flop_rate_per_core": rate * cost["flops"],
-            "bandwidth_per_core": rate * cost["bytes"],
-            "fraction_of_flop_rate": rate * cost["flops"] / peaks["flop_rate"]["per_cpu_s"],
-            "fraction_of_cache_bandwidth": rate
-            * cost["bytes"]
-            / peaks["cache_bandwidth"]["per_cpu_s"],
-            "fraction_of_dram_bandwidth": rate
-            * cost["bytes"]
-            / peaks["dram_bandwidth"]["per_cpu_s"],
-        }
-    roof["lowrank"]["cost_source"] = "counted from the algorithm (bm.lowrank_step_cost)"
-    roof["autodiff"]["cost_source"] = "XLA cost_analysis of one compiled step"
-    progress(
-        f"[bench] roofline per core: cache {peaks['cache_bandwidth']['per_cpu_s'] / 1e9:.3g} GB/s, "
-        f"DRAM {peaks['dram_bandwidth']['per_cpu_s'] / 1e9:.3g} GB/s, "
-        f"{peaks['flop_rate']['per_cpu_s'] / 1e9:.3g} GFLOP/s; low-rank sweep at "
-        f"{roof['lowrank']['fraction_of_cache_bandwidth']:.2f} of the cache bandwidth, "
-        f"{roof['lowrank']['fraction_of_flop_rate']:.2f} of the flop rate"
-    )
-    return roof
-
-
 def run(config: Config) -> dict:
     load_before = os.getloadavg()
     if bm.torch_available():
         __import__("torch").set_num_threads(config.torch_threads)
     cells = [_cell(config, V, d) for V in config.vocab_sizes for d in config.hidden_sizes]
     gc.collect()
-    peaks_before = bm.machine_peaks(repeats=config.peaks_repeats, scale=config.peaks_scale)
-    sweep = _sweep(config)
-    roofline = _roofline(config, sweep, peaks_before)
+    peaks_before = rf.machine_peaks(repeats=config.peaks_repeats, scale=config.peaks_scale)
+    sweep = bm.sweep_rates(config)
+    roofline = rf.roofline(config, sweep, peaks_before)
     big = max(cells, key=lambda c: (c["V"] * c["d"], c["V"]))
     targets = {
         "largest_cell": [big["V"], big["d"]],
