@@ -213,7 +213,10 @@ class ExperimentConfig:
 
 
 def field_comments(config_cls: type) -> dict[str, str]:
-    """Return each field's trailing comment in the class bodies of ``config_cls`` and its bases."""
+    """Return each field's comment in the class bodies of ``config_cls`` and its bases.
+
+    The comment on the field's line, else the block of comment lines right above it.
+    """
     comments: dict[str, str] = {}
     for cls in reversed(config_cls.__mro__):
         if not dataclasses.is_dataclass(cls) or cls is ExperimentConfig:
@@ -222,12 +225,21 @@ def field_comments(config_cls: type) -> dict[str, str]:
             source = inspect.getsource(cls)
         except (OSError, TypeError):
             continue
-        line_field: dict[int, str] = {}
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
-                line_field[tok.start[0]] = tok.string
-            if tok.type == tokenize.COMMENT and tok.start[0] in line_field:
-                comments[line_field[tok.start[0]]] = tok.string.lstrip("# ").strip()
+        above: list[str] = []  # comment lines since the last code line
+        for line in source.splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("# ").strip())
+                continue
+            name = text.split(":", 1)[0].strip()
+            if line.startswith("    ") and not line.startswith("     ") and name.isidentifier():
+                inline = ""
+                for tok in tokenize.generate_tokens(io.StringIO(text + "\n").readline):
+                    if tok.type == tokenize.COMMENT:
+                        inline = tok.string.lstrip("# ").strip()
+                if inline or above:
+                    comments[name] = inline or " ".join(above)
+            above = []
     return comments
 
 

@@ -13,6 +13,11 @@ Modules:
 * ``mlp_features`` (``ScaledMLPFeatures``: a centred MLP over prompt features, lazy or mean
   field, rate-scaled unembeddings; ``FeaturePairs``, ``feature_sft_flow``);
 * ``reduced`` (exact reduced flow), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
+  ``PreferencePairs``), ``prefix_tree`` (multi-token ``PrefixTreePairs``), ``transformer``
+  (``CausalTransformer``, ``TransformerPairs``), ``logit_model`` (DPOP edit pairs), ``tabular``
+  (KL objective);
+* ``reduced`` (exact reduced flow, margin losses), ``lowrank`` (exact fast full-parameter flow,
+  any pair loss, SGD), ``sweep`` (sharded, resumable sweeps), ``scores`` (CHES and
   baselines per pair);
 * ``decoder`` (``DecoderLM``: Llama / Qwen2 / Gemma / OLMo in NNX) and ``checkpoints`` (Hugging
   Face folders: ``load_causal_lm``, ``save_causal_lm``, ``shard_model``), ``tokenization``
@@ -81,6 +86,7 @@ from sims.logit_model import (
     edit_pair_flow,
     edit_pair_prefixes,
 )
+from sims.lowrank import FOLD_EVERY, lowrank_flow_fn, lowrank_preference_flow, preference_record
 from sims.mlp_features import (
     PARAMETRISATIONS,
     FeaturePairs,
@@ -177,6 +183,7 @@ __all__ = [
     "flow_fn",
     "flow_velocity",
     "FlowResult",
+    "FOLD_EVERY",
     "format_prompt",
     "hf_config",
     "hidden_kernel",
@@ -189,6 +196,8 @@ __all__ = [
     "load_bert_tokenizer",
     "load_causal_lm",
     "load_tokenizer",
+    "lowrank_flow_fn",
+    "lowrank_preference_flow",
     "make_feature_pairs",
     "make_masked_lm_pairs",
     "make_optimizer",
@@ -217,6 +226,7 @@ __all__ = [
     "persona_question",
     "PositionLogits",
     "preference_flow",
+    "preference_record",
     "PreferencePairs",
     "PreferenceRecord",
     "prefix_hidden_states",

@@ -215,7 +215,8 @@ def sharded_map(
       run_fn: pure, jittable ``x -> pytree`` for one run.
       inputs: pytree of arrays with a common leading run axis ``R``.
       mesh: a 1-D mesh with axis ``"runs"``; default :func:`run_mesh` (all devices).
-      batch_size: runs vmapped together inside each device (``None``: all of the device's runs).
+      batch_size: runs vmapped together inside each device (``None``: one run at a time,
+        ``jax.lax.map``'s sequential scan).
 
     Raises:
       ValueError: leaves disagree on ``R``; bad ``batch_size``.

