@@ -1,5 +1,5 @@
-"""The benchmark (experiments/bench.py, experiments/_bench.py): smoke run with and without torch, and
-parity of its PyTorch baselines with the JAX flows they are compared with."""
+"""The benchmark (experiments/bench.py, experiments/_bench.py): smoke run with and without
+torch, and parity of its PyTorch baselines with the JAX flows they are compared with."""
 
 import json
 import math
