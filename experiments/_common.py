@@ -233,14 +233,22 @@ def field_comments(config_cls: type) -> dict[str, str]:
                 continue
             name = text.split(":", 1)[0].strip()
             if line.startswith("    ") and not line.startswith("     ") and name.isidentifier():
-                inline = ""
-                for tok in tokenize.generate_tokens(io.StringIO(text + "\n").readline):
-                    if tok.type == tokenize.COMMENT:
-                        inline = tok.string.lstrip("# ").strip()
+                inline = _inline_comment(text)
                 if inline or above:
                     comments[name] = inline or " ".join(above)
             above = []
     return comments
+
+
+def _inline_comment(line: str) -> str:
+    """The ``# ...`` comment of one source line ('' if none; a ``#`` inside a string is not one)."""
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(line + "\n").readline):
+            if tok.type == tokenize.COMMENT:
+                return tok.string.lstrip("# ").strip()
+    except tokenize.TokenError:  # the line opens a bracket closed on a later line
+        pass
+    return ""
 
 
 # --- provenance, JSON, saving
