@@ -108,9 +108,9 @@ def test_keys_cover_every_experiment():
 SMOKED_ELSEWHERE = {"bench"}
 
 
-#: Smoke runs over 20 s on the 2-core machine (their library parts are tested in the default
-#: selection: tests/test_bert.py, test_kernel.py, test_sims_kernel.py, test_flow.py, test_transformer.py);
-#: CI runs them with -m slow.
+#: Smoke runs over 20 s on the 2-core machine; their library parts are tested in the default
+#: selection (test_bert.py, test_kernel.py, test_sims_kernel.py, test_flow.py,
+#: test_transformer.py), and CI runs them with -m slow.
 SLOW_SMOKE = {
     "minilm_encoder_no_over_never",
     "kernel_theorem_check",
