@@ -15,7 +15,7 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,15 @@ class CheckpointConfig(ExperimentConfig):
     batch_size: int = 64  # self-made: pre-training minibatch
 
     RULES = {"pretrain_steps": nonnegative_int, "dtype": one_of(sorted(DTYPES))}
+    #: The self-made checkpoint of every checkpoint experiment's ``--smoke`` version (untrained).
+    SMOKE: ClassVar[dict] = {
+        "d_model": 16,
+        "num_layers": 1,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "copies": 1,
+        "pretrain_steps": 0,
+    }
 
     def check(self) -> None:
         if self.d_model % self.num_heads or self.num_heads % self.num_kv_heads:

@@ -77,17 +77,7 @@ class Config(CheckpointConfig):
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(
-            d_model=16,
-            num_layers=1,
-            num_heads=2,
-            num_kv_heads=1,
-            copies=1,
-            pretrain_steps=0,
-            pairs_per_prompt=1,
-            max_len=24,
-            keep_fraction=0.25,
-        )
+        return cls(**cls.SMOKE, pairs_per_prompt=1, max_len=24, keep_fraction=0.25)
 
 
 def run(config: Config, *, workdir=None) -> dict:

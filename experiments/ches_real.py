@@ -64,17 +64,7 @@ class Config(CheckpointConfig):
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(
-            d_model=16,
-            num_layers=1,
-            num_heads=2,
-            num_kv_heads=1,
-            copies=1,
-            pretrain_steps=0,
-            pairs_per_prompt=1,
-            subset_size=4,
-            num_steps=2,
-        )
+        return cls(**cls.SMOKE, pairs_per_prompt=1, subset_size=4, num_steps=2)
 
 
 def run(config: Config, *, workdir=None) -> dict:

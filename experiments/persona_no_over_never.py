@@ -89,17 +89,7 @@ class Config(CheckpointConfig):
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(
-            d_model=16,
-            num_layers=1,
-            num_heads=2,
-            num_kv_heads=1,
-            copies=1,
-            pretrain_steps=0,
-            sft_steps=0,
-            dpo_steps=5,
-            num_runs=2,
-        )
+        return cls(**cls.SMOKE, sft_steps=0, dpo_steps=5, num_runs=2)
 
 
 def _statements() -> list[tuple[str, str, bool]]:

@@ -12,6 +12,7 @@ from sims.flow import flow_fn, preference_flow
 from sims.lowrank import lowrank_flow_fn, lowrank_preference_flow, preference_record
 from sims.models import PreferencePairs, UnconstrainedFeatures, make_pairs
 from sims.prefix_tree import PrefixTreePairs
+from tests._full_flow import full_parameter_flow, normwise_error, random_instances
 from theory.losses import make_loss, mean_pair_loss
 
 # low-rank vs full flow after 1000 Euler steps, float64: both do the same arithmetic up to the
@@ -40,28 +41,13 @@ STRUCTURES = {
 
 
 def _instances(seed, V, d, P, N):
-    keys = jax.random.split(jax.random.key(seed), 3)
-    W = jax.random.normal(keys[0], (NUM_INSTANCES, V, d)) / np.sqrt(d)
-    H = jax.random.normal(keys[1], (NUM_INSTANCES, P, d)) / np.sqrt(d)
-    refs = -jnp.abs(jax.random.normal(keys[2], (NUM_INSTANCES, 2, N))) - 1.0
-    return W, H, refs
+    return random_instances(seed, V, d, P, N, num=NUM_INSTANCES)
 
 
 def _full_flow(loss, prompt, chosen, rejected):
-    """Full-parameter reference: autodiff through log_softmax(W h), all of W and hidden train."""
-    rows = jnp.arange(len(prompt))
-
-    def loss_fn(params, refs):
-        logprobs = jax.nn.log_softmax(params[1][prompt] @ params[0].T, axis=-1)
-        return mean_pair_loss(loss, logprobs[rows, chosen], logprobs[rows, rejected], *refs)
-
-    def observe_fn(params, _):
-        return jax.nn.log_softmax(params[1][prompt] @ params[0].T, axis=-1)
-
-    run = flow_fn(
-        loss_fn, observe_fn, optimizer="sgd", num_steps=NUM_STEPS, record_every=RECORD_EVERY
+    return full_parameter_flow(
+        loss, prompt, chosen, rejected, dt=DT, num_steps=NUM_STEPS, record_every=RECORD_EVERY
     )
-    return jax.jit(jax.vmap(lambda W, H, refs: run((W, H), refs, DT)))
 
 
 def _lowrank_flow(loss, prompt, chosen, rejected, fold_every):
@@ -77,12 +63,6 @@ def _lowrank_flow(loss, prompt, chosen, rejected, fold_every):
         return run(W, H, PreferencePairs(prompt, chosen, rejected, refs[0], refs[1]), DT)
 
     return jax.jit(jax.vmap(one))
-
-
-def _normwise_error(a, b):
-    """Per instance max|a - b| / max|b| over all but the leading axis."""
-    a, b = np.asarray(a).reshape(a.shape[0], -1), np.asarray(b).reshape(b.shape[0], -1)
-    return np.max(np.abs(a - b), axis=1) / np.max(np.abs(b), axis=1)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +95,7 @@ def test_lowrank_flow_matches_full_parameter_flow(loss_type, structure, fold_eve
         ("W", low.final[0], full.final[0]),
         ("hidden", low.final[1], full.final[1]),
     ):
-        err = _normwise_error(got, want)
+        err = normwise_error(got, want)
         worst = int(np.argmax(err))
         np.testing.assert_array_less(
             err,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import flow_fn, preference_flow
+from sims.flow import preference_flow
 from sims.models import PreferencePairs, UnconstrainedFeatures, make_pairs
 from sims.reduced import (
     apply_moving_rows,
@@ -17,6 +17,7 @@ from sims.reduced import (
     reduced_flow_fn,
     reduced_preference_flow,
 )
+from tests._full_flow import full_parameter_flow, normwise_error, random_instances
 from theory.losses import make_loss
 
 # reduced vs full flow after >= 1000 Euler steps, float64: the issue's bound; both runs do the same
@@ -43,34 +44,13 @@ STRUCTURES = {
 
 
 def _instances(seed, V, d, P, N):
-    keys = jax.random.split(jax.random.key(seed), 3)
-    W = jax.random.normal(keys[0], (NUM_INSTANCES, V, d)) / np.sqrt(d)
-    H = jax.random.normal(keys[1], (NUM_INSTANCES, P, d)) / np.sqrt(d)
-    refs = -jnp.abs(jax.random.normal(keys[2], (NUM_INSTANCES, 2, N))) - 1.0
-    return W, H, refs
+    return random_instances(seed, V, d, P, N, num=NUM_INSTANCES)
 
 
 def _full_flow(loss, prompt, chosen, rejected):
-    """Full-parameter reference: autodiff through log_softmax(W h), all of W and hidden train."""
-    rows = jnp.arange(len(prompt))
-
-    def loss_fn(params, refs):
-        logprobs = jax.nn.log_softmax(params[1][prompt] @ params[0].T, axis=-1)
-        return jnp.mean(loss(logprobs[rows, chosen], logprobs[rows, rejected], refs[0], refs[1]))
-
-    def observe_fn(params, _):
-        return jax.nn.log_softmax(params[1][prompt] @ params[0].T, axis=-1)
-
-    run = flow_fn(
-        loss_fn, observe_fn, optimizer="sgd", num_steps=NUM_STEPS, record_every=RECORD_EVERY
+    return full_parameter_flow(
+        loss, prompt, chosen, rejected, dt=DT, num_steps=NUM_STEPS, record_every=RECORD_EVERY
     )
-    return jax.jit(jax.vmap(lambda W, H, refs: run((W, H), refs, DT)))
-
-
-def _normwise_error(a, b):
-    """Per instance max|a - b| / max|b| over all but the leading axis."""
-    a, b = np.asarray(a).reshape(a.shape[0], -1), np.asarray(b).reshape(b.shape[0], -1)
-    return np.max(np.abs(a - b), axis=1) / np.max(np.abs(b), axis=1)
 
 
 @pytest.mark.parametrize(
@@ -103,7 +83,7 @@ def test_reduced_flow_matches_full_parameter_flow(loss_type, structure):
         ("token rows", moving[:, :K], full_final[0][:, index.tokens]),
         ("prompt rows", moving[:, K:], full_final[1][:, index.prompts]),
     ):
-        err = _normwise_error(got, want)
+        err = normwise_error(got, want)
         worst = int(np.argmax(err))
         np.testing.assert_array_less(
             err,
