@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sims import _sweep_store as store
 from sims.sweep import run_mesh, sharded_map, stack_runs, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +26,9 @@ SUBPROCESS_TIMEOUT_S = 150  # one fresh JAX process compiling a small sweep, on 
 
 def _job_env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # set before JAX initialises
+    # this process's XLA flags (the root conftest's 8 fake devices and optimisation level): the
+    # resume tests compare chunks computed there with chunks computed here bit for bit
+    env["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     return env
 
@@ -69,6 +72,19 @@ def test_sweep_on_8_devices_equals_unsharded_vmap():
         )
         _assert_trees_equal(res.outputs, want, f"{mesh.devices.size} devices, chunk {chunk_size}")
         assert res.status.tolist() == ["ok"] * 20
+
+
+def test_fingerprint_ignores_checkify_error_codes_drawn_by_earlier_traces():
+    # every traced checkify check (theory.checks.poison) draws the next code of a process-wide
+    # counter: the same run_fn must fingerprint the same whatever was traced before it
+    one = jax.tree_util.tree_map(lambda a: a[0], job.inputs())
+    first = jax.make_jaxpr(job.run_fn)(one)
+    jax.clear_caches()  # so that the next trace draws new codes
+    again = jax.make_jaxpr(job.run_fn)(one)
+    assert str(first) != str(again)  # the codes did change (else this test checks nothing)
+    assert store.jaxpr_sha256(first) == store.jaxpr_sha256(again)
+    edited = jax.make_jaxpr(lambda x: job.run_fn({**x, "beta": 2 * x["beta"]}))(one)
+    assert store.jaxpr_sha256(edited) != store.jaxpr_sha256(first)
 
 
 @pytest.fixture(scope="module")
