@@ -25,8 +25,8 @@ A folder can only ever hold one sweep:
   round-trip precision: ``x * 0.3`` and ``x * 0.30000000000000004`` differ), of every literal's
   and closed-over constant's bytes (a captured NumPy array is a constant the text does not show),
   and the output tree, shapes and dtypes. The error codes of ``checkify`` checks (drawn from a
-  process-wide counter, so they depend on what was traced before) are left out. It also holds the process-wide numerics flags
-  (``jax_enable_x64``, ``jax_default_matmul_precision``, ``jax_threefry_partitionable``,
+  process-wide counter, so they depend on what was traced before) are left out. It also holds the
+  process-wide numerics flags (``jax_enable_x64``, ``jax_default_matmul_precision``, ``jax_threefry_partitionable``,
   ``jax_default_prng_impl``), the jax/jaxlib versions and the device platform and kind, none of
   which a jaxpr shows.
   It cannot see what the jaxpr does not hold: the Python body of a host callback
