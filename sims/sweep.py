@@ -26,9 +26,9 @@ A folder can only ever hold one sweep:
   and closed-over constant's bytes (a captured NumPy array is a constant the text does not show),
   and the output tree, shapes and dtypes. The error codes of ``checkify`` checks (drawn from a
   process-wide counter, so they depend on what was traced before) are left out. It also holds the
-  process-wide numerics flags (``jax_enable_x64``, ``jax_default_matmul_precision``, ``jax_threefry_partitionable``,
-  ``jax_default_prng_impl``), the jax/jaxlib versions and the device platform and kind, none of
-  which a jaxpr shows.
+  process-wide numerics flags (``jax_enable_x64``, ``jax_default_matmul_precision``,
+  ``jax_threefry_partitionable``, ``jax_default_prng_impl``), the jax/jaxlib versions and the
+  device platform and kind, none of which a jaxpr shows.
   It cannot see what the jaxpr does not hold: the Python body of a host callback
   (``jax.pure_callback``, ``io_callback``), files or globals such a callback reads, XLA flags
   (``XLA_FLAGS``) and JAX flags other than those listed. Edits that leave the jaxpr unchanged
