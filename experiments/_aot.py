@@ -315,15 +315,15 @@ def signature(args: tuple, kwargs: dict, in_axes: Any = None) -> tuple:
     return treedef, tuple(_leaf_signature(x) for x in leaves)
 
 
-def _unbatch(x: Any, axis: int) -> tuple:
-    shape = list(np.shape(x))
+def _unbatch(x: Any, axis: int) -> Any:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        return x
+    shape = list(x.shape)
     del shape[axis]
-    return ("array", tuple(shape), str(x.dtype))
+    return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
 
 
 def _leaf_signature(x: Any) -> Any:
-    if isinstance(x, tuple) and x[:1] == ("array",):  # already unbatched
-        return x
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return ("array", tuple(x.shape), str(x.dtype))
     if isinstance(x, bool | int | float | complex):
