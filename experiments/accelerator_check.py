@@ -179,7 +179,7 @@ def plot(results: dict) -> plt.Figure:
         bx.text(i, 0, s["status"], rotation=90, va="bottom", ha="center", fontsize=7)
     bx.set_xticks(np.arange(len(labels)), labels, rotation=35, ha="right", fontsize=7)
     kind = results["device"].get("result", {}).get("device_kind", "?")
-    bx.set(ylabel="wall time (s)", title=f"{kind}: stages within {results['config']['budget_s']:g} s")
+    bx.set(ylabel="wall time (s)", title=f"{kind}: stages within {results['config'].budget_s:g} s")
     fig.tight_layout()
     return fig
 
