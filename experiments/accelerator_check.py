@@ -93,7 +93,9 @@ class Config(ExperimentConfig):
 def _bench_config(config: Config) -> bench.Config:
     if config.bench_smoke:
         return bench.Config.smoke()
-    return bench.Config(vocab_sizes=config.bench_vocab_sizes, hidden_sizes=config.bench_hidden_sizes)
+    return bench.Config(
+        vocab_sizes=config.bench_vocab_sizes, hidden_sizes=config.bench_hidden_sizes
+    )
 
 
 def _flops(estimate: dict | None) -> float:
@@ -142,6 +144,7 @@ def run(config: Config, *, out_dir: str | Path = FIGURES_DIR / NAME) -> dict:
             progress(f"[{NAME}] {name}: skipped ({runs[name]['reason']})")
     return {
         "config": config,
+        "budget_s": config.budget_s,
         "out_dir": out,
         "device": device,
         "bench": bench_out,
@@ -179,7 +182,7 @@ def plot(results: dict) -> plt.Figure:
         bx.text(i, 0, s["status"], rotation=90, va="bottom", ha="center", fontsize=7)
     bx.set_xticks(np.arange(len(labels)), labels, rotation=35, ha="right", fontsize=7)
     kind = results["device"].get("result", {}).get("device_kind", "?")
-    bx.set(ylabel="wall time (s)", title=f"{kind}: stages within {results['config'].budget_s:g} s")
+    bx.set(ylabel="wall time (s)", title=f"{kind}: stages within {results['budget_s']:g} s")
     fig.tight_layout()
     return fig
 
@@ -193,7 +196,7 @@ def _summary(r: dict) -> str:
     return (
         f"{device.get('device_count', '?')} x {device.get('device_kind', '?')}: sweep "
         f"{sweep.get('trajectory_steps_per_s', float('nan')):.3g} trajectory-steps/s; "
-        f"experiments {counts}; {r['elapsed_s']:.0f} s of {r['config'].budget_s:g} s"
+        f"experiments {counts}; {r['elapsed_s']:.0f} s of {r['budget_s']:g} s"
     )
 
 
