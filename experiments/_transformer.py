@@ -6,6 +6,7 @@ Each ``experiments/transformer_*.py`` ``Config`` extends :class:`PretrainConfig`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -214,8 +215,14 @@ def refusal_rates(
     )
 
 
-#: :func:`sims.transformer.sample_tokens` vmapped over stacked states, compiled once per shapes.
-_sample_runs = jax.jit(
-    jax.vmap(sample_tokens, in_axes=(None, 0, None, None, None, None, None, None)),
-    static_argnums=(0, 4),
-)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _sample_runs(graphdef, states, key, prompts, prompt_len, temperature, eos, pad):
+    """:func:`sims.transformer.sample_tokens` for each stacked state, one state after another
+    (``lax.map``, not ``vmap``: the device holds one model's sampling at a time; vmapped, the
+    ``--scale`` sampling of ``transformer_unalignment`` needed 268 GiB by its ahead-of-time
+    estimate on CPU), compiled once per shapes."""
+
+    def one(state):
+        return sample_tokens(graphdef, state, key, prompts, prompt_len, temperature, eos, pad)
+
+    return jax.lax.map(one, states)

@@ -28,6 +28,7 @@ from experiments._aot import (
     signature,
     unmatched,
 )
+from experiments._common import experiment_main
 from experiments.accelerator_check import SCALED
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 
@@ -159,3 +160,21 @@ def test_scale_config_compiles_ahead_of_time_on_cpu(name):
     assert estimate["programs"], "the hook returned no programs"
     for row in estimate["programs"]:
         assert row["peak_bytes"] >= row["argument_bytes"] > 0, row["name"]
+
+
+def test_scale_run_prints_its_memory_estimate_before_it_starts(capsys, tmp_path):
+    module = _module("displacement_phase_diagram")  # its --scale programs compile in seconds
+    printed_before_run = []
+
+    def stop_at_start(config):
+        printed_before_run.append(capsys.readouterr().out)
+        raise KeyboardInterrupt  # the real --scale run is 1.2 M flows
+
+    with pytest.raises(KeyboardInterrupt):
+        experiment_main(
+            "displacement_phase_diagram", module.Config, stop_at_start, module.plot,
+            ["--scale", "--out", str(tmp_path)],
+        )  # fmt: skip
+    (out,) = printed_before_run
+    assert "[displacement_phase_diagram] estimated device memory:" in out
+    assert "FAILED" not in out
