@@ -26,4 +26,4 @@ EXPERIMENTS: tuple[str, ...] = (
 )
 
 #: Separate commands, not part of the main job (``python -m experiments NAME``).
-EXTRA: tuple[str, ...] = ("bench", "compile_once", "audit")
+EXTRA: tuple[str, ...] = ("bench", "compile_once", "audit", "accelerator_check")

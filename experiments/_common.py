@@ -460,6 +460,8 @@ def experiment_main(
         out_dir = prepare_out_dir(out_dir)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
+    if getattr(build_parser(config_cls).parse_known_args(argv)[0], "scale", False):
+        print_memory_estimate(name, config)
     start = time.perf_counter()
     progress(f"[{name}] running with {config}")
     results = run(config)
@@ -469,3 +471,26 @@ def experiment_main(
         progress(f"[{name}] {summary(results)}")
     sys.stdout.flush()
     return results
+
+
+def print_memory_estimate(name: str, config: Any) -> dict | None:
+    """Print the device-memory estimate of experiment ``name``'s run of ``config`` (its
+    ``aot_programs`` hook, compiled ahead of time by :mod:`experiments._aot`); return it.
+
+    ``experiment_main`` calls this before a ``--scale`` run. An experiment without the hook, or a
+    hook that fails, is reported and does not stop the run.
+    """
+    from experiments import _aot
+
+    module = sys.modules.get(type(config).__module__)
+    if module is None or not hasattr(module, "aot_programs"):
+        progress(f"[{name}] no memory estimate: the experiment defines no aot_programs hook")
+        return None
+    progress(f"[{name}] estimating device memory (compiling ahead of time)...")
+    try:
+        estimate = _aot.estimate_memory(module, config)
+    except Exception as err:  # noqa: BLE001 -- an estimate must never stop the run
+        progress(f"[{name}] no memory estimate: {type(err).__name__}: {err}")
+        return None
+    progress(_aot.describe(name, estimate))
+    return estimate

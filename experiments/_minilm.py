@@ -90,9 +90,20 @@ def encoder(config, folder) -> BertEncoder:
     """The pretrained MiniLM encoder, or (``config.tiny_encoder``) a random tiny one for smoke."""
     if not config.tiny_encoder:
         return load_bert(folder)
-    vocab = BertConfig.from_file(folder).vocab_size
-    cfg = BertConfig(vocab, 16, 1, 2, 32, 64, 2, 1e-12)  # smoke: random, d = 16, one layer
-    return BertEncoder(cfg, rngs=nnx.Rngs(config.seed))
+    return BertEncoder(_tiny(folder), rngs=nnx.Rngs(config.seed))
+
+
+def _tiny(folder) -> BertConfig:
+    """Smoke only: a random one-layer encoder, d = 16, on MiniLM's vocabulary."""
+    return BertConfig(BertConfig.from_file(folder).vocab_size, 16, 1, 2, 32, 64, 2, 1e-12)
+
+
+def abstract_encoder(config, folder) -> BertEncoder:
+    """:func:`encoder`'s model from shapes (``nnx.eval_shape``; no weights read)."""
+    if config.tiny_encoder:
+        return nnx.eval_shape(lambda: BertEncoder(_tiny(folder), rngs=nnx.Rngs(config.seed)))
+    cfg = BertConfig.from_file(folder)
+    return nnx.eval_shape(lambda: BertEncoder(cfg, rngs=nnx.Rngs(0)))  # as load_bert builds it
 
 
 @jax.jit
@@ -311,13 +322,16 @@ def prepare(config, agree: Sequence[str], disagree: Sequence[str]) -> Setup:
     return Setup(tok, names, model, statements, sel, ids, runs, pairs, sft_out)
 
 
+def loss_and_lr(config, loss_name: str) -> tuple:
+    """The preference loss ``loss_name`` (``"dpo"`` or ``"ipo"``) and its RMSprop lr."""
+    if loss_name == "dpo":
+        return make_loss("dpo", beta=config.beta), config.lr
+    return make_loss("ipo", tau=config.ipo_tau), config.ipo_lr
+
+
 def preference_runs(config, setup: Setup, loss_name: str, observe=None):
     """Run every preference run of ``setup`` (vmapped, one compile) with loss ``loss_name``."""
-    loss, lr = (
-        (make_loss("dpo", beta=config.beta), config.lr)
-        if loss_name == "dpo"
-        else (make_loss("ipo", tau=config.ipo_tau), config.ipo_lr)
-    )
+    loss, lr = loss_and_lr(config, loss_name)
     stacked = jax.tree_util.tree_map(lambda a: a[:, None], setup.pairs)  # [R, 1, ...]
     return preference_flow(
         setup.model,

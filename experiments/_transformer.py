@@ -6,6 +6,7 @@ Each ``experiments/transformer_*.py`` ``Config`` extends :class:`PretrainConfig`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments._aot import AotProgram, abstract, abstract_model, program
 from experiments._common import ConfigError, ExperimentConfig
 from sims.data import corpus
-from sims.transformer import CausalTransformer, TokenBatch, sample_tokens
+from sims.transformer import CausalTransformer, TokenBatch, pretrain_program, sample_tokens
 from sims.transformer import pretrain as pretrain_lm
 
 
@@ -97,15 +99,7 @@ def pretrained_model(
     data = corpus.pretraining_corpus(
         np.random.default_rng(seed), copies=copies, refusal_prob=refusal_prob
     )
-    model = CausalTransformer(
-        len(corpus.VOCAB),
-        d_model=d_model,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        max_len=corpus.MAX_LEN,
-        tied=tied,
-        rngs=nnx.Rngs(seed),
-    )
+    model = _model(seed, d_model=d_model, num_layers=num_layers, num_heads=num_heads, tied=tied)
     model, losses = pretrain_lm(
         model,
         jax.random.key(seed),
@@ -116,6 +110,80 @@ def pretrained_model(
         batch_size=batch_size,
     )
     return model, np.asarray(losses)
+
+
+def _model(seed: int, *, d_model: int, num_layers: int, num_heads: int, tied: bool):
+    return CausalTransformer(
+        len(corpus.VOCAB),
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        max_len=corpus.MAX_LEN,
+        tied=tied,
+        rngs=nnx.Rngs(seed),
+    )
+
+
+def pretrained_model_program(
+    seed: int,
+    *,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    tied: bool,
+    copies: int,
+    refusal_prob: float,
+    lr: float,
+    num_steps: int,
+    batch_size: int,
+) -> AotProgram:
+    """The pre-training program :func:`pretrained_model` runs with the same arguments, from shapes
+    (the corpus, a few thousand short token rows, is built for real)."""
+    data = corpus.pretraining_corpus(
+        np.random.default_rng(seed), copies=copies, refusal_prob=refusal_prob
+    )
+    arch = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, tied=tied)
+    built = pretrain_program(
+        abstract_model(lambda: _model(seed, **arch)),
+        jax.eval_shape(lambda: jax.random.key(seed)),
+        *abstract((jnp.asarray(data.tokens), jnp.asarray(data.length))),
+        lr=lr,
+        num_steps=num_steps,
+        batch_size=batch_size,
+    )
+    rows, width = data.tokens.shape
+    tie = "tied" if tied else "untied"
+    return program(
+        f"pre-training [{num_steps} Adam steps, corpus {rows} x {width}, d={d_model}, {tie}]",
+        built,
+    )
+
+
+def initial_model(config) -> CausalTransformer:
+    """The model :func:`pretrain` starts from (random, float32), of the trained one's structure."""
+    return _model(
+        config.seed,
+        d_model=config.d_model,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        tied=config.tied,
+    )
+
+
+def pretrain_aot(config, *, refusal_prob: float = 0.8) -> AotProgram:
+    """The pre-training program of :func:`pretrain` for ``config``, from shapes."""
+    return pretrained_model_program(
+        config.seed,
+        d_model=config.d_model,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        tied=config.tied,
+        copies=config.copies,
+        refusal_prob=refusal_prob,
+        lr=config.pretrain_lr,
+        num_steps=config.pretrain_steps,
+        batch_size=config.batch_size,
+    )
 
 
 def response_batch(tokens, prompt_len: int) -> TokenBatch:
@@ -147,8 +215,14 @@ def refusal_rates(
     )
 
 
-#: :func:`sims.transformer.sample_tokens` vmapped over stacked states, compiled once per shapes.
-_sample_runs = jax.jit(
-    jax.vmap(sample_tokens, in_axes=(None, 0, None, None, None, None, None, None)),
-    static_argnums=(0, 4),
-)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _sample_runs(graphdef, states, key, prompts, prompt_len, temperature, eos, pad):
+    """:func:`sims.transformer.sample_tokens` for each stacked state, one state after another
+    (``lax.map``, not ``vmap``: the device holds one model's sampling at a time; vmapped, the
+    ``--scale`` sampling of ``transformer_unalignment`` needed 268 GiB by its ahead-of-time
+    estimate on CPU), compiled once per shapes."""
+
+    def one(state):
+        return sample_tokens(graphdef, state, key, prompts, prompt_len, temperature, eos, pad)
+
+    return jax.lax.map(one, states)

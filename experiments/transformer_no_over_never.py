@@ -19,12 +19,18 @@ import numpy as np
 from flax import nnx
 
 from experiments._analysis import sign_match_rate
+from experiments._aot import AotProgram, abstract_model, expand, program, sds
 from experiments._common import enable_x64, experiment_main, progress, provenance
 from experiments._plots import mean_band
-from experiments._transformer import PretrainConfig, pretrain
+from experiments._transformer import PretrainConfig, initial_model, pretrain, pretrain_aot
 from sims.data import corpus
-from sims.flow import PairObjective, preference_flow, velocity_along_flow
-from sims.transformer import make_transformer_pairs
+from sims.flow import (
+    PairObjective,
+    preference_flow,
+    preference_flow_program,
+    velocity_along_flow,
+)
+from sims.transformer import TokenBatch, TransformerPairs, make_transformer_pairs
 from theory.losses import make_loss, margin_derivative
 from theory.single_token import logprob_velocity
 
@@ -63,13 +69,19 @@ class _AnswerLogprobs:
         return jax.nn.log_softmax(model(pairs.chosen.tokens[0, :P])[P - 1], axis=-1)
 
 
-def _run_pairs(config: Config, model):
-    """Return ``(prompts, chosen, pairs)``: one distinct trait prompt per run, no > never on it."""
+def _run_batches(config: Config) -> tuple[list, TokenBatch, TokenBatch]:
+    """Return ``(prompts, chosen, rejected)``: one distinct trait prompt per run, no > never."""
     statements = [(s, p) for s in corpus.VICES for p in corpus.PREDICATES]
     picks = np.random.default_rng(config.seed).choice(len(statements), config.num_runs, False)
     prompts = [corpus.persona_prompt(*statements[i]) for i in picks]
     chosen = corpus.pack(prompts, [[Y_POS]] * len(prompts))  # single token, no <eos>
     rejected = corpus.pack(prompts, [[Y_NEG]] * len(prompts))
+    return prompts, chosen, rejected
+
+
+def _run_pairs(config: Config, model):
+    """Return ``(prompts, chosen, pairs)``: one distinct trait prompt per run, no > never on it."""
+    prompts, chosen, rejected = _run_batches(config)
     return prompts, chosen, make_transformer_pairs(model, chosen, rejected)
 
 
@@ -139,6 +151,21 @@ def run(config: Config) -> dict:
         ],
         "provenance": provenance(dtype_of=logp),
     }
+
+
+def aot_programs(config: Config) -> list[AotProgram]:
+    """Pre-training and the DPO flows of ``run`` (float64), from shapes (``experiments._aot``)."""
+    enable_x64()
+    prompts, chosen, rejected = _run_batches(config)
+    model = abstract_model(lambda: initial_model(config), dtype=jnp.float64)
+    R = len(prompts)
+    ref = sds((R, 1), jnp.float64)  # stacked [R, 1, ...]: one prompt a run
+    pairs = TransformerPairs(*expand((chosen, rejected), 1), ref, ref, ref)  # weight: ones
+    flow = preference_flow_program(
+        model, pairs, make_loss("dpo", beta=config.beta), dt=config.dt,
+        num_steps=config.num_steps, observe=_AnswerLogprobs(len(prompts[0])), in_axes=(None, 0),
+    )  # fmt: skip
+    return [pretrain_aot(config), program(f"dpo flows [{R} runs, float64]", flow)]
 
 
 def plot(results: dict) -> plt.Figure:

@@ -107,6 +107,22 @@ class FlowResult(NamedTuple):
     first_nonfinite_step: jax.Array
 
 
+class Program(NamedTuple):
+    """A compiled core and the arguments a front end calls it with: ``fn(*args, **kwargs)``.
+
+    Returned by the ``*_program`` builders (:func:`flow_program`, :func:`model_flow_program`,
+    :func:`preference_flow_program`, :func:`sft_flow_program`,
+    :func:`sims.transformer.pretrain_program`, :func:`sims.sweep.chunk_program`). Their array
+    arguments may be ``jax.ShapeDtypeStruct`` (models from ``nnx.eval_shape``): then
+    ``fn.lower(*args, **kwargs).compile()`` compiles, ahead of time and without allocating, the
+    very program the front end runs, and ``memory_analysis()`` of the result sizes it.
+    """
+
+    fn: Callable[..., Any]
+    args: tuple
+    kwargs: dict
+
+
 def raise_on_nonfinite(
     first_nonfinite_step: Any, *, dt: float, what: str = "gradient flow"
 ) -> None:
@@ -251,6 +267,45 @@ def _host_time(dt: float, num_steps: int, record_every: int) -> jax.Array:
     return dt * record_every * jnp.arange(num_steps // record_every + 1)
 
 
+def flow_program(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    observe_fn: Callable[[Any, Any], Any],
+    params: Any,
+    data: Any = None,
+    *,
+    dt: float,
+    num_steps: int,
+    record_every: int = 1,
+    optimizer: str = "sgd",
+    in_axes: Any = None,
+) -> Program:
+    """Return the :class:`Program` :func:`integrate` runs: :func:`compiled_flow` and its arguments.
+
+    Arguments as :func:`integrate`; ``params`` and ``data`` may hold ``jax.ShapeDtypeStruct``
+    leaves (nothing is computed or checked beyond the schedule and the optimiser's name).
+
+    Raises:
+      ValueError: bad schedule, unknown optimiser.
+
+    Example:
+      >>> p = flow_program(lambda x, _: 0.5 * jnp.sum(x**2), lambda x, _: x,
+      ...                  jax.ShapeDtypeStruct((3,), jnp.float32), dt=0.1, num_steps=4)
+      >>> p.fn.lower(*p.args).out_info.observables.shape  # 4 / 1 + 1 checkpoints of x [3]
+      (5, 3)
+    """
+    check_schedule(dt, num_steps, record_every)
+    check_optimizer(optimizer)
+    run = compiled_flow(
+        loss_fn,
+        observe_fn,
+        optimizer=optimizer,
+        num_steps=num_steps,
+        record_every=record_every,
+        in_axes=in_axes,
+    )
+    return Program(run, (params, data, float(dt)), {})
+
+
 def integrate(
     loss_fn: Callable[[Any, Any], jax.Array],
     observe_fn: Callable[[Any, Any], Any],
@@ -298,19 +353,20 @@ def integrate(
       >>> [round(float(x), 4) for x in res.observables]  # x <- (1 - dt) x
       [1.0, 0.9, 0.81]
     """
-    check_schedule(dt, num_steps, record_every)
-    check_optimizer(optimizer)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        check_finite(f"params{jax.tree_util.keystr(path)}", leaf)
-    run = compiled_flow(
+    program = flow_program(
         loss_fn,
         observe_fn,
-        optimizer=optimizer,
+        params,
+        data,
+        dt=dt,
         num_steps=num_steps,
         record_every=record_every,
+        optimizer=optimizer,
         in_axes=in_axes,
     )
-    result = run(params, data, float(dt))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        check_finite(f"params{jax.tree_util.keystr(path)}", leaf)
+    result = program.fn(*program.args)
     if check:
         raise_on_nonfinite(result.first_nonfinite_step, dt=dt)
     return result._replace(t=_host_time(dt, num_steps, record_every))
@@ -360,24 +416,75 @@ def integrate_model(
       >>> [float(x) for x in res.observables]  # h <- h - dt * 2h
       [1.0, 0.5]
     """
+    graphdef, rest, flow = _model_flow(model, loss_fn, observe_fn, data, in_axes)
+    result = integrate(
+        *flow[:4],
+        dt=dt,
+        num_steps=num_steps,
+        record_every=record_every,
+        optimizer=optimizer,
+        in_axes=flow.in_axes,
+        check=check,
+    )
+    return result._replace(final=nnx.merge(graphdef, result.final, rest))
+
+
+class _ModelFlow(NamedTuple):
+    loss_fn: Any
+    observe_fn: Any
+    params: Any
+    data: Any
+    in_axes: Any
+
+
+def _model_flow(model, loss_fn, observe_fn, data, in_axes) -> tuple[Any, Any, _ModelFlow]:
+    """``(graphdef, rest, flow)``: :func:`integrate`'s inputs for a flow of ``model``'s params."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     axes = None
     if in_axes is not None:
         model_axis, data_axis = in_axes
         axes = (model_axis, (model_axis, data_axis))
-    result = integrate(
-        _OnModel(graphdef, loss_fn),
-        _OnModel(graphdef, observe_fn),
-        params,
-        (rest, data),
+    flow = _ModelFlow(
+        _OnModel(graphdef, loss_fn), _OnModel(graphdef, observe_fn), params, (rest, data), axes
+    )
+    return graphdef, rest, flow
+
+
+def model_flow_program(
+    model: nnx.Module,
+    loss_fn: Callable[[Any, Any], jax.Array],
+    observe_fn: Callable[[Any, Any], Any],
+    data: Any = None,
+    *,
+    dt: float,
+    num_steps: int,
+    record_every: int = 1,
+    optimizer: str = "sgd",
+    in_axes: Any = None,
+) -> Program:
+    """Return the :class:`Program` :func:`integrate_model` runs with the same arguments.
+
+    ``model`` may be abstract (``nnx.eval_shape``) and ``data`` hold ``jax.ShapeDtypeStruct``
+    leaves: nothing is validated or computed.
+
+    Example:
+      >>> from sims.models import UnconstrainedFeatures
+      >>> m = nnx.eval_shape(lambda: UnconstrainedFeatures(1000, 64, 8, rngs=nnx.Rngs(0)))
+      >>> p = model_flow_program(m, lambda m, _: jnp.sum(m.hidden[...] ** 2),
+      ...                        lambda m, _: m.hidden[...][0, 0], dt=0.1, num_steps=3)
+      >>> # float32 W [1000, 64] and h [8, 64]: 4 * (1000 + 8) * 64 bytes, and dt (float64: 8)
+      >>> p.fn.lower(*p.args).compile().memory_analysis().argument_size_in_bytes
+      258056
+    """
+    flow = _model_flow(model, loss_fn, observe_fn, data, in_axes)[2]
+    return flow_program(
+        *flow[:4],
         dt=dt,
         num_steps=num_steps,
         record_every=record_every,
         optimizer=optimizer,
-        in_axes=axes,
-        check=check,
+        in_axes=flow.in_axes,
     )
-    return result._replace(final=nnx.merge(graphdef, result.final, rest))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,6 +624,36 @@ def preference_flow(
     )
 
 
+def preference_flow_program(
+    model: nnx.Module,
+    pairs: Any,
+    loss: PairLoss,
+    *,
+    dt: float,
+    num_steps: int,
+    record_every: int = 1,
+    optimizer: str = "sgd",
+    observe: Callable[[nnx.Module, Any], Any] = default_record,
+    in_axes: tuple[int | None, int | None] | None = None,
+) -> Program:
+    """Return the :class:`Program` :func:`preference_flow` runs with the same arguments.
+
+    ``model`` may be abstract (``nnx.eval_shape``) and ``pairs`` hold ``jax.ShapeDtypeStruct``
+    fields; ``pairs`` is not validated (its ids are not known).
+    """
+    return model_flow_program(
+        model,
+        PairObjective(loss),
+        observe,
+        pairs,
+        dt=dt,
+        num_steps=num_steps,
+        record_every=record_every,
+        optimizer=optimizer,
+        in_axes=in_axes,
+    )
+
+
 def stack_models(models: list[nnx.Module]) -> nnx.Module:
     """Return one module whose arrays stack ``models``' arrays on a leading run axis ``R``.
 
@@ -584,6 +721,30 @@ def sft_flow(
     check_token_ids("prompt", prompt, model.num_prefixes)
     check_token_ids("label", label, model.vocab_size)
     return integrate_model(
+        model,
+        _sft_loss,
+        _label_logprobs,
+        SFTData(prompt, label),
+        dt=dt,
+        num_steps=num_steps,
+        record_every=record_every,
+        optimizer=optimizer,
+    )
+
+
+def sft_flow_program(
+    model: nnx.Module,
+    prompt: Any,
+    label: Any,
+    *,
+    dt: float,
+    num_steps: int,
+    record_every: int = 1,
+    optimizer: str = "sgd",
+) -> Program:
+    """Return the :class:`Program` :func:`sft_flow` runs (``prompt``, ``label``: ``[N]`` ids or
+    ``jax.ShapeDtypeStruct``; not validated)."""
+    return model_flow_program(
         model,
         _sft_loss,
         _label_logprobs,

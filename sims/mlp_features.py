@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import FlowResult, integrate_model
+from sims.flow import FlowResult, Program, integrate_model, model_flow_program
 from sims.models import PreferenceRecord, softmax_logprobs
 from theory.checks import (
     check_distinct,
@@ -361,6 +361,30 @@ def feature_sft_flow(
     check_ndim("features", features, 2, "[N, f]")
     _check_features(model, features, ("label", label))
     return integrate_model(
+        model,
+        _sft_loss,
+        label_logprobs,
+        FeatureSFTData(features, label),
+        dt=dt,
+        num_steps=num_steps,
+        record_every=record_every,
+        optimizer=optimizer,
+    )
+
+
+def feature_sft_flow_program(
+    model: ScaledMLPFeatures,
+    features: Any,
+    label: Any,
+    *,
+    dt: float,
+    num_steps: int,
+    record_every: int = 1,
+    optimizer: str = "sgd",
+) -> Program:
+    """Return the :class:`~sims.flow.Program` :func:`feature_sft_flow` runs (``features``
+    ``[N, f]``, ``label`` ``[N]``: arrays or ``jax.ShapeDtypeStruct``; not validated)."""
+    return model_flow_program(
         model,
         _sft_loss,
         label_logprobs,

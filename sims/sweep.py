@@ -72,6 +72,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sims import _sweep_store as store
+from sims.flow import Program
 from theory.checks import check_positive_int
 
 RUN_AXIS = "runs"  # the mesh axis the runs are split over
@@ -143,8 +144,14 @@ def _pad_runs(inputs, size: int):
     )
 
 
-def _mapped(run_fn, mesh, batch_size):
-    """Return the jitted, sharded map ``[R, ...] -> [R, ...]`` of ``run_fn`` (R: mesh multiple)."""
+def sharded_program(
+    run_fn: Callable[[Any], Any], mesh: jax.sharding.Mesh, batch_size: int | None
+) -> Callable[[Any], Any]:
+    """Return the jitted, sharded map ``[R, ...] -> [R, ...]`` of ``run_fn`` (R: mesh multiple).
+
+    The compiled core of :func:`sweep` and :func:`sharded_runner`; inputs are placed on ``mesh``
+    split along the run axis. See :func:`chunk_program` for its arguments in a sweep.
+    """
 
     def local(block):
         return jax.lax.map(run_fn, block, batch_size=batch_size)
@@ -154,6 +161,46 @@ def _mapped(run_fn, mesh, batch_size):
     # integrator's scan carries an unsharded step counter); no collective is used, so no check
     # of "varying across devices" types is needed
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+
+
+def chunk_program(
+    run_fn: Callable[[Any], Any],
+    inputs: Any,
+    *,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Program:
+    """Return the :class:`~sims.flow.Program` :func:`sweep` runs on each chunk of ``inputs``.
+
+    Its argument is one chunk, padded to a multiple of the device count as :func:`sweep` pads it,
+    as ``jax.ShapeDtypeStruct`` leaves split over ``mesh`` along the run axis: lowering and
+    compiling it checks the sharded program and sizes its memory without running anything.
+    ``inputs`` (arrays or ``jax.ShapeDtypeStruct``, leading run axis ``R``) and the keywords are
+    those of :func:`sweep`.
+
+    Example:
+      >>> p = chunk_program(lambda x: x**2, jnp.zeros(10), chunk_size=3, mesh=run_mesh(2))
+      >>> p.args[0].shape  # a chunk of 3 runs padded to a multiple of 2 devices
+      (4,)
+      >>> p.fn.lower(*p.args).compile().output_shardings.spec
+      P('runs',)
+    """
+    R = _num_runs(inputs)
+    chunk_size = R if chunk_size is None else chunk_size
+    check_positive_int("chunk_size", chunk_size)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
+    mesh = run_mesh() if mesh is None else mesh
+    n = mesh.devices.size
+    sharding = jax.NamedSharding(mesh, jax.P(RUN_AXIS))
+    chunk = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(
+            (-(-chunk_size // n) * n, *np.shape(a)[1:]), a.dtype, sharding=sharding
+        ),
+        inputs,
+    )
+    return Program(sharded_program(run_fn, mesh, batch_size), (chunk,), {})
 
 
 def _place(inputs, mesh):
@@ -188,7 +235,7 @@ def sharded_runner(
     if batch_size is not None:
         check_positive_int("batch_size", batch_size)
     mesh = run_mesh() if mesh is None else mesh
-    mapped = _mapped(run_fn, mesh, batch_size)
+    mapped = sharded_program(run_fn, mesh, batch_size)
     n = mesh.devices.size
 
     def call(inputs):
@@ -294,7 +341,7 @@ def sweep(
     )
     out_tree = jax.tree_util.tree_structure(out_shape)
     out_leaves = jax.tree_util.tree_leaves(out_shape)
-    mapped = _mapped(run_fn, mesh, batch_size)
+    mapped = sharded_program(run_fn, mesh, batch_size)
     writer = jax.process_index() == 0
     folder = None if out_dir is None else Path(out_dir)
 

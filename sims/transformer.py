@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
+from sims.flow import Program
 from theory.checks import check_positive, check_positive_int, check_token_ids
 
 
@@ -278,15 +279,46 @@ def pretrain(
     Minibatch ``s`` is drawn (with replacement) from ``jax.random.fold_in(key, s)``. The input
     model is not modified.
     """
+    program = pretrain_program(
+        model,
+        key,
+        jnp.asarray(tokens),
+        jnp.asarray(length),
+        lr=lr,
+        num_steps=num_steps,
+        batch_size=batch_size,
+    )
+    state, losses = program.fn(*program.args, **program.kwargs)
+    return nnx.merge(program.args[0], state), losses
+
+
+def pretrain_program(
+    model: CausalTransformer,
+    key: jax.Array,
+    tokens,
+    length,
+    *,
+    lr: float,
+    num_steps: int,
+    batch_size: int,
+) -> Program:
+    """Return the :class:`~sims.flow.Program` :func:`pretrain` runs with the same arguments.
+
+    ``model`` may be abstract (``nnx.eval_shape``), ``key``, ``tokens`` and ``length``
+    ``jax.ShapeDtypeStruct``; only ``lr``, ``num_steps`` and ``batch_size`` are checked.
+
+    Raises:
+      ValueError: ``lr <= 0``, ``num_steps`` or ``batch_size`` not a positive integer.
+    """
     check_positive("lr", lr)
     check_positive_int("num_steps", num_steps)
     check_positive_int("batch_size", batch_size)
     graphdef, state = nnx.split(model)
-    tokens, length = jnp.asarray(tokens), jnp.asarray(length)
-    state, losses = _pretrain_scan(
-        graphdef, state, key, tokens, length, lr, num_steps=num_steps, batch_size=batch_size
+    return Program(
+        _pretrain_scan,
+        (graphdef, state, key, tokens, length, lr),
+        {"num_steps": num_steps, "batch_size": batch_size},
     )
-    return nnx.merge(graphdef, state), losses
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "batch_size"))

