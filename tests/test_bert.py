@@ -481,6 +481,7 @@ def test_preference_flow_masked_lm_first_step_matches_autodiff_of_dpo():
         )
 
 
+@pytest.mark.slow  # 10 s; stacked runs of the shared flow layer are tested fast in test_flow.py
 def test_preference_flow_masked_lm_stacked_runs_match_single_runs():
     model = BertEncoder(TINY, rngs=nnx.Rngs(7), dtype=jnp.float64)
     rng = np.random.default_rng(13)

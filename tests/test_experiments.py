@@ -111,15 +111,20 @@ def test_keys_cover_every_experiment():
 SMOKED_ELSEWHERE = {"bench"}
 
 
-#: Smoke runs over 20 s on the 2-core machine; their library parts are tested in the default
-#: selection (test_bert.py, test_kernel.py, test_sims_kernel.py, test_flow.py,
-#: test_transformer.py), and CI runs them with -m slow.
+#: Smoke runs over 6 s on the 2-core machine; their library parts are tested in the default
+#: selection (test_bert.py, test_kernel.py, test_sims_kernel.py, test_flow.py, test_transformer.py,
+#: test_dpop*.py, test_mlp_features.py, test_multi_token.py), and CI runs them with -m slow.
 SLOW_SMOKE = {
     "minilm_encoder_no_over_never",
     "kernel_theorem_check",
     "compile_once",
     "transformer_unalignment",
     "accelerator_check",
+    "transformer_no_over_never",
+    "dpop_edit_distance",
+    "learned_features_no_over_never",
+    "transformer_ches",
+    "multi_sample_effects",
 }
 
 

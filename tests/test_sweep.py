@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 from sims import _sweep_store as store
 from sims.sweep import run_mesh, sharded_map, stack_runs, sweep
@@ -74,17 +75,22 @@ def test_sweep_on_8_devices_equals_unsharded_vmap():
         assert res.status.tolist() == ["ok"] * 20
 
 
+def _jaxpr_with_a_fresh_check():
+    def run_fn(x):  # a new function: tracing it draws a new checkify error code
+        checkify.debug_check(x > 0, "x must be > 0")
+        return 2.0 * x
+
+    return jax.make_jaxpr(run_fn)(1.0)
+
+
 def test_fingerprint_ignores_checkify_error_codes_drawn_by_earlier_traces():
     # every traced checkify check (theory.checks.poison) draws the next code of a process-wide
     # counter: the same run_fn must fingerprint the same whatever was traced before it
-    one = jax.tree_util.tree_map(lambda a: a[0], job.inputs())
-    first = jax.make_jaxpr(job.run_fn)(one)
-    jax.clear_caches()  # so that the next trace draws new codes
-    again = jax.make_jaxpr(job.run_fn)(one)
+    first, again = _jaxpr_with_a_fresh_check(), _jaxpr_with_a_fresh_check()
     assert str(first) != str(again)  # the codes did change (else this test checks nothing)
     assert store.jaxpr_sha256(first) == store.jaxpr_sha256(again)
-    edited = jax.make_jaxpr(lambda x: job.run_fn({**x, "beta": 2 * x["beta"]}))(one)
-    assert store.jaxpr_sha256(edited) != store.jaxpr_sha256(first)
+    edited = jax.make_jaxpr(lambda x: 3.0 * x)(1.0)
+    assert store.jaxpr_sha256(edited) != store.jaxpr_sha256(jax.make_jaxpr(lambda x: 2.0 * x)(1.0))
 
 
 @pytest.fixture(scope="module")
