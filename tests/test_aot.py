@@ -162,6 +162,7 @@ def test_scale_config_compiles_ahead_of_time_on_cpu(name):
         assert row["peak_bytes"] >= row["argument_bytes"] > 0, row["name"]
 
 
+@pytest.mark.slow
 def test_scale_run_prints_its_memory_estimate_before_it_starts(capsys, tmp_path):
     module = _module("displacement_phase_diagram")  # its --scale programs compile in seconds
     printed_before_run = []

@@ -186,6 +186,7 @@ def test_load_bert_strips_bert_prefix_of_masked_lm_checkpoint(tmp_path):
     assert rel <= RTOL_F64
 
 
+@pytest.mark.slow  # 5-6 s; CI runs it (the DPO first-step check stays in the default run)
 def test_mask_logprobs_gradient_is_sum_of_input_and_readout_paths():
     rng = np.random.default_rng(4)
     B, num_seeds = 6, 5
@@ -406,6 +407,7 @@ def _numpy_mask_logprobs(model, prompts) -> np.ndarray:
     return np.stack(rows)
 
 
+@pytest.mark.slow  # 5-6 s; CI runs it (the DPO first-step check stays in the default run)
 def test_masked_lm_pairs_logprobs_match_unpadded_numpy_readout():
     rng = np.random.default_rng(11)
     for seed in range(2):
@@ -520,6 +522,7 @@ def test_masked_lm_pairs_validate_rejects_bad_input():
         )
 
 
+@pytest.mark.slow  # 5-6 s; CI runs it (the DPO first-step check stays in the default run)
 def test_masked_lm_nll_matches_numpy_and_sft_lowers_it():
     model = BertEncoder(TINY, rngs=nnx.Rngs(2), dtype=jnp.float64)
     prompts, label, _ = _masked_batch(np.random.default_rng(14), 4)

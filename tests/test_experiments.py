@@ -113,7 +113,8 @@ SMOKED_ELSEWHERE = {"bench"}
 
 #: Smoke runs over 6 s on the 2-core machine; their library parts are tested in the default
 #: selection (test_bert.py, test_kernel.py, test_sims_kernel.py, test_flow.py, test_transformer.py,
-#: test_dpop*.py, test_mlp_features.py, test_multi_token.py), and CI runs them with -m slow.
+#: test_dpop*.py, test_mlp_features.py, test_multi_token.py, test_checkpoints.py), and CI runs
+#: them with -m slow.
 SLOW_SMOKE = {
     "minilm_encoder_no_over_never",
     "kernel_theorem_check",
@@ -125,6 +126,8 @@ SLOW_SMOKE = {
     "learned_features_no_over_never",
     "transformer_ches",
     "multi_sample_effects",
+    "persona_no_over_never",
+    "ches_real",
 }
 
 

@@ -100,8 +100,15 @@ def _closed_and_autodiff(loss, V, d, keys):
     return jax.vmap(one)(keys)
 
 
-@pytest.mark.parametrize("loss_name", sorted(LOSS_CASES))
-@pytest.mark.parametrize("V,d", SHAPES)
+@pytest.mark.parametrize(
+    ("loss_name", "V", "d"),
+    [
+        # the largest shape for DPO only in the default selection; every loss on it with -m slow
+        pytest.param(n, V, d, marks=[pytest.mark.slow] * ((V, d) == SHAPES[-1] and n != "dpo"))
+        for V, d in SHAPES
+        for n in sorted(LOSS_CASES)
+    ],
+)
 def test_logprob_velocity_matches_autodiff(loss_name, V, d):
     loss = LOSS_CASES[loss_name]
     n = 80  # per (loss, shape); 5 losses x 3 shapes x 80 = 1200 instances
