@@ -59,13 +59,9 @@ class PretrainConfig(ExperimentConfig):
             )
 
 
-def pretrain(config, *, refusal_prob: float = 0.8) -> tuple[CausalTransformer, np.ndarray]:
-    """Return ``(model, losses)`` of :func:`pretrained_model` for ``config``.
-
-    ``config`` is a :class:`PretrainConfig` subclass with a ``seed`` field.
-    """
-    return pretrained_model(
-        config.seed,
+def _pretrain_settings(config, refusal_prob: float) -> dict:
+    """The keyword arguments of :func:`pretrained_model` (and its program) for ``config``."""
+    return dict(
         d_model=config.d_model,
         num_layers=config.num_layers,
         num_heads=config.num_heads,
@@ -76,6 +72,14 @@ def pretrain(config, *, refusal_prob: float = 0.8) -> tuple[CausalTransformer, n
         num_steps=config.pretrain_steps,
         batch_size=config.batch_size,
     )
+
+
+def pretrain(config, *, refusal_prob: float = 0.8) -> tuple[CausalTransformer, np.ndarray]:
+    """Return ``(model, losses)`` of :func:`pretrained_model` for ``config``.
+
+    ``config`` is a :class:`PretrainConfig` subclass with a ``seed`` field.
+    """
+    return pretrained_model(config.seed, **_pretrain_settings(config, refusal_prob))
 
 
 def pretrained_model(
@@ -172,18 +176,7 @@ def initial_model(config) -> CausalTransformer:
 
 def pretrain_aot(config, *, refusal_prob: float = 0.8) -> AotProgram:
     """The pre-training program of :func:`pretrain` for ``config``, from shapes."""
-    return pretrained_model_program(
-        config.seed,
-        d_model=config.d_model,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        tied=config.tied,
-        copies=config.copies,
-        refusal_prob=refusal_prob,
-        lr=config.pretrain_lr,
-        num_steps=config.pretrain_steps,
-        batch_size=config.batch_size,
-    )
+    return pretrained_model_program(config.seed, **_pretrain_settings(config, refusal_prob))
 
 
 def response_batch(tokens, prompt_len: int) -> TokenBatch:

@@ -86,8 +86,9 @@ NEEDS_MINILM = {
     "minilm_encoder_no_over_never",
 }
 
-#: Experiments whose JSON holds wall-clock timings: not deterministic, compared without them.
-TIMED = {"bench", "compile_once"}
+#: Experiments whose JSON holds wall-clock timings: not deterministic, left out of the same-seed
+#: comparison (their smoke runs and tests/test_bench.py, tests/test_aot.py check them).
+TIMED = {"bench", "compile_once", "accelerator_check"}
 
 
 def _non_finite(obj, path="$"):
