@@ -137,6 +137,7 @@ def _fail() -> dict:
     raise ValueError("stage broke")
 
 
+@pytest.mark.slow  # three spawned processes, 4 s
 def test_child_stage_ok_failed_and_timed_out():
     ok = acc.in_child(_sleep, 60.0, seconds=0.0)
     assert ok["status"] == "ok" and ok["result"] == {"slept": 0.0}

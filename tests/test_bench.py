@@ -28,6 +28,7 @@ def _numbers(tree):
         yield tree
 
 
+@pytest.mark.slow  # 7 s; CI runs it
 def test_bench_smoke_run_with_and_without_torch(monkeypatch):
     config = bench.Config.smoke()
     results = bench.run(config)
