@@ -72,14 +72,16 @@ def _ell_prime(loss, W, h, y_pos, y_neg, ref):
 
 
 def _scale(W, h, y_pos, y_neg, ell_prime):
-    """Sum of absolute values of the terms entering the closed form."""
-    t = displacement_terms(W, h, y_pos, y_neg)
+    """|l'| times the sizes of the inner products entering the closed form (|h|^2, the largest
+    |<W_z, W+ - W->|, |W+|^2, |W-|^2, |<W+, W->|), computed here from W and h: the tolerance does
+    not come from theory.single_token."""
+    w_pos, w_neg = W[y_pos], W[y_neg]
     size = (
-        t.hidden_norm_sq
-        + jnp.max(jnp.abs(t.token_alignment))
-        + W[y_pos] @ W[y_pos]
-        + W[y_neg] @ W[y_neg]
-        + jnp.abs(t.unembedding_alignment)
+        h @ h
+        + jnp.max(jnp.abs(W @ (w_pos - w_neg)))
+        + w_pos @ w_pos
+        + w_neg @ w_neg
+        + jnp.abs(w_pos @ w_neg)
     )
     return jnp.abs(ell_prime) * size
 
