@@ -412,6 +412,14 @@ def parse_config(
     Raises:
       SystemExit: unreadable or invalid values (message names the flag), unknown flags.
     """
+    config, out_dir, _ = _parse(config_cls, argv, prog)
+    return config, out_dir
+
+
+def _parse(
+    config_cls: type, argv: Sequence[str] | None, prog: str | None
+) -> tuple[Any, Path, bool]:
+    """:func:`parse_config`, and whether ``--scale`` was given."""
     args = build_parser(config_cls, prog).parse_args(argv)
     scale = getattr(args, "scale", False)
     if args.smoke and scale:
@@ -425,7 +433,7 @@ def parse_config(
             raw = getattr(args, f.name)
             if raw is not None:
                 overrides[f.name] = _convert(raw, getattr(config, f.name), f.name)
-        return dataclasses.replace(config, **overrides), Path(args.out)
+        return dataclasses.replace(config, **overrides), Path(args.out), scale
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -455,12 +463,12 @@ def experiment_main(
     summary: Callable[[dict], str] | None = None,
 ) -> dict:
     """Parse flags, check the output folder, run, plot, save PNG + JSON, print paths and numbers."""
-    config, out_dir = parse_config(config_cls, argv, prog=f"python -m experiments.{name}")
+    config, out_dir, scale = _parse(config_cls, argv, f"python -m experiments.{name}")
     try:
         out_dir = prepare_out_dir(out_dir)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
-    if getattr(build_parser(config_cls).parse_known_args(argv)[0], "scale", False):
+    if scale:
         print_memory_estimate(name, config)
     start = time.perf_counter()
     progress(f"[{name}] running with {config}")

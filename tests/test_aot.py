@@ -20,10 +20,10 @@ from experiments import EXPERIMENTS, EXTRA
 from experiments import _accelerator as acc
 from experiments._aot import (
     AotProgram,
+    _Recorder,
     compile_programs,
     describe,
     estimate_memory,
-    recording,
     sds,
     signature,
     unmatched,
@@ -93,22 +93,16 @@ def test_failed_compile_is_named_or_recorded():
 
 def test_unmatched_names_programs_whose_shapes_the_run_never_called():
     x, y = jnp.ones(5), jnp.ones((2, 2))
-    with recording() as calls:
-        recorded = _recorded(_double_and_sum, calls)
-        recorded(x, y)
-        same = AotProgram("same", recorded, (sds((5,), x.dtype), sds((2, 2), y.dtype)), {})
-        other = AotProgram("other", recorded, (sds((6,), x.dtype), sds((2, 2), y.dtype)), {})
-        batched = AotProgram(
-            "batched", recorded, (sds((9, 5), x.dtype), sds((2, 2), y.dtype)), {}, in_axes=(0, None)
-        )
+    calls: list = []  # what experiments._aot.recording collects, here from one recorder
+    recorded = _Recorder(_double_and_sum, ("jit", id(_double_and_sum)), calls)
+    recorded(x, y)
+    same = AotProgram("same", recorded, (sds((5,), x.dtype), sds((2, 2), y.dtype)), {})
+    other = AotProgram("other", recorded, (sds((6,), x.dtype), sds((2, 2), y.dtype)), {})
+    batched = AotProgram(
+        "batched", recorded, (sds((9, 5), x.dtype), sds((2, 2), y.dtype)), {}, in_axes=(0, None)
+    )
     assert unmatched([same, other, batched], calls) == ["other"]
     assert signature((x, 3), {}) != signature((x, 3.0), {})  # Python scalar types count
-
-
-def _recorded(fn, calls):
-    from experiments._aot import _Recorder
-
-    return _Recorder(fn, ("jit", id(fn)), calls)
 
 
 def test_describe_reports_peak_and_failures():
