@@ -26,6 +26,7 @@ from sims.checkpoints import (  # noqa: E402
     shard_model,
 )
 from sims.decoder import DecoderConfig, DecoderLM  # noqa: E402
+from sims.errors import InputError  # noqa: E402
 from sims.tokenization import (  # noqa: E402
     chat_template,
     format_prompt,
@@ -281,8 +282,11 @@ def test_load_causal_lm_rejects_missing_and_unexpected_tensors(tmp_path):
     _rewrite_config(tmp_path, lambda c: c.update(attention_bias=False, num_hidden_layers=1))
     with pytest.raises(ValueError, match="unexpected tensors"):
         load_causal_lm(tmp_path)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(InputError, match="nowhere: not found"):
         load_causal_lm(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"empty/config\.json: not found"):
+        load_causal_lm(tmp_path / "empty")
 
 
 def test_response_logprobs_on_loaded_model_match_transformers(tmp_path):
@@ -313,9 +317,9 @@ def test_shard_model_keeps_logits_on_8_devices(tmp_path):
     tokens = jnp.asarray(_tokens(vocab=64))
     ref = np.asarray(_forward(plain, tokens))
     for sharded in (shard_model(plain, mesh), load_causal_lm(tmp_path, mesh=mesh)):
-        w = sharded.layers[0].mlp.up_proj.weight[...]  # [48, 32]: split 8 ways on its rows
-        assert w.sharding.spec == jax.P(("fsdp",), None)
-        assert len(w.addressable_shards) == 8 and w.addressable_shards[0].data.shape == (6, 32)
+        w = sharded.layers.mlp.up_proj.weight[...]  # [2 layers, 48, 32]: rows split 8 ways
+        assert w.sharding.spec == jax.P(None, ("fsdp",), None)
+        assert len(w.addressable_shards) == 8 and w.addressable_shards[0].data.shape == (2, 6, 32)
         out = np.asarray(_forward(sharded, tokens))
         np.testing.assert_allclose(out, ref, rtol=RTOL, atol=RTOL * np.max(np.abs(ref)))
     _assert_parity(tmp_path, model, tokens=np.asarray(tokens), mesh=mesh)
