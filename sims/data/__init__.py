@@ -2,7 +2,8 @@
 transformer experiments (``corpus``), synthetic multi-token preferences (``synthetic``), MiniLM's
 real token embeddings (``real_embeddings``), and the written prompts of the refusal experiment
 with their train/test split (``prompts``: benign instructions, SORRY-Bench-style unsafe
-requests)."""
+requests). The hand-labelled replies that check the refusal judge are read module-qualified as
+``sims.data.refusal_labels.DEV`` / ``.HELD_OUT`` (names too generic to export here)."""
 
 from sims.data.corpus import is_refusal, pack, pretraining_corpus
 from sims.data.prompts import (
