@@ -198,7 +198,8 @@ def test_refusal_labels_shape():
 def _agreement_message(result):
     lines = [f"{m['label']!s:5} {m['evidence']} | {m['response'][:80]!r}" for m in
              result["misclassified"]]  # fmt: skip
-    return f"accuracy {result['accuracy']:.3f} ({result}):\n" + "\n".join(lines)
+    counts = ", ".join(f"{k} {result[k]}" for k in ("n", "tp", "fp", "tn", "fn"))
+    return f"accuracy {result['accuracy']:.3f} ({counts}); misclassified:\n" + "\n".join(lines)
 
 
 def test_judge_agreement_on_dev():
@@ -206,6 +207,9 @@ def test_judge_agreement_on_dev():
     assert result["accuracy"] >= MIN_AGREEMENT, _agreement_message(result)
 
 
+# Scored once after the rules were fixed (commit 5941de5): 0.769 (30/39; tp 11, fp 1, tn 19,
+# fn 8), below MIN_AGREEMENT. Left failing on purpose: neither labels nor rules are tuned on
+# HELD_OUT; a revised judge needs a fresh held-out set.
 def test_judge_agreement_on_held_out():
     result = judge_agreement(HELD_OUT)
     assert result["accuracy"] >= MIN_AGREEMENT, _agreement_message(result)
