@@ -22,7 +22,11 @@ Modules:
 * ``decoder`` (``DecoderLM``: Llama / Qwen2 / Gemma / OLMo in NNX) and ``checkpoints`` (Hugging
   Face folders: ``load_causal_lm``, ``save_causal_lm``, ``shard_model``), ``tokenization``
   (``tokenizer.json``, chat templates), ``audit`` (per-pair displacement audit);
-* ``data`` -- generators: ``vocab``, ``corpus``, ``synthetic``, ``real_embeddings``.
+* ``refusal`` (rule-based refusal judge for chat replies: ``refusal.is_refusal``,
+  ``refusal_evidence``, ``judge_agreement``; used module-qualified, since
+  ``sims.data.is_refusal`` is the toy grammar's judge);
+* ``data`` -- generators: ``vocab``, ``corpus``, ``synthetic``, ``real_embeddings``; prompts of
+  the refusal experiment (``prompts``) and hand-labelled replies (``refusal_labels``).
 """
 
 from sims.audit import PairAudit, audit_pairs
