@@ -174,6 +174,7 @@ def gguf_config(reader, *, path: str | Path = "") -> DecoderConfig:
             rope_theta=float(metadata(reader, f"{arch}.rope.freq_base", 10000.0, path=path)),
             rope_type="linear" if scaling == "linear" else "default",
             rope_factor=float(metadata(reader, f"{arch}.rope.scaling.factor", 1.0, path=path)),
+            rope_original_max_len=sizes["max_position_embeddings"],
             rope_freq_factors=factors,
         )
     except (ValueError, TypeError) as err:
