@@ -118,7 +118,7 @@ def sft(model0, data: Data, config: Any):
         res = feature_sft_flow(
             model0, data.features, data.labels, dt=lr, num_steps=config.sft_steps,
             record_every=config.sft_steps, optimizer="rmsprop_torch",
-        )  # fmt: skip
+        ).run()  # fmt: skip
         finals[lr] = res
         return float(np.mean(np.exp(np.asarray(res.observables)[-1])))
 

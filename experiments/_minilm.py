@@ -296,7 +296,7 @@ def prepare(config, agree: Sequence[str], disagree: Sequence[str]) -> Setup:
         dt=config.sft_lr,
         num_steps=config.sft_steps,
         optimizer="rmsprop_torch",
-    )
+    ).run()
     model, mass = sft.final, np.asarray(sft.observables)  # mass [S + 1, 2n, 2]
     own = np.concatenate([mass[:, :n, 0], mass[:, n:, 1]], axis=1)  # own label set's mass
     progress(
@@ -342,4 +342,4 @@ def preference_runs(config, setup: Setup, loss_name: str, observe=None):
         optimizer="rmsprop_torch",
         observe=observe or mask_probs,
         in_axes=(None, 0),
-    )
+    ).run()

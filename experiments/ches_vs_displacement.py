@@ -99,7 +99,7 @@ def _subset_changes(config: Config, model, pairs, rows: np.ndarray) -> tuple:
         num_steps=config.num_steps,
         record_every=config.num_steps,
         in_axes=(0, 0),
-    )
+    ).run()
     lp = res.observables.logprob_chosen
     change = np.asarray(jnp.mean(lp[:, -1] - lp[:, 0], axis=1))
     return change, np.asarray(res.loss[:, -1] - res.loss[:, 0])

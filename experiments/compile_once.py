@@ -50,21 +50,21 @@ def _flows(steps: int):
     def single(seed):
         m = UnconstrainedFeatures(50, 8, 4, rngs=nnx.Rngs(seed), dtype=jnp.float64)
         pairs = make_pairs(m, jnp.arange(4), jnp.arange(4), jnp.arange(4) + 10)
-        return preference_flow(m, pairs, dpo(), dt=0.1, num_steps=steps).loss
+        return preference_flow(m, pairs, dpo(), dt=0.1, num_steps=steps).run().loss
 
     def sft(seed):
         m = UnconstrainedFeatures(50, 8, 4, rngs=nnx.Rngs(seed), dtype=jnp.float64)
-        return sft_flow(m, jnp.arange(4), jnp.arange(4) + 1, dt=0.1, num_steps=steps).loss
+        return sft_flow(m, jnp.arange(4), jnp.arange(4) + 1, dt=0.1, num_steps=steps).run().loss
 
     def prefix_tree(seed):
         pairs, prefixes = index_prefixes([0, 1], [[1, 2], [3, 4]], [[1, 5], [6]])
         m = UnconstrainedFeatures(10, 4, len(prefixes), rngs=nnx.Rngs(seed), dtype=jnp.float64)
-        return preference_flow(m, with_reference(m, pairs), dpo(), dt=0.1, num_steps=steps).loss
+        return preference_flow(m, with_reference(m, pairs), dpo(), dt=0.1, num_steps=steps).run().loss
 
     def tabular(seed):
         r = jax.random.normal(jax.random.key(seed), (6,))
         policy = TabularPolicy(logits=jnp.zeros(6))
-        return kl_objective_flow(policy, jnp.full(6, 1 / 6), r, beta=1.0, dt=0.1, num_steps=steps)
+        return kl_objective_flow(policy, jnp.full(6, 1 / 6), r, beta=1.0, dt=0.1, num_steps=steps).run()
 
     def logit_model(seed):
         c, r = np.array([1, 2, 3]), np.array([1, 0, 3])
@@ -74,7 +74,7 @@ def _flows(steps: int):
         return edit_pair_flow(
             model, c, r, pre, jnp.array([0.0, 1.0]), beta=0.5, dt=0.1, num_steps=steps,
             record_every=steps,
-        ).loss  # fmt: skip
+        ).run().loss  # fmt: skip
 
     def transformer(seed):
         m = CausalTransformer(
@@ -85,7 +85,7 @@ def _flows(steps: int):
         pairs = make_transformer_pairs(
             m, TokenBatch(tokens[0], *lens), TokenBatch(tokens[1], *lens)
         )
-        return preference_flow(m, pairs, dpo(), dt=0.1, num_steps=steps).loss
+        return preference_flow(m, pairs, dpo(), dt=0.1, num_steps=steps).run().loss
 
     return {
         "preference_flow (single token)": single,

@@ -115,7 +115,7 @@ def run(config: Config) -> dict:
     lams = jnp.asarray(config.lam_factors) * lam_star
     kw = dict(dt=config.dt, num_steps=config.num_steps, record_every=config.record_every)
     results = {
-        name: flow_summary(edit_pair_flow(model, chosen, rejected, pre, lams, **placement, **kw),
+        name: flow_summary(edit_pair_flow(model, chosen, rejected, pre, lams, **placement, **kw).run(),
                            lams)
         for name, model in _models(config, context, pre, len(chosen), k_w).items()
     }  # fmt: skip

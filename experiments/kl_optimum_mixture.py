@@ -221,7 +221,7 @@ def _flow(config: Config) -> dict:
         dt=config.flow_dt,
         num_steps=config.flow_steps,
         record_every=config.flow_record_every,
-    )
+    ).run()
     obs = traj.observables
     return {"t": traj.t, "total_variation": obs.total_variation, "kl": obs.kl}
 

@@ -190,7 +190,7 @@ def _flow(model, pairs, loss, lr, config, observe):
         optimizer="rmsprop_torch",
         observe=observe,
         in_axes=(None, 0) if pairs.chosen.ndim == 2 else None,
-    )
+    ).run()
 
 
 def _calibrate(model, data, loss, config) -> dict:

@@ -92,7 +92,7 @@ def _change(models, datasets, loss, dt: float, steps: int) -> np.ndarray:
         num_steps=steps,
         record_every=steps,
         in_axes=(0, 0),
-    )
+    ).run()
     lp = res.observables.logprob_chosen  # [R, 2, N]
     return np.asarray(lp[:, -1, 0] - lp[:, 0, 0])
 

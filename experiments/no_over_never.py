@@ -120,7 +120,7 @@ def _sft_model(config: Config, geometry: str, seed: int):
         jnp.array(labels),
         dt=config.sft_dt,
         num_steps=config.sft_steps,
-    )
+    ).run()
     return sft.final, tokens
 
 
@@ -137,11 +137,11 @@ def _one_run(config: Config, geometry: str, seed: int) -> dict:
     predicted = logprob_velocity(W0, h0, y_pos, y_neg, ell_prime)
     traj = preference_flow(
         model, pairs, loss, dt=config.dt, num_steps=config.steps, record_every=config.record_every
-    )
+    ).run()
     logprobs = np.asarray(traj.observables.logprobs[:, 0])  # [C + 1, V]
     probs = np.exp(logprobs)
     # instantaneous velocity at t = 0: one Euler step of flow time probe_dt
-    probe = preference_flow(model, pairs, loss, dt=config.probe_dt, num_steps=1)
+    probe = preference_flow(model, pairs, loss, dt=config.probe_dt, num_steps=1).run()
     step = probe.observables.logprobs[1, 0] - probe.observables.logprobs[0, 0]
     instant = np.asarray(step / config.probe_dt)
     n_ckpt = probs.shape[0] - 1

@@ -162,7 +162,7 @@ def run(config: Config, *, workdir=None) -> dict:
             dt=config.sft_lr,
             num_steps=config.sft_steps,
             optimizer="rmsprop_torch",
-        )
+        ).run()
         model, sft_loss = sft.final, np.asarray(sft.loss)
         progress(f"[{NAME}] SFT loss {sft_loss[0]:.3f} -> {sft_loss[-1]:.3f}")
     according = [i for i, (_, _, a) in enumerate(statements) if a]

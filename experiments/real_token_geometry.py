@@ -122,7 +122,7 @@ def _sft(config: Config, W0: jax.Array, ids: dict):
         dt=config.sft_dt,
         num_steps=config.sft_steps,
         optimizer="sgd",
-    )
+    ).run()
 
 
 def _table13(W0: jax.Array, W: jax.Array, ids: dict) -> dict:
@@ -208,7 +208,7 @@ def _preference_rows(config: Config, model, words: list[str], ids: dict) -> dict
                 num_steps=config.num_steps,
                 observe=_prompt_logprobs,
                 in_axes=(None, 0),
-            ).observables
+            ).run().observables
         )  # [3 R, T+1, V]
         ell = margin_derivative(loss, *ref, *ref)  # [3 R]
         v = np.asarray(

@@ -91,7 +91,7 @@ def run(config: Config) -> dict:
         num_steps=config.num_steps,
         record_every=config.num_steps,
         in_axes=(None, 0),
-    )
+    ).run()
     losses, lp = np.asarray(res.loss), np.asarray(res.observables)  # lp [S * Q, 2, n]
     change = (lp[:, -1] - lp[:, 0]).mean(-1).reshape(len(SCORES), len(PERCENTILES))
     rank = {s: float(np.corrcoef(PERCENTILES, -change[i])[0, 1]) for i, s in enumerate(SCORES)}

@@ -122,7 +122,7 @@ def run(config: Config) -> dict:
             num_steps=config.num_steps,
             observe=answer_logprobs,
             in_axes=(None, 0),
-        ).observables
+        ).run().observables
     )  # [R, T+1, V]
     predicted, actual = _velocities_at_start(model, loss, pairs, stacked, chosen, answer_logprobs)
     probs = np.exp(logp)

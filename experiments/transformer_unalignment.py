@@ -167,7 +167,7 @@ def _train(model, pairs, loss, config: Config) -> tuple:
         num_steps=config.num_steps,
         record_every=config.num_steps,
         in_axes=(None, 0),
-    )
+    ).run()
     lp = np.asarray(res.observables)  # [R, 2, N]
     w = np.asarray(pairs.weight)
     return nnx.split(res.final)[1], np.sum(w * (lp[:, -1] - lp[:, 0]), -1) / np.sum(w, -1), lp

@@ -560,6 +560,8 @@ class MaskedLMPairs(NamedTuple):
       rejected: ``[N]`` dispreferred token ids :math:`y^-` (``!= chosen``).
       ref_logprob_chosen: ``[N]`` :math:`\ln\pi_{ref}(y^+|x)`.
       ref_logprob_rejected: ``[N]`` :math:`\ln\pi_{ref}(y^-|x)`.
+      weight: ``[N]`` sample weights, or ``None`` (all 1).
+      weight: ``[N]`` sample weights, or ``None`` (all 1).
     """
 
     tokens: jax.Array
@@ -569,6 +571,7 @@ class MaskedLMPairs(NamedTuple):
     rejected: jax.Array
     ref_logprob_chosen: jax.Array
     ref_logprob_rejected: jax.Array
+    weight: jax.Array | None = None
 
     def logprobs(self, model: BertEncoder) -> tuple[jax.Array, jax.Array]:
         """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""

@@ -229,7 +229,9 @@ def decoder_config_from_hf(cfg: Any, *, where: str = "config.json") -> DecoderCo
         )
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise InputError(f"{where}: rope_type must be one of {ROPE_TYPES}, got rope_type={rope_type!r}")
+        raise InputError(
+            f"{where}: rope_type must be one of {ROPE_TYPES}, got rope_type={rope_type!r}"
+        )
     partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise InputError(f"{where}: partial_rotary_factor must be 1.0, got {partial}")

@@ -1,40 +1,48 @@
-r"""The one gradient-flow integrator: a compiled core, one result type, one failure path.
+r"""The one gradient-flow integrator: a prepared :class:`Flow`, one result type, one failure path.
 
 Gradient flow :math:`\dot\theta = -\nabla L(\theta)` is integrated by an optax optimiser inside
-one ``jax.jit``: ``optimizer="sgd"`` is the explicit Euler step of size ``dt``, so ``n`` steps reach
-``t = n * dt``. ``"rmsprop_torch"`` reproduces ``torch.optim.RMSprop`` defaults (the paper's
+one compiled core: ``optimizer="sgd"`` is the explicit Euler step of size ``dt``, so ``n`` steps
+reach ``t = n * dt``. ``"rmsprop_torch"`` reproduces ``torch.optim.RMSprop`` defaults (the paper's
 optimiser, App. H): ``decay=0.99``, ``eps=1e-8`` added *outside* the square root, zero initial
 scale; its ``t`` is ``n * lr`` but it is not gradient flow. An optimiser is always named by a string
 of :data:`OPTIMIZERS`.
 
+**State each run once.** Every front end (:func:`integrate`, :func:`integrate_model`,
+:func:`preference_flow`, :func:`sft_flow`, ...) returns a prepared :class:`Flow`, as
+``jax.jit(f)`` returns a staged function: ``flow.run()`` validates and executes it and returns a
+:class:`FlowResult`; ``flow.lower()`` / ``flow.compile()`` give the ahead-of-time program it runs
+(``flow.memory()`` its XLA memory analysis) without running it, also on abstract inputs
+(``nnx.eval_shape`` models, ``jax.ShapeDtypeStruct`` data). There is no second description of a
+run's shapes: a memory estimate is the run's own program.
+
+**Compile once.** The compiled core advances a run by one *chunk* of :data:`CHUNK_RECORDS`
+checkpoints, each after a run-time number of steps, and is keyed only by structure: the loss
+family and the observable (hashable objects), the optimiser family, the batching and the chunk
+size. Everything numeric is a run-time argument: ``dt`` (the learning rate), the loss's
+hyperparameters (``beta``, ``tau``, ``lam``, ... through :meth:`theory.losses.BoundLoss.numbers`),
+``num_steps`` and ``record_every``. So a sweep over ``beta``, ``dt`` or the run length compiles
+once per shapes. Long runs print their progress (steps done, steps/s, time left) every
+:data:`PROGRESS_SECONDS`, and a non-finite step stops the run at the end of its chunk.
+
 Layers, from the bottom:
 
-* :func:`flow_fn` -- the pure ``run(params, data, dt) -> FlowResult`` (steps in a ``lax.scan``
-  nested in a scan over checkpoints; every ``record_every`` steps the loss and an observable pytree
-  are recorded, ``t = 0`` included; the first non-finite step is tracked in the carry). jit-, vmap-
-  and shard-friendly: sweeps batch it themselves.
-* :func:`compiled_flow` -- ``jax.jit`` of :func:`flow_fn` (optionally vmapped), cached per
-  (loss, observable, optimiser, schedule, batching): **a second call with the same shapes does not
-  recompile**. ``dt`` is a run-time argument, so changing it does not recompile either. Loss and
-  observable functions must therefore be hashable and stable: module-level functions, or frozen
-  dataclasses such as :class:`PairObjective` (a fresh ``lambda`` per call compiles per call).
-* :func:`integrate` / :func:`integrate_model` -- validate, run the compiled core, and raise
-  ``FloatingPointError`` through :func:`raise_on_nonfinite`, the one failure path of the package.
-* :func:`preference_flow` / :func:`sft_flow` -- front ends. ``preference_flow`` serves every model
-  family: a pairs type (:class:`sims.models.PreferencePairs`,
-  :class:`sims.prefix_tree.PrefixTreePairs`, :class:`sims.transformer.TransformerPairs`) knows
-  how to score itself on its model (``pairs.logprobs(model)``), what to record by default
-  (``pairs.record(model)``) and how to validate itself (``pairs.validate(model)``).
+* :func:`flow_fn` -- the pure ``run(params, data, dt) -> FlowResult`` of a fixed schedule (steps in
+  a ``lax.scan``), for callers that batch or shard whole runs themselves (:mod:`sims.sweep`,
+  :mod:`sims.reduced`, :mod:`sims.lowrank`).
+* :class:`Flow` -- the prepared, chunked, compile-once flow of every front end.
+* :func:`raise_on_nonfinite` -- the one failure path of the package.
 
 Every integrator returns a :class:`FlowResult`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +57,18 @@ from theory.checks import (
     check_positive_int,
     check_token_ids,
 )
-from theory.losses import PairLoss, mean_pair_loss, nll_loss
+from theory.losses import BoundLoss, PairLoss, mean_pair_loss, nll_loss
 
 #: Optimiser names accepted everywhere (``optimizer=...``); see :func:`make_optimizer`.
 OPTIMIZERS = ("sgd", "rmsprop_torch", "adam")
+#: torch.optim.RMSprop defaults (the paper's optimiser, App. H): decay ``alpha`` and ``eps``
+#: (added outside the square root).
+RMSPROP_TORCH = {"decay": 0.99, "eps": 1e-8}
+#: Checkpoints per compiled chunk: a run of any length is a loop of chunks of this many
+#: checkpoints (the last one padded), so ``num_steps`` never recompiles.
+CHUNK_RECORDS = 16
+#: Seconds between progress lines of a long run.
+PROGRESS_SECONDS = 30.0
 
 
 def check_optimizer(optimizer: str) -> None:
@@ -65,11 +81,11 @@ def make_optimizer(name: str, *, dt: float | jax.Array) -> optax.GradientTransfo
     """Return the optax optimiser ``name`` with step size ``dt`` (a float, or traced in a flow).
 
     ``"sgd"`` is explicit Euler for gradient flow; ``"rmsprop_torch"`` matches
-    ``torch.optim.RMSprop(lr=dt)`` (alpha 0.99, eps 1e-8 outside the square root); ``"adam"`` is
-    ``optax.adam(dt)``.
+    ``torch.optim.RMSprop(lr=dt)`` (:data:`RMSPROP_TORCH`: alpha 0.99, eps 1e-8 outside the
+    square root); ``"adam"`` is ``optax.adam(dt)``.
 
     Raises:
-      ValueError: unknown ``name`` or ``dt <= 0``.
+      ValueError: unknown ``name`` or a concrete ``dt <= 0``.
 
     Example:
       >>> tx = make_optimizer("sgd", dt=0.1)
@@ -82,7 +98,7 @@ def make_optimizer(name: str, *, dt: float | jax.Array) -> optax.GradientTransfo
     if name == "sgd":
         return optax.sgd(dt)
     if name == "rmsprop_torch":
-        return optax.rmsprop(dt, decay=0.99, eps=1e-8, eps_in_sqrt=False)
+        return optax.rmsprop(dt, eps_in_sqrt=False, **RMSPROP_TORCH)
     return optax.adam(dt)
 
 
@@ -101,26 +117,10 @@ class FlowResult(NamedTuple):
     """
 
     final: Any
-    t: jax.Array
-    loss: jax.Array
+    t: Any
+    loss: Any
     observables: Any
-    first_nonfinite_step: jax.Array
-
-
-class Program(NamedTuple):
-    """A compiled core and the arguments a front end calls it with: ``fn(*args, **kwargs)``.
-
-    Returned by the ``*_program`` builders (:func:`flow_program`, :func:`model_flow_program`,
-    :func:`preference_flow_program`, :func:`sft_flow_program`,
-    :func:`sims.transformer.pretrain_program`, :func:`sims.sweep.chunk_program`). Their array
-    arguments may be ``jax.ShapeDtypeStruct`` (models from ``nnx.eval_shape``): then
-    ``fn.lower(*args, **kwargs).compile()`` compiles, ahead of time and without allocating, the
-    very program the front end runs, and ``memory_analysis()`` of the result sizes it.
-    """
-
-    fn: Callable[..., Any]
-    args: tuple
-    kwargs: dict
+    first_nonfinite_step: Any
 
 
 def raise_on_nonfinite(
@@ -171,6 +171,33 @@ def _all_finite(tree) -> jax.Array:
 all_finite = jax.jit(_all_finite)
 
 
+def _step_fn(objective, optimizer: str):
+    """One optimiser step ``(carry, data, hyper) -> carry`` of ``objective(params, data, hyper)``,
+    tracking the first non-finite step; shared by :func:`flow_fn` and :class:`Flow`."""
+
+    def step(carry, data, hyper):
+        params, opt_state, k, first_bad = carry
+        tx = make_optimizer(optimizer, dt=hyper["dt"])
+        loss, grads = jax.value_and_grad(objective)(params, data, {**hyper, "step": k})
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        finite = _all_finite(params) & jnp.isfinite(loss)
+        first_bad = jnp.where((first_bad < 0) & ~finite, k + 1, first_bad)
+        return params, opt_state, k + 1, first_bad
+
+    return step
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoHyper:
+    """``fn(params, data)`` as an objective/observable of ``(params, data, hyper)`` (hashable)."""
+
+    fn: Callable[[Any, Any], Any]
+
+    def __call__(self, params, data, hyper=None):
+        return self.fn(params, data)
+
+
 def flow_fn(
     loss_fn: Callable[[Any, Any], jax.Array],
     observe_fn: Callable[[Any, Any], Any],
@@ -179,12 +206,13 @@ def flow_fn(
     num_steps: int,
     record_every: int,
 ) -> Callable[[Any, Any, Any], FlowResult]:
-    """Return the pure ``run(params, data, dt) -> FlowResult``.
+    """Return the pure ``run(params, data, dt) -> FlowResult`` of a fixed schedule.
 
     ``loss`` and ``observables`` have ``num_steps // record_every + 1`` rows (``t = 0`` first);
     ``first_nonfinite_step`` is the first step (1-based) whose parameters or loss were non-finite,
     or -1. jit-, vmap- and shard-friendly: batch runs by ``jax.vmap`` over ``params``, ``data``
-    and/or ``dt``. Callers validate (see :func:`integrate`).
+    and/or ``dt``. For whole runs that callers batch or shard themselves (sweeps); front ends use
+    :class:`Flow`. Callers validate.
 
     Example:
       >>> run = flow_fn(lambda x, _: 0.5 * x**2, lambda x, _: x, optimizer="sgd", num_steps=2,
@@ -193,23 +221,16 @@ def flow_fn(
       [1.0, 0.5, 0.25]
     """
     check_optimizer(optimizer)
+    step = _step_fn(_NoHyper(loss_fn), optimizer)
 
     def run(params, data, dt):
-        tx = make_optimizer(optimizer, dt=dt)
-
-        def step(carry, _):
-            params, opt_state, k, first_bad = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, data)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            finite = _all_finite(params) & jnp.isfinite(loss)
-            first_bad = jnp.where((first_bad < 0) & ~finite, k + 1, first_bad)
-            return (params, opt_state, k + 1, first_bad), None
+        hyper = {"dt": dt}
 
         def checkpoint(carry, _):
-            carry, _ = jax.lax.scan(step, carry, None, length=record_every)
+            carry = jax.lax.fori_loop(0, record_every, lambda _, c: step(c, data, hyper), carry)
             return carry, (loss_fn(carry[0], data), observe_fn(carry[0], data))
 
+        tx = make_optimizer(optimizer, dt=dt)
         carry0 = (params, tx.init(params), jnp.int32(0), jnp.int32(-1))
         carry, (losses, observables) = jax.lax.scan(
             checkpoint, carry0, None, length=num_steps // record_every
@@ -223,30 +244,6 @@ def flow_fn(
         return FlowResult(carry[0], t, losses, observables, carry[3])
 
     return run
-
-
-@functools.lru_cache(maxsize=256)
-def compiled_flow(
-    loss_fn: Callable[[Any, Any], jax.Array],
-    observe_fn: Callable[[Any, Any], Any],
-    *,
-    optimizer: str,
-    num_steps: int,
-    record_every: int,
-    in_axes: Any = None,
-) -> Callable[[Any, Any, Any], FlowResult]:
-    """Return ``jax.jit`` of :func:`flow_fn`, vmapped over ``in_axes`` of ``(params, data)`` if set.
-
-    Cached: equal arguments give the same compiled function, so a repeat call with the same shapes
-    runs without tracing or compiling. ``loss_fn`` and ``observe_fn`` must be hashable (module-level
-    functions, frozen dataclasses); ``in_axes`` a hashable ``vmap`` spec such as ``(None, 0)``.
-    """
-    run = flow_fn(
-        loss_fn, observe_fn, optimizer=optimizer, num_steps=num_steps, record_every=record_every
-    )
-    if in_axes is not None:
-        run = jax.vmap(run, in_axes=(*in_axes, None))
-    return jax.jit(run)
 
 
 def check_schedule(dt: float, num_steps: int, record_every: int) -> None:
@@ -268,47 +265,269 @@ def check_schedule(dt: float, num_steps: int, record_every: int) -> None:
         )
 
 
-def _host_time(dt: float, num_steps: int, record_every: int) -> jax.Array:
-    return dt * record_every * jnp.arange(num_steps // record_every + 1)
+# --- the prepared flow -------------------------------------------------------------------------
+
+_MEMORY_REPORTS: list[Callable[[str], None]] = []
 
 
-def flow_program(
-    loss_fn: Callable[[Any, Any], jax.Array],
-    observe_fn: Callable[[Any, Any], Any],
-    params: Any,
-    data: Any = None,
-    *,
-    dt: float,
-    num_steps: int,
-    record_every: int = 1,
-    optimizer: str = "sgd",
-    in_axes: Any = None,
-) -> Program:
-    """Return the :class:`Program` :func:`integrate` runs: :func:`compiled_flow` and its arguments.
+@contextlib.contextmanager
+def report_memory(printer: Callable[[str], None] = print) -> Iterator[None]:
+    """Within the block, every :meth:`Flow.run` prints its compiled program's memory first.
 
-    Arguments as :func:`integrate`; ``params`` and ``data`` may hold ``jax.ShapeDtypeStruct``
-    leaves (nothing is computed or checked beyond the schedule and the optimiser's name).
+    ``experiment_main`` wraps ``--scale`` runs in it: the estimate is of the very program each
+    run then executes (XLA's memory analysis of the compiled chunk, before any step runs).
+    """
+    _MEMORY_REPORTS.append(printer)
+    try:
+        yield
+    finally:
+        _MEMORY_REPORTS.pop()
 
-    Raises:
-      ValueError: bad schedule, unknown optimiser.
+
+class MemoryEstimate(NamedTuple):
+    """XLA's memory analysis of a compiled program, in bytes.
+
+    Attributes:
+      arguments: argument buffers (parameters, optimiser state, data).
+      outputs: output buffers not aliased to donated arguments.
+      temporaries: scratch (gradients as produced, activations).
+      peak: ``arguments + outputs + temporaries`` (an upper bound on device memory in use).
+    """
+
+    arguments: int
+    outputs: int
+    temporaries: int
+    peak: int
+
+    def describe(self) -> str:
+        """One line in GiB."""
+        g = 2.0**30
+        return (
+            f"peak {self.peak / g:.2f} GiB (arguments {self.arguments / g:.2f}, temporaries "
+            f"{self.temporaries / g:.2f}, outputs {self.outputs / g:.2f})"
+        )
+
+
+def memory_estimate(compiled: jax.stages.Compiled) -> MemoryEstimate:
+    """Return the :class:`MemoryEstimate` of a compiled program (``jit(f).lower(...).compile()``).
 
     Example:
-      >>> p = flow_program(lambda x, _: 0.5 * jnp.sum(x**2), lambda x, _: x,
-      ...                  jax.ShapeDtypeStruct((3,), jnp.float32), dt=0.1, num_steps=4)
-      >>> p.fn.lower(*p.args).out_info.observables.shape  # 4 / 1 + 1 checkpoints of x [3]
-      (5, 3)
+      >>> c = jax.jit(lambda x: x * 2).lower(jax.ShapeDtypeStruct((256,), jnp.float32)).compile()
+      >>> memory_estimate(c).arguments  # one float32 [256]
+      1024
     """
-    check_schedule(dt, num_steps, record_every)
-    check_optimizer(optimizer)
-    run = compiled_flow(
-        loss_fn,
-        observe_fn,
-        optimizer=optimizer,
-        num_steps=num_steps,
-        record_every=record_every,
-        in_axes=in_axes,
+    mem = compiled.memory_analysis()
+    args, temps = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
+    outs = int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes)
+    return MemoryEstimate(args, outs, temps, args + outs + temps)
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(
+        lambda a: (
+            a
+            if isinstance(a, jax.ShapeDtypeStruct)
+            else jax.ShapeDtypeStruct(
+                np.shape(a), jnp.result_type(a), sharding=getattr(a, "sharding", None)
+            )
+        ),
+        tree,
     )
-    return Program(run, (params, data, float(dt)), {})
+
+
+@functools.lru_cache(maxsize=256)
+def _cores(objective, observe, optimizer: str, in_axes: Any, chunk_records: int):
+    """The jitted ``(init, observe0, chunk)`` of one flow structure (cached: compile once)."""
+    step = _step_fn(objective, optimizer)
+
+    def init(params, data, hyper):
+        tx = make_optimizer(optimizer, dt=hyper["dt"])
+        params = jax.tree_util.tree_map(jnp.copy, params)  # fresh buffers: the chunks donate
+        return params, tx.init(params), jnp.int32(0), jnp.int32(-1)
+
+    def observe0(params, data, hyper):
+        hyper = {**hyper, "step": jnp.int32(0)}
+        return objective(params, data, hyper), observe(params, data, hyper)
+
+    def chunk(carry, data, hyper, steps_per_record, num_records):
+        def record(carry, i):
+            n = jnp.where(i < num_records, steps_per_record, 0)
+            carry = jax.lax.fori_loop(0, n, lambda _, c: step(c, data, hyper), carry)
+            now = {**hyper, "step": carry[2]}
+            out = (objective(carry[0], data, now), observe(carry[0], data, now))
+            return carry, out
+
+        return jax.lax.scan(record, carry, jnp.arange(chunk_records))
+
+    if in_axes is not None:
+        p_axis, d_axis = in_axes
+        init = jax.vmap(init, in_axes=(p_axis, d_axis, None))
+        observe0 = jax.vmap(observe0, in_axes=(p_axis, d_axis, None))
+        chunk = jax.vmap(chunk, in_axes=(0, d_axis, None, None, None))
+    return jax.jit(init), jax.jit(observe0), jax.jit(chunk, donate_argnums=0)
+
+
+class Flow:
+    r"""A prepared gradient flow: its compiled core and its arguments, stated once.
+
+    Built by the front ends (:func:`integrate`, :func:`integrate_model`, :func:`preference_flow`,
+    :func:`sft_flow`, ...); ``run()`` validates and executes it, ``lower()`` / ``compile()`` /
+    ``memory()`` give the ahead-of-time program it executes (also for abstract inputs), as
+    ``jax.jit(f).lower(...)`` does.
+
+    The run: ``init`` (fresh copies of the parameters and the optimiser state), the ``t = 0``
+    observation, then chunks of :data:`CHUNK_RECORDS` checkpoints, each ``record_every`` steps
+    after the last; a chunk's carry is donated (updated in place). ``num_steps``,
+    ``record_every``, ``dt`` and the loss's numeric hyperparameters are run-time values.
+
+    Args:
+      objective: hashable ``(params, data, hyper) -> scalar`` loss (``hyper["loss"]`` holds the
+        run-time hyperparameters, ``hyper["dt"]`` the step size, ``hyper["step"]`` the number of
+        steps taken: a stochastic objective draws its minibatch from it).
+      observe: hashable ``(params, data, hyper) -> pytree`` recorded at every checkpoint.
+      params: pytree of arrays (or ``jax.ShapeDtypeStruct`` for :meth:`lower` only).
+      data: pytree passed to ``objective`` and ``observe``.
+      dt: step size (the learning rate), ``> 0``.
+      num_steps: steps, ``>= 1``; ``record_every`` must divide it.
+      record_every: steps between checkpoints.
+      optimizer: one of :data:`OPTIMIZERS`.
+      loss_numbers: run-time hyperparameters for ``hyper["loss"]`` (a dict of scalars).
+      in_axes: ``None`` (one run) or ``(params_axis, data_axis)`` to vmap a stack of runs.
+      finalize: maps the final parameters to what :attr:`FlowResult.final` holds (e.g. a module).
+      validate: called by :meth:`run` before anything executes (raises ``ValueError``).
+      check: raise on a non-finite run (default); ``False`` returns ``first_nonfinite_step``.
+      what: the name used in progress and error messages.
+      chunk_records: checkpoints per compiled chunk (structure: changing it recompiles).
+
+    Raises:
+      ValueError: bad schedule or optimiser name (when built).
+    """
+
+    def __init__(
+        self,
+        objective: Callable[[Any, Any, Any], jax.Array],
+        observe: Callable[[Any, Any, Any], Any],
+        params: Any,
+        data: Any = None,
+        *,
+        dt: float,
+        num_steps: int,
+        record_every: int = 1,
+        optimizer: str = "sgd",
+        loss_numbers: dict[str, Any] | None = None,
+        in_axes: tuple[int | None, int | None] | None = None,
+        finalize: Callable[[Any], Any] | None = None,
+        validate: Callable[[], None] | None = None,
+        check: bool = True,
+        what: str = "gradient flow",
+        chunk_records: int = CHUNK_RECORDS,
+    ):
+        check_schedule(dt, num_steps, record_every)
+        check_optimizer(optimizer)
+        check_positive_int("chunk_records", chunk_records)
+        self.objective, self.observe = objective, observe
+        self.params, self.data = params, data
+        self.dt, self.num_steps, self.record_every = float(dt), int(num_steps), int(record_every)
+        self.optimizer, self.in_axes, self.chunk_records = optimizer, in_axes, int(chunk_records)
+        self.loss_numbers = dict(loss_numbers or {})
+        self.finalize, self.validate, self.check, self.what = finalize, validate, check, what
+
+    # --- structure and arguments
+
+    @property
+    def num_records(self) -> int:
+        """Checkpoints after ``t = 0``: ``num_steps // record_every``."""
+        return self.num_steps // self.record_every
+
+    def _hyper(self) -> dict[str, Any]:
+        dtype = jnp.result_type(float)
+        return {
+            "dt": jnp.asarray(self.dt, dtype),
+            "loss": {k: jnp.asarray(v, dtype) for k, v in self.loss_numbers.items()},
+        }
+
+    def _cores(self):
+        return _cores(
+            self.objective, self.observe, self.optimizer, self.in_axes, self.chunk_records
+        )
+
+    # --- ahead of time
+
+    def lower(self) -> jax.stages.Lowered:
+        """Return the lowered chunk program (abstract arguments; nothing is computed)."""
+        init, _, chunk = self._cores()
+        hyper = self._hyper()
+        carry = jax.eval_shape(init, _abstract(self.params), _abstract(self.data), hyper)
+        n = jax.ShapeDtypeStruct((), jnp.int32)
+        return chunk.lower(carry, _abstract(self.data), _abstract(hyper), n, n)
+
+    def compile(self) -> jax.stages.Compiled:
+        """Return the compiled chunk program :meth:`run` executes."""
+        return self.lower().compile()
+
+    def memory(self) -> MemoryEstimate:
+        """Return XLA's memory analysis of the compiled chunk (the program's device memory)."""
+        return memory_estimate(self.compile())
+
+    # --- execution
+
+    def run(self) -> FlowResult:
+        """Validate, then execute the flow; return its :class:`FlowResult`.
+
+        Raises:
+          ValueError: invalid inputs (the front end's checks; non-finite initial parameters).
+          FloatingPointError: a run produced NaN/inf (names the step, its ``t`` and the run).
+        """
+        if self.validate is not None:
+            self.validate()
+        for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
+            if not bool(all_finite(leaf)):
+                check_finite(f"params{jax.tree_util.keystr(path)}", leaf)
+        init, observe0, chunk = self._cores()
+        hyper = self._hyper()
+        if _MEMORY_REPORTS:
+            _MEMORY_REPORTS[-1](f"[{self.what}] device memory: {self.memory().describe()}")
+        carry = init(self.params, self.data, hyper)
+        first = jax.tree_util.tree_map(np.asarray, observe0(self.params, self.data, hyper))
+        losses, observables = [first[0]], [first[1]]
+        done, start, last_print = 0, time.perf_counter(), time.perf_counter()
+        steps = jnp.int32(self.record_every)
+        while done < self.num_records:
+            n = min(self.chunk_records, self.num_records - done)
+            carry, (loss, obs) = chunk(carry, self.data, hyper, steps, jnp.int32(n))
+            if self.in_axes is None:
+                loss, obs = loss[:n], jax.tree_util.tree_map(lambda a, n=n: a[:n], obs)
+            else:
+                loss, obs = loss[:, :n], jax.tree_util.tree_map(lambda a, n=n: a[:, :n], obs)
+            losses.append(np.asarray(loss))
+            observables.append(jax.tree_util.tree_map(np.asarray, obs))
+            done += n
+            bad = np.asarray(carry[3])
+            if self.check and np.any(bad >= 0):
+                break
+            now = time.perf_counter()
+            if now - last_print >= PROGRESS_SECONDS and done < self.num_records:
+                rate = done * self.record_every / (now - start)
+                left = (self.num_records - done) * self.record_every / rate
+                print(
+                    f"[{self.what}] step {done * self.record_every}/{self.num_steps} "
+                    f"({rate:.2f} steps/s, ~{left:.0f} s left)",
+                    flush=True,
+                )
+                last_print = now
+        first_bad = np.asarray(carry[3])
+        if self.check:
+            raise_on_nonfinite(first_bad, dt=self.dt, what=self.what)
+        axis = 0 if self.in_axes is None else 1
+        loss = np.concatenate([np.expand_dims(losses[0], axis), *losses[1:]], axis=axis)
+        observables = jax.tree_util.tree_map(
+            lambda a, *b: np.concatenate([np.expand_dims(a, axis), *b], axis=axis),
+            observables[0],
+            *observables[1:],
+        )
+        t = self.dt * self.record_every * np.arange(self.num_records + 1)
+        final = carry[0] if self.finalize is None else self.finalize(carry[0])
+        return FlowResult(final, t, loss, observables, first_bad)
 
 
 def integrate(
@@ -323,12 +542,13 @@ def integrate(
     optimizer: str = "sgd",
     in_axes: Any = None,
     check: bool = True,
-) -> FlowResult:
-    r"""Integrate :math:`\dot\theta = -\nabla_\theta\,\mathrm{loss\_fn}(\theta, \mathrm{data})`.
+) -> Flow:
+    r"""Return the :class:`Flow` of :math:`\dot\theta = -\nabla_\theta\,\mathrm{loss\_fn}(\theta,
+    \mathrm{data})`; ``.run()`` executes it.
 
     Source: gradient flow, Razin et al. 2024 §4.1; explicit Euler through ``optax.sgd``.
-    Compiled once per (``loss_fn``, ``observe_fn``, optimiser, schedule, ``in_axes``, shapes):
-    see :func:`compiled_flow`.
+    Compiled once per (``loss_fn``, ``observe_fn``, optimiser, ``in_axes``, shapes): see
+    :class:`Flow`.
 
     Args:
       loss_fn: ``(params, data) -> scalar``; hashable (a module-level function) to reuse compiles.
@@ -345,22 +565,23 @@ def integrate(
         ``first_nonfinite_step`` instead (sweeps record a status rather than abort).
 
     Returns:
-      :class:`FlowResult`.
+      :class:`Flow`; its ``run()`` gives the :class:`FlowResult`.
 
     Raises:
-      ValueError: bad schedule, unknown optimiser, non-finite initial parameters.
-      FloatingPointError: the flow produced NaN/inf; the message names the first such step, t and
-        run (see :func:`raise_on_nonfinite`).
+      ValueError: bad schedule, unknown optimiser (now); non-finite initial parameters (at
+        ``run()``).
+      FloatingPointError: at ``run()``, the flow produced NaN/inf; the message names the first
+        such step, t and run (see :func:`raise_on_nonfinite`).
 
     Example:
       >>> res = integrate(lambda x, _: 0.5 * x**2, lambda x, _: x, jnp.array(1.0),
-      ...                 dt=0.1, num_steps=2, record_every=1)
+      ...                 dt=0.1, num_steps=2, record_every=1).run()
       >>> [round(float(x), 4) for x in res.observables]  # x <- (1 - dt) x
       [1.0, 0.9, 0.81]
     """
-    program = flow_program(
-        loss_fn,
-        observe_fn,
+    return Flow(
+        _NoHyper(loss_fn),
+        _NoHyper(observe_fn),
         params,
         data,
         dt=dt,
@@ -368,25 +589,23 @@ def integrate(
         record_every=record_every,
         optimizer=optimizer,
         in_axes=in_axes,
+        check=check,
     )
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        check_finite(f"params{jax.tree_util.keystr(path)}", leaf)
-    result = program.fn(*program.args)
-    if check:
-        raise_on_nonfinite(result.first_nonfinite_step, dt=dt)
-    return result._replace(t=_host_time(dt, num_steps, record_every))
 
 
 @dataclasses.dataclass(frozen=True)
 class _OnModel:
-    """``fn(model, data)`` as a hashable function of a split model's ``(params, (rest, data))``."""
+    """``fn(model, data[, hyper])`` as a hashable function of a split model's
+    ``(params, (rest, data), hyper)``."""
 
     graphdef: Any
-    fn: Callable[[nnx.Module, Any], Any]
+    fn: Callable[..., Any]
+    takes_hyper: bool = False
 
-    def __call__(self, params, rest_and_data):
+    def __call__(self, params, rest_and_data, hyper=None):
         rest, data = rest_and_data
-        return self.fn(nnx.merge(self.graphdef, params, rest), data)
+        model = nnx.merge(self.graphdef, params, rest)
+        return self.fn(model, data, hyper) if self.takes_hyper else self.fn(model, data)
 
 
 def integrate_model(
@@ -401,14 +620,20 @@ def integrate_model(
     optimizer: str = "sgd",
     in_axes: Any = None,
     check: bool = True,
-) -> FlowResult:
-    r"""Run :func:`integrate` on an NNX module's ``nnx.Param`` state; ``final`` is the new module.
+    loss_numbers: dict[str, Any] | None = None,
+    validate: Callable[[], None] | None = None,
+    what: str = "gradient flow",
+) -> Flow:
+    r"""Return the :class:`Flow` of an NNX module's ``nnx.Param`` state; its result's ``final`` is
+    the trained module.
 
     ``loss_fn(model, data)`` and ``observe_fn(model, data)`` receive the module rebuilt from the
     flowing state (``nnx.split`` once, ``nnx.merge`` inside the compiled step), so front ends write
-    their maths on the module. Only ``nnx.Param`` variables train; other variables (constants) ride
-    along unchanged. The input module is not modified. With ``in_axes = (model_axis, data_axis)``
-    a stack of runs is vmapped (``model_axis=None``: every run starts from ``model``).
+    their maths on the module. With ``loss_numbers``, ``loss_fn`` is called as
+    ``loss_fn(model, data, hyper)`` and reads its run-time hyperparameters from ``hyper["loss"]``.
+    Only ``nnx.Param`` variables train; other variables ride along unchanged. The input module is
+    not modified (the flow runs on copies). With ``in_axes = (model_axis, data_axis)`` a stack of
+    runs is vmapped (``model_axis=None``: every run starts from ``model``).
 
     Raises:
       As :func:`integrate`.
@@ -417,106 +642,91 @@ def integrate_model(
       >>> from sims.models import UnconstrainedFeatures
       >>> model = UnconstrainedFeatures.from_arrays(jnp.eye(2), jnp.ones((1, 2)))
       >>> res = integrate_model(model, lambda m, _: jnp.sum(m.hidden[...] ** 2),
-      ...                       lambda m, _: m.hidden[...][0, 0], dt=0.25, num_steps=1)
+      ...                       lambda m, _: m.hidden[...][0, 0], dt=0.25, num_steps=1).run()
       >>> [float(x) for x in res.observables]  # h <- h - dt * 2h
       [1.0, 0.5]
     """
-    graphdef, rest, flow = _model_flow(model, loss_fn, observe_fn, data, in_axes)
-    result = integrate(
-        *flow[:4],
-        dt=dt,
-        num_steps=num_steps,
-        record_every=record_every,
-        optimizer=optimizer,
-        in_axes=flow.in_axes,
-        check=check,
-    )
-    return result._replace(final=nnx.merge(graphdef, result.final, rest))
-
-
-class _ModelFlow(NamedTuple):
-    loss_fn: Any
-    observe_fn: Any
-    params: Any
-    data: Any
-    in_axes: Any
-
-
-def _model_flow(model, loss_fn, observe_fn, data, in_axes) -> tuple[Any, Any, _ModelFlow]:
-    """``(graphdef, rest, flow)``: :func:`integrate`'s inputs for a flow of ``model``'s params."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     axes = None
     if in_axes is not None:
         model_axis, data_axis = in_axes
         axes = (model_axis, (model_axis, data_axis))
-    flow = _ModelFlow(
-        _OnModel(graphdef, loss_fn), _OnModel(graphdef, observe_fn), params, (rest, data), axes
-    )
-    return graphdef, rest, flow
-
-
-def model_flow_program(
-    model: nnx.Module,
-    loss_fn: Callable[[Any, Any], jax.Array],
-    observe_fn: Callable[[Any, Any], Any],
-    data: Any = None,
-    *,
-    dt: float,
-    num_steps: int,
-    record_every: int = 1,
-    optimizer: str = "sgd",
-    in_axes: Any = None,
-) -> Program:
-    """Return the :class:`Program` :func:`integrate_model` runs with the same arguments.
-
-    ``model`` may be abstract (``nnx.eval_shape``) and ``data`` hold ``jax.ShapeDtypeStruct``
-    leaves: nothing is validated or computed.
-
-    Example:
-      >>> from sims.models import UnconstrainedFeatures
-      >>> m = nnx.eval_shape(lambda: UnconstrainedFeatures(1000, 64, 8, rngs=nnx.Rngs(0)))
-      >>> p = model_flow_program(m, lambda m, _: jnp.sum(m.hidden[...] ** 2),
-      ...                        lambda m, _: m.hidden[...][0, 0], dt=0.1, num_steps=3)
-      >>> # float32 W [1000, 64] and h [8, 64]: 4 * (1000 + 8) * 64 bytes, and dt (float64: 8)
-      >>> p.fn.lower(*p.args).compile().memory_analysis().argument_size_in_bytes
-      258056
-    """
-    flow = _model_flow(model, loss_fn, observe_fn, data, in_axes)[2]
-    return flow_program(
-        *flow[:4],
+    return Flow(
+        _OnModel(graphdef, loss_fn, takes_hyper=loss_numbers is not None),
+        _OnModel(graphdef, observe_fn),
+        params,
+        (rest, data),
         dt=dt,
         num_steps=num_steps,
         record_every=record_every,
         optimizer=optimizer,
-        in_axes=flow.in_axes,
+        loss_numbers=loss_numbers,
+        in_axes=axes,
+        finalize=lambda p: nnx.merge(graphdef, p, rest),
+        validate=validate,
+        check=check,
+        what=what,
     )
+
+
+@runtime_checkable
+class Pairs(Protocol):
+    """What :func:`preference_flow` needs of a pairs type (one per model family).
+
+    :class:`sims.models.PreferencePairs`, :class:`sims.prefix_tree.PrefixTreePairs`,
+    :class:`sims.transformer.TransformerPairs`, :class:`sims.transformer.PromptAnswerPairs`
+    and :class:`sims.mlp_features.FeaturePairs` implement it.
+
+    Attributes:
+      ref_logprob_chosen, ref_logprob_rejected: ``[N]`` reference log-probs.
+      weight: ``[N]`` sample weights, or ``None`` (all 1).
+    """
+
+    ref_logprob_chosen: Any
+    ref_logprob_rejected: Any
+    weight: Any
+
+    def logprobs(self, model: nnx.Module) -> tuple[jax.Array, jax.Array]:
+        """``(logprob_chosen, logprob_rejected)``, each ``[N]``."""
+
+    def record(self, model: nnx.Module) -> Any:
+        """The default observable of a flow."""
+
+    def validate(self, model: nnx.Module) -> None:
+        """Raise ``ValueError`` if the pairs do not fit ``model``."""
 
 
 @dataclasses.dataclass(frozen=True)
 class PairObjective:
     r"""The preference objective :math:`L(\theta)` of a model on a pairs type (hashable).
 
-    ``objective(model, pairs)`` is :func:`theory.losses.mean_pair_loss` of ``pairs.logprobs(model)``
-    against the pairs' reference log-probs (weighted when the pairs carry a ``weight`` field).
-    Equal losses give equal objectives, so :func:`preference_flow` compiles once per loss.
+    ``objective(model, pairs, hyper)`` is :func:`theory.losses.mean_pair_loss` of
+    ``pairs.logprobs(model)`` against the pairs' reference log-probs (weighted by
+    ``pairs.weight``), with the loss's numeric hyperparameters read from ``hyper["loss"]`` at
+    run time; ``objective(model, pairs)`` uses ``loss`` as bound. Built from
+    ``loss.structure()``, so every ``beta`` gives an equal objective: one compilation.
 
     Source: Razin et al. 2024, Eq. 2.
 
     Attributes:
-      loss: a per-pair loss from :mod:`theory.losses` (e.g. ``make_loss("dpo", beta=0.1)``).
+      loss: a per-pair loss from :mod:`theory.losses` (``make_loss("dpo", beta=0.1)``, or its
+        ``structure()``).
     """
 
     loss: PairLoss
 
-    def __call__(self, model: nnx.Module, pairs: Any) -> jax.Array:
+    def __call__(self, model: nnx.Module, pairs: Pairs, hyper: Any = None) -> jax.Array:
+        loss = self.loss
+        if hyper is not None and isinstance(loss, BoundLoss):
+            loss = loss.with_numbers(hyper["loss"])
         lp_c, lp_r = pairs.logprobs(model)
         return mean_pair_loss(
-            self.loss,
+            loss,
             lp_c,
             lp_r,
             pairs.ref_logprob_chosen,
             pairs.ref_logprob_rejected,
-            weight=getattr(pairs, "weight", None),
+            weight=pairs.weight,
         )
 
 
@@ -568,19 +778,19 @@ def _first_hidden(model, _):  # doctest helper of velocity_along_flow
     return model.hidden[...][0, 0]
 
 
-def pair_logprobs(model: nnx.Module, pairs: Any) -> tuple[jax.Array, jax.Array]:
+def pair_logprobs(model: nnx.Module, pairs: Pairs) -> tuple[jax.Array, jax.Array]:
     """Return ``(logprob_chosen, logprob_rejected)`` of any pairs type on its model family."""
     return pairs.logprobs(model)
 
 
-def default_record(model: nnx.Module, pairs: Any) -> Any:
+def default_record(model: nnx.Module, pairs: Pairs) -> Any:
     """The default observable of :func:`preference_flow`: ``pairs.record(model)``."""
     return pairs.record(model)
 
 
 def preference_flow(
     model: nnx.Module,
-    pairs: Any,
+    pairs: Pairs,
     loss: PairLoss,
     *,
     dt: float,
@@ -589,17 +799,16 @@ def preference_flow(
     optimizer: str = "sgd",
     observe: Callable[[nnx.Module, Any], Any] = default_record,
     in_axes: tuple[int | None, int | None] | None = None,
-) -> FlowResult:
-    r"""Run gradient flow on :math:`L = \frac1N\sum_i \ell_i` (Razin et al. 2024, Eq. 2).
+) -> Flow:
+    r"""Return the :class:`Flow` on :math:`L = \frac1N\sum_i \ell_i` (Razin et al. 2024, Eq. 2).
 
     Every ``nnx.Param`` of ``model`` trains (for the unconstrained-features model: ``W`` and every
-    hidden embedding). The input model is not modified.
+    hidden embedding). The input model is not modified. The loss's numeric hyperparameters are
+    run-time values (:meth:`theory.losses.BoundLoss.numbers`): a new ``beta`` does not recompile.
 
     Args:
       model: the starting model of any family.
-      pairs: a pairs type of that family (:class:`sims.models.PreferencePairs`,
-        :class:`sims.prefix_tree.PrefixTreePairs`, :class:`sims.transformer.TransformerPairs`),
-        reference log-probs fixed inside.
+      pairs: a pairs type of that family (:class:`Pairs`), reference log-probs fixed inside.
       loss: a pair loss from :mod:`theory.losses` (e.g. ``make_loss("dpo", beta=0.1)``).
       dt, num_steps, record_every, optimizer: as in :func:`integrate`.
       observe: ``(model, pairs) -> pytree`` recorded at checkpoints; default ``pairs.record``.
@@ -609,16 +818,19 @@ def preference_flow(
         models (:func:`stack_models`) with a stack of data sets. Results get a leading ``[R]``.
 
     Returns:
-      :class:`FlowResult` with ``final`` the trained model.
+      :class:`Flow`; ``run()`` gives the :class:`FlowResult` whose ``final`` is the trained model.
 
     Raises:
-      ValueError: ``pairs`` invalid for ``model`` (ids out of range...); as :func:`integrate`.
+      ValueError: at ``run()``, ``pairs`` invalid for ``model`` (ids out of range...); as
+        :func:`integrate`.
       FloatingPointError: as :func:`integrate`.
     """
-    pairs.validate(model)
+    structure, numbers = loss, None
+    if isinstance(loss, BoundLoss):
+        structure, numbers = loss.structure(), loss.numbers()
     return integrate_model(
         model,
-        PairObjective(loss),
+        PairObjective(structure),
         observe,
         pairs,
         dt=dt,
@@ -626,36 +838,9 @@ def preference_flow(
         record_every=record_every,
         optimizer=optimizer,
         in_axes=in_axes,
-    )
-
-
-def preference_flow_program(
-    model: nnx.Module,
-    pairs: Any,
-    loss: PairLoss,
-    *,
-    dt: float,
-    num_steps: int,
-    record_every: int = 1,
-    optimizer: str = "sgd",
-    observe: Callable[[nnx.Module, Any], Any] = default_record,
-    in_axes: tuple[int | None, int | None] | None = None,
-) -> Program:
-    """Return the :class:`Program` :func:`preference_flow` runs with the same arguments.
-
-    ``model`` may be abstract (``nnx.eval_shape``) and ``pairs`` hold ``jax.ShapeDtypeStruct``
-    fields; ``pairs`` is not validated (its ids are not known).
-    """
-    return model_flow_program(
-        model,
-        PairObjective(loss),
-        observe,
-        pairs,
-        dt=dt,
-        num_steps=num_steps,
-        record_every=record_every,
-        optimizer=optimizer,
-        in_axes=in_axes,
+        loss_numbers=numbers if numbers is not None else None,
+        validate=lambda: pairs.validate(model),
+        what="preference flow",
     )
 
 
@@ -685,77 +870,88 @@ def stack_models(models: list[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, states)
 
 
+@runtime_checkable
+class SupervisedData(Protocol):
+    """What :func:`sft_flow` needs of a supervised data set (one type per model family)."""
+
+    def logprobs(self, model: nnx.Module) -> jax.Array:
+        """``[N]`` summed log-probs of the labels."""
+
+    def validate(self, model: nnx.Module) -> None:
+        """Raise ``ValueError`` if the data do not fit ``model``."""
+
+
 class SFTData(NamedTuple):
-    """Supervised examples for :func:`sft_flow`: ``prompt`` ``[N]`` prefix ids, ``label``."""
+    """Supervised single-token examples for the unconstrained-features model.
+
+    Attributes:
+      prompt: ``[N]`` prefix ids.
+      label: ``[N]`` token ids.
+    """
 
     prompt: jax.Array
     label: jax.Array
 
+    def logprobs(self, model: nnx.Module) -> jax.Array:
+        r"""``[N]`` :math:`\ln\pi(\mathrm{label}|\mathrm{prompt})`."""
+        return model(self.prompt)[jnp.arange(self.prompt.shape[0]), self.label]
 
-def _label_logprobs(model: nnx.Module, data: SFTData) -> jax.Array:
-    return model(data.prompt)[jnp.arange(data.prompt.shape[0]), data.label]
+    def validate(self, model: nnx.Module) -> None:
+        """Raise ``ValueError`` unless shapes agree and ids fit ``model``."""
+        check_ndim("prompt", self.prompt, 1, "[N]")
+        if np.shape(self.label) != np.shape(self.prompt):
+            raise ValueError(
+                f"label must have the shape {np.shape(self.prompt)} of prompt, "
+                f"got {np.shape(self.label)}"
+            )
+        check_token_ids("prompt", self.prompt, model.num_prefixes)
+        check_token_ids("label", self.label, model.vocab_size)
 
 
-def _sft_loss(model: nnx.Module, data: SFTData) -> jax.Array:
-    return jnp.mean(nll_loss(_label_logprobs(model, data)))
+def sft_loss(model: nnx.Module, data: SupervisedData) -> jax.Array:
+    r"""Return the SFT loss :math:`-\frac1N\sum_i\ln\pi(y_i|x_i)` (mean cross-entropy).
+
+    Source: the SFT phase before preference learning (Razin et al. 2024, §2.1, App. H.1); the
+    one SFT loss of the package.
+    """
+    return jnp.mean(nll_loss(data.logprobs(model)))
+
+
+def label_logprobs(model: nnx.Module, data: SupervisedData) -> jax.Array:
+    """The default observable of :func:`sft_flow`: ``data.logprobs(model)`` ``[N]``."""
+    return data.logprobs(model)
 
 
 def sft_flow(
     model: nnx.Module,
-    prompt: Any,
-    label: Any,
+    data: SupervisedData,
     *,
     dt: float,
     num_steps: int,
     record_every: int = 1,
     optimizer: str = "sgd",
-) -> FlowResult:
-    r"""Run SFT: gradient flow on the mean cross-entropy :math:`-\frac1N\sum_i\ln\pi(y_i|x_i)`.
+    observe: Callable[[nnx.Module, Any], Any] = label_logprobs,
+) -> Flow:
+    r"""Return the :class:`Flow` of SFT: gradient flow on :func:`sft_loss`.
 
     Source: the SFT phase before preference learning (Razin et al. 2024, §2.1, App. H.1).
-    ``model(prompt)`` must return ``[N, V]`` next-token log-probs (unconstrained features).
-    Observables: the per-example log-prob of the label, ``[N]``.
+    ``data`` is a supervised data set of the model's family (:class:`SupervisedData`:
+    :class:`SFTData` for unconstrained features, :class:`sims.transformer.SequenceSFTData` for
+    causal LMs, :class:`sims.mlp_features.FeatureSFTData`). Observables: ``observe(model, data)``,
+    by default the per-example log-prob of the labels ``[N]``.
 
     Raises:
-      ValueError: ids out of range or shapes differ; as :func:`integrate`.
+      ValueError: at ``run()``, ids out of range or shapes differ; as :func:`integrate`.
     """
-    prompt, label = jnp.asarray(prompt), jnp.asarray(label)
-    check_ndim("prompt", prompt, 1, "[N]")
-    if label.shape != prompt.shape:
-        raise ValueError(f"label must have the shape {prompt.shape} of prompt, got {label.shape}")
-    check_token_ids("prompt", prompt, model.num_prefixes)
-    check_token_ids("label", label, model.vocab_size)
     return integrate_model(
         model,
-        _sft_loss,
-        _label_logprobs,
-        SFTData(prompt, label),
+        sft_loss,
+        observe,
+        data,
         dt=dt,
         num_steps=num_steps,
         record_every=record_every,
         optimizer=optimizer,
-    )
-
-
-def sft_flow_program(
-    model: nnx.Module,
-    prompt: Any,
-    label: Any,
-    *,
-    dt: float,
-    num_steps: int,
-    record_every: int = 1,
-    optimizer: str = "sgd",
-) -> Program:
-    """Return the :class:`Program` :func:`sft_flow` runs (``prompt``, ``label``: ``[N]`` ids or
-    ``jax.ShapeDtypeStruct``; not validated)."""
-    return model_flow_program(
-        model,
-        _sft_loss,
-        _label_logprobs,
-        SFTData(prompt, label),
-        dt=dt,
-        num_steps=num_steps,
-        record_every=record_every,
-        optimizer=optimizer,
+        validate=lambda: data.validate(model),
+        what="SFT",
     )

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import FlowResult, check_schedule, integrate_model
+from sims.flow import Flow, FlowResult, check_schedule, integrate_model
 from theory.checks import check_finite, check_ndim, check_positive, check_positive_int
 from theory.dpop import dpop_coefficients, edit_position, weighted_split
 from theory.losses import dpop_loss
@@ -245,8 +245,9 @@ def edit_pair_flow(
     num_steps: int,
     record_every: int,
     penalty_inside_beta: bool = True,
-) -> FlowResult:
-    r"""Run gradient flow on :func:`theory.losses.dpop_loss` for every ``lam`` (vmapped).
+) -> Flow:
+    r"""Return the :class:`~sims.flow.Flow` on :func:`theory.losses.dpop_loss`, one run per
+    ``lam`` (vmapped); ``.run()`` executes it.
 
     :math:`\pi_{\mathrm{ref}}` is ``model`` at :math:`t = 0`; ``lam = 0`` is DPO. Every
     ``nnx.Param`` of ``model`` trains (explicit Euler, ``optax.sgd(dt)``). ``model`` is
@@ -256,8 +257,8 @@ def edit_pair_flow(
     Source: Pal et al. 2024, Eq. 3; Razin et al. 2024, Proposition 2 (recorded split).
 
     Returns:
-      :class:`~sims.flow.FlowResult` with a leading ``[R]`` run axis (one run per ``lam``);
-      observables are :class:`EditRecord`.
+      :class:`~sims.flow.Flow` whose result has a leading ``[R]`` run axis (one run per
+      ``lam``); observables are :class:`EditRecord`.
 
     Raises:
       ValueError: bad schedule, ``lams`` not 1-D or negative, ``beta <= 0``.

@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import FlowResult, Program, integrate_model, model_flow_program
+from sims.flow import Flow, sft_flow
 from sims.models import PreferenceRecord, softmax_logprobs
 from theory.checks import (
     check_distinct,
@@ -52,7 +52,6 @@ from theory.checks import (
     check_positive_int,
     check_token_ids,
 )
-from theory.losses import nll_loss
 
 #: Parametrisations of :class:`ScaledMLPFeatures` (see :func:`output_multiplier`).
 PARAMETRISATIONS = ("mean_field", "lazy")
@@ -270,6 +269,7 @@ class FeaturePairs(NamedTuple):
       rejected: ``[N]`` dispreferred token ids :math:`y^-`.
       ref_logprob_chosen: ``[N]`` :math:`\ln\pi_{ref}(y^+|x)`.
       ref_logprob_rejected: ``[N]`` :math:`\ln\pi_{ref}(y^-|x)`.
+      weight: ``[N]`` sample weights, or ``None`` (all 1).
     """
 
     features: jax.Array
@@ -277,6 +277,7 @@ class FeaturePairs(NamedTuple):
     rejected: jax.Array
     ref_logprob_chosen: jax.Array
     ref_logprob_rejected: jax.Array
+    weight: jax.Array | None = None
 
     def logprobs(self, model: ScaledMLPFeatures) -> tuple[jax.Array, jax.Array]:
         """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""
@@ -322,19 +323,24 @@ def make_feature_pairs(
 
 
 class FeatureSFTData(NamedTuple):
-    """Supervised examples for :func:`feature_sft_flow`: ``features`` ``[N, f]``, ``label``."""
+    """Supervised examples for :func:`sims.flow.sft_flow` on :class:`ScaledMLPFeatures`.
+
+    Attributes:
+      features: ``[N, f]`` prompt features.
+      label: ``[N]`` token ids.
+    """
 
     features: jax.Array
     label: jax.Array
 
+    def logprobs(self, model: ScaledMLPFeatures) -> jax.Array:
+        r"""Return :math:`\ln\pi(y_i|x_i)` ``[N]``."""
+        return model(self.features)[jnp.arange(self.label.shape[-1]), self.label]
 
-def label_logprobs(model: ScaledMLPFeatures, data: FeatureSFTData) -> jax.Array:
-    r"""Return :math:`\ln\pi(y_i|x_i)` ``[N]`` (the observable of :func:`feature_sft_flow`)."""
-    return model(data.features)[jnp.arange(data.label.shape[-1]), data.label]
-
-
-def _sft_loss(model: ScaledMLPFeatures, data: FeatureSFTData) -> jax.Array:
-    return jnp.mean(nll_loss(label_logprobs(model, data)))
+    def validate(self, model: ScaledMLPFeatures) -> None:
+        """Raise ``ValueError`` unless ``features`` is ``[N, f]`` and ``label`` ``[N]`` ids fit."""
+        check_ndim("features", self.features, 2, "[N, f]")
+        _check_features(model, jnp.asarray(self.features), ("label", jnp.asarray(self.label)))
 
 
 def feature_sft_flow(
@@ -346,51 +352,18 @@ def feature_sft_flow(
     num_steps: int,
     record_every: int = 1,
     optimizer: str = "sgd",
-) -> FlowResult:
-    r"""Run SFT on the mean cross-entropy :math:`-\frac1N\sum_i\ln\pi(y_i|x_i)`.
+) -> Flow:
+    r"""Return the SFT :class:`~sims.flow.Flow` of :class:`ScaledMLPFeatures`:
+    :func:`sims.flow.sft_flow` on :class:`FeatureSFTData` (mean cross-entropy
+    :math:`-\frac1N\sum_i\ln\pi(y_i|x_i)`; observables ``[N]`` label log-probs).
 
     Source: the SFT phase before preference learning (Razin et al. 2024, §2.1, App. H.1).
-    Observables: :func:`label_logprobs` ``[N]`` at each checkpoint.
 
     Raises:
-      ValueError: ``features`` not ``[N, f]``, ``label`` not ``[N]`` ids in range; as
-        :func:`sims.flow.integrate`.
-      FloatingPointError: as :func:`sims.flow.integrate`.
+      ValueError: at ``run()``, ``features`` not ``[N, f]``, ``label`` not ``[N]`` ids in range;
+        as :func:`sims.flow.integrate`.
     """
-    features, label = jnp.asarray(features), jnp.asarray(label)
-    check_ndim("features", features, 2, "[N, f]")
-    _check_features(model, features, ("label", label))
-    return integrate_model(
-        model,
-        _sft_loss,
-        label_logprobs,
-        FeatureSFTData(features, label),
-        dt=dt,
-        num_steps=num_steps,
-        record_every=record_every,
-        optimizer=optimizer,
-    )
-
-
-def feature_sft_flow_program(
-    model: ScaledMLPFeatures,
-    features: Any,
-    label: Any,
-    *,
-    dt: float,
-    num_steps: int,
-    record_every: int = 1,
-    optimizer: str = "sgd",
-) -> Program:
-    """Return the :class:`~sims.flow.Program` :func:`feature_sft_flow` runs (``features``
-    ``[N, f]``, ``label`` ``[N]``: arrays or ``jax.ShapeDtypeStruct``; not validated)."""
-    return model_flow_program(
-        model,
-        _sft_loss,
-        label_logprobs,
-        FeatureSFTData(features, label),
-        dt=dt,
-        num_steps=num_steps,
-        record_every=record_every,
-        optimizer=optimizer,
+    data = FeatureSFTData(jnp.asarray(features), jnp.asarray(label))
+    return sft_flow(
+        model, data, dt=dt, num_steps=num_steps, record_every=record_every, optimizer=optimizer
     )

@@ -164,6 +164,7 @@ class PreferencePairs(NamedTuple):
       rejected: ``[N]`` dispreferred token ids :math:`y^-`.
       ref_logprob_chosen: ``[N]`` :math:`\ln\pi_{ref}(y^+|x)`.
       ref_logprob_rejected: ``[N]`` :math:`\ln\pi_{ref}(y^-|x)`.
+      weight: ``[N]`` sample weights, or ``None`` (all 1).
     """
 
     prompt: jax.Array
@@ -171,6 +172,7 @@ class PreferencePairs(NamedTuple):
     rejected: jax.Array
     ref_logprob_chosen: jax.Array
     ref_logprob_rejected: jax.Array
+    weight: jax.Array | None = None
 
     def logprobs(self, model: UnconstrainedFeatures) -> tuple[jax.Array, jax.Array]:
         """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""

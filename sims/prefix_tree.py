@@ -43,6 +43,8 @@ class PrefixTreePairs(NamedTuple):
       rejected, rejected_prefix, rejected_mask: ``[N, Lr]`` likewise for :math:`y^-`.
       ref_logprob_chosen: ``[N]`` :math:`\\ln\\pi_{ref}(y^+|x)` (0 until set).
       ref_logprob_rejected: ``[N]`` likewise.
+      weight: ``[N]`` sample weights, or ``None`` (all 1).
+      weight: ``[N]`` sample weights, or ``None`` (all 1).
     """
 
     chosen: jax.Array
@@ -53,6 +55,7 @@ class PrefixTreePairs(NamedTuple):
     rejected_mask: jax.Array
     ref_logprob_chosen: jax.Array
     ref_logprob_rejected: jax.Array
+    weight: jax.Array | None = None
 
     def logprobs(self, model: UnconstrainedFeatures) -> tuple[jax.Array, jax.Array]:
         """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""

@@ -72,7 +72,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sims import _sweep_store as store
-from sims.flow import Program
 from theory.checks import check_positive_int
 
 RUN_AXIS = "runs"  # the mesh axis the runs are split over
@@ -135,6 +134,14 @@ def _num_runs(inputs) -> int:
             f"{[np.shape(leaf)[:1] for leaf in leaves]}"
         )
     return sizes.pop()
+
+
+class Program(NamedTuple):
+    """A compiled core and its arguments: ``fn(*args, **kwargs)`` (transitional)."""
+
+    fn: Callable[..., Any]
+    args: tuple
+    kwargs: dict
 
 
 def _pad_runs(inputs, size: int):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import FlowResult, integrate_model
+from sims.flow import Flow, FlowResult, integrate_model
 from theory.checks import check_finite, check_ndim
 from theory.kl_optimum import objective, tilt
 
@@ -98,8 +98,9 @@ def kl_objective_flow(
     num_steps: int,
     record_every: int = 1,
     optimizer: str = "sgd",
-) -> FlowResult:
-    r"""Run gradient flow on :math:`-(E_{p}[r] - \beta\,KL(p\|p_{ref}))` over the policy's logits.
+) -> Flow:
+    r"""Return the :class:`~sims.flow.Flow` on :math:`-(E_{p}[r] - \beta\,KL(p\|p_{ref}))`
+    over the policy's logits; ``.run()`` executes it.
 
     .. math:: \dot l = \nabla_l\Big(\sum_y p_l(y) r(y)
        - \beta\sum_y p_l(y)\ln\frac{p_l(y)}{p_{ref}(y)}\Big),\qquad
@@ -115,7 +116,7 @@ def kl_objective_flow(
       dt, num_steps, record_every, optimizer: as in :func:`sims.flow.integrate`.
 
     Returns:
-      :class:`~sims.flow.FlowResult` (``final`` the trained policy); observables are
+      :class:`~sims.flow.Flow`; its result's ``final`` is the trained policy, observables are
       :class:`TiltDistance`; the loss column is :math:`-\mathcal L`.
 
     Raises:
@@ -125,7 +126,7 @@ def kl_objective_flow(
     Example:
       >>> p_ref, r = jnp.array([0.5, 0.5]), jnp.array([1.0, 0.0])
       >>> res = kl_objective_flow(TabularPolicy(logits=jnp.zeros(2)), p_ref, r, beta=1.0,
-      ...                         dt=0.5, num_steps=400, record_every=400)
+      ...                         dt=0.5, num_steps=400, record_every=400).run()
       >>> float(res.observables.total_variation[-1]) < 1e-6
       True
     """

@@ -16,17 +16,17 @@ every loss here masks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import Program
+from sims.flow import Flow
 from theory.checks import check_positive, check_positive_int, check_token_ids
 
 
@@ -264,36 +264,31 @@ def lm_loss(model: nnx.Module, tokens, length) -> jax.Array:
     return -jnp.sum(jnp.where(mask, picked, 0.0)) / jnp.sum(mask)
 
 
-def pretrain(
-    model: CausalTransformer,
-    key: jax.Array,
-    tokens,
-    length,
-    *,
-    lr: float,
-    num_steps: int,
-    batch_size: int,
-) -> tuple[CausalTransformer, jax.Array]:
-    """Return ``(trained_model, losses [num_steps])``: Adam on minibatch LM loss, one jitted scan.
+@dataclasses.dataclass(frozen=True)
+class MinibatchLMLoss:
+    """The pre-training objective: LM loss on minibatch ``hyper["step"]`` (hashable).
 
-    Minibatch ``s`` is drawn (with replacement) from ``jax.random.fold_in(key, s)``. The input
-    model is not modified.
+    The minibatch of step ``s`` is drawn with replacement from ``jax.random.fold_in(key, s)``;
+    ``data`` is ``(tokens [N, T], length [N], key)``.
     """
-    program = pretrain_program(
-        model,
-        key,
-        jnp.asarray(tokens),
-        jnp.asarray(length),
-        lr=lr,
-        num_steps=num_steps,
-        batch_size=batch_size,
-    )
-    state, losses = program.fn(*program.args, **program.kwargs)
-    return nnx.merge(program.args[0], state), losses
+
+    graphdef: Any
+    batch_size: int
+
+    def __call__(self, state, data, hyper) -> jax.Array:
+        tokens, length, key = data
+        rows = jax.random.randint(
+            jax.random.fold_in(key, hyper["step"]), (self.batch_size,), 0, tokens.shape[0]
+        )
+        return lm_loss(nnx.merge(self.graphdef, state), tokens[rows], length[rows])
 
 
-def pretrain_program(
-    model: CausalTransformer,
+def _no_observable(state, data, hyper) -> jax.Array:
+    return jnp.zeros(())
+
+
+def pretrain(
+    model: nnx.Module,
     key: jax.Array,
     tokens,
     length,
@@ -301,11 +296,13 @@ def pretrain_program(
     lr: float,
     num_steps: int,
     batch_size: int,
-) -> Program:
-    """Return the :class:`~sims.flow.Program` :func:`pretrain` runs with the same arguments.
+) -> Flow:
+    """Return the :class:`~sims.flow.Flow` of pre-training: Adam on the minibatch LM loss.
 
-    ``model`` may be abstract (``nnx.eval_shape``), ``key``, ``tokens`` and ``length``
-    ``jax.ShapeDtypeStruct``; only ``lr``, ``num_steps`` and ``batch_size`` are checked.
+    ``flow.run()`` returns a :class:`~sims.flow.FlowResult` whose ``final`` is the trained model
+    and ``loss`` ``[num_steps + 1]`` the minibatch loss before each step (and one after the
+    last). Minibatch ``s`` is drawn (with replacement) from ``jax.random.fold_in(key, s)``. The
+    input model is not modified.
 
     Raises:
       ValueError: ``lr <= 0``, ``num_steps`` or ``batch_size`` not a positive integer.
@@ -314,29 +311,117 @@ def pretrain_program(
     check_positive_int("num_steps", num_steps)
     check_positive_int("batch_size", batch_size)
     graphdef, state = nnx.split(model)
-    return Program(
-        _pretrain_scan,
-        (graphdef, state, key, tokens, length, lr),
-        {"num_steps": num_steps, "batch_size": batch_size},
+    return Flow(
+        MinibatchLMLoss(graphdef, batch_size),
+        _no_observable,
+        state,
+        (jnp.asarray(tokens), jnp.asarray(length), key),
+        dt=lr,
+        num_steps=num_steps,
+        optimizer="adam",
+        finalize=lambda st: nnx.merge(graphdef, st),
+        what="pre-training",
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "batch_size"))
-def _pretrain_scan(graphdef, state, key, tokens, length, lr, *, num_steps, batch_size):
-    """The compiled core of :func:`pretrain` (one compilation per model structure and shapes)."""
-    tx = optax.adam(lr)
+class PromptAnswerPairs(NamedTuple):
+    r"""Single-token preference pairs after a prompt, for causal LMs (one forward per pair).
 
-    def step(carry, s):
-        state, opt = carry
-        rows = jax.random.randint(jax.random.fold_in(key, s), (batch_size,), 0, tokens.shape[0])
-        loss, grads = jax.value_and_grad(
-            lambda st: lm_loss(nnx.merge(graphdef, st), tokens[rows], length[rows])
-        )(state)
-        updates, opt = tx.update(grads, opt, state)
-        return (optax.apply_updates(state, updates), opt), loss
+    The answers :math:`y^\pm` are one token each after the same prompt, so both log-probs come
+    from the next-token distribution at the prompt's last position: one forward pass of the
+    prompt (right-padded to ``T``) instead of two of prompt + answer, and logits at one
+    position instead of ``T`` (Razin et al. 2024 §3's protocol: one prompt, single-token
+    answers).
 
-    (state, _), losses = jax.lax.scan(step, (state, tx.init(state)), jnp.arange(num_steps))
-    return state, losses
+    Attributes:
+      prompt: :class:`TokenBatch` of the prompts (``length == prompt_len``).
+      chosen, rejected: ``[N]`` token ids.
+      ref_logprob_chosen, ref_logprob_rejected: ``[N]`` reference log-probs.
+      weight: ``[N]`` sample weights or ``None``.
+    """
+
+    prompt: TokenBatch
+    chosen: jax.Array
+    rejected: jax.Array
+    ref_logprob_chosen: jax.Array
+    ref_logprob_rejected: jax.Array
+    weight: jax.Array | None = None
+
+    def next_token_logprobs(self, model: nnx.Module) -> jax.Array:
+        r"""``[N, V]`` :math:`\ln\pi(\cdot|x)` at each prompt's last position."""
+        return next_token_logprobs(model, self.prompt.tokens, self.prompt.prompt_len)
+
+    def logprobs(self, model: nnx.Module) -> tuple[jax.Array, jax.Array]:
+        """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""
+        lp = self.next_token_logprobs(model)
+        rows = jnp.arange(lp.shape[0])
+        return lp[rows, self.chosen], lp[rows, self.rejected]
+
+    def record(self, model: nnx.Module) -> jax.Array:
+        """The default observable: ``[N, V]`` next-token probabilities at the answer position."""
+        return jnp.exp(self.next_token_logprobs(model))
+
+    def validate(self, model: nnx.Module) -> None:
+        """Raise ``ValueError`` for ids outside the vocabulary or ``chosen == rejected``."""
+        check_token_ids("prompt.tokens", self.prompt.tokens, model.vocab_size)
+        check_token_ids("chosen", self.chosen, model.vocab_size)
+        check_token_ids("rejected", self.rejected, model.vocab_size)
+        if np.any(np.asarray(self.chosen) == np.asarray(self.rejected)):
+            raise ValueError("chosen and rejected must differ in every pair")
+
+
+def next_token_logprobs(model: nnx.Module, tokens, prompt_len) -> jax.Array:
+    r"""Return ``[N, V]`` :math:`\ln\pi(\cdot|x)` after each right-padded prompt of ``tokens``.
+
+    Logits are computed at the one position ``prompt_len - 1`` of each row when the model has
+    ``hidden_states`` and ``logits`` (:class:`sims.decoder.DecoderLM`), else from the full
+    ``[N, T, V]`` logits.
+    """
+    rows = jnp.arange(tokens.shape[0])
+    last = jnp.asarray(prompt_len) - 1
+    if hasattr(model, "logits") and hasattr(model, "hidden_states"):
+        h = model.hidden_states(tokens)[rows, last]  # [N, d]
+        return jax.nn.log_softmax(model.logits(h), axis=-1)
+    return jax.nn.log_softmax(model(tokens)[rows, last], axis=-1)
+
+
+def make_prompt_answer_pairs(
+    model: nnx.Module, prompt: TokenBatch, chosen, rejected, weight=None
+) -> PromptAnswerPairs:
+    """Return :class:`PromptAnswerPairs` with reference log-probs from ``model`` now.
+
+    Raises:
+      ValueError: ids out of range, ``chosen == rejected`` in some pair.
+    """
+    prompt = TokenBatch(*(jnp.asarray(a) for a in prompt))
+    chosen, rejected = jnp.asarray(chosen), jnp.asarray(rejected)
+    pairs = PromptAnswerPairs(prompt, chosen, rejected, chosen, rejected, weight)
+    pairs.validate(model)
+    lp_c, lp_r = _pair_logprobs(model, pairs)
+    return pairs._replace(ref_logprob_chosen=lp_c, ref_logprob_rejected=lp_r)
+
+
+class SequenceSFTData(NamedTuple):
+    """Supervised sequences for :func:`sims.flow.sft_flow` on causal LMs.
+
+    The loss of a row is the summed cross-entropy of its response tokens (positions
+    ``prompt_len .. length - 1``), e.g. a multi-token label word after a persona prompt.
+
+    Attributes:
+      batch: :class:`TokenBatch` of prompt + response.
+    """
+
+    batch: TokenBatch
+
+    def logprobs(self, model: nnx.Module) -> jax.Array:
+        """``[N]`` summed response log-probs."""
+        return response_logprobs_from_tokens(model, *self.batch)
+
+    def validate(self, model: nnx.Module) -> None:
+        """Raise ``ValueError`` for ids outside the vocabulary or empty responses."""
+        check_token_ids("batch.tokens", self.batch.tokens, model.vocab_size)
+        if np.any(np.asarray(self.batch.length) <= np.asarray(self.batch.prompt_len)):
+            raise ValueError("every SFT row needs a response: length > prompt_len")
 
 
 def sample_tokens(

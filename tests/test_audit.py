@@ -95,7 +95,7 @@ def test_audit_velocity_matches_central_difference_of_an_sgd_step():
         )
         dt = FD_STEP / float(_grad_norm(model, pairs))
         # theta - dt grad L: one SGD step of the project's flow; theta + dt grad L mirrored
-        minus = nnx.split(preference_flow(model, pairs, LOSS, dt=dt, num_steps=1).final)[1]
+        minus = nnx.split(preference_flow(model, pairs, LOSS, dt=dt, num_steps=1).run().final)[1]
         plus = jax.tree_util.tree_map(lambda a, b: 2 * a - b, theta, minus)
         lp = [_logprobs(nnx.merge(graphdef, s), pairs) for s in (minus, plus)]
         fd_chosen = float(lp[0][0][0] - lp[1][0][0]) / (2 * dt)

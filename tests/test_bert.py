@@ -470,7 +470,9 @@ def test_preference_flow_masked_lm_first_step_matches_autodiff_of_dpo():
         model = BertEncoder(TINY, rngs=nnx.Rngs(seed), dtype=jnp.float64)
         prompts, chosen, rejected = _masked_batch(rng, 2)
         pairs = make_masked_lm_pairs(model, prompts, chosen, rejected)
-        result = preference_flow(model, pairs, make_loss("dpo", beta=beta), dt=dt, num_steps=1)
+        result = preference_flow(
+            model, pairs, make_loss("dpo", beta=beta), dt=dt, num_steps=1
+        ).run()
         step_rate = (np.asarray(result.observables[1]) - np.asarray(result.observables[0])) / dt
         rate = _dpo_logprob_rate(model, prompts, chosen, rejected, beta)
         assert np.max(np.abs(rate)) > 1e-3  # the step moves the log-probs
@@ -491,9 +493,9 @@ def test_preference_flow_masked_lm_stacked_runs_match_single_runs():
     loss = make_loss("dpo", beta=0.1)
     kwargs = dict(dt=0.01, num_steps=2, record_every=1, optimizer="rmsprop_torch")
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *runs)
-    together = preference_flow(model, stacked, loss, in_axes=(None, 0), **kwargs)
+    together = preference_flow(model, stacked, loss, in_axes=(None, 0), **kwargs).run()
     for r, pairs in enumerate(runs):
-        alone = preference_flow(model, pairs, loss, **kwargs)
+        alone = preference_flow(model, pairs, loss, **kwargs).run()
         np.testing.assert_allclose(together.loss[r], alone.loss, rtol=RTOL_EXACT, err_msg=f"{r}")
         np.testing.assert_allclose(
             together.observables[r], alone.observables, rtol=RTOL_EXACT, atol=1e-12
@@ -538,7 +540,7 @@ def test_masked_lm_nll_matches_numpy_and_sft_lowers_it():
         dt=1e-3,
         num_steps=5,
         optimizer="rmsprop_torch",
-    )
+    ).run()
     assert np.all(np.diff(np.asarray(result.loss)) < 0)
     np.testing.assert_allclose(result.loss[0], want, rtol=RTOL_EXACT)
     np.testing.assert_allclose(-np.mean(result.observables, axis=1), result.loss, rtol=RTOL_EXACT)

@@ -14,6 +14,7 @@ from sims.flow import (
     integrate,
     make_optimizer,
     preference_flow,
+    SFTData,
     raise_on_nonfinite,
     sft_flow,
 )
@@ -34,7 +35,7 @@ def test_integrate_is_exact_euler_on_quadratic():
     a, dt, x0 = 2.0, 0.05, 1.5
     traj = integrate(
         _quadratic, lambda x, _: x, jnp.array(x0), a, dt=dt, num_steps=20, record_every=4
-    )
+    ).run()
     expected = x0 * (1 - a * dt) ** (4 * np.arange(6))
     np.testing.assert_allclose(traj.observables, expected, rtol=1e-13)
     np.testing.assert_allclose(traj.t, dt * 4 * np.arange(6), rtol=1e-15)
@@ -48,9 +49,19 @@ def test_integrate_euler_error_order_is_one():
     errors = []
     for dt in dts:
         n = round(T / dt)
-        final = integrate(
-            _quadratic, lambda x, _: x, jnp.array(x0), a, dt=float(dt), num_steps=n, record_every=n
-        ).final
+        final = (
+            integrate(
+                _quadratic,
+                lambda x, _: x,
+                jnp.array(x0),
+                a,
+                dt=float(dt),
+                num_steps=n,
+                record_every=n,
+            )
+            .run()
+            .final
+        )
         errors.append(abs(float(final) - x0 * np.exp(-a * T)))
     order = np.polyfit(np.log(dts), np.log(errors), 1)[0]
     assert EULER_ORDER_BAND[0] <= order <= EULER_ORDER_BAND[1], f"order {order}, errors {errors}"
@@ -65,7 +76,7 @@ def test_integrate_records_initial_state_first():
         dt=0.1,
         num_steps=3,
         record_every=3,
-    )
+    ).run()
     np.testing.assert_array_equal(traj.observables[0], params["x"])
 
 
@@ -73,9 +84,9 @@ def test_integrate_two_half_runs_equal_one_full_run():
     model = UnconstrainedFeatures(12, 4, 3, rngs=nnx.Rngs(0), dtype=jnp.float64)
     pairs = make_pairs(model, [0, 1, 2], [1, 2, 3], [4, 5, 6])
     loss = losses.make_loss("dpo", beta=0.5)
-    full = preference_flow(model, pairs, loss, dt=0.05, num_steps=40).final
-    half = preference_flow(model, pairs, loss, dt=0.05, num_steps=20).final
-    half2 = preference_flow(half, pairs, loss, dt=0.05, num_steps=20).final
+    full = preference_flow(model, pairs, loss, dt=0.05, num_steps=40).run().final
+    half = preference_flow(model, pairs, loss, dt=0.05, num_steps=20).run().final
+    half2 = preference_flow(half, pairs, loss, dt=0.05, num_steps=20).run().final
     np.testing.assert_allclose(half2.unembedding[...], full.unembedding[...], rtol=1e-13)
     np.testing.assert_allclose(half2.hidden[...], full.hidden[...], rtol=1e-13)
 
@@ -86,7 +97,7 @@ def test_preference_flow_lowers_loss_and_is_reproducible():
         pairs = make_pairs(model, jnp.arange(5), jnp.arange(5), jnp.arange(5) + 10)
         return preference_flow(
             model, pairs, losses.make_loss("dpo", beta=0.1), dt=0.1, num_steps=200, record_every=10
-        )
+        ).run()
 
     traj = run(4)
     assert bool(jnp.all(jnp.diff(traj.loss) < 0)), traj.loss
@@ -110,7 +121,7 @@ def test_preference_flow_finite_difference_matches_theorems_4_5():
     predicted = logprob_velocity(model.unembedding[...], model.hidden[...][0], 3, 7, ell_prime)
     errors = []
     for dt in (1e-3, 1e-4, 1e-5):
-        traj = preference_flow(model, pairs, loss, dt=dt, num_steps=1)
+        traj = preference_flow(model, pairs, loss, dt=dt, num_steps=1).run()
         measured = (traj.observables.logprobs[1, 0] - traj.observables.logprobs[0, 0]) / dt
         errors.append(float(jnp.max(jnp.abs(measured - predicted))))
     order = np.polyfit(np.log([1e-3, 1e-4, 1e-5]), np.log(errors), 1)[0]
@@ -133,14 +144,16 @@ def test_rmsprop_torch_matches_torch_recurrence():
         dt=lr,
         num_steps=5,
         optimizer="rmsprop_torch",
-    )
+    ).run()
     np.testing.assert_allclose(traj.observables, xs, rtol=1e-12)
 
 
 def test_integrate_raises_naming_first_nonfinite_step():
     # Gradient ascent on x^2/2 with dt = 1e150: x = 1e150, 1e300, then inf at step 3 (float64).
     with pytest.raises(FloatingPointError, match=r"step 3 \(t = 3e\+150\)"):
-        integrate(lambda x, _: -0.5 * x**2, lambda x, _: x, jnp.array(1.0), dt=1e150, num_steps=4)
+        integrate(
+            lambda x, _: -0.5 * x**2, lambda x, _: x, jnp.array(1.0), dt=1e150, num_steps=4
+        ).run()
 
 
 @pytest.mark.parametrize(
@@ -157,12 +170,12 @@ def test_integrate_raises_naming_first_nonfinite_step():
 def test_integrate_rejects_bad_schedule(kwargs, match):
     args = {"dt": 0.1, "num_steps": 4, "record_every": 1} | kwargs
     with pytest.raises(ValueError, match=match):
-        integrate(_quadratic, lambda x, _: x, jnp.array(1.0), 1.0, **args)
+        integrate(_quadratic, lambda x, _: x, jnp.array(1.0), 1.0, **args).run()
 
 
 def test_integrate_rejects_nonfinite_initial_params():
     with pytest.raises(ValueError, match="must be finite"):
-        integrate(_quadratic, lambda x, _: x, jnp.array(jnp.nan), 1.0, dt=0.1, num_steps=1)
+        integrate(_quadratic, lambda x, _: x, jnp.array(jnp.nan), 1.0, dt=0.1, num_steps=1).run()
 
 
 def test_make_pairs_rejects_bad_pairs():
@@ -179,7 +192,7 @@ def test_make_pairs_rejects_bad_pairs():
 
 def test_sft_flow_raises_label_logprob():
     model = UnconstrainedFeatures(10, 4, 3, rngs=nnx.Rngs(2), dtype=jnp.float64)
-    traj = sft_flow(model, jnp.arange(3), jnp.array([1, 2, 3]), dt=0.5, num_steps=50)
+    traj = sft_flow(model, SFTData(jnp.arange(3), jnp.array([1, 2, 3])), dt=0.5, num_steps=50).run()
     assert bool(jnp.all(traj.observables[-1] > traj.observables[0]))
     assert traj.loss[-1] < traj.loss[0]
 
@@ -241,13 +254,15 @@ def test_stacked_flow_reports_the_diverging_run():
     with pytest.raises(FloatingPointError, match=r"1 of 2 runs; first: run \(1,\)"):
         integrate(
             lambda x, _: -0.5 * x**2, lambda x, _: x, xs, dt=1e150, num_steps=3, in_axes=(0, None)
-        )
+        ).run()
 
 
 def test_sft_flow_rejects_record_every_zero():
     model = UnconstrainedFeatures(5, 2, 2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="record_every must be a positive integer"):
-        sft_flow(model, [0], [1], dt=0.1, num_steps=4, record_every=0)
+        sft_flow(
+            model, SFTData(jnp.array([0]), jnp.array([1])), dt=0.1, num_steps=4, record_every=0
+        ).run()
 
 
 def test_preference_flow_rejects_out_of_range_ids_in_hand_built_pairs():
@@ -258,7 +273,7 @@ def test_preference_flow_rejects_out_of_range_ids_in_hand_built_pairs():
     z = jnp.zeros(1)
     bad = PreferencePairs(jnp.array([0]), jnp.array([7]), jnp.array([1]), z, z)
     with pytest.raises(ValueError, match=r"chosen must be token ids in \[0, V\) with V=5"):
-        preference_flow(model, bad, losses.make_loss("dpo"), dt=0.1, num_steps=1)
+        preference_flow(model, bad, losses.make_loss("dpo"), dt=0.1, num_steps=1).run()
 
 
 def test_stack_models_stacks_and_refuses_mismatch():

@@ -141,7 +141,7 @@ def _small_model(kind):
 def test_edit_pair_flow_satisfies_proposition_2_and_matches_integrate(kind):
     pre, model = _small_model(kind)
     kw = dict(beta=0.5, dt=0.05, num_steps=24, record_every=6)
-    result = edit_pair_flow(model, CHOSEN, REJECTED, pre, jnp.array([0.0, 3.0]), **kw)
+    result = edit_pair_flow(model, CHOSEN, REJECTED, pre, jnp.array([0.0, 3.0]), **kw).run()
     flow = result.observables
     # Proposition 2 (t = 0 sits on the hinge's kink, where autodiff averages the two sides)
     v, split = np.asarray(flow.velocity)[:, 1:], flow.split
@@ -160,7 +160,7 @@ def test_edit_pair_flow_satisfies_proposition_2_and_matches_integrate(kind):
     def obs(p, _):
         return nnx.merge(graphdef, p, rest)(jnp.asarray(pre.chosen))[jnp.arange(5), CHOSEN]
 
-    traj = integrate(loss, obs, params, dt=0.05, num_steps=24, record_every=6)
+    traj = integrate(loss, obs, params, dt=0.05, num_steps=24, record_every=6).run()
     np.testing.assert_allclose(flow.logprob_chosen[0], traj.observables, rtol=1e-12)
     np.testing.assert_allclose(result.t, traj.t, rtol=1e-15)
 
@@ -169,8 +169,10 @@ def test_edit_pair_flow_rejects_bad_lams():
     pre, model = _small_model("logit")
     kw = dict(beta=0.5, dt=0.05, num_steps=4, record_every=2)
     with pytest.raises(ValueError, match="lams must be >= 0"):
-        edit_pair_flow(model, CHOSEN, REJECTED, pre, jnp.array([-1.0]), **kw)
+        edit_pair_flow(model, CHOSEN, REJECTED, pre, jnp.array([-1.0]), **kw).run()
     with pytest.raises(ValueError, match=r"lams must have shape \[R\]"):
-        edit_pair_flow(model, CHOSEN, REJECTED, pre, jnp.array(1.0), **kw)
+        edit_pair_flow(model, CHOSEN, REJECTED, pre, jnp.array(1.0), **kw).run()
     with pytest.raises(ValueError, match="record_every must divide"):
-        edit_pair_flow(model, CHOSEN, REJECTED, pre, jnp.array([1.0]), **{**kw, "record_every": 3})
+        edit_pair_flow(
+            model, CHOSEN, REJECTED, pre, jnp.array([1.0]), **{**kw, "record_every": 3}
+        ).run()

@@ -131,7 +131,7 @@ def test_lowrank_preference_flow_matches_preference_flow_api():
     loss = make_loss("sft_term", base_loss="dpo", sft_coef=0.5)
     W0 = np.array(model.unembedding[...])
     kw = dict(dt=DT, num_steps=300, record_every=100, observe=_observe_with_norms)
-    full = preference_flow(model, pairs, loss, **kw)
+    full = preference_flow(model, pairs, loss, **kw).run()
     low = lowrank_preference_flow(model, pairs, loss, fold_every=37, **kw)
     (low_record, low_norms), (full_record, full_norms) = low.observables, full.observables
     for what, got, want in (

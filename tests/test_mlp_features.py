@@ -114,7 +114,9 @@ def test_frozen_unembedding_has_no_parameter_and_does_not_move():
     model = _model(0, rate=0.0)
     assert "unembedding_delta" not in nnx.split(model, nnx.Param, ...)[1]
     X = jnp.asarray(np.random.default_rng(0).normal(size=(5, F)))
-    res = feature_sft_flow(model, X, jnp.arange(5), dt=1e-2, num_steps=3, optimizer="rmsprop_torch")
+    res = feature_sft_flow(
+        model, X, jnp.arange(5), dt=1e-2, num_steps=3, optimizer="rmsprop_torch"
+    ).run()
     np.testing.assert_array_equal(res.final.unembedding_matrix(), model.unembedding_matrix())
     assert not np.allclose(res.final.fc_out[...], model.fc_out[...])  # the backbone trained
 
@@ -151,7 +153,7 @@ def test_feature_sft_flow_first_step_matches_explicit_step(optimizer):
             steps = [-dt * g for g in grads]
         else:
             steps = [-dt * g / (np.sqrt(0.01) * jnp.abs(g) + 1e-8) for g in grads]
-        res = feature_sft_flow(model, X, labels, dt=dt, num_steps=1, optimizer=optimizer)
+        res = feature_sft_flow(model, X, labels, dt=dt, num_steps=1, optimizer=optimizer).run()
         for name, p, s in zip(("fc_in", "fc_in_bias", "fc_out"), params, steps, strict=False):
             np.testing.assert_allclose(
                 getattr(res.final, name)[...], p + s, rtol=RTOL_AUTODIFF, atol=1e-14,
@@ -259,9 +261,9 @@ def test_stacked_feature_pairs_flow_equals_separate_flows():
     loss = make_loss("ipo", tau=0.5)
     stacked = jax.tree_util.tree_map(lambda a: a[:, None], pairs)
     kwargs = dict(dt=1e-2, num_steps=4, optimizer="rmsprop_torch")
-    together = preference_flow(model, stacked, loss, in_axes=(None, 0), **kwargs)
+    together = preference_flow(model, stacked, loss, in_axes=(None, 0), **kwargs).run()
     for r in range(3):
-        alone = preference_flow(model, FeaturePairs(*(a[r] for a in stacked)), loss, **kwargs)
+        alone = preference_flow(model, FeaturePairs(*(a[r] for a in stacked)), loss, **kwargs).run()
         np.testing.assert_allclose(together.loss[r], alone.loss, rtol=RTOL_AUTODIFF)
 
 
@@ -278,7 +280,7 @@ def test_scaled_mlp_features_rejects_bad_arguments():
         ScaledMLPFeatures(np.full((3, 2), np.nan), 2, parametrisation="lazy", **kw)
     model = ScaledMLPFeatures(W, 2, parametrisation="lazy", **kw)
     with pytest.raises(ValueError, match="label must have shape"):
-        feature_sft_flow(model, np.zeros((4, 2)), np.zeros(3, int), dt=0.1, num_steps=1)
+        feature_sft_flow(model, np.zeros((4, 2)), np.zeros(3, int), dt=0.1, num_steps=1).run()
 
 
 def test_integrate_model_trains_only_params():
@@ -289,7 +291,7 @@ def test_integrate_model_trains_only_params():
     def loss(m, x):
         return jnp.sum(m.hidden(x) ** 2) + jnp.sum(m.unembedding_matrix() ** 2)
 
-    res = integrate_model(model, loss, loss, X, dt=0.1, num_steps=2)
+    res = integrate_model(model, loss, loss, X, dt=0.1, num_steps=2).run()
     for name in ("fc_in_init", "fc_in_bias_init", "fc_out_init", "unembedding_base"):
         np.testing.assert_array_equal(getattr(res.final, name)[...], getattr(model, name)[...])
     assert float(res.final.output_scale[...]) == float(model.output_scale[...])

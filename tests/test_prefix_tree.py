@@ -104,7 +104,7 @@ def test_preference_flow_on_prefix_tree_pairs_lowers_the_loss():
     pairs = with_reference(data.model, data.pairs)
     traj = preference_flow(
         data.model, pairs, make_loss("dpo", beta=0.1), dt=0.5, num_steps=20, record_every=10
-    )
+    ).run()
     assert float(traj.loss[-1]) < float(traj.loss[0])
     np.testing.assert_allclose(
         np.asarray(traj.observables.logprob_chosen[0]),

@@ -100,7 +100,7 @@ def test_reduced_preference_flow_matches_preference_flow_api():
         model, jnp.array([0, 1, 1, 2]), jnp.array([3, 4, 7, 9]), jnp.array([5, 3, 4, 3])
     )
     loss = make_loss("dpo", beta=1.0)
-    full = preference_flow(model, pairs, loss, dt=DT, num_steps=NUM_STEPS, record_every=250)
+    full = preference_flow(model, pairs, loss, dt=DT, num_steps=NUM_STEPS, record_every=250).run()
     reduced = reduced_preference_flow(
         model, pairs, loss, dt=DT, num_steps=NUM_STEPS, record_every=250
     )

@@ -367,7 +367,7 @@ def test_rmsprop_first_step_matches_preconditioned_form():
     for dt in dts:
         res = integrate_model(
             model, _flow_loss, _flow_observe, prompt, dt=dt, num_steps=1, optimizer="rmsprop_torch"
-        )
+        ).run()
         stepped = nnx.split(res.final, nnx.Param, ...)[1]
         expected = jax.tree_util.tree_map(lambda x, g, p, dt=dt: x - dt * p * g, params, grads, P)
         for a, b in zip(

@@ -45,7 +45,7 @@ def test_flow_limit_matches_tilt(zero_fraction):
             dt=dt,
             num_steps=steps,
             record_every=steps // 100,
-        )
+        ).run()
         final = np.exp(np.asarray(traj.final(p_ref > 0)))
         # the limit compared with the closed form computed independently in NumPy
         w = np.asarray(p_ref) * np.exp(np.asarray(r) / beta)
@@ -63,7 +63,7 @@ def test_flow_t0_records_the_starting_policy():
     p_ref, r = jnp.array([0.25, 0.25, 0.5]), jnp.array([0.0, 1.0, -1.0])
     traj = kl_objective_flow(
         TabularPolicy(logits=jnp.zeros(3)), p_ref, r, beta=1.0, dt=0.1, num_steps=10
-    )
+    ).run()
     # uniform start: TV to the tilt computed by hand from the definition
     target = np.array([0.25, 0.25 * np.e, 0.5 / np.e])
     target /= target.sum()
@@ -79,11 +79,11 @@ def test_flow_rejects_bad_input():
     with pytest.raises(ValueError, match="policy logits must have shape"):
         kl_objective_flow(
             TabularPolicy(logits=jnp.zeros(3)), p_ref, r, beta=1.0, dt=0.1, num_steps=1
-        )
+        ).run()
     with pytest.raises(ValueError, match="beta must be > 0"):
         kl_objective_flow(
             TabularPolicy(logits=jnp.zeros(2)), p_ref, r, beta=0.0, dt=0.1, num_steps=1
-        )
+        ).run()
     with pytest.raises(ValueError, match="p_ref must sum to 1"):
         kl_objective_flow(
             TabularPolicy(logits=jnp.zeros(2)),
@@ -92,6 +92,6 @@ def test_flow_rejects_bad_input():
             beta=1.0,
             dt=0.1,
             num_steps=1,
-        )
+        ).run()
     with pytest.raises(ValueError, match="logits must be finite"):
         TabularPolicy(logits=jnp.array([0.0, jnp.inf]))

@@ -209,7 +209,7 @@ def test_preference_flow_zero_weight_pairs_do_not_matter():
     res = preference_flow(
         m, stacked, make_loss("dpo", beta=0.1), dt=0.1, num_steps=3, record_every=3,
         in_axes=(None, 0),
-    )  # fmt: skip
+    ).run()  # fmt: skip
     lp = np.asarray(res.observables)  # [2 runs, 2 checkpoints, 3 pairs]
     np.testing.assert_allclose(res.loss[0], res.loss[1], rtol=RTOL)
     np.testing.assert_allclose(lp[0][:, :2], lp[1][:, :2], rtol=RTOL)

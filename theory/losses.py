@@ -505,6 +505,23 @@ LOSSES: dict[str, PairLoss] = {
 MARGIN_CLASS = ("dpo", "ipo", "slic", "rebel", "gpo")
 
 
+class _Open:
+    """Marker of a numeric hyperparameter left open (bound at run time)."""
+
+    def __repr__(self) -> str:
+        return "<run-time value>"
+
+
+_OPEN = _Open()
+
+
+def _is_number(value: Any) -> bool:
+    """A numeric hyperparameter (float, int, NumPy/JAX scalar or array), not a bool or a loss."""
+    if isinstance(value, bool | np.bool_) or callable(value) or value is _OPEN:
+        return False
+    return isinstance(value, int | float | np.generic | np.ndarray | jax.Array)
+
+
 def _hash_key(value: Any) -> Any:
     """A hashable stand-in for a hyperparameter value (arrays by content; tracers by identity)."""
     if isinstance(value, BoundLoss) or callable(value):
@@ -557,6 +574,49 @@ class BoundLoss:
             ref_logprob_chosen,
             ref_logprob_rejected,
             **self.keywords,
+        )
+
+    def numbers(self) -> dict[str, Any]:
+        """The numeric hyperparameters (``beta``, ``tau``, ``lam``, ...), by name.
+
+        These are run-time values of a compiled flow (:class:`sims.flow.Flow`): a sweep over
+        ``beta`` compiles once. Booleans and functions (``base_loss``) are structure.
+
+        Example:
+          >>> make_loss("dpop", beta=0.5, lam=2.0).numbers()
+          {'beta': 0.5, 'lam': 2.0}
+        """
+        return {k: v for k, v in self.hyper if _is_number(v)}
+
+    def structure(self) -> BoundLoss:
+        """This loss with its numeric hyperparameters left open: equal for every ``beta``.
+
+        Bind values with :meth:`with_numbers`.
+
+        Example:
+          >>> make_loss("dpo", beta=0.1).structure() == make_loss("dpo", beta=9.0).structure()
+          True
+        """
+        return BoundLoss(
+            self.loss_type,
+            tuple((k, _OPEN if _is_number(v) else v) for k, v in self.hyper),
+        )
+
+    def with_numbers(self, numbers: dict[str, Any]) -> BoundLoss:
+        """This loss with the numeric hyperparameters ``numbers`` (traced values allowed).
+
+        Raises:
+          ValueError: ``numbers`` names a hyperparameter the loss has no numeric slot for, or
+            leaves one open.
+        """
+        slots = {k for k, v in self.hyper if v is _OPEN or _is_number(v)}
+        if set(numbers) != slots:
+            raise ValueError(
+                f"numbers must give exactly the numeric hyperparameters {sorted(slots)} of "
+                f"{self.loss_type}, got {sorted(numbers)}"
+            )
+        return BoundLoss(
+            self.loss_type, tuple((k, numbers.get(k, v)) for k, v in self.hyper)
         )
 
     def _key(self) -> tuple:
