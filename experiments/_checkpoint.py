@@ -24,6 +24,7 @@ import numpy as np
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    existing_path,
     nonnegative_int,
     one_of,
     progress,
@@ -43,6 +44,8 @@ from sims.tokenization import chat_template, load_tokenizer, special_tokens, wor
 from sims.transformer import pretrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+#: Values of ``--model`` that name no path: "" (the self-made checkpoint), "smollm2" (packaged).
+MODEL_WORDS = ("", "smollm2")
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,11 @@ class CheckpointConfig(ExperimentConfig):
     pretrain_steps: int = 300  # self-made: Adam steps (minibatch); 0 = untrained (smoke runs)
     batch_size: int = 64  # self-made: pre-training minibatch
 
-    RULES = {"pretrain_steps": nonnegative_int, "dtype": one_of(sorted(DTYPES))}
+    RULES = {
+        "pretrain_steps": nonnegative_int,
+        "dtype": one_of(sorted(DTYPES)),
+        "model": existing_path(allow=MODEL_WORDS),
+    }
     #: The self-made checkpoint of every checkpoint experiment's ``--smoke`` version (untrained).
     SMOKE: ClassVar[dict] = {
         "d_model": 16,

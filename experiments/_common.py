@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import io
 import json
@@ -30,6 +31,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import tokenize
 from collections.abc import Callable, Iterable, Sequence
@@ -43,6 +45,8 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sims.errors import InputError  # noqa: E402
+
 #: Default output folder: the repository's figures/.
 FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
 
@@ -50,7 +54,7 @@ FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
 COMMON_SWITCHES = ("--smoke", "--scale")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value breaks its rule; the message names the flag (``--beta``)."""
 
 
@@ -87,6 +91,52 @@ unit_interval = _rule("a number in (0, 1]", lambda x: _is_number(x) and 0 < x <=
 open_unit_interval = _rule("a number in (0, 1)", lambda x: _is_number(x) and 0 < x < 1)
 probability = _rule("a number in [0, 1]", lambda x: _is_number(x) and 0 <= x <= 1)
 finite = _rule("a finite number", _is_number)
+
+
+def existing_path(
+    kind: str = "file or folder", *, allow: Iterable[str] = ("",)
+) -> Callable[[str, Any], None]:
+    """Rule: a path to an existing, readable ``kind`` (``"file"``, ``"folder"`` or ``"file or
+    folder"``; symlinks followed), or one of the words in ``allow`` (default ``""``: none given).
+
+    Checked when the config is built, so a missing input stops ``python -m experiments`` before
+    the first experiment starts, not after its pre-training.
+    """
+    if kind not in ("file", "folder", "file or folder"):
+        raise ValueError(f"kind must be 'file', 'folder' or 'file or folder', got {kind!r}")
+    allowed = tuple(allow)
+    words = " or ".join(repr(w) if w else '""' for w in allowed)
+    text = f"an existing readable {kind}" + (f" or {words}" if allowed else "")
+
+    def check(name: str, value: Any) -> None:
+        if value in allowed:
+            return
+        problem = _path_problem(Path(value), kind) if isinstance(value, str) else "is not a path"
+        if problem:
+            raise ConfigError(f"{flag(name)} must be {text}, got {value!r}, which {problem}")
+
+    check.text = text
+    return check
+
+
+def existing_file(*, allow: Iterable[str] = ("",)) -> Callable[[str, Any], None]:
+    """Rule: a path to an existing, readable file, or one of ``allow`` (:func:`existing_path`)."""
+    return existing_path("file", allow=allow)
+
+
+def _path_problem(path: Path, kind: str) -> str | None:
+    """Why ``path`` is not a readable ``kind`` (as the end of a sentence), or None if it is."""
+    if not path.exists():  # follows symlinks
+        if path.is_symlink():
+            return f"is a symlink to {os.readlink(path)!r}, which does not exist"
+        return "does not exist"
+    if kind == "file" and not path.is_file():
+        return "is a folder" if path.is_dir() else "is not a regular file"
+    if kind == "folder" and not path.is_dir():
+        return "is not a folder"
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        return "is not readable (permission denied)"
+    return None
 
 
 def number_in(low: float, high: float) -> Callable[[str, Any], None]:
@@ -161,7 +211,8 @@ def default_rule(name: str, default: Any) -> Callable[[str, Any], None] | None:
     """The rule a field gets unless ``RULES`` names it: counts ``>= 1``, numbers ``> 0``.
 
     ``seed`` is ``>= 0``; other ints are counts (``>= 1``); floats are scales, steps or
-    coefficients (finite, ``> 0``); tuples are non-empty with entries following the same rules;
+    coefficients (finite, ``> 0``); a number whose default is 0 (``gamma: float = 0.0``, a term
+    off by default) is ``>= 0``; tuples are non-empty with entries following the same rules;
     strings and booleans are free (their own rules go in ``RULES``).
     """
     if isinstance(default, bool | str):
@@ -169,9 +220,9 @@ def default_rule(name: str, default: Any) -> Callable[[str, Any], None] | None:
     if name == "seed":
         return nonnegative_int
     if isinstance(default, int):
-        return positive_int
+        return nonnegative_int if default == 0 else positive_int
     if isinstance(default, float):
-        return positive
+        return nonnegative if default == 0 else positive
     if isinstance(default, tuple):
         inner = [default_rule(name, v) for v in default[:1]]
         return each(inner[0]) if inner and inner[0] is not None else each(lambda n, v: None)
@@ -349,16 +400,44 @@ def prepare_out_dir(out_dir: Path | str) -> Path:
 def save(
     name: str, results: dict, fig: plt.Figure, out_dir: Path | str = FIGURES_DIR
 ) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<name>.png`` and ``<out_dir>/<name>.json``; return both paths."""
+    """Write ``<out_dir>/<name>.png`` and ``<out_dir>/<name>.json``; return both paths.
+
+    A figure and its numbers always match: both are written to temporary files in ``out_dir``,
+    then renamed, the PNG first and the JSON last. The JSON's ``provenance.png_sha256`` is the
+    PNG's SHA-256, so a reader can check the pair (a run stopped between the two renames leaves
+    the new PNG beside the old JSON, which the hash exposes). An interrupt (SIGINT) or a failed
+    write (``OSError``, e.g. a full disk) removes the temporary files and is re-raised; the
+    previous pair is then left as it was.
+    """
     out = prepare_out_dir(out_dir)
     png, js = out / f"{name}.png", out / f"{name}.json"
-    text = dumps(results)
-    tmp = js.with_name(f"{js.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, js)
-    fig.savefig(png, dpi=120, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
+    temps: list[Path] = []
+    try:
+        tmp_png = _temp_file(out, png, temps)
+        fig.savefig(
+            tmp_png, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None}
+        )
+        digest = hashlib.sha256(tmp_png.read_bytes()).hexdigest()
+        record = {**results, "provenance": {**results.get("provenance", {}), "png_sha256": digest}}
+        tmp_js = _temp_file(out, js, temps)
+        tmp_js.write_text(dumps(record))
+        os.replace(tmp_png, png)
+        os.replace(tmp_js, js)  # last: a JSON never names a PNG that is not there
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return png, js
+
+
+def _temp_file(out: Path, target: Path, temps: list[Path]) -> Path:
+    """Create an empty ``.<target name>.<random>.tmp`` in ``out``; append it to ``temps``."""
+    fd, name = tempfile.mkstemp(dir=out, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    temps.append(Path(name))
+    return temps[-1]
 
 
 # --- the CLI

@@ -32,6 +32,7 @@ from experiments._analysis import statistic, statistic_text
 from experiments._checkpoint import CheckpointConfig, open_checkpoint, read_pairs
 from experiments._common import (
     enable_x64,
+    existing_file,
     experiment_main,
     parse_config,
     probability,
@@ -69,7 +70,7 @@ class Config(CheckpointConfig):
     keep_fraction: float = 0.0  # > 0: write the fraction with lowest ln-CHES (paper §6: 0.05)
     seed: int = 0
 
-    RULES = {**CheckpointConfig.RULES, "keep_fraction": probability}
+    RULES = {**CheckpointConfig.RULES, "keep_fraction": probability, "pairs": existing_file()}
 
     @classmethod
     def smoke(cls) -> Config:

@@ -33,6 +33,7 @@ from experiments._analysis import statistic_text, statistics
 from experiments._checkpoint import CheckpointConfig, open_checkpoint, read_pairs
 from experiments._common import (
     enable_x64,
+    existing_file,
     experiment_main,
     parse_config,
     progress,
@@ -62,6 +63,8 @@ class Config(CheckpointConfig):
     num_steps: int = 16  # full-batch DPO steps per subset (paper: one epoch = 16 steps)
     vmap_runs: bool = True  # train all 20 subsets in one vmap (False: one after another)
     seed: int = 0
+
+    RULES = {**CheckpointConfig.RULES, "pairs": existing_file()}
 
     @classmethod
     def smoke(cls) -> Config:
