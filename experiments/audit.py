@@ -31,6 +31,7 @@ import numpy as np
 from experiments._analysis import statistic, statistic_text
 from experiments._checkpoint import CheckpointConfig, open_checkpoint, read_pairs
 from experiments._common import (
+    cli,
     enable_x64,
     existing_file,
     experiment_main,
@@ -204,4 +205,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

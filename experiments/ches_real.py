@@ -32,6 +32,7 @@ import numpy as np
 from experiments._analysis import statistic_text, statistics
 from experiments._checkpoint import CheckpointConfig, open_checkpoint, read_pairs
 from experiments._common import (
+    cli,
     enable_x64,
     existing_file,
     experiment_main,
@@ -169,4 +170,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

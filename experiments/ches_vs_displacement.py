@@ -20,6 +20,7 @@ from experiments._analysis import stack, statistic_text, statistics
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     each,
     enable_x64,
     experiment_main,
@@ -202,4 +203,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

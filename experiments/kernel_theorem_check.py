@@ -37,6 +37,7 @@ from experiments._aot import AotProgram, abstract_model, sds
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     enable_x64,
     experiment_main,
     nonnegative_int,
@@ -432,4 +433,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

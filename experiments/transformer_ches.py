@@ -19,7 +19,7 @@ import numpy as np
 
 from experiments._analysis import percentile_window, statistics
 from experiments._aot import AotProgram, abstract_model, gather, program, sds, with_reference
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._common import cli, enable_x64, experiment_main, progress, provenance
 from experiments._transformer import PretrainConfig, initial_model, pretrain, pretrain_aot
 from sims.data import corpus
 from sims.flow import preference_flow, preference_flow_program
@@ -152,4 +152,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

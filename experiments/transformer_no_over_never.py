@@ -20,7 +20,7 @@ from flax import nnx
 
 from experiments._analysis import sign_match_rate, statistic_per_row
 from experiments._aot import AotProgram, abstract_model, expand, program, sds
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._common import cli, enable_x64, experiment_main, progress, provenance
 from experiments._plots import mean_band
 from experiments._transformer import PretrainConfig, initial_model, pretrain, pretrain_aot
 from sims.data import corpus
@@ -208,4 +208,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,21 +1,28 @@
 """Tests of experiments/_common.py beyond the command line (test_experiments_cli.py): the path
-rules and default rules of configs, the PNG + JSON pair written so that it always matches."""
+rules and default rules of configs, the PNG + JSON pair written so that it always matches, and the
+command-line context (one-line user errors, SIGTERM as an exception)."""
 
 import dataclasses
 import errno
 import hashlib
 import json
 import os
+import signal
+import tempfile
+import time
 
 import matplotlib.pyplot as plt
 import pytest
 
 from experiments._common import (
+    USER_ERRORS,
     ConfigError,
     ExperimentConfig,
+    error_line,
     existing_file,
     existing_path,
     save,
+    user_errors_as_one_line,
 )
 from sims.errors import InputError
 
@@ -127,3 +134,33 @@ def test_save_interrupted_keeps_the_old_pair_and_no_temporary_file(
     with pytest.raises(type(failure)):
         save("x", {"value": 2.0, "provenance": {}}, fig, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
+
+
+def test_sigterm_in_a_command_raises_and_removes_temporary_folders(tmp_path):
+    """SIGTERM killed the process outright, leaving the self-made checkpoint's temporary folder
+    in --out; under the command-line context it raises SystemExit(143), so ``with`` blocks clean
+    up."""
+    before = signal.getsignal(signal.SIGTERM)
+    context = user_errors_as_one_line(), tempfile.TemporaryDirectory(dir=tmp_path)
+    with pytest.raises(SystemExit) as exit_info, context[0], context[1]:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # not reached: the handler raises as soon as the signal arrives
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is restored
+
+
+def test_user_errors_are_one_line_and_debug_raises(capsys):
+    with pytest.raises(SystemExit) as exit_info, user_errors_as_one_line():
+        raise InputError("pairs.jsonl: no usable row;\n 3 row(s) skipped")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: pairs.jsonl: no usable row; 3 row(s) skipped\n"
+    with pytest.raises(InputError), user_errors_as_one_line(debug=True):
+        raise InputError("shown with its traceback")
+    with pytest.raises(ValueError, match="a bug"), user_errors_as_one_line():
+        raise ValueError("a bug keeps its traceback")  # not a user error
+    missing = FileNotFoundError(errno.ENOENT, "No such file or directory", "pairs.jsonl")
+    assert error_line(missing) == "pairs.jsonl: No such file or directory"
+    bad_json = json.JSONDecodeError("Expecting value", "x", 0)
+    assert error_line(bad_json) == "JSONDecodeError: Expecting value: line 1 column 1 (char 0)"
+    assert all(issubclass(e, BaseException) for e in USER_ERRORS)

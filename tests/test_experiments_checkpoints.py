@@ -115,3 +115,23 @@ def test_audit_with_an_undefined_spearman_keeps_every_output(tmp_path, rows):
     assert "not valid UTF-8" in {b["line"]: b["reason"] for b in res["skipped_rows"]}[latin1_line]
     assert len((out / "audit_pairs.jsonl").read_text().splitlines()) == res["num_pairs"]
     assert (out / "audit.png").stat().st_size > 0
+
+
+def test_audit_without_a_usable_row_lists_the_reasons_before_pretraining(
+    tmp_path, monkeypatch, capsys
+):
+    """The probe of issue 21: a file without a usable row said "skipped rows: []" after the
+    checkpoint was made; now the count and the first reasons, with line numbers, come first."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(b"{not json\n" + b"\xe9t\xe9\n" + json.dumps(ROWS[2]).encode() + b"\n")
+    monkeypatch.setattr(
+        audit, "open_checkpoint", lambda *a, **k: pytest.fail("the checkpoint was opened")
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["audit", "--smoke", "--pairs", str(pairs), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"error: {pairs}: no usable row; 3 row(s) skipped: line 1: not valid JSON"
+    )
+    assert "line 2: not valid UTF-8" in err and "line 3: missing field(s) ['rejected']" in err
