@@ -608,8 +608,10 @@ def sigterm_raises():
     """Context in which SIGTERM raises ``SystemExit(143)`` instead of killing the process.
 
     So ``with TemporaryDirectory()`` blocks (the self-made checkpoint inside ``--out``) and
-    :func:`save` remove their temporary files, as on SIGINT. The previous handler is restored on
-    exit; outside the main thread (where no handler can be set) nothing changes.
+    :func:`save` remove their temporary files, as on SIGINT. Python runs the handler between
+    bytecodes: a compiled call in progress (a jitted scan such as the pre-training) finishes
+    first. The previous handler is restored on exit; outside the main thread (where no handler
+    can be set) nothing changes.
     """
     previous = None
     if threading.current_thread() is threading.main_thread():
