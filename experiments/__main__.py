@@ -4,7 +4,13 @@ Runs the named experiments (default: every experiment of the main job, :data:`EX
 writing ``<out>/<name>.png`` and ``.json``. Flags go only to the experiments whose ``Config``
 defines them (``--smoke``, ``--out`` go to all; ``--scale`` to those with a bigger version).
 Everything is checked before the first experiment starts: unknown names, flags no selected
-experiment defines, unreadable or invalid values, an unusable output folder."""
+experiment defines, unreadable or invalid values, input paths that are missing or unreadable
+(``--pairs``, ``--model``), an unusable output folder.
+
+A user error (bad value, bad or missing file: :data:`experiments._common.USER_ERRORS`) prints one
+line ``error: ...`` and exits with status 2; ``--debug`` shows its traceback. Any other exception
+is a bug and keeps its traceback. SIGTERM stops the run like SIGINT: temporary files and folders
+in ``--out`` are removed."""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from experiments._common import (
     parse_config,
     prepare_out_dir,
     progress,
+    user_errors_as_one_line,
 )
 
 USAGE = (
@@ -44,7 +51,8 @@ def list_experiments() -> str:
     lines += [
         "",
         "common flags: --smoke (tiny version), --scale (GPU/TPU version, where defined),",
-        "              --out DIR (output folder, default figures/)",
+        "              --out DIR (output folder, default figures/),",
+        "              --debug (tracebacks; default: a user error is one line, exit status 2)",
     ]
     return "\n".join(lines)
 
@@ -78,15 +86,15 @@ def plan(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
     """Return ``[(name, its argv), ...]`` after checking names, flags, values and ``--out``.
 
     Raises:
-      SystemExit: with a message naming the unknown experiment, flag or bad value.
+      ConfigError: with a message naming the unknown experiment, flag, bad value or path.
     """
     names, flags = split_args(argv)
     if not names or names == ["all"]:
         names = list(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS and n not in EXTRA]
     if unknown:
-        raise SystemExit(
-            f"error: unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS + EXTRA)} "
+        raise ConfigError(
+            f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS + EXTRA)} "
             "(python -m experiments list)"
         )
     modules = {n: importlib.import_module(f"experiments.{n}") for n in names}
@@ -98,19 +106,16 @@ def plan(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
     }
     for key, _ in flags:
         if not any(key in a for a in accepted.values()):
-            raise SystemExit(
-                f"error: no selected experiment defines {key} (selected: {names}); see "
+            raise ConfigError(
+                f"no selected experiment defines {key} (selected: {names}); see "
                 f"python -m experiments.NAME --help"
             )
     for key, value in flags:
         if value is None and key not in _SWITCHES:
-            raise SystemExit(f"error: {key} needs a value\n{USAGE}")
+            raise ConfigError(f"{key} needs a value (python -m experiments --help)")
     out = [value for key, value in flags if key == "--out"]
     if out:
-        try:
-            prepare_out_dir(out[-1])
-        except ConfigError as err:
-            raise SystemExit(f"error: {err}") from None
+        prepare_out_dir(out[-1])
     runs = []
     for n in names:
         mine = []
@@ -123,16 +128,19 @@ def plan(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line ``argv``: a user error prints one line and exits with status 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args) or args[:1] == ["list"]:
         print(list_experiments())
         return
-    runs = plan(args)
-    start = time.perf_counter()
-    for i, (name, flags) in enumerate(runs, 1):
-        progress(f"=== [{i}/{len(runs)}] {name} {' '.join(flags)}".rstrip())
-        importlib.import_module(f"experiments.{name}").main(flags)
-    progress(f"=== all {len(runs)} experiments done in {time.perf_counter() - start:.1f} s")
+    debug = "--debug" in args
+    with user_errors_as_one_line(debug=debug):
+        runs = plan([a for a in args if a != "--debug"])
+        start = time.perf_counter()
+        for i, (name, flags) in enumerate(runs, 1):
+            progress(f"=== [{i}/{len(runs)}] {name} {' '.join(flags)}".rstrip())
+            importlib.import_module(f"experiments.{name}").main(flags)
+        progress(f"=== all {len(runs)} experiments done in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,11 @@ TERMINATE_GRACE_S = 10.0
 
 
 def _child(conn, stage: Callable[..., dict], kwargs: dict) -> None:
+    from experiments._common import sigterm_raises
+
     try:
-        conn.send(("ok", stage(**kwargs)))
+        with sigterm_raises():  # stopped at its time limit: temporary folders are removed
+            conn.send(("ok", stage(**kwargs)))
     except BaseException as err:  # noqa: BLE001 -- reported to the parent, whatever it was
         conn.send(("failed", f"{type(err).__name__}: {err}\n{traceback.format_exc()[-4000:]}"))
     finally:

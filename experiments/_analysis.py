@@ -3,17 +3,21 @@
 Each is written once here: the largest drop of a recorded probability, sign agreement (counted only
 where a value is resolved, or over every entry), relative errors (normwise and pointwise), the top
 tokens by a score or by their gain since the start, per-group means of per-run numbers, percentile
-windows and lowest-fraction subsets of a score order, and stacking of pytrees.
+windows and lowest-fraction subsets of a score order, stacking of pytrees, and summary statistics
+that are reported as ``null`` with a reason when undefined (one point, a constant input) instead of
+losing the run behind them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sims.scores import UndefinedStatistic
 
 
 def max_drop(series: Any, axis: int = -1) -> np.ndarray:
@@ -138,9 +142,77 @@ def groups(rows: Sequence[dict], key: str) -> dict[Hashable, list[dict]]:
     return out
 
 
-def mean_of(rows: Sequence[dict], key: str) -> float:
-    """Return the mean of ``row[key]`` over ``rows`` (a summary of per-run numbers)."""
-    return float(np.mean([r[key] for r in rows]))
+def mean_of(rows: Sequence[dict], key: str) -> float | None:
+    """Return the mean of ``row[key]`` over ``rows`` (a summary of per-run numbers).
+
+    Rows whose value is ``None`` (an undefined :func:`statistic`) are left out; ``None`` when
+    every row's is.
+
+    Example:
+      >>> mean_of([{"r": 0.5}, {"r": None}, {"r": 1.0}], "r")
+      0.75
+    """
+    values = [r[key] for r in rows if r[key] is not None]
+    return float(np.mean(values)) if values else None
+
+
+def statistic(key: str, fn: Callable[..., float], *args: Any) -> dict[str, float | str | None]:
+    """Return ``{key: fn(*args)}``, or ``{key: None, key + "_undefined_reason": why}`` when the
+    statistic is undefined for this input (:class:`sims.scores.UndefinedStatistic`).
+
+    Every summary statistic of a run goes through this: a Spearman correlation over one pair or
+    a constant input is reported as ``null`` with its reason, and the run's numbers are kept.
+
+    Example:
+      >>> from sims.scores import spearman
+      >>> statistic("rho", spearman, [1, 2, 3], [3, 2, 1])
+      {'rho': -1.0}
+      >>> statistic("rho", spearman, [1.0], [2.0])
+      {'rho': None, 'rho_undefined_reason': "Spearman's correlation needs >= 2 points, got 1"}
+    """
+    try:
+        return {key: fn(*args)}
+    except UndefinedStatistic as err:
+        return {key: None, f"{key}_undefined_reason": str(err)}
+
+
+def statistics(fn: Callable[..., float], args_by_key: dict[str, tuple]) -> dict[str, Any]:
+    """Return the :func:`statistic` of every ``key: args`` entry, merged into one dict.
+
+    Example:
+      >>> from sims.scores import spearman
+      >>> statistics(spearman, {"a": ([1, 2], [1, 2]), "b": ([1, 2], [5, 5])})["b_undefined_reason"]
+      "Spearman's correlation is undefined: y is constant (5)"
+    """
+    return {k: v for key, args in args_by_key.items() for k, v in statistic(key, fn, *args).items()}
+
+
+def statistic_per_row(key: str, fn: Callable[..., float], rows: Sequence[tuple]) -> dict[str, list]:
+    """Return ``{key: [fn(*row) or None, ...]}`` (:func:`statistic` per row), with
+    ``key + "_undefined_reason"`` (a reason or ``None`` per row) when any row's is undefined.
+
+    Example:
+      >>> from sims.scores import pearson
+      >>> out = statistic_per_row("r", pearson, [([1, 2], [2, 1]), ([1, 1], [1, 2])])
+      >>> out["r"], out["r_undefined_reason"][1]
+      ([-1.0, None], "Pearson's correlation is undefined: x is constant (1)")
+    """
+    entries = [statistic(key, fn, *row) for row in rows]
+    reason = f"{key}_undefined_reason"
+    out: dict[str, list] = {key: [e[key] for e in entries]}
+    if any(reason in e for e in entries):
+        out[reason] = [e.get(reason) for e in entries]
+    return out
+
+
+def statistic_text(value: float | None, spec: str = "+.2f") -> str:
+    """Return ``value`` formatted by ``spec``, or ``"undefined"`` for ``None`` (figure titles).
+
+    Example:
+      >>> statistic_text(-0.5), statistic_text(None)
+      ('-0.50', 'undefined')
+    """
+    return "undefined" if value is None else format(value, spec)
 
 
 def mean_gain(rows: Sequence[dict], key: str, *, at: int = -1) -> float:

@@ -24,17 +24,28 @@ import numpy as np
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    existing_path,
     nonnegative_int,
     one_of,
     progress,
 )
 from sims.checkpoints import load_causal_lm, save_causal_lm
 from sims.data import corpus
+from sims.data.preferences import (
+    BadRow,
+    PreferenceRow,
+    describe_bad_rows,
+    read_preference_jsonl,
+    write_preference_jsonl,
+)
 from sims.decoder import DecoderConfig, init_decoder
+from sims.errors import InputError
 from sims.tokenization import chat_template, load_tokenizer, special_tokens, word_level_tokenizer
 from sims.transformer import pretrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+#: Values of ``--model`` that name no path: "" (the self-made checkpoint), "smollm2" (packaged).
+MODEL_WORDS = ("", "smollm2")
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,11 @@ class CheckpointConfig(ExperimentConfig):
     pretrain_steps: int = 300  # self-made: Adam steps (minibatch); 0 = untrained (smoke runs)
     batch_size: int = 64  # self-made: pre-training minibatch
 
-    RULES = {"pretrain_steps": nonnegative_int, "dtype": one_of(sorted(DTYPES))}
+    RULES = {
+        "pretrain_steps": nonnegative_int,
+        "dtype": one_of(sorted(DTYPES)),
+        "model": existing_path(allow=MODEL_WORDS),
+    }
     #: The self-made checkpoint of every checkpoint experiment's ``--smoke`` version (untrained).
     SMOKE: ClassVar[dict] = {
         "d_model": 16,
@@ -189,6 +204,38 @@ def request_preference_rows(rng: np.random.Generator, *, pairs_per_prompt: int) 
                 }
             )
     return rows
+
+
+def read_pairs(
+    config: Any, *, name: str, workdir: Path | None
+) -> tuple[list[PreferenceRow], list[BadRow]]:
+    """Return ``(rows, bad)`` of ``config.pairs``, or of pairs generated from the corpus
+    (:func:`request_preference_rows`, ``config.pairs_per_prompt`` per prompt, written to JSONL in
+    a temporary folder inside ``workdir`` and read back) when it is ``""``; print each skipped line.
+
+    Called before the checkpoint is opened, so a file without one usable row stops the run before
+    any pre-training.
+
+    Raises:
+      InputError: no row is usable (the message gives the count and the first reasons).
+    """
+    if config.pairs:
+        rows, bad = read_preference_jsonl(config.pairs)
+    else:
+        generated = request_preference_rows(
+            np.random.default_rng(config.seed), pairs_per_prompt=config.pairs_per_prompt
+        )
+        if workdir is not None:
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            rows, bad = read_preference_jsonl(
+                write_preference_jsonl(Path(tmp) / "generated.jsonl", generated)
+            )
+    for b in bad:
+        progress(f"[{name}] skipped line {b.line}: {b.reason}")
+    if not rows:
+        raise InputError(f"{config.pairs}: no usable row; {describe_bad_rows(bad)}")
+    return rows, bad
 
 
 def largest_decrease(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

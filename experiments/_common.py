@@ -13,23 +13,34 @@ before any experiment starts, which needs our own pre-parse either way, and tyro
 tuple syntax would change every documented command.
 
 Validation happens when a config is built (:meth:`ExperimentConfig.__post_init__`): each field's
-type, then its rule -- the one in the class's ``RULES`` (``{"loss_types": each(one_of(...))}``),
-else the default (counts >= 1, numbers > 0, ``seed`` >= 0); errors name the flag. The output folder
-is created and checked writable before a run starts (:func:`prepare_out_dir`).
+type, then its rule -- the one in the class's ``RULES`` (``{"loss_types": each(one_of(...))}``,
+``{"pairs": existing_file()}``), else the default (counts >= 1, numbers > 0, a number whose default
+is 0 >= 0, ``seed`` >= 0); errors name the flag. Input paths are thus checked before any experiment
+starts. The output folder is created and checked writable before a run starts
+(:func:`prepare_out_dir`); :func:`save` writes the PNG + JSON pair so that it always matches.
+
+On the command line (:func:`cli`, ``python -m experiments``) a user error (:data:`USER_ERRORS`)
+prints one line ``error: ...`` and exits with status 2 (``--debug``: the traceback), and SIGTERM
+raises, so temporary files and folders in the output folder are removed as on SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import inspect
 import io
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import tokenize
 from collections.abc import Callable, Iterable, Sequence
@@ -43,14 +54,34 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sims.errors import InputError  # noqa: E402
+
 #: Default output folder: the repository's figures/.
 FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
 
 #: Switches every experiment takes (besides its Config fields).
-COMMON_SWITCHES = ("--smoke", "--scale")
+COMMON_SWITCHES = ("--smoke", "--scale", "--debug")
+
+#: Exceptions that are the user's fault, not the code's: the command line (:func:`cli`, ``python
+#: -m experiments``) prints them as one line ``error: ...`` and exits with status 2 (``--debug``
+#: shows the traceback). The rule: a bad value or file content is an :class:`InputError`
+#: (:class:`ConfigError` included); a named path that cannot be opened is one of the OS errors
+#: here; an input that cannot be decoded is a decode error. The experiments read no files but
+#: those the user names (``--pairs``, ``--model``, ``--out``), so these never come from the
+#: code. Any other exception (a plain ``ValueError``, ``FloatingPointError``, an ``OSError`` such
+#: as a full disk) is a bug or an environment failure and keeps its traceback.
+USER_ERRORS = (
+    InputError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    UnicodeDecodeError,
+    json.JSONDecodeError,
+)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value breaks its rule; the message names the flag (``--beta``)."""
 
 
@@ -87,6 +118,52 @@ unit_interval = _rule("a number in (0, 1]", lambda x: _is_number(x) and 0 < x <=
 open_unit_interval = _rule("a number in (0, 1)", lambda x: _is_number(x) and 0 < x < 1)
 probability = _rule("a number in [0, 1]", lambda x: _is_number(x) and 0 <= x <= 1)
 finite = _rule("a finite number", _is_number)
+
+
+def existing_path(
+    kind: str = "file or folder", *, allow: Iterable[str] = ("",)
+) -> Callable[[str, Any], None]:
+    """Rule: a path to an existing, readable ``kind`` (``"file"``, ``"folder"`` or ``"file or
+    folder"``; symlinks followed), or one of the words in ``allow`` (default ``""``: none given).
+
+    Checked when the config is built, so a missing input stops ``python -m experiments`` before
+    the first experiment starts, not after its pre-training.
+    """
+    if kind not in ("file", "folder", "file or folder"):
+        raise ValueError(f"kind must be 'file', 'folder' or 'file or folder', got {kind!r}")
+    allowed = tuple(allow)
+    words = " or ".join(repr(w) if w else '""' for w in allowed)
+    text = f"an existing readable {kind}" + (f" or {words}" if allowed else "")
+
+    def check(name: str, value: Any) -> None:
+        if value in allowed:
+            return
+        problem = _path_problem(Path(value), kind) if isinstance(value, str) else "is not a path"
+        if problem:
+            raise ConfigError(f"{flag(name)} must be {text}, got {value!r}, which {problem}")
+
+    check.text = text
+    return check
+
+
+def existing_file(*, allow: Iterable[str] = ("",)) -> Callable[[str, Any], None]:
+    """Rule: a path to an existing, readable file, or one of ``allow`` (:func:`existing_path`)."""
+    return existing_path("file", allow=allow)
+
+
+def _path_problem(path: Path, kind: str) -> str | None:
+    """Why ``path`` is not a readable ``kind`` (as the end of a sentence), or None if it is."""
+    if not path.exists():  # follows symlinks
+        if path.is_symlink():
+            return f"is a symlink to {os.readlink(path)!r}, which does not exist"
+        return "does not exist"
+    if kind == "file" and not path.is_file():
+        return "is a folder" if path.is_dir() else "is not a regular file"
+    if kind == "folder" and not path.is_dir():
+        return "is not a folder"
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        return "is not readable (permission denied)"
+    return None
 
 
 def number_in(low: float, high: float) -> Callable[[str, Any], None]:
@@ -161,7 +238,8 @@ def default_rule(name: str, default: Any) -> Callable[[str, Any], None] | None:
     """The rule a field gets unless ``RULES`` names it: counts ``>= 1``, numbers ``> 0``.
 
     ``seed`` is ``>= 0``; other ints are counts (``>= 1``); floats are scales, steps or
-    coefficients (finite, ``> 0``); tuples are non-empty with entries following the same rules;
+    coefficients (finite, ``> 0``); a number whose default is 0 (``gamma: float = 0.0``, a term
+    off by default) is ``>= 0``; tuples are non-empty with entries following the same rules;
     strings and booleans are free (their own rules go in ``RULES``).
     """
     if isinstance(default, bool | str):
@@ -169,9 +247,9 @@ def default_rule(name: str, default: Any) -> Callable[[str, Any], None] | None:
     if name == "seed":
         return nonnegative_int
     if isinstance(default, int):
-        return positive_int
+        return nonnegative_int if default == 0 else positive_int
     if isinstance(default, float):
-        return positive
+        return nonnegative if default == 0 else positive
     if isinstance(default, tuple):
         inner = [default_rule(name, v) for v in default[:1]]
         return each(inner[0]) if inner and inner[0] is not None else each(lambda n, v: None)
@@ -349,16 +427,44 @@ def prepare_out_dir(out_dir: Path | str) -> Path:
 def save(
     name: str, results: dict, fig: plt.Figure, out_dir: Path | str = FIGURES_DIR
 ) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<name>.png`` and ``<out_dir>/<name>.json``; return both paths."""
+    """Write ``<out_dir>/<name>.png`` and ``<out_dir>/<name>.json``; return both paths.
+
+    A figure and its numbers always match: both are written to temporary files in ``out_dir``,
+    then renamed, the PNG first and the JSON last. The JSON's ``provenance.png_sha256`` is the
+    PNG's SHA-256, so a reader can check the pair (a run stopped between the two renames leaves
+    the new PNG beside the old JSON, which the hash exposes). An interrupt (SIGINT; SIGTERM under
+    :func:`cli`) or a failed write (``OSError``, e.g. a full disk) removes the temporary files and
+    is re-raised; the previous pair is then left as it was.
+    """
     out = prepare_out_dir(out_dir)
     png, js = out / f"{name}.png", out / f"{name}.json"
-    text = dumps(results)
-    tmp = js.with_name(f"{js.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, js)
-    fig.savefig(png, dpi=120, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
+    temps: list[Path] = []
+    try:
+        tmp_png = _temp_file(out, png, temps)
+        fig.savefig(
+            tmp_png, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None}
+        )
+        digest = hashlib.sha256(tmp_png.read_bytes()).hexdigest()
+        record = {**results, "provenance": {**results.get("provenance", {}), "png_sha256": digest}}
+        tmp_js = _temp_file(out, js, temps)
+        tmp_js.write_text(dumps(record))
+        os.replace(tmp_png, png)
+        os.replace(tmp_js, js)  # last: a JSON never names a PNG that is not there
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return png, js
+
+
+def _temp_file(out: Path, target: Path, temps: list[Path]) -> Path:
+    """Create an empty ``.<target name>.<random>.tmp`` in ``out``; append it to ``temps``."""
+    fd, name = tempfile.mkstemp(dir=out, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    temps.append(Path(name))
+    return temps[-1]
 
 
 # --- the CLI
@@ -370,7 +476,8 @@ def config_flags(config_cls: type) -> dict[str, dataclasses.Field]:
 
 
 def build_parser(config_cls: type, prog: str | None = None) -> argparse.ArgumentParser:
-    """Return an experiment's argparse parser: its fields, ``--smoke``, ``--scale``, ``--out``."""
+    """Return an experiment's argparse parser: its fields, ``--smoke``, ``--scale``, ``--out``,
+    ``--debug``."""
     doc = (config_cls.__doc__ or "").strip().splitlines()
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -383,6 +490,9 @@ def build_parser(config_cls: type, prog: str | None = None) -> argparse.Argument
             "--scale", action="store_true", help="bigger GPU/TPU version (Config.scaled())"
         )
     parser.add_argument("--out", default=str(FIGURES_DIR), help="output folder (default figures/)")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks (default: a user error is one line)"
+    )
     comments = field_comments(config_cls)
     rules = getattr(config_cls, "RULES", {})
     for f in dataclasses.fields(config_cls):
@@ -410,7 +520,8 @@ def parse_config(
     explicit flags override either default.
 
     Raises:
-      SystemExit: unreadable or invalid values (message names the flag), unknown flags.
+      ConfigError: unreadable or invalid values (the message names the flag).
+      SystemExit: unknown flags (argparse's message and status 2).
     """
     config, out_dir, _ = _parse(config_cls, argv, prog)
     return config, out_dir
@@ -423,19 +534,14 @@ def _parse(
     args = build_parser(config_cls, prog).parse_args(argv)
     scale = getattr(args, "scale", False)
     if args.smoke and scale:
-        raise SystemExit("--smoke and --scale exclude each other")
-    try:
-        config = (
-            config_cls.smoke() if args.smoke else config_cls.scaled() if scale else config_cls()
-        )
-        overrides = {}
-        for f in dataclasses.fields(config_cls):
-            raw = getattr(args, f.name)
-            if raw is not None:
-                overrides[f.name] = _convert(raw, getattr(config, f.name), f.name)
-        return dataclasses.replace(config, **overrides), Path(args.out), scale
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise ConfigError("--smoke and --scale exclude each other")
+    config = config_cls.smoke() if args.smoke else config_cls.scaled() if scale else config_cls()
+    overrides = {}
+    for f in dataclasses.fields(config_cls):
+        raw = getattr(args, f.name)
+        if raw is not None:
+            overrides[f.name] = _convert(raw, getattr(config, f.name), f.name)
+    return dataclasses.replace(config, **overrides), Path(args.out), scale
 
 
 def _convert(raw: str, default: Any, name: str) -> Any:
@@ -462,12 +568,12 @@ def experiment_main(
     argv: Sequence[str] | None = None,
     summary: Callable[[dict], str] | None = None,
 ) -> dict:
-    """Parse flags, check the output folder, run, plot, save PNG + JSON, print paths and numbers."""
+    """Parse flags, check the output folder, run, plot, save PNG + JSON, print paths and numbers.
+
+    Errors are raised (:func:`cli` turns a user error into one line).
+    """
     config, out_dir, scale = _parse(config_cls, argv, f"python -m experiments.{name}")
-    try:
-        out_dir = prepare_out_dir(out_dir)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    out_dir = prepare_out_dir(out_dir)
     if scale:
         print_memory_estimate(name, config)
     start = time.perf_counter()
@@ -479,6 +585,73 @@ def experiment_main(
         progress(f"[{name}] {summary(results)}")
     sys.stdout.flush()
     return results
+
+
+def error_line(err: BaseException) -> str:
+    """Return the one-line message :func:`cli` prints for a user error (without ``error: ``).
+
+    Example:
+      >>> error_line(FileNotFoundError(2, "No such file or directory", "pairs.jsonl"))
+      'pairs.jsonl: No such file or directory'
+    """
+    if isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror}"
+    elif isinstance(err, InputError):
+        text = str(err)
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Context in which SIGTERM raises ``SystemExit(143)`` instead of killing the process.
+
+    So ``with TemporaryDirectory()`` blocks (the self-made checkpoint inside ``--out``) and
+    :func:`save` remove their temporary files, as on SIGINT. Python runs the handler between
+    bytecodes: a compiled call in progress (a jitted scan such as the pre-training) finishes
+    first. The previous handler is restored on exit; outside the main thread (where no handler
+    can be set) nothing changes.
+    """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_on_signal)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def user_errors_as_one_line(*, debug: bool = False):
+    """Context of a command-line entry: a user error (:data:`USER_ERRORS`) prints ``error: ...``
+    on one line and exits with status 2, unless ``debug``; SIGTERM raises (:func:`sigterm_raises`).
+
+    Raises:
+      SystemExit: status 2 after a user error; 128 + 15 on SIGTERM.
+    """
+    try:
+        with sigterm_raises():
+            yield
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
+    """Run an experiment's ``main`` as ``python -m experiments.<name>``: one line for a user
+    error (status 2), a traceback with ``--debug`` or for any other error
+    (:func:`user_errors_as_one_line`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    with user_errors_as_one_line(debug="--debug" in args):
+        main(args)
 
 
 def print_memory_estimate(name: str, config: Any) -> dict | None:

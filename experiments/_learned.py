@@ -17,11 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments._analysis import max_drop, relative_error, sign_agreement, top_gainers
+from experiments._analysis import (
+    max_drop,
+    relative_error,
+    sign_agreement,
+    statistic,
+    top_gainers,
+)
 from sims.bert import load_bert_tokenizer
 from sims.data.real_embeddings import load_minilm, minilm_dir, word_subset
 from sims.kernel import hidden_kernel, rmsprop_preconditioner, velocity_channels
 from sims.mlp_features import feature_sft_flow
+from sims.scores import pearson
 from theory.kernel import kernel_anisotropy, preconditioned_logprob_velocity
 from theory.losses import margin_derivative, mean_pair_loss
 from theory.single_token import logprob_velocity
@@ -223,7 +230,10 @@ def _first_loss(m, loss, x, y_pos, y_neg):
 
 
 def _stats(values) -> dict:
-    v = np.asarray(values, float)
+    """Mean, min and max over the runs whose value is defined (not None); None if none is."""
+    v = np.asarray([x for x in values if x is not None], float)
+    if not v.size:
+        return {"mean": None, "min": None, "max": None}
     return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
 
 
@@ -238,7 +248,7 @@ def _compare(pred: np.ndarray, truth: np.ndarray) -> dict:
         "rel_err": float(relative_error(pred, truth)),
         "sign_agreement": rate,
         "signs_compared": count,
-        "correlation": float(np.corrcoef(pred, truth)[0, 1]),
+        **statistic("correlation", pearson, pred, truth),
     }
 
 

@@ -33,6 +33,7 @@ from experiments._aot import GIB
 from experiments._common import (
     FIGURES_DIR,
     ExperimentConfig,
+    cli,
     each,
     experiment_main,
     one_of,
@@ -207,4 +208,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -22,20 +22,18 @@ import csv
 import functools
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._checkpoint import (
-    CheckpointConfig,
-    open_checkpoint,
-    request_preference_rows,
-)
+from experiments._analysis import statistic, statistic_text
+from experiments._checkpoint import CheckpointConfig, open_checkpoint, read_pairs
 from experiments._common import (
+    cli,
     enable_x64,
+    existing_file,
     experiment_main,
     parse_config,
     probability,
@@ -43,7 +41,7 @@ from experiments._common import (
     provenance,
 )
 from sims.audit import audit_pairs
-from sims.data.preferences import encode_preferences, read_preference_jsonl, write_preference_jsonl
+from sims.data.preferences import encode_preferences, write_preference_jsonl
 from sims.scores import spearman
 from theory.losses import make_loss
 
@@ -73,7 +71,7 @@ class Config(CheckpointConfig):
     keep_fraction: float = 0.0  # > 0: write the fraction with lowest ln-CHES (paper §6: 0.05)
     seed: int = 0
 
-    RULES = {**CheckpointConfig.RULES, "keep_fraction": probability}
+    RULES = {**CheckpointConfig.RULES, "keep_fraction": probability, "pairs": existing_file()}
 
     @classmethod
     def smoke(cls) -> Config:
@@ -82,15 +80,8 @@ class Config(CheckpointConfig):
 
 def run(config: Config, *, workdir=None) -> dict:
     enable_x64()  # as the main job: float64 scalars beside the checkpoint's dtype
+    rows, bad = read_pairs(config, name=NAME, workdir=workdir)  # before any pre-training
     ckpt = open_checkpoint(config, seed=config.seed, workdir=workdir)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        source = config.pairs or write_preference_jsonl(
-            Path(tmp) / "generated.jsonl",
-            request_preference_rows(
-                np.random.default_rng(config.seed), pairs_per_prompt=config.pairs_per_prompt
-            ),
-        )
-        rows, bad = read_preference_jsonl(source)
     enc = encode_preferences(
         ckpt.tokenizer,
         rows,
@@ -100,9 +91,9 @@ def run(config: Config, *, workdir=None) -> dict:
         template=ckpt.template,
         tokens=ckpt.tokens,
     )
-    bad = sorted(bad + enc.bad)
-    for b in bad:
+    for b in enc.bad:
         progress(f"[{NAME}] skipped line {b.line}: {b.reason}")
+    bad = sorted(bad + enc.bad)
     audit = audit_pairs(
         ckpt.model,
         enc.chosen,
@@ -129,36 +120,33 @@ def run(config: Config, *, workdir=None) -> dict:
         per_pair.append(entry)
     keep = int(math.ceil(config.keep_fraction * len(per_pair)))
     kept = sorted(enc.lines[np.argsort(audit.ches_ln, kind="stable")[:keep]].tolist())
+    if workdir is not None:  # the per-pair files first: no summary below can lose them
+        _write_outputs(Path(workdir), config, per_pair, [by_line[line] for line in kept])
     displacing = audit.velocity_chosen < 0
-    results = {
+    return {
         "config": config,
         "checkpoint": ckpt.describe(config),
         "num_pairs": len(per_pair),
         "skipped_rows": [b._asdict() for b in bad],
         "pairs": per_pair,
         "fraction_predicted_displacing": float(displacing.mean()),
-        "spearman_velocity_vs_ches": spearman(audit.ches, audit.velocity_chosen),
-        "spearman_velocity_vs_ches_ln": spearman(audit.ches_ln, audit.velocity_chosen),
+        **statistic("spearman_velocity_vs_ches", spearman, audit.ches, audit.velocity_chosen),
+        **statistic("spearman_velocity_vs_ches_ln", spearman, audit.ches_ln, audit.velocity_chosen),
         "kept_lines": kept,
         "provenance": provenance(dtype_of=audit.velocity_chosen),
     }
-    if workdir is not None:
-        _write_outputs(Path(workdir), results, [by_line[line] for line in kept])
-    return results
 
 
-def _write_outputs(out: Path, results: dict, kept_rows) -> None:
+def _write_outputs(out: Path, config: Config, per_pair: list[dict], kept_rows) -> None:
     fields = ["line", *NUMBERS, "single_token", "gainers"]
     with open(out / f"{NAME}_pairs.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
-        for p in results["pairs"]:
+        for p in per_pair:
             gainers = " ".join(g["token"] for g in p["gainers"]) if p["gainers"] else ""
             writer.writerow({**p, "gainers": gainers})
-    (out / f"{NAME}_pairs.jsonl").write_text(
-        "".join(json.dumps(p) + "\n" for p in results["pairs"])
-    )
-    if results["config"].keep_fraction > 0:
+    (out / f"{NAME}_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in per_pair))
+    if config.keep_fraction > 0:
         write_preference_jsonl(out / f"{NAME}_filtered.jsonl", kept_rows)
     progress(
         f"[{NAME}] wrote {NAME}_pairs.csv, {NAME}_pairs.jsonl"
@@ -189,7 +177,7 @@ def plot(results: dict) -> plt.Figure:
     axes[3].set(
         xlabel="length-normalised CHES",
         ylabel="d/dt ln pi(y+|x)",
-        title=f"Spearman {results['spearman_velocity_vs_ches_ln']:+.2f}",
+        title=f"Spearman {statistic_text(results['spearman_velocity_vs_ches_ln'])}",
     )
     fig.suptitle(
         f"{results['checkpoint']['source']}: {results['num_pairs']} pairs, "
@@ -203,8 +191,8 @@ def _summary(r: dict) -> str:
     return (
         f"{r['num_pairs']} pairs ({len(r['skipped_rows'])} rows skipped); "
         f"{r['fraction_predicted_displacing']:.1%} predicted to displace y+; Spearman "
-        f"(velocity, CHES) {r['spearman_velocity_vs_ches']:+.2f}, (velocity, ln-CHES) "
-        f"{r['spearman_velocity_vs_ches_ln']:+.2f}"
+        f"(velocity, CHES) {statistic_text(r['spearman_velocity_vs_ches'])}, (velocity, ln-CHES) "
+        f"{statistic_text(r['spearman_velocity_vs_ches_ln'])}"
     )
 
 
@@ -217,4 +205,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -23,6 +23,7 @@ from experiments import _bench as bm
 from experiments import _roofline as rf
 from experiments._common import (
     ExperimentConfig,
+    cli,
     each,
     experiment_main,
     nonnegative_int,
@@ -238,4 +239,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -22,22 +22,25 @@ rank displacement).
 from __future__ import annotations
 
 import functools
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._checkpoint import (
-    CheckpointConfig,
-    open_checkpoint,
-    request_preference_rows,
+from experiments._analysis import statistic_text, statistics
+from experiments._checkpoint import CheckpointConfig, open_checkpoint, read_pairs
+from experiments._common import (
+    cli,
+    enable_x64,
+    existing_file,
+    experiment_main,
+    parse_config,
+    progress,
+    provenance,
 )
-from experiments._common import enable_x64, experiment_main, parse_config, progress, provenance
-from sims.data.preferences import encode_preferences, read_preference_jsonl, write_preference_jsonl
+from sims.data.preferences import encode_preferences
 from sims.flow import preference_flow
 from sims.scores import percentile_subsets, spearman, transformer_pair_scores
 from sims.transformer import make_transformer_pairs
@@ -62,6 +65,8 @@ class Config(CheckpointConfig):
     vmap_runs: bool = True  # train all 20 subsets in one vmap (False: one after another)
     seed: int = 0
 
+    RULES = {**CheckpointConfig.RULES, "pairs": existing_file()}
+
     @classmethod
     def smoke(cls) -> Config:
         return cls(**cls.SMOKE, pairs_per_prompt=1, subset_size=4, num_steps=2)
@@ -69,17 +74,8 @@ class Config(CheckpointConfig):
 
 def run(config: Config, *, workdir=None) -> dict:
     enable_x64()  # as the main job: float64 scalars beside the checkpoint's dtype
+    rows, bad = read_pairs(config, name=NAME, workdir=workdir)  # before any pre-training
     ckpt = open_checkpoint(config, seed=config.seed, workdir=workdir)
-    if config.pairs:
-        rows, bad = read_preference_jsonl(config.pairs)
-    else:
-        generated = request_preference_rows(
-            np.random.default_rng(config.seed), pairs_per_prompt=config.pairs_per_prompt
-        )
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            rows, bad = read_preference_jsonl(
-                write_preference_jsonl(Path(tmp) / "p.jsonl", generated)
-            )
     enc = encode_preferences(
         ckpt.tokenizer,
         rows,
@@ -89,9 +85,9 @@ def run(config: Config, *, workdir=None) -> dict:
         template=ckpt.template,
         tokens=ckpt.tokens,
     )
-    bad = bad + enc.bad
-    for b in bad:
+    for b in enc.bad:
         progress(f"[{NAME}] skipped line {b.line}: {b.reason}")
+    bad = bad + enc.bad
     model = ckpt.model
     scores = transformer_pair_scores(model, enc.chosen, enc.rejected)
     progress(f"[{NAME}] scored {len(enc.lines)} pairs ({len(bad)} rows skipped)")
@@ -119,9 +115,9 @@ def run(config: Config, *, workdir=None) -> dict:
         losses = np.stack([np.asarray(o.loss) for o in outs])
         lp = np.stack([np.asarray(o.observables) for o in outs])
     change = (lp[:, -1] - lp[:, 0]).mean(-1).reshape(len(SCORES), len(PERCENTILES))
-    rank = {s: spearman(PERCENTILES, change[i]) for i, s in enumerate(SCORES)}
+    rank = statistics(spearman, {s: (PERCENTILES, change[i]) for i, s in enumerate(SCORES)})
     criteria = {
-        "ches_spearman_at_most_-0.9": rank["ches"] <= -0.9,
+        "ches_spearman_at_most_-0.9": rank["ches"] is not None and rank["ches"] <= -0.9,
         "ches_0th_percentile_rises": bool(change[0, 0] > 0),
         "ches_100th_percentile_falls": bool(change[0, -1] < 0),
     }
@@ -153,7 +149,7 @@ def plot(results: dict) -> plt.Figure:
         )
         ax.axhline(0, color="k", lw=0.5)
         rho = results["spearman_percentile_vs_change"][s]
-        ax.set(title=f"{s} (Spearman {rho:+.2f})", xlabel="score percentile")
+        ax.set(title=f"{s} (Spearman {statistic_text(rho)})", xlabel="score percentile")
     axes[0].set(ylabel="change of mean ln pi(y+|x)")
     fig.suptitle(f"{results['checkpoint']['source']}: {results['verdict']}", y=1.02)
     fig.tight_layout()
@@ -162,7 +158,7 @@ def plot(results: dict) -> plt.Figure:
 
 def _summary(r: dict) -> str:
     changes = "; ".join(f"{s}: {np.round(r['logprob_change'][s], 2).tolist()}" for s in SCORES)
-    rho = {s: round(v, 2) for s, v in r["spearman_percentile_vs_change"].items()}
+    rho = {s: statistic_text(r["spearman_percentile_vs_change"][s]) for s in SCORES}
     return f"{r['verdict']}: Spearman {rho}; changes {changes}"
 
 
@@ -174,4 +170,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

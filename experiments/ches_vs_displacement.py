@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import stack
+from experiments._analysis import stack, statistic_text, statistics
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     each,
     enable_x64,
     experiment_main,
@@ -129,7 +130,9 @@ def _one_seed(config: Config, seed: int) -> dict:
         "change_mean_logprob_chosen": change.reshape(shape),
         "loss_change": loss_change.reshape(shape),
         "subset_mean_score": np.array([[scores[s][r].mean() for r in subsets[s]] for s in SCORES]),
-        "score_length_spearman": {s: spearman(scores[s], length_difference) for s in SCORES},
+        "score_length_spearman": statistics(
+            spearman, {s: (scores[s], length_difference) for s in SCORES}
+        ),
     }
 
 
@@ -153,11 +156,14 @@ def run(config: Config) -> dict:
         "change_max": change.max(axis=0),
         "loss_change_per_seed": np.stack([s["loss_change"] for s in per_seed]),
         "subset_mean_score_per_seed": np.stack([s["subset_mean_score"] for s in per_seed]),
-        "spearman_percentile_vs_change": {s: spearman(pct, mean[i]) for i, s in enumerate(SCORES)},
-        "spearman_pooled_over_seeds": {
-            s: spearman(pct * config.num_seeds, change[:, i].ravel()) for i, s in enumerate(SCORES)
-        },
-        "spearman_score_vs_length_difference": {
+        "spearman_percentile_vs_change": statistics(
+            spearman, {s: (pct, mean[i]) for i, s in enumerate(SCORES)}
+        ),
+        "spearman_pooled_over_seeds": statistics(
+            spearman,
+            {s: (pct * config.num_seeds, change[:, i].ravel()) for i, s in enumerate(SCORES)},
+        ),
+        "spearman_score_vs_length_difference": {  # per seed; None where undefined
             s: [p["score_length_spearman"][s] for p in per_seed] for s in SCORES
         },
         "provenance": provenance(dtype_of=change),
@@ -178,7 +184,7 @@ def plot(results: dict) -> plt.Figure:
         ax.axhline(0.0, color="k", lw=0.8)
         ax.set_xticks(range(len(pct)), [str(p) for p in pct])
         rho = results["spearman_percentile_vs_change"][s]
-        ax.set_title(f"{s}\nSpearman {rho:+.2f}", fontsize=9)
+        ax.set_title(f"{s}\nSpearman {statistic_text(rho)}", fontsize=9)
         ax.set_xlabel("similarity percentile")
     axes[0].set_ylabel("change in mean ln pi(y+|x)")
     fig.tight_layout()
@@ -187,7 +193,8 @@ def plot(results: dict) -> plt.Figure:
 
 def _summary(results: dict) -> str:
     return "Spearman(percentile, change): " + ", ".join(
-        f"{s} {v:+.2f}" for s, v in results["spearman_percentile_vs_change"].items()
+        f"{s} {statistic_text(results['spearman_percentile_vs_change'][s])}"
+        for s in results["scores"]
     )
 
 
@@ -196,4 +203,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

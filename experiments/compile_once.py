@@ -18,7 +18,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments._common import ExperimentConfig, enable_x64, experiment_main, progress, provenance
+from experiments._common import (
+    ExperimentConfig,
+    cli,
+    enable_x64,
+    experiment_main,
+    progress,
+    provenance,
+)
 from sims.flow import preference_flow, sft_flow
 from sims.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
 from sims.models import UnconstrainedFeatures, make_pairs
@@ -138,4 +145,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

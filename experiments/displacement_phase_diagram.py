@@ -62,6 +62,7 @@ from experiments._aot import AotProgram, program, sds
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     dumps,
     each,
     enable_x64,
@@ -265,4 +266,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

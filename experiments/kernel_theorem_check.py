@@ -32,10 +32,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
+from experiments._analysis import statistic_per_row, statistic_text
 from experiments._aot import AotProgram, abstract_model, sds
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     enable_x64,
     experiment_main,
     nonnegative_int,
@@ -46,6 +48,7 @@ from experiments._transformer import pretrained_model, pretrained_model_program
 from sims.data import corpus
 from sims.kernel import hidden_kernel, tied_cross_terms, velocity_channels
 from sims.models import MLPFeatures
+from sims.scores import pearson
 from sims.transformer import CausalTransformer
 from theory import kernel as tk
 from theory.losses import make_loss, margin_derivative, mean_pair_loss
@@ -188,7 +191,7 @@ def _compare(pred, truth, y_pos, sign_tol):
         out[f"{key}_agree_clear"] = int(np.sum((np.sign(p) == np.sign(t)) & clear))
         out[f"{key}_clear"] = int(np.sum(clear))
     out["sign_agree_all_tokens"] = float(np.mean(np.sign(pred) == np.sign(truth)))
-    out["correlation"] = [float(np.corrcoef(p, t)[0, 1]) for p, t in zip(pred, truth, strict=True)]
+    out |= statistic_per_row("correlation", pearson, list(zip(pred, truth, strict=True)))
     return out
 
 
@@ -316,14 +319,15 @@ def run(config: Config) -> dict:
     for label, outs in families.items():
         for form in (f for f in FORMS if f in outs[0]):
             cells = [o[form] for o in outs]
+            defined = [r for c in cells for r in c["correlation"] if r is not None]
             summary[f"{label}/{form}"] = {
                 "max_rel_err": max(max(c["rel_err"]) for c in cells),
                 **{k: sum(c[k] for c in cells) for k in COUNTS},
                 "sign_agree_all_tokens": float(
                     np.mean([c["sign_agree_all_tokens"] for c in cells])
                 ),
-                "min_correlation": min(min(c["correlation"]) for c in cells),
-                "mean_correlation": float(np.mean([c["correlation"] for c in cells])),
+                "min_correlation": min(defined, default=None),  # None: none defined
+                "mean_correlation": float(np.mean(defined)) if defined else None,
             }
     kernel = [v for k, v in summary.items() if k.endswith("/kernel")]
     reproduced = all(
@@ -419,7 +423,7 @@ def plot(results: dict) -> plt.Figure:
 def _summary(r: dict) -> str:
     return f"{r['verdict']}; " + "; ".join(
         f"{k}: err {v['max_rel_err']:.1e}, signs {v['sign_agree_clear']}/{v['sign_clear']}, "
-        f"corr {v['mean_correlation']:.2f}"
+        f"corr {statistic_text(v['mean_correlation'], '.2f')}"
         for k, v in r["summary"].items()
     )
 
@@ -429,4 +433,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -14,6 +14,7 @@ import numpy as np
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     each,
     enable_x64,
     experiment_main,
@@ -314,4 +315,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

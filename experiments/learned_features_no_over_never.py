@@ -91,6 +91,7 @@ from experiments._aot import (
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     each,
     enable_x64,
     experiment_main,
@@ -397,4 +398,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

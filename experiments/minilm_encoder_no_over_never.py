@@ -84,6 +84,7 @@ from experiments._aot import AotProgram, abstract, expand, gather, program, sds,
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     each,
     experiment_main,
     one_of,
@@ -403,4 +404,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

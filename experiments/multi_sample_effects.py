@@ -24,6 +24,7 @@ from experiments._analysis import (
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     enable_x64,
     experiment_main,
     progress,
@@ -213,4 +214,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -19,6 +19,7 @@ from experiments._analysis import pointwise_relative_error, stack
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     enable_x64,
     experiment_main,
     progress,
@@ -223,4 +224,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

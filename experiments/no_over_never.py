@@ -29,12 +29,15 @@ from experiments._analysis import (
     mean_gain,
     mean_of,
     mean_peak_gain,
+    statistic,
+    statistic_text,
     top_gainers,
     top_names,
 )
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     enable_x64,
     experiment_main,
     progress,
@@ -167,9 +170,14 @@ def _one_run(config: Config, geometry: str, seed: int) -> dict:
         "m_plus_S": float(terms.m + terms.S),
         "theorem5_alignment": {tokens[i]: float(terms.token_alignment[i]) for i in others},
         "early_logprob_change": {tokens[i]: float(early[i]) for i in others},
-        "spearman_alignment_vs_instant": spearman(align, instant[others]),
-        "spearman_alignment_vs_early": spearman(align, early[others]),
-        "spearman_alignment_vs_final": spearman(align, logprobs[-1, others] - logprobs[0, others]),
+        **statistic("spearman_alignment_vs_instant", spearman, align, instant[others]),
+        **statistic("spearman_alignment_vs_early", spearman, align, early[others]),
+        **statistic(
+            "spearman_alignment_vs_final",
+            spearman,
+            align,
+            logprobs[-1, others] - logprobs[0, others],
+        ),
         "top_gainers": {
             f"t={float(traj.t[c]):g}": g for c, g in zip(checkpoints, gainers, strict=True)
         },
@@ -233,7 +241,7 @@ def plot(results: dict) -> plt.Figure:
         ax.set(
             xlabel="<W_z, W_No - W_Never> at t=0 (Theorem 5)",
             ylabel="observed change of ln pi(z) over t <= 5",
-            title=f"seed 0: Spearman = {r['spearman_alignment_vs_early']:.3f}",
+            title=f"seed 0: Spearman = {statistic_text(r['spearman_alignment_vs_early'], '.3f')}",
         )
     fig.tight_layout()
     return fig
@@ -244,4 +252,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

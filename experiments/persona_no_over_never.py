@@ -41,6 +41,7 @@ from experiments._checkpoint import (
 )
 from experiments._common import (
     ConfigError,
+    cli,
     enable_x64,
     experiment_main,
     nonnegative_int,
@@ -288,4 +289,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -31,6 +31,7 @@ from experiments._aot import AotProgram, abstract_model, minilm_shape, program, 
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     enable_x64,
     experiment_main,
     nonnegative,
@@ -333,4 +334,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

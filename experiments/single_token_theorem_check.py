@@ -23,6 +23,7 @@ from experiments._analysis import relative_error, sign_agreement
 from experiments._common import (
     ConfigError,
     ExperimentConfig,
+    cli,
     each,
     enable_x64,
     experiment_main,
@@ -214,4 +215,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

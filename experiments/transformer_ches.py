@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import percentile_window
+from experiments._analysis import percentile_window, statistics
 from experiments._aot import AotProgram, abstract_model, gather, program, sds, with_reference
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._common import cli, enable_x64, experiment_main, progress, provenance
 from experiments._transformer import PretrainConfig, initial_model, pretrain, pretrain_aot
 from sims.data import corpus
 from sims.flow import preference_flow, preference_flow_program
-from sims.scores import transformer_pair_scores
+from sims.scores import pearson, transformer_pair_scores
 from sims.transformer import TransformerPairs, make_transformer_pairs
 from theory.losses import make_loss
 
@@ -94,7 +94,7 @@ def run(config: Config) -> dict:
     ).run()
     losses, lp = np.asarray(res.loss), np.asarray(res.observables)  # lp [S * Q, 2, n]
     change = (lp[:, -1] - lp[:, 0]).mean(-1).reshape(len(SCORES), len(PERCENTILES))
-    rank = {s: float(np.corrcoef(PERCENTILES, -change[i])[0, 1]) for i, s in enumerate(SCORES)}
+    rank = statistics(pearson, {s: (PERCENTILES, -change[i]) for i, s in enumerate(SCORES)})
     windows = subsets.reshape(len(SCORES), len(PERCENTILES), -1)  # [S, Q, n]
     return {
         "config": config,
@@ -152,4 +152,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments._analysis import sign_match_rate
+from experiments._analysis import sign_match_rate, statistic_per_row
 from experiments._aot import AotProgram, abstract_model, expand, program, sds
-from experiments._common import enable_x64, experiment_main, progress, provenance
+from experiments._common import cli, enable_x64, experiment_main, progress, provenance
 from experiments._plots import mean_band
 from experiments._transformer import PretrainConfig, initial_model, pretrain, pretrain_aot
 from sims.data import corpus
@@ -30,6 +30,7 @@ from sims.flow import (
     preference_flow_program,
     velocity_along_flow,
 )
+from sims.scores import pearson
 from sims.transformer import TokenBatch, TransformerPairs, make_transformer_pairs
 from theory.losses import make_loss, margin_derivative
 from theory.single_token import logprob_velocity
@@ -146,9 +147,9 @@ def run(config: Config) -> dict:
         "sign_agreement_yes": sign_match_rate(predicted[:, yes], actual[:, yes]),
         "sign_agreement_pos": sign_match_rate(predicted[:, pos], actual[:, pos]),
         "sign_agreement_all_tokens": sign_match_rate(predicted, actual),
-        "velocity_correlation": [
-            float(np.corrcoef(a, p)[0, 1]) for a, p in zip(actual, predicted, strict=True)
-        ],
+        **statistic_per_row(
+            "velocity_correlation", pearson, list(zip(actual, predicted, strict=True))
+        ),
         "provenance": provenance(dtype_of=logp),
     }
 
@@ -207,4 +208,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -21,6 +21,7 @@ from flax import nnx
 from experiments._analysis import lowest_fraction, mean_by_label, stack
 from experiments._aot import AotProgram, abstract_model, expand, program, sds, with_reference
 from experiments._common import (
+    cli,
     each,
     enable_x64,
     experiment_main,
@@ -280,4 +281,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -138,8 +138,10 @@ from sims.reduced import (
     reduced_preference_flow,
 )
 from sims.scores import (
+    UndefinedStatistic,
     dataset_ches,
     normalized_edit_distance,
+    pearson,
     percentile_subsets,
     spearman,
     transformer_pair_scores,
@@ -259,6 +261,7 @@ __all__ = [
     "param_paths",
     "param_sharding",
     "PARAMETRISATIONS",
+    "pearson",
     "percentile_subsets",
     "persona_question",
     "PositionLogits",
@@ -303,6 +306,7 @@ __all__ = [
     "transformer_pair_scores",
     "TransformerPairs",
     "UnconstrainedFeatures",
+    "UndefinedStatistic",
     "velocity_channels",
     "VelocityChannels",
     "with_reference",

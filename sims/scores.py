@@ -103,23 +103,56 @@ def percentile_subsets(scores: np.ndarray, percentiles: Sequence[float], size: i
     return np.stack(out)
 
 
+class UndefinedStatistic(ValueError):
+    """A summary statistic is undefined for its input (fewer than two points, a constant input).
+
+    Experiments report it as ``null`` with the reason (:func:`experiments._analysis.statistic`)
+    instead of losing the run; a wrong shape stays a plain ``ValueError`` (a bug, not data).
+    """
+
+
+def _paired(x: Sequence[float], y: Sequence[float], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``x``, ``y`` as float arrays, checked: one 1-D shape (else ValueError), >= 2 points and
+    neither constant (else :class:`UndefinedStatistic`)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of one length, got {x.shape} and {y.shape}")
+    if x.size < 2:
+        raise UndefinedStatistic(f"{what} needs >= 2 points, got {x.size}")
+    for name, v in (("x", x), ("y", y)):
+        if np.all(v == v[0]):
+            raise UndefinedStatistic(f"{what} is undefined: {name} is constant ({v[0]:g})")
+    return x, y
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Return Spearman's rank correlation (Pearson correlation of average ranks).
 
     Raises:
-      ValueError: fewer than two points, different lengths, or a constant input.
+      UndefinedStatistic: fewer than two points, or a constant input (a ``ValueError``).
+      ValueError: ``x`` and ``y`` are not 1-D of one length.
 
     Example:
       >>> spearman([0, 25, 50, 75, 100], [3.0, 1.0, 0.0, -2.0, -5.0])
       -1.0
     """
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if x.shape != y.shape or x.ndim != 1 or x.size < 2:
-        raise ValueError(f"x and y must be 1-D of one length >= 2, got {x.shape} and {y.shape}")
-    rx, ry = _ranks(x), _ranks(y)
-    if np.std(rx) == 0 or np.std(ry) == 0:
-        raise ValueError("x and y must not be constant (Spearman's correlation is undefined)")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    x, y = _paired(x, y, "Spearman's correlation")
+    return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Return Pearson's correlation coefficient of ``x`` and ``y``.
+
+    Raises:
+      UndefinedStatistic: fewer than two points, or a constant input (a ``ValueError``).
+      ValueError: ``x`` and ``y`` are not 1-D of one length.
+
+    Example:
+      >>> pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])
+      1.0
+    """
+    x, y = _paired(x, y, "Pearson's correlation")
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:

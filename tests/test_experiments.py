@@ -19,18 +19,24 @@ from experiments._analysis import (
     max_drop,
     mean_by_label,
     mean_gain,
+    mean_of,
     mean_peak_gain,
     percentile_window,
     pointwise_relative_error,
     relative_error,
     sign_agreement,
     sign_match_rate,
+    statistic,
+    statistic_per_row,
+    statistic_text,
+    statistics,
     top_gainers,
     top_names,
 )
 from experiments._aot import recording, unmatched
 from experiments._common import dumps
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
+from sims.scores import pearson, spearman
 
 #: Keys each experiment's JSON must hold beyond ``config`` and ``provenance`` (what plot() reads).
 KEYS = {
@@ -242,6 +248,38 @@ def test_group_means_by_hand():
     assert mean_peak_gain(rows[:2], "p") == pytest.approx((0.3 + 0.0) / 2, abs=1e-15)
     means = mean_by_label(np.array([1.0, 2.0, 4.0, 8.0], np.float32), ["x", "y", "x", "x"])
     assert means == {"x": 13 / 3, "y": 2.0}  # float64 mean of float32 values
+
+
+def test_statistic_reports_an_undefined_summary_as_null_with_its_reason():
+    assert statistic("rho", spearman, [1, 2, 3], [3, 2, 1]) == {"rho": -1.0}
+    assert statistic("rho", spearman, [1.0], [2.0]) == {
+        "rho": None,
+        "rho_undefined_reason": "Spearman's correlation needs >= 2 points, got 1",
+    }
+    with pytest.raises(ValueError, match="1-D of one length"):  # a wrong shape is a bug: raised
+        statistic("rho", spearman, [1, 2], [1, 2, 3])
+    both = statistics(pearson, {"a": ([1, 2], [2, 4]), "b": ([1, 2], [3, 3])})
+    assert both["a"] == pytest.approx(1.0) and both["b"] is None
+    assert both["b_undefined_reason"] == "Pearson's correlation is undefined: y is constant (3)"
+    rows = statistic_per_row("r", pearson, [([1, 2], [2, 1]), ([1, 1], [1, 2])])
+    assert rows["r"] == [pytest.approx(-1.0), None] and rows["r_undefined_reason"][0] is None
+    assert list(statistic_per_row("r", pearson, [([1, 2], [2, 1])])) == ["r"]  # no reasons key
+    assert mean_of([{"r": None}, {"r": 0.5}], "r") == 0.5 and mean_of([{"r": None}], "r") is None
+    assert statistic_text(None) == "undefined" and statistic_text(0.25) == "+0.25"
+
+
+def test_no_over_never_reports_an_undefined_spearman_as_null(tmp_path):
+    """The probe of issue 21: ``--sft-dt 1e6`` saturates the SFT model, so the Theorem 5
+    alignment ranking is compared with a constant observed change; Spearman is undefined there.
+    It used to raise after the run and write nothing; now the run is saved with ``null``."""
+    from experiments import no_over_never
+
+    results = no_over_never.main(["--smoke", "--sft-dt", "1e6", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "no_over_never.json").read_text())
+    undefined = [r for r in written["runs"] if r["spearman_alignment_vs_early"] is None]
+    assert undefined, "the probe no longer makes Spearman undefined: pick another --sft-dt"
+    assert "is constant" in undefined[0]["spearman_alignment_vs_early_undefined_reason"]
+    assert len(written["runs"]) == len(results["runs"]) == 3  # every geometry's run is kept
 
 
 def test_percentile_window_ends_middle_and_convention():

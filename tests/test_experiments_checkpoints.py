@@ -85,3 +85,53 @@ def test_checkpoint_experiments_read_a_model_folder_with_chat_template(tmp_path)
     )  # fmt: skip
     assert res["checkpoint"]["source"] == str(folder)
     assert res["prompts"][0].startswith("<bos> would you say")
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [ROWS[0]],  # one usable pair
+        [ROWS[0], ROWS[2], ROWS[0], ROWS[0]],  # only duplicates of one pair (and a bad row)
+    ],
+    ids=["one pair", "duplicates"],
+)
+def test_audit_with_an_undefined_spearman_keeps_every_output(tmp_path, rows):
+    """The probe of issue 21: one usable pair, or only duplicate pairs, made ``spearman`` raise
+    after the audit and nothing was written; now the per-pair files and the figure are written,
+    and the Spearman correlations are ``null`` with their reason. A Latin-1 line is skipped
+    with its line number instead of losing the file."""
+    pairs = tmp_path / "pairs.jsonl"
+    latin1 = json.dumps(dict(ROWS[1], prompt="<bos> café ? <ans>"), ensure_ascii=False)
+    pairs.write_bytes(
+        b"".join(json.dumps(r).encode() + b"\n" for r in rows) + latin1.encode("latin-1")
+    )
+    out = tmp_path / "out"
+    cli.main(["audit", "--smoke", "--pairs", str(pairs), "--out", str(out)])
+    res = json.loads((out / "audit.json").read_text())
+    assert res["num_pairs"] == len([r for r in rows if "rejected" in r])
+    for key in ("spearman_velocity_vs_ches", "spearman_velocity_vs_ches_ln"):
+        assert res[key] is None and "Spearman's correlation" in res[f"{key}_undefined_reason"]
+    latin1_line = len(rows) + 1
+    assert "not valid UTF-8" in {b["line"]: b["reason"] for b in res["skipped_rows"]}[latin1_line]
+    assert len((out / "audit_pairs.jsonl").read_text().splitlines()) == res["num_pairs"]
+    assert (out / "audit.png").stat().st_size > 0
+
+
+def test_audit_without_a_usable_row_lists_the_reasons_before_pretraining(
+    tmp_path, monkeypatch, capsys
+):
+    """The probe of issue 21: a file without a usable row said "skipped rows: []" after the
+    checkpoint was made; now the count and the first reasons, with line numbers, come first."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(b"{not json\n" + b"\xe9t\xe9\n" + json.dumps(ROWS[2]).encode() + b"\n")
+    monkeypatch.setattr(
+        audit, "open_checkpoint", lambda *a, **k: pytest.fail("the checkpoint was opened")
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["audit", "--smoke", "--pairs", str(pairs), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"error: {pairs}: no usable row; 3 row(s) skipped: line 1: not valid JSON"
+    )
+    assert "line 2: not valid UTF-8" in err and "line 3: missing field(s) ['rejected']" in err

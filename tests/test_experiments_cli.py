@@ -4,8 +4,11 @@ first experiment runs, configs that validate themselves, honest dtype labels."""
 
 import dataclasses
 import importlib
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -17,6 +20,7 @@ from experiments import __main__ as runner
 from experiments._common import (
     ConfigError,
     build_parser,
+    cli,
     field_comments,
     parse_config,
     prepare_out_dir,
@@ -65,31 +69,40 @@ def test_plan_routes_flags_only_to_experiments_that_define_them(tmp_path):
         (["kl_optimum_mixture", "--no-such"], "no selected experiment defines --no-such"),
     ],
 )
-def test_plan_refuses_bad_input_before_running(argv, match, monkeypatch):
+def test_plan_refuses_bad_input_before_running(argv, match, monkeypatch, capsys):
     called = []
     for module in _modules().values():
         monkeypatch.setattr(module, "main", lambda flags, m=module: called.append(m))
-    with pytest.raises(SystemExit, match=match):
-        runner.main(argv)
+    _assert_one_line_error(lambda: runner.main(argv), match, capsys)
     assert called == []  # refused before any experiment started
 
 
-def test_a_late_bad_flag_stops_before_the_first_experiment(monkeypatch):
+def _assert_one_line_error(call, match, capsys):
+    """``call()`` exits with status 2 after printing one line ``error: ...`` matching ``match``."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+
+
+def test_a_late_bad_flag_stops_before_the_first_experiment(monkeypatch, capsys):
     """A flag only the second experiment rejects must stop the run before the first starts."""
     called = []
     from experiments import no_over_never
 
     monkeypatch.setattr(no_over_never, "main", lambda argv: called.append(argv))
-    with pytest.raises(SystemExit, match="--beta must be a finite number > 0"):
-        runner.main(["no_over_never", "multi_sample_effects", "--beta", "-1"])
+    argv = ["no_over_never", "multi_sample_effects", "--beta", "-1"]
+    _assert_one_line_error(lambda: runner.main(argv), "--beta must be a finite number > 0", capsys)
     assert called == []
 
 
-def test_out_into_a_file_is_refused_first(tmp_path):
+def test_out_into_a_file_is_refused_first(tmp_path, capsys):
     afile = tmp_path / "f"
     afile.write_text("")
-    with pytest.raises(SystemExit, match="--out must be a folder"):
-        runner.main(["no_over_never", "--out", str(afile)])
+    argv = ["no_over_never", "--out", str(afile)]
+    _assert_one_line_error(lambda: runner.main(argv), "--out must be a folder", capsys)
     with pytest.raises(ConfigError, match="--out must be a folder"):
         prepare_out_dir(afile)
 
@@ -140,7 +153,7 @@ def test_parse_config_overrides_and_rejects_bad_values():
 
     config, _ = parse_config(Config, ["--smoke", "--beta", "0.5", "--seeds=2"])
     assert config.beta == 0.5 and config.seeds == 2 and config.steps == Config.smoke().steps
-    with pytest.raises(SystemExit, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read"):
         parse_config(Config, ["--seeds", "two"])
     with pytest.raises(ConfigError, match="--beta must be a finite number > 0"):
         Config(beta=-1.0)  # direct construction validates too
@@ -174,3 +187,86 @@ def test_run_called_directly_computes_in_the_dtype_it_reports():
     assert dtype == "float64"
     assert err < 1e-9  # float64 accuracy of the closed form vs autodiff
     assert jax.config.jax_enable_x64  # this process (the test suite) runs in float64 anyway
+
+
+def test_plan_checks_input_paths_before_running(tmp_path, monkeypatch, capsys):
+    """The probe of issue 21: ``audit --pairs missing.jsonl`` failed only after the self-made
+    checkpoint's pre-training (67 s); every input path is now checked by the plan."""
+    called = []
+    for module in _modules().values():
+        monkeypatch.setattr(module, "main", lambda flags, m=module: called.append(m))
+    dangling = tmp_path / "pairs.jsonl"
+    dangling.symlink_to(tmp_path / "moved.jsonl")
+    for argv, match in [
+        (["audit", "--pairs", str(tmp_path / "missing.jsonl")], "--pairs must be an existing"),
+        (["audit", "--pairs", str(dangling)], "is a symlink to .*moved.jsonl', which does not"),
+        (["ches_real", "--pairs", str(tmp_path)], "--pairs must be .* which is a folder"),
+        (["persona_no_over_never", "--model", str(tmp_path / "ckpt")], "--model must be an"),
+    ]:
+        _assert_one_line_error(lambda argv=argv: runner.main(argv), match, capsys)
+    assert called == []
+    runner.plan(["audit", "--model", "smollm2", "--model", str(tmp_path)])  # both accepted
+
+
+def test_debug_shows_the_traceback_and_a_bug_keeps_it(tmp_path, monkeypatch):
+    missing = str(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="--pairs must be an existing"):
+        runner.main(["audit", "--pairs", missing, "--debug"])
+    from experiments import audit, no_over_never
+
+    with pytest.raises(ConfigError, match="--pairs must be an existing"):
+        cli(audit.main, ["--pairs", missing, "--debug"])  # each experiment's own command line
+
+    def bug(argv):
+        raise ValueError("a bug in the code")
+
+    monkeypatch.setattr(no_over_never, "main", bug)
+    with pytest.raises(ValueError, match="a bug in the code"):  # not a user error: traceback
+        runner.main(["no_over_never"])
+
+
+def test_user_errors_print_one_line_from_both_command_lines(tmp_path):
+    """The probe of issue 21: a user error printed a 9-12 frame traceback (exit status 1)."""
+    missing = str(tmp_path / "missing.jsonl")
+    for command in (["experiments", "audit"], ["experiments.audit"]):
+        done = subprocess.run(
+            [sys.executable, "-m", *command, "--pairs", missing, "--out", str(tmp_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("error: --pairs must be an existing readable file")
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_sigterm_during_pretraining_leaves_no_temporary_folder(tmp_path):
+    """The probe of issue 21: SIGTERM while the self-made checkpoint pre-trains left its empty
+    temporary folder in --out; SIGTERM now raises, and ``with TemporaryDirectory()`` cleans up."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    out = tmp_path / "out"
+    # a small model: SIGTERM is handled when the running compiled call (the pre-training scan,
+    # or its compilation) returns to Python, so that call must be short
+    small = "--d-model 16 --num-layers 1 --num-heads 2 --num-kv-heads 1 --copies 1 --batch-size 8"
+    argv = ["audit", "--pairs", str(pairs), "--pretrain-steps", "20", *small.split()]
+    argv += ["--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and any(p.is_dir() for p in out.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    left = [p.name for p in out.iterdir() if p.is_dir() or p.name.endswith(".tmp")]
+    assert left == [], output

@@ -7,11 +7,13 @@ import pytest
 
 from sims.data.preferences import (
     BadRow,
+    describe_bad_rows,
     encode_preferences,
     parse_preference_lines,
     read_preference_jsonl,
     write_preference_jsonl,
 )
+from sims.errors import InputError
 from sims.tokenization import word_level_tokenizer
 
 VOCAB = ("<pad>", "<bos>", "<eos>", "is", "it", "fine", "?", "no", "never", "yes", "sure", ".")
@@ -90,3 +92,53 @@ def test_encode_preferences_with_chat_template_renders_prompt():
         TOK, rows, max_len=9, eos_id=None, template=template, tokens={"bos_token": "<bos>"}
     )
     assert enc.chosen.tokens[0].tolist() == [1, 3, 4, 5, 6, 7]  # no <eos>: eos_id=None
+
+
+GOOD = _line(prompt="<bos> is it fine ?", chosen="no", rejected="never")
+
+
+def test_read_preference_jsonl_skips_a_line_that_is_not_utf8(tmp_path):
+    """The probe of issue 21: one Latin-1 line lost the whole file (UnicodeDecodeError)."""
+    path = tmp_path / "p.jsonl"
+    row = {"prompt": "café ?", "chosen": "no", "rejected": "never"}
+    latin1 = json.dumps(row, ensure_ascii=False).encode("latin-1")
+    path.write_bytes(b"\n".join([GOOD.encode(), latin1, GOOD.encode()]) + b"\n")
+    rows, bad = read_preference_jsonl(path)
+    assert [r.line for r in rows] == [1, 3]
+    assert [b.line for b in bad] == [2] and "not valid UTF-8" in bad[0].reason
+    # '{"prompt": "caf' is 15 bytes, so the Latin-1 byte of é is byte 16 of the line
+    assert bad[0].reason.endswith("at byte 16 of the line)")
+
+
+def test_read_preference_jsonl_accepts_a_bom_and_crlf(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + GOOD.encode() + b"\r\n")
+    rows, bad = read_preference_jsonl(path)
+    assert not bad and [r.line for r in rows] == [1, 2] and rows[0].prompt == "<bos> is it fine ?"
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u0085", "\u2029"])
+def test_read_preference_jsonl_splits_lines_at_newline_only(tmp_path, separator):
+    """The probe of issue 21: a raw U+2028 (or U+0085) inside a JSON string is valid JSONL; split
+    with ``splitlines`` it made three bad rows and shifted every later line number."""
+    path = tmp_path / "p.jsonl"
+    odd = json.dumps(
+        {"prompt": f"a{separator}b", "chosen": "x", "rejected": "y"}, ensure_ascii=False
+    )
+    path.write_text("\n".join([odd, "{broken", GOOD]) + "\n", encoding="utf-8")
+    rows, bad = read_preference_jsonl(path)
+    assert [r.line for r in rows] == [1, 3] and rows[0].prompt == f"a{separator}b"
+    assert [b.line for b in bad] == [2]
+
+
+def test_describe_bad_rows_gives_the_count_and_first_reasons():
+    bad = [BadRow(i, f"reason {i}") for i in range(1, 8)]
+    text = describe_bad_rows(bad, limit=2)
+    assert text == "7 row(s) skipped: line 1: reason 1; line 2: reason 2; ... (5 more)"
+    assert describe_bad_rows([]) == "0 row(s) skipped"
+
+
+def test_encode_preferences_without_a_usable_row_names_the_reasons():
+    rows, _ = parse_preference_lines([_line(prompt="<bos> is it", chosen="maybe", rejected="no")])
+    with pytest.raises(InputError, match=r"no row could be encoded: 1 row\(s\) skipped: line 1: "):
+        encode_preferences(TOK, rows, max_len=8, eos_id=2)

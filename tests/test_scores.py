@@ -11,7 +11,9 @@ from flax import nnx
 
 from sims.data import corpus
 from sims.scores import (
+    UndefinedStatistic,
     normalized_edit_distance,
+    pearson,
     percentile_subsets,
     spearman,
     transformer_pair_scores,
@@ -93,7 +95,7 @@ def test_spearman_and_percentile_subsets():
     ties = spearman([1, 2, 2, 3], [1, 2, 3, 4])  # ranks 0, 1.5, 1.5, 3 vs 0..3
     r1, r2 = np.array([0, 1.5, 1.5, 3]), np.arange(4.0)
     assert ties == pytest.approx(np.corrcoef(r1, r2)[0, 1])
-    with pytest.raises(ValueError, match=r"must not be constant"):
+    with pytest.raises(UndefinedStatistic, match=r"x is constant"):
         spearman([1, 1, 1], [1, 2, 3])
     scores = np.random.default_rng(0).normal(size=101)
     subsets = percentile_subsets(scores, [0, 50, 100], 11)
@@ -112,4 +114,25 @@ def test_spearman_hand_values():
     # ranks (0, 1, 2) vs (0.5, 0.5, 2) (a tie): covariance 1.5 / sqrt(2 * 1.5)
     assert spearman([1, 2, 3], [5, 5, 9]) == pytest.approx(1.5 / math.sqrt(2 * 1.5))
     with pytest.raises(ValueError, match="must be 1-D of one length"):
-        spearman([1], [2])
+        spearman([1, 2], [2, 3, 4])
+
+
+def test_correlations_are_undefined_for_one_point_or_a_constant_input():
+    """The probe of issue 21: an audit with one usable pair (or only duplicate pairs) crashed in
+    ``spearman`` with a plain ValueError; an undefined statistic is now its own error type, which
+    the experiments report as ``null`` with its reason (``experiments._analysis.statistic``)."""
+    for correlation, name in ((spearman, "Spearman"), (pearson, "Pearson")):
+        with pytest.raises(UndefinedStatistic, match=f"{name}'s correlation needs >= 2 points"):
+            correlation([0.5], [1.0])
+        with pytest.raises(UndefinedStatistic, match=r"y is constant \(4\)"):
+            correlation([1.0, 2.0, 3.0], [4.0, 4.0, 4.0])  # e.g. duplicate pairs
+        with pytest.raises(ValueError, match="1-D of one length"):  # a bug, not undefined
+            correlation([[1.0, 2.0]], [[1.0, 2.0]])
+    assert issubclass(UndefinedStatistic, ValueError)
+
+
+def test_pearson_hand_values():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    # centred x = (-1, 0, 1), y = (-1, -1, 2): covariance 3 / sqrt(2 * 6) = sqrt(3) / 2
+    assert pearson([0, 1, 2], [0, 0, 3]) == pytest.approx(math.sqrt(3) / 2)
+    assert pearson([0, 1, 2], [0, 1, 0]) == pytest.approx(0.0, abs=1e-15)  # covariance 0

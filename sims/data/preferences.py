@@ -3,9 +3,10 @@
 :func:`read_preference_jsonl` reads a file and :func:`encode_preferences` tokenizes the rows for a
 checkpoint's tokenizer into right-padded :class:`~sims.transformer.TokenBatch` pairs, the input of
 :class:`~sims.transformer.TransformerPairs` and :func:`sims.audit.audit_pairs`. Every row that
-cannot be used (invalid JSON, missing or non-string fields, empty or identical responses, a text
-the tokenizer cannot encode, a sequence over ``max_len`` tokens) is returned as a
-:class:`BadRow` with its 1-based line number and the reason: nothing is dropped silently.
+cannot be used (a line that is not UTF-8, invalid JSON, missing or non-string fields, empty or
+identical responses, a text the tokenizer cannot encode, a sequence over ``max_len`` tokens) is
+returned as a :class:`BadRow` with its 1-based line number and the reason: nothing is dropped
+silently.
 
 Sequence layout (the paper's "[PROMPT]x[ASSISTANT]y[EOS]", Razin et al. 2024 §5): the prompt text
 (plain, or rendered by the checkpoint's chat template, :func:`sims.tokenization.format_prompt`)
@@ -16,6 +17,7 @@ id, as TRL's DPO trainer does; the EOS token counts as a response token.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sims.errors import InputError
 from sims.tokenization import format_prompt
 from sims.transformer import TokenBatch
 
@@ -69,6 +72,24 @@ def _check_row(line: int, obj) -> PreferenceRow | BadRow:
     return PreferenceRow(line, obj["prompt"], obj["chosen"], obj["rejected"])
 
 
+def _parse_line(line: int, text: str) -> PreferenceRow | BadRow:
+    if not text.strip():
+        return BadRow(line, "blank line")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return BadRow(line, f"not valid JSON ({e.msg} at column {e.colno})")
+    return _check_row(line, obj)
+
+
+def _split(rows: Iterable[PreferenceRow | BadRow]) -> tuple[list[PreferenceRow], list[BadRow]]:
+    good: list[PreferenceRow] = []
+    bad: list[BadRow] = []
+    for row in rows:
+        (bad if isinstance(row, BadRow) else good).append(row)
+    return good, bad
+
+
 def parse_preference_lines(lines: Iterable[str]) -> tuple[list[PreferenceRow], list[BadRow]]:
     """Return ``(rows, bad)`` of JSONL text lines (line numbers from 1; blank lines are bad too).
 
@@ -78,30 +99,46 @@ def parse_preference_lines(lines: Iterable[str]) -> tuple[list[PreferenceRow], l
       >>> rows[0].chosen, bad[0]
       ('a', BadRow(line=2, reason="missing field(s) ['rejected']"))
     """
-    rows: list[PreferenceRow] = []
-    bad: list[BadRow] = []
-    for i, text in enumerate(lines, 1):
-        if not text.strip():
-            bad.append(BadRow(i, "blank line"))
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            bad.append(BadRow(i, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
-        row = _check_row(i, obj)
-        (bad if isinstance(row, BadRow) else rows).append(row)
-    return rows, bad
+    return _split(_parse_line(i, text) for i, text in enumerate(lines, 1))
 
 
 def read_preference_jsonl(path: str | Path) -> tuple[list[PreferenceRow], list[BadRow]]:
     """Return ``(rows, bad)`` of a TRL-style JSONL file (see :func:`parse_preference_lines`).
 
+    Lines end at ``\n`` only (a trailing ``\r`` is dropped): a raw U+2028 or U+0085 inside a JSON
+    string is text, not a line break, so line numbers are those of ``wc -l`` and editors. Each
+    line is decoded as UTF-8 on its own: a line that is not (e.g. Latin-1) is a bad row with its
+    reason, the other lines are kept. A UTF-8 byte-order mark at the start is skipped.
+
     Raises:
-      FileNotFoundError: no such file.
+      FileNotFoundError, IsADirectoryError, PermissionError: the file cannot be read.
     """
-    text = Path(path).read_text()
-    return parse_preference_lines(text.splitlines())
+    data = Path(path).read_bytes()
+    data = data.removeprefix(codecs.BOM_UTF8)
+    chunks = data.split(b"\n")
+    if chunks[-1] == b"":  # the newline ending the last line opens no new line
+        chunks.pop()
+    out: list[PreferenceRow | BadRow] = []
+    for i, chunk in enumerate(chunks, 1):
+        try:
+            text = chunk.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.append(BadRow(i, f"not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line)"))
+            continue
+        out.append(_parse_line(i, text))
+    return _split(out)
+
+
+def describe_bad_rows(bad: Sequence[BadRow], *, limit: int = 5) -> str:
+    """Return a one-line account of skipped rows: their count and the first ``limit`` reasons.
+
+    Example:
+      >>> describe_bad_rows([BadRow(1, "blank line"), BadRow(4, "empty prompt")], limit=1)
+      '2 row(s) skipped: line 1: blank line; ... (1 more)'
+    """
+    shown = "; ".join(f"line {b.line}: {b.reason}" for b in bad[:limit])
+    more = f"; ... ({len(bad) - limit} more)" if len(bad) > limit else ""
+    return f"{len(bad)} row(s) skipped" + (f": {shown}{more}" if bad else "")
 
 
 def write_preference_jsonl(path: str | Path, rows: Iterable[PreferenceRow | dict]) -> Path:
@@ -156,7 +193,7 @@ def encode_preferences(
       tokens: special tokens for the template (:func:`sims.tokenization.special_tokens`).
 
     Raises:
-      ValueError: no row could be encoded (the message lists the first reasons).
+      InputError: no row could be encoded (the message gives the count and the first reasons).
     """
     encoded, bad, lines, resp = [], [], [], []
     for row in rows:
@@ -180,7 +217,7 @@ def encode_preferences(
         lines.append(row.line)
         resp.append([len(r) for r in pair])
     if not encoded:
-        raise ValueError(f"no row could be encoded; skipped rows: {bad[:5]}")
+        raise InputError(f"no row could be encoded: {describe_bad_rows(bad)}")
     T = max(len(s) for _, seqs in encoded for s in seqs)
     batches = []
     for k in range(2):
