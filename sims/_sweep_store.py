@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,3 +300,37 @@ def _index_summary(chunks: dict, num_chunks: int) -> dict[str, Any]:
         for i, s in enumerate(entry["status"])
     ]
     return {"finished_chunks": len(chunks), "num_chunks": num_chunks, **status_summary(pairs)}
+
+
+def open_folder(held, folder: Path, index: dict, name: str, bounds, out_leaves):
+    """Lock ``folder`` (released by ``held``), check or write its index, load finished chunks.
+
+    Returns the index and ``{k: (leaves, status)}`` of the chunks that pass their checks; a chunk
+    that fails is left out, with a ``RuntimeWarning`` naming its file.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    held.enter_context(folder_lock(folder))
+    remove_stale_tmp(folder)
+    stored = read_index(folder, index["fingerprint"])
+    if stored is None:  # label the folder before any chunk lands in it
+        write_index(folder, index, len(bounds))
+        return index, {}
+    loaded = {}
+    for k, (lo, hi) in enumerate(bounds):
+        entry, path = stored["chunks"].get(str(k)), chunk_path(folder, k)
+        if entry is None:
+            continue
+        try:
+            loaded[k] = load_chunk(path, entry, lo, hi, out_leaves)
+        except BadChunk as e:
+            warnings.warn(
+                f"sweep {name!r}: chunk file {path} is not used: {e}; recomputing it",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of sweep
+            )
+    return stored, loaded
+
+
+def chunk_path(folder: Path, k: int) -> Path:
+    """``folder/chunk_<k>.npz``, the file of chunk ``k``."""
+    return folder / f"chunk_{k:05d}.npz"

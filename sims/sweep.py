@@ -50,19 +50,29 @@ A folder can only ever hold one sweep:
   naming it: without it nothing says which sweep the chunks belong to, so they are not rebuilt
   from; delete ``index.json`` to recompute every chunk in that folder, or use a fresh ``out_dir``.
 
-Multi-host (TPU pods, GPU clusters): call ``jax.distributed.initialize()`` in every process before
-anything else touches JAX, then run the same script everywhere. ``jax.devices()`` is then the
-global device list, :func:`run_mesh` spans all hosts, inputs are placed with
-``jax.make_array_from_callback`` (each process supplies its own shards from the full host copy),
-results come back to every process with ``multihost_utils.process_allgather``, and only process 0
-takes the lock and writes files. Chunk size should be a multiple of the global device count.
+Multi-process (several hosts: TPU pod slices, GPU clusters): call ``jax.distributed.initialize()``
+in every process before anything else touches JAX, then make the same ``sweep`` call everywhere.
+``jax.devices()`` is then the global device list and :func:`run_mesh` spans all processes; inputs
+are placed with ``jax.make_array_from_callback`` (each process supplies its own shards from its
+full host copy), and each chunk's results come back to every process with
+``multihost_utils.process_allgather``. Every chunk is a collective over all processes, so all must
+compute the same chunks in the same order: the processes first compare fingerprints (a
+``ValueError`` on every process if one was given another ``run_fn``, other inputs or flags), then
+process 0 alone takes the lock, reads the index, loads and checks finished chunks, and writes
+chunks and index; its decision, its loaded chunks (as bytes) and any error it met opening the
+folder are broadcast, so the other processes never open a file in ``out_dir`` and raise process
+0's error instead of waiting on it. A process that dies mid-sweep stops the others (the
+coordination service ends them, or they wait in a collective until killed); rerun every process
+and the sweep resumes from process 0's folder. Tested with 2 local CPU processes (gloo
+collectives, ``tests/test_multiprocess.py``): chunks bit-identical to a one-process run on as
+many devices, resumed after a SIGKILL of either process. Chunk size should be a multiple of the
+global device count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -71,6 +81,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sims import _sweep_hosts as hosts
 from sims import _sweep_store as store
 from theory.checks import check_positive_int
 
@@ -319,9 +330,13 @@ def sweep(
     Raises:
       ValueError: ``out_dir`` holds a different sweep (the message names the differing fields:
         name, chunk size, inputs, ``run_fn``'s jaxpr, x64 or other numerics flags, versions,
-        device); ``out_dir/index.json`` is unreadable; bad sizes; leaves disagreeing on ``R``.
+        device); ``out_dir/index.json`` is unreadable; bad sizes; leaves disagreeing on ``R``;
+        with several processes, one was given a different sweep from process 0.
       TypeError: ``name`` is not a non-empty string.
       RuntimeError: another sweep holds ``out_dir`` (its pid is named).
+
+    With several processes, an error process 0 meets opening ``out_dir`` is raised on every
+    process (same type; elsewhere the message starts ``process 0 could not open``).
 
     Warns:
       RuntimeWarning: a saved chunk failed its checks and is recomputed (names the file).
@@ -349,45 +364,40 @@ def sweep(
     out_tree = jax.tree_util.tree_structure(out_shape)
     out_leaves = jax.tree_util.tree_leaves(out_shape)
     mapped = sharded_program(run_fn, mesh, batch_size)
-    writer = jax.process_index() == 0
     folder = None if out_dir is None else Path(out_dir)
+    multiprocess = jax.process_count() > 1
+    if multiprocess:
+        hosts.check_same_sweep(name, fingerprint, folder is not None)
+    writer = jax.process_index() == 0  # process 0 alone opens files in out_dir
+    bounds = [(k * chunk_size, min((k + 1) * chunk_size, R)) for k in range(num_chunks)]
 
     with contextlib.ExitStack() as held:
         index = {"fingerprint": fingerprint, "chunks": {}}
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            if writer:
-                held.enter_context(store.folder_lock(folder))
-                store.remove_stale_tmp(folder)
-            stored = store.read_index(folder, fingerprint)
-            if stored is not None:
-                index = stored
-            elif writer:  # label the folder before any chunk lands in it
-                store.write_index(folder, index, num_chunks)
+        loaded, error = {}, None
+        if folder is not None and writer:
+            try:
+                index, loaded = store.open_folder(held, folder, index, name, bounds, out_leaves)
+            except hosts.FOLDER_ERRORS as e:
+                if not multiprocess:
+                    raise
+                error = e  # raised below on every process, so none computes alone
+        if multiprocess and folder is not None:
+            rows = {k: hi - lo for k, (lo, hi) in enumerate(bounds)}
+            loaded = hosts.share_folder_state(error, loaded, rows, out_leaves)
 
         chunks, computed = [], []
-        for k in range(num_chunks):
-            lo, hi = k * chunk_size, min((k + 1) * chunk_size, R)
-            path = None if folder is None else folder / f"chunk_{k:05d}.npz"
-            entry = index["chunks"].get(str(k))
-            if entry is not None and path is not None:
-                try:
-                    chunks.append(store.load_chunk(path, entry, lo, hi, out_leaves))
-                except store.BadChunk as e:
-                    warnings.warn(
-                        f"sweep {name!r}: chunk file {path} is not used: {e}; recomputing it",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                else:
-                    if on_chunk is not None:
-                        on_chunk(k, num_chunks, False)
-                    continue
+        for k, (lo, hi) in enumerate(bounds):
+            if k in loaded:
+                chunks.append(loaded.pop(k))
+                if on_chunk is not None:
+                    on_chunk(k, num_chunks, False)
+                continue
             block = jax.tree_util.tree_map(lambda a, lo=lo, hi=hi: a[lo:hi], inputs)
             out = _to_host(mapped(_place(_pad_runs(block, padded_chunk), mesh)))
             leaves = [leaf[: hi - lo] for leaf in jax.tree_util.tree_leaves(out)]
             status = store.run_status(leaves, hi - lo)
-            if path is not None and writer:
+            if folder is not None and writer:
+                path = store.chunk_path(folder, k)
                 index["chunks"][str(k)] = store.save_chunk(path, leaves, lo, status)
                 store.write_index(folder, index, num_chunks)
             chunks.append((leaves, status))
