@@ -336,7 +336,7 @@ def _abstract(tree):
 
 
 @functools.lru_cache(maxsize=256)
-def _cores(objective, observe, optimizer: str, in_axes: Any, chunk_records: int):
+def _cores(objective, observe, optimizer: str, in_axes: Any, chunk_records: int, record_loss: bool):
     """The jitted ``(init, observe0, chunk)`` of one flow structure (cached: compile once)."""
     step = _step_fn(objective, optimizer)
 
@@ -345,16 +345,27 @@ def _cores(objective, observe, optimizer: str, in_axes: Any, chunk_records: int)
         params = jax.tree_util.tree_map(jnp.copy, params)  # fresh buffers: the chunks donate
         return params, tx.init(params), jnp.int32(0), jnp.int32(-1)
 
+    def measure(params, data, hyper):
+        obs = observe(params, data, hyper)
+        if not record_loss:
+            return jnp.full((), jnp.nan, jnp.result_type(float)), obs
+        return objective(params, data, hyper), obs
+
     def observe0(params, data, hyper):
-        hyper = {**hyper, "step": jnp.int32(0)}
-        return objective(params, data, hyper), observe(params, data, hyper)
+        return measure(params, data, {**hyper, "step": jnp.int32(0)})
 
     def chunk(carry, data, hyper, steps_per_record, num_records):
         def record(carry, i):
-            n = jnp.where(i < num_records, steps_per_record, 0)
+            active = i < num_records
+            n = jnp.where(active, steps_per_record, 0)
             carry = jax.lax.fori_loop(0, n, lambda _, c: step(c, data, hyper), carry)
             now = {**hyper, "step": carry[2]}
-            out = (objective(carry[0], data, now), observe(carry[0], data, now))
+            shape = jax.eval_shape(measure, carry[0], data, now)
+            out = jax.lax.cond(
+                active,
+                lambda: measure(carry[0], data, now),
+                lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape),
+            )
             return carry, out
 
         return jax.lax.scan(record, carry, jnp.arange(chunk_records))
@@ -398,6 +409,8 @@ class Flow:
       check: raise on a non-finite run (default); ``False`` returns ``first_nonfinite_step``.
       what: the name used in progress and error messages.
       chunk_records: checkpoints per compiled chunk (structure: changing it recompiles).
+      record_loss: evaluate the loss at every checkpoint (one more forward pass each); ``False``
+        records NaN, for observables from which the loss can be computed on the host.
 
     Raises:
       ValueError: bad schedule or optimiser name (when built).
@@ -421,6 +434,7 @@ class Flow:
         check: bool = True,
         what: str = "gradient flow",
         chunk_records: int = CHUNK_RECORDS,
+        record_loss: bool = True,
     ):
         check_schedule(dt, num_steps, record_every)
         check_optimizer(optimizer)
@@ -431,6 +445,7 @@ class Flow:
         self.optimizer, self.in_axes, self.chunk_records = optimizer, in_axes, int(chunk_records)
         self.loss_numbers = dict(loss_numbers or {})
         self.finalize, self.validate, self.check, self.what = finalize, validate, check, what
+        self.record_loss = bool(record_loss)
 
     # --- structure and arguments
 
@@ -448,7 +463,12 @@ class Flow:
 
     def _cores(self):
         return _cores(
-            self.objective, self.observe, self.optimizer, self.in_axes, self.chunk_records
+            self.objective,
+            self.observe,
+            self.optimizer,
+            self.in_axes,
+            self.chunk_records,
+            self.record_loss,
         )
 
     # --- ahead of time
@@ -623,6 +643,7 @@ def integrate_model(
     loss_numbers: dict[str, Any] | None = None,
     validate: Callable[[], None] | None = None,
     what: str = "gradient flow",
+    record_loss: bool = True,
 ) -> Flow:
     r"""Return the :class:`Flow` of an NNX module's ``nnx.Param`` state; its result's ``final`` is
     the trained module.
@@ -666,6 +687,7 @@ def integrate_model(
         validate=validate,
         check=check,
         what=what,
+        record_loss=record_loss,
     )
 
 
@@ -799,6 +821,7 @@ def preference_flow(
     optimizer: str = "sgd",
     observe: Callable[[nnx.Module, Any], Any] = default_record,
     in_axes: tuple[int | None, int | None] | None = None,
+    record_loss: bool = True,
 ) -> Flow:
     r"""Return the :class:`Flow` on :math:`L = \frac1N\sum_i \ell_i` (Razin et al. 2024, Eq. 2).
 
@@ -816,6 +839,8 @@ def preference_flow(
       in_axes: ``None`` for one flow, or ``(model_axis, pairs_axis)`` to vmap ``R`` independent
         flows: ``(None, 0)`` runs every stacked data set from ``model``; ``(0, 0)`` pairs a stack of
         models (:func:`stack_models`) with a stack of data sets. Results get a leading ``[R]``.
+      record_loss: as :class:`Flow` (``False`` saves a forward pass per checkpoint when the
+        observable gives the log-probs the loss is computed from).
 
     Returns:
       :class:`Flow`; ``run()`` gives the :class:`FlowResult` whose ``final`` is the trained model.
@@ -841,6 +866,7 @@ def preference_flow(
         loss_numbers=numbers if numbers is not None else None,
         validate=lambda: pairs.validate(model),
         what="preference flow",
+        record_loss=record_loss,
     )
 
 

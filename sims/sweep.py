@@ -147,14 +147,6 @@ def _num_runs(inputs) -> int:
     return sizes.pop()
 
 
-class Program(NamedTuple):
-    """A compiled core and its arguments: ``fn(*args, **kwargs)`` (transitional)."""
-
-    fn: Callable[..., Any]
-    args: tuple
-    kwargs: dict
-
-
 def _pad_runs(inputs, size: int):
     """Pad the run axis to ``size`` by repeating the last run (real data: no NaN from padding)."""
     return jax.tree_util.tree_map(
@@ -162,13 +154,13 @@ def _pad_runs(inputs, size: int):
     )
 
 
-def sharded_program(
+def sharded_core(
     run_fn: Callable[[Any], Any], mesh: jax.sharding.Mesh, batch_size: int | None
 ) -> Callable[[Any], Any]:
     """Return the jitted, sharded map ``[R, ...] -> [R, ...]`` of ``run_fn`` (R: mesh multiple).
 
     The compiled core of :func:`sweep` and :func:`sharded_runner`; inputs are placed on ``mesh``
-    split along the run axis. See :func:`chunk_program` for its arguments in a sweep.
+    split along the run axis. See :func:`lower_chunk` for its arguments in a sweep.
     """
 
     def local(block):
@@ -181,27 +173,27 @@ def sharded_program(
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
 
 
-def chunk_program(
+def lower_chunk(
     run_fn: Callable[[Any], Any],
     inputs: Any,
     *,
     chunk_size: int | None = None,
     batch_size: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
-) -> Program:
-    """Return the :class:`~sims.flow.Program` :func:`sweep` runs on each chunk of ``inputs``.
+) -> jax.stages.Lowered:
+    """Return the lowered program :func:`sweep` runs on each chunk of ``inputs`` (ahead of time).
 
-    Its argument is one chunk, padded to a multiple of the device count as :func:`sweep` pads it,
-    as ``jax.ShapeDtypeStruct`` leaves split over ``mesh`` along the run axis: lowering and
-    compiling it checks the sharded program and sizes its memory without running anything.
-    ``inputs`` (arrays or ``jax.ShapeDtypeStruct``, leading run axis ``R``) and the keywords are
-    those of :func:`sweep`.
+    The very core :func:`sweep` calls (:func:`sharded_core`), lowered on one chunk padded to a
+    multiple of the device count as :func:`sweep` pads it, as ``jax.ShapeDtypeStruct`` leaves
+    split over ``mesh`` along the run axis: ``.compile()`` checks the sharded program and
+    ``memory_analysis()`` sizes it without running anything. ``inputs`` (arrays or
+    ``jax.ShapeDtypeStruct``, leading run axis ``R``) and the keywords are those of :func:`sweep`.
 
     Example:
-      >>> p = chunk_program(lambda x: x**2, jnp.zeros(10), chunk_size=3, mesh=run_mesh(2))
-      >>> p.args[0].shape  # a chunk of 3 runs padded to a multiple of 2 devices
+      >>> lowered = lower_chunk(lambda x: x**2, jnp.zeros(10), chunk_size=3, mesh=run_mesh(2))
+      >>> lowered.args_info[0][0].shape  # a chunk of 3 runs padded to a multiple of 2 devices
       (4,)
-      >>> p.fn.lower(*p.args).compile().output_shardings.spec
+      >>> lowered.compile().output_shardings.spec
       P('runs',)
     """
     R = _num_runs(inputs)
@@ -218,7 +210,7 @@ def chunk_program(
         ),
         inputs,
     )
-    return Program(sharded_program(run_fn, mesh, batch_size), (chunk,), {})
+    return sharded_core(run_fn, mesh, batch_size).lower(chunk)
 
 
 def _place(inputs, mesh):
@@ -253,7 +245,7 @@ def sharded_runner(
     if batch_size is not None:
         check_positive_int("batch_size", batch_size)
     mesh = run_mesh() if mesh is None else mesh
-    mapped = sharded_program(run_fn, mesh, batch_size)
+    mapped = sharded_core(run_fn, mesh, batch_size)
     n = mesh.devices.size
 
     def call(inputs):
@@ -363,7 +355,7 @@ def sweep(
     )
     out_tree = jax.tree_util.tree_structure(out_shape)
     out_leaves = jax.tree_util.tree_leaves(out_shape)
-    mapped = sharded_program(run_fn, mesh, batch_size)
+    mapped = sharded_core(run_fn, mesh, batch_size)
     folder = None if out_dir is None else Path(out_dir)
     multiprocess = jax.process_count() > 1
     if multiprocess:

@@ -223,20 +223,90 @@ def _compiles_during(caplog, call) -> list[str]:
     return [r.getMessage().split()[1] for r in caplog.records if "Compiling" in r.getMessage()]
 
 
-FRONT_ENDS = ["single", "sft", "prefix_tree", "tabular", "logit", "transformer"]
+def test_new_beta_dt_and_length_do_not_recompile(caplog):
+    """A second preference flow with a new beta, a new dt and a new num_steps and record_every
+    reuses every compiled core (values are run-time arguments, only structure keys the cache)."""
+    model = UnconstrainedFeatures(9, 4, 3, rngs=nnx.Rngs(0), dtype=jnp.float64)
+    pairs = make_pairs(model, jnp.array([0, 1]), jnp.array([3, 4]), jnp.array([5, 6]))
+
+    def run(beta, dt, steps, every):
+        flow = preference_flow(
+            model,
+            pairs,
+            losses.make_loss("dpo", beta=beta),
+            dt=dt,
+            num_steps=steps,
+            record_every=every,
+        )
+        return flow.run().loss
+
+    first = _compiles_during(caplog, lambda: run(0.1, 0.01, 6, 2))
+    assert "jit(chunk)" in first and "jit(init)" in first  # the cores compiled on first use
+    again = _compiles_during(caplog, lambda: run(2.5, 0.3, 40, 5))
+    assert not [n for n in again if n in ("jit(chunk)", "jit(init)", "jit(observe0)")], again
 
 
-@pytest.mark.parametrize("name", FRONT_ENDS)
-def test_repeat_call_with_same_shapes_does_not_recompile(name, caplog):
-    """A second call with new values and an equal (not identical) loss object reuses the compiled
-    flow: no jit(run) is compiled again."""
-    from experiments.compile_once import _flows
+def test_new_loss_family_compiles_a_new_core(caplog):
+    """Control: the cache is keyed by the loss family (IPO is a new program)."""
+    model = UnconstrainedFeatures(9, 4, 3, rngs=nnx.Rngs(0), dtype=jnp.float64)
+    pairs = make_pairs(model, jnp.array([0]), jnp.array([3]), jnp.array([5]))
+    preference_flow(model, pairs, losses.make_loss("dpo"), dt=0.1, num_steps=2).run()
+    again = _compiles_during(
+        caplog,
+        lambda: (
+            preference_flow(model, pairs, losses.make_loss("ipo", tau=0.5), dt=0.1, num_steps=2)
+            .run()
+            .loss
+        ),
+    )
+    assert "jit(chunk)" in again
 
-    call = dict(zip(FRONT_ENDS, _flows(3).values(), strict=True))[name]
-    first = _compiles_during(caplog, lambda: call(0))
-    assert "jit(run)" in first  # the flow's core was compiled on the first call
-    again = _compiles_during(caplog, lambda: call(1))
-    assert "jit(run)" not in again, again
+
+def test_flow_equals_one_fixed_schedule_scan():
+    """The chunked run (chunks of CHUNK_RECORDS, a padded last chunk) equals flow_fn's single
+    scan of the same schedule: same losses, observables and final parameters."""
+    from sims.flow import CHUNK_RECORDS
+
+    steps = 3 * (CHUNK_RECORDS + 3)  # two full chunks and a padded one at record_every=3
+    x0 = jnp.array([1.0, -2.0, 0.5])
+    chunked = integrate(
+        _quadratic_sum, _identity, x0, 0.7, dt=0.05, num_steps=steps, record_every=3
+    ).run()
+    whole = flow_fn(_quadratic_sum, _identity, optimizer="sgd", num_steps=steps, record_every=3)(
+        x0, 0.7, 0.05
+    )
+    np.testing.assert_array_equal(chunked.loss, np.asarray(whole.loss))
+    np.testing.assert_array_equal(chunked.observables, np.asarray(whole.observables))
+    np.testing.assert_array_equal(chunked.final, np.asarray(whole.final))
+    np.testing.assert_allclose(chunked.t, np.asarray(whole.t), rtol=1e-15)
+
+
+def _quadratic_sum(x, a):
+    return 0.5 * a * jnp.sum(x**2)
+
+
+def _identity(x, _):
+    return x
+
+
+def test_flow_lowers_on_abstract_inputs_and_run_reports_its_memory(capsys):
+    """lower()/memory() work on jax.ShapeDtypeStruct parameters (nothing is computed), and under
+    report_memory a run prints the memory of the very program it executes before stepping."""
+    from sims.flow import Flow, report_memory
+
+    abstract = jax.ShapeDtypeStruct((1000,), jnp.float32)
+    flow = integrate(_quadratic_sum, _identity, abstract, 1.0, dt=0.1, num_steps=4)
+    mem = flow.memory()
+    assert mem.arguments >= 4000  # the carry: float32 parameters [1000]
+    assert mem.outputs >= 16 * 4000  # a chunk of CHUNK_RECORDS observations of x [1000]
+    concrete = integrate(
+        _quadratic_sum, _identity, jnp.ones(1000, jnp.float32), 1.0, dt=0.1, num_steps=4
+    )
+    with report_memory(print):
+        concrete.run()
+    out = capsys.readouterr().out
+    assert "device memory: peak" in out
+    assert isinstance(flow, Flow) and concrete.memory() == mem
 
 
 def test_raise_on_nonfinite_names_the_run_and_step():

@@ -263,7 +263,8 @@ def test_stacked_feature_pairs_flow_equals_separate_flows():
     kwargs = dict(dt=1e-2, num_steps=4, optimizer="rmsprop_torch")
     together = preference_flow(model, stacked, loss, in_axes=(None, 0), **kwargs).run()
     for r in range(3):
-        alone = preference_flow(model, FeaturePairs(*(a[r] for a in stacked)), loss, **kwargs).run()
+        one = jax.tree_util.tree_map(lambda a, r=r: a[r], stacked)
+        alone = preference_flow(model, one, loss, **kwargs).run()
         np.testing.assert_allclose(together.loss[r], alone.loss, rtol=RTOL_AUTODIFF)
 
 
