@@ -122,12 +122,13 @@ def sweep_stage(
 
     Returns the first call's wall time (compile + run), the best of ``repeats`` repeat calls
     (trajectory-steps per second), the same on one device (the speed-up of sharding), the run
-    statuses of :func:`sims.sweep.sweep`, and the largest difference of the sharded final margins
+    statuses of :func:`sims.flows.sweep.sweep`, and the largest difference of the sharded final
+    margins
     from a plain ``jax.vmap`` on one device (runs are independent: expected 0 up to the
     backend's batching).
     """
     from experiments._bench import lowrank_run_fn
-    from sims.sweep import run_mesh, sharded_runner, sweep
+    from sims.flows.sweep import run_mesh, sharded_runner, sweep
 
     n = jax.device_count()
     R = n * runs_per_device

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sims.scores import UndefinedStatistic
+from sims.analysis.scores import UndefinedStatistic
 
 
 def max_drop(series: Any, axis: int = -1) -> np.ndarray:
@@ -158,13 +158,13 @@ def mean_of(rows: Sequence[dict], key: str) -> float | None:
 
 def statistic(key: str, fn: Callable[..., float], *args: Any) -> dict[str, float | str | None]:
     """Return ``{key: fn(*args)}``, or ``{key: None, key + "_undefined_reason": why}`` when the
-    statistic is undefined for this input (:class:`sims.scores.UndefinedStatistic`).
+    statistic is undefined for this input (:class:`sims.analysis.scores.UndefinedStatistic`).
 
     Every summary statistic of a run goes through this: a Spearman correlation over one pair or
     a constant input is reported as ``null`` with its reason, and the run's numbers are kept.
 
     Example:
-      >>> from sims.scores import spearman
+      >>> from sims.analysis.scores import spearman
       >>> statistic("rho", spearman, [1, 2, 3], [3, 2, 1])
       {'rho': -1.0}
       >>> statistic("rho", spearman, [1.0], [2.0])
@@ -180,7 +180,7 @@ def statistics(fn: Callable[..., float], args_by_key: dict[str, tuple]) -> dict[
     """Return the :func:`statistic` of every ``key: args`` entry, merged into one dict.
 
     Example:
-      >>> from sims.scores import spearman
+      >>> from sims.analysis.scores import spearman
       >>> statistics(spearman, {"a": ([1, 2], [1, 2]), "b": ([1, 2], [5, 5])})["b_undefined_reason"]
       "Spearman's correlation is undefined: y is constant (5)"
     """
@@ -192,7 +192,7 @@ def statistic_per_row(key: str, fn: Callable[..., float], rows: Sequence[tuple])
     ``key + "_undefined_reason"`` (a reason or ``None`` per row) when any row's is undefined.
 
     Example:
-      >>> from sims.scores import pearson
+      >>> from sims.analysis.scores import pearson
       >>> out = statistic_per_row("r", pearson, [([1, 2], [2, 1]), ([1, 1], [1, 2])])
       >>> out["r"], out["r_undefined_reason"][1]
       ([-1.0, None], "Pearson's correlation is undefined: x is constant (1)")
@@ -253,7 +253,8 @@ def percentile_window(order: Any, q: float, size: int) -> np.ndarray:
     ``order`` is a score order (``argsort`` of the scores). The window starts at
     ``round(q / 100 * (N - 1)) - size // 2`` (Python's round, ties to even), clipped to
     ``[0, N - size]``. This is the transformer experiment's convention; for even ``size`` it can
-    start one rank lower than :func:`sims.scores.percentile_subsets` (which rounds the window's
+    start one rank lower than :func:`sims.analysis.scores.percentile_subsets` (which rounds the
+    window's
     start, not its centre).
 
     Example:

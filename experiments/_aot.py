@@ -4,8 +4,9 @@ An experiment with a ``--scale`` version defines ``aot_programs(config) -> list[
 its main compiled programs (flows, pre-training, kernel measurements, sweep chunks), with arguments
 built from shapes only (``jax.ShapeDtypeStruct``; models from ``nnx.eval_shape``; small host data
 such as token ids may be built for real and abstracted). The programs come from the library's own
-builders (:func:`sims.flow.preference_flow_program`, :func:`sims.transformer.pretrain_program`,
-:func:`sims.sweep.chunk_program`...), through which the run's front ends call the same cached
+builders (:func:`sims.flows.core.preference_flow_program`,
+:func:`sims.models.transformer.pretrain_program`,
+:func:`sims.flows.sweep.chunk_program`...), through which the run's front ends call the same cached
 compiled cores, so what is lowered here is what the run compiles, not a look-alike.
 
 :func:`compile_programs` lowers and compiles each program on the current backend, without
@@ -63,7 +64,7 @@ class AotProgram(NamedTuple):
 
 
 def program(name: str, built: Any, *, in_axes: Any = None) -> AotProgram:
-    """Return an :class:`AotProgram` from a library builder's :class:`sims.flow.Program`."""
+    """Return an :class:`AotProgram` from a library builder's :class:`sims.flows.core.Program`."""
     return AotProgram(name, built.fn, tuple(built.args), dict(built.kwargs), in_axes)
 
 
@@ -355,14 +356,14 @@ def recording() -> Iterator[list]:
 
     Replaced for the block: every jitted function bound at module level in ``sims.*`` and
     ``experiments.*`` (keyed by the function), and the functions returned by the two builders of
-    compiled cores, :func:`sims.flow.compiled_flow` (keyed by the returned function: equal
-    arguments give the same cached one) and :func:`sims.sweep.sharded_program` (keyed by the
+    compiled cores, :func:`sims.flows.core.compiled_flow` (keyed by the returned function: equal
+    arguments give the same cached one) and :func:`sims.flows.sweep.sharded_program` (keyed by the
     run function's qualified name, the batch size and the mesh shape). Call the hook inside the
     block too, so that its programs' ``fn`` carry the same keys.
     """
     # the modules themselves: the package ``sims`` binds the name ``sweep`` to the function
-    flow_module = importlib.import_module("sims.flow")
-    sweep_module = importlib.import_module("sims.sweep")
+    flow_module = importlib.import_module("sims.flows.core")
+    sweep_module = importlib.import_module("sims.flows.sweep")
     calls: list = []
     saved: list[tuple[Any, str, Any]] = []
     recorders: dict[int, _Recorder] = {}
@@ -422,8 +423,8 @@ def _same(a: tuple, b: tuple) -> bool:
 def minilm_shape() -> tuple[int, int] | None:
     """``(V, d)`` of the MiniLM word embeddings from the package's ``config.json`` (no weights
     read), or ``None`` when the package is absent (the MiniLM experiments are then skipped)."""
-    from sims.bert import BertConfig
     from sims.data.real_embeddings import minilm_available, minilm_dir
+    from sims.models.bert import BertConfig
 
     if not minilm_available():
         return None

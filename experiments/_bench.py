@@ -1,9 +1,11 @@
 r"""Timing helpers for ``experiments/bench.py``: reduced flow, full-parameter JAX, PyTorch loop.
 
-Every timed problem is the single-token DPO flow of :class:`~sims.models.UnconstrainedFeatures`
+Every timed problem is the single-token DPO flow of
+:class:`~sims.models.unconstrained.UnconstrainedFeatures`
 with one prompt and one pair :math:`(y^+, y^-) = (3, 5)`, explicit Euler (SGD) with step ``dt``:
 
-* **reduced**: :func:`sims.reduced.reduced_preference_flow` end to end (validation, ``W(0) @ B``,
+* **reduced**: :func:`sims.flows.reduced.reduced_preference_flow` end to end (validation, ``W(0) @
+B``,
   all steps, full-vocabulary log-probs at every checkpoint);
 * **full JAX**: the foundation's step (``jax.value_and_grad`` of the loss through
   ``log_softmax(W h)`` on all of ``W`` and ``h``, ``optax.sgd``) in a jitted ``lax.fori_loop``
@@ -16,7 +18,8 @@ with one prompt and one pair :math:`(y^+, y^-) = (3, 5)`, explicit Euler (SGD) w
 
 The **sweep** (many trajectories from random initialisations) trains DPO plus an SFT term
 (:func:`sweep_loss`), a loss outside the margin class that the reduced flow refuses: every row of
-``W`` moves. It times the exact low-rank flow (:func:`sims.lowrank.lowrank_flow_fn`), the autodiff
+``W`` moves. It times the exact low-rank flow (:func:`sims.flows.lowrank.lowrank_flow_fn`), the
+autodiff
 full-parameter step (the generic path before it) and the PyTorch loop on that loss.
 :func:`sweep_rates` times them (interleaved calls); :mod:`experiments._roofline` measures this
 machine's bandwidth and flop rate for the sweep's roofline.
@@ -42,10 +45,10 @@ import optax
 from flax import nnx
 
 from experiments._common import progress
-from sims.lowrank import lowrank_flow_fn
-from sims.models import PreferencePairs, UnconstrainedFeatures
-from sims.reduced import reduced_preference_flow
-from sims.sweep import sharded_runner
+from sims.flows.lowrank import lowrank_flow_fn
+from sims.flows.reduced import reduced_preference_flow
+from sims.flows.sweep import sharded_runner
+from sims.models.unconstrained import PreferencePairs, UnconstrainedFeatures
 from theory.losses import BoundLoss, dpo_loss, make_loss, mean_pair_loss
 
 CHOSEN, REJECTED = 3, 5  # the pair's token ids (any two distinct ids give the same cost)
@@ -248,7 +251,8 @@ def sweep_steps(params, n):
 def autodiff_run_fn(V: int, d: int, num_steps: int) -> Callable:
     """Return ``seed -> final margin``: the autodiff full-parameter flow of :func:`sweep_loss`.
 
-    The generic path before :mod:`sims.lowrank`: ``jax.grad`` through ``log_softmax(W h)`` on all
+    The generic path before :mod:`sims.flows.lowrank`: ``jax.grad`` through ``log_softmax(W h)`` on
+    all
     parameters, ``optax.sgd``; only the step loop, no per-step finiteness tracking (the torch loop
     has none).
     """
@@ -263,7 +267,8 @@ def autodiff_run_fn(V: int, d: int, num_steps: int) -> Callable:
 
 @functools.cache
 def lowrank_run_fn(V: int, d: int, num_steps: int, fold_every: int) -> Callable:
-    """Return ``seed -> final margin``: :func:`sims.lowrank.lowrank_flow_fn` on :func:`sweep_loss`.
+    """Return ``seed -> final margin``: :func:`sims.flows.lowrank.lowrank_flow_fn` on
+    :func:`sweep_loss`.
 
     The same trajectory as :func:`autodiff_run_fn`, exactly (it also tracks non-finite steps).
     """
@@ -320,7 +325,8 @@ def torch_sweep_rate(
 
 @functools.cache
 def sweep_runner(run_fn: Callable, batch_size: int) -> Callable:
-    """:func:`sims.sweep.sharded_runner` of ``run_fn`` over every device (cached per arguments).
+    """:func:`sims.flows.sweep.sharded_runner` of ``run_fn`` over every device (cached per
+    arguments).
 
     ``batch_size`` runs are vmapped together per device; 1 runs them one after another.
     """

@@ -1,12 +1,12 @@
 """Checkpoint plumbing of the real-model experiments (``persona_no_over_never``, ``ches_real``,
 ``audit``): open a Hugging Face folder (``--model``) or make the project's own one.
 
-The self-made checkpoint: a tiny Llama-architecture :class:`~sims.decoder.DecoderLM` (untied
+The self-made checkpoint: a tiny Llama-architecture :class:`~sims.models.decoder.DecoderLM` (untied
 embeddings and GQA, as Llama-3-8B) pre-trained with Adam on the generated corpus of
 :mod:`sims.data.corpus` (persona answers, refusals and compliances), written in Hugging Face Llama
-format with a word-level ``tokenizer.json`` (:func:`sims.checkpoints.save_causal_lm`) into a
+format with a word-level ``tokenizer.json`` (:func:`sims.checkpoints.hf.save_causal_lm`) into a
 temporary folder inside the output folder, loaded back through the same loader as any checkpoint
-(:func:`sims.checkpoints.load_causal_lm`), and deleted.
+(:func:`sims.checkpoints.hf.load_causal_lm`), and deleted.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ from experiments._common import (
     one_of,
     progress,
 )
-from sims.checkpoints import load_causal_lm, save_causal_lm
+from sims.checkpoints.hf import load_causal_lm, save_causal_lm
+from sims.checkpoints.tokenization import (
+    chat_template,
+    load_tokenizer,
+    special_tokens,
+    word_level_tokenizer,
+)
 from sims.data import corpus
 from sims.data.preferences import (
     BadRow,
@@ -38,10 +44,9 @@ from sims.data.preferences import (
     read_preference_jsonl,
     write_preference_jsonl,
 )
-from sims.decoder import DecoderConfig, init_decoder
 from sims.errors import InputError
-from sims.tokenization import chat_template, load_tokenizer, special_tokens, word_level_tokenizer
-from sims.transformer import pretrain
+from sims.models.decoder import DecoderConfig, init_decoder
+from sims.models.transformer import pretrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 #: Values of ``--model`` that name no path: "" (the self-made checkpoint), "smollm2" (packaged).
@@ -91,7 +96,7 @@ class CheckpointConfig(ExperimentConfig):
 class Checkpoint(NamedTuple):
     """An opened checkpoint and what the experiments need to tokenize for it."""
 
-    model: Any  # sims.decoder.DecoderLM
+    model: Any  # sims.models.decoder.DecoderLM
     tokenizer: Any  # tokenizers.Tokenizer
     tokens: dict[str, str]  # special tokens named by the folder (bos/eos/pad)
     template: str | None  # chat template in use, or None (plain concatenation)

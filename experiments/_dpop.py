@@ -5,7 +5,8 @@ r"""Setup and checks for the DPO/DPOP edit-distance-1 experiment (library side o
 * :func:`sign_checks`: the source's sign predictions vs the exact per-position gradient
   (:func:`theory.dpop.position_logit_gradients`, itself tested against autodiff) on a lambda grid
   and on perturbed states.
-* :func:`flow_summary`: the JSON-ready numbers of :func:`sims.logit_model.edit_pair_flow`'s result.
+* :func:`flow_summary`: the JSON-ready numbers of :func:`sims.models.logit_model.edit_pair_flow`'s
+result.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from sims.flow import FlowResult
-from sims.logit_model import EditPrefixes
+from sims.flows.core import FlowResult
+from sims.models.logit_model import EditPrefixes
 from theory.dpop import pair_logprobs_from_logits, position_logit_gradients
 from theory.dpop_signs import lambda_thresholds, predicted_signs, well_optimised
 
@@ -43,7 +44,7 @@ def reference_context_logits(
     the edit the correct and wrong tokens get ``edit_logits``.
 
     Example:
-      >>> from sims.logit_model import edit_pair_prefixes
+      >>> from sims.models.logit_model import edit_pair_prefixes
       >>> c, r = np.array([0, 1, 2]), np.array([0, 2, 2])
       >>> b = reference_context_logits(jax.random.key(0), c, r, edit_pair_prefixes(c, r),
       ...     vocab_size=3, confidence_chosen=2.0, confidence_rejected=1.0,

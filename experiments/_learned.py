@@ -24,11 +24,11 @@ from experiments._analysis import (
     statistic,
     top_gainers,
 )
-from sims.bert import load_bert_tokenizer
+from sims.analysis.kernel import hidden_kernel, rmsprop_preconditioner, velocity_channels
+from sims.analysis.scores import pearson
 from sims.data.real_embeddings import load_minilm, minilm_dir, word_subset
-from sims.kernel import hidden_kernel, rmsprop_preconditioner, velocity_channels
-from sims.mlp_features import feature_sft_flow
-from sims.scores import pearson
+from sims.models.bert import load_bert_tokenizer
+from sims.models.mlp_features import feature_sft_flow
 from theory.kernel import kernel_anisotropy, preconditioned_logprob_velocity
 from theory.losses import margin_derivative, mean_pair_loss
 from theory.single_token import logprob_velocity
@@ -160,7 +160,7 @@ def _kernels(graphdef, state, X):
 
 def kernels(model, X: np.ndarray) -> tuple[np.ndarray, float]:
     """Kernels K = J J^T (gradient flow) at each prompt ``[R, d, d]`` (the model's closed form),
-    and the relative error of the first against :func:`sims.kernel.hidden_kernel`."""
+    and the relative error of the first against :func:`sims.analysis.kernel.hidden_kernel`."""
     graphdef, state = nnx.split(model)
     K, measured = _kernels(graphdef, state, jnp.asarray(X))
     return np.asarray(K), float(relative_error(K[0], measured))
@@ -216,7 +216,8 @@ def measure(graphdef, loss, trained, state, X, pos, neg):
         }
 
     out = jax.vmap(one)(X, pos, neg)
-    # the closed-form K_P of the first run against the measured one (sims.kernel.hidden_kernel)
+    # the closed-form K_P of the first run against the measured one
+    # (sims.analysis.kernel.hidden_kernel)
     P0 = rmsprop_preconditioner(lambda m: _first_loss(m, loss, X[0], pos[0], neg[0]), model)
     out["K_P_measured_first"] = hidden_kernel(lambda m: m.hidden(X[0]), model, preconditioner=P0)
     return out

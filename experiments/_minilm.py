@@ -19,7 +19,15 @@ from flax import nnx
 
 from experiments._analysis import max_drop, relative_error, sign_agreement, top_gainers
 from experiments._common import progress
-from sims.bert import (
+from sims.analysis.kernel import (
+    hidden_kernel,
+    rmsprop_preconditioner,
+    tied_cross_terms,
+    velocity_channels,
+)
+from sims.data.real_embeddings import minilm_dir
+from sims.flows.core import integrate_model, preference_flow
+from sims.models.bert import (
     BertConfig,
     BertEncoder,
     MaskedLMLabels,
@@ -30,9 +38,6 @@ from sims.bert import (
     masked_lm_nll,
     persona_question,
 )
-from sims.data.real_embeddings import minilm_dir
-from sims.flow import integrate_model, preference_flow
-from sims.kernel import hidden_kernel, rmsprop_preconditioner, tied_cross_terms, velocity_channels
 from theory import kernel as tk
 from theory.losses import make_loss, margin_derivative, mean_pair_loss
 from theory.single_token import logprob_velocity

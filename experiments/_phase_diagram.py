@@ -19,8 +19,9 @@ a^-(0)G_0`, so a horizon ``H`` is the margin gain the initial rate would give, w
 ``beta`` or geometry, and one Euler step is equally accurate at t = 0 in every cell): SGD runs
 take ``num_steps`` Euler steps of :math:`dt = H/(\mathrm{num\_steps}\,a^-(0)G_0)`. RMSprop
 (torch parity) is invariant to the gradient's scale, so it takes ``num_steps`` steps of a fixed
-``rmsprop_lr``. Paths: the exact reduced flow (:func:`sims.reduced.reduced_flow_fn`) for margin
-losses with SGD and :math:`\lambda = 0`; :func:`sims.flow.flow_fn` on ``(W, theta)`` otherwise.
+``rmsprop_lr``. Paths: the exact reduced flow (:func:`sims.flows.reduced.reduced_flow_fn`) for
+margin losses with SGD and :math:`\lambda = 0`; :func:`sims.flows.core.flow_fn` on
+``(W, theta)`` otherwise.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ import numpy as np
 
 from experiments._common import progress
 from experiments._phase_instances import Geometry, cell_inputs, instance, make_geometry
-from sims.flow import flow_fn
-from sims.models import PreferencePairs
-from sims.reduced import pair_index, reduced_flow_fn
-from sims.sweep import run_mesh, sharded_runner, sweep
+from sims.flows.core import flow_fn
+from sims.flows.reduced import pair_index, reduced_flow_fn
+from sims.flows.sweep import run_mesh, sharded_runner, sweep
+from sims.models.unconstrained import PreferencePairs
 from theory.kernel import kernel_logprob_velocity
 from theory.losses import (
     dpo_loss,
@@ -336,7 +337,8 @@ RUN_INPUTS = ("rho", "omega", "kappa", "phi", "cos", "lam", "beta", "loss_id", "
 
 
 def run_sweeps(config, geometry, grid: dict, sweep_dir=None) -> dict[str, np.ndarray]:
-    """Run every feasible cell through :func:`sims.sweep.sweep`, one sweep per path; return the
+    """Run every feasible cell through :func:`sims.flows.sweep.sweep`, one sweep per path; return
+    the
     outputs scattered back onto the grid (NaN / -1 elsewhere) and ``status`` per cell."""
     schedule = Schedule(config.num_steps, config.record_every, config.sft_ratio)
     status = np.where(grid["feasible"], "", "infeasible").astype(object)

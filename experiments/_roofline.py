@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from experiments import _bench as bm
 from experiments._common import progress
-from sims.sweep import RUN_AXIS, run_mesh
+from sims.flows.sweep import RUN_AXIS, run_mesh
 
 
 def lowrank_step_cost(V: int, d: int, fold_every: int) -> dict:

@@ -18,8 +18,8 @@ from flax import nnx
 from experiments._aot import AotProgram, abstract, abstract_model, program
 from experiments._common import ConfigError, ExperimentConfig
 from sims.data import corpus
-from sims.transformer import CausalTransformer, TokenBatch, pretrain_program, sample_tokens
-from sims.transformer import pretrain as pretrain_lm
+from sims.models.transformer import CausalTransformer, TokenBatch, pretrain_program, sample_tokens
+from sims.models.transformer import pretrain as pretrain_lm
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def pretrain_aot(config, *, refusal_prob: float = 0.8) -> AotProgram:
 
 
 def response_batch(tokens, prompt_len: int) -> TokenBatch:
-    """Return the :class:`~sims.transformer.TokenBatch` of sampled ``tokens`` ``[N, T]``.
+    """Return the :class:`~sims.models.transformer.TokenBatch` of sampled ``tokens`` ``[N, T]``.
 
     A response ends at its first ``<eos>``, or at ``T`` when none was sampled.
     """
@@ -210,7 +210,7 @@ def refusal_rates(
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _sample_runs(graphdef, states, key, prompts, prompt_len, temperature, eos, pad):
-    """:func:`sims.transformer.sample_tokens` for each stacked state, one state after another
+    """:func:`sims.models.transformer.sample_tokens` for each stacked state, one state after another
     (``lax.map``, not ``vmap``: the device holds one model's sampling at a time; vmapped, the
     ``--scale`` sampling of ``transformer_unalignment`` needed 268 GiB by its ahead-of-time
     estimate on CPU), compiled once per shapes."""

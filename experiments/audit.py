@@ -5,7 +5,8 @@
 For every row of a TRL-style JSONL file (``prompt``, ``chosen``, ``rejected``; default: pairs
 generated from the corpus, on the self-made checkpoint) this reports CHES, length-normalised CHES,
 normalised edit distance, the last-hidden inner product, the exact d/dt ln pi(y+|x) at t = 0 of
-gradient flow on the pair's own DPO loss (one grad + one jvp, :func:`sims.audit.audit_pairs`) and,
+gradient flow on the pair's own DPO loss (one grad + one jvp,
+:func:`sims.analysis.audit.audit_pairs`) and,
 for single-token responses, the tokens predicted to gain probability fastest. A negative velocity
 means the pair, trained alone, lowers its preferred response's likelihood. Writes
 ``audit.png`` / ``audit.json`` (summary and the numbers behind the figure), ``audit_pairs.csv`` and
@@ -40,9 +41,9 @@ from experiments._common import (
     progress,
     provenance,
 )
-from sims.audit import audit_pairs
+from sims.analysis.audit import audit_pairs
+from sims.analysis.scores import spearman
 from sims.data.preferences import encode_preferences, write_preference_jsonl
-from sims.scores import spearman
 from theory.losses import make_loss
 
 NAME = "audit"

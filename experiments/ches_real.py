@@ -40,10 +40,10 @@ from experiments._common import (
     progress,
     provenance,
 )
+from sims.analysis.scores import percentile_subsets, spearman, transformer_pair_scores
 from sims.data.preferences import encode_preferences
-from sims.flow import preference_flow
-from sims.scores import percentile_subsets, spearman, transformer_pair_scores
-from sims.transformer import make_transformer_pairs
+from sims.flows.core import preference_flow
+from sims.models.transformer import make_transformer_pairs
 from theory.losses import make_loss
 
 NAME = "ches_real"

@@ -29,10 +29,15 @@ from experiments._common import (
     provenance,
 )
 from experiments._plots import bar_min_max
+from sims.analysis.scores import (
+    dataset_ches,
+    normalized_edit_distance,
+    percentile_subsets,
+    spearman,
+)
 from sims.data.synthetic import synthetic_preferences
-from sims.flow import preference_flow, stack_models
-from sims.prefix_tree import restrict, with_reference
-from sims.scores import dataset_ches, normalized_edit_distance, percentile_subsets, spearman
+from sims.flows.core import preference_flow, stack_models
+from sims.models.prefix_tree import restrict, with_reference
 from theory.losses import make_loss
 
 NAME = "ches_vs_displacement"

@@ -1,7 +1,8 @@
 """Compile once: the first call of each flow front end against a repeat call with the same shapes.
 
 Every flow of :mod:`sims` runs a jitted core cached per (loss, observable, optimiser, schedule,
-shapes) (:func:`sims.flow.compiled_flow`), so a repeat call with new values but the same shapes
+shapes) (:func:`sims.flows.core.compiled_flow`), so a repeat call with new values but the same
+shapes
 should skip tracing and compilation. For each front end this times the first call (trace + compile +
 run) and the best of ``repeats`` repeat calls (new data values, equal but distinct loss objects),
 and reports the ratio. A timing script, not a test (the test suite checks the caches instead).
@@ -26,12 +27,12 @@ from experiments._common import (
     progress,
     provenance,
 )
-from sims.flow import preference_flow, sft_flow
-from sims.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
-from sims.models import UnconstrainedFeatures, make_pairs
-from sims.prefix_tree import index_prefixes, with_reference
-from sims.tabular import TabularPolicy, kl_objective_flow
-from sims.transformer import CausalTransformer, TokenBatch, make_transformer_pairs
+from sims.flows.core import preference_flow, sft_flow
+from sims.models.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
+from sims.models.prefix_tree import index_prefixes, with_reference
+from sims.models.tabular import TabularPolicy, kl_objective_flow
+from sims.models.transformer import CausalTransformer, TokenBatch, make_transformer_pairs
+from sims.models.unconstrained import UnconstrainedFeatures, make_pairs
 from theory.losses import make_loss
 
 NAME = "compile_once"
@@ -66,12 +67,16 @@ def _flows(steps: int):
     def prefix_tree(seed):
         pairs, prefixes = index_prefixes([0, 1], [[1, 2], [3, 4]], [[1, 5], [6]])
         m = UnconstrainedFeatures(10, 4, len(prefixes), rngs=nnx.Rngs(seed), dtype=jnp.float64)
-        return preference_flow(m, with_reference(m, pairs), dpo(), dt=0.1, num_steps=steps).run().loss
+        return (
+            preference_flow(m, with_reference(m, pairs), dpo(), dt=0.1, num_steps=steps).run().loss
+        )
 
     def tabular(seed):
         r = jax.random.normal(jax.random.key(seed), (6,))
         policy = TabularPolicy(logits=jnp.zeros(6))
-        return kl_objective_flow(policy, jnp.full(6, 1 / 6), r, beta=1.0, dt=0.1, num_steps=steps).run()
+        return kl_objective_flow(
+            policy, jnp.full(6, 1 / 6), r, beta=1.0, dt=0.1, num_steps=steps
+        ).run()
 
     def logit_model(seed):
         c, r = np.array([1, 2, 3]), np.array([1, 0, 3])

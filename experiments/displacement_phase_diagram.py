@@ -11,10 +11,11 @@ with ``delta = 1/(2 beta)``, reference-free as in the paper; DPO + SFT term with
 ``sft_ratio * beta / 2``), the optimiser (Euler = gradient flow; torch-parity RMSprop) and the
 kernel gain :math:`\lambda` of a constant-kernel feature network (:math:`\lambda_{\mathrm{eff}} =
 1 + \lambda`; 0 = unconstrained features). The reference model is the model at t = 0. All flows
-run through :func:`sims.sweep.sweep` (sharded over every device, chunked, resumable; ``main``
+run through :func:`sims.flows.sweep.sweep` (sharded over every device, chunked, resumable; ``main``
 keeps it in ``<out>/displacement_phase_diagram_sweep/<config hash>/<path>/``), one sweep per path:
-the exact reduced flow (:mod:`sims.reduced`) for DPO/IPO/SLiC with SGD and :math:`\lambda = 0`,
-:func:`sims.flow.flow_fn` on ``(W, theta)`` otherwise (SFT term, RMSprop, kernel); the JSON's
+the exact reduced flow (:mod:`sims.flows.reduced`) for DPO/IPO/SLiC with SGD and :math:`\lambda =
+0`,
+:func:`sims.flows.core.flow_fn` on ``(W, theta)`` otherwise (SFT term, RMSprop, kernel); the JSON's
 ``confusion.theorem4.by_group.*.path`` says which served each (loss, optimiser, lambda).
 
 Definitions, fixed before the first run. Prediction (``theorem4``): the sign of
@@ -79,7 +80,7 @@ from experiments._common import (
 from experiments._phase_diagram import OPTIMIZERS
 from experiments._phase_plot import plot as plot_report
 from experiments._phase_report import analyse
-from sims.sweep import chunk_program
+from sims.flows.sweep import chunk_program
 
 NAME = "displacement_phase_diagram"
 SWEEP_FOLDER = f"{NAME}_sweep"  # in the output folder; one subfolder per config: reruns resume

@@ -22,8 +22,8 @@ from experiments._common import (
     provenance,
 )
 from experiments._dpop import flow_summary, reference_context_logits, sign_checks
-from sims.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
-from sims.models import UnconstrainedFeatures
+from sims.models.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
+from sims.models.unconstrained import UnconstrainedFeatures
 from theory.dpop_signs import lambda_thresholds, well_optimised
 
 NAME = "dpop_edit_distance"
@@ -116,7 +116,8 @@ def run(config: Config) -> dict:
     lams = jnp.asarray(config.lam_factors) * lam_star
     kw = dict(dt=config.dt, num_steps=config.num_steps, record_every=config.record_every)
     results = {
-        name: flow_summary(edit_pair_flow(model, chosen, rejected, pre, lams, **placement, **kw).run(),
+        name: flow_summary(edit_pair_flow(model, chosen, rejected, pre, lams, **placement,
+        **kw).run(),
                            lams)
         for name, model in _models(config, context, pre, len(chosen), k_w).items()
     }  # fmt: skip

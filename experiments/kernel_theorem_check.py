@@ -5,9 +5,10 @@ the sign of the true t = 0 velocity d/dt ln pi(z|x) for only 84% of tokens in th
 transformer (transformer_no_over_never). Hypothesis: h = f(x) moves by -l' K (W+ - W-) with the
 hidden-state kernel K = J J^T, not by -l' (W+ - W-). Here, at t = 0, for every token z:
 
-* truth: ``jax.jvp`` of ln pi(.|x) along -grad L of the actual DPO loss (sims.kernel);
-* kernel form: theory.kernel with K measured by sims.kernel.hidden_kernel (tied transformer: with
-  the cross terms of sims.kernel.tied_cross_terms);
+* truth: ``jax.jvp`` of ln pi(.|x) along -grad L of the actual DPO loss (sims.analysis.kernel);
+* kernel form: theory.kernel with K measured by sims.analysis.kernel.hidden_kernel (tied
+transformer: with
+  the cross terms of sims.analysis.kernel.tied_cross_terms);
 * free-h form: theory.single_token.logprob_velocity(W, h, ...) (Theorems 4-5, K = I).
 
 Models (float64): MLP-feature models (h = MLP(x), untied W; one pair per prompt, and all prompts
@@ -45,11 +46,11 @@ from experiments._common import (
     provenance,
 )
 from experiments._transformer import pretrained_model, pretrained_model_program
+from sims.analysis.kernel import hidden_kernel, tied_cross_terms, velocity_channels
+from sims.analysis.scores import pearson
 from sims.data import corpus
-from sims.kernel import hidden_kernel, tied_cross_terms, velocity_channels
-from sims.models import MLPFeatures
-from sims.scores import pearson
-from sims.transformer import CausalTransformer
+from sims.models.transformer import CausalTransformer
+from sims.models.unconstrained import MLPFeatures
 from theory import kernel as tk
 from theory.losses import make_loss, margin_derivative, mean_pair_loss
 from theory.single_token import logprob_velocity, multi_sample_logprob_velocity

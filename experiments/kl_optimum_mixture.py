@@ -27,7 +27,7 @@ from experiments._common import (
     provenance,
 )
 from experiments._plots import identity_line
-from sims.tabular import TabularPolicy, kl_objective_flow
+from sims.models.tabular import TabularPolicy, kl_objective_flow
 from theory.kl_counterexample import (
     random_instances,
     search_counterexamples,

@@ -18,7 +18,8 @@ Setup (fixed before the first run; nothing is changed after it).
   centred over the 64 prompts and scaled to mean :math:`|x|^2 = f = 384`. Why: related statements
   get related features through the real geometry, with no per-prompt randomness; the persona
   question's fixed words would vanish in the centring and are left out.
-* Model: :class:`sims.mlp_features.ScaledMLPFeatures`, :math:`h = c[A_2\tanh(A_1x/\sqrt f + b_1) -
+* Model: :class:`sims.models.mlp_features.ScaledMLPFeatures`, :math:`h = c[A_2\tanh(A_1x/\sqrt f +
+b_1) -
   (\text{same at init})]`, width m = 256, d = 384, entries N(0, 1), h = 0 at init. Feature-learning
   init: mean field, c = 1/m. Lazy init: c = alpha / sqrt(m), alpha = 10. One seed: both inits share
   A1, b1, A2 and differ only in c, so K before SFT differs only by c^2 (same lambda_eff).
@@ -44,13 +45,15 @@ Setup (fixed before the first run; nothing is changed after it).
 Reported per (arm, init, loss, pair): lambda_eff of K = J J^T and of the RMSprop kernel
 K_P = J P J^T (P the diagonal of torch RMSprop's first step) on S at the start of the preference
 phase, and of K before SFT (K from the model's closed form, checked against
-:func:`sims.kernel.hidden_kernel` on one run per cell); pi(y+) at the start, its minimum, its
+:func:`sims.analysis.kernel.hidden_kernel` on one run per cell); pi(y+) at the start, its minimum,
+its
 largest drop; the top-3 probability gainers at steps 5, 25, 100 (Tables 4-12); at t = 0 the kernel
 form
 (:func:`theory.kernel.preconditioned_logprob_velocity` with the measured K_P and W gains) and the
 free-h Theorems 4-5 (:func:`theory.single_token.logprob_velocity` with the model's W, h) vs the
 true velocity of ln pi(.|x) along the first RMSprop update -P grad L
-(:func:`sims.kernel.velocity_channels`): max relative error, sign agreement on entries with |truth|
+(:func:`sims.analysis.kernel.velocity_channels`): max relative error, sign agreement on entries
+with |truth|
 > 1e-6 max |truth|, correlation; the kernel explanation: ranks of y+ and of the best yes-like token
 by the alignment :math:`W_z^\top K_P (W_{y^+} - W_{y^-})`.
 
@@ -102,8 +105,8 @@ from experiments._common import (
     provenance,
 )
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
-from sims.flow import preference_flow, preference_flow_program
-from sims.mlp_features import (
+from sims.flows.core import preference_flow, preference_flow_program
+from sims.models.mlp_features import (
     FeaturePairs,
     ScaledMLPFeatures,
     feature_sft_flow_program,

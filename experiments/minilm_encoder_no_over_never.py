@@ -1,8 +1,10 @@
 r"""Razin et al. 2024 Table 1 on a real pretrained network: MiniLM-L6, all ~22M parameters trained.
 
-Issue 13, part 3c. Model: the whole ``all-MiniLM-L6-v2`` encoder (:func:`sims.bert.load_bert`,
+Issue 13, part 3c. Model: the whole ``all-MiniLM-L6-v2`` encoder
+(:func:`sims.models.bert.load_bert`,
 float32), read out at an appended ``[MASK]`` with its word embeddings tied as ``W``
-(:meth:`sims.bert.BertEncoder.mask_logprobs`). Prompts: ``persona_question(statement)``, tokenized
+(:meth:`sims.models.bert.BertEncoder.mask_logprobs`). Prompts: ``persona_question(statement)``,
+tokenized
 by the shipped ``tokenizer.json``. The untouched readout is close to uniform noise (log p of the
 answer words ~ -11 vs -10.33 uniform), so an SFT phase comes first.
 
@@ -44,11 +46,13 @@ Kernel at t = 0 (the first ``kernel_prompts`` no > never prompts, post-SFT model
 plain gradient flow on the DPO loss (P = I, so ``K`` describes the geometry rather than RMSprop's
 1/(0.1|g| + 1e-8) gains, which are huge on near-zero gradient entries):
 
-* truth: ``jax.jvp`` of ln pi(.|x) along -grad L (:func:`sims.kernel.velocity_channels`), split
+* truth: ``jax.jvp`` of ln pi(.|x) along -grad L (:func:`sims.analysis.kernel.velocity_channels`),
+split
   into the W channel (the tied table, both roles) and the backbone; the same split for the first
-  torch-RMSprop step's direction (:func:`sims.kernel.rmsprop_preconditioner`);
-* K = J J^T over all parameters (384 vjp/jvp pairs, :func:`sims.kernel.hidden_kernel`), the tied
-  cross terms b, r (:func:`sims.kernel.tied_cross_terms`), and the kernel form
+  torch-RMSprop step's direction (:func:`sims.analysis.kernel.rmsprop_preconditioner`);
+* K = J J^T over all parameters (384 vjp/jvp pairs,
+  :func:`sims.analysis.kernel.hidden_kernel`), the tied cross terms b, r
+  (:func:`sims.analysis.kernel.tied_cross_terms`), and the kernel form
   :func:`theory.kernel.tied_kernel_logprob_velocity`: relative error max_z|pred - truth| /
   max_z|truth| and sign agreement where |truth| > ``sign_tol`` max|truth| (an identity; float32
   round-off expected); control: free-h Theorems 4-5 (:func:`theory.single_token.logprob_velocity`);
@@ -106,7 +110,9 @@ from experiments._minilm import (
     prepare,
     run_record,
 )
-from sims.bert import (
+from sims.data.real_embeddings import MINILM_INSTALL, minilm_available, minilm_dir
+from sims.flows.core import model_flow_program, preference_flow_program
+from sims.models.bert import (
     MaskedLMLabels,
     MaskedLMPairs,
     encode_masked_prompts,
@@ -114,8 +120,6 @@ from sims.bert import (
     masked_lm_nll,
     persona_question,
 )
-from sims.data.real_embeddings import MINILM_INSTALL, minilm_available, minilm_dir
-from sims.flow import model_flow_program, preference_flow_program
 
 NAME = "minilm_encoder_no_over_never"
 DROP = 0.2  # pre-registered decrease of pi(y+)

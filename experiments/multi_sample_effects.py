@@ -31,9 +31,9 @@ from experiments._common import (
     provenance,
 )
 from experiments._plots import identity_line
-from sims.flow import preference_flow, stack_models
-from sims.models import UnconstrainedFeatures
-from sims.prefix_tree import index_prefixes, with_reference
+from sims.flows.core import preference_flow, stack_models
+from sims.models.prefix_tree import index_prefixes, with_reference
+from sims.models.unconstrained import UnconstrainedFeatures
 from theory.losses import make_loss
 from theory.single_token import logprob_velocity, multi_sample_logprob_velocity
 

@@ -2,7 +2,8 @@
 
 Random single-pair instances of the unconstrained-features model over the prefix tree, several
 lengths, with and without shared prefixes; the closed forms of ``theory.multi_token`` /
-``theory.regularized`` against ``sims.prefix_tree.flow_velocity`` (jax.grad + jax.jvp), float64.
+``theory.regularized`` against ``sims.models.prefix_tree.flow_velocity`` (jax.grad + jax.jvp),
+float64.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from experiments._common import (
     provenance,
 )
 from experiments._plots import symlog_identity
-from sims.models import UnconstrainedFeatures
-from sims.prefix_tree import extend_prefixes, flow_velocity, index_prefixes, with_reference
+from sims.models.prefix_tree import extend_prefixes, flow_velocity, index_prefixes, with_reference
+from sims.models.unconstrained import UnconstrainedFeatures
 from theory.losses import loss_coefficients, make_loss
 from theory.multi_token import other_response_terms, response_logprob_velocity
 from theory.regularized import preferred_logprob_velocity

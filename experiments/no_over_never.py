@@ -44,6 +44,7 @@ from experiments._common import (
     provenance,
 )
 from experiments._plots import annotated_scatter
+from sims.analysis.scores import spearman
 from sims.data.vocab import (
     BENIGN_FOR_NO,
     CATASTROPHIC_FOR_NO,
@@ -52,9 +53,8 @@ from sims.data.vocab import (
     YES_SET,
     semantic_unembeddings,
 )
-from sims.flow import preference_flow, sft_flow
-from sims.models import UnconstrainedFeatures, make_pairs
-from sims.scores import spearman
+from sims.flows.core import preference_flow, sft_flow
+from sims.models.unconstrained import UnconstrainedFeatures, make_pairs
 from theory import losses
 from theory.single_token import displacement_terms, logprob_velocity
 

@@ -49,10 +49,14 @@ from experiments._common import (
     progress,
     provenance,
 )
+from sims.checkpoints.tokenization import format_prompt
 from sims.data import corpus
-from sims.flow import integrate_model, preference_flow
-from sims.tokenization import format_prompt
-from sims.transformer import TokenBatch, make_transformer_pairs, response_logprobs_from_tokens
+from sims.flows.core import integrate_model, preference_flow
+from sims.models.transformer import (
+    TokenBatch,
+    make_transformer_pairs,
+    response_logprobs_from_tokens,
+)
 from theory.losses import make_loss, nll_loss
 
 NAME = "persona_no_over_never"

@@ -40,8 +40,8 @@ from experiments._common import (
     provenance,
 )
 from sims.data.real_embeddings import MINILM_INSTALL, load_minilm, minilm_available, word_subset
-from sims.flow import preference_flow, preference_flow_program, sft_flow, sft_flow_program
-from sims.models import PreferencePairs, UnconstrainedFeatures, make_pairs
+from sims.flows.core import preference_flow, preference_flow_program, sft_flow, sft_flow_program
+from sims.models.unconstrained import PreferencePairs, UnconstrainedFeatures, make_pairs
 from theory.losses import make_loss, margin_derivative
 from theory.single_token import logprob_velocity
 
@@ -209,7 +209,9 @@ def _preference_rows(config: Config, model, words: list[str], ids: dict) -> dict
                 num_steps=config.num_steps,
                 observe=_prompt_logprobs,
                 in_axes=(None, 0),
-            ).run().observables
+            )
+            .run()
+            .observables
         )  # [3 R, T+1, V]
         ell = margin_derivative(loss, *ref, *ref)  # [3 R]
         v = np.asarray(

@@ -4,7 +4,8 @@ For each random instance (unembeddings ``W``, hidden embedding ``h``, a pair ``y
 reference margin) the closed form :func:`theory.single_token.logprob_velocity` is compared, for
 every token, with (i) autodiff: ``jvp`` of the model's log-probs along ``-grad L`` of the actual
 loss, and (ii) a central difference of the log-probs over one simulated Euler step of the flow and
-one of the time-reversed flow (``sims.flow.flow_fn``, step ``fd_step``). Half of the instances have
+one of the time-reversed flow (``sims.flows.core.flow_fn``, step ``fd_step``). Half of the
+instances have
 ``W- = 1.2 W+ + noise`` and a small ``h``, so that displacement cases are well represented.
 """
 
@@ -32,8 +33,8 @@ from experiments._common import (
     provenance,
 )
 from experiments._plots import symlog_identity
-from sims.flow import flow_fn
-from sims.models import softmax_logprobs
+from sims.flows.core import flow_fn
+from sims.models.unconstrained import softmax_logprobs
 from theory import losses
 from theory.single_token import logprob_velocity
 

@@ -21,10 +21,10 @@ from experiments._analysis import percentile_window, statistics
 from experiments._aot import AotProgram, abstract_model, gather, program, sds, with_reference
 from experiments._common import cli, enable_x64, experiment_main, progress, provenance
 from experiments._transformer import PretrainConfig, initial_model, pretrain, pretrain_aot
+from sims.analysis.scores import pearson, transformer_pair_scores
 from sims.data import corpus
-from sims.flow import preference_flow, preference_flow_program
-from sims.scores import pearson, transformer_pair_scores
-from sims.transformer import TransformerPairs, make_transformer_pairs
+from sims.flows.core import preference_flow, preference_flow_program
+from sims.models.transformer import TransformerPairs, make_transformer_pairs
 from theory.losses import make_loss
 
 NAME = "transformer_ches"

@@ -23,15 +23,15 @@ from experiments._aot import AotProgram, abstract_model, expand, program, sds
 from experiments._common import cli, enable_x64, experiment_main, progress, provenance
 from experiments._plots import mean_band
 from experiments._transformer import PretrainConfig, initial_model, pretrain, pretrain_aot
+from sims.analysis.scores import pearson
 from sims.data import corpus
-from sims.flow import (
+from sims.flows.core import (
     PairObjective,
     preference_flow,
     preference_flow_program,
     velocity_along_flow,
 )
-from sims.scores import pearson
-from sims.transformer import TokenBatch, TransformerPairs, make_transformer_pairs
+from sims.models.transformer import TokenBatch, TransformerPairs, make_transformer_pairs
 from theory.losses import make_loss, margin_derivative
 from theory.single_token import logprob_velocity
 
@@ -123,7 +123,9 @@ def run(config: Config) -> dict:
             num_steps=config.num_steps,
             observe=answer_logprobs,
             in_axes=(None, 0),
-        ).run().observables
+        )
+        .run()
+        .observables
     )  # [R, T+1, V]
     predicted, actual = _velocities_at_start(model, loss, pairs, stacked, chosen, answer_logprobs)
     probs = np.exp(logp)

@@ -40,10 +40,10 @@ from experiments._transformer import (
     refusal_rates,
     response_batch,
 )
+from sims.analysis.scores import transformer_pair_scores
 from sims.data import corpus
-from sims.flow import preference_flow, preference_flow_program
-from sims.scores import transformer_pair_scores
-from sims.transformer import TokenBatch, TransformerPairs, make_transformer_pairs, sample
+from sims.flows.core import preference_flow, preference_flow_program
+from sims.models.transformer import TokenBatch, TransformerPairs, make_transformer_pairs, sample
 from theory.losses import make_loss
 
 NAME = "transformer_unalignment"

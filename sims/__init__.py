@@ -29,8 +29,95 @@ Modules:
   the refusal experiment (``prompts``) and hand-labelled replies (``refusal_labels``).
 """
 
-from sims.audit import PairAudit, audit_pairs
-from sims.bert import (
+from sims.analysis.audit import PairAudit, audit_pairs
+from sims.analysis.kernel import (
+    TiedCrossTerms,
+    VelocityChannels,
+    hidden_kernel,
+    param_paths,
+    rmsprop_preconditioner,
+    tied_cross_terms,
+    velocity_channels,
+)
+from sims.analysis.scores import (
+    UndefinedStatistic,
+    dataset_ches,
+    normalized_edit_distance,
+    pearson,
+    percentile_subsets,
+    spearman,
+    transformer_pair_scores,
+)
+from sims.checkpoints.hf import (
+    decoder_config_from_hf,
+    hf_config,
+    load_causal_lm,
+    param_sharding,
+    save_causal_lm,
+    shard_model,
+)
+from sims.checkpoints.tokenization import (
+    chat_template,
+    format_prompt,
+    load_tokenizer,
+    special_tokens,
+    word_level_tokenizer,
+)
+from sims.flows.core import (
+    CHUNK_RECORDS,
+    OPTIMIZERS,
+    RMSPROP_TORCH,
+    Flow,
+    FlowResult,
+    MemoryEstimate,
+    PairObjective,
+    Pairs,
+    SFTData,
+    SupervisedData,
+    check_optimizer,
+    check_schedule,
+    default_record,
+    flow_fn,
+    integrate,
+    integrate_model,
+    label_logprobs,
+    make_optimizer,
+    memory_estimate,
+    pair_logprobs,
+    preference_flow,
+    raise_on_nonfinite,
+    report_memory,
+    sft_flow,
+    sft_loss,
+    stack_models,
+)
+from sims.flows.lowrank import (
+    FOLD_EVERY,
+    lowrank_flow_fn,
+    lowrank_preference_flow,
+    preference_record,
+)
+from sims.flows.reduced import (
+    MovingRows,
+    PairIndex,
+    ReducedState,
+    apply_moving_rows,
+    check_margin_loss,
+    pair_index,
+    reduced_flow_fn,
+    reduced_preference_flow,
+)
+from sims.flows.sweep import (
+    SweepResult,
+    lower_chunk,
+    run_mesh,
+    sharded_core,
+    sharded_map,
+    sharded_runner,
+    stack_runs,
+    sweep,
+)
+from sims.models.bert import (
     BertConfig,
     BertEncoder,
     MaskedLMLabels,
@@ -44,53 +131,8 @@ from sims.bert import (
     masked_lm_nll,
     persona_question,
 )
-from sims.checkpoints import (
-    decoder_config_from_hf,
-    hf_config,
-    load_causal_lm,
-    param_sharding,
-    save_causal_lm,
-    shard_model,
-)
-from sims.decoder import DecoderConfig, DecoderLM, rope_inv_freq
-from sims.flow import (
-    CHUNK_RECORDS,
-    OPTIMIZERS,
-    RMSPROP_TORCH,
-    Flow,
-    FlowResult,
-    MemoryEstimate,
-    Pairs,
-    SupervisedData,
-    memory_estimate,
-    label_logprobs,
-    report_memory,
-    sft_loss,
-    PairObjective,
-    SFTData,
-    check_optimizer,
-    check_schedule,
-    default_record,
-    flow_fn,
-    integrate,
-    integrate_model,
-    make_optimizer,
-    pair_logprobs,
-    preference_flow,
-    raise_on_nonfinite,
-    sft_flow,
-    stack_models,
-)
-from sims.kernel import (
-    TiedCrossTerms,
-    VelocityChannels,
-    hidden_kernel,
-    param_paths,
-    rmsprop_preconditioner,
-    tied_cross_terms,
-    velocity_channels,
-)
-from sims.logit_model import (
+from sims.models.decoder import DecoderConfig, DecoderLM, rope_inv_freq
+from sims.models.logit_model import (
     EditPairData,
     EditPrefixes,
     EditRecord,
@@ -98,8 +140,7 @@ from sims.logit_model import (
     edit_pair_flow,
     edit_pair_prefixes,
 )
-from sims.lowrank import FOLD_EVERY, lowrank_flow_fn, lowrank_preference_flow, preference_record
-from sims.mlp_features import (
+from sims.models.mlp_features import (
     PARAMETRISATIONS,
     FeaturePairs,
     FeatureSFTData,
@@ -109,15 +150,7 @@ from sims.mlp_features import (
     make_feature_pairs,
     output_multiplier,
 )
-from sims.models import (
-    MLPFeatures,
-    PreferencePairs,
-    PreferenceRecord,
-    UnconstrainedFeatures,
-    make_pairs,
-    softmax_logprobs,
-)
-from sims.prefix_tree import (
+from sims.models.prefix_tree import (
     PairRecord,
     PrefixTreePairs,
     extend_prefixes,
@@ -127,56 +160,28 @@ from sims.prefix_tree import (
     restrict,
     with_reference,
 )
-from sims.reduced import (
-    MovingRows,
-    PairIndex,
-    ReducedState,
-    apply_moving_rows,
-    check_margin_loss,
-    pair_index,
-    reduced_flow_fn,
-    reduced_preference_flow,
-)
-from sims.scores import (
-    UndefinedStatistic,
-    dataset_ches,
-    normalized_edit_distance,
-    pearson,
-    percentile_subsets,
-    spearman,
-    transformer_pair_scores,
-)
-from sims.sweep import (
-    SweepResult,
-    lower_chunk,
-    run_mesh,
-    sharded_map,
-    sharded_core,
-    sharded_runner,
-    stack_runs,
-    sweep,
-)
-from sims.tabular import TabularPolicy, TiltDistance, kl_objective_flow
-from sims.tokenization import (
-    chat_template,
-    format_prompt,
-    load_tokenizer,
-    special_tokens,
-    word_level_tokenizer,
-)
-from sims.transformer import (
+from sims.models.tabular import TabularPolicy, TiltDistance, kl_objective_flow
+from sims.models.transformer import (
     CausalTransformer,
     PromptAnswerPairs,
     SequenceSFTData,
     TokenBatch,
     TransformerPairs,
     make_prompt_answer_pairs,
-    next_token_logprobs,
     make_transformer_pairs,
+    next_token_logprobs,
     prefix_hidden_states,
     pretrain,
     response_logprobs_from_tokens,
     sample,
+)
+from sims.models.unconstrained import (
+    MLPFeatures,
+    PreferencePairs,
+    PreferenceRecord,
+    UnconstrainedFeatures,
+    make_pairs,
+    softmax_logprobs,
 )
 
 __all__ = [

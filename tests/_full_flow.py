@@ -1,11 +1,12 @@
-"""The full-parameter reference flow that the exact fast paths (sims/reduced.py, sims/lowrank.py)
+"""The full-parameter reference flow that the exact fast paths (sims/flows/reduced.py,
+sims/flows/lowrank.py)
 are tested against: random single-token instances, autodiff of the whole model, a normwise error."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sims.flow import flow_fn
+from sims.flows.core import flow_fn
 from theory.losses import mean_pair_loss
 
 

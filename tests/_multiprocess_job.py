@@ -13,13 +13,14 @@ prints JSON lines on stdout, flushed at once (a killed process leaves what it pr
 Modes:
 
 * ``sweep OUT RESULTS [VICTIM KILL_CHUNK]``: the DPO sweep of ``_sweep_job`` into ``OUT``; each
-  process saves its :class:`~sims.sweep.SweepResult` to ``RESULTS/process_<i>.npz``. With
+  process saves its :class:`~sims.flows.sweep.SweepResult` to ``RESULTS/process_<i>.npz``. With
   ``VICTIM``, process ``VICTIM`` SIGKILLs itself once process 0 has saved chunk ``KILL_CHUNK``
   (process 0 marks it with ``RESULTS/saved_<k>``).
 * ``refused OUT``: the tiny sweep ``a`` into ``OUT`` (whose lock the test holds, or which holds
   another sweep); prints the error each process got.
 * ``mismatch``: the tiny sweep, process 1 given other inputs than process 0; prints the error.
-* ``dpo RESULTS``: one SGD step of DPO on a small :class:`~sims.decoder.DecoderLM`, parameters
+* ``dpo RESULTS``: one SGD step of DPO on a small :class:`~sims.models.decoder.DecoderLM`,
+parameters
   FSDP-sharded and the pairs data-sharded over one mesh of all processes' devices; saves the loss
   and updated parameters to ``RESULTS/process_<i>.npz`` and prints how they were sharded.
 """
@@ -38,11 +39,11 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sims.checkpoints import shard_model
-from sims.decoder import DecoderConfig, init_decoder
-from sims.flow import PairObjective, make_optimizer
-from sims.sweep import sweep
-from sims.transformer import TokenBatch, TransformerPairs, make_transformer_pairs
+from sims.checkpoints.hf import shard_model
+from sims.flows.core import PairObjective, make_optimizer
+from sims.flows.sweep import sweep
+from sims.models.decoder import DecoderConfig, init_decoder
+from sims.models.transformer import TokenBatch, TransformerPairs, make_transformer_pairs
 from theory.losses import make_loss
 
 INIT_TIMEOUT_S = 120  # longest wait for every process to reach the coordinator (loaded CPU)
@@ -151,7 +152,7 @@ def dpo_step(mesh: jax.sharding.Mesh | None) -> tuple[dict[str, np.ndarray], dic
     """One SGD (Euler) step of DPO: ``({"loss", parameter names...}, how things were sharded)``.
 
     ``mesh`` ``None``: unsharded, on the default device. Otherwise the policy's parameters are
-    placed by :func:`sims.checkpoints.shard_model` (FSDP) and each pair field is split over the
+    placed by :func:`sims.checkpoints.hf.shard_model` (FSDP) and each pair field is split over the
     mesh's one axis along the pairs, each process supplying only its own rows
     (``jax.make_array_from_process_local_data``). Returns host arrays on every process.
     """

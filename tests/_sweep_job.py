@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sims import _sweep_store as store
-from sims.models import PreferencePairs
-from sims.reduced import pair_index, reduced_flow_fn
-from sims.sweep import run_mesh, sharded_map, stack_runs, sweep
+from sims.flows import sweep_store as store
+from sims.flows.reduced import pair_index, reduced_flow_fn
+from sims.flows.sweep import run_mesh, sharded_map, stack_runs, sweep
+from sims.models.unconstrained import PreferencePairs
 from theory.losses import dpo_loss
 
 V, D = 64, 8  # vocabulary and hidden size of each run

@@ -1,4 +1,5 @@
-"""Tests of sims.audit: CHES vs theory.multi_token on the model's hidden states, the exact t = 0
+"""Tests of sims.analysis.audit: CHES vs theory.multi_token on the model's hidden states, the exact
+t = 0
 velocity vs a central difference around one SGD step of the project's flow, input checks."""
 
 import functools
@@ -9,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.audit import audit_pairs
-from sims.decoder import DecoderConfig, DecoderLM, init_decoder
-from sims.flow import PairObjective, preference_flow
-from sims.scores import transformer_pair_scores
-from sims.transformer import TokenBatch, make_transformer_pairs, prefix_hidden_states
+from sims.analysis.audit import audit_pairs
+from sims.analysis.scores import transformer_pair_scores
+from sims.flows.core import PairObjective, preference_flow
+from sims.models.decoder import DecoderConfig, DecoderLM, init_decoder
+from sims.models.transformer import TokenBatch, make_transformer_pairs, prefix_hidden_states
 from theory.losses import make_loss
 from theory.multi_token import ches, ches_length_normalized
 

@@ -1,4 +1,5 @@
-"""Tests of sims.bert: parity with Hugging Face ``BertModel`` (real MiniLM weights and random tiny
+"""Tests of sims.models.bert: parity with Hugging Face ``BertModel`` (real MiniLM weights and
+random tiny
 configs), the tied masked-LM readout's two gradient paths, tokenization, and input validation."""
 
 import json
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.bert import (
+from sims.data.real_embeddings import MINILM_INSTALL, minilm_available, minilm_dir
+from sims.flows.core import PairObjective, integrate_model, preference_flow
+from sims.models.bert import (
     BertConfig,
     BertEncoder,
     MaskedLMLabels,
@@ -23,8 +26,6 @@ from sims.bert import (
     masked_lm_nll,
     persona_question,
 )
-from sims.data.real_embeddings import MINILM_INSTALL, minilm_available, minilm_dir
-from sims.flow import PairObjective, integrate_model, preference_flow
 from theory.losses import make_loss
 
 needs_minilm = pytest.mark.skipif(

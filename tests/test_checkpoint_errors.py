@@ -1,7 +1,8 @@
 """Loader errors name the file and the field (issue 21, probes of bad checkpoint folders).
 
 Each case breaks one thing in a tiny checkpoint folder written by
-:func:`sims.checkpoints.save_causal_lm` and checks that :func:`sims.checkpoints.load_causal_lm`
+:func:`sims.checkpoints.hf.save_causal_lm` and checks that
+:func:`sims.checkpoints.hf.load_causal_lm`
 (or the tokenizer loader) refuses it with :class:`sims.errors.InputError` naming the file and
 the field -- before the fix these were raw ``JSONDecodeError``, ``AttributeError``, ``TypeError``,
 ``KeyError`` or ``SafetensorError`` messages without a path, or a silent load.
@@ -14,10 +15,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from sims.checkpoints import load_causal_lm, save_causal_lm
-from sims.decoder import DecoderConfig, init_decoder
+from sims.checkpoints.hf import load_causal_lm, save_causal_lm
+from sims.checkpoints.tokenization import load_tokenizer, special_tokens, word_level_tokenizer
 from sims.errors import InputError
-from sims.tokenization import load_tokenizer, special_tokens, word_level_tokenizer
+from sims.models.decoder import DecoderConfig, init_decoder
 
 VOCAB = ("<pad>", "<bos>", "<eos>", "no", "never", "yes")
 
@@ -142,7 +143,7 @@ def test_dangling_symlink_says_the_target_is_missing(tmp_path):
 
 def test_bad_dtype_is_refused_before_any_work(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("sims.checkpoints.read_json", lambda *a: calls.append(a))
+    monkeypatch.setattr("sims.checkpoints.hf.read_json", lambda *a: calls.append(a))
     with pytest.raises(InputError, match=r"dtype must be one of \['bfloat16', 'float32', "):
         load_causal_lm(_folder(tmp_path), dtype="bogus")
     assert not calls

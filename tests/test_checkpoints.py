@@ -1,8 +1,8 @@
-"""Parity of sims.checkpoints with Hugging Face transformers on tiny random checkpoints.
+"""Parity of sims.checkpoints.hf with Hugging Face transformers on tiny random checkpoints.
 
 Each test builds a tiny model with ``transformers`` (PyTorch CPU), randomises every parameter
 (weights std 0.5 so attention is peaked and rotary phases matter; norms and biases too),
-``save_pretrained``s it into ``tmp_path``, loads it with :func:`sims.checkpoints.load_causal_lm`
+``save_pretrained``s it into ``tmp_path``, loads it with :func:`sims.checkpoints.hf.load_causal_lm`
 and compares logits with transformers' own forward pass.
 """
 
@@ -19,22 +19,22 @@ transformers = pytest.importorskip(
     "transformers", reason="parity tests need the [parity] extra (transformers)"
 )
 
-from sims.checkpoints import (  # noqa: E402
+from sims.checkpoints.hf import (  # noqa: E402
     hf_config,
     load_causal_lm,
     save_causal_lm,
     shard_model,
 )
-from sims.decoder import DecoderConfig, DecoderLM  # noqa: E402
-from sims.errors import InputError  # noqa: E402
-from sims.tokenization import (  # noqa: E402
+from sims.checkpoints.tokenization import (  # noqa: E402
     chat_template,
     format_prompt,
     load_tokenizer,
     special_tokens,
     word_level_tokenizer,
 )
-from sims.transformer import response_logprobs_from_tokens  # noqa: E402
+from sims.errors import InputError  # noqa: E402
+from sims.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
+from sims.models.transformer import response_logprobs_from_tokens  # noqa: E402
 
 RTOL = 1e-4  # float32 JAX vs float32 PyTorch: different kernels and reduction orders
 BF16_ERROR_RATIO = 2.0  # our bfloat16 forward vs transformers' bfloat16, errors vs float32
@@ -361,14 +361,14 @@ def test_save_causal_lm_round_trips_through_transformers(tmp_path):
 
 
 def test_save_causal_lm_refuses_gpt2_style_model(tmp_path):
-    from sims.transformer import CausalTransformer
+    from sims.models.transformer import CausalTransformer
 
     m = nnx.eval_shape(
         lambda: CausalTransformer(
             5, d_model=4, num_layers=1, num_heads=1, max_len=3, rngs=nnx.Rngs(0)
         )
     )
-    with pytest.raises(TypeError, match="must be a sims.decoder.DecoderLM"):
+    with pytest.raises(TypeError, match="must be a sims.models.decoder.DecoderLM"):
         save_causal_lm(m, tmp_path)
 
 

@@ -1,4 +1,5 @@
-"""Tests of sims.decoder independent of transformers: causality, remat, rotary, config checks.
+"""Tests of sims.models.decoder independent of transformers: causality, remat, rotary, config
+checks.
 
 Parity with the Hugging Face implementations is in tests/test_checkpoints.py.
 """
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.decoder import DecoderConfig, DecoderLM, init_decoder, rope_inv_freq
+from sims.models.decoder import DecoderConfig, DecoderLM, init_decoder, rope_inv_freq
 
 RTOL = 1e-12  # float64, the same arithmetic in another order (remat recomputes the forward)
 ULP_RTOL = 1e-15  # the same draws; XLA may fuse "std * normal" with another rounding (1 ulp)

@@ -35,8 +35,8 @@ from experiments._analysis import (
 )
 from experiments._aot import recording, unmatched
 from experiments._common import dumps
+from sims.analysis.scores import pearson, spearman
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
-from sims.scores import pearson, spearman
 
 #: Keys each experiment's JSON must hold beyond ``config`` and ``provenance`` (what plot() reads).
 KEYS = {
@@ -288,8 +288,8 @@ def test_percentile_window_ends_middle_and_convention():
     assert percentile_window(order, 100, 3).tolist() == [107, 108, 109]
     assert percentile_window(order, 50, 3).tolist() == [103, 104, 105]  # centre round(4.5) = 4
     # the transformer experiment's convention: centre rounded first; differs from
-    # sims.scores.percentile_subsets for an even size (N = 48, q = 75: centre 35.25)
-    from sims.scores import percentile_subsets
+    # sims.analysis.scores.percentile_subsets for an even size (N = 48, q = 75: centre 35.25)
+    from sims.analysis.scores import percentile_subsets
 
     scores = np.arange(48.0)
     assert percentile_window(np.argsort(scores), 75, 4).tolist() == [33, 34, 35, 36]

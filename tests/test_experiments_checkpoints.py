@@ -10,7 +10,7 @@ import pytest
 from experiments import __main__ as cli
 from experiments import audit, persona_no_over_never
 from experiments._checkpoint import self_made_checkpoint
-from sims.tokenization import chat_template
+from sims.checkpoints.tokenization import chat_template
 
 ROWS = [
     {"prompt": "<bos> how to make a cake ? <ans>", "chosen": "easy . make it .",

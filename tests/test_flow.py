@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import (
+from sims.flows.core import (
+    SFTData,
     flow_fn,
     integrate,
     make_optimizer,
     preference_flow,
-    SFTData,
     raise_on_nonfinite,
     sft_flow,
 )
-from sims.models import UnconstrainedFeatures, make_pairs
+from sims.models.unconstrained import UnconstrainedFeatures, make_pairs
 from theory import losses
 from theory.single_token import logprob_velocity
 
@@ -265,7 +265,7 @@ def test_new_loss_family_compiles_a_new_core(caplog):
 def test_flow_equals_one_fixed_schedule_scan():
     """The chunked run (chunks of CHUNK_RECORDS, a padded last chunk) equals flow_fn's single
     scan of the same schedule: same losses, observables and final parameters."""
-    from sims.flow import CHUNK_RECORDS
+    from sims.flows.core import CHUNK_RECORDS
 
     steps = 3 * (CHUNK_RECORDS + 3)  # two full chunks and a padded one at record_every=3
     x0 = jnp.array([1.0, -2.0, 0.5])
@@ -292,7 +292,7 @@ def _identity(x, _):
 def test_flow_lowers_on_abstract_inputs_and_run_reports_its_memory(capsys):
     """lower()/memory() work on jax.ShapeDtypeStruct parameters (nothing is computed), and under
     report_memory a run prints the memory of the very program it executes before stepping."""
-    from sims.flow import Flow, report_memory
+    from sims.flows.core import Flow, report_memory
 
     abstract = jax.ShapeDtypeStruct((1000,), jnp.float32)
     flow = integrate(_quadratic_sum, _identity, abstract, 1.0, dt=0.1, num_steps=4)
@@ -337,7 +337,7 @@ def test_sft_flow_rejects_record_every_zero():
 
 def test_preference_flow_rejects_out_of_range_ids_in_hand_built_pairs():
     """Pairs built by hand (not make_pairs) are validated by the flow itself: no clamping."""
-    from sims.models import PreferencePairs
+    from sims.models.unconstrained import PreferencePairs
 
     model = UnconstrainedFeatures(5, 2, 2, rngs=nnx.Rngs(0))
     z = jnp.zeros(1)
@@ -347,7 +347,7 @@ def test_preference_flow_rejects_out_of_range_ids_in_hand_built_pairs():
 
 
 def test_stack_models_stacks_and_refuses_mismatch():
-    from sims.flow import stack_models
+    from sims.flows.core import stack_models
 
     ms = [UnconstrainedFeatures(4, 2, 1, rngs=nnx.Rngs(i)) for i in range(3)]
     stacked = stack_models(ms)

@@ -1,9 +1,12 @@
-"""Tests of sims.gguf and the GGUF tokenizer: parity with transformers' own GGUF loading.
+"""Tests of sims.checkpoints.gguf and the GGUF tokenizer: parity with transformers' own GGUF
+loading.
 
 Tiny checkpoints are made here: a randomised ``transformers`` model is saved in Hugging Face
-format, loaded with :func:`sims.checkpoints.load_causal_lm` (parity-tested in
-tests/test_checkpoints.py), written as GGUF by :func:`sims.gguf.save_gguf` (llama.cpp's converter
-conventions) in F32, Q8_0 and Q4_1, and read back by both :func:`sims.gguf.load_gguf` and
+format, loaded with :func:`sims.checkpoints.hf.load_causal_lm` (parity-tested in
+tests/test_checkpoints.py), written as GGUF by :func:`sims.checkpoints.gguf.save_gguf` (llama.cpp's
+converter
+conventions) in F32, Q8_0 and Q4_1, and read back by both :func:`sims.checkpoints.gguf.load_gguf`
+and
 ``transformers`` (``from_pretrained(folder, gguf_file=...)``, which undoes the converter's
 transforms with its own code). Independent references: transformers' Q/K un-permutation, its
 dequantisation kernels (``integrations/gguf/dequant.py``) and its GGUF tokenizer.
@@ -21,11 +24,11 @@ gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf package")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from sims.checkpoints import load_causal_lm  # noqa: E402
+from sims.checkpoints.families import permute_rope_rows, unpermute_rope_rows  # noqa: E402
+from sims.checkpoints.gguf import gguf_config, load_gguf, open_gguf, save_gguf  # noqa: E402
+from sims.checkpoints.hf import load_causal_lm  # noqa: E402
+from sims.checkpoints.tokenization import chat_template, load_tokenizer, special_tokens  # noqa: E402
 from sims.errors import InputError  # noqa: E402
-from sims.families import permute_rope_rows, unpermute_rope_rows  # noqa: E402
-from sims.gguf import gguf_config, load_gguf, open_gguf, save_gguf  # noqa: E402
-from sims.tokenization import chat_template, load_tokenizer, special_tokens  # noqa: E402
 
 RTOL = 1e-4  # float32 JAX vs float32 PyTorch on the same dequantised weights (issue bound)
 ROUNDTRIP_RTOL = 1e-5  # our F32 GGUF written and read back vs the HF folder: float32 reorderings
@@ -180,7 +183,7 @@ def test_load_gguf_fails_parity_without_unpermuting(tmp_path, monkeypatch):
     V = tok.get_vocab_size()
     folder = _hf_folder(tmp_path, _config("llama", V))
     save_gguf(load_causal_lm(folder), folder / "m.gguf", tokenizer=tok)
-    monkeypatch.setattr("sims.gguf.unpermute_rope_rows", lambda w, n: w)
+    monkeypatch.setattr("sims.checkpoints.gguf.unpermute_rope_rows", lambda w, n: w)
     out = np.asarray(_forward(load_gguf(folder / "m.gguf"), jnp.asarray(_tokens(V))))
     assert _rel_err(out, _hf_gguf_logits(folder, "m.gguf", _tokens(V))) > 100 * RTOL
 
@@ -235,7 +238,7 @@ BLOCKS = {
 def test_gguf_dequantisation_matches_transformers_kernels(tmp_path, kind):
     from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
 
-    from sims.gguf import _dequantize
+    from sims.checkpoints.gguf import _dequantize
 
     qt = gguf.GGMLQuantizationType[kind]
     rng = np.random.default_rng(7)
@@ -381,7 +384,7 @@ def test_load_gguf_errors_name_the_file_and_the_field(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    from sims.gguf import _dequantize
+    from sims.checkpoints.gguf import _dequantize
 
     with pytest.raises(InputError, match="has type Q8_1, which gguf.quants cannot dequantise"):
         _dequantize(open_gguf(tmp_path / "q81.gguf").tensors[0], "q81.gguf")
@@ -390,7 +393,7 @@ def test_load_gguf_errors_name_the_file_and_the_field(tmp_path):
 @pytest.mark.slow
 def test_packaged_smollm2_matches_transformers():
     """The packaged SmolLM2-135M-Instruct (Q4_1) against transformers' GGUF loading."""
-    from sims.packaged import PACKAGED_MODELS, packaged_path
+    from sims.checkpoints.packaged import PACKAGED_MODELS, packaged_path
 
     try:
         path = packaged_path("smollm2")

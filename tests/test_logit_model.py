@@ -1,4 +1,4 @@
-"""Tests of sims.logit_model: prefix rows, the per-position logit model, the DPO/DPOP flows."""
+"""Tests of sims.models.logit_model: prefix rows, per-position logits, the DPO/DPOP flows."""
 
 from functools import partial
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import integrate
-from sims.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
-from sims.models import UnconstrainedFeatures
+from sims.flows.core import integrate
+from sims.models.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
+from sims.models.unconstrained import UnconstrainedFeatures
 from tests.conftest import worst_index
 from theory.dpop import position_logit_gradients
 from theory.losses import dpo_loss, dpop_loss
@@ -150,7 +150,7 @@ def test_edit_pair_flow_satisfies_proposition_2_and_matches_integrate(kind):
     np.testing.assert_allclose(
         v, np.asarray(split.velocity)[:, 1:], rtol=RTOL, atol=ATOL_PER_TERM * float(np.max(S))
     )
-    # lam = 0 is DPO: the same run through sims.flow.integrate with dpo_loss
+    # lam = 0 is DPO: the same run through sims.flows.core.integrate with dpo_loss
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ref = _lp(model, pre)
 

@@ -1,4 +1,5 @@
-"""Low-rank flow (sims/lowrank.py) vs the full-parameter flow (sims/flow.py); its refusals."""
+"""Low-rank flow (sims/flows/lowrank.py) vs the full-parameter flow (sims/flows/core.py);
+its refusals."""
 
 import zlib
 
@@ -8,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import flow_fn, preference_flow
-from sims.lowrank import lowrank_flow_fn, lowrank_preference_flow, preference_record
-from sims.models import PreferencePairs, UnconstrainedFeatures, make_pairs
-from sims.prefix_tree import PrefixTreePairs
+from sims.flows.core import flow_fn, preference_flow
+from sims.flows.lowrank import lowrank_flow_fn, lowrank_preference_flow, preference_record
+from sims.models.prefix_tree import PrefixTreePairs
+from sims.models.unconstrained import PreferencePairs, UnconstrainedFeatures, make_pairs
 from tests._full_flow import full_parameter_flow, normwise_error, random_instances
 from theory.losses import make_loss, mean_pair_loss
 
@@ -211,7 +212,7 @@ def setup():
 @pytest.mark.parametrize("optimizer", ["rmsprop_torch", "adam", "momentum"])
 def test_lowrank_preference_flow_rejects_non_sgd_optimizer(setup, optimizer):
     model, pairs = setup
-    with pytest.raises(ValueError, match="optimizer='sgd' only.*sims.flow.preference_flow"):
+    with pytest.raises(ValueError, match="optimizer='sgd' only.*sims.flows.core.preference_flow"):
         lowrank_preference_flow(
             model, pairs, make_loss("dpo"), dt=0.1, num_steps=2, optimizer=optimizer
         )
@@ -221,10 +222,10 @@ def test_lowrank_preference_flow_rejects_other_families_and_shapes(setup):
     model, pairs = setup
     loss = make_loss("dpo")
     multi = pairs._replace(chosen=jnp.array([[3, 4], [4, 6]]), rejected=jnp.array([[5, 6], [3, 7]]))
-    with pytest.raises(ValueError, match="single-token pairs.*sims.flow.preference_flow"):
+    with pytest.raises(ValueError, match="single-token pairs.*sims.flows.core.preference_flow"):
         lowrank_preference_flow(model, multi, loss, dt=0.1, num_steps=2)
     tree = PrefixTreePairs(*(jnp.zeros((1, 1), jnp.int32) for _ in PrefixTreePairs._fields))
-    with pytest.raises(ValueError, match="UnconstrainedFeatures.*sims.flow.preference_flow"):
+    with pytest.raises(ValueError, match="UnconstrainedFeatures.*sims.flows.core.preference_flow"):
         lowrank_preference_flow(model, tree, loss, dt=0.1, num_steps=2)
 
 

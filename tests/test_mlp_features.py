@@ -1,8 +1,10 @@
-"""sims.mlp_features: the centred lazy / mean-field MLP model, its pairs type and SFT front end.
+"""sims.models.mlp_features: the centred lazy / mean-field MLP model, its pairs type and SFT front
+end.
 
 Independent references: a NumPy forward pass written out here; hand-derived values (uniform softmax
 gives 1/V; the readout multipliers 1/m and alpha/sqrt(m)); one explicit SGD / torch-RMSprop step
-computed from ``jax.grad`` of a plain function of arrays; the true velocity of ``sims.kernel``.
+computed from ``jax.grad`` of a plain function of arrays; the true velocity of
+``sims.analysis.kernel``.
 """
 
 import jax
@@ -11,10 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import integrate_model, preference_flow
-from sims.kernel import hidden_kernel, rmsprop_preconditioner, velocity_channels
-from sims.mlp_features import (
-    FeaturePairs,
+from sims.analysis.kernel import hidden_kernel, rmsprop_preconditioner, velocity_channels
+from sims.flows.core import integrate_model, preference_flow
+from sims.models.mlp_features import (
     ScaledMLPFeatures,
     feature_sft_flow,
     make_feature_pairs,
@@ -213,8 +214,8 @@ def _kernel_form_vs_truth(graphdef, state, x, y_pos, y_neg, trained):
 @pytest.mark.parametrize("rate", [0.0, 0.4])
 def test_kernel_form_matches_true_rmsprop_velocity(rate):
     """theory.kernel with the measured K_P and W gains rate^2 * P_Delta (the module's reading of
-    the rate) = jvp of ln pi along -P grad L of the actual DPO loss (sims.kernel), on N prompts
-    and pairs per model (vmapped)."""
+    the rate) = jvp of ln pi along -P grad L of the actual DPO loss (sims.analysis.kernel), on N
+    prompts and pairs per model (vmapped)."""
     N = 200
     for seed in range(2):
         model = _perturb(_model(seed, "mean_field", rate=rate), seed)
@@ -300,7 +301,8 @@ def test_integrate_model_trains_only_params():
 
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_closed_form_kernel_matches_hidden_kernel(rate):
-    """The closed form vs sims.kernel.hidden_kernel (vjp / jvp products), P = I and a random
+    """The closed form vs sims.analysis.kernel.hidden_kernel (vjp / jvp products), P = I and a
+    random
     positive P, on N prompts per model (vmapped)."""
     N = 200
     for seed in range(4):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.models import UnconstrainedFeatures
+from sims.models.unconstrained import UnconstrainedFeatures
 
 
 def test_unconstrained_features_logprobs_normalised():

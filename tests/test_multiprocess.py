@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from sims.sweep import sweep
+from sims.flows.sweep import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_PROCESSES = 2

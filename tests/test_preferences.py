@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from sims.checkpoints.tokenization import word_level_tokenizer
 from sims.data.preferences import (
     BadRow,
     describe_bad_rows,
@@ -14,7 +15,6 @@ from sims.data.preferences import (
     write_preference_jsonl,
 )
 from sims.errors import InputError
-from sims.tokenization import word_level_tokenizer
 
 VOCAB = ("<pad>", "<bos>", "<eos>", "is", "it", "fine", "?", "no", "never", "yes", "sure", ".")
 TOK = word_level_tokenizer(VOCAB, special_tokens=VOCAB[:3])

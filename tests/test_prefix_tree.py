@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 from sims.data.synthetic import synthetic_preferences
-from sims.flow import pair_logprobs as sims_pair_logprobs
-from sims.flow import preference_flow
-from sims.models import UnconstrainedFeatures
-from sims.prefix_tree import (
+from sims.flows.core import pair_logprobs as sims_pair_logprobs
+from sims.flows.core import preference_flow
+from sims.models.prefix_tree import (
     extend_prefixes,
     flow_velocity,
     index_prefixes,
     restrict,
     with_reference,
 )
+from sims.models.unconstrained import UnconstrainedFeatures
 from theory.losses import make_loss
 from theory.regularized import loss_logprob_velocity
 

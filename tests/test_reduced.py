@@ -1,4 +1,5 @@
-"""Reduced flow (sims/reduced.py) vs the full-parameter flow (sims/flow.py); its refusals."""
+"""Reduced flow (sims/flows/reduced.py) vs the full-parameter flow (sims/flows/core.py);
+its refusals."""
 
 import zlib
 
@@ -8,15 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import preference_flow
-from sims.models import PreferencePairs, UnconstrainedFeatures, make_pairs
-from sims.reduced import (
+from sims.flows.core import preference_flow
+from sims.flows.reduced import (
     apply_moving_rows,
     check_margin_loss,
     pair_index,
     reduced_flow_fn,
     reduced_preference_flow,
 )
+from sims.models.unconstrained import PreferencePairs, UnconstrainedFeatures, make_pairs
 from tests._full_flow import full_parameter_flow, normwise_error, random_instances
 from theory.losses import make_loss
 
@@ -154,7 +155,9 @@ def setup():
 )
 def test_reduced_preference_flow_rejects_non_margin_losses(setup, loss_type, hyper):
     model, pairs = setup
-    with pytest.raises(ValueError, match=f"loss_type='{loss_type}'.*sims.flow.preference_flow"):
+    with pytest.raises(
+        ValueError, match=f"loss_type='{loss_type}'.*sims.flows.core.preference_flow"
+    ):
         reduced_preference_flow(model, pairs, make_loss(loss_type, **hyper), dt=0.1, num_steps=2)
 
 
@@ -166,7 +169,7 @@ def test_check_margin_loss_rejects_unknown_callable():
 @pytest.mark.parametrize("optimizer", ["rmsprop_torch", "adam", "momentum"])
 def test_reduced_preference_flow_rejects_non_sgd_optimizer(setup, optimizer):
     model, pairs = setup
-    with pytest.raises(ValueError, match="optimizer='sgd' only.*sims.flow.preference_flow"):
+    with pytest.raises(ValueError, match="optimizer='sgd' only.*sims.flows.core.preference_flow"):
         reduced_preference_flow(
             model, pairs, make_loss("dpo"), dt=0.1, num_steps=2, optimizer=optimizer
         )
@@ -175,7 +178,7 @@ def test_reduced_preference_flow_rejects_non_sgd_optimizer(setup, optimizer):
 def test_reduced_preference_flow_rejects_multi_token(setup):
     model, pairs = setup
     multi = pairs._replace(chosen=jnp.array([[3, 4], [4, 6]]), rejected=jnp.array([[5, 6], [3, 7]]))
-    with pytest.raises(ValueError, match="single-token responses.*sims.flow.preference_flow"):
+    with pytest.raises(ValueError, match="single-token responses.*sims.flows.core.preference_flow"):
         reduced_preference_flow(model, multi, make_loss("dpo"), dt=0.1, num_steps=2)
 
 

@@ -1,10 +1,10 @@
-"""Tests of sims.refusal: each keyword rule on hand-written strings; agreement with the labels."""
+"""Tests of sims.analysis.refusal: each keyword rule on hand-written strings; agreement with
+the labels."""
 
 import pytest
 
 from sims import refusal
-from sims.data.refusal_labels import DEV, HELD_OUT
-from sims.refusal import (
+from sims.analysis.refusal import (
     HEAD_CHARS,
     MIN_CONTENT_WORDS,
     OPENINGS,
@@ -12,6 +12,7 @@ from sims.refusal import (
     judge_agreement,
     refusal_evidence,
 )
+from sims.data.refusal_labels import DEV, HELD_OUT
 
 # Pre-registered with the labels (commit "sims/data/refusal_labels", before any rule was written):
 MIN_AGREEMENT = 0.85  # the refusal drops to detect are 25-40 points (Razin et al. 2024 §6.2)

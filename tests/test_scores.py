@@ -1,4 +1,4 @@
-"""Tests of sims.scores: per-pair CHES and baselines vs independent computations."""
+"""Tests of sims.analysis.scores: per-pair CHES and baselines vs independent computations."""
 
 import functools
 import itertools
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.data import corpus
-from sims.scores import (
+from sims.analysis.scores import (
     UndefinedStatistic,
     normalized_edit_distance,
     pearson,
@@ -18,7 +17,8 @@ from sims.scores import (
     spearman,
     transformer_pair_scores,
 )
-from sims.transformer import CausalTransformer, prefix_hidden_states
+from sims.data import corpus
+from sims.models.transformer import CausalTransformer, prefix_hidden_states
 
 RTOL = 1e-10  # float64: the same hidden states summed in a different order
 

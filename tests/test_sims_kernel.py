@@ -1,8 +1,10 @@
-"""sims.kernel on NNX models (MLP features, unconstrained features, tied / untied transformers).
+"""sims.analysis.kernel on NNX models (MLP features, unconstrained features, tied / untied
+transformers).
 
 Independent references: ``jax.jacrev``'s explicit Jacobian for ``K = J P J^T``; a ``jax.jvp`` of
 the log-probs along ``-P grad L`` written out here for the true velocity; the first step of the
-project's flow (``sims.flow.integrate_model``, optax ``"rmsprop_torch"``) for the RMSprop form.
+project's flow (``sims.flows.core.integrate_model``, optax ``"rmsprop_torch"``) for the RMSprop
+form.
 """
 
 from functools import partial
@@ -14,16 +16,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import integrate_model
-from sims.kernel import (
+from sims.analysis.kernel import (
     hidden_kernel,
     param_paths,
     rmsprop_preconditioner,
     tied_cross_terms,
     velocity_channels,
 )
-from sims.models import MLPFeatures, UnconstrainedFeatures
-from sims.transformer import CausalTransformer
+from sims.flows.core import integrate_model
+from sims.models.transformer import CausalTransformer
+from sims.models.unconstrained import MLPFeatures, UnconstrainedFeatures
 from theory import losses
 from theory.kernel import (
     kernel_logprob_velocity,
@@ -185,7 +187,7 @@ def _pair_loss(model, prompt: _Prompt):
 
 
 def _direct_truth(model, prompt: _Prompt, gains=None):
-    """jvp of the log-probs along -P grad L, written out without sims.kernel."""
+    """jvp of the log-probs along -P grad L, written out without sims.analysis.kernel."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     grads = jax.grad(lambda p: _pair_loss(nnx.merge(graphdef, p, rest), prompt))(params)
     if gains is not None:
@@ -198,7 +200,7 @@ def _direct_truth(model, prompt: _Prompt, gains=None):
 
 def _measure(model, prompt: _Prompt, unembedding: str, tied: bool, gains=None, direct=True):
     """Everything the closed forms need, the autodiff channels and (``direct``) the truth written
-    out without sims.kernel."""
+    out without sims.analysis.kernel."""
     channels = velocity_channels(
         lambda m: _answer_logprobs(m, prompt),
         lambda m: _pair_loss(m, prompt),
@@ -346,7 +348,8 @@ def _flow_observe(model, prompt):
 
 def test_rmsprop_first_step_matches_preconditioned_form():
     """P of the first torch-RMSprop step, the preconditioned kernel form, and a forward difference
-    of one actual ``rmsprop_torch`` step of sims.flow: the parameter step is exactly -dt P g, and
+    of one actual ``rmsprop_torch`` step of sims.flows.core: the parameter step is exactly -dt P g,
+    and
     the log-prob change over dt converges to the form at first order in dt."""
     model = _mlp(11)
     prompt = _Prompt(

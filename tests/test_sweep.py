@@ -1,4 +1,4 @@
-"""Sharded, chunked, resumable sweeps (sims/sweep.py)."""
+"""Sharded, chunked, resumable sweeps (sims/flows/sweep.py)."""
 
 import fcntl
 import hashlib
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
-from sims import _sweep_store as store
-from sims.sweep import run_mesh, sharded_map, stack_runs, sweep
+from sims.flows import sweep_store as store
+from sims.flows.sweep import run_mesh, sharded_map, stack_runs, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 150  # one fresh JAX process compiling a small sweep, on a shared 2-core CPU

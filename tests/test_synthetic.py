@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
+from sims.analysis.scores import dataset_ches
 from sims.data.synthetic import synthetic_preferences
-from sims.scores import dataset_ches
 from theory.multi_token import ches
 
 

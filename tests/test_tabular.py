@@ -1,11 +1,11 @@
-"""Tests of sims.tabular: gradient flow on E[r] - beta KL reaches theory.kl_optimum.tilt."""
+"""Tests of sims.models.tabular: gradient flow on E[r] - beta KL reaches theory.kl_optimum.tilt."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sims.tabular import TabularPolicy, kl_objective_flow
+from sims.models.tabular import TabularPolicy, kl_objective_flow
 from theory.kl_counterexample import random_instances
 from theory.kl_optimum import objective, tilt
 

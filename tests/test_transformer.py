@@ -1,4 +1,4 @@
-"""Tests of sims.transformer: hidden states vs a manual forward pass, causality, sampling."""
+"""Tests of sims.models.transformer: hidden states vs a manual forward pass, causality, sampling."""
 
 import functools
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sims.flow import preference_flow
-from sims.transformer import (
+from sims.flows.core import preference_flow
+from sims.models.transformer import (
     CausalTransformer,
     TokenBatch,
     lm_loss,

@@ -69,7 +69,7 @@ prompt's tokens, :math:`J_E` is supported on their rows: ``b = 0`` unless :math:
 :math:`y^-` is a prompt token, while ``r`` is supported on the prompt's tokens (so the tied
 correction is generally nonzero for a tied model). Untied (``h`` independent of ``W``) both
 vanish: :func:`kernel_logprob_velocity` assumes ``b = 0`` and ``r = 0``,
-:func:`tied_kernel_logprob_velocity` takes them; :mod:`sims.kernel` measures ``K``, ``b`` and
+:func:`tied_kernel_logprob_velocity` takes them; :mod:`sims.analysis.kernel` measures ``K``, ``b`` and
 ``r`` of an NNX model.
 
 **Several prompts** (Theorems 8-9 analogue): ``N`` prompts with :math:`h_i = f_\phi(x_i)`, pairs
@@ -194,7 +194,7 @@ def kernel_logprob_velocity(
       W: ``[V, d]`` token unembeddings (float32 or float64).
       h: ``[d]`` hidden embedding of the prompt, :math:`f_\phi(x)`.
       K: ``[d, d]`` hidden-state kernel :math:`JJ^\top` (symmetric PSD), e.g. from
-        :func:`sims.kernel.hidden_kernel`.
+        :func:`sims.analysis.kernel.hidden_kernel`.
       y_pos: integer id of :math:`y^+`.
       y_neg: integer id of :math:`y^-`, ``!= y_pos``.
       ell_prime: scalar :math:`\ell'` at the current margin (negative for DPO).
@@ -257,7 +257,7 @@ def preconditioned_logprob_velocity(
       W: ``[V, d]`` token unembeddings.
       h: ``[d]`` hidden embedding of the prompt.
       K: ``[d, d]`` preconditioned kernel :math:`J P_\phi J^\top` (e.g.
-        :func:`sims.kernel.hidden_kernel` with ``preconditioner``).
+        :func:`sims.analysis.kernel.hidden_kernel` with ``preconditioner``).
       y_pos: integer id of :math:`y^+`.
       y_neg: integer id of :math:`y^-`, ``!= y_pos``.
       ell_prime: scalar :math:`\ell'` at the current margin.
@@ -318,7 +318,7 @@ def tied_kernel_logprob_velocity(
       W: ``[V, d]`` the shared embedding / unembedding table.
       h: ``[d]`` hidden embedding of the prompt.
       K: ``[d, d]`` kernel :math:`\hat J P \hat J^\top` over all parameters.
-      hidden_cross: ``[d]`` the cross term ``b`` (e.g. :func:`sims.kernel.tied_cross_terms`).
+      hidden_cross: ``[d]`` the cross term ``b`` (e.g. :func:`sims.analysis.kernel.tied_cross_terms`).
       logit_cross: ``[V]`` the cross term ``r``.
       y_pos: integer id of :math:`y^+`.
       y_neg: integer id of :math:`y^-`, ``!= y_pos``.
@@ -489,7 +489,7 @@ def multi_sample_kernel_logprob_velocity(
       W: ``[V, d]`` token unembeddings.
       H: ``[N, d]`` hidden embeddings :math:`h_i = f_\phi(x_i)`.
       K: ``[N, N, d, d]`` kernel between prompts, ``K[i, j] = J_i J_j^T`` (so ``K[j, i] =
-        K[i, j]^T`` and the ``[N d, N d]`` matrix is PSD), e.g. :func:`sims.kernel.hidden_kernel`.
+        K[i, j]^T`` and the ``[N d, N d]`` matrix is PSD), e.g. :func:`sims.analysis.kernel.hidden_kernel`.
       y_pos: ``[N]`` preferred token ids.
       y_neg: ``[N]`` dispreferred token ids, ``y_neg[i] != y_pos[i]``.
       ell_prime: ``[N]`` per-pair :math:`\ell'`.

@@ -540,7 +540,7 @@ class BoundLoss:
 
     Callable as the loss itself, ``loss(logprob_chosen, logprob_rejected, ref_logprob_chosen,
     ref_logprob_rejected)``. Two ``BoundLoss`` objects with the same ``loss_type`` and equal
-    hyperparameters are equal and hash alike, so the compiled flows of :mod:`sims.flow`, which take
+    hyperparameters are equal and hash alike, so the compiled flows of :mod:`sims.flows.core`, which take
     the loss as a static argument, compile once per distinct loss rather than once per object.
 
     Attributes:
@@ -579,7 +579,7 @@ class BoundLoss:
     def numbers(self) -> dict[str, Any]:
         """The numeric hyperparameters (``beta``, ``tau``, ``lam``, ...), by name.
 
-        These are run-time values of a compiled flow (:class:`sims.flow.Flow`): a sweep over
+        These are run-time values of a compiled flow (:class:`sims.flows.core.Flow`): a sweep over
         ``beta`` compiles once. Booleans and functions (``base_loss``) are structure.
 
         Example:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sims.transformer import TokenBatch
+from sims.models.transformer import TokenBatch
 
 MAX_LEN = 24  # longest sequence (prompt + response + <eos>), tokens
 SPECIAL = ("<pad>", "<bos>", "<eos>", "<ans>")
@@ -118,7 +118,8 @@ def response(template: str, verb: str, obj: str) -> list[str]:
 
 
 def pack(prompts: Sequence[Sequence[str]], responses: Sequence[Sequence[str]]) -> TokenBatch:
-    """Return the :class:`~sims.transformer.TokenBatch` of ``prompt + response`` word sequences.
+    """Return the :class:`~sims.models.transformer.TokenBatch` of ``prompt + response`` word
+    sequences.
 
     Raises:
       ValueError: a sequence is longer than ``MAX_LEN`` or has an unknown word.

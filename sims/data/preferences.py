@@ -1,15 +1,18 @@
 """TRL-style preference data (JSONL rows ``prompt``/``chosen``/``rejected``) as token batches.
 
 :func:`read_preference_jsonl` reads a file and :func:`encode_preferences` tokenizes the rows for a
-checkpoint's tokenizer into right-padded :class:`~sims.transformer.TokenBatch` pairs, the input of
-:class:`~sims.transformer.TransformerPairs` and :func:`sims.audit.audit_pairs`. Every row that
+checkpoint's tokenizer into right-padded :class:`~sims.models.transformer.TokenBatch` pairs, the
+input of
+:class:`~sims.models.transformer.TransformerPairs` and :func:`sims.analysis.audit.audit_pairs`.
+Every row that
 cannot be used (a line that is not UTF-8, invalid JSON, missing or non-string fields, empty or
 identical responses, a text the tokenizer cannot encode, a sequence over ``max_len`` tokens) is
 returned as a :class:`BadRow` with its 1-based line number and the reason: nothing is dropped
 silently.
 
 Sequence layout (the paper's "[PROMPT]x[ASSISTANT]y[EOS]", Razin et al. 2024 §5): the prompt text
-(plain, or rendered by the checkpoint's chat template, :func:`sims.tokenization.format_prompt`)
+(plain, or rendered by the checkpoint's chat template,
+:func:`sims.checkpoints.tokenization.format_prompt`)
 is tokenized with the tokenizer's special tokens (e.g. a BOS; none when a chat template already
 wrote them), each response is tokenized separately without special tokens and followed by the EOS
 id, as TRL's DPO trainer does; the EOS token counts as a response token.
@@ -25,9 +28,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sims.checkpoints.tokenization import format_prompt
 from sims.errors import InputError
-from sims.tokenization import format_prompt
-from sims.transformer import TokenBatch
+from sims.models.transformer import TokenBatch
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -157,7 +160,7 @@ class EncodedPreferences(NamedTuple):
     """Token batches of the usable rows (leading axis ``N``), right-padded to one length ``T``.
 
     Attributes:
-      chosen, rejected: :class:`~sims.transformer.TokenBatch` of prompt + response (+ EOS).
+      chosen, rejected: :class:`~sims.models.transformer.TokenBatch` of prompt + response (+ EOS).
       lines: ``[N]`` the rows' 1-based line numbers.
       response_tokens: ``[N, 2]`` response lengths of chosen / rejected without the EOS.
       bad: rows skipped while encoding (tokenizer failures, over-long, empty after tokenizing).
@@ -183,14 +186,16 @@ def encode_preferences(
     """Return the :class:`EncodedPreferences` of ``rows`` for a ``tokenizers.Tokenizer``.
 
     Args:
-      tokenizer: a ``tokenizers.Tokenizer`` (:func:`sims.tokenization.load_tokenizer`).
+      tokenizer: a ``tokenizers.Tokenizer`` (:func:`sims.checkpoints.tokenization.load_tokenizer`).
       rows: usable rows (:func:`read_preference_jsonl`).
       max_len: longest allowed sequence (prompt + response + EOS), tokens; longer rows are bad.
       eos_id: id appended to every response; ``None`` appends nothing.
       pad_id: id of right padding (never attended to by an earlier position).
-      template: a chat template (:func:`sims.tokenization.chat_template`) or ``None`` for plain
+      template: a chat template (:func:`sims.checkpoints.tokenization.chat_template`) or ``None``
+      for plain
         concatenation.
-      tokens: special tokens for the template (:func:`sims.tokenization.special_tokens`).
+      tokens: special tokens for the template
+      (:func:`sims.checkpoints.tokenization.special_tokens`).
 
     Raises:
       InputError: no row could be encoded (the message gives the count and the first reasons).

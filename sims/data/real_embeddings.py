@@ -17,7 +17,8 @@ the sentence-embedding fine-tuning trained no token readout.
 
 Reading: the rows are still a real, semantically organised set of token vectors, and they serve
 here as ``W(0)`` of the unconstrained-features model (Razin et al. 2024, §3 and Takeaway 1) as a
-realistic geometry, not as the pretrained output layer of any model. :mod:`sims.bert` loads the
+realistic geometry, not as the pretrained output layer of any model. :mod:`sims.models.bert` loads
+the
 whole encoder and reads out with this same table tied as ``W``.
 """
 

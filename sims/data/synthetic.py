@@ -29,8 +29,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from sims.models import UnconstrainedFeatures
-from sims.prefix_tree import PrefixTreePairs, index_prefixes
+from sims.models.prefix_tree import PrefixTreePairs, index_prefixes
+from sims.models.unconstrained import UnconstrainedFeatures
 from theory.checks import check_positive, check_positive_int
 
 EOS = 0  #: token id ending every response
@@ -41,8 +41,9 @@ class SyntheticPreferences(NamedTuple):
 
     Attributes:
       model: :class:`UnconstrainedFeatures` whose ``hidden`` rows are the dataset's prefixes.
-      pairs: :class:`~sims.prefix_tree.PrefixTreePairs` into ``model`` (reference log-probs 0; see
-        :func:`sims.prefix_tree.with_reference`).
+      pairs: :class:`~sims.models.prefix_tree.PrefixTreePairs` into ``model`` (reference log-probs
+      0; see
+        :func:`sims.models.prefix_tree.with_reference`).
       last_hidden_chosen: ``[N, d]`` embedding of the complete chosen sequence (EOS position).
       last_hidden_rejected: ``[N, d]`` likewise.
       chosen_tokens: list of ``N`` token lists (unpadded), for edit distances.

@@ -27,8 +27,8 @@ once per shapes. Long runs print their progress (steps done, steps/s, time left)
 Layers, from the bottom:
 
 * :func:`flow_fn` -- the pure ``run(params, data, dt) -> FlowResult`` of a fixed schedule (steps in
-  a ``lax.scan``), for callers that batch or shard whole runs themselves (:mod:`sims.sweep`,
-  :mod:`sims.reduced`, :mod:`sims.lowrank`).
+  a ``lax.scan``), for callers that batch or shard whole runs themselves (:mod:`sims.flows.sweep`,
+  :mod:`sims.flows.reduced`, :mod:`sims.flows.lowrank`).
 * :class:`Flow` -- the prepared, chunked, compile-once flow of every front end.
 * :func:`raise_on_nonfinite` -- the one failure path of the package.
 
@@ -107,8 +107,8 @@ class FlowResult(NamedTuple):
 
     Attributes:
       final: the parameters after the last step (a pytree; from a front end, the trained model
-        or, for :func:`sims.reduced.reduced_preference_flow`, the
-        :class:`~sims.reduced.MovingRows`).
+        or, for :func:`sims.flows.reduced.reduced_preference_flow`, the
+        :class:`~sims.flows.reduced.MovingRows`).
       t: ``[C + 1]`` flow time ``k * record_every * dt``.
       loss: ``[..., C + 1]`` loss at each checkpoint (a leading run axis for stacked runs).
       observables: pytree whose leaves have the checkpoint axis after any run axis.
@@ -660,7 +660,7 @@ def integrate_model(
       As :func:`integrate`.
 
     Example:
-      >>> from sims.models import UnconstrainedFeatures
+      >>> from sims.models.unconstrained import UnconstrainedFeatures
       >>> model = UnconstrainedFeatures.from_arrays(jnp.eye(2), jnp.ones((1, 2)))
       >>> res = integrate_model(model, lambda m, _: jnp.sum(m.hidden[...] ** 2),
       ...                       lambda m, _: m.hidden[...][0, 0], dt=0.25, num_steps=1).run()
@@ -695,9 +695,11 @@ def integrate_model(
 class Pairs(Protocol):
     """What :func:`preference_flow` needs of a pairs type (one per model family).
 
-    :class:`sims.models.PreferencePairs`, :class:`sims.prefix_tree.PrefixTreePairs`,
-    :class:`sims.transformer.TransformerPairs`, :class:`sims.transformer.PromptAnswerPairs`
-    and :class:`sims.mlp_features.FeaturePairs` implement it.
+    :class:`sims.models.unconstrained.PreferencePairs`,
+    :class:`sims.models.prefix_tree.PrefixTreePairs`,
+    :class:`sims.models.transformer.TransformerPairs`,
+    :class:`sims.models.transformer.PromptAnswerPairs`
+    and :class:`sims.models.mlp_features.FeaturePairs` implement it.
 
     Attributes:
       ref_logprob_chosen, ref_logprob_rejected: ``[N]`` reference log-probs.
@@ -772,7 +774,7 @@ def velocity_along_flow(
     Source: gradient flow (Razin et al. 2024, §4.1).
 
     Example:
-      >>> from sims.models import UnconstrainedFeatures
+      >>> from sims.models.unconstrained import UnconstrainedFeatures
       >>> m = UnconstrainedFeatures.from_arrays(jnp.eye(2), jnp.ones((1, 2)))
       >>> float(velocity_along_flow(m, _half_norm, None, _first_hidden))  # d/dt h = -h
       -1.0
@@ -880,7 +882,7 @@ def stack_models(models: list[nnx.Module]) -> nnx.Module:
       ValueError: no models, or models of different structure or shapes.
 
     Example:
-      >>> from sims.models import UnconstrainedFeatures
+      >>> from sims.models.unconstrained import UnconstrainedFeatures
       >>> ms = [UnconstrainedFeatures(3, 2, 1, rngs=nnx.Rngs(i)) for i in range(4)]
       >>> stack_models(ms).unembedding.shape
       (4, 3, 2)
@@ -962,8 +964,10 @@ def sft_flow(
 
     Source: the SFT phase before preference learning (Razin et al. 2024, §2.1, App. H.1).
     ``data`` is a supervised data set of the model's family (:class:`SupervisedData`:
-    :class:`SFTData` for unconstrained features, :class:`sims.transformer.SequenceSFTData` for
-    causal LMs, :class:`sims.mlp_features.FeatureSFTData`). Observables: ``observe(model, data)``,
+    :class:`SFTData` for unconstrained features, :class:`sims.models.transformer.SequenceSFTData`
+    for
+    causal LMs, :class:`sims.models.mlp_features.FeatureSFTData`). Observables: ``observe(model,
+    data)``,
     by default the per-example log-prob of the labels ``[N]``.
 
     Raises:

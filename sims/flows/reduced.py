@@ -1,6 +1,7 @@
 r"""Exact reduced flow for single-token margin losses: integrate only what moves.
 
-Setting: :class:`~sims.models.UnconstrainedFeatures` (``W`` ``[V, d]``, hidden table ``[P, d]``),
+Setting: :class:`~sims.models.unconstrained.UnconstrainedFeatures` (``W`` ``[V, d]``, hidden table
+``[P, d]``),
 single-token pairs :math:`(x_i, y^+_i, y^-_i)`, a loss of the class (DPO, IPO, SLiC, REBEL, GPO),
 :math:`L = \frac1N\sum_i \ell_i(u_i)` with :math:`u_i = \ln\pi(y^+_i|x_i) - \ln\pi(y^-_i|x_i)`.
 
@@ -24,7 +25,7 @@ moving vector is :math:`B c`, the step acts on the coefficients ``c`` ``[M, r]``
 So a step costs :math:`O(N r)` (``r <= 3`` for one pair), a checkpoint :math:`O(N V r)`, and
 ``W(0) @ B`` is read once.
 
-Optimisers: only ``"sgd"`` (explicit Euler, as :func:`sims.flow.preference_flow` with
+Optimisers: only ``"sgd"`` (explicit Euler, as :func:`sims.flows.core.preference_flow` with
 ``optimizer="sgd"``). Coordinate-wise optimisers (RMSprop, Adam) do not commute with the rotation
 ``B``; carrying the moving rows themselves is exact for them in exact arithmetic by (1), but they
 divide the gradient by its running magnitude, so near a minimum (IPO, REBEL) they amplify the
@@ -32,7 +33,7 @@ round-off difference between ``lp+ - lp-`` and ``<W_{y+} - W_{y-}, h>`` to steps
 measured relative disagreement with the full-parameter flow was up to 1e-1 (IPO, RMSprop, 1,000
 steps), so they are refused.
 
-Not exact -- refused, use :func:`sims.flow.preference_flow`: an SFT/NLL term, DPOP, weighted
+Not exact -- refused, use :func:`sims.flows.core.preference_flow`: an SFT/NLL term, DPOP, weighted
 margins and SimPO (a term depends on :math:`\ln\pi` itself, whose log-sum-exp moves every row of
 ``W``), multi-token responses (hidden states of response prefixes, Eq. 9).
 """
@@ -46,12 +47,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sims.flow import FlowResult, all_finite, check_schedule, flow_fn, raise_on_nonfinite
-from sims.models import PreferencePairs, PreferenceRecord, UnconstrainedFeatures
+from sims.flows.core import FlowResult, all_finite, check_schedule, flow_fn, raise_on_nonfinite
+from sims.models.unconstrained import PreferencePairs, PreferenceRecord, UnconstrainedFeatures
 from theory.checks import check_finite, check_token_ids
 from theory.losses import LOSSES, MARGIN_CLASS, BoundLoss, PairLoss
 
-_GENERAL_PATH = "use the general full-parameter path sims.flow.preference_flow"
+_GENERAL_PATH = "use the general full-parameter path sims.flows.core.preference_flow"
 
 
 class PairIndex(NamedTuple):
@@ -177,7 +178,8 @@ def reduced_flow_fn(
 ):
     r"""Return the pure ``run(unembedding, hidden, ref_chosen, ref_rejected, dt) -> FlowResult``.
 
-    As :func:`sims.flow.flow_fn` (``observables`` are :class:`~sims.models.PreferenceRecord`), with
+    As :func:`sims.flows.core.flow_fn` (``observables`` are
+    :class:`~sims.models.unconstrained.PreferenceRecord`), with
     ``final`` a :class:`ReducedState`; the moving rows at the end are ``coef @ basis.T`` (tokens
     first, then prompts). It is jit- and vmap-safe (batch seeds or geometries by ``jax.vmap`` over
     its arrays); ``index`` and the schedule are static. Callers validate (see
@@ -240,13 +242,15 @@ def reduced_preference_flow(
     record_every: int = 1,
     optimizer: str = "sgd",
 ) -> FlowResult:
-    r"""Run :func:`sims.flow.preference_flow`'s flow exactly, moving only what moves.
+    r"""Run :func:`sims.flows.core.preference_flow`'s flow exactly, moving only what moves.
 
     .. math:: \dot c = -\nabla_c \tfrac1N\textstyle\sum_i \ell_i(\langle c_{y^+_i} - c_{y^-_i},
               c_{x_i}\rangle),\qquad W(t)h_p(t) = (W(0)B)\,c_p(t) \text{ off the moving rows}
 
-    Same arguments, steps and :class:`~sims.flow.PreferenceRecord` observables (full-vocabulary
-    log-probs at every checkpoint) as :func:`~sims.flow.preference_flow`; the trained parameters
+    Same arguments, steps and :class:`~sims.flows.core.PreferenceRecord` observables
+    (full-vocabulary
+    log-probs at every checkpoint) as :func:`~sims.flows.core.preference_flow`; the trained
+    parameters
     come back as :class:`MovingRows` (materialise with :func:`apply_moving_rows`). Compiled once per
     (loss object, pair structure, schedule): reuse one ``loss`` object across calls.
 
@@ -255,13 +259,13 @@ def reduced_preference_flow(
 
     Args:
       model: the starting model (not modified).
-      pairs: single-token :class:`~sims.flow.PreferencePairs`.
+      pairs: single-token :class:`~sims.flows.core.PreferencePairs`.
       loss: a margin-class loss (DPO, IPO, SLiC, REBEL, GPO) from :mod:`theory.losses`.
-      dt, num_steps, record_every: as in :func:`sims.flow.integrate`.
+      dt, num_steps, record_every: as in :func:`sims.flows.core.integrate`.
       optimizer: must be ``"sgd"`` (explicit Euler with step ``dt``); see the module docstring.
 
     Returns:
-      :class:`~sims.flow.FlowResult` whose ``final`` is the :class:`MovingRows`.
+      :class:`~sims.flows.core.FlowResult` whose ``final`` is the :class:`MovingRows`.
 
     Raises:
       ValueError: a loss outside the margin class, multi-token responses, ids out of range,
@@ -271,7 +275,7 @@ def reduced_preference_flow(
 
     Example:
       >>> from flax import nnx
-      >>> from sims.models import make_pairs
+      >>> from sims.models.unconstrained import make_pairs
       >>> from theory.losses import make_loss
       >>> model = UnconstrainedFeatures(50, 8, 2, rngs=nnx.Rngs(0), dtype=jnp.float64)
       >>> pairs = make_pairs(model, jnp.array([0, 1]), jnp.array([3, 4]), jnp.array([5, 3]))

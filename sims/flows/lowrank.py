@@ -1,10 +1,12 @@
 r"""Exact full-parameter flow for single-token pairs, any pair loss: ``W`` as a base plus factors.
 
-Setting: :class:`~sims.models.UnconstrainedFeatures` (``W`` ``[V, d]``, hidden table ``[P, d]``),
+Setting: :class:`~sims.models.unconstrained.UnconstrainedFeatures` (``W`` ``[V, d]``, hidden table
+``[P, d]``),
 single-token pairs :math:`(x_i, y^+_i, y^-_i)` and *any* pair loss
 :math:`L = \frac1N\sum_i \ell_i(\ln\pi(y^+_i|x_i), \ln\pi(y^-_i|x_i))` of :mod:`theory.losses`:
 the margin class, but also an SFT term, DPOP, SimPO and weighted losses, whose gradient contains
-:math:`\nabla\ln\pi` itself and moves every row of ``W`` (so :mod:`sims.reduced` refuses them).
+:math:`\nabla\ln\pi` itself and moves every row of ``W`` (so :mod:`sims.flows.reduced` refuses
+them).
 
 Why it is exact. With :math:`Z_p = W h_p` the logits of a used prompt ``p`` and
 :math:`g^\pm_i = \partial L/\partial\ln\pi(y^\pm_i|x_i)`, the chain rule through the
@@ -32,7 +34,8 @@ window, the update is a matrix product every ``fold_every`` steps, and the facto
 before they are read in a step (the previous step's factor is written at the start of the next),
 so XLA inserts no copies.
 
-Not covered -- refused, use :func:`sims.flow.preference_flow`: optimisers other than SGD (RMSprop
+Not covered -- refused, use :func:`sims.flows.core.preference_flow`: optimisers other than SGD
+(RMSprop
 and Adam scale each entry of the gradient of ``W``: the update is no longer low-rank), multi-token
 responses, other model families.
 """
@@ -49,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sims.flow import FlowResult, all_finite, check_schedule, raise_on_nonfinite
-from sims.models import PreferencePairs, PreferenceRecord, UnconstrainedFeatures
+from sims.flows.core import FlowResult, all_finite, check_schedule, raise_on_nonfinite
+from sims.models.unconstrained import PreferencePairs, PreferenceRecord, UnconstrainedFeatures
 from theory.checks import check_finite, check_positive_int
 from theory.losses import PairLoss, mean_pair_loss
 
@@ -58,7 +61,7 @@ from theory.losses import PairLoss, mean_pair_loss
 #: of each other at ``V = 1000, d = 256``; any value is exact).
 FOLD_EVERY = 16
 
-_GENERAL_PATH = "use the general full-parameter path sims.flow.preference_flow"
+_GENERAL_PATH = "use the general full-parameter path sims.flows.core.preference_flow"
 
 
 def _pair_logit_grad(loss: PairLoss, Z: jax.Array, pairs: PreferencePairs, pos: jax.Array):
@@ -84,7 +87,8 @@ def _pair_logit_grad(loss: PairLoss, Z: jax.Array, pairs: PreferencePairs, pos: 
 
 
 def preference_record(unembedding: jax.Array, hidden: jax.Array, pairs: PreferencePairs):
-    """Return :class:`~sims.models.PreferenceRecord` of the arrays (the default observable).
+    """Return :class:`~sims.models.unconstrained.PreferenceRecord` of the arrays (the default
+    observable).
 
     The same numbers as ``pairs.record(model)`` for ``model`` holding ``unembedding`` and
     ``hidden``: margins ``[N]`` and every token's log-prob ``[N, V]``.
@@ -108,7 +112,7 @@ def lowrank_flow_fn(
     .. math:: W(t_0 + k\,dt) = W(t_0) - dt\sum_{s<k} G(s)^\top H_u(s),\qquad
               H_u \leftarrow H_u - dt\, G\,W
 
-    As :func:`sims.flow.flow_fn` with ``optimizer="sgd"`` on the parameters ``(W, hidden)``:
+    As :func:`sims.flows.core.flow_fn` with ``optimizer="sgd"`` on the parameters ``(W, hidden)``:
     ``loss`` and ``observables`` at ``num_steps // record_every + 1`` checkpoints (``t = 0``
     first), ``final = (unembedding, hidden)``, ``first_nonfinite_step`` the first step whose
     loss or updated hidden rows were NaN/inf (``-1`` if none; a non-finite entry of ``W`` or of
@@ -258,12 +262,13 @@ def lowrank_preference_flow(
     observe: Callable[[nnx.Module, Any], Any] | None = None,
     fold_every: int = FOLD_EVERY,
 ) -> FlowResult:
-    r"""Run :func:`sims.flow.preference_flow`'s flow exactly, with ``W`` as a base plus factors.
+    r"""Run :func:`sims.flows.core.preference_flow`'s flow exactly, with ``W`` as a base plus
+    factors.
 
     .. math:: \dot W = -\sum_p G_p h_p^\top,\qquad \dot h_p = -W^\top G_p,\qquad
               G_p = \partial L/\partial (W h_p)
 
-    Same arguments, steps, checkpoints and result as :func:`~sims.flow.preference_flow` with
+    Same arguments, steps, checkpoints and result as :func:`~sims.flows.core.preference_flow` with
     ``optimizer="sgd"`` (``final`` is the trained model; the default observable is
     ``pairs.record(model)``), for every pair loss of :mod:`theory.losses`, including those whose
     gradient moves all of ``W`` (SFT term, DPOP, SimPO, weighted). Compiled once per (loss, used
@@ -274,16 +279,16 @@ def lowrank_preference_flow(
 
     Args:
       model: the starting model (not modified).
-      pairs: single-token :class:`~sims.models.PreferencePairs` (``[N]`` fields).
+      pairs: single-token :class:`~sims.models.unconstrained.PreferencePairs` (``[N]`` fields).
       loss: any per-pair loss from :mod:`theory.losses` (e.g. ``make_loss("dpop", lam=5.0)``).
-      dt, num_steps, record_every: as in :func:`sims.flow.integrate`.
+      dt, num_steps, record_every: as in :func:`sims.flows.core.integrate`.
       optimizer: must be ``"sgd"`` (explicit Euler with step ``dt``).
       observe: ``(model, pairs) -> pytree`` recorded at checkpoints (a module-level function, to
         reuse compilations); default ``pairs.record(model)``.
       fold_every: steps between folds of the factors into ``W`` (exact for any value).
 
     Returns:
-      :class:`~sims.flow.FlowResult` whose ``final`` is the trained model.
+      :class:`~sims.flows.core.FlowResult` whose ``final`` is the trained model.
 
     Raises:
       ValueError: another model family or pairs type, multi-token or stacked pairs, an optimiser
@@ -292,7 +297,7 @@ def lowrank_preference_flow(
       FloatingPointError: the flow produced NaN/inf (names the first step and its time).
 
     Example:
-      >>> from sims.models import make_pairs
+      >>> from sims.models.unconstrained import make_pairs
       >>> from theory.losses import make_loss
       >>> model = UnconstrainedFeatures(50, 8, 2, rngs=nnx.Rngs(0), dtype=jnp.float64)
       >>> pairs = make_pairs(model, jnp.array([0, 1]), jnp.array([3, 4]), jnp.array([5, 3]))

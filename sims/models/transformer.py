@@ -17,7 +17,6 @@ every loss here masks.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -26,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import Flow
+from sims.flows.core import Flow
 from theory.checks import check_positive, check_positive_int, check_token_ids
 
 
@@ -68,7 +67,7 @@ class CausalTransformer(nnx.Module):
       dtype: parameter dtype.
 
     Calling the model on int32 token ids ``[..., T]`` returns next-token **logits**
-    ``[..., T, V]`` (as Hugging Face causal LMs and :func:`sims.checkpoints.load_causal_lm` do);
+    ``[..., T, V]`` (as Hugging Face causal LMs and :func:`sims.checkpoints.hf.load_causal_lm` do);
     :func:`response_logprobs_from_tokens` turns them into response log-probs.
 
     Example:
@@ -147,7 +146,7 @@ def response_logprobs_from_tokens(model: nnx.Module, tokens, prompt_len, length)
     r"""Return :math:`\ln\pi(y|x) = \sum_k \ln\pi(y_k|x, y_{<k})` per sequence, ``[N]`` (Eq. 1).
 
     ``model`` is any causal LM mapping token ids ``[N, T]`` to next-token logits ``[N, T, V]``
-    (:class:`CausalTransformer`, :func:`sims.checkpoints.load_causal_lm`). ``tokens`` ``[N, T]``
+    (:class:`CausalTransformer`, :func:`sims.checkpoints.hf.load_causal_lm`). ``tokens`` ``[N, T]``
     hold prompt then response (``<eos>`` counted as a response token), right-padded;
     ``prompt_len`` ``[N]`` and ``length`` ``[N]`` (prompt + response) delimit the response.
     """
@@ -175,7 +174,7 @@ class TransformerPairs(NamedTuple):
     """Multi-token preference pairs for causal LMs (fields have a leading axis ``N``).
 
     The pairs type of the transformer family -- the project's :class:`CausalTransformer` and the
-    checkpoints of :mod:`sims.checkpoints`; :func:`sims.flow.preference_flow` trains on it.
+    checkpoints of :mod:`sims.checkpoints.hf`; :func:`sims.flows.core.preference_flow` trains on it.
 
     Attributes:
       chosen, rejected: :class:`TokenBatch` of prompt + preferred / dispreferred response.
@@ -297,9 +296,10 @@ def pretrain(
     num_steps: int,
     batch_size: int,
 ) -> Flow:
-    """Return the :class:`~sims.flow.Flow` of pre-training: Adam on the minibatch LM loss.
+    """Return the :class:`~sims.flows.core.Flow` of pre-training: Adam on the minibatch LM loss.
 
-    ``flow.run()`` returns a :class:`~sims.flow.FlowResult` whose ``final`` is the trained model
+    ``flow.run()`` returns a :class:`~sims.flows.core.FlowResult` whose ``final`` is the trained
+    model
     and ``loss`` ``[num_steps + 1]`` the minibatch loss before each step (and one after the
     last). Minibatch ``s`` is drawn (with replacement) from ``jax.random.fold_in(key, s)``. The
     input model is not modified.
@@ -374,7 +374,7 @@ def next_token_logprobs(model: nnx.Module, tokens, prompt_len) -> jax.Array:
     r"""Return ``[N, V]`` :math:`\ln\pi(\cdot|x)` after each right-padded prompt of ``tokens``.
 
     Logits are computed at the one position ``prompt_len - 1`` of each row when the model has
-    ``hidden_states`` and ``logits`` (:class:`sims.decoder.DecoderLM`), else from the full
+    ``hidden_states`` and ``logits`` (:class:`sims.models.decoder.DecoderLM`), else from the full
     ``[N, T, V]`` logits.
     """
     rows = jnp.arange(tokens.shape[0])
@@ -402,7 +402,7 @@ def make_prompt_answer_pairs(
 
 
 class SequenceSFTData(NamedTuple):
-    """Supervised sequences for :func:`sims.flow.sft_flow` on causal LMs.
+    """Supervised sequences for :func:`sims.flows.core.sft_flow` on causal LMs.
 
     The loss of a row is the summed cross-entropy of its response tokens (positions
     ``prompt_len .. length - 1``), e.g. a multi-token label word after a persona prompt.

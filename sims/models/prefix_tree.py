@@ -2,7 +2,8 @@ r"""The unconstrained-features model over a prefix tree: multi-token preference 
 
 Razin et al. 2024 (§4.1) train one free hidden embedding per prefix :math:`(x, y_{<k})`. Here a
 dataset of ``(prompt, chosen tokens, rejected tokens)`` is mapped to rows of
-:class:`sims.models.UnconstrainedFeatures`'s ``hidden`` table: one row per *distinct* prefix, so
+:class:`sims.models.unconstrained.UnconstrainedFeatures`'s ``hidden`` table: one row per *distinct*
+prefix, so
 responses sharing their first tokens (or pairs sharing a prompt) share rows. Responses are padded
 to one length with masks; summed response log-probs are masked sums, so everything is jit/vmap
 friendly with static shapes.
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sims.flow import PairObjective, velocity_along_flow
-from sims.models import UnconstrainedFeatures
+from sims.flows.core import PairObjective, velocity_along_flow
+from sims.models.unconstrained import UnconstrainedFeatures
 from theory.checks import check_token_ids
 from theory.losses import PairLoss
 
@@ -34,7 +35,7 @@ class PrefixTreePairs(NamedTuple):
     """Padded multi-token preference pairs indexed into a prefix table (TRL names).
 
     The pairs type of the multi-token unconstrained-features family (one hidden row per distinct
-    prefix); :func:`sims.flow.preference_flow` trains on it.
+    prefix); :func:`sims.flows.core.preference_flow` trains on it.
 
     Attributes:
       chosen: ``[N, Lc]`` token ids of :math:`y^+` (0 where padded).

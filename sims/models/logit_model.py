@@ -5,7 +5,7 @@ r"""Edit-distance-1 preference pairs in two models, and the DPO / DPOP flows on 
   position logits :math:`\theta_k` (the source's "logits :math:`\theta_j`") are shared by the
   two contexts at a position. ``trainable="position"`` (default) trains only them, the source's
   setting; ``trainable="context"`` trains only the context logits (one free vector per context).
-* :class:`sims.models.UnconstrainedFeatures` with one hidden row per distinct prefix.
+* :class:`sims.models.unconstrained.UnconstrainedFeatures` with one hidden row per distinct prefix.
 
 :func:`edit_pair_prefixes` gives each distinct prefix of the two sequences its own row: prefixes
 up to the edit are shared, later ones come in pairs. (A general prefix tree is out of scope here.)
@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import Flow, FlowResult, check_schedule, integrate_model
+from sims.flows.core import Flow, check_schedule, integrate_model
 from theory.checks import check_finite, check_ndim, check_positive, check_positive_int
 from theory.dpop import dpop_coefficients, edit_position, weighted_split
 from theory.losses import dpop_loss
@@ -246,18 +246,19 @@ def edit_pair_flow(
     record_every: int,
     penalty_inside_beta: bool = True,
 ) -> Flow:
-    r"""Return the :class:`~sims.flow.Flow` on :func:`theory.losses.dpop_loss`, one run per
+    r"""Return the :class:`~sims.flows.core.Flow` on :func:`theory.losses.dpop_loss`, one run per
     ``lam`` (vmapped); ``.run()`` executes it.
 
     :math:`\pi_{\mathrm{ref}}` is ``model`` at :math:`t = 0`; ``lam = 0`` is DPO. Every
     ``nnx.Param`` of ``model`` trains (explicit Euler, ``optax.sgd(dt)``). ``model`` is
-    :class:`PositionLogits` or :class:`sims.models.UnconstrainedFeatures` (anything with
+    :class:`PositionLogits` or :class:`sims.models.unconstrained.UnconstrainedFeatures` (anything
+    with
     ``logits(prefix_ids)``).
 
     Source: Pal et al. 2024, Eq. 3; Razin et al. 2024, Proposition 2 (recorded split).
 
     Returns:
-      :class:`~sims.flow.Flow` whose result has a leading ``[R]`` run axis (one run per
+      :class:`~sims.flows.core.Flow` whose result has a leading ``[R]`` run axis (one run per
       ``lam``); observables are :class:`EditRecord`.
 
     Raises:

@@ -1,4 +1,5 @@
-"""The multi-process side of :func:`sims.sweep.sweep`: one plan, decided by process 0, everywhere.
+"""The multi-process side of :func:`sims.flows.sweep.sweep`: one plan, decided by process 0,
+everywhere.
 
 Private to ``sims``. With ``jax.process_count() > 1`` every process runs the same ``sweep`` call and
 every chunk's compiled program is a collective over all processes, so all processes must compute
@@ -20,9 +21,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sims._sweep_store import run_status
+from sims.flows.sweep_store import run_status
 
-# errors process 0 may meet opening the folder (see sims.sweep.sweep's Raises), re-raised with
+# errors process 0 may meet opening the folder (see sims.flows.sweep.sweep's Raises), re-raised with
 # the same type on the other processes; anything else there is a bug and stops process 0 only
 FOLDER_ERRORS = (OSError, RuntimeError, ValueError)
 

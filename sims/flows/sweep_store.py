@@ -1,6 +1,8 @@
-"""The on-disk side of :func:`sims.sweep.sweep`: fingerprint, folder lock, index and chunk files.
+"""The on-disk side of :func:`sims.flows.sweep.sweep`: fingerprint, folder lock, index and chunk
+files.
 
-Private to ``sims`` (the rules it enforces are documented in ``sims.sweep``'s module docstring).
+Public so that tools (and tests) can read a sweep folder and check its fingerprint; the rules it
+enforces are documented in ``sims.flows.sweep``'s module docstring.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def fingerprint(run_fn, inputs, *, name: str, chunk_size: int, device) -> tuple[
 
 def _differences(stored, current: dict) -> list[str]:
     if not isinstance(stored, dict):
-        return [f"its index has no format-{INDEX_FORMAT} fingerprint (older sims.sweep?)"]
+        return [f"its index has no format-{INDEX_FORMAT} fingerprint (older sims.flows.sweep?)"]
 
     def show(key, value):
         return f"{value[:12]}..." if key.endswith("sha256") and isinstance(value, str) else value

@@ -2,12 +2,14 @@ r"""Hugging Face checkpoints as Flax NNX models: load, shard, save; memory of a 
 
 :func:`load_causal_lm` reads a Hugging Face folder (``config.json`` and ``model.safetensors``, or
 shards ``model-0000k-of-0000n.safetensors`` listed in ``model.safetensors.index.json``), a
-llama.cpp ``.gguf`` file (:mod:`sims.gguf`), or a packaged model by name (``"smollm2"``,
-:mod:`sims.packaged`) into a :class:`sims.decoder.DecoderLM`: Llama (GQA, tied or untied
+llama.cpp ``.gguf`` file (:mod:`sims.checkpoints.gguf`), or a packaged model by name (``"smollm2"``,
+:mod:`sims.checkpoints.packaged`) into a :class:`sims.models.decoder.DecoderLM`: Llama (GQA, tied
+or untied
 embeddings, Llama-3.1 ``llama3`` and ``linear`` rope scaling, rope settings under the older
 top-level ``rope_theta``/``rope_scaling`` keys or the newer ``rope_parameters``), Qwen2 (q/k/v
 bias, optional sliding window), Gemma (v1) and OLMo (v1, ``-hf`` format). What differs between
-the families lives in one record each (:data:`sims.families.FAMILIES`); any other ``model_type``
+the families lives in one record each (:data:`sims.checkpoints.families.FAMILIES`); any other
+``model_type``
 is refused by name. Weights are read with ``safetensors`` (NumPy backend; bfloat16 tensors, which
 NumPy cannot name, are read from the file's byte offsets) one tensor at a time, checked finite,
 stacked over layers, cast to ``dtype`` and, with ``mesh=``, placed on their shards directly, so
@@ -23,8 +25,10 @@ differs from the embedding.
 The model is the transformer family's model: ``model(tokens [B, T])`` returns logits
 ``[B, T, V]``, ``model.hidden_states(tokens)`` the final-norm hidden states,
 ``model.unembedding_matrix()`` ``W`` and ``model.vocab_size`` ``V``; so
-:class:`sims.transformer.TransformerPairs`, :func:`sims.transformer.response_logprobs_from_tokens`,
-:func:`sims.scores.transformer_pair_scores` and :func:`sims.flow.preference_flow` work on it.
+:class:`sims.models.transformer.TransformerPairs`,
+:func:`sims.models.transformer.response_logprobs_from_tokens`,
+:func:`sims.analysis.scores.transformer_pair_scores` and :func:`sims.flows.core.preference_flow`
+work on it.
 
 Memory for full fine-tuning of Llama-3-8B (:math:`P = 8.03\times10^9` parameters; ``d = 4096``,
 32 layers, MLP 14336, 8 KV heads, ``V = 128256``, untied) with RMSprop on one 141 GB H200
@@ -59,9 +63,9 @@ not measured here. Pure bfloat16 RMSprop keeps the square average in bfloat16 (8
 a difference from PyTorch mixed precision. On several devices, :func:`shard_model` (or
 ``mesh=``) divides parameters, gradients and optimiser state by the device count.
 
-:func:`save_causal_lm` writes a :class:`~sims.decoder.DecoderLM` in Hugging Face format
+:func:`save_causal_lm` writes a :class:`~sims.models.decoder.DecoderLM` in Hugging Face format
 (``config.json`` + ``model.safetensors``; with a tokenizer, ``tokenizer.json`` and
-``tokenizer_config.json``). Tokenizers and chat templates: :mod:`sims.tokenization`.
+``tokenizer_config.json``). Tokenizers and chat templates: :mod:`sims.checkpoints.tokenization`.
 """
 
 from __future__ import annotations
@@ -79,9 +83,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from sims.decoder import ROPE_TYPES, DecoderConfig, DecoderLM
-from sims.errors import InputError
-from sims.families import (
+from sims.checkpoints.families import (
     FAMILIES,
     HF_ACTIVATIONS,
     HF_SIZE_KEYS,
@@ -90,6 +92,8 @@ from sims.families import (
     layer_names,
     read_keys,
 )
+from sims.errors import InputError
+from sims.models.decoder import ROPE_TYPES, DecoderConfig, DecoderLM
 
 #: Parameter dtypes a checkpoint can be loaded in, by name.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -176,17 +180,20 @@ def _float_field(cfg: dict, key: str, where: str) -> float:
 
 
 def decoder_config_from_hf(cfg: Any, *, where: str = "config.json") -> DecoderConfig:
-    """Return the :class:`~sims.decoder.DecoderConfig` of a Hugging Face ``config.json`` dict.
+    """Return the :class:`~sims.models.decoder.DecoderConfig` of a Hugging Face ``config.json``
+    dict.
 
-    The family record (:data:`sims.families.FAMILIES`) says which keys to read. Rope settings are
+    The family record (:data:`sims.checkpoints.families.FAMILIES`) says which keys to read. Rope
+    settings are
     read from ``rope_parameters`` (transformers >= 5) or from the older top-level ``rope_theta``
     and ``rope_scaling`` (its ``rope_type`` or legacy ``type`` key).
 
     Raises:
       InputError: (names ``where`` and the key) not a JSON object, a ``model_type`` other than
-        :data:`sims.families.FAMILIES`, a rope type other than :data:`sims.decoder.ROPE_TYPES`,
+        :data:`sims.checkpoints.families.FAMILIES`, a rope type other than
+        :data:`sims.models.decoder.ROPE_TYPES`,
         partial rotary embeddings, per-layer rope settings, an unknown activation, a missing or
-        invalid required key, or values :class:`~sims.decoder.DecoderConfig` refuses
+        invalid required key, or values :class:`~sims.models.decoder.DecoderConfig` refuses
         (``rms_norm_eps <= 0``, ``rope_theta <= 0``, ...).
 
     Example:
@@ -479,11 +486,12 @@ def assemble_model(
     mesh: jax.sharding.Mesh | None = None,
     remat: bool = False,
 ) -> DecoderLM:
-    """Return a :class:`~sims.decoder.DecoderLM` whose parameters are read tensor by tensor.
+    """Return a :class:`~sims.models.decoder.DecoderLM` whose parameters are read tensor by tensor.
 
     For every parameter path of the model, ``names[path]`` is its tensor-name template
-    (``{i}``: layer index, from :data:`sims.families.HF_TENSOR_NAMES` or
-    :data:`~sims.families.GGUF_TENSOR_NAMES`) and ``read(path, name)`` returns that tensor as a
+    (``{i}``: layer index, from :data:`sims.checkpoints.families.HF_TENSOR_NAMES` or
+    :data:`~sims.checkpoints.families.GGUF_TENSOR_NAMES`) and ``read(path, name)`` returns that
+    tensor as a
     NumPy array (after any format transform). Per-layer tensors are stacked on the leading layer
     axis; every tensor is checked for shape and finiteness, cast to ``dtype`` and placed on its
     shards when ``mesh`` is given. Shared by the Hugging Face and GGUF loaders.
@@ -530,23 +538,24 @@ def load_causal_lm(
 
     Args:
       path: a folder with ``config.json`` and ``model.safetensors`` (or sharded files with
-        ``model.safetensors.index.json``); a llama.cpp ``.gguf`` file (:func:`sims.gguf.load_gguf`,
+        ``model.safetensors.index.json``); a llama.cpp ``.gguf`` file
+        (:func:`sims.checkpoints.gguf.load_gguf`,
         dequantised to ``dtype``); or the name of a packaged model (``"smollm2"``, see
-        :func:`sims.packaged.resolve_model`).
+        :func:`sims.checkpoints.packaged.resolve_model`).
       dtype: parameter dtype, one of :data:`DTYPES` (``jnp.float32``, ``jnp.bfloat16``,
         ``jnp.float64``); tensors are cast on load.
       mesh: place each parameter on its shards (:func:`param_sharding`) as it is read.
-      remat: recompute blocks in the backward pass (see :class:`~sims.decoder.DecoderLM`).
+      remat: recompute blocks in the backward pass (see :class:`~sims.models.decoder.DecoderLM`).
 
     Returns:
-      :class:`~sims.decoder.DecoderLM`: ``model(tokens [B, T])`` gives logits ``[B, T, V]``.
+      :class:`~sims.models.decoder.DecoderLM`: ``model(tokens [B, T])`` gives logits ``[B, T, V]``.
 
     Raises:
       InputError: a bad ``dtype`` (checked first), a missing path or packaged model, and every
         bad-file case listed in the module docstring (each names the file and the field).
     """
-    from sims import gguf
-    from sims.packaged import resolve_model
+    from sims.checkpoints import gguf
+    from sims.checkpoints.packaged import resolve_model
 
     check_dtype(dtype)
     path = resolve_model(path)
@@ -608,13 +617,14 @@ def save_causal_lm(
     ``transformers`` loads the folder with ``AutoModelForCausalLM`` / ``AutoTokenizer`` (tested).
 
     Raises:
-      TypeError: ``model`` is not a :class:`~sims.decoder.DecoderLM` (the GPT-2-style
-        :class:`sims.transformer.CausalTransformer` has no Llama-format equivalent).
+      TypeError: ``model`` is not a :class:`~sims.models.decoder.DecoderLM` (the GPT-2-style
+        :class:`sims.models.transformer.CausalTransformer` has no Llama-format equivalent).
       ValueError: a special token missing from ``tokenizer``'s vocabulary.
     """
     if not isinstance(model, DecoderLM):
         raise TypeError(
-            f"model must be a sims.decoder.DecoderLM to be saved in Hugging Face format, got "
+            f"model must be a sims.models.decoder.DecoderLM to be saved in Hugging Face format, "
+            f"got "
             f"{type(model).__name__}"
         )
     folder = Path(path)
@@ -686,8 +696,8 @@ def step_memory(
       >>> mem["arguments"] - 2 * mem["parameters"]
       60.0
     """
-    from sims.flow import PairObjective, make_optimizer
-    from sims.transformer import TokenBatch, TransformerPairs
+    from sims.flows.core import PairObjective, make_optimizer
+    from sims.models.transformer import TokenBatch, TransformerPairs
     from theory.losses import make_loss
 
     abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))

@@ -6,7 +6,7 @@ metadata (:func:`gguf_tokenizer`); :func:`special_tokens` and :func:`chat_templa
 ``tokenizer_config.json`` (and ``chat_template.jinja``) or the GGUF metadata;
 :func:`format_prompt` applies a chat template (needs ``jinja2``; without a template the prompt is
 used as it is: plain concatenation); :func:`word_level_tokenizer` builds the tokenizer of a word
-vocabulary such as :data:`sims.data.corpus.VOCAB`, which :func:`sims.checkpoints.save_causal_lm`
+vocabulary such as :data:`sims.data.corpus.VOCAB`, which :func:`sims.checkpoints.hf.save_causal_lm`
 writes beside a model.
 
 GGUF tokenizers (``tokenizer.ggml.model == "gpt2"``: byte-level BPE, as SmolLM2, Llama 3 and
@@ -80,7 +80,7 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _resolve(path: str | Path) -> Path:
-    from sims.packaged import resolve_model
+    from sims.checkpoints.packaged import resolve_model
 
     return resolve_model(path)
 
@@ -109,7 +109,7 @@ def load_tokenizer(path: str | Path):
 
 
 def _gguf_special_ids(reader, path) -> dict[str, int]:
-    from sims.gguf import metadata
+    from sims.checkpoints.gguf import metadata
 
     keys = {
         "bos_token": "tokenizer.ggml.bos_token_id",
@@ -135,11 +135,11 @@ def special_tokens(path: str | Path) -> dict[str, str]:
     Raises:
       InputError: an unreadable ``tokenizer_config.json`` (names the file).
     """
-    from sims.checkpoints import read_json
+    from sims.checkpoints.hf import read_json
 
     p = _resolve(path)
     if _is_gguf(p):
-        from sims.gguf import metadata, open_gguf
+        from sims.checkpoints.gguf import metadata, open_gguf
 
         reader = open_gguf(p)
         tokens = metadata(reader, "tokenizer.ggml.tokens", [], path=p)
@@ -166,11 +166,11 @@ def chat_template(path: str | Path) -> str | None:
     ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of
     which ``"default"`` is taken).
     """
-    from sims.checkpoints import read_json
+    from sims.checkpoints.hf import read_json
 
     folder = _resolve(path)
     if _is_gguf(folder):
-        from sims.gguf import metadata, open_gguf
+        from sims.checkpoints.gguf import metadata, open_gguf
 
         return metadata(open_gguf(folder), "tokenizer.chat_template", None, path=folder) or None
     if (folder / "chat_template.jinja").exists():
@@ -228,7 +228,7 @@ def gguf_tokenizer(path: str | Path):
         processors,
     )
 
-    from sims.gguf import metadata, open_gguf
+    from sims.checkpoints.gguf import metadata, open_gguf
 
     p = Path(path)
     reader = open_gguf(p)

@@ -156,7 +156,7 @@ class PreferenceRecord(NamedTuple):
 class PreferencePairs(NamedTuple):
     r"""Single-token preference pairs for :class:`UnconstrainedFeatures` (TRL names).
 
-    The pairs type of the single-token family; :func:`sims.flow.preference_flow` trains on it.
+    The pairs type of the single-token family; :func:`sims.flows.core.preference_flow` trains on it.
 
     Attributes:
       prompt: ``[N]`` row of the hidden table (prefix id) of each pair.
@@ -291,7 +291,7 @@ class MLPFeatures(nnx.Module):
         return self.unembedding.shape[-2]
 
     def unembedding_matrix(self) -> jax.Array:
-        """Return ``W`` ``[V, d]`` (the name :class:`~sims.transformer.CausalTransformer` uses)."""
+        """Return ``W`` ``[V, d]`` (the :class:`~sims.models.transformer.CausalTransformer` name)."""
         return self.unembedding[...]
 
     def hidden(self, features: jax.Array) -> jax.Array:

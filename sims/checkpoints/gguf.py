@@ -1,4 +1,4 @@
-r"""llama.cpp GGUF files: read one into a :class:`~sims.decoder.DecoderLM`, write one.
+r"""llama.cpp GGUF files: read one into a :class:`~sims.models.decoder.DecoderLM`, write one.
 
 GGUF is llama.cpp's single-file format: metadata key/values (architecture sizes under
 ``{arch}.*``, the tokenizer under ``tokenizer.ggml.*``, the chat template) and tensors, often
@@ -6,12 +6,13 @@ quantised in blocks. Reading goes through ggml's own Python package ``gguf``: ``
 the file and ``gguf.quants.dequantize`` for every tensor type it implements (F32, F16, BF16, Q8_0,
 Q4_0, Q4_1, Q5_0, Q5_1, the K-quants Q2_K..Q6_K, the IQ types, ...). What each architecture needs
 (metadata keys, tensor names, the converter's transforms: the Q/K row permutation of Llama and
-OLMo, Gemma's norm offset) is read from its :class:`sims.families.Family` record.
+OLMo, Gemma's norm offset) is read from its :class:`sims.checkpoints.families.Family` record.
 
 Dequantised 4-bit weights are a real pretrained model, but not the original bf16 weights: every
 experiment output on a quantised file says so (:func:`gguf_description`).
 
-:func:`save_gguf` writes a :class:`~sims.decoder.DecoderLM` (and a byte-level BPE tokenizer) as
+:func:`save_gguf` writes a :class:`~sims.models.decoder.DecoderLM` (and a byte-level BPE tokenizer)
+as
 llama.cpp's converter would, quantising with ``gguf.quants.quantize`` (F32, F16, BF16, Q8_0, Q4_0,
 Q4_1, Q5_0, Q5_1): the tests use it to make tiny GGUFs that ``transformers`` also reads
 (``from_pretrained(folder, gguf_file=...)``), for parity checks.
@@ -27,9 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sims.decoder import DecoderConfig, DecoderLM
-from sims.errors import InputError
-from sims.families import (
+from sims.checkpoints.families import (
     GGUF_FAMILIES,
     GGUF_SIZE_KEYS,
     GGUF_TENSOR_NAMES,
@@ -38,6 +37,8 @@ from sims.families import (
     read_keys,
     unpermute_rope_rows,
 )
+from sims.errors import InputError
+from sims.models.decoder import DecoderConfig, DecoderLM
 
 _MISSING = object()
 #: Tensor types :func:`save_gguf` can write (``gguf.quants.quantize`` implements them).
@@ -86,7 +87,7 @@ def metadata(reader, key: str, default: Any = _MISSING, *, path: str | Path = ""
 
 
 def gguf_family(reader, *, path: str | Path = "") -> Family:
-    """Return the :class:`~sims.families.Family` of the file's ``general.architecture``.
+    """Return the :class:`~sims.checkpoints.families.Family` of the file's ``general.architecture``.
 
     Raises:
       InputError: an architecture the loaders do not implement (names it and the choices).
@@ -104,16 +105,18 @@ def _tensor_names(reader) -> dict[str, Any]:
 
 
 def gguf_config(reader, *, path: str | Path = "") -> DecoderConfig:
-    """Return the :class:`~sims.decoder.DecoderConfig` a GGUF file describes.
+    """Return the :class:`~sims.models.decoder.DecoderConfig` a GGUF file describes.
 
-    Sizes come from ``{arch}.*`` metadata (:data:`sims.families.GGUF_SIZE_KEYS`); which biases
+    Sizes come from ``{arch}.*`` metadata (:data:`sims.checkpoints.families.GGUF_SIZE_KEYS`); which
+    biases
     exist and whether the unembedding is tied come from the tensors present (``output.weight``
     absent: tied), as in llama.cpp; rope scaling from ``{arch}.rope.scaling.*`` (``none`` or
     ``linear``) or the ``rope_freqs.weight`` tensor (Llama-3.1 per-frequency factors).
 
     Raises:
       InputError: a missing required key, an unsupported architecture, rope type or partial
-        rotary dimension, or values :class:`~sims.decoder.DecoderConfig` refuses; each names the
+        rotary dimension, or values :class:`~sims.models.decoder.DecoderConfig` refuses; each names
+        the
         file and the key.
     """
     family = gguf_family(reader, path=path)
@@ -202,7 +205,7 @@ def gguf_description(path: str | Path) -> str:
     Says plainly when weights are quantised: dequantised weights are a real pretrained model but
     not the original floating-point weights.
     """
-    from sims.packaged import describe_packaged
+    from sims.checkpoints.packaged import describe_packaged
 
     packaged = describe_packaged(path)
     if packaged:
@@ -229,11 +232,12 @@ def load_gguf(
     mesh: jax.sharding.Mesh | None = None,
     remat: bool = False,
 ) -> DecoderLM:
-    """Return the :class:`~sims.decoder.DecoderLM` stored in a llama.cpp GGUF file.
+    """Return the :class:`~sims.models.decoder.DecoderLM` stored in a llama.cpp GGUF file.
 
     Every tensor is dequantised to float32 (``gguf.quants.dequantize``), the converter's
     transforms are undone (Llama/OLMo Q/K row permutation, Gemma's norm offset; see
-    :mod:`sims.families`), then cast to ``dtype``. Logits match ``transformers``' own GGUF
+    :mod:`sims.checkpoints.families`), then cast to ``dtype``. Logits match ``transformers``' own
+    GGUF
     loading to ~1e-6 of the largest logit (tests, F32/Q8_0/Q4_1 files of Llama and Qwen2).
 
     Raises:
@@ -241,7 +245,7 @@ def load_gguf(
         :func:`gguf_config`; a missing or misshapen tensor; a non-finite weight; an unexpected
         tensor.
     """
-    from sims.checkpoints import assemble_model
+    from sims.checkpoints.hf import assemble_model
 
     path = Path(path)
     reader = open_gguf(path)
@@ -301,8 +305,8 @@ def save_gguf(
     """
     import gguf
 
-    from sims.checkpoints import named_tensors
-    from sims.families import FAMILIES
+    from sims.checkpoints.families import FAMILIES
+    from sims.checkpoints.hf import named_tensors
 
     for label, kind in (("qtype", qtype), ("embed_qtype", embed_qtype or qtype)):
         if kind not in WRITABLE_TYPES:

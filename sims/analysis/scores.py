@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sims.models import UnconstrainedFeatures
-from sims.prefix_tree import PrefixTreePairs
-from sims.transformer import TokenBatch
+from sims.models.prefix_tree import PrefixTreePairs
+from sims.models.transformer import TokenBatch
+from sims.models.unconstrained import UnconstrainedFeatures
 from theory.multi_token import ches, ches_length_normalized, masked_ches
 
 
@@ -30,7 +30,7 @@ def dataset_ches(
     Source: Razin et al. 2024, Definitions 2-3, on the model's hidden embeddings of each prefix.
 
     Example:
-      >>> from sims.prefix_tree import index_prefixes
+      >>> from sims.models.prefix_tree import index_prefixes
       >>> pairs, _ = index_prefixes([0], [[1]], [[2]])
       >>> model = UnconstrainedFeatures.from_arrays(jnp.eye(3), jnp.ones((1, 3)))
       >>> float(dataset_ches(model, pairs)[0])  # one shared prompt row: <h, h> - |h|^2
@@ -169,9 +169,10 @@ def transformer_pair_scores(model: nnx.Module, chosen: TokenBatch, rejected: Tok
     """Return per-pair CHES, length-normalised CHES, edit distance and last-hidden inner product.
 
     ``model`` exposes ``hidden_states(tokens) -> [N, T, d]`` (final-norm hidden states), as
-    :class:`sims.transformer.CausalTransformer` does. CHES (Razin et al. 2024, Definitions 2-3)
-    uses :math:`h_{x, y_{<k}}` for ``k = 1..L`` (:func:`sims.transformer.prefix_hidden_states`
-    convention: from the prompt's last position, the final ``<eos>`` position dropped); the
+    :class:`sims.models.transformer.CausalTransformer` does. CHES (Razin et al. 2024, Definitions
+    2-3) uses :math:`h_{x, y_{<k}}` for ``k = 1..L``
+    (:func:`sims.models.transformer.prefix_hidden_states` convention: from the prompt's last
+    position, the final ``<eos>`` position dropped); the
     inner-product baseline uses the hidden state at the last position of each full sequence.
 
     Returns:

@@ -81,8 +81,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sims import _sweep_hosts as hosts
-from sims import _sweep_store as store
+from sims.flows import _sweep_hosts as hosts
+from sims.flows import sweep_store as store
 from theory.checks import check_positive_int
 
 RUN_AXIS = "runs"  # the mesh axis the runs are split over

@@ -3,7 +3,7 @@ r"""A tabular softmax policy trained by gradient flow on the KL-regularised rewa
 The policy has one free logit per output; outputs outside :math:`\mathrm{supp}\,p_{ref}` are masked
 to probability 0 (the objective is :math:`-\infty` if any mass leaves the support). Gradient
 flow :math:`\dot l = \nabla_l\,[E_{p_l}[r] - \beta\,KL(p_l\|p_{ref})]` (through
-:func:`sims.flow.integrate`) should reach :func:`theory.kl_optimum.tilt`; the flow records the
+:func:`sims.flows.core.integrate`) should reach :func:`theory.kl_optimum.tilt`; the flow records the
 distance to it.
 """
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import Flow, FlowResult, integrate_model
+from sims.flows.core import Flow, integrate_model
 from theory.checks import check_finite, check_ndim
 from theory.kl_optimum import objective, tilt
 
@@ -99,7 +99,7 @@ def kl_objective_flow(
     record_every: int = 1,
     optimizer: str = "sgd",
 ) -> Flow:
-    r"""Return the :class:`~sims.flow.Flow` on :math:`-(E_{p}[r] - \beta\,KL(p\|p_{ref}))`
+    r"""Return the :class:`~sims.flows.core.Flow` on :math:`-(E_{p}[r] - \beta\,KL(p\|p_{ref}))`
     over the policy's logits; ``.run()`` executes it.
 
     .. math:: \dot l = \nabla_l\Big(\sum_y p_l(y) r(y)
@@ -113,15 +113,15 @@ def kl_objective_flow(
       policy: starting :class:`TabularPolicy` (not modified).
       p_ref: ``[V]`` reference distribution; r: ``[V]`` finite rewards.
       beta: ``> 0`` (keyword-only).
-      dt, num_steps, record_every, optimizer: as in :func:`sims.flow.integrate`.
+      dt, num_steps, record_every, optimizer: as in :func:`sims.flows.core.integrate`.
 
     Returns:
-      :class:`~sims.flow.Flow`; its result's ``final`` is the trained policy, observables are
+      :class:`~sims.flows.core.Flow`; its result's ``final`` is the trained policy, observables are
       :class:`TiltDistance`; the loss column is :math:`-\mathcal L`.
 
     Raises:
       ValueError: as :func:`theory.kl_optimum.tilt`; logits of the wrong shape; as
-        :func:`sims.flow.integrate`.
+        :func:`sims.flows.core.integrate`.
 
     Example:
       >>> p_ref, r = jnp.array([0.5, 0.5]), jnp.array([1.0, 0.0])

@@ -1,13 +1,14 @@
 r"""Which preference pairs will displace? Per-pair scores and exact t = 0 velocities of a causal LM.
 
-For every pair of a data set (:class:`~sims.transformer.TokenBatch` chosen / rejected) and any
-model of the transformer family (:class:`sims.decoder.DecoderLM` from a checkpoint, or
-:class:`sims.transformer.CausalTransformer`), :func:`audit_pairs` returns
+For every pair of a data set (:class:`~sims.models.transformer.TokenBatch` chosen / rejected) and
+any
+model of the transformer family (:class:`sims.models.decoder.DecoderLM` from a checkpoint, or
+:class:`sims.models.transformer.CausalTransformer`), :func:`audit_pairs` returns
 
 * CHES and length-normalised CHES (Razin et al. 2024, Definitions 2-3) on the final-norm hidden
   states :math:`h_{x, y_{<k}}`, ``k = 1..|y|`` (from the prompt's last position; the final
   ``<eos>`` position is dropped, as in the official code and
-  :func:`sims.transformer.prefix_hidden_states`);
+  :func:`sims.models.transformer.prefix_hidden_states`);
 * the last-hidden inner product :math:`\langle h_{x,y^+}, h_{x,y^-}\rangle` and the normalised
   token edit distance (the §5 baselines);
 * the **exact** velocity at :math:`t = 0` of gradient flow on the pair's own loss,
@@ -39,9 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sims.flow import PairObjective
-from sims.scores import normalized_edit_distance
-from sims.transformer import TokenBatch, TransformerPairs, response_mask
+from sims.analysis.scores import normalized_edit_distance
+from sims.flows.core import PairObjective
+from sims.models.transformer import TokenBatch, TransformerPairs, response_mask
 from theory.checks import check_positive_int, check_token_ids
 from theory.losses import PairLoss
 from theory.multi_token import masked_ches
@@ -151,7 +152,8 @@ def audit_pairs(
 
     Args:
       model: a causal LM of the transformer family (logits ``[N, T, V]``, ``hidden_states``).
-      chosen, rejected: right-padded :class:`~sims.transformer.TokenBatch` of one shape ``[N, T]``.
+      chosen, rejected: right-padded :class:`~sims.models.transformer.TokenBatch` of one shape
+      ``[N, T]``.
       loss: the pair loss (e.g. ``make_loss("dpo", beta=0.1)``); its reference log-probs are the
         model's, so the margin term is at its t = 0 value.
       batch_size: pairs per jitted ``vmap`` chunk (the last chunk is padded by repeating a pair).

@@ -25,9 +25,9 @@ Tokenization (:func:`encode_masked_prompts`) uses the folder's ``tokenizer.json`
 ``tokenizers`` library. Nothing downloads.
 
 Training data at the ``[MASK]`` (single-token answers): :class:`MaskedLMPairs` is the pairs type of
-this family (:func:`sims.flow.preference_flow` trains every parameter on it) and
+this family (:func:`sims.flows.core.preference_flow` trains every parameter on it) and
 :class:`MaskedLMLabels` with :func:`masked_lm_nll` the supervised (SFT) data and loss for
-:func:`sims.flow.integrate_model`.
+:func:`sims.flows.core.integrate_model`.
 """
 
 from __future__ import annotations
@@ -462,9 +462,9 @@ def load_bert_tokenizer(path: str | Path):
 
     The shipped ``tokenizer.json`` pads and truncates to 128 tokens; :func:`encode_masked_prompts`
     pads itself and refuses over-long prompts instead of cutting the ``[MASK]`` off. Reading is
-    :func:`sims.tokenization.load_tokenizer`'s.
+    :func:`sims.checkpoints.tokenization.load_tokenizer`'s.
     """
-    from sims.tokenization import load_tokenizer
+    from sims.checkpoints.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(Path(path) / TOKENIZER_FILE)
     tokenizer.no_padding()
@@ -547,7 +547,7 @@ class MaskedLMPairs(NamedTuple):
 
     Pair ``i`` prefers token ``chosen[i]`` over ``rejected[i]`` as the ``[MASK]`` of prompt ``i``,
     scored by the tied readout :math:`\ln\pi(\cdot|x) =` :meth:`BertEncoder.mask_logprobs`.
-    :func:`sims.flow.preference_flow` trains every parameter of a :class:`BertEncoder` on it;
+    :func:`sims.flows.core.preference_flow` trains every parameter of a :class:`BertEncoder` on it;
     stack runs on a leading axis ``R`` (every field) for ``in_axes=(None, 0)``.
     Build with :func:`make_masked_lm_pairs` (reference log-probs from the model at hand).
 
@@ -658,7 +658,8 @@ def masked_lm_label_logprobs(model: BertEncoder, data: MaskedLMLabels) -> jax.Ar
 def masked_lm_nll(model: BertEncoder, data: MaskedLMLabels) -> jax.Array:
     r"""Return the SFT loss :math:`-\frac1N\sum_i\ln\pi(y_i|x_i)` at the ``[MASK]`` positions.
 
-    A module-level function (hashable): pass it to :func:`sims.flow.integrate_model` as the loss,
+    A module-level function (hashable): pass it to :func:`sims.flows.core.integrate_model` as the
+    loss,
     so repeated SFT runs compile once.
 
     Source: the SFT phase before preference learning (Razin et al. 2024, §2.1, App. H.1), with

@@ -1,7 +1,7 @@
 r"""Llama-family decoder-only LMs in Flax NNX (Llama, Qwen2, Gemma, OLMo), Hugging Face layout.
 
 One module, :class:`DecoderLM`, covers the four families; a frozen :class:`DecoderConfig` records
-what differs between them (built from a checkpoint's config by :mod:`sims.families`):
+what differs between them (built from a checkpoint's config by :mod:`sims.checkpoints.families`):
 
 =========  ==================  ================  ==============  ===========  ===================
 family     norm                MLP activation    q/k/v bias      embeddings   other
@@ -24,7 +24,7 @@ and attention is causal, so pads never reach a real token. Left-padded batches (
 layer axis (``layers.self_attn.q_proj.weight`` is ``[L, H hd, d]``), and the forward pass is one
 ``jax.lax.scan`` over it, as MaxText and levanter do: a 30-layer model compiles one block, not 30
 (SmolLM2-135M's DPO step compiled in ~67 s unrolled). Checkpoint loaders stack the per-layer
-tensors (:mod:`sims.checkpoints`).
+tensors (:mod:`sims.checkpoints.hf`).
 
 Parameters are stored in Hugging Face's layout (a linear map's ``weight`` is ``[out, in]``) under
 Hugging Face's names minus the layer index, so checkpoints load and save without transposes.
@@ -457,7 +457,7 @@ class DecoderLM(nnx.Module):
 
     Args:
       config: the architecture (:class:`DecoderConfig`; from a checkpoint:
-        :func:`sims.checkpoints.load_causal_lm`).
+        :func:`sims.checkpoints.hf.load_causal_lm`).
       rngs: ``nnx.Rngs`` for the random initialisation (normal, std ``initializer_range``; norms
         at their identity; biases 0). Checkpoints overwrite every parameter.
       dtype: parameter dtype (``jnp.float32``, ``jnp.bfloat16`` or ``jnp.float64``).
@@ -465,7 +465,7 @@ class DecoderLM(nnx.Module):
         block): activation memory of one block's input per layer instead of all its tensors.
 
     Calling the model on int32 token ids ``[..., T]`` returns next-token **logits**
-    ``[..., T, V]`` (float32), like :class:`sims.transformer.CausalTransformer`;
+    ``[..., T, V]`` (float32), like :class:`sims.models.transformer.CausalTransformer`;
     :meth:`hidden_states` returns the final-norm hidden states, :meth:`logits` turns hidden states
     into logits and :meth:`unembedding_matrix` gives ``W``.
 

@@ -80,7 +80,7 @@ def param_paths(model: nnx.Module) -> tuple[str, ...]:
     """Return the dotted names of ``model``'s ``nnx.Param`` leaves, in state order.
 
     Example:
-      >>> from sims.models import UnconstrainedFeatures
+      >>> from sims.models.unconstrained import UnconstrainedFeatures
       >>> param_paths(UnconstrainedFeatures(3, 2, 1, rngs=nnx.Rngs(0)))
       ('hidden', 'unembedding')
     """
@@ -177,7 +177,7 @@ def hidden_kernel(
         preconditioner of another structure / shape or with a negative entry, bad ``chunk_size``.
 
     Example:
-      >>> from sims.models import UnconstrainedFeatures
+      >>> from sims.models.unconstrained import UnconstrainedFeatures
       >>> m = UnconstrainedFeatures(4, 3, 2, rngs=nnx.Rngs(0))  # free h: J = I on its own row
       >>> K = hidden_kernel(lambda m: m.hidden[...][1], m)
       >>> bool(jnp.allclose(K, jnp.eye(3)))
@@ -247,7 +247,7 @@ def tied_cross_terms(
       model: an NNX module whose parameter ``unembedding`` is both ``W`` ``[V, d]`` and an input.
       y_pos, y_neg: the pair's token ids.
       unembedding: dotted name of the shared table (``"embed.embedding"`` for a tied
-        :class:`sims.transformer.CausalTransformer`).
+        :class:`sims.models.transformer.CausalTransformer`).
       preconditioner: as :func:`hidden_kernel` (``None``: ``P = I``).
 
     Returns:
@@ -366,7 +366,7 @@ def rmsprop_preconditioner(
 
     Torch RMSprop starts from a zero square average, so its first step is exactly
     :math:`\theta_1 = \theta_0 - \mathrm{lr}\,P\,g` (``eps`` outside the square root, torch
-    convention; :func:`sims.flow.make_optimizer` ``"rmsprop_torch"``).
+    convention; :func:`sims.flows.core.make_optimizer` ``"rmsprop_torch"``).
 
     Source: Razin et al. 2024, App. H (RMSprop); torch.optim.RMSprop defaults ``alpha = 0.99``,
     ``eps = 1e-8``.

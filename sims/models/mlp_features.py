@@ -27,7 +27,8 @@ with :math:`\Delta` trainable and zero at initialisation. Under a scale-invarian
 under gradient flow :math:`\dot W = -\eta^2\nabla_W L` (:mod:`theory.kernel`'s unembedding rate is
 :math:`\eta^2`). :math:`\eta = 0` freezes ``W`` (zero gradient, zero RMSprop step).
 
-:class:`FeaturePairs` is the pairs type of this family for :func:`sims.flow.preference_flow`, and
+:class:`FeaturePairs` is the pairs type of this family for :func:`sims.flows.core.preference_flow`,
+and
 :func:`feature_sft_flow` its SFT front end.
 """
 
@@ -41,8 +42,8 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from sims.flow import Flow, sft_flow
-from sims.models import PreferenceRecord, softmax_logprobs
+from sims.flows.core import Flow, sft_flow
+from sims.models.unconstrained import PreferenceRecord, softmax_logprobs
 from theory.checks import (
     check_distinct,
     check_finite,
@@ -221,13 +222,15 @@ class ScaledMLPFeatures(nnx.Module):
         :math:`cA_2[:, j]\sigma'_j`; the centring term is constant). ``W`` does not enter ``h``.
 
         Source: the kernel of :mod:`theory.kernel` for this model (derived here); equal to
-        :func:`sims.kernel.hidden_kernel` of :meth:`hidden` (tested), at O(d m (d + f)) cost.
+        :func:`sims.analysis.kernel.hidden_kernel` of :meth:`hidden` (tested), at O(d m (d + f))
+        cost.
 
         Args:
           features: ``[f]`` one prompt's features.
           preconditioner: ``None`` (gradient flow, ``P = I``) or a pytree like
             ``nnx.split(model, nnx.Param, ...)[1]`` holding the diagonal of ``P`` (e.g.
-            :func:`sims.kernel.rmsprop_preconditioner`); only its backbone entries are read.
+            :func:`sims.analysis.kernel.rmsprop_preconditioner`); only its backbone entries are
+            read.
 
         Returns:
           ``[d, d]`` symmetric PSD kernel.
@@ -323,7 +326,7 @@ def make_feature_pairs(
 
 
 class FeatureSFTData(NamedTuple):
-    """Supervised examples for :func:`sims.flow.sft_flow` on :class:`ScaledMLPFeatures`.
+    """Supervised examples for :func:`sims.flows.core.sft_flow` on :class:`ScaledMLPFeatures`.
 
     Attributes:
       features: ``[N, f]`` prompt features.
@@ -353,15 +356,15 @@ def feature_sft_flow(
     record_every: int = 1,
     optimizer: str = "sgd",
 ) -> Flow:
-    r"""Return the SFT :class:`~sims.flow.Flow` of :class:`ScaledMLPFeatures`:
-    :func:`sims.flow.sft_flow` on :class:`FeatureSFTData` (mean cross-entropy
+    r"""Return the SFT :class:`~sims.flows.core.Flow` of :class:`ScaledMLPFeatures`:
+    :func:`sims.flows.core.sft_flow` on :class:`FeatureSFTData` (mean cross-entropy
     :math:`-\frac1N\sum_i\ln\pi(y_i|x_i)`; observables ``[N]`` label log-probs).
 
     Source: the SFT phase before preference learning (Razin et al. 2024, §2.1, App. H.1).
 
     Raises:
       ValueError: at ``run()``, ``features`` not ``[N, f]``, ``label`` not ``[N]`` ids in range;
-        as :func:`sims.flow.integrate`.
+        as :func:`sims.flows.core.integrate`.
     """
     data = FeatureSFTData(jnp.asarray(features), jnp.asarray(label))
     return sft_flow(

@@ -1,12 +1,14 @@
 r"""Checkpoint families: everything the loaders know about an architecture, one record each.
 
 A :class:`Family` says, for one architecture, how its Hugging Face ``config.json`` keys and its
-llama.cpp GGUF metadata keys map to :class:`sims.decoder.DecoderConfig` fields, how its tensors
+llama.cpp GGUF metadata keys map to :class:`sims.models.decoder.DecoderConfig` fields, how its
+tensors
 are named in each file format, and which value transforms the GGUF converter applied. The loaders
-(:mod:`sims.checkpoints` for Hugging Face folders, :mod:`sims.gguf` for GGUF files) read these
+(:mod:`sims.checkpoints.hf` for Hugging Face folders, :mod:`sims.checkpoints.gguf` for GGUF files)
+read these
 records and hold no ``if model_type == ...`` branches.
 
-Tensor names. Parameters of :class:`~sims.decoder.DecoderLM` have paths such as
+Tensor names. Parameters of :class:`~sims.models.decoder.DecoderLM` have paths such as
 ``layers.self_attn.q_proj.weight`` (stacked over layers, leading axis ``L``); each family maps a
 path to a name template per format, with ``{i}`` standing for the layer index:
 
@@ -88,7 +90,7 @@ GGUF_TENSOR_NAMES: dict[str, str] = {
     },
 }
 
-#: Hugging Face ``hidden_act`` spellings -> the activation :mod:`sims.decoder` computes.
+#: Hugging Face ``hidden_act`` spellings -> the activation :mod:`sims.models.decoder` computes.
 HF_ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -97,7 +99,8 @@ HF_ACTIVATIONS = {
     "gelu": "gelu",
 }
 
-#: :class:`~sims.decoder.DecoderConfig` size fields -> ``config.json`` keys (shared by the four
+#: :class:`~sims.models.decoder.DecoderConfig` size fields -> ``config.json`` keys (shared by the
+#: four
 #: families); ``None`` default: required.
 HF_SIZE_KEYS: dict[str, tuple[str, Any]] = {
     "vocab_size": ("vocab_size", None),
@@ -110,7 +113,8 @@ HF_SIZE_KEYS: dict[str, tuple[str, Any]] = {
     "max_position_embeddings": ("max_position_embeddings", 2048),
 }
 
-#: :class:`~sims.decoder.DecoderConfig` size fields -> GGUF metadata keys (after ``{arch}.``).
+#: :class:`~sims.models.decoder.DecoderConfig` size fields -> GGUF metadata keys (after
+#: ``{arch}.``).
 GGUF_SIZE_KEYS: dict[str, tuple[str, Any]] = {
     "vocab_size": ("vocab_size", "tokens"),
     "hidden_size": ("embedding_length", None),
@@ -131,7 +135,7 @@ class Family:
       model_type: Hugging Face ``model_type`` (``config.json``).
       hf_architecture: Hugging Face class written into ``architectures``.
       gguf_architecture: llama.cpp ``general.architecture``.
-      norm: :class:`~sims.decoder.DecoderConfig` ``norm`` kind.
+      norm: :class:`~sims.models.decoder.DecoderConfig` ``norm`` kind.
       activation: default activation (``hidden_act`` absent; GGUF files do not record it).
       activation_aliases: family-specific readings of ``hidden_act`` (Gemma's legacy ``gelu``).
       tied_default: ``tie_word_embeddings`` when ``config.json`` omits it.
@@ -173,7 +177,8 @@ _BIAS_HF = {
     "clip_qkv": (None, None),
 }
 
-#: The architectures :mod:`sims.checkpoints` and :mod:`sims.gguf` read, by Hugging Face
+#: The architectures :mod:`sims.checkpoints.hf` and :mod:`sims.checkpoints.gguf` read, by Hugging
+#: Face
 #: ``model_type``.
 FAMILIES: dict[str, Family] = {
     "llama": Family(
@@ -237,7 +242,7 @@ def family_of(model_type: Any, *, where: str = "config.json") -> Family:
     if model_type not in FAMILIES:
         raise ValueError(
             f"{where}: model_type must be one of {tuple(FAMILIES)} (the architectures "
-            f"sims.checkpoints implements), got model_type={model_type!r}"
+            f"sims.checkpoints.hf implements), got model_type={model_type!r}"
         )
     return FAMILIES[model_type]
 
