@@ -33,7 +33,7 @@ USAGE = (
     "usage: python -m experiments [NAMES... | all | list] [--flag VALUE | --flag=VALUE ...]\n"
     "       python -m experiments.NAME --help   (the flags of one experiment)"
 )
-_SWITCHES = ("--smoke", "--scale")  # flags without a value
+_SWITCHES = ("--smoke", "--scale", "--full")  # flags without a value
 
 
 def _summary_line(name: str) -> str:
@@ -102,6 +102,7 @@ def plan(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
         n: set(config_flags(m.Config))
         | {"--smoke", "--out"}
         | ({"--scale"} if hasattr(m.Config, "scaled") else set())
+        | ({"--full"} if hasattr(m.Config, "full") else set())
         for n, m in modules.items()
     }
     for key, _ in flags:

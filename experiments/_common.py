@@ -60,7 +60,7 @@ from sims.errors import InputError  # noqa: E402
 FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
 
 #: Switches every experiment takes (besides its Config fields).
-COMMON_SWITCHES = ("--smoke", "--scale", "--debug")
+COMMON_SWITCHES = ("--smoke", "--scale", "--full", "--debug")
 
 #: Exceptions that are the user's fault, not the code's: the command line (:func:`cli`, ``python
 #: -m experiments``) prints them as one line ``error: ...`` and exits with status 2 (``--debug``
@@ -489,6 +489,10 @@ def build_parser(config_cls: type, prog: str | None = None) -> argparse.Argument
         parser.add_argument(
             "--scale", action="store_true", help="bigger GPU/TPU version (Config.scaled())"
         )
+    if hasattr(config_cls, "full"):
+        parser.add_argument(
+            "--full", action="store_true", help="the full protocol on this machine (Config.full())"
+        )
     parser.add_argument("--out", default=str(FIGURES_DIR), help="output folder (default figures/)")
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks (default: a user error is one line)"
@@ -516,8 +520,8 @@ def parse_config(
 ) -> tuple[Any, Path]:
     """Parse ``argv`` into ``(config, out_dir)``; the config is validated, ``out_dir`` not yet.
 
-    ``--smoke`` starts from ``config_cls.smoke()``, ``--scale`` from ``config_cls.scaled()``;
-    explicit flags override either default.
+    ``--smoke`` starts from ``config_cls.smoke()``, ``--scale`` from ``config_cls.scaled()``,
+    ``--full`` from ``config_cls.full()``; explicit flags override any of them.
 
     Raises:
       ConfigError: unreadable or invalid values (the message names the flag).
@@ -532,10 +536,18 @@ def _parse(
 ) -> tuple[Any, Path, bool]:
     """:func:`parse_config`, and whether ``--scale`` was given."""
     args = build_parser(config_cls, prog).parse_args(argv)
-    scale = getattr(args, "scale", False)
-    if args.smoke and scale:
-        raise ConfigError("--smoke and --scale exclude each other")
-    config = config_cls.smoke() if args.smoke else config_cls.scaled() if scale else config_cls()
+    scale, full = getattr(args, "scale", False), getattr(args, "full", False)
+    if args.smoke + scale + full > 1:
+        raise ConfigError("--smoke, --scale and --full exclude each other")
+    config = (
+        config_cls.smoke()
+        if args.smoke
+        else config_cls.scaled()
+        if scale
+        else config_cls.full()
+        if full
+        else config_cls()
+    )
     overrides = {}
     for f in dataclasses.fields(config_cls):
         raw = getattr(args, f.name)

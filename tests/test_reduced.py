@@ -129,7 +129,10 @@ def test_reduced_flow_float32_close_to_float64():
     model32 = UnconstrainedFeatures.from_arrays(
         model.unembedding[...].astype(jnp.float32), model.hidden[...].astype(jnp.float32)
     )
-    pairs32 = PreferencePairs(*pairs[:3], *(a.astype(jnp.float32) for a in pairs[3:]))
+    pairs32 = pairs._replace(
+        ref_logprob_chosen=pairs.ref_logprob_chosen.astype(jnp.float32),
+        ref_logprob_rejected=pairs.ref_logprob_rejected.astype(jnp.float32),
+    )
     got = reduced_preference_flow(model32, pairs32, loss, dt=0.1, num_steps=200, record_every=100)
     assert got.observables.logprobs.dtype == jnp.float32
     np.testing.assert_allclose(

@@ -3,7 +3,7 @@ the labels."""
 
 import pytest
 
-from sims import refusal
+from sims.analysis import refusal
 from sims.analysis.refusal import (
     HEAD_CHARS,
     MIN_CONTENT_WORDS,

@@ -58,6 +58,7 @@ from theory.dpop_signs import LambdaThresholds, lambda_thresholds, predicted_sig
 from theory.kernel import (
     DisplacementCriterion,
     KernelAnisotropy,
+    drive_logprob_velocity,
     kernel_anisotropy,
     kernel_displacement_criterion,
     kernel_logprob_velocity,
@@ -181,6 +182,7 @@ __all__ = [
     "ipo_loss",
     "kernel_anisotropy",
     "kernel_displacement_criterion",
+    "drive_logprob_velocity",
     "kernel_logprob_velocity",
     "lambda_thresholds",
     "log_residual_mass_bound",

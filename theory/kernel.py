@@ -69,7 +69,8 @@ prompt's tokens, :math:`J_E` is supported on their rows: ``b = 0`` unless :math:
 :math:`y^-` is a prompt token, while ``r`` is supported on the prompt's tokens (so the tied
 correction is generally nonzero for a tied model). Untied (``h`` independent of ``W``) both
 vanish: :func:`kernel_logprob_velocity` assumes ``b = 0`` and ``r = 0``,
-:func:`tied_kernel_logprob_velocity` takes them; :mod:`sims.analysis.kernel` measures ``K``, ``b`` and
+:func:`tied_kernel_logprob_velocity` takes them; :mod:`sims.analysis.kernel` measures ``K``, ``b``
+and
 ``r`` of an NNX model.
 
 **Several prompts** (Theorems 8-9 analogue): ``N`` prompts with :math:`h_i = f_\phi(x_i)`, pairs
@@ -318,7 +319,8 @@ def tied_kernel_logprob_velocity(
       W: ``[V, d]`` the shared embedding / unembedding table.
       h: ``[d]`` hidden embedding of the prompt.
       K: ``[d, d]`` kernel :math:`\hat J P \hat J^\top` over all parameters.
-      hidden_cross: ``[d]`` the cross term ``b`` (e.g. :func:`sims.analysis.kernel.tied_cross_terms`).
+      hidden_cross: ``[d]`` the cross term ``b`` (e.g.
+      :func:`sims.analysis.kernel.tied_cross_terms`).
       logit_cross: ``[V]`` the cross term ``r``.
       y_pos: integer id of :math:`y^+`.
       y_neg: integer id of :math:`y^-`, ``!= y_pos``.
@@ -353,6 +355,81 @@ def tied_kernel_logprob_velocity(
     check_scalar("ell_prime", ell_prime)
     check_gain(unembedding_gain, V, d)
     return _single(W, h, K, logit_cross, hidden_cross, unembedding_gain, y_pos, y_neg, ell_prime)
+
+
+def drive_logprob_velocity(
+    W: ArrayLike,
+    h: ArrayLike,
+    drive: ArrayLike,
+    logit_cross: ArrayLike,
+    gain_pos: ArrayLike,
+    gain_neg: ArrayLike,
+    y_pos: ArrayLike,
+    y_neg: ArrayLike,
+    ell_prime: ArrayLike,
+) -> jax.Array:
+    r"""Return :math:`\frac{d}{dt}\ln\pi(z|x)` from the hidden state's drive (matrix-free form).
+
+    .. math::
+       \frac{d}{dt}\ln\pi(z|x) = -\ell'\Big[a_z^\top c + r_z - \pi^\top r
+       + (\delta_{z,y^+} - \pi_{y^+})\,g_+ - (\delta_{z,y^-} - \pi_{y^-})\,g_-\Big],
+       \qquad c = K u + b
+
+    The tied kernel form (this module's docstring) needs ``K`` only through :math:`K u`
+    (:math:`u = W_{y^+} - W_{y^-}`), which one ``vjp`` and one ``jvp`` of the network give without
+    forming ``K`` (:func:`sims.analysis.kernel.first_step_velocity`): for a 135 M-parameter
+    model, ``d = 576`` basis columns of ``K`` would cost 576 such pairs.
+
+    Source: the tied paragraph of this module's docstring; ``drive = K u``, ``r = 0`` and
+    ``g_\pm = \eta\|h\|^2`` is :func:`kernel_logprob_velocity`.
+
+    Args:
+      W: ``[V, d]`` unembeddings; h: ``[d]`` hidden embedding of the prompt.
+      drive: ``[d]`` :math:`K u + b`; logit_cross: ``[V]`` :math:`r` (zeros when untied).
+      gain_pos, gain_neg: scalars :math:`g_\pm = \sum_k P_W[y^\pm, k] h_k^2`.
+      y_pos, y_neg: token ids; ell_prime: scalar :math:`\ell'`.
+
+    Returns:
+      ``[V]`` log-probability velocities.
+
+    Raises:
+      ValueError: shapes that do not match ``W``, ids out of range or equal, non-finite inputs.
+
+    Example:
+      >>> W, h = jnp.eye(2), jnp.zeros(2)
+      >>> v = drive_logprob_velocity(W, h, jnp.zeros(2), jnp.array([1.0, 0.0]), 0.0, 0.0, 0, 1,
+      ...                            -1.0)
+      >>> [float(x) for x in v]  # only r: v_z = -l' (r_z - pi^T r), pi uniform
+      [0.5, -0.5]
+    """
+    check_hidden(W, h)
+    V, d = jnp.shape(W)
+    for name, arr, shape in (("drive", drive, (d,)), ("logit_cross", logit_cross, (V,))):
+        if tuple(jnp.shape(arr)) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got shape {jnp.shape(arr)}")
+        check_finite(name, arr)
+    check_pair(y_pos, y_neg, V)
+    for name, value in (("gain_pos", gain_pos), ("gain_neg", gain_neg), ("ell_prime", ell_prime)):
+        check_scalar(name, value)
+    return _drive_velocity(W, h, drive, logit_cross, gain_pos, gain_neg, y_pos, y_neg, ell_prime)
+
+
+@jax.jit
+def _drive_velocity(W, h, drive, logit_cross, gain_pos, gain_neg, y_pos, y_neg, ell_prime):
+    W, h = jnp.asarray(W), jnp.asarray(h)
+    dtype = jnp.result_type(W.dtype, h.dtype, jnp.asarray(drive).dtype)
+    v = _velocity(
+        W.astype(dtype),
+        h.astype(dtype),
+        jnp.asarray(drive, dtype),
+        jnp.asarray(logit_cross, dtype),
+        jnp.asarray(gain_pos, dtype),
+        jnp.asarray(gain_neg, dtype),
+        jnp.asarray(y_pos),
+        jnp.asarray(y_neg),
+        jnp.asarray(ell_prime, dtype),
+    )
+    return poison(v, invalid_ids(jnp.asarray(y_pos), jnp.asarray(y_neg), W.shape[0]))
 
 
 @jax.jit
@@ -489,7 +566,8 @@ def multi_sample_kernel_logprob_velocity(
       W: ``[V, d]`` token unembeddings.
       H: ``[N, d]`` hidden embeddings :math:`h_i = f_\phi(x_i)`.
       K: ``[N, N, d, d]`` kernel between prompts, ``K[i, j] = J_i J_j^T`` (so ``K[j, i] =
-        K[i, j]^T`` and the ``[N d, N d]`` matrix is PSD), e.g. :func:`sims.analysis.kernel.hidden_kernel`.
+        K[i, j]^T`` and the ``[N d, N d]`` matrix is PSD), e.g.
+        :func:`sims.analysis.kernel.hidden_kernel`.
       y_pos: ``[N]`` preferred token ids.
       y_neg: ``[N]`` dispreferred token ids, ``y_neg[i] != y_pos[i]``.
       ell_prime: ``[N]`` per-pair :math:`\ell'`.

@@ -540,7 +540,8 @@ class BoundLoss:
 
     Callable as the loss itself, ``loss(logprob_chosen, logprob_rejected, ref_logprob_chosen,
     ref_logprob_rejected)``. Two ``BoundLoss`` objects with the same ``loss_type`` and equal
-    hyperparameters are equal and hash alike, so the compiled flows of :mod:`sims.flows.core`, which take
+    hyperparameters are equal and hash alike, so the compiled flows of :mod:`sims.flows.core`,
+    which take
     the loss as a static argument, compile once per distinct loss rather than once per object.
 
     Attributes:
@@ -615,9 +616,7 @@ class BoundLoss:
                 f"numbers must give exactly the numeric hyperparameters {sorted(slots)} of "
                 f"{self.loss_type}, got {sorted(numbers)}"
             )
-        return BoundLoss(
-            self.loss_type, tuple((k, numbers.get(k, v)) for k, v in self.hyper)
-        )
+        return BoundLoss(self.loss_type, tuple((k, numbers.get(k, v)) for k, v in self.hyper))
 
     def _key(self) -> tuple:
         return (self.loss_type, tuple((k, _hash_key(v)) for k, v in self.hyper))

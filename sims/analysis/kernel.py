@@ -41,6 +41,8 @@ from theory.kernel import kernel_anisotropy
 __all__ = [
     "TiedCrossTerms",
     "VelocityChannels",
+    "KernelFormVelocity",
+    "first_step_velocity",
     "hidden_kernel",
     "kernel_anisotropy",
     "param_paths",
@@ -391,3 +393,97 @@ def rmsprop_preconditioner(
     grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest)))(params)
     root = float(np.sqrt(1.0 - decay))
     return jax.tree_util.tree_map(lambda g: 1.0 / (root * jnp.abs(g) + eps), grads)
+
+
+class KernelFormVelocity(NamedTuple):
+    r"""The kernel-form velocity of every token and its channels (each ``[V]``; they sum to
+    ``total``), at one prompt under :math:`\dot\theta = -P\nabla L`.
+
+    Attributes:
+      total: :math:`\frac{d}{dt}\ln\pi(z|x)`.
+      hidden: :math:`-\ell' a_z^\top K_P u`, the backbone moving ``h`` (input-embedding rows
+        included when tied).
+      tied: :math:`-\ell'(a_z^\top b + r_z - \pi^\top r)`, the tied cross terms (0 when untied).
+      unembedding: :math:`-\ell'[(\delta_{z,y^+} - \pi_+) g_+ - (\delta_{z,y^-} - \pi_-) g_-]`,
+        the ``W`` rows of :math:`y^\pm` moving.
+      ell_prime: :math:`\ell'` at the current margin.
+    """
+
+    total: jax.Array
+    hidden: jax.Array
+    tied: jax.Array
+    unembedding: jax.Array
+    ell_prime: jax.Array
+
+
+def first_step_velocity(
+    hidden_fn: Callable[[nnx.Module], jax.Array],
+    margin_loss: Callable[[jax.Array], jax.Array],
+    model: nnx.Module,
+    y_pos: int,
+    y_neg: int,
+    *,
+    unembedding: str,
+    tied: bool,
+    preconditioner: Any = None,
+) -> KernelFormVelocity:
+    r"""Return the kernel-form :math:`\frac{d}{dt}\ln\pi(\cdot|x)` of a real network, matrix-free.
+
+    .. math::
+       \frac{d}{dt}\ln\pi(z|x) = -\ell'\Big[a_z^\top(K_P u + b) + r_z - \pi^\top r
+       + (\delta_{z,y^+} - \pi_{y^+})g_+ - (\delta_{z,y^-} - \pi_{y^-})g_-\Big]
+
+    with :math:`K_P u = J P J^\top u` by one ``vjp`` and one ``jvp`` of ``hidden_fn`` (``K`` is
+    never formed), the tied cross terms ``b``, ``r`` (:func:`tied_cross_terms`) and
+    :math:`g_\pm` from ``P`` on the unembedding. With ``preconditioner`` the diagonal of the
+    first torch-RMSprop step (:func:`rmsprop_preconditioner`), ``lr * total`` predicts the change
+    of every log-prob in that step to first order.
+
+    Source: :mod:`theory.kernel` (tied paragraph; :func:`theory.kernel.drive_logprob_velocity`).
+
+    Args:
+      hidden_fn: ``model -> h`` ``[d]`` (the final hidden state at the prompt's last position);
+        the model's logits there must be ``W h``.
+      margin_loss: ``u -> loss`` of the margin :math:`\ln\pi(y^+) - \ln\pi(y^-)` (its derivative
+        is :math:`\ell'`; e.g. ``lambda u: dpo_loss(u, 0.0, ref_c, ref_r, beta=0.1)``).
+      model: the network; unembedding: the dotted name of ``W`` among its parameters
+        (:func:`param_paths`); tied: ``W`` is also the input embedding.
+      y_pos, y_neg: the pair's token ids.
+      preconditioner: as :func:`hidden_kernel` (``None``: gradient flow).
+
+    Returns:
+      :class:`KernelFormVelocity`.
+    """
+    from theory.kernel import drive_logprob_velocity
+
+    graphdef, params, rest = _split(model)
+    _check_names("unembedding", [unembedding], _names(params))
+    gains = _gains(params, preconditioner)
+    W, gain_W = _leaf(params, unembedding), _leaf(gains, unembedding)
+
+    def f(p):
+        return hidden_fn(nnx.merge(graphdef, p, rest))
+
+    h, jvp_fn = jax.linearize(f, params)
+    vjp_fn = jax.linear_transpose(jvp_fn, params)
+    logprobs = jax.nn.log_softmax(W @ h)
+    ell_prime = jax.grad(margin_loss)(logprobs[y_pos] - logprobs[y_neg])
+    u = W[y_pos] - W[y_neg]
+    (g_u,) = vjp_fn(u)  # J^T u over every parameter
+    if not tied:  # h does not depend on W: its J^T u entry is zero and there is no cross term
+        g_u = _only(g_u, unembedding, keep=False)
+    drive_K = jvp_fn(jax.tree_util.tree_map(jnp.multiply, g_u, gains))
+    V = W.shape[0]
+    zero_d, zero_V = jnp.zeros_like(h), jnp.zeros((V,), h.dtype)
+    b, r = zero_d, zero_V
+    if tied:
+        b, r = tied_cross_terms(
+            hidden_fn, model, y_pos, y_neg, unembedding=unembedding, preconditioner=preconditioner
+        )
+    h_sq = h * h
+    g_pos = jnp.sum(jnp.broadcast_to(gain_W, W.shape)[y_pos] * h_sq)
+    g_neg = jnp.sum(jnp.broadcast_to(gain_W, W.shape)[y_neg] * h_sq)
+    hidden = drive_logprob_velocity(W, h, drive_K, zero_V, 0.0, 0.0, y_pos, y_neg, ell_prime)
+    cross = drive_logprob_velocity(W, h, b, r, 0.0, 0.0, y_pos, y_neg, ell_prime)
+    w_channel = drive_logprob_velocity(W, h, zero_d, zero_V, g_pos, g_neg, y_pos, y_neg, ell_prime)
+    return KernelFormVelocity(hidden + cross + w_channel, hidden, cross, w_channel, ell_prime)

@@ -411,6 +411,10 @@ class Flow:
       chunk_records: checkpoints per compiled chunk (structure: changing it recompiles).
       record_loss: evaluate the loss at every checkpoint (one more forward pass each); ``False``
         records NaN, for observables from which the loss can be computed on the host.
+      until: ``(loss, observable) -> bool`` of the latest checkpoint (host values), checked after
+        every chunk: ``True`` ends the run there (an SFT budget "until the target is reached";
+        use ``chunk_records=1`` to stop at the first such checkpoint). The result then holds the
+        checkpoints reached.
 
     Raises:
       ValueError: bad schedule or optimiser name (when built).
@@ -435,10 +439,13 @@ class Flow:
         what: str = "gradient flow",
         chunk_records: int = CHUNK_RECORDS,
         record_loss: bool = True,
+        until: Callable[[Any, Any], bool] | None = None,
     ):
         check_schedule(dt, num_steps, record_every)
         check_optimizer(optimizer)
         check_positive_int("chunk_records", chunk_records)
+        if until is not None and in_axes is not None:
+            raise ValueError("until stops one run; it cannot be used with in_axes (stacked runs)")
         self.objective, self.observe = objective, observe
         self.params, self.data = params, data
         self.dt, self.num_steps, self.record_every = float(dt), int(num_steps), int(record_every)
@@ -446,6 +453,7 @@ class Flow:
         self.loss_numbers = dict(loss_numbers or {})
         self.finalize, self.validate, self.check, self.what = finalize, validate, check, what
         self.record_loss = bool(record_loss)
+        self.until = until
 
     # --- structure and arguments
 
@@ -525,6 +533,10 @@ class Flow:
             bad = np.asarray(carry[3])
             if self.check and np.any(bad >= 0):
                 break
+            if self.until is not None:
+                last = jax.tree_util.tree_map(lambda a: a[-1], observables[-1])
+                if self.until(losses[-1][-1], last):
+                    break
             now = time.perf_counter()
             if now - last_print >= PROGRESS_SECONDS and done < self.num_records:
                 rate = done * self.record_every / (now - start)
@@ -545,7 +557,7 @@ class Flow:
             observables[0],
             *observables[1:],
         )
-        t = self.dt * self.record_every * np.arange(self.num_records + 1)
+        t = self.dt * self.record_every * np.arange(done + 1)
         final = carry[0] if self.finalize is None else self.finalize(carry[0])
         return FlowResult(final, t, loss, observables, first_bad)
 

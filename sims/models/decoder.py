@@ -187,7 +187,7 @@ class DecoderConfig:
 
         Example:
           >>> DecoderConfig.llama(11, hidden_size=8, num_heads=2, num_layers=1).num_parameters
-          1040
+          1160
         """
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         q, kv = self.num_heads * hd, self.num_kv_heads * hd

@@ -211,7 +211,7 @@ def restrict(
     table = np.asarray(model.hidden[...])
     hidden = np.concatenate([table[old], np.repeat(table[:1], num_prefixes - old.size, axis=0)])
     sub = UnconstrainedFeatures.from_arrays(model.unembedding[...], hidden)
-    picked = PrefixTreePairs(*(jnp.asarray(np.asarray(a)[rows]) for a in pairs))
+    picked = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[rows]), pairs)
     picked = picked._replace(
         chosen_prefix=jnp.asarray(np.where(mask_c, new_of_old[used_c], 0)),
         rejected_prefix=jnp.asarray(np.where(mask_r, new_of_old[used_r], 0)),

@@ -291,7 +291,7 @@ class MLPFeatures(nnx.Module):
         return self.unembedding.shape[-2]
 
     def unembedding_matrix(self) -> jax.Array:
-        """Return ``W`` ``[V, d]`` (the :class:`~sims.models.transformer.CausalTransformer` name)."""
+        """Return ``W`` ``[V, d]`` (the name the transformer family uses)."""
         return self.unembedding[...]
 
     def hidden(self, features: jax.Array) -> jax.Array:
