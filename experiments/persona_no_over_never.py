@@ -6,9 +6,11 @@ Protocol (Razin et al. 2024 §3, App. H.1), choices fixed before the first DPO r
   Label words follow the assistant header; a word may be several tokens (``Absolutely``).
 * SFT: each trait-according prompt gets a random word of the No set {No, Never, Maybe, Perhaps},
   each other prompt one of the Yes set {Yes, Yeah, Sure, Certainly, Absolutely}; cross-entropy
-  on the whole word, torch RMSprop at the paper's lr 1e-7, batch 32. Budget: the smallest number
-  of epochs (at most ``sft_max_epochs``) that brings the mean probability of each prompt's
-  trained set to >= 0.8.
+  on the whole word, torch RMSprop, batch 32. Budget: the smallest number of epochs (at most
+  ``sft_max_epochs``) that brings the mean probability of each prompt's trained set to >= 0.8.
+  Amended before any DPO run (SFT outcomes only): at the paper's lr 1e-7 the mean set
+  probability rose 0.049 -> 0.065 in 3 epochs and at 1e-6 0.144 -> 0.270 in 6, so the rule could
+  not be met in 20 epochs; the SFT lr is 1e-5, a usual full-fine-tuning rate for a 135M model.
 * DPO (beta 0.1; lr 1e-7 and 10x) and IPO (tau 0.01; lr 1e-8 and 10x): one prompt per run,
   100 torch-RMSprop steps; rows No>Never, Yes>No, Never>No, Sure>Yes; a No-set y+ draws a
   trait-according prompt, a Yes-set y+ another. SmolLM2 is 7-60x smaller than the paper's
@@ -67,7 +69,7 @@ class Config(ExperimentConfig):
     num_runs: int = 3  # runs per row, loss and lr, one prompt each (paper and --full: 10)
     dpo_steps: int = 100  # preference steps per run (paper 100)
     num_statements: int = 32  # statements per side for SFT and the DPO prompts (0 = all)
-    sft_lr: float = 1e-7  # label-set SFT learning rate (paper 1e-7)
+    sft_lr: float = 1e-5  # label-set SFT learning rate (paper 1e-7; amended, see docstring)
     sft_max_epochs: int = 20  # cap of the SFT budget rule
     seed: int = 0
 
