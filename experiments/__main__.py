@@ -7,7 +7,7 @@ Everything is checked before the first experiment starts: unknown names, flags n
 experiment defines, unreadable or invalid values, input paths that are missing or unreadable
 (``--pairs``, ``--model``), an unusable output folder.
 
-A user error (bad value, bad or missing file: :data:`experiments._common.USER_ERRORS`) prints one
+A user error (bad value, bad or missing file: :data:`experiments.framework.USER_ERRORS`) prints one
 line ``error: ...`` and exits with status 2; ``--debug`` shows its traceback. Any other exception
 is a bug and keeps its traceback. SIGTERM stops the run like SIGINT: temporary files and folders
 in ``--out`` are removed."""
@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 
 from experiments import EXPERIMENTS, EXTRA
-from experiments._common import (
+from experiments.framework import (
     ConfigError,
     config_flags,
     parse_config,

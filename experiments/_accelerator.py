@@ -24,7 +24,7 @@ TERMINATE_GRACE_S = 10.0
 
 
 def _child(conn, stage: Callable[..., dict], kwargs: dict) -> None:
-    from experiments._common import sigterm_raises
+    from experiments.framework import sigterm_raises
 
     try:
         with sigterm_raises():  # stopped at its time limit: temporary folders are removed
@@ -72,10 +72,19 @@ def in_child(stage: Callable[..., dict], timeout_s: float, **kwargs: Any) -> dic
     return out
 
 
+def device_info() -> dict:
+    """The first local device: platform, kind and memory limit (``None`` when not reported)."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "bytes_limit": (stats or {}).get("bytes_limit"),
+    }
+
+
 def device_stage() -> dict:
     """The accelerator: platform, kind, device counts, memory limit, versions."""
-    from experiments._aot import device_info
-
     info = device_info()
     info["local_device_count"] = jax.local_device_count()
     info["process_count"] = jax.process_count()
@@ -88,7 +97,7 @@ def bench_stage(config: Any, out_dir: str) -> dict:
     """:mod:`experiments.bench` with ``config`` (its PNG + JSON written to ``out_dir``); returns
     the single-trajectory rates, the sweep rates and the targets."""
     from experiments import bench
-    from experiments._common import save
+    from experiments.framework import save
 
     results = bench.run(config)
     png, js = save("bench", results, bench.plot(results), out_dir)
@@ -167,23 +176,17 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def estimate_stage(names: list[str], smoke: bool) -> dict:
-    """:func:`experiments._aot.estimate_memory` of each experiment's ``--scale`` config (its
-    ``--smoke`` config if ``smoke``), compiled on this backend."""
-    from experiments._aot import estimate_memory
-
-    out = {}
-    for name in names:
-        module = importlib.import_module(f"experiments.{name}")
-        config = module.Config.smoke() if smoke else module.Config.scaled()
-        out[name] = estimate_memory(module, config)
-    return out
+    """No up-front estimate: each ``--scale`` run prints the device memory of every flow it is
+    about to run (:func:`sims.flows.core.report_memory`); an experiment that does not fit fails
+    alone in its own process."""
+    return {name: None for name in names}
 
 
 def experiment_stage(name: str, smoke: bool, out_dir: str) -> dict:
     """Run experiment ``name`` on its ``--scale`` config (``--smoke`` if ``smoke``) and write its
     PNG + JSON into ``out_dir``, as ``python -m experiments.<name> --scale --out <out_dir>`` does
     (without printing the memory estimate again: :func:`estimate_stage` made it)."""
-    from experiments._common import save
+    from experiments.framework import save
 
     module = importlib.import_module(f"experiments.{name}")
     config = module.Config.smoke() if smoke else module.Config.scaled()

@@ -44,7 +44,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments._common import progress
+from experiments.framework import progress
 from sims.flows.lowrank import lowrank_flow_fn
 from sims.flows.reduced import reduced_preference_flow
 from sims.flows.sweep import sharded_runner

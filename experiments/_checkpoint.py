@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import (
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     existing_path,
@@ -146,7 +146,7 @@ def self_made_checkpoint(config: CheckpointConfig, folder: Path, *, seed: int) -
     )
     model, loss = init_decoder(arch, seed=seed), None
     if config.pretrain_steps:  # 0: a random (untrained) checkpoint, for smoke runs
-        model, losses = pretrain(
+        res = pretrain(
             model,
             jax.random.key(seed),
             data.tokens,
@@ -154,8 +154,8 @@ def self_made_checkpoint(config: CheckpointConfig, folder: Path, *, seed: int) -
             lr=config.pretrain_lr,
             num_steps=config.pretrain_steps,
             batch_size=config.batch_size,
-        )
-        loss = float(np.asarray(losses)[-1])
+        ).run()
+        model, loss = res.final, float(np.asarray(res.loss)[-2])
     tok = word_level_tokenizer(corpus.VOCAB, special_tokens=corpus.SPECIAL)
     save_causal_lm(
         model, folder, tokenizer=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from experiments._analysis import max_drop, relative_error, sign_agreement, top_gainers
-from experiments._common import progress
+from experiments.framework import progress
 from sims.analysis.kernel import (
     hidden_kernel,
     rmsprop_preconditioner,

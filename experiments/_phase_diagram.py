@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._common import progress
 from experiments._phase_instances import Geometry, cell_inputs, instance, make_geometry
+from experiments.framework import progress
 from sims.flows.core import flow_fn
 from sims.flows.reduced import pair_index, reduced_flow_fn
 from sims.flows.sweep import run_mesh, sharded_runner, sweep

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import _bench as bm
-from experiments._common import progress
+from experiments.framework import progress
 from sims.flows.sweep import RUN_AXIS, run_mesh
 
 

@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments._aot import AotProgram, abstract, abstract_model, program
-from experiments._common import ConfigError, ExperimentConfig
+from experiments.framework import ConfigError, ExperimentConfig
 from sims.data import corpus
-from sims.models.transformer import CausalTransformer, TokenBatch, pretrain_program, sample_tokens
+from sims.models.transformer import CausalTransformer, TokenBatch, sample_tokens
 from sims.models.transformer import pretrain as pretrain_lm
 
 
@@ -104,7 +103,7 @@ def pretrained_model(
         np.random.default_rng(seed), copies=copies, refusal_prob=refusal_prob
     )
     model = _model(seed, d_model=d_model, num_layers=num_layers, num_heads=num_heads, tied=tied)
-    model, losses = pretrain_lm(
+    res = pretrain_lm(
         model,
         jax.random.key(seed),
         data.tokens,
@@ -112,8 +111,8 @@ def pretrained_model(
         lr=lr,
         num_steps=num_steps,
         batch_size=batch_size,
-    )
-    return model, np.asarray(losses)
+    ).run()
+    return res.final, np.asarray(res.loss)[:-1]  # the loss before each step, as before
 
 
 def _model(seed: int, *, d_model: int, num_layers: int, num_heads: int, tied: bool):
@@ -128,41 +127,6 @@ def _model(seed: int, *, d_model: int, num_layers: int, num_heads: int, tied: bo
     )
 
 
-def pretrained_model_program(
-    seed: int,
-    *,
-    d_model: int,
-    num_layers: int,
-    num_heads: int,
-    tied: bool,
-    copies: int,
-    refusal_prob: float,
-    lr: float,
-    num_steps: int,
-    batch_size: int,
-) -> AotProgram:
-    """The pre-training program :func:`pretrained_model` runs with the same arguments, from shapes
-    (the corpus, a few thousand short token rows, is built for real)."""
-    data = corpus.pretraining_corpus(
-        np.random.default_rng(seed), copies=copies, refusal_prob=refusal_prob
-    )
-    arch = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, tied=tied)
-    built = pretrain_program(
-        abstract_model(lambda: _model(seed, **arch)),
-        jax.eval_shape(lambda: jax.random.key(seed)),
-        *abstract((jnp.asarray(data.tokens), jnp.asarray(data.length))),
-        lr=lr,
-        num_steps=num_steps,
-        batch_size=batch_size,
-    )
-    rows, width = data.tokens.shape
-    tie = "tied" if tied else "untied"
-    return program(
-        f"pre-training [{num_steps} Adam steps, corpus {rows} x {width}, d={d_model}, {tie}]",
-        built,
-    )
-
-
 def initial_model(config) -> CausalTransformer:
     """The model :func:`pretrain` starts from (random, float32), of the trained one's structure."""
     return _model(
@@ -172,11 +136,6 @@ def initial_model(config) -> CausalTransformer:
         num_heads=config.num_heads,
         tied=config.tied,
     )
-
-
-def pretrain_aot(config, *, refusal_prob: float = 0.8) -> AotProgram:
-    """The pre-training program of :func:`pretrain` for ``config``, from shapes."""
-    return pretrained_model_program(config.seed, **_pretrain_settings(config, refusal_prob))
 
 
 def response_batch(tokens, prompt_len: int) -> TokenBatch:

@@ -29,8 +29,7 @@ import numpy as np
 
 from experiments import _accelerator as acc
 from experiments import bench
-from experiments._aot import GIB
-from experiments._common import (
+from experiments.framework import (
     FIGURES_DIR,
     ExperimentConfig,
     cli,
@@ -43,6 +42,7 @@ from experiments._common import (
 )
 
 NAME = "accelerator_check"
+GIB = 2.0**30  # bytes per GiB
 #: Every experiment with a ``--scale`` version (tests/test_aot.py keeps this list complete).
 SCALED = (
     "real_token_geometry",

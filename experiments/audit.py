@@ -31,7 +31,7 @@ import numpy as np
 
 from experiments._analysis import statistic, statistic_text
 from experiments._checkpoint import CheckpointConfig, open_checkpoint, read_pairs
-from experiments._common import (
+from experiments.framework import (
     cli,
     enable_x64,
     existing_file,

@@ -21,7 +21,7 @@ import numpy as np
 
 from experiments import _bench as bm
 from experiments import _roofline as rf
-from experiments._common import (
+from experiments.framework import (
     ExperimentConfig,
     cli,
     each,

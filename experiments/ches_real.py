@@ -31,7 +31,7 @@ import numpy as np
 
 from experiments._analysis import statistic_text, statistics
 from experiments._checkpoint import CheckpointConfig, open_checkpoint, read_pairs
-from experiments._common import (
+from experiments.framework import (
     cli,
     enable_x64,
     existing_file,
@@ -106,11 +106,12 @@ def run(config: Config, *, workdir=None) -> dict:
         optimizer="rmsprop_torch",
     )
     if config.vmap_runs:
-        res = flow(stacked, in_axes=(None, 0))
+        res = flow(stacked, in_axes=(None, 0)).run()
         losses, lp = np.asarray(res.loss), np.asarray(res.observables)  # [S*Q, 2], [S*Q, 2, n]
     else:
         outs = [
-            flow(jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)) for i in range(len(subsets))
+            flow(jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)).run()
+            for i in range(len(subsets))
         ]
         losses = np.stack([np.asarray(o.loss) for o in outs])
         lp = np.stack([np.asarray(o.observables) for o in outs])

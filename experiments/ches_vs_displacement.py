@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments._analysis import stack, statistic_text, statistics
-from experiments._common import (
+from experiments._plots import bar_min_max
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -28,7 +29,6 @@ from experiments._common import (
     progress,
     provenance,
 )
-from experiments._plots import bar_min_max
 from sims.analysis.scores import (
     dataset_ches,
     normalized_edit_distance,

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments._common import (
+from experiments.framework import (
     ExperimentConfig,
     cli,
     enable_x64,
@@ -27,7 +27,7 @@ from experiments._common import (
     progress,
     provenance,
 )
-from sims.flows.core import preference_flow, sft_flow
+from sims.flows.core import SFTData, preference_flow, sft_flow
 from sims.models.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
 from sims.models.prefix_tree import index_prefixes, with_reference
 from sims.models.tabular import TabularPolicy, kl_objective_flow
@@ -62,7 +62,11 @@ def _flows(steps: int):
 
     def sft(seed):
         m = UnconstrainedFeatures(50, 8, 4, rngs=nnx.Rngs(seed), dtype=jnp.float64)
-        return sft_flow(m, jnp.arange(4), jnp.arange(4) + 1, dt=0.1, num_steps=steps).run().loss
+        return (
+            sft_flow(m, SFTData(jnp.arange(4), jnp.arange(4) + 1), dt=0.1, num_steps=steps)
+            .run()
+            .loss
+        )
 
     def prefix_tree(seed):
         pairs, prefixes = index_prefixes([0, 1], [[1, 2], [3, 4]], [[1, 5], [6]])

@@ -59,8 +59,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments import _phase_diagram as ph
-from experiments._aot import AotProgram, program, sds
-from experiments._common import (
+from experiments._phase_diagram import OPTIMIZERS
+from experiments._phase_plot import plot as plot_report
+from experiments._phase_report import analyse
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -77,10 +79,6 @@ from experiments._common import (
     progress,
     provenance,
 )
-from experiments._phase_diagram import OPTIMIZERS
-from experiments._phase_plot import plot as plot_report
-from experiments._phase_report import analyse
-from sims.flows.sweep import chunk_program
 
 NAME = "displacement_phase_diagram"
 SWEEP_FOLDER = f"{NAME}_sweep"  # in the output folder; one subfolder per config: reruns resume
@@ -196,41 +194,6 @@ def run(config: Config, *, sweep_dir: str | Path | None = None) -> dict:
     results["config"] = config
     results["provenance"] = provenance(dtype_of=outputs["max_drop"])
     return results
-
-
-def aot_programs(config: Config) -> list[AotProgram]:
-    """The sweep chunk of every path the grid uses and the controls' runs, sharded over every
-    device as in ``run``, from shapes (``experiments._aot``). A path counts as used when the
-    config can route a cell to it (infeasible cells are not solved here)."""
-    enable_x64()
-    geometry = ph.geometry_of(config)
-    sgd = "sgd" in config.optimizers
-    used = (
-        sgd and bool(set(config.losses) & set(ph.MARGIN_LOSSES)) and 0.0 in config.lambdas,
-        sgd and ("dpo_sft" in config.losses or any(lam > 0 for lam in config.lambdas)),
-        "rmsprop_torch" in config.optimizers,
-    )
-
-    def inputs(R):
-        return {k: sds((R,), np.int32 if k == "loss_id" else np.float64) for k in ph.RUN_INPUTS}
-
-    schedule = ph.Schedule(config.num_steps, config.record_every, config.sft_ratio)
-    out = []
-    for path, use in zip(ph.PATHS, used, strict=True):
-        if use:
-            chunk = chunk_program(
-                ph.make_run_fn(geometry, path, schedule), inputs(config.chunk_size),
-                chunk_size=config.chunk_size, batch_size=config.batch_size or None,
-            )  # fmt: skip
-            out.append(program(f"{path} sweep chunk [{chunk.args[0]['dt'].shape[0]} runs]", chunk))
-    if config.control_runs and sgd:
-        f = config.control_factor
-        slow = ph.Schedule(config.num_steps * f, config.record_every * f, config.sft_ratio)
-        runs = chunk_program(
-            ph.make_run_fn(geometry, "generic_sgd", slow), inputs(2 * config.control_runs)
-        )
-        out.append(program(f"controls [{runs.args[0]['dt'].shape[0]} runs]", runs))
-    return out
 
 
 def plot(results: dict) -> plt.Figure:

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import (
+from experiments._dpop import flow_summary, reference_context_logits, sign_checks
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -21,7 +22,6 @@ from experiments._common import (
     nonnegative,
     provenance,
 )
-from experiments._dpop import flow_summary, reference_context_logits, sign_checks
 from sims.models.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
 from sims.models.unconstrained import UnconstrainedFeatures
 from theory.dpop_signs import lambda_thresholds, well_optimised

@@ -34,8 +34,8 @@ import numpy as np
 from flax import nnx
 
 from experiments._analysis import statistic_per_row, statistic_text
-from experiments._aot import AotProgram, abstract_model, sds
-from experiments._common import (
+from experiments._transformer import pretrained_model
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -45,7 +45,6 @@ from experiments._common import (
     progress,
     provenance,
 )
-from experiments._transformer import pretrained_model, pretrained_model_program
 from sims.analysis.kernel import hidden_kernel, tied_cross_terms, velocity_channels
 from sims.analysis.scores import pearson
 from sims.data import corpus
@@ -341,52 +340,6 @@ def run(config: Config) -> dict:
         "verdict": "reproduced" if reproduced else "not reproduced",
         "provenance": provenance(dtype_of=x),
     }
-
-
-def aot_programs(config: Config) -> list[AotProgram]:
-    """The t = 0 measurements of every family and the transformers' pre-training, from shapes
-    (``experiments._aot``); the per-prompt measurements are vmapped as in ``run``."""
-    enable_x64()
-    loss = make_loss("dpo", beta=config.beta)
-    per_prompt = (None,) * 5 + (0, 0, 0)
-    P, f = config.mlp_prompts, config.mlp_features
-    mlp = abstract_model(
-        lambda: MLPFeatures(
-            config.mlp_vocab, f, config.mlp_hidden, width=config.mlp_width,
-            rngs=nnx.Rngs(config.seed), dtype=jnp.float64,
-        )
-    )  # fmt: skip
-    args = (*nnx.split(mlp), sds((P, f), jnp.float64), sds((P,), np.int64), sds((P,), np.int64))
-    args = (args[0], _mlp_hidden, loss, False, *args[1:])
-    out = [
-        AotProgram(f"MLP t=0 measurement [{P} prompts, one each]", _measure, args, {}, per_prompt),
-        AotProgram(f"MLP t=0 measurement [{P} prompts, joint]", _measure, args, {}),
-    ]
-    n = config.num_prompts
-    length = len(corpus.persona_prompt(corpus.VICES[0], corpus.PREDICATES[0]))  # every statement
-    arch = dict(d_model=config.d_model, num_layers=config.num_layers, num_heads=config.num_heads)
-    for tied in (False, True):
-        label = "tied" if tied else "untied"
-        if config.pretrain_steps:
-            out.append(
-                pretrained_model_program(
-                    config.seed, **arch, tied=tied, copies=config.copies, refusal_prob=0.8,
-                    lr=config.pretrain_lr, num_steps=config.pretrain_steps,
-                    batch_size=config.batch_size,
-                )
-            )  # fmt: skip
-        model = abstract_model(
-            lambda tied=tied: CausalTransformer(
-                len(corpus.VOCAB), **arch, max_len=corpus.MAX_LEN, tied=tied,
-                rngs=nnx.Rngs(config.seed), dtype=jnp.float64,
-            )
-        )  # fmt: skip
-        graphdef, state = nnx.split(model)
-        ids = sds((n,), np.int64)
-        args = (graphdef, _answer_hidden, loss, tied, state, sds((n, length), np.int64), ids, ids)
-        name = f"transformer ({label}, float64) t=0 measurement [{n} prompts]"
-        out.append(AotProgram(name, _measure, args, {}, per_prompt))
-    return out
 
 
 def plot(results: dict) -> plt.Figure:

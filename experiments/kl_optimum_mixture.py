@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import (
+from experiments._plots import identity_line
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -26,7 +27,6 @@ from experiments._common import (
     progress,
     provenance,
 )
-from experiments._plots import identity_line
 from sims.models.tabular import TabularPolicy, kl_objective_flow
 from theory.kl_counterexample import (
     random_instances,

@@ -82,16 +82,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import _learned as lf
-from experiments._aot import (
-    AotProgram,
-    abstract_model,
-    expand,
-    minilm_shape,
-    program,
-    sds,
-    with_reference,
-)
-from experiments._common import (
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -105,11 +96,10 @@ from experiments._common import (
     provenance,
 )
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
-from sims.flows.core import preference_flow, preference_flow_program
+from sims.flows.core import preference_flow
 from sims.models.mlp_features import (
     FeaturePairs,
     ScaledMLPFeatures,
-    feature_sft_flow_program,
     make_feature_pairs,
 )
 from theory.losses import make_loss
@@ -277,56 +267,6 @@ def run(config: Config) -> dict:
         "reproduced_in": reproduced,
         "provenance": provenance(dtype_of=data.W),
     }
-
-
-def aot_programs(config: Config) -> list[AotProgram]:
-    """SFT, then per arm the lr-rule flow, the runs' flows and the t = 0 measurement of ``run``,
-    for the first init and loss (the others compile the same shapes); from shapes."""
-    enable_x64()
-    shape = minilm_shape()
-    if shape is None:
-        return []  # run() is skipped
-    V, f = config.vocab_size or shape[0], shape[1]  # features: mean MiniLM rows, f = d
-    P, R = len(lf.VICES + lf.VIRTUES) * len(lf.PREDICATES), len(lf.PAIRS) * config.runs_per_pair
-    init, loss = config.inits[0], _losses(config)[config.loss_types[0]]
-
-    def model(rate):
-        return abstract_model(
-            lambda: ScaledMLPFeatures(
-                jnp.zeros((V, f), jnp.float64), f, width=config.width, parametrisation=init,
-                lazy_scale=config.lazy_scale, rngs=nnx.Rngs(config.seed), dtype=jnp.float64,
-            ).with_unembedding_rate(rate)
-        )  # fmt: skip
-
-    sft = feature_sft_flow_program(
-        model(0.0), sds((P, f), jnp.float64), sds((P,), np.int64), dt=1e-3,
-        num_steps=config.sft_steps, record_every=config.sft_steps, optimizer="rmsprop_torch",
-    )  # fmt: skip
-    graphdef, state = nnx.split(model(0.0))
-    x, ids = sds((R, f), jnp.float64), sds((R,), np.int64)
-    out = [
-        program(f"SFT flow [{P} prompts, V={V}, width {config.width}]", sft),
-        AotProgram(f"hidden kernels [{R} runs]", lf._kernels, (graphdef, state, x), {}),
-    ]
-    for arm in config.arms:
-        rate = config.unembedding_rate if arm == "W_trained" else 0.0
-        m = model(rate)
-        one = sds((1,), np.int64)
-        held_out = with_reference(
-            m, FeaturePairs(sds((1, f), jnp.float64), one, one, None, None), stacked=False
-        )
-        runs = with_reference(m, FeaturePairs(x, ids, ids, None, None), stacked=False)
-        runs = expand(runs, 1)  # [R, 1, ...]: one prompt a run
-        for name, pairs, observe in (("lr-rule flow [1 pair]", held_out, _margin),
-                                     (f"flows [{R} runs]", runs, _run_logprobs)):  # fmt: skip
-            flow = preference_flow_program(
-                m, pairs, loss, dt=1e-3, num_steps=config.num_steps, optimizer="rmsprop_torch",
-                observe=observe, in_axes=(None, 0) if pairs.chosen.ndim == 2 else None,
-            )  # fmt: skip
-            out.append(program(f"{arm}: {name}", flow))
-        args = (*nnx.split(m)[:1], loss, rate > 0, nnx.split(m)[1], x, ids, ids)
-        out.append(AotProgram(f"{arm}: t=0 measurement [{R} runs]", lf.measure, args, {}))
-    return out
 
 
 def _bars(ax, keys, series: dict, ylabel: str) -> None:

@@ -82,10 +82,16 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
-from flax import nnx
 
-from experiments._aot import AotProgram, abstract, expand, gather, program, sds, with_reference
-from experiments._common import (
+from experiments._minilm import (
+    PAIRS,
+    kernel_summary,
+    pair_row,
+    preference_runs,
+    prepare,
+    run_record,
+)
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -95,31 +101,7 @@ from experiments._common import (
     progress,
     provenance,
 )
-from experiments._minilm import (
-    N_SET,
-    PAIRS,
-    Y_SET,
-    SetMass,
-    abstract_encoder,
-    kernel_summary,
-    loss_and_lr,
-    mask_probs,
-    measure_t0,
-    pair_row,
-    preference_runs,
-    prepare,
-    run_record,
-)
-from sims.data.real_embeddings import MINILM_INSTALL, minilm_available, minilm_dir
-from sims.flows.core import model_flow_program, preference_flow_program
-from sims.models.bert import (
-    MaskedLMLabels,
-    MaskedLMPairs,
-    encode_masked_prompts,
-    load_bert_tokenizer,
-    masked_lm_nll,
-    persona_question,
-)
+from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 
 NAME = "minilm_encoder_no_over_never"
 DROP = 0.2  # pre-registered decrease of pi(y+)
@@ -214,42 +196,6 @@ class Config(ExperimentConfig):
         """The ``--scale`` version for a GPU/TPU: all statements, 10 runs per pair (the paper's
         count), IPO; the learning rates stay those the default's pilots chose."""
         return cls(sft_statements=16, losses=("dpo", "ipo"), runs_per_pair=10, kernel_prompts=2)
-
-
-def aot_programs(config: Config) -> list[AotProgram]:
-    """SFT, the preference flows of every loss and the t = 0 kernel measurement of ``run``, from
-    shapes (``experiments._aot``; the tokenizer runs, no weights are read)."""
-    if not minilm_available():
-        return []  # run() is skipped
-    folder = minilm_dir()
-    tok, model = load_bert_tokenizer(folder), abstract_encoder(config, folder)
-    n, R = config.sft_statements, len(PAIRS) * config.runs_per_pair
-    statements = AGREE[:n] + DISAGREE[:n]
-    prompts = abstract(encode_masked_prompts(tok, [persona_question(s) for s in statements]))
-    ids = [tuple(tok.token_to_id(w) for w in words) for words in (N_SET, Y_SET)]
-    data = MaskedLMLabels(*prompts, sds((2 * n,), np.int64))
-    sft = model_flow_program(
-        model, masked_lm_nll, SetMass(*ids), data, dt=config.sft_lr,
-        num_steps=config.sft_steps, optimizer="rmsprop_torch",
-    )  # fmt: skip
-    out = [program(f"SFT flow [{2 * n} prompts]", sft)]
-    ref = sds((R,), np.float32)
-    runs = MaskedLMPairs(*gather(prompts, (R,)), *[sds((R,), np.int32)] * 2, ref, ref)
-    stacked = expand(with_reference(model, runs, stacked=False), 1)  # [R, 1, ...]
-    for name in config.losses:
-        loss, lr = loss_and_lr(config, name)
-        flow = preference_flow_program(
-            model, stacked, loss, dt=lr, num_steps=config.num_steps, optimizer="rmsprop_torch",
-            observe=mask_probs, in_axes=(None, 0),
-        )  # fmt: skip
-        out.append(program(f"{name} flows [{R} runs]", flow))
-    if config.kernel_prompts:
-        one = gather(prompts, ())  # one prompt's fields
-        graphdef, state = nnx.split(model)
-        pos = sds((), np.int32)  # y+ and y- ids, NumPy scalars
-        args = (graphdef, loss_and_lr(config, "dpo")[0], state, *one, pos, pos)
-        out.append(AotProgram("t=0 kernel measurement [1 prompt]", measure_t0, args, {}))
-    return out
 
 
 def run(config: Config) -> dict:

@@ -21,7 +21,8 @@ from experiments._analysis import (
     sign_match_rate,
     stack,
 )
-from experiments._common import (
+from experiments._plots import identity_line
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -30,7 +31,6 @@ from experiments._common import (
     progress,
     provenance,
 )
-from experiments._plots import identity_line
 from sims.flows.core import preference_flow, stack_models
 from sims.models.prefix_tree import index_prefixes, with_reference
 from sims.models.unconstrained import UnconstrainedFeatures

@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from experiments._analysis import pointwise_relative_error, stack
-from experiments._common import (
+from experiments._plots import symlog_identity
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -26,7 +27,6 @@ from experiments._common import (
     progress,
     provenance,
 )
-from experiments._plots import symlog_identity
 from sims.models.prefix_tree import extend_prefixes, flow_velocity, index_prefixes, with_reference
 from sims.models.unconstrained import UnconstrainedFeatures
 from theory.losses import loss_coefficients, make_loss

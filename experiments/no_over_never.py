@@ -34,7 +34,8 @@ from experiments._analysis import (
     top_gainers,
     top_names,
 )
-from experiments._common import (
+from experiments._plots import annotated_scatter
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -43,7 +44,6 @@ from experiments._common import (
     progress,
     provenance,
 )
-from experiments._plots import annotated_scatter
 from sims.analysis.scores import spearman
 from sims.data.vocab import (
     BENIGN_FOR_NO,
@@ -53,7 +53,7 @@ from sims.data.vocab import (
     YES_SET,
     semantic_unembeddings,
 )
-from sims.flows.core import preference_flow, sft_flow
+from sims.flows.core import SFTData, preference_flow, sft_flow
 from sims.models.unconstrained import UnconstrainedFeatures, make_pairs
 from theory import losses
 from theory.single_token import displacement_terms, logprob_velocity
@@ -119,8 +119,7 @@ def _sft_model(config: Config, geometry: str, seed: int):
     model = UnconstrainedFeatures.from_arrays(W, H)
     sft = sft_flow(
         model,
-        jnp.array(sft_prompts),
-        jnp.array(labels),
+        SFTData(jnp.array(sft_prompts), jnp.array(labels)),
         dt=config.sft_dt,
         num_steps=config.sft_steps,
     ).run()

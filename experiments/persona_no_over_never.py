@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._common import (
+from experiments.framework import (
     ExperimentConfig,
     cli,
     each,

@@ -27,8 +27,7 @@ from experiments._analysis import (
     top_gainers,
     top_names,
 )
-from experiments._aot import AotProgram, abstract_model, minilm_shape, program, sds
-from experiments._common import (
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -40,8 +39,8 @@ from experiments._common import (
     provenance,
 )
 from sims.data.real_embeddings import MINILM_INSTALL, load_minilm, minilm_available, word_subset
-from sims.flows.core import preference_flow, preference_flow_program, sft_flow, sft_flow_program
-from sims.models.unconstrained import PreferencePairs, UnconstrainedFeatures, make_pairs
+from sims.flows.core import SFTData, preference_flow, sft_flow
+from sims.models.unconstrained import UnconstrainedFeatures, make_pairs
 from theory.losses import make_loss, margin_derivative
 from theory.single_token import logprob_velocity
 
@@ -118,8 +117,7 @@ def _sft(config: Config, W0: jax.Array, ids: dict):
     model = UnconstrainedFeatures.from_arrays(W0, jnp.asarray(H0))
     return sft_flow(
         model,
-        jnp.arange(P),
-        jnp.asarray(labels),
+        SFTData(jnp.arange(P), jnp.asarray(labels)),
         dt=config.sft_dt,
         num_steps=config.sft_steps,
         optimizer="sgd",
@@ -262,38 +260,6 @@ def run(config: Config) -> dict:
         "rows": _preference_rows(config, model, words, ids),
         "provenance": provenance(dtype_of=model.unembedding[...]),
     }
-
-
-def aot_programs(config: Config) -> list[AotProgram]:
-    """The SFT flow and the DPO and IPO flows of ``run``, from shapes (``experiments._aot``)."""
-    enable_x64()
-    shape = minilm_shape()
-    if shape is None:
-        return []  # run() is skipped
-    V, d = (config.vocab_size or shape[0]), shape[1]
-    P, R = config.num_prompts, len(PAIRS) * config.num_runs
-    model = abstract_model(
-        lambda: UnconstrainedFeatures.from_arrays(
-            jnp.zeros((V, d), jnp.float64), jnp.zeros((P, d), jnp.float64)
-        )
-    )
-    ids, ref = sds((R, 1), np.int64), sds((R, 1), jnp.float64)
-    pairs = PreferencePairs(ids, ids, ids, ref, ref)  # fields [3 R, 1], one prompt a run
-    sft = sft_flow_program(
-        model, sds((P,), np.int64), sds((P,), np.int64), dt=config.sft_dt,
-        num_steps=config.sft_steps, optimizer="sgd",
-    )  # fmt: skip
-    out = [program(f"SFT flow [{P} prompts, V={V}]", sft)]
-    for name, loss, dt in (
-        ("dpo", make_loss("dpo", beta=config.beta), config.dpo_dt),
-        ("ipo", make_loss("ipo", tau=config.tau), config.ipo_dt),
-    ):
-        flow = preference_flow_program(
-            model, pairs, loss, dt=dt, num_steps=config.num_steps,
-            observe=_prompt_logprobs, in_axes=(None, 0),
-        )  # fmt: skip
-        out.append(program(f"{name} flows [{R} runs, V={V}]", flow))
-    return out
 
 
 def plot(results: dict) -> plt.Figure:

@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments._analysis import relative_error, sign_agreement
-from experiments._common import (
+from experiments._plots import symlog_identity
+from experiments.framework import (
     ConfigError,
     ExperimentConfig,
     cli,
@@ -32,7 +33,6 @@ from experiments._common import (
     progress,
     provenance,
 )
-from experiments._plots import symlog_identity
 from sims.flows.core import flow_fn
 from sims.models.unconstrained import softmax_logprobs
 from theory import losses

@@ -18,13 +18,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiments._analysis import percentile_window, statistics
-from experiments._aot import AotProgram, abstract_model, gather, program, sds, with_reference
-from experiments._common import cli, enable_x64, experiment_main, progress, provenance
-from experiments._transformer import PretrainConfig, initial_model, pretrain, pretrain_aot
+from experiments._transformer import PretrainConfig, pretrain
+from experiments.framework import cli, enable_x64, experiment_main, progress, provenance
 from sims.analysis.scores import pearson, transformer_pair_scores
 from sims.data import corpus
-from sims.flows.core import preference_flow, preference_flow_program
-from sims.models.transformer import TransformerPairs, make_transformer_pairs
+from sims.flows.core import preference_flow
+from sims.models.transformer import make_transformer_pairs
 from theory.losses import make_loss
 
 NAME = "transformer_ches"
@@ -110,23 +109,6 @@ def run(config: Config) -> dict:
         "ches_monotone": bool(np.all(np.diff(change[0]) < 0)),
         "provenance": provenance(dtype_of=lp),
     }
-
-
-def aot_programs(config: Config) -> list[AotProgram]:
-    """Pre-training and the DPO flows of every subset, from shapes (``experiments._aot``)."""
-    enable_x64()
-    prompts, pos, neg = _pair_texts(config)
-    batches = corpus.pack(prompts, pos), corpus.pack(prompts, neg)
-    runs = (len(SCORES) * len(PERCENTILES), config.subset_size)  # [S * Q, n] pair indices
-    model = abstract_model(lambda: initial_model(config))
-    weight = sds(runs, jnp.float64)  # ones; the reference log-probs follow
-    pairs = with_reference(model, TransformerPairs(*gather(batches, runs), weight, weight, weight))
-    flow = preference_flow_program(
-        model, pairs, make_loss("dpo", beta=config.beta),
-        dt=config.dt, num_steps=config.num_steps, record_every=config.num_steps,
-        in_axes=(None, 0),
-    )  # fmt: skip
-    return [pretrain_aot(config), program(f"dpo flows [{runs[0]} subsets of {runs[1]}]", flow)]
 
 
 def plot(results: dict) -> plt.Figure:

@@ -19,19 +19,17 @@ import numpy as np
 from flax import nnx
 
 from experiments._analysis import sign_match_rate, statistic_per_row
-from experiments._aot import AotProgram, abstract_model, expand, program, sds
-from experiments._common import cli, enable_x64, experiment_main, progress, provenance
 from experiments._plots import mean_band
-from experiments._transformer import PretrainConfig, initial_model, pretrain, pretrain_aot
+from experiments._transformer import PretrainConfig, pretrain
+from experiments.framework import cli, enable_x64, experiment_main, progress, provenance
 from sims.analysis.scores import pearson
 from sims.data import corpus
 from sims.flows.core import (
     PairObjective,
     preference_flow,
-    preference_flow_program,
     velocity_along_flow,
 )
-from sims.models.transformer import TokenBatch, TransformerPairs, make_transformer_pairs
+from sims.models.transformer import TokenBatch, make_transformer_pairs
 from theory.losses import make_loss, margin_derivative
 from theory.single_token import logprob_velocity
 
@@ -154,21 +152,6 @@ def run(config: Config) -> dict:
         ),
         "provenance": provenance(dtype_of=logp),
     }
-
-
-def aot_programs(config: Config) -> list[AotProgram]:
-    """Pre-training and the DPO flows of ``run`` (float64), from shapes (``experiments._aot``)."""
-    enable_x64()
-    prompts, chosen, rejected = _run_batches(config)
-    model = abstract_model(lambda: initial_model(config), dtype=jnp.float64)
-    R = len(prompts)
-    ref = sds((R, 1), jnp.float64)  # stacked [R, 1, ...]: one prompt a run
-    pairs = TransformerPairs(*expand((chosen, rejected), 1), ref, ref, ref)  # weight: ones
-    flow = preference_flow_program(
-        model, pairs, make_loss("dpo", beta=config.beta), dt=config.dt,
-        num_steps=config.num_steps, observe=_AnswerLogprobs(len(prompts[0])), in_axes=(None, 0),
-    )  # fmt: skip
-    return [pretrain_aot(config), program(f"dpo flows [{R} runs, float64]", flow)]
 
 
 def plot(results: dict) -> plt.Figure:

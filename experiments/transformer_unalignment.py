@@ -19,8 +19,14 @@ import numpy as np
 from flax import nnx
 
 from experiments._analysis import lowest_fraction, mean_by_label, stack
-from experiments._aot import AotProgram, abstract_model, expand, program, sds, with_reference
-from experiments._common import (
+from experiments._plots import bar_min_max
+from experiments._transformer import (
+    PretrainConfig,
+    pretrain,
+    refusal_rates,
+    response_batch,
+)
+from experiments.framework import (
     cli,
     each,
     enable_x64,
@@ -30,20 +36,10 @@ from experiments._common import (
     provenance,
     unit_interval,
 )
-from experiments._plots import bar_min_max
-from experiments._transformer import (
-    PretrainConfig,
-    _sample_runs,
-    initial_model,
-    pretrain,
-    pretrain_aot,
-    refusal_rates,
-    response_batch,
-)
 from sims.analysis.scores import transformer_pair_scores
 from sims.data import corpus
-from sims.flows.core import preference_flow, preference_flow_program
-from sims.models.transformer import TokenBatch, TransformerPairs, make_transformer_pairs, sample
+from sims.flows.core import preference_flow
+from sims.models.transformer import TokenBatch, make_transformer_pairs, sample
 from theory.losses import make_loss
 
 NAME = "transformer_unalignment"
@@ -214,44 +210,6 @@ def run(config: Config) -> dict:
         "ches_ln_by_kind": mean_by_label(ches_ln, kinds),
         "provenance": provenance(dtype_of=lp),
     }
-
-
-def aot_programs(config: Config) -> list[AotProgram]:
-    """Pre-training, the DPO and DPO + SFT flows and the refusal sampling of ``run``, from shapes
-    (``experiments._aot``)."""
-    enable_x64()
-    N = len(corpus.requests(True)) * config.pairs_per_prompt
-    S, C = config.num_seeds, 2 + len(config.keep_fractions)
-    batch = TokenBatch(sds((N, corpus.MAX_LEN), np.int32), *[sds((N,), np.int32)] * 2)
-    model = abstract_model(lambda: initial_model(config))
-    out = [pretrain_aot(config, refusal_prob=config.refusal_prob)]
-    dpo = make_loss("dpo", beta=config.beta)
-    for name, R, loss in (
-        ("dpo", S * C, dpo),
-        ("dpo + sft", S, make_loss("sft_term", sft_coef=config.sft_coef, base_loss=dpo)),
-    ):
-        weight = sds((R, N), jnp.float64)  # the reference log-probs follow
-        pairs = TransformerPairs(*expand((batch, batch), 0, R), weight, weight, weight)
-        pairs = with_reference(model, pairs)
-        flow = preference_flow_program(
-            model, pairs, loss, dt=config.dt, num_steps=config.num_steps,
-            record_every=config.num_steps, in_axes=(None, 0),
-        )  # fmt: skip
-        out.append(program(f"{name} flows [{R} runs of {N} pairs]", flow))
-    graphdef, state = nnx.split(model)
-    runs = S * C + S + 1  # every final model and the initial one
-    samples = (N * config.eval_samples, corpus.MAX_LEN)
-    out.append(
-        AotProgram(
-            f"refusal sampling [{runs} models x {samples[0]} responses]",
-            _sample_runs,
-            (graphdef, expand(state, 0, runs), jax.eval_shape(lambda: jax.random.key(0)),
-             sds(samples, np.int32), len(corpus.request_prompt(*corpus.requests(True)[0])),
-             config.eval_temperature, corpus.EOS, corpus.PAD),
-            {},
-        )
-    )  # fmt: skip
-    return out
 
 
 def plot(results: dict) -> plt.Figure:

@@ -11,7 +11,7 @@ import pytest
 
 from experiments import _bench as bm
 from experiments import bench
-from experiments._common import dumps
+from experiments.framework import dumps
 
 # float32 torch loop vs float32 JAX flow, 20 steps: the style guide's float32 rtol
 FLOAT32_RTOL = 1e-4

@@ -1,4 +1,4 @@
-"""Tests of experiments/_common.py beyond the command line (test_experiments_cli.py): the path
+"""Tests of experiments/framework/ beyond the command line (test_experiments_cli.py): the path
 rules and default rules of configs, the PNG + JSON pair written so that it always matches, and the
 command-line context (one-line user errors, SIGTERM as an exception)."""
 
@@ -14,7 +14,7 @@ import time
 import matplotlib.pyplot as plt
 import pytest
 
-from experiments._common import (
+from experiments.framework import (
     USER_ERRORS,
     ConfigError,
     ExperimentConfig,

@@ -34,7 +34,7 @@ from experiments._analysis import (
     top_names,
 )
 from experiments._aot import recording, unmatched
-from experiments._common import dumps
+from experiments.framework import dumps
 from sims.analysis.scores import pearson, spearman
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 

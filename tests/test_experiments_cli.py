@@ -1,4 +1,4 @@
-"""The experiments' command line (experiments/__main__.py, experiments/_common.py): both flag forms,
+"""The experiments' command line (experiments/__main__.py, experiments/framework/): both flag forms,
 help and listing, flags routed to the experiments that define them, everything refused before the
 first experiment runs, configs that validate themselves, honest dtype labels."""
 
@@ -17,7 +17,7 @@ import pytest
 
 from experiments import EXPERIMENTS, EXTRA
 from experiments import __main__ as runner
-from experiments._common import (
+from experiments.framework import (
     ConfigError,
     build_parser,
     cli,
