@@ -19,9 +19,9 @@ import pytest
 from experiments import _phase_diagram as ph
 from experiments import _phase_instances as pi
 from experiments import displacement_phase_diagram as exp
-from experiments.framework import dumps
 from experiments._phase_diagram import outcome_codes
 from experiments._phase_report import prediction_codes, table
+from experiments.framework import dumps
 from theory.kernel import kernel_anisotropy
 from theory.losses import loss_coefficients
 from theory.regularized import preferred_logprob_velocity

