@@ -20,6 +20,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "kernel_theorem_check",
     "persona_no_over_never",
     "ches_real",
+    "refusal_unalignment",
     "learned_features_no_over_never",
     "displacement_phase_diagram",
     "minilm_encoder_no_over_never",

@@ -1,173 +1,182 @@
-"""Figure 2 protocol on a checkpoint: CHES percentile subsets vs displacement under DPO.
+"""Figure 2 protocol on a real checkpoint (default SmolLM2-135M-Instruct): CHES vs displacement.
 
-Protocol (Razin et al. 2024 §5, App. H.2): score every pair of a TRL-style JSONL data set
-(``--pairs``; default: the corpus's request prompts, each with two different refusal/compliance
-responses, the preferred one by a coin, written to JSONL and read back) with CHES,
-length-normalised CHES, normalised token edit distance and the last-hidden inner product on the
-checkpoint's hidden states; for each score take the subsets centred on the 0/25/50/75/100th
-percentiles (paper: 512 pairs of 5000; here 16 of 192), train DPO on each (beta 0.1, RMSprop; paper
-one epoch at batch 32 = 16 steps at lr 1e-7; here 16 full-batch steps at lr 1e-4, scaled for the
-tiny self-made model as in ``persona_no_over_never``) and report the change of the mean preferred
-log-prob over the subset. Sequences are "prompt response <eos>" (plain concatenation, or the
-checkpoint's chat template with ``--chat-template true``).
+Protocol (Razin et al. 2024 §5, App. H.2), fixed before the first run on SmolLM2: pairs of the
+model's own samples (two per instruction of sims.data.prompts.GENERAL_INSTRUCTIONS, temperature
+1, the chat template; ``--pairs FILE`` reads a TRL JSONL instead). Labelling rule: the first
+sample is preferred (the two are i.i.d. draws, so the order is random and unrelated to quality:
+the claim is about similarity); pairs with identical responses are dropped. Scores from the
+model's final hidden states: CHES, length-normalised CHES, normalised edit distance and the
+last-hidden inner product. For each score, the subsets centred on the 0/25/50/75/100th
+similarity percentiles are trained with DPO for one epoch (torch RMSprop, the paper's lr 1e-7,
+beta 0.1, minibatches), ``num_runs`` runs each (minibatch orders).
 
-Success criterion (written before the first run): **reproduced** if, for CHES, the change of the
-mean preferred log-prob falls with the percentile (Spearman(percentile, change) <= -0.9, i.e. at
-most one adjacent swap of the paper's "perfect" ranking), the 0th-percentile subset's preferred
-log-prob rises and the 100th's falls. Controls: the DPO loss falls on every subset; edit distance
-and the last-hidden inner product are reported with the same statistic (the paper: they do not
-rank displacement).
+Criterion (pre-registered; sims.protocols.ches.figure2_verdict): CHES "reproduced" if
+Spearman(similarity percentile, change of the mean preferred log-prob) <= -0.8, the top subset's
+preferred log-prob falls and the bottom subset's rises; the same numbers for the three baselines
+(the paper: they do not rank displacement). A score whose subsets grew the DPO margin by less than
+0.5 nats on average is "uninformative".
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import statistic_text, statistics
-from experiments._checkpoint import CheckpointConfig, open_checkpoint, read_pairs
 from experiments.framework import (
+    ExperimentConfig,
     cli,
-    enable_x64,
     existing_file,
+    existing_path,
     experiment_main,
-    parse_config,
+    nonnegative_int,
     progress,
     provenance,
 )
-from sims.analysis.scores import percentile_subsets, spearman, transformer_pair_scores
-from sims.data.preferences import encode_preferences
-from sims.flows.core import preference_flow
+from sims.checkpoints.opened import open_checkpoint, tiny_random_checkpoint
+from sims.checkpoints.tokenization import encode_prompts
+from sims.data.preferences import encode_preferences, read_preference_jsonl
+from sims.data.prompts import GENERAL_INSTRUCTIONS
 from sims.models.transformer import make_transformer_pairs
-from theory.losses import make_loss
+from sims.protocols.ches import PERCENTILES, SCORES, figure2
+from sims.protocols.onpolicy import distinct_responses, pick_pairs, response_texts, sample_two
 
 NAME = "ches_real"
-SCORES = ("ches", "ches_ln", "edit_distance", "last_inner")
-PERCENTILES = (0, 25, 50, 75, 100)
 
 
 @dataclass(frozen=True)
-class Config(CheckpointConfig):
+class Config(ExperimentConfig):
     """CHES / ln-CHES / edit distance / last-hidden percentile subsets trained with DPO."""
 
-    pairs: str = ""  # TRL-style JSONL (prompt, chosen, rejected); "" = generated from the corpus
-    pairs_per_prompt: int = 4  # generated data: pairs per request prompt (48 prompts)
-    max_len: int = 64  # longest sequence (prompt + response + eos), tokens (paper: 512)
-    subset_size: int = 16  # pairs per percentile subset (paper: 512)
+    model: str = "smollm2"  # folder, .gguf or packaged name; "" = tiny random model (smoke)
+    pairs: str = ""  # TRL JSONL (prompt, chosen, rejected); "" = the model's own samples
+    num_prompts: int = 48  # instructions sampled (0 = all 204)
+    max_new_tokens: int = 32  # longest sampled response, tokens (paper 512)
+    max_len: int = 512  # longest sequence of a --pairs file, tokens
+    subset_size: int = 12  # pairs per percentile subset (paper 512)
+    batch_size: int = 4  # pairs per DPO step (paper 32)
+    lr: float = 1e-7  # torch RMSprop learning rate (paper 1e-7)
     beta: float = 0.1  # DPO KL coefficient (paper 0.1)
-    lr: float = 1e-4  # RMSprop learning rate (paper 1e-7; scaled for the tiny model)
-    num_steps: int = 16  # full-batch DPO steps per subset (paper: one epoch = 16 steps)
-    vmap_runs: bool = True  # train all 20 subsets in one vmap (False: one after another)
+    num_runs: int = 1  # runs per subset (paper 3)
+    pairs_out: str = ""  # write the sampled pairs as TRL JSONL here ("" = do not)
     seed: int = 0
 
-    RULES = {**CheckpointConfig.RULES, "pairs": existing_file()}
+    RULES = {
+        "model": existing_path(allow=("", "smollm2")),
+        "pairs": existing_file(),
+        "num_prompts": nonnegative_int,
+    }
+
+    @classmethod
+    def full(cls) -> Config:
+        return cls(num_prompts=0, max_new_tokens=128, subset_size=32, batch_size=8, num_runs=3)
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(**cls.SMOKE, pairs_per_prompt=1, subset_size=4, num_steps=2)
+        return cls(model="", num_prompts=12, max_new_tokens=4, subset_size=3, batch_size=2)
 
 
-def run(config: Config, *, workdir=None) -> dict:
-    enable_x64()  # as the main job: float64 scalars beside the checkpoint's dtype
-    rows, bad = read_pairs(config, name=NAME, workdir=workdir)  # before any pre-training
-    ckpt = open_checkpoint(config, seed=config.seed, workdir=workdir)
-    enc = encode_preferences(
-        ckpt.tokenizer,
-        rows,
-        max_len=config.max_len,
-        eos_id=ckpt.special_id("eos_token"),
-        pad_id=ckpt.special_id("pad_token", 0),
-        template=ckpt.template,
-        tokens=ckpt.tokens,
+def _pairs(config: Config, ckpt):
+    """Chosen / rejected batches and texts: from ``--pairs`` or two samples per instruction."""
+    pad, eos = ckpt.special_id("pad_token", 0), ckpt.special_id("eos_token")
+    if config.pairs:
+        rows, _ = read_preference_jsonl(config.pairs)
+        enc = encode_preferences(
+            ckpt.tokenizer,
+            rows,
+            max_len=config.max_len,
+            eos_id=eos,
+            pad_id=pad,
+            template=ckpt.template,
+            tokens=ckpt.special,
+        )
+        return enc.chosen, enc.rejected, [rows[i]._asdict() for i in range(len(enc.lines))]
+    texts = GENERAL_INSTRUCTIONS[: config.num_prompts or None]
+    prompts = encode_prompts(
+        ckpt.tokenizer, texts, template=ckpt.template, special=ckpt.special, pad_id=pad
     )
-    for b in enc.bad:
-        progress(f"[{NAME}] skipped line {b.line}: {b.reason}")
-    bad = bad + enc.bad
-    model = ckpt.model
-    scores = transformer_pair_scores(model, enc.chosen, enc.rejected)
-    progress(f"[{NAME}] scored {len(enc.lines)} pairs ({len(bad)} rows skipped)")
-    subsets = np.concatenate(
-        [percentile_subsets(scores[s], PERCENTILES, config.subset_size) for s in SCORES]
-    )  # [S * Q, n]
-    pairs = make_transformer_pairs(model, enc.chosen, enc.rejected)
-    stacked = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[subsets], pairs)  # [S * Q, n, ...]
-    flow = functools.partial(
-        preference_flow,
-        model,
-        loss=make_loss("dpo", beta=config.beta),
-        dt=config.lr,
-        num_steps=config.num_steps,
-        record_every=config.num_steps,
-        optimizer="rmsprop_torch",
+    two = sample_two(
+        ckpt,
+        prompts,
+        jax.random.key(config.seed),
+        temperature=1.0,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=16,
+        log=progress,
     )
-    if config.vmap_runs:
-        res = flow(stacked, in_axes=(None, 0)).run()
-        losses, lp = np.asarray(res.loss), np.asarray(res.observables)  # [S*Q, 2], [S*Q, 2, n]
-    else:
-        outs = [
-            flow(jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)).run()
-            for i in range(len(subsets))
-        ]
-        losses = np.stack([np.asarray(o.loss) for o in outs])
-        lp = np.stack([np.asarray(o.observables) for o in outs])
-    change = (lp[:, -1] - lp[:, 0]).mean(-1).reshape(len(SCORES), len(PERCENTILES))
-    rank = statistics(spearman, {s: (PERCENTILES, change[i]) for i, s in enumerate(SCORES)})
-    criteria = {
-        "ches_spearman_at_most_-0.9": rank["ches"] is not None and rank["ches"] <= -0.9,
-        "ches_0th_percentile_rises": bool(change[0, 0] > 0),
-        "ches_100th_percentile_falls": bool(change[0, -1] < 0),
-    }
+    keep = distinct_responses(two)  # the labelling rule: the first draw is preferred
+    chosen, rejected = pick_pairs(two, np.ones(len(keep), bool))
+    a, b = (response_texts(ckpt.tokenizer, s) for s in two)
+    rows = [{"prompt": texts[i], "chosen": a[i], "rejected": b[i]} for i in np.flatnonzero(keep)]
+    take = jax.tree_util.tree_map(lambda x: np.asarray(x)[keep], (chosen, rejected))
+    return (*take, rows)
+
+
+def run(config: Config) -> dict:
+    ckpt = open_checkpoint(config.model) if config.model else tiny_random_checkpoint(seed=0)
+    progress(f"[{NAME}] {ckpt.source}: {ckpt.weights}")
+    chosen, rejected, rows = _pairs(config, ckpt)
+    if config.pairs_out:
+        from sims.data.preferences import write_preference_jsonl
+
+        write_preference_jsonl(config.pairs_out, rows)
+    pairs = make_transformer_pairs(ckpt.model, chosen, rejected, chunk_size=8)
+    progress(f"[{NAME}] {len(rows)} pairs; DPO on percentile subsets of {config.subset_size}")
+    result = figure2(
+        ckpt.model,
+        pairs,
+        subset_size=config.subset_size,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        beta=config.beta,
+        num_runs=config.num_runs,
+        seed=config.seed,
+        log=progress,
+    )
+    change = {s: [float(np.mean(q["change"])) for q in result["subsets"][s]] for s in SCORES}
     return {
         "config": config,
-        "checkpoint": ckpt.describe(config),
-        "num_pairs": len(enc.lines),
-        "skipped_rows": [b._asdict() for b in bad],
-        "scores": scores,
-        "subset_mean_score": {
-            s: [float(scores[s][subsets[i * len(PERCENTILES) + j]].mean()) for j in range(5)]
-            for i, s in enumerate(SCORES)
-        },
-        "logprob_change": {s: change[i] for i, s in enumerate(SCORES)},
-        "spearman_percentile_vs_change": rank,
-        "control_loss_fell_on_every_subset": bool(np.all(losses[:, -1] < losses[:, 0])),
-        "criteria": criteria,
-        "verdict": "reproduced" if all(criteria.values()) else "not reproduced",
-        "provenance": provenance(dtype_of=lp),
+        "criterion": __doc__,
+        "weights": ckpt.weights,
+        "prompt_format": ckpt.prompt_format,
+        "num_pairs": len(rows),
+        "pairs": rows,
+        "logprob_change": change,
+        **result,
+        "provenance": provenance(dtype_of=np.asarray(pairs.ref_logprob_chosen)),
     }
 
 
 def plot(results: dict) -> plt.Figure:
     fig, axes = plt.subplots(1, len(SCORES), figsize=(14, 3.5), sharey=True)
     for ax, s in zip(axes, SCORES, strict=True):
-        change = results["logprob_change"][s]
+        runs = np.array([q["change"] for q in results["subsets"][s]])  # [5, runs]
+        mean = runs.mean(1)
         ax.bar(
-            [str(q) for q in PERCENTILES], change, color=["C3" if v < 0 else "C2" for v in change]
+            [str(q) for q in PERCENTILES],
+            mean,
+            color=["C3" if v < 0 else "C2" for v in mean],
+            yerr=[mean - runs.min(1), runs.max(1) - mean],
         )
         ax.axhline(0, color="k", lw=0.5)
-        rho = results["spearman_percentile_vs_change"][s]
-        ax.set(title=f"{s} (Spearman {statistic_text(rho)})", xlabel="score percentile")
+        v = results["verdict"][s]
+        rho = "undefined" if v["spearman"] is None else f"{v['spearman']:+.2f}"
+        ax.set(title=f"{s}: Spearman {rho}\n{v['verdict']}", xlabel="similarity percentile")
     axes[0].set(ylabel="change of mean ln pi(y+|x)")
-    fig.suptitle(f"{results['checkpoint']['source']}: {results['verdict']}", y=1.02)
     fig.tight_layout()
     return fig
 
 
 def _summary(r: dict) -> str:
-    changes = "; ".join(f"{s}: {np.round(r['logprob_change'][s], 2).tolist()}" for s in SCORES)
-    rho = {s: statistic_text(r["spearman_percentile_vs_change"][s]) for s in SCORES}
-    return f"{r['verdict']}: Spearman {rho}; changes {changes}"
+    return "; ".join(
+        f"{s}: {v['verdict']} (Spearman {v['spearman']})" for s, v in r["verdict"].items()
+    )
 
 
 def main(argv=None) -> dict:
-    _, out = parse_config(Config, argv)
-    return experiment_main(
-        NAME, Config, functools.partial(run, workdir=out), plot, argv, summary=_summary
-    )
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from sims.errors import InputError
 
@@ -319,3 +322,31 @@ def format_prompt(prompt: str, *, template: str | None, tokens: dict[str, str]) 
         )
     except jinja2.TemplateError as e:
         raise RuntimeError(f"the checkpoint's chat template cannot be rendered: {e}") from e
+
+
+def encode_prompts(
+    tokenizer: Any,
+    questions: Sequence[str],
+    *,
+    template: str | None,
+    special: dict[str, str],
+    pad_id: int,
+) -> Any:
+    """Return the questions as right-padded prompts (``length == prompt_len``), one shape.
+
+    With ``template`` each question is one user message followed by the assistant header
+    (:func:`format_prompt`), encoded without added special tokens
+    (the template writes them); plain prompts get the tokenizer's own.
+    """
+    ids = []
+    for q in questions:
+        text = format_prompt(q, template=template, tokens=special)
+        ids.append(tokenizer.encode(text, add_special_tokens=template is None).ids)
+    T = max(len(i) for i in ids)
+    tokens = np.full((len(ids), T), pad_id, np.int32)
+    for r, row in enumerate(ids):
+        tokens[r, : len(row)] = row
+    lengths = np.array([len(i) for i in ids], np.int32)
+    from sims.models.transformer import TokenBatch
+
+    return TokenBatch(tokens, lengths, lengths)

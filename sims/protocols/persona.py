@@ -33,7 +33,7 @@ from flax import nnx
 
 from sims.analysis.gainers import largest_decrease
 from sims.analysis.kernel import KernelFormVelocity, first_step_velocity, rmsprop_preconditioner
-from sims.checkpoints.tokenization import format_prompt
+from sims.checkpoints.tokenization import encode_prompts
 from sims.flows.core import Flow, preference_flow, take_minibatch
 from sims.models.transformer import (
     SequenceSFTData,
@@ -42,32 +42,6 @@ from sims.models.transformer import (
     next_token_logprobs,
 )
 from theory.losses import BoundLoss
-
-
-def encode_prompts(
-    tokenizer: Any,
-    questions: Sequence[str],
-    *,
-    template: str | None,
-    special: dict[str, str],
-    pad_id: int,
-) -> TokenBatch:
-    """Return the questions as right-padded prompts (``length == prompt_len``), one shape.
-
-    With ``template`` each question is one user message followed by the assistant header
-    (:func:`sims.checkpoints.tokenization.format_prompt`), encoded without added special tokens
-    (the template writes them); plain prompts get the tokenizer's own.
-    """
-    ids = []
-    for q in questions:
-        text = format_prompt(q, template=template, tokens=special)
-        ids.append(tokenizer.encode(text, add_special_tokens=template is None).ids)
-    T = max(len(i) for i in ids)
-    tokens = np.full((len(ids), T), pad_id, np.int32)
-    for r, row in enumerate(ids):
-        tokens[r, : len(row)] = row
-    lengths = np.array([len(i) for i in ids], np.int32)
-    return TokenBatch(tokens, lengths, lengths)
 
 
 def label_word_ids(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
