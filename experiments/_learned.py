@@ -17,15 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments._analysis import (
-    max_drop,
+from sims.analysis.gainers import gainers_at, largest_decrease
+from sims.analysis.kernel import hidden_kernel, rmsprop_preconditioner, velocity_channels
+from sims.analysis.scores import pearson
+from sims.analysis.summaries import (
     relative_error,
     sign_agreement,
     statistic,
-    top_gainers,
 )
-from sims.analysis.kernel import hidden_kernel, rmsprop_preconditioner, velocity_channels
-from sims.analysis.scores import pearson
 from sims.data.real_embeddings import load_minilm, minilm_dir, word_subset
 from sims.models.bert import load_bert_tokenizer
 from sims.models.mlp_features import feature_sft_flow
@@ -258,7 +257,7 @@ def _run(probs, logp, at0, r, yp, yn, K_start, lam, lr, data) -> dict:
     ip, ineg = data.ids[yp], data.ids[yn]
     yes_like = {w for w in POS if w not in (yp, yn)}
     same, other = (POS, NEG) if yp in POS else (NEG, POS)
-    gainers = top_gainers(probs, data.words, k=3, checkpoints=REPORT_STEPS)
+    gainers = gainers_at(probs, data.words, k=3, checkpoints=REPORT_STEPS)
     names = {n for step in gainers for n, _ in step}
     u = data.W[ip] - data.W[ineg]
     align = {
@@ -273,7 +272,7 @@ def _run(probs, logp, at0, r, yp, yn, K_start, lam, lr, data) -> dict:
         "pi_pos": probs[:, ip],
         "pi_pos_start": float(probs[0, ip]),
         "pi_pos_min": float(probs[:, ip].min()),
-        "max_drop": float(max_drop(probs[:, ip])),
+        "max_drop": float(largest_decrease(probs[:, ip])),
         "yes_like_mass": [float(probs[0, yes_rows].sum()), float(probs[-1, yes_rows].sum())],
         "margin_growth": float((logp[-1, ip] - logp[-1, ineg]) - (logp[0, ip] - logp[0, ineg])),
         "gainers": [[[n, g] for n, g in step] for step in gainers],

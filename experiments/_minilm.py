@@ -17,13 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments._analysis import max_drop, relative_error, sign_agreement, top_gainers
 from experiments.framework import progress
+from sims.analysis.gainers import gainers_at, largest_decrease
 from sims.analysis.kernel import (
     hidden_kernel,
     rmsprop_preconditioner,
     tied_cross_terms,
     velocity_channels,
+)
+from sims.analysis.summaries import (
+    relative_error,
+    sign_agreement,
 )
 from sims.data.real_embeddings import minilm_dir
 from sims.flows.core import integrate_model, preference_flow
@@ -133,7 +137,7 @@ def run_record(probs, loss, pos, neg, names, ids, config, prompt) -> dict:
     mass on the N set, the Y set and the rest of the vocabulary, and the entropy of pi (nats)."""
     pw, nw = names[pos], names[neg]
     opposite = set(Y_SET if pw in N_SET else N_SET) - {pw, nw}
-    gainers = top_gainers(probs, names, k=config.top_k, checkpoints=config.gain_steps)
+    gainers = gainers_at(probs, names, k=config.top_k, checkpoints=config.gain_steps)
     return {
         "pair": f"{pw}>{nw}",
         "prompt": prompt,
@@ -141,7 +145,7 @@ def run_record(probs, loss, pos, neg, names, ids, config, prompt) -> dict:
         "pi_neg": probs[:, neg],
         "loss": loss,
         "stable": bool(np.all(np.diff(loss) < 0)),
-        "drop": float(max_drop(probs[:, pos])),
+        "drop": float(largest_decrease(probs[:, pos])),
         "gainers": dict(zip(map(str, config.gain_steps), gainers, strict=True)),
         "opposite_gainer": any(w in opposite and gain > 0 for g in gainers for w, gain in g),
         "n_mass": probs[:, ids["N"]].sum(-1),

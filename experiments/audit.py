@@ -29,7 +29,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import statistic, statistic_text
 from experiments._checkpoint import CheckpointConfig, open_checkpoint, read_pairs
 from experiments.framework import (
     cli,
@@ -43,6 +42,7 @@ from experiments.framework import (
 )
 from sims.analysis.audit import audit_pairs
 from sims.analysis.scores import spearman
+from sims.analysis.summaries import statistic, statistic_text
 from sims.data.preferences import encode_preferences, write_preference_jsonl
 from theory.losses import make_loss
 

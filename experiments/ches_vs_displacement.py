@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import stack, statistic_text, statistics
-from experiments._plots import bar_min_max
+from experiments.framework.plots import bar_min_max
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -35,6 +34,7 @@ from sims.analysis.scores import (
     percentile_subsets,
     spearman,
 )
+from sims.analysis.summaries import stack, statistic_text, statistics
 from sims.data.synthetic import synthetic_preferences
 from sims.flows.core import preference_flow, stack_models
 from sims.models.prefix_tree import restrict, with_reference

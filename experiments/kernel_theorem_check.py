@@ -33,7 +33,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments._analysis import statistic_per_row, statistic_text
 from experiments._transformer import pretrained_model
 from experiments.framework import (
     ConfigError,
@@ -47,6 +46,7 @@ from experiments.framework import (
 )
 from sims.analysis.kernel import hidden_kernel, tied_cross_terms, velocity_channels
 from sims.analysis.scores import pearson
+from sims.analysis.summaries import statistic_per_row, statistic_text
 from sims.data import corpus
 from sims.models.transformer import CausalTransformer
 from sims.models.unconstrained import MLPFeatures

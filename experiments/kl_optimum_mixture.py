@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._plots import identity_line
+from experiments.framework.plots import identity_line
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,

@@ -22,7 +22,7 @@ prompt), DPO (beta 0.1; reference = the SFT model) with torch RMSprop for 100 st
 parameters; pairs no > never and the controls never > no, yes > no, sure > yes; IPO
 (tau = 0.01, "KL coefficient 0.01") in ``--scale``. Recorded per run: every token's probability
 at every step; pi(y+) before -> minimum; the decrease as the paper defines it (largest fall
-between any two steps, :func:`experiments._analysis.max_drop`); the top-3 gainers (probability
+between any two steps, :func:`sims.analysis.summaries.max_drop`); the top-3 gainers (probability
 increase since step 0) at steps 5, 25, 100. As App. H.1, a run is *stable* if its training loss
 decreases at every step; only stable runs enter the rows and the verdict.
 

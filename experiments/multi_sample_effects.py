@@ -15,13 +15,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import (
-    pointwise_relative_error,
-    sign_agreement,
-    sign_match_rate,
-    stack,
-)
-from experiments._plots import identity_line
+from experiments.framework.plots import identity_line
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -30,6 +24,12 @@ from experiments.framework import (
     experiment_main,
     progress,
     provenance,
+)
+from sims.analysis.summaries import (
+    pointwise_relative_error,
+    sign_agreement,
+    sign_match_rate,
+    stack,
 )
 from sims.flows.core import preference_flow, stack_models
 from sims.models.prefix_tree import index_prefixes, with_reference

@@ -16,8 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments._analysis import pointwise_relative_error, stack
-from experiments._plots import symlog_identity
+from experiments.framework.plots import symlog_identity
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -27,6 +26,7 @@ from experiments.framework import (
     progress,
     provenance,
 )
+from sims.analysis.summaries import pointwise_relative_error, stack
 from sims.models.prefix_tree import extend_prefixes, flow_velocity, index_prefixes, with_reference
 from sims.models.unconstrained import UnconstrainedFeatures
 from theory.losses import loss_coefficients, make_loss

@@ -23,18 +23,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import (
-    groups,
-    max_drop,
-    mean_gain,
-    mean_of,
-    mean_peak_gain,
-    statistic,
-    statistic_text,
-    top_gainers,
-    top_names,
-)
-from experiments._plots import annotated_scatter
+from experiments.framework.plots import annotated_scatter
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -44,7 +33,17 @@ from experiments.framework import (
     progress,
     provenance,
 )
+from sims.analysis.gainers import gainers_at, largest_decrease
 from sims.analysis.scores import spearman
+from sims.analysis.summaries import (
+    groups,
+    mean_gain,
+    mean_of,
+    mean_peak_gain,
+    statistic,
+    statistic_text,
+    top_names,
+)
 from sims.data.vocab import (
     BENIGN_FOR_NO,
     CATASTROPHIC_FOR_NO,
@@ -149,7 +148,7 @@ def _one_run(config: Config, geometry: str, seed: int) -> dict:
     n_ckpt = probs.shape[0] - 1
     early = logprobs[max(1, round(0.05 * n_ckpt))] - logprobs[0]
     checkpoints = [max(1, round(frac * n_ckpt)) for frac in (0.05, 0.25, 1.0)]
-    gainers = top_gainers(probs, tokens, k=config.top_k, checkpoints=checkpoints)
+    gainers = gainers_at(probs, tokens, k=config.top_k, checkpoints=checkpoints)
     others = np.array([i for i in range(len(tokens)) if i not in (y_pos, y_neg)])
     align = terms.token_alignment[others]
     p_no = probs[:, y_pos]
@@ -162,7 +161,7 @@ def _one_run(config: Config, geometry: str, seed: int) -> dict:
         "p_never": probs[:, y_neg],
         "p_catastrophic": probs[:, [idx[t] for t in CATASTROPHIC_FOR_NO]].sum(1),
         "p_benign": probs[:, [idx[t] for t in BENIGN_FOR_NO]].sum(1),
-        "no_decrease_max": float(max_drop(p_no)),
+        "no_decrease_max": float(largest_decrease(p_no)),
         "no_change": float(p_no[-1] - p_no[0]),
         "theorem4_velocity_no": float(predicted[y_pos]),
         "observed_velocity_no": float(instant[y_pos]),

@@ -19,14 +19,6 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import (
-    max_drop,
-    mean_of,
-    relative_error,
-    sign_match_rate,
-    top_gainers,
-    top_names,
-)
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -37,6 +29,13 @@ from experiments.framework import (
     nonnegative_int,
     progress,
     provenance,
+)
+from sims.analysis.gainers import gainers_at, largest_decrease
+from sims.analysis.summaries import (
+    mean_of,
+    relative_error,
+    sign_match_rate,
+    top_names,
 )
 from sims.data.real_embeddings import MINILM_INSTALL, load_minilm, minilm_available, word_subset
 from sims.flows.core import SFTData, preference_flow, sft_flow
@@ -145,11 +144,11 @@ def _table13(W0: jax.Array, W: jax.Array, ids: dict) -> dict:
 
 def _one_run(prompt: int, probs, v, fd, words: list[str], pos: int) -> dict:
     """One run's numbers: pi(y+) and its largest drop, gainers, Theorem 4 vs the first step."""
-    gainers = top_gainers(probs, words, k=3, checkpoints=REPORT_STEPS)
+    gainers = gainers_at(probs, words, k=3, checkpoints=REPORT_STEPS)
     return {
         "prompt": prompt,
         "pi_pos": probs[:, pos],
-        "decrease": float(max_drop(probs[:, pos])),
+        "decrease": float(largest_decrease(probs[:, pos])),
         "gainers": [[w for w, _ in g] for g in gainers],
         "predicted_velocity_pos": float(v[pos]),
         "observed_first_step_pos": float(fd[pos]),

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import relative_error, sign_agreement
-from experiments._plots import symlog_identity
+from experiments.framework.plots import symlog_identity
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -33,6 +32,7 @@ from experiments.framework import (
     progress,
     provenance,
 )
+from sims.analysis.summaries import relative_error, sign_agreement
 from sims.flows.core import flow_fn
 from sims.models.unconstrained import softmax_logprobs
 from theory import losses

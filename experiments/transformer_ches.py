@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._analysis import percentile_window, statistics
 from experiments._transformer import PretrainConfig, pretrain
 from experiments.framework import cli, enable_x64, experiment_main, progress, provenance
-from sims.analysis.scores import pearson, transformer_pair_scores
+from sims.analysis.scores import pearson, percentile_subsets, transformer_pair_scores
+from sims.analysis.summaries import (
+    statistics,
+)
 from sims.data import corpus
 from sims.flows.core import preference_flow
 from sims.models.transformer import make_transformer_pairs
@@ -73,12 +75,8 @@ def run(config: Config) -> dict:
     chosen, rejected = corpus.pack(prompts, pos), corpus.pack(prompts, neg)
     scores = transformer_pair_scores(model, chosen, rejected)
     progress(f"[{NAME}] scored {len(prompts)} pairs")
-    subsets = np.stack(
-        [
-            percentile_window(np.argsort(scores[s], kind="stable"), q, config.subset_size)
-            for s in SCORES
-            for q in PERCENTILES
-        ]
+    subsets = np.concatenate(
+        [percentile_subsets(scores[s], PERCENTILES, config.subset_size) for s in SCORES]
     )  # [S * Q, n]
     pairs = make_transformer_pairs(model, chosen, rejected)
     stacked = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[subsets], pairs)  # [S * Q, n, ...]

@@ -18,11 +18,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments._analysis import sign_match_rate, statistic_per_row
-from experiments._plots import mean_band
+from experiments.framework.plots import mean_band
 from experiments._transformer import PretrainConfig, pretrain
 from experiments.framework import cli, enable_x64, experiment_main, progress, provenance
 from sims.analysis.scores import pearson
+from sims.analysis.summaries import sign_match_rate, statistic_per_row
 from sims.data import corpus
 from sims.flows.core import (
     PairObjective,

@@ -18,8 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments._analysis import lowest_fraction, mean_by_label, stack
-from experiments._plots import bar_min_max
+from experiments.framework.plots import bar_min_max
 from experiments._transformer import (
     PretrainConfig,
     pretrain,
@@ -37,6 +36,7 @@ from experiments.framework import (
     unit_interval,
 )
 from sims.analysis.scores import transformer_pair_scores
+from sims.analysis.summaries import lowest_fraction, mean_by_label, stack
 from sims.data import corpus
 from sims.flows.core import preference_flow
 from sims.models.transformer import TokenBatch, make_transformer_pairs, sample

@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 
 from experiments import EXPERIMENTS, EXTRA
-from experiments._analysis import (
+from experiments.framework import dumps
+from sims.analysis.gainers import gainers_at, largest_decrease
+from sims.analysis.scores import pearson, spearman
+from sims.analysis.summaries import (
     groups,
     lowest_fraction,
-    max_drop,
     mean_by_label,
     mean_gain,
     mean_of,
     mean_peak_gain,
-    percentile_window,
     pointwise_relative_error,
     relative_error,
     sign_agreement,
@@ -29,11 +30,8 @@ from experiments._analysis import (
     statistic_per_row,
     statistic_text,
     statistics,
-    top_gainers,
     top_names,
 )
-from experiments.framework import dumps
-from sims.analysis.scores import pearson, spearman
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 
 #: Keys each experiment's JSON must hold beyond ``config`` and ``provenance`` (what plot() reads).
@@ -209,9 +207,9 @@ def test_kl_optimum_mixture_smoke_findings():
 
 
 def test_max_drop_hand_values():
-    assert float(max_drop([1.0, 2.0, 3.0])) == 0.0  # never falls
-    assert float(max_drop([3.0, 1.0, 2.0, 0.5])) == 2.5  # from the peak 3 to 0.5
-    np.testing.assert_array_equal(max_drop(np.array([[0.0, 1.0], [1.0, 0.0]])), [0.0, 1.0])
+    assert float(largest_decrease([1.0, 2.0, 3.0])) == 0.0  # never falls
+    assert float(largest_decrease([3.0, 1.0, 2.0, 0.5])) == 2.5  # from the peak 3 to 0.5
+    np.testing.assert_array_equal(largest_decrease(np.array([[0.0, 1.0], [1.0, 0.0]])), [0.0, 1.0])
 
 
 def test_sign_agreement_counts_only_resolved_entries():
@@ -224,7 +222,7 @@ def test_sign_agreement_counts_only_resolved_entries():
 
 def test_relative_error_and_top_gainers():
     assert float(relative_error([1.0, 2.5], [1.0, 2.0])) == 0.25  # 0.5 / max |want| = 2
-    gains = top_gainers([[0.5, 0.3, 0.2], [0.1, 0.3, 0.6]], ["a", "b", "c"], k=2, checkpoints=[1])
+    gains = gainers_at([[0.5, 0.3, 0.2], [0.1, 0.3, 0.6]], ["a", "b", "c"], k=2, checkpoints=[1])
     assert [n for n, _ in gains[0]] == ["c", "b"]
 
 
@@ -245,7 +243,7 @@ def test_top_names_orders_by_score_ties_by_index():
     # top gainers' names agree with top_names of the gain at each checkpoint
     probs = np.random.default_rng(0).dirichlet(np.ones(6), size=4)
     names = list("uvwxyz")
-    gains = top_gainers(probs, names, k=2, checkpoints=[1, 3])
+    gains = gainers_at(probs, names, k=2, checkpoints=[1, 3])
     for c, g in zip([1, 3], gains, strict=True):
         assert [n for n, _ in g] == top_names(probs[c] - probs[0], names, 2)
 
@@ -292,20 +290,6 @@ def test_no_over_never_reports_an_undefined_spearman_as_null(tmp_path):
     assert len(written["runs"]) == len(results["runs"]) == 3  # every geometry's run is kept
 
 
-def test_percentile_window_ends_middle_and_convention():
-    order = np.arange(100, 110)
-    assert percentile_window(order, 0, 3).tolist() == [100, 101, 102]
-    assert percentile_window(order, 100, 3).tolist() == [107, 108, 109]
-    assert percentile_window(order, 50, 3).tolist() == [103, 104, 105]  # centre round(4.5) = 4
-    # the transformer experiment's convention: centre rounded first; differs from
-    # sims.analysis.scores.percentile_subsets for an even size (N = 48, q = 75: centre 35.25)
-    from sims.analysis.scores import percentile_subsets
-
-    scores = np.arange(48.0)
-    assert percentile_window(np.argsort(scores), 75, 4).tolist() == [33, 34, 35, 36]
-    assert percentile_subsets(scores, [75], 4).tolist() == [[34, 35, 36, 37]]
-
-
 def test_lowest_fraction_keeps_at_least_one():
     assert lowest_fraction([0.3, 0.1, 0.2, 0.1], 0.5).tolist() == [1, 3]  # ties by index
     assert lowest_fraction([0.3, 0.1, 0.2], 0.01).tolist() == [1]  # rounds to 0: one kept
@@ -314,7 +298,7 @@ def test_lowest_fraction_keeps_at_least_one():
 def test_plot_helpers_draw_what_they_say():
     import matplotlib.pyplot as plt
 
-    from experiments._plots import annotated_scatter, bar_min_max, mean_band, symlog_identity
+    from experiments.framework.plots import annotated_scatter, bar_min_max, mean_band, symlog_identity
 
     fig, (a, b, c, d) = plt.subplots(1, 4)
     symlog_identity(a, 5.0, linthresh=1e-2, ticks=[-1, 0, 1])

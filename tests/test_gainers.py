@@ -9,6 +9,7 @@ import pytest
 
 from sims.analysis.gainers import (
     TokenGroup,
+    decrease_bounds,
     label_token_groups,
     largest_decrease,
     runs_with_set_gainer,
@@ -19,12 +20,13 @@ from sims.analysis.gainers import (
 def test_largest_decrease_equals_brute_force():
     rng = np.random.default_rng(0)
     p = rng.uniform(size=(50, 12))
-    drop, peak, trough = largest_decrease(p)
+    drop, peak, trough = decrease_bounds(p)
+    np.testing.assert_array_equal(largest_decrease(p, axis=1), drop)
     for r in range(50):
         best = max(p[r, t] - p[r, u] for t in range(12) for u in range(t, 12))
         assert drop[r] == pytest.approx(best, abs=1e-15)
         assert peak[r] - trough[r] == pytest.approx(best, abs=1e-15)
-    assert largest_decrease(np.array([[0.1, 0.2, 0.3]]))[0][0] == 0.0  # rising: no decrease
+    assert float(largest_decrease([0.1, 0.2, 0.3])) == 0.0  # rising: no decrease
 
 
 def test_label_token_groups_use_first_tokens_of_case_and_space_variants():

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from sims.analysis.summaries import lowest_fraction
 from sims.checkpoints.opened import tiny_random_checkpoint
 from sims.checkpoints.tokenization import encode_prompts
 from sims.protocols import ches, unalignment
@@ -64,8 +65,8 @@ def test_unalignment_verdict_branches():
 
 
 def test_lowest_fraction_keeps_at_least_one():
-    assert unalignment.lowest_fraction(np.array([3.0, 1.0, 2.0]), 0.05).tolist() == [1]
-    assert unalignment.lowest_fraction(np.arange(40.0)[::-1], 0.15).tolist() == [
+    assert lowest_fraction(np.array([3.0, 1.0, 2.0]), 0.05).tolist() == [1]
+    assert lowest_fraction(np.arange(40.0)[::-1], 0.15).tolist() == [
         39,
         38,
         37,

@@ -86,7 +86,14 @@ def test_dpo_run_records_and_predicts_its_first_step(loss):
     errors = []
     for lr in (1e-5, 1e-6):
         run = persona.dpo_run(
-            model, prompt, 7, 8, loss, lr=lr, num_steps=6, unembedding="embed_tokens.weight",
+            model,
+            prompt,
+            7,
+            8,
+            loss,
+            lr=lr,
+            num_steps=6,
+            unembedding="embed_tokens.weight",
             tied=True,
         )
         change = np.log(run.probs[1]) - np.log(run.probs[0])  # the true first step

@@ -120,7 +120,7 @@ def test_spearman_hand_values():
 def test_correlations_are_undefined_for_one_point_or_a_constant_input():
     """The probe of issue 21: an audit with one usable pair (or only duplicate pairs) crashed in
     ``spearman`` with a plain ValueError; an undefined statistic is now its own error type, which
-    the experiments report as ``null`` with its reason (``experiments._analysis.statistic``)."""
+    the experiments report as ``null`` with its reason (``sims.analysis.summaries.statistic``)."""
     for correlation, name in ((spearman, "Spearman"), (pearson, "Pearson")):
         with pytest.raises(UndefinedStatistic, match=f"{name}'s correlation needs >= 2 points"):
             correlation([0.5], [1.0])

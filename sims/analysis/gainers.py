@@ -21,7 +21,7 @@ clashes so an experiment can state them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -100,16 +100,29 @@ def label_token_groups(
     return LabelTokens(groups, clashes)
 
 
-def largest_decrease(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r"""Return per run ``(drop, p[t], p[t'])`` of the largest decrease of ``p`` ``[R, steps]``.
+def largest_decrease(series: Any, axis: int = -1) -> np.ndarray:
+    r"""Return the largest decrease of ``series`` between two steps along ``axis``.
 
-    .. math:: \mathrm{drop} = \max_{t < t'} \big(p_t - p_{t'}\big)
+    .. math:: \mathrm{drop} = \max_{t < t'} \big(x_t - x_{t'}\big)
+              = \max_{t'} \big(\max_{t \le t'} x_t - x_{t'}\big)
 
     Source: Razin et al. 2024, Table 1 ("largest decrease between any two, not necessarily
-    consecutive, steps"). ``0`` for a non-decreasing run.
+    consecutive, steps"). ``0`` for a series that never falls.
 
     Example:
-      >>> drop, peak, trough = largest_decrease(np.array([[0.2, 0.9, 0.5, 0.7, 0.1]]))
+      >>> float(largest_decrease([0.2, 0.9, 0.5, 0.7, 0.1]))
+      0.8
+    """
+    x = np.asarray(series, dtype=float)
+    return np.max(np.maximum.accumulate(x, axis=axis) - x, axis=axis)
+
+
+def decrease_bounds(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return per run ``(drop, p[t], p[t'])``: :func:`largest_decrease` of ``p`` ``[R, steps]``
+    and the values it falls from and to.
+
+    Example:
+      >>> drop, peak, trough = decrease_bounds(np.array([[0.2, 0.9, 0.5, 0.7, 0.1]]))
       >>> float(drop[0]), float(peak[0]), float(trough[0])
       (0.8, 0.9, 0.1)
     """
@@ -208,3 +221,23 @@ def runs_with_set_gainer(top: np.ndarray, groups: Mapping[int, TokenGroup], labe
         ],
         dtype=bool,
     )
+
+
+def gainers_at(
+    probs: Any, names: Sequence[str], *, k: int, checkpoints: Sequence[int]
+) -> list[list[tuple[str, float]]]:
+    """Return, at each checkpoint index, the ``k`` tokens whose probability rose most since row 0
+    (one run; :func:`top_gainers` tabulates many runs).
+
+    ``probs`` is ``[C + 1, V]`` (row 0 the start). Entries are ``(name, gain)``.
+
+    Example:
+      >>> gainers_at([[0.5, 0.5], [0.2, 0.8]], ["a", "b"], k=1, checkpoints=[1])
+      [[('b', 0.30000000000000004)]]
+    """
+    p = np.asarray(probs)
+    out = []
+    for c in checkpoints:
+        gain = p[c] - p[0]
+        out.append([(names[i], float(gain[i])) for i in np.argsort(-gain, kind="stable")[:k]])
+    return out

@@ -106,7 +106,7 @@ def percentile_subsets(scores: np.ndarray, percentiles: Sequence[float], size: i
 class UndefinedStatistic(ValueError):
     """A summary statistic is undefined for its input (fewer than two points, a constant input).
 
-    Experiments report it as ``null`` with the reason (:func:`experiments._analysis.statistic`)
+    Experiments report it as ``null`` with the reason (:func:`sims.analysis.summaries.statistic`)
     instead of losing the run; a wrong shape stays a plain ``ValueError`` (a bug, not data).
     """
 

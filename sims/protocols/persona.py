@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sims.analysis.gainers import largest_decrease
+from sims.analysis.gainers import decrease_bounds
 from sims.analysis.kernel import KernelFormVelocity, first_step_velocity, rmsprop_preconditioner
 from sims.checkpoints.tokenization import encode_prompts
 from sims.flows.core import Flow, preference_flow, take_minibatch
@@ -384,7 +384,7 @@ def row_verdict(
 
 def drop_summary(probs_pos: np.ndarray) -> dict[str, np.ndarray]:
     """Per run ``[R]``: largest decrease of :math:`\\pi(y^+)` ``[R, steps]`` and its peak/trough."""
-    drop, peak, trough = largest_decrease(probs_pos)
+    drop, peak, trough = decrease_bounds(probs_pos)
     return {"largest_decrease": drop, "peak": peak, "trough": trough}
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from sims.analysis.refusal import is_refusal
 from sims.analysis.scores import transformer_pair_scores
+from sims.analysis.summaries import lowest_fraction
 from sims.flows.core import minibatch_preference_flow
 from sims.models.transformer import (
     TokenBatch,
@@ -164,12 +165,6 @@ def refusal_rate(
         log=lambda _: None,
     )
     return 100.0 * float(np.mean([is_refusal(t) for t in response_texts(ckpt.tokenizer, s)]))
-
-
-def lowest_fraction(values: np.ndarray, fraction: float) -> np.ndarray:
-    """Indices of the ``max(1, round(fraction * N))`` lowest values (stable order)."""
-    k = max(1, int(round(fraction * len(values))))
-    return np.argsort(np.asarray(values), kind="stable")[:k]
 
 
 def unalignment_verdict(initial: float, after: dict[str, float], loss_fell: bool) -> dict:

@@ -1,11 +1,11 @@
-"""Analysis idioms shared by the experiment scripts (NumPy on recorded trajectories).
+"""Summaries of recorded runs (NumPy): agreement, errors, group means, statistics.
 
-Each is written once here: the largest drop of a recorded probability, sign agreement (counted only
-where a value is resolved, or over every entry), relative errors (normwise and pointwise), the top
-tokens by a score or by their gain since the start, per-group means of per-run numbers, percentile
-windows and lowest-fraction subsets of a score order, stacking of pytrees, and summary statistics
-that are reported as ``null`` with a reason when undefined (one point, a constant input) instead of
-losing the run behind them.
+Each is written once here: sign agreement (counted only where a value is resolved, or over every
+entry), relative errors (normwise and pointwise), the top names by a score, per-group means of
+per-run numbers, lowest-fraction subsets of a score order, stacking of pytrees, and summary
+statistics that are reported as ``null`` with a reason when undefined (one point, a constant
+input) instead of losing the run behind them. The largest drop of a probability and the top
+gainers are in :mod:`sims.analysis.gainers`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sims.analysis.scores import UndefinedStatistic
-
-
-def max_drop(series: Any, axis: int = -1) -> np.ndarray:
-    """Return the largest decrease of ``series`` below its running maximum along ``axis``.
-
-    ``max_t (max_{s <= t} x_s - x_t)``: 0 when the series never falls (Razin et al. 2024's
-    "decrease of pi(y+)" in Tables 1-3, measured between any two steps, not just first to last).
-
-    Example:
-      >>> float(max_drop([0.2, 0.5, 0.1, 0.4]))
-      0.4
-    """
-    x = np.asarray(series, dtype=float)
-    return np.max(np.maximum.accumulate(x, axis=axis) - x, axis=axis)
 
 
 def sign_agreement(
@@ -103,25 +89,6 @@ def top_names(scores: Any, names: Sequence[str], k: int) -> list[str]:
       ['b', 'c']
     """
     return [names[i] for i in np.argsort(-np.asarray(scores), kind="stable")[:k]]
-
-
-def top_gainers(
-    probs: Any, names: Sequence[str], *, k: int, checkpoints: Sequence[int]
-) -> list[list[tuple[str, float]]]:
-    """Return, at each checkpoint index, the ``k`` tokens whose probability rose most since row 0.
-
-    ``probs`` is ``[C + 1, V]`` (row 0 the start). Entries are ``(name, gain)``.
-
-    Example:
-      >>> top_gainers([[0.5, 0.5], [0.2, 0.8]], ["a", "b"], k=1, checkpoints=[1])
-      [[('b', 0.30000000000000004)]]
-    """
-    p = np.asarray(probs)
-    out = []
-    for c in checkpoints:
-        gain = p[c] - p[0]
-        out.append([(names[i], float(gain[i])) for i in np.argsort(-gain, kind="stable")[:k]])
-    return out
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -245,26 +212,6 @@ def mean_by_label(values: Any, labels: Any) -> dict[Any, float]:
     """
     v, lab = np.asarray(values, dtype=float), np.asarray(labels)
     return {k: float(np.mean(v[lab == k])) for k in dict.fromkeys(lab.tolist())}
-
-
-def percentile_window(order: Any, q: float, size: int) -> np.ndarray:
-    """Return the ``size`` entries of ``order`` centred on percentile ``q`` (clipped to the ends).
-
-    ``order`` is a score order (``argsort`` of the scores). The window starts at
-    ``round(q / 100 * (N - 1)) - size // 2`` (Python's round, ties to even), clipped to
-    ``[0, N - size]``. This is the transformer experiment's convention; for even ``size`` it can
-    start one rank lower than :func:`sims.analysis.scores.percentile_subsets` (which rounds the
-    window's
-    start, not its centre).
-
-    Example:
-      >>> percentile_window(np.arange(10), 50, 4).tolist()
-      [2, 3, 4, 5]
-    """
-    order = np.asarray(order)
-    centre = int(round(q / 100 * (len(order) - 1)))
-    start = min(max(centre - size // 2, 0), len(order) - size)
-    return order[start : start + size]
 
 
 def lowest_fraction(scores: Any, fraction: float) -> np.ndarray:
