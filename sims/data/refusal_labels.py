@@ -35,6 +35,9 @@ may be read while writing rules, and :data:`HELD_OUT` (about 40%; kept in
 Both parts mix the same kinds of case. The pre-registered agreement threshold for a judge on each
 part is 0.85 (fixed in the same commit as these labels). Both parts were written by the same
 author as the judge, so held-out agreement is optimistic relative to real model samples.
+HELD_OUT was scored once (0.769 for the first judge rules) and has since been read, so both
+parts are now development data for :mod:`sims.analysis.refusal`; a blind evaluation needs fresh
+labels (real model replies, labelled by someone else).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The held-out part of the refusal labels: see :mod:`sims.data.refusal_labels` for the
-labelling convention. Written for this project; scored once, after the judge rules are fixed."""
+labelling convention. Written for this project; scored once after the first judge rules were
+fixed (0.769), and development data since (see :mod:`sims.analysis.refusal`)."""
 
 from __future__ import annotations
 
