@@ -97,7 +97,7 @@ def run(config: Config) -> dict:
         seed=config.seed,
         log=progress,
     )
-    judge = {"dev": judge_agreement(DEV), "held_out": judge_agreement(HELD_OUT)}
+    judge = {"written_examples (development data)": judge_agreement(DEV + HELD_OUT)}
     for part in judge.values():
         part.pop("misclassified", None)
     return {
