@@ -30,38 +30,9 @@ The model is the transformer family's model: ``model(tokens [B, T])`` returns lo
 :func:`sims.analysis.scores.transformer_pair_scores` and :func:`sims.flows.core.preference_flow`
 work on it.
 
-Memory for full fine-tuning of Llama-3-8B (:math:`P = 8.03\times10^9` parameters; ``d = 4096``,
-32 layers, MLP 14336, 8 KV heads, ``V = 128256``, untied) with RMSprop on one 141 GB H200
-(GB = 1e9 bytes). Parameters, gradients and RMSprop's square average each take ``P x b`` bytes
-(16.1 GB in bfloat16, 32.1 GB in float32); DPO needs no reference model in memory (reference
-log-probs are computed once and stored in the pairs). Activations for one pair of two ``T``-token
-sequences: per token and layer about ``(6 d + 2 d_kv + 4 d_mlp) x b`` bytes of saved tensors
-(~0.17 MB in bfloat16) plus attention probabilities ``H x T`` per token (quadratic in ``T``); the
-float32 logits and their log-softmax add ``2 T x V x 4`` bytes per copy.
-
-:func:`step_memory` compiles one DPO step (parameters and optimiser state donated) on abstract
-shapes and reads XLA's memory analysis; measured on the CPU backend for the full 8B
-configuration (the compiled step applies each gradient as it is produced, so the 32 GB of float32
-gradients never coexist):
-
-=================================  ===========================  =============  ===========
-dtype, pair of two ``T`` tokens    parameters + square average  temporaries    peak
-=================================  ===========================  =============  ===========
-float32, ``T = 512``               64.2 GB                      27.5 GB        **91.8 GB**
-float32, ``T = 1024``              64.2 GB                      61.5 GB        **125.7 GB**
-float32, ``T = 2048``              64.2 GB                      168.9 GB       233 GB
-bfloat16, ``T = 512``              32.1 GB                      ~14 GB (est.)  **~46 GB**
-=================================  ===========================  =============  ===========
-
-So **full float32 fine-tuning of an 8B model fits on one 141 GB H200 for the paper's pairs of up
-to 512 (and 1024) tokens**, and bfloat16 leaves ~90 GB for longer sequences or micro-batches (the
-paper's batch of 32 pairs is gradient accumulation, App. H). The bfloat16 temporaries are an
-estimate (half of float32): the CPU backend computes bfloat16 products in float32 and reported
-54 GB. ``remat=True`` (recompute each block in the backward pass) should cut activations to one
-block's input per layer on an accelerator; the CPU buffer assignment showed no saving, so it is
-not measured here. Pure bfloat16 RMSprop keeps the square average in bfloat16 (8-bit mantissa),
-a difference from PyTorch mixed precision. On several devices, :func:`shard_model` (or
-``mesh=``) divides parameters, gradients and optimiser state by the device count.
+Memory of a training step is the step's own compiled program: build the flow on an abstract
+model (``nnx.eval_shape``) and read ``flow.memory()`` (:class:`sims.flows.core.Flow`); the
+numbers for Llama-3-8B are in docs/performance.md.
 
 :func:`save_causal_lm` writes a :class:`~sims.models.decoder.DecoderLM` in Hugging Face format
 (``config.json`` + ``model.safetensors``; with a tokenizer, ``tokenizer.json`` and
@@ -78,7 +49,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -665,64 +635,3 @@ def named_tensors(model: DecoderLM, names: dict[str, str]) -> dict[str, np.ndarr
         else:
             out[template] = arr
     return out
-
-
-def step_memory(
-    config: DecoderConfig,
-    *,
-    seq_len: int,
-    dtype=jnp.float32,
-    remat: bool = False,
-    optimizer: str = "rmsprop_torch",
-    beta: float = 0.1,
-) -> dict[str, float]:
-    """Return the compiled memory (bytes) of one full fine-tuning DPO step, allocating nothing.
-
-    Compiles ``step(params, opt_state, pair) -> (params, opt_state, loss)`` for one preference
-    pair of two ``seq_len``-token sequences on abstract shapes (``jax.eval_shape``; parameters and
-    optimiser state donated, as a training loop does) and reads XLA's memory analysis of the
-    default backend.
-
-    Returns:
-      ``{"parameters", "arguments", "temporaries", "peak"}``: parameter bytes, argument bytes
-      (parameters + optimiser state + the pair's token arrays), temporaries (gradients as they
-      are produced, activations, logits) and their sum. On a CPU backend the buffer assignment
-      showed no saving from ``remat`` (nor from ``jax.checkpoint`` in a plain-JAX check), so
-      remat numbers need the accelerator itself.
-
-    Example:
-      >>> mem = step_memory(DecoderConfig.llama(11, hidden_size=8, num_heads=2), seq_len=4)
-      >>> # RMSprop: one square average per weight; the pair: 2 x (4 + 1 + 1) int32 + 3 float32
-      >>> mem["arguments"] - 2 * mem["parameters"]
-      60.0
-    """
-    from sims.flows.core import PairObjective, make_optimizer
-    from sims.models.transformer import TokenBatch, TransformerPairs
-    from theory.losses import make_loss
-
-    abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    ids = jax.ShapeDtypeStruct((1,), jnp.int32)
-    batch = TokenBatch(jax.ShapeDtypeStruct((1, seq_len), jnp.int32), ids, ids)
-    ref = jax.ShapeDtypeStruct((1,), jnp.float32)
-    pair = TransformerPairs(batch, batch, ref, ref, ref)
-    tx = make_optimizer(optimizer, dt=1e-7)
-    objective = PairObjective(make_loss("dpo", beta=beta))
-
-    def step(params, opt_state, pair):
-        loss, grads = jax.value_and_grad(lambda p: objective(nnx.merge(graphdef, p, rest), pair))(
-            params
-        )
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = jax.eval_shape(tx.init, params)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, pair).compile()
-    mem = compiled.memory_analysis()
-    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-    return {
-        "parameters": float(nbytes),
-        "arguments": float(mem.argument_size_in_bytes),
-        "temporaries": float(mem.temp_size_in_bytes),
-        "peak": float(mem.argument_size_in_bytes + mem.temp_size_in_bytes),
-    }
