@@ -463,7 +463,14 @@ class Flow:
         return self.num_steps // self.record_every
 
     def _hyper(self) -> dict[str, Any]:
-        dtype = jnp.result_type(float)
+        # run-time scalars in the parameters' float dtype: a float32 model's step stays float32
+        # even where float64 is enabled for the process (an x64 theory check in the same run)
+        floats = [
+            leaf.dtype
+            for leaf in jax.tree_util.tree_leaves(self.params)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)
+        ]
+        dtype = jnp.result_type(*floats) if floats else jnp.result_type(float)
         return {
             "dt": jnp.asarray(self.dt, dtype),
             "loss": {k: jnp.asarray(v, dtype) for k, v in self.loss_numbers.items()},

@@ -1,0 +1,149 @@
+"""Timing harness of the real-model DPO step: JAX (this project) against PyTorch + transformers.
+
+Both sides run the same step on the same weights (the same GGUF file; transformers reads it with
+``gguf_file=``), the same shapes (``B`` pairs of two ``T``-token sequences, the response the second
+half), float32, DPO (beta 0.1) with torch RMSprop (lr 1e-7, alpha 0.99, eps 1e-8): forward of the
+chosen and rejected sequences, summed response log-probs, the DPO loss against fixed reference
+log-probs, backward, optimiser step.
+
+* JAX: the project's :func:`sims.flows.core.preference_flow` (the prepared :class:`Flow`, chunks of
+  a fixed compiled length, donated carry). The first call is ``Flow.run()`` of one step from a cold
+  cache (trace + compile + run); the steady step time is the difference of two runs of ``n1`` and
+  ``n2`` steps divided by ``n2 - n1`` (the fixed per-run cost -- parameter copy, first forward
+  pass -- cancels). Memory: XLA's memory analysis of the compiled chunk against a floor of
+  parameters + gradients + RMSprop state.
+* PyTorch: an eager loop, ``torch.optim.RMSprop``; the first call includes nothing compiled.
+
+Timings are wall clock, best of ``repeats``; the machine's load average is recorded beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+BETA, LR = 0.1, 1e-7  # the paper's DPO settings (App. H)
+
+
+def random_pairs(vocab: int, B: int, T: int, seed: int):
+    """``(chosen, rejected)`` token batches ``[B, T]``: a shared random prompt of ``T // 2``
+    tokens, then different random responses."""
+    from sims.models.transformer import TokenBatch
+
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, vocab, (B, T // 2))
+    out = []
+    for _ in range(2):
+        tokens = np.concatenate([prompt, rng.integers(0, vocab, (B, T - T // 2))], 1)
+        plen = np.full(B, T // 2, np.int32)
+        out.append(TokenBatch(tokens.astype(np.int32), plen, np.full(B, T, np.int32)))
+    return out
+
+
+def _observe_nothing(model, pairs) -> jax.Array:
+    return jnp.zeros(())
+
+
+def jax_step(model, B: int, T: int, *, n1: int = 2, n2: int = 6, repeats: int = 2) -> dict:
+    """Time the JAX DPO step (see the module docstring); return seconds and memory."""
+    from sims.flows.core import preference_flow
+    from sims.models.transformer import make_transformer_pairs
+    from theory.losses import make_loss
+
+    chosen, rejected = random_pairs(model.vocab_size, B, T, 0)
+    pairs = make_transformer_pairs(model, chosen, rejected, chunk_size=1)
+    loss = make_loss("dpo", beta=BETA)
+
+    def flow(n):
+        return preference_flow(
+            model,
+            pairs,
+            loss,
+            dt=LR,
+            num_steps=n,
+            record_every=n,
+            optimizer="rmsprop_torch",
+            observe=_observe_nothing,
+            record_loss=False,
+        )
+
+    start = time.perf_counter()
+    jax.block_until_ready(flow(1).run().first_nonfinite_step)
+    first = time.perf_counter() - start
+
+    def timed(n):
+        best = np.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            flow(n).run()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    step = (timed(n2) - timed(n1)) / (n2 - n1)
+    mem = flow(n2).memory()
+    leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+    params = sum(x.size * x.dtype.itemsize for x in leaves)
+    return {
+        "first_call_s": first,
+        "step_s": step,
+        "steps_per_s": 1.0 / step,
+        "memory": mem._asdict(),
+        "floor_bytes": 3 * params,
+    }
+
+
+def torch_step(gguf_path: str, B: int, T: int, *, n: int = 4, repeats: int = 2) -> dict:
+    """Time the PyTorch + transformers eager DPO step on the same GGUF file and shapes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = os.fspath(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).train()
+    opt = torch.optim.RMSprop(model.parameters(), lr=LR, alpha=0.99, eps=1e-8)
+    chosen, rejected = random_pairs(model.config.vocab_size, B, T, 0)
+
+    def logps(batch):
+        ids = torch.as_tensor(batch.tokens, dtype=torch.long)
+        logits = model(ids).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        mask = torch.arange(1, T)[None, :] >= torch.as_tensor(batch.prompt_len)[:, None]
+        return (lp * mask).sum(-1)
+
+    with torch.no_grad():
+        ref_c, ref_r = logps(chosen), logps(rejected)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        margin = (logps(chosen) - ref_c) - (logps(rejected) - ref_r)
+        loss = -torch.nn.functional.logsigmoid(BETA * margin).mean()
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return {
+        "first_call_s": first,
+        "step_s": best,
+        "steps_per_s": 1.0 / best,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (timings on a shared machine are read beside them)."""
+    return [float(x) for x in os.getloadavg()]
