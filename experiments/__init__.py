@@ -27,4 +27,10 @@ EXPERIMENTS: tuple[str, ...] = (
 )
 
 #: Separate commands, not part of the main job (``python -m experiments NAME``).
-EXTRA: tuple[str, ...] = ("bench", "compile_once", "audit", "accelerator_check")
+EXTRA: tuple[str, ...] = (
+    "bench",
+    "compile_once",
+    "audit",
+    "accelerator_check",
+    "check_figures",
+)
