@@ -258,6 +258,35 @@ def _answer_probs(model, pairs) -> jax.Array:
     return jnp.exp(pairs.next_token_logprobs(model))[0]  # [V]
 
 
+@functools.partial(jax.jit, static_argnames=("loss", "unembedding", "tied"))
+def _first_step_channels(
+    model, tokens, plen, y_pos, y_neg, ref_c, ref_r, *, loss, unembedding, tied
+) -> KernelFormVelocity:
+    """The kernel-form first-step velocity of one pair, compiled once per model and shapes."""
+
+    def hidden(m):
+        return m.hidden_states(tokens)[plen - 1]
+
+    def margin_loss(u):
+        return loss(u, 0.0, ref_c, ref_r)
+
+    def pair_loss(m):
+        lp = jax.nn.log_softmax(m.logits(hidden(m)))
+        return margin_loss(lp[y_pos] - lp[y_neg])
+
+    P = rmsprop_preconditioner(pair_loss, model)
+    return first_step_velocity(
+        hidden,
+        margin_loss,
+        model,
+        y_pos,
+        y_neg,
+        unembedding=unembedding,
+        tied=tied,
+        preconditioner=P,
+    )
+
+
 def dpo_run(
     model: nnx.Module,
     prompt: TokenBatch,
@@ -280,29 +309,17 @@ def dpo_run(
     """
     pairs = make_prompt_answer_pairs(model, prompt, [y_pos], [y_neg])
     ref_c, ref_r = float(pairs.ref_logprob_chosen[0]), float(pairs.ref_logprob_rejected[0])
-    plen = int(prompt.prompt_len[0])
-    tokens = jnp.asarray(prompt.tokens[0])
-
-    def hidden(m):
-        return m.hidden_states(tokens)[plen - 1]
-
-    def margin_loss(u):
-        return loss(u, 0.0, ref_c, ref_r)
-
-    def pair_loss(m):
-        lp = jax.nn.log_softmax(m.logits(hidden(m)))
-        return margin_loss(lp[y_pos] - lp[y_neg])
-
-    P = rmsprop_preconditioner(pair_loss, model)
-    channels = first_step_velocity(
-        hidden,
-        margin_loss,
+    channels = _first_step_channels(
         model,
-        y_pos,
-        y_neg,
+        jnp.asarray(prompt.tokens[0]),
+        jnp.int32(int(prompt.prompt_len[0])),
+        jnp.int32(y_pos),
+        jnp.int32(y_neg),
+        pairs.ref_logprob_chosen[0],
+        pairs.ref_logprob_rejected[0],
+        loss=loss,
         unembedding=unembedding,
         tied=tied,
-        preconditioner=P,
     )
     res = preference_flow(
         model,
