@@ -17,26 +17,31 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._transformer import PretrainConfig, pretrain
-from experiments.framework import cli, enable_x64, experiment_main, progress, provenance
-from sims.analysis.scores import pearson, percentile_subsets, transformer_pair_scores
-from sims.analysis.summaries import (
-    statistics,
+from experiments.framework import (
+    ExperimentConfig,
+    cli,
+    enable_x64,
+    experiment_main,
+    progress,
+    provenance,
 )
+from sims.analysis.scores import pearson, percentile_subsets, transformer_pair_scores
+from sims.analysis.summaries import statistics
 from sims.data import corpus
 from sims.flows.core import preference_flow
 from sims.models.transformer import make_transformer_pairs
+from sims.protocols.ches import PERCENTILES, SCORES  # the scores and percentiles of Figure 2
+from sims.protocols.toy_transformer import PretrainSettings, pretrained_transformer
 from theory.losses import make_loss
 
 NAME = "transformer_ches"
-SCORES = ("ches", "ches_ln", "edit_distance", "last_inner")
-PERCENTILES = (0, 25, 50, 75, 100)
 
 
 @dataclass(frozen=True)
-class Config(PretrainConfig):
+class Config(PretrainSettings, ExperimentConfig):
     """CHES percentile subsets vs preferred log-prob change under DPO (Figure 2 analogue)."""
 
+    tied: bool = True  # unembedding tied to the token embedding
     pairs_per_prompt: int = 4  # preference pairs drawn per request prompt (48 prompts)
     subset_size: int = 16  # pairs per percentile subset (paper: 512 of 5000)
     beta: float = 0.1  # DPO KL coefficient
@@ -70,7 +75,7 @@ def _pair_texts(config: Config) -> tuple[list, list, list]:
 
 def run(config: Config) -> dict:
     enable_x64()  # as in the main job (float64 scalars beside float32 parameters)
-    model, pre_losses = pretrain(config)
+    model, pre_losses = pretrained_transformer(config.seed, config, tied=config.tied)
     prompts, pos, neg = _pair_texts(config)
     chosen, rejected = corpus.pack(prompts, pos), corpus.pack(prompts, neg)
     scores = transformer_pair_scores(model, chosen, rejected)

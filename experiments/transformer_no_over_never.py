@@ -16,31 +16,34 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-from flax import nnx
 
+from experiments.framework import (
+    ExperimentConfig,
+    cli,
+    enable_x64,
+    experiment_main,
+    progress,
+    provenance,
+)
 from experiments.framework.plots import mean_band
-from experiments._transformer import PretrainConfig, pretrain
-from experiments.framework import cli, enable_x64, experiment_main, progress, provenance
 from sims.analysis.scores import pearson
 from sims.analysis.summaries import sign_match_rate, statistic_per_row
 from sims.data import corpus
-from sims.flows.core import (
-    PairObjective,
-    preference_flow,
-    velocity_along_flow,
-)
-from sims.models.transformer import TokenBatch, make_transformer_pairs
-from theory.losses import make_loss, margin_derivative
-from theory.single_token import logprob_velocity
+from sims.flows.core import preference_flow
+from sims.models.transformer import make_transformer_pairs
+from sims.protocols import kernel_checks as kc
+from sims.protocols import toy_transformer as toy
+from theory.losses import make_loss
 
 NAME = "transformer_no_over_never"
 Y_POS, Y_NEG = "no", "never"
 
 
 @dataclass(frozen=True)
-class Config(PretrainConfig):
+class Config(toy.PretrainSettings, ExperimentConfig):
     """Transformer persona task: DPO on no > never (Table 1 analogue, Theorems 4/5 at t = 0)."""
 
+    tied: bool = True  # unembedding tied to the token embedding
     beta: float = 0.1  # DPO KL coefficient
     dt: float = 0.02  # gradient-flow Euler step of the preference phase (t = 2 at the end)
     num_steps: int = 100  # preference steps
@@ -57,78 +60,31 @@ class Config(PretrainConfig):
         return cls(**cls.SMOKE, num_steps=4, num_runs=2)
 
 
-@dataclass(frozen=True)
-class _AnswerLogprobs:
-    """[V] ln pi(.|x) at the answer position of a one-pair run (pairs fields [1, ...])."""
-
-    prompt_len: int  # P: the answer is predicted at position P - 1
-
-    def __call__(self, model, pairs) -> jax.Array:
-        P = self.prompt_len
-        return jax.nn.log_softmax(model(pairs.chosen.tokens[0, :P])[P - 1], axis=-1)
-
-
-def _run_batches(config: Config) -> tuple[list, TokenBatch, TokenBatch]:
-    """Return ``(prompts, chosen, rejected)``: one distinct trait prompt per run, no > never."""
-    statements = [(s, p) for s in corpus.VICES for p in corpus.PREDICATES]
-    picks = np.random.default_rng(config.seed).choice(len(statements), config.num_runs, False)
-    prompts = [corpus.persona_prompt(*statements[i]) for i in picks]
-    chosen = corpus.pack(prompts, [[Y_POS]] * len(prompts))  # single token, no <eos>
-    rejected = corpus.pack(prompts, [[Y_NEG]] * len(prompts))
-    return prompts, chosen, rejected
-
-
-def _run_pairs(config: Config, model):
-    """Return ``(prompts, chosen, pairs)``: one distinct trait prompt per run, no > never on it."""
-    prompts, chosen, rejected = _run_batches(config)
-    return prompts, chosen, make_transformer_pairs(model, chosen, rejected)
-
-
-def _velocities_at_start(model, loss, pairs, stacked, chosen, answer_logprobs) -> tuple:
-    """``(predicted, actual)`` ``[R, V]`` at t = 0: Theorems 4/5 with the model's W and h, and
-    the architecture's real velocity (JVP of ln pi(.|x) along -grad L, per run's prompt)."""
-    P = answer_logprobs.prompt_len
-    W = model.unembedding_matrix()
-    ref = (pairs.ref_logprob_chosen, pairs.ref_logprob_rejected)
-    ell = margin_derivative(loss, *ref, *ref)  # [R]
-    h = model.hidden_states(chosen.tokens[:, :P])[:, P - 1]  # [R, d]
-    pos, neg = corpus.INDEX[Y_POS], corpus.INDEX[Y_NEG]
-    predicted = jax.vmap(logprob_velocity, in_axes=(None, 0, None, None, 0))(W, h, pos, neg, ell)
-    objective = PairObjective(loss)
-    actual = jax.vmap(lambda one: velocity_along_flow(model, objective, one, answer_logprobs, one))(
-        stacked
-    )
-    return np.asarray(predicted), np.asarray(actual)
-
-
 def run(config: Config) -> dict:
     enable_x64()  # as in the main job (float64 scalars beside float32 parameters)
-    model, pre_losses = pretrain(config)
+    model, pre_losses = toy.pretrained_transformer(  # float32-trained, theory in float64
+        config.seed, config, tied=config.tied, dtype=jnp.float64
+    )
     progress(f"[{NAME}] pre-trained: final LM loss {pre_losses[-1]:.3f}")
-    graphdef, state = nnx.split(model)
-    state = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), state)  # theory in float64
-    model = nnx.merge(graphdef, state)
-    prompts, chosen, pairs = _run_pairs(config, model)
-    answer_logprobs = _AnswerLogprobs(len(prompts[0]))  # the answer is predicted at P - 1
-    stacked = jax.tree_util.tree_map(lambda a: a[:, None], pairs)  # [R, 1, ...], one prompt a run
+    prompts = toy.trait_prompts(np.random.default_rng(config.seed), config.num_runs)
+    chosen, rejected = (corpus.pack(prompts, [[w]] * len(prompts)) for w in (Y_POS, Y_NEG))
+    pairs = make_transformer_pairs(model, chosen, rejected)
+    P = len(prompts[0])  # the answer is predicted at P - 1
     loss = make_loss("dpo", beta=config.beta)
-    logp = np.asarray(
-        preference_flow(
-            model,
-            stacked,
-            loss,
-            dt=config.dt,
-            num_steps=config.num_steps,
-            observe=answer_logprobs,
-            in_axes=(None, 0),
-        )
-        .run()
-        .observables
-    )  # [R, T+1, V]
-    predicted, actual = _velocities_at_start(model, loss, pairs, stacked, chosen, answer_logprobs)
+    flow = preference_flow(
+        model,
+        jax.tree_util.tree_map(lambda a: a[:, None], pairs),  # [R, 1, ...]: one prompt a run
+        loss,
+        dt=config.dt,
+        num_steps=config.num_steps,
+        observe=toy.AnswerLogprobs(P),
+        in_axes=(None, 0),
+    )
+    logp = np.asarray(flow.run().observables)  # [R, T+1, V]
+    predicted, actual = kc.answer_velocities(model, loss, pairs, prompt_len=P)
     probs = np.exp(logp)
     pos, neg, yes = corpus.INDEX[Y_POS], corpus.INDEX[Y_NEG], corpus.INDEX["yes"]
-    yes_set = [corpus.INDEX[w] for w in corpus.POS_ANSWERS]
+    mass = probs[:, :, [corpus.INDEX[w] for w in corpus.POS_ANSWERS]].sum(-1)  # [R, T+1]
     return {
         "config": config,
         "pretrain_final_loss": float(pre_losses[-1]),
@@ -136,11 +92,9 @@ def run(config: Config) -> dict:
         "pi_pos": probs[:, :, pos],
         "pi_neg": probs[:, :, neg],
         "pi_yes": probs[:, :, yes],
-        "pi_pos_set_mass": probs[:, :, yes_set].sum(-1),
+        "pi_pos_set_mass": mass,
         "yes_rose": float(np.mean(probs[:, -1, yes] > probs[:, 0, yes])),
-        "yes_set_rose": float(
-            np.mean(probs[:, -1, yes_set].sum(-1) > probs[:, 0, yes_set].sum(-1))
-        ),
+        "yes_set_rose": float(np.mean(mass[:, -1] > mass[:, 0])),
         "pos_decreased": float(np.mean(probs[:, -1, pos] < probs[:, 0, pos])),
         "velocity_actual": actual[:, [pos, neg, yes]],
         "velocity_predicted": predicted[:, [pos, neg, yes]],

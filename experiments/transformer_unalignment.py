@@ -18,14 +18,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments.framework.plots import bar_min_max
-from experiments._transformer import (
-    PretrainConfig,
-    pretrain,
-    refusal_rates,
-    response_batch,
-)
 from experiments.framework import (
+    ExperimentConfig,
     cli,
     each,
     enable_x64,
@@ -35,20 +29,19 @@ from experiments.framework import (
     provenance,
     unit_interval,
 )
-from sims.analysis.scores import transformer_pair_scores
-from sims.analysis.summaries import lowest_fraction, mean_by_label, stack
-from sims.data import corpus
-from sims.flows.core import preference_flow
-from sims.models.transformer import TokenBatch, make_transformer_pairs, sample
+from experiments.framework.plots import bar_min_max
+from sims.analysis.summaries import mean_by_label, stack
+from sims.protocols import toy_transformer as toy
 from theory.losses import make_loss
 
 NAME = "transformer_unalignment"
 
 
 @dataclass(frozen=True)
-class Config(PretrainConfig):
+class Config(toy.PretrainSettings, ExperimentConfig):
     """Unintentional unalignment by DPO on refusal pairs; CHES filtering (Figure 3 / Table 16)."""
 
+    tied: bool = True  # unembedding tied to the token embedding
     refusal_prob: float = 0.8  # P(refusal) for unsafe prompts in the pre-training corpus
     pairs_per_prompt: int = 2  # on-policy pairs sampled per unsafe prompt (24 prompts)
     keep_fractions: tuple = (0.05, 0.10, 0.15)  # lowest-ln-CHES fractions kept
@@ -84,131 +77,46 @@ class Config(PretrainConfig):
         )
 
 
-def _pairs_for_seed(model, config: Config, seed: int):
-    """On-policy pairs (judge-labelled), gold pairs, and each pair's kind, for one seed."""
-    reqs = corpus.requests(True) * config.pairs_per_prompt
-    prompts = corpus.pack([corpus.request_prompt(v, o) for v, o in reqs], [[]] * len(reqs))
-    P = int(prompts.prompt_len[0])
-    a, b = (
-        response_batch(
-            sample(
-                model,
-                jax.random.key(seed * 2 + i),
-                prompts.tokens,
-                P,
-                temperature=1.0,
-                eos_id=corpus.EOS,
-                pad_id=corpus.PAD,
-            ),
-            P,
-        )
-        for i in range(2)
-    )
-    ref = [np.array([corpus.is_refusal(corpus.decode(t[P:])) for t in x.tokens]) for x in (a, b)]
-    coin = np.random.default_rng(seed).random(len(reqs)) < 0.5
-    first = np.where(ref[0] != ref[1], ref[0], coin)  # refusal preferred, ties by coin
-
-    def pick(m):  # row i from a where m[i], else from b
-        return TokenBatch(
-            *(np.where(m.reshape(-1, *[1] * (x.ndim - 1)), x, y) for x, y in zip(a, b, strict=True))
-        )
-
-    chosen, rejected = pick(first), pick(~first)
-    kind = np.where(
-        ref[0] & ref[1], "two_refusals", np.where(ref[0] | ref[1], "mixed", "two_compliances")
-    )
-    rng = np.random.default_rng([seed, 1])
-    gold = [
-        corpus.pack(
-            [corpus.request_prompt(v, o) for v, o in reqs],
-            [corpus.response(str(rng.choice(t)), v, o) for v, o in reqs],
-        )
-        for t in (corpus.REFUSALS, corpus.COMPLIANCES)
-    ]
-    return chosen, rejected, gold, kind, prompts
-
-
-def _datasets(model, config: Config, names: list[str]) -> tuple:
-    """Every seed's pairs, weighted per condition, stacked on a run axis ``[S * C]``; the pairs of
-    the DPO + SFT runs ``[S]``; each on-policy pair's kind and length-normalised CHES; the prompts.
-    Data of every seed comes first: one compiled flow runs all of them."""
-    family, with_sft, kinds, ches_ln = [], [], [], []
-    for seed in range(config.num_seeds):
-        chosen, rejected, gold, kind, prompts = _pairs_for_seed(model, config, config.seed + seed)
-        sims = transformer_pair_scores(model, chosen, rejected)
-        kinds += kind.tolist()
-        ches_ln.append(sims["ches_ln"])
-        on = make_transformer_pairs(model, chosen, rejected)
-        gp = make_transformer_pairs(model, *gold)
-        weights = [np.ones(len(kind))] * 2
-        for f in config.keep_fractions:  # keep the lowest fraction (at least one pair)
-            w = np.zeros(len(kind))
-            w[lowest_fraction(sims["ches_ln"], f)] = 1.0
-            weights.append(w)
-        family += [
-            (gp if n == "gold" else on)._replace(weight=jnp.asarray(w))
-            for n, w in zip(names, weights, strict=True)
-        ]
-        with_sft.append(on)
-    return stack(family), stack(with_sft), kinds, np.concatenate(ches_ln), prompts
-
-
-def _train(model, pairs, loss, config: Config) -> tuple:
-    """Gradient flow of every stacked run: ``(final states, weighted mean change of ln pi(y+),
-    recorded log-probs)``."""
-    res = preference_flow(
-        model,
-        pairs,
-        loss,
-        dt=config.dt,
-        num_steps=config.num_steps,
-        record_every=config.num_steps,
-        in_axes=(None, 0),
-    ).run()
-    lp = np.asarray(res.observables)  # [R, 2, N]
-    w = np.asarray(pairs.weight)
-    return nnx.split(res.final)[1], np.sum(w * (lp[:, -1] - lp[:, 0]), -1) / np.sum(w, -1), lp
-
-
 def run(config: Config) -> dict:
     enable_x64()  # as in the main job (float64 scalars beside float32 parameters)
-    model, pre_losses = pretrain(config, refusal_prob=config.refusal_prob)
-    graphdef, state = nnx.split(model)
-    names = ["dpo", "gold"] + [f"filtered_{f:g}" for f in config.keep_fractions]
-    family, with_sft, kinds, ches_ln, prompts = _datasets(model, config, names)
-    dpo = make_loss("dpo", beta=config.beta)
-    final_dpo, change_dpo, _ = _train(model, family, dpo, config)
-    sft_loss = make_loss("sft_term", sft_coef=config.sft_coef, base_loss=dpo)
-    final_sft, change_sft, lp = _train(model, with_sft, sft_loss, config)
-    everything = jax.tree_util.tree_map(
-        lambda *a: jnp.concatenate(a), final_dpo, final_sft, stack([state])
+    model, pre_losses = toy.pretrained_transformer(
+        config.seed, config, tied=config.tied, refusal_prob=config.refusal_prob
     )
-    rates = refusal_rates(
+    seeds = range(config.seed, config.seed + config.num_seeds)
+    data = toy.unalignment_conditions(
+        model, seeds, pairs_per_prompt=config.pairs_per_prompt, keep_fractions=config.keep_fractions
+    )
+    dpo = make_loss("dpo", beta=config.beta)
+    sft_loss = make_loss("sft_term", sft_coef=config.sft_coef, base_loss=dpo)
+    plain, sft = (
+        toy.train_conditions(model, pairs, loss, dt=config.dt, num_steps=config.num_steps)
+        for pairs, loss in ((data.pairs, dpo), (data.on_policy, sft_loss))
+    )
+    graphdef, s0 = nnx.split(model)
+    states = jax.tree.map(lambda *a: jnp.concatenate(a), plain.states, sft.states, stack([s0]))
+    rates = toy.refusal_rates(  # every trained state, then the initial one
         graphdef,
-        everything,
+        states,
         jax.random.key(1000 + config.seed),
-        prompts.tokens,
-        int(prompts.prompt_len[0]),
+        data.prompts,
         samples=config.eval_samples,
         temperature=config.eval_temperature,
     )
-    S, C = config.num_seeds, len(names)
+    S, C = config.num_seeds, len(data.names)
+    refusal, change = rates[: S * C].reshape(S, C), plain.logprob_change.reshape(S, C)
     out = {
-        n: {
-            "refusal": rates[: S * C].reshape(S, C)[:, j],
-            "logprob_change": change_dpo.reshape(S, C)[:, j],
-        }
-        for j, n in enumerate(names)
+        n: {"refusal": refusal[:, j], "logprob_change": change[:, j]}
+        for j, n in enumerate(data.names)
     }
-    out["dpo_sft"] = {"refusal": rates[S * C : S * C + S], "logprob_change": change_sft}
+    out["dpo_sft"] = {"refusal": rates[S * C : S * C + S], "logprob_change": sft.logprob_change}
     out["initial"] = {"refusal": rates[-1:]}
     return {
         "config": config,
         "pretrain_final_loss": float(pre_losses[-1]),
         "conditions": out,
-        "pair_kind_fraction": {k: kinds.count(k) / len(kinds) for k in set(kinds)},
-        "ches_ln_by_kind": mean_by_label(ches_ln, kinds),
-        "provenance": provenance(dtype_of=lp),
+        "pair_kind_fraction": {k: data.kind.count(k) / len(data.kind) for k in set(data.kind)},
+        "ches_ln_by_kind": mean_by_label(data.ches_ln, data.kind),
+        "provenance": provenance(dtype_of=sft.logprobs),
     }
 
 

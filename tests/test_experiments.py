@@ -1,7 +1,7 @@
 """Every experiment script: the smoke config runs through ``main`` (PNG + JSON written), the
 JSON has the keys its figure needs and only finite numbers, the figure redraws from the JSON alone,
 and (slow-marked, run by CI) the same seed gives the same JSON. Plus the experiment-side helpers
-(``_analysis``, ``_plots``, ``_transformer``).
+(``_analysis``, ``_plots``).
 """
 
 import importlib
@@ -298,7 +298,12 @@ def test_lowest_fraction_keeps_at_least_one():
 def test_plot_helpers_draw_what_they_say():
     import matplotlib.pyplot as plt
 
-    from experiments.framework.plots import annotated_scatter, bar_min_max, mean_band, symlog_identity
+    from experiments.framework.plots import (
+        annotated_scatter,
+        bar_min_max,
+        mean_band,
+        symlog_identity,
+    )
 
     fig, (a, b, c, d) = plt.subplots(1, 4)
     symlog_identity(a, 5.0, linthresh=1e-2, ticks=[-1, 0, 1])
@@ -313,15 +318,6 @@ def test_plot_helpers_draw_what_they_say():
     annotated_scatter(d, [0, 1], [1, 0], ["<f>", "No"], named=lambda n: not n.startswith("<"))
     assert [t.get_text() for t in d.texts] == ["No"]
     plt.close(fig)
-
-
-def test_response_batch_finds_eos():
-    from experiments._transformer import response_batch
-    from sims.data import corpus
-
-    tokens = np.array([[1, 5, corpus.EOS, 0, 0], [1, 5, 6, 7, 8]])
-    b = response_batch(tokens, 1)
-    assert b.length.tolist() == [3, 5]  # <eos> counted; no <eos> -> T
 
 
 def test_minilm_pair_row_needs_drop_and_opposite_gainers_in_stable_runs():

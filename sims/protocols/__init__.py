@@ -3,8 +3,16 @@
 * :mod:`~sims.protocols.persona` -- the single-token Persona protocol (Razin et al. 2024 §3,
   App. H.1: label-set SFT with a budget rule, single-prompt DPO/IPO runs, gainers, verdicts,
   Table 13, the kernel-form prediction of the first step).
+* :mod:`~sims.protocols.kernel_checks` -- check tables of the kernel form of Theorems 4-5 against
+  the true velocity at t = 0 (MLP features, the toy transformer), the pre-registered verdict.
+* :mod:`~sims.protocols.token_geometry` -- the Table 1 / Table 13 protocol on real word
+  embeddings as W(0) (unconstrained features: label-set SFT, DPO/IPO runs, gainers).
+* :mod:`~sims.protocols.toy_transformer` -- the corpus-pretrained toy transformer of the
+  small-transformer figures: pre-training settings, persona prompts, velocities at t = 0,
+  on-policy refusal pairs, sampled refusal rates.
 """
 
+from sims.protocols import kernel_checks, token_geometry, toy_transformer
 from sims.protocols.persona import (
     GAINER_STEPS,
     MIN_MEAN_DROP,
@@ -41,10 +49,13 @@ __all__ = [
     "run_persona_protocol",
     "encode_prompts",
     "is_stable",
+    "kernel_checks",
     "label_set_sft",
     "label_word_ids",
     "row_verdict",
     "table13",
+    "token_geometry",
+    "toy_transformer",
     "with_answers",
     "word_probabilities",
 ]
