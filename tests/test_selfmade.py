@@ -155,7 +155,7 @@ def test_open_self_made_casts_to_the_requested_dtype(tmp_path):
 def test_train_self_made_lowers_the_lm_loss_below_uniform():
     """An untrained model's next-token loss is about ln V (near-uniform logits); 40 Adam steps
     on the corpus bring the minibatch loss well below it (the corpus is mostly predictable)."""
-    spec = SelfMadeSpec(**{**SelfMadeSpec.tiny().__dict__, "pretrain_steps": 40})
+    spec = SelfMadeSpec.tiny(pretrain_steps=40)
     _, loss = train_self_made(spec, seed=0)
     assert loss < 0.75 * math.log(len(corpus.VOCAB)), loss
 

@@ -94,9 +94,9 @@ class SelfMadeSpec:
     @classmethod
     def tiny(cls, **fields: Any) -> SelfMadeSpec:
         """Return ``cls`` with the untrained one-layer spec of smoke runs (``d_model=16``, one
-        corpus copy) and ``fields`` (the other fields of a derived ``Config``)."""
+        corpus copy), updated with ``fields`` (any field, also of a derived ``Config``)."""
         spec = {"d_model": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "copies": 1}
-        return cls(**spec, pretrain_steps=0, **fields)
+        return cls(**{**spec, "pretrain_steps": 0, **fields})
 
     def spec(self) -> SelfMadeSpec:
         """Return the :class:`SelfMadeSpec` alone (of a ``Config`` derived from this class)."""
