@@ -1,49 +1,34 @@
-"""One command for a lent GPU/TPU: bench, a sharded sweep, memory estimates, the --scale runs.
+"""One command for a lent GPU/TPU: bench, a sharded sweep, a real-model DPO flow, the --scale runs.
 
-``python -m experiments accelerator_check`` runs, within ``--budget-s`` seconds of wall clock:
-the bench (:mod:`experiments.bench`, a reduced grid), a sharded sweep over every local device
-(:func:`experiments._accelerator.sweep_stage`), the device-memory estimate of every ``--scale``
-experiment (compiled ahead of time on the accelerator, :mod:`experiments._aot`), then the
-``--scale`` experiments one by one. It writes ``<out>/accelerator_check.json`` (+ ``.png``): the
-device kind, platform and counts, the bench's and the sweep's timings, the estimates (per
-program), and per experiment its wall time or why it was skipped; the bench's and every finished
-experiment's own PNG + JSON go to ``<out>/accelerator_check/`` (not over the main job's figures).
-
-Every stage runs in its own process (:func:`experiments._accelerator.in_child`) with the budget
-left as its time limit: a stage that runs past it is stopped ("timed out"), one that crashes
-("failed", e.g. out of memory) costs only itself. An experiment is skipped when its estimated
-peak memory exceeds the device's memory, or when less than ``min_experiment_s`` of the budget is
-left. Experiments run in increasing order of the flops XLA counts in their programs: a proxy of
-cost that orders them (a loop's body is counted once), not a prediction of their time.
+``python -m experiments accelerator_check`` runs, within ``--budget-s`` seconds of wall clock, each
+stage in its own process with the budget left as its time limit (one past it is stopped: "timed
+out"; one that crashes, e.g. out of memory, "failed", costs only itself;
+:mod:`experiments.framework.accelerator`): the device's description; the bench; a sharded sweep
+over every local device; one DPO flow of the SmolLM2-135M-Instruct architecture in bfloat16 (``B``
+pairs of ``T`` tokens, torch RMSprop): its device memory from its abstract program
+(``Flow.memory()``), then a few steps on an accelerator; then the ``--scale`` experiments one by
+one (skipped when less than ``min_experiment_s`` is left; each records the memory of every flow it
+runs). Writes ``<out>/accelerator_check.json`` (+ ``.png``); the stages' own PNG + JSON go to
+``<out>/accelerator_check/`` (not over the main job's figures).
 """
 
 from __future__ import annotations
 
 import functools
-import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments import _accelerator as acc
 from experiments import bench
-from experiments.framework import (
-    FIGURES_DIR,
-    ExperimentConfig,
-    cli,
-    each,
-    experiment_main,
-    one_of,
-    parse_config,
-    progress,
-    provenance,
-)
+from experiments import framework as fw
+from experiments.framework import accelerator as acc
 
 NAME = "accelerator_check"
 GIB = 2.0**30  # bytes per GiB
-#: Every experiment with a ``--scale`` version (tests/test_aot.py keeps this list complete).
+#: Every experiment with a ``--scale`` version.
 SCALED = (
     "real_token_geometry",
     "transformer_no_over_never",
@@ -57,12 +42,12 @@ SCALED = (
 
 
 @dataclass(frozen=True)
-class Config(ExperimentConfig):
-    """Bench, sharded sweep, memory estimates and --scale runs on a lent accelerator."""
+class Config(fw.ExperimentConfig):
+    """Bench, sharded sweep, real-model DPO step and --scale runs on a lent accelerator."""
 
     budget_s: float = 1500.0  # wall-clock seconds for the whole check (stages get what is left)
     min_experiment_s: float = 60.0  # an experiment starts only with this much budget left
-    experiments: tuple = SCALED  # --scale experiments to estimate and run
+    experiments: tuple = SCALED  # --scale experiments to run
     smoke_experiments: bool = False  # run the experiments' --smoke configs instead (CPU tests)
     bench_vocab_sizes: tuple = (1000, 32000, 128256)  # V of the bench's single-trajectory cells
     bench_hidden_sizes: tuple = (256, 4096)  # d of the bench's cells
@@ -72,140 +57,94 @@ class Config(ExperimentConfig):
     sweep_hidden: int = 1024  # d of the sweep's trajectories
     sweep_steps: int = 500  # Euler steps per trajectory
     sweep_repeats: int = 3  # timed repeat calls of the sweep (the fastest counts)
+    dpo_pairs: int = 8  # real-model DPO step: preference pairs B
+    dpo_seq_len: int = 512  # real-model DPO step: tokens T per sequence (prompt: the first half)
+    dpo_steps: int = 3  # real-model DPO step: RMSprop steps run
+    dpo_num_layers: int = 0  # real-model DPO step: blocks kept; 0 = all 30
+    dpo_on_cpu: bool = False  # run the DPO steps on a CPU too (else only on an accelerator)
 
-    RULES = {"experiments": each(one_of(SCALED))}
+    RULES = {"experiments": fw.each(fw.one_of(SCALED))}
 
     @classmethod
     def smoke(cls) -> Config:
+        sweep = {"runs_per_device": 2, "vocab": 64, "hidden": 8, "steps": 5, "repeats": 1}
+        dpo = {"pairs": 2, "seq_len": 16, "steps": 2, "num_layers": 1, "on_cpu": True}
         return cls(
-            budget_s=240.0,
+            budget_s=300.0,
             min_experiment_s=5.0,
             experiments=("displacement_phase_diagram",),
             smoke_experiments=True,
             bench_smoke=True,
-            sweep_runs_per_device=2,
-            sweep_vocab=64,
-            sweep_hidden=8,
-            sweep_steps=5,
-            sweep_repeats=1,
+            **{f"sweep_{k}": v for k, v in sweep.items()},
+            **{f"dpo_{k}": v for k, v in dpo.items()},
         )
 
 
-def _bench_config(config: Config) -> bench.Config:
-    if config.bench_smoke:
-        return bench.Config.smoke()
-    return bench.Config(
-        vocab_sizes=config.bench_vocab_sizes, hidden_sizes=config.bench_hidden_sizes
-    )
-
-
-def _flops(estimate: dict | None) -> float:
-    if not estimate:
-        return float("inf")
-    return float(sum(r.get("flops") or 0.0 for r in estimate["programs"]))
-
-
-def run(config: Config, *, out_dir: str | Path = FIGURES_DIR / NAME) -> dict:
-    start = time.perf_counter()
-
-    def left() -> float:
-        return config.budget_s - (time.perf_counter() - start)
-
-    def stage(label, fn, **kwargs):
-        out = acc.in_child(fn, left(), **kwargs)
-        progress(f"[{NAME}] {label}: {out['status']} in {out['wall_s']:.1f} s")
-        return out
-
-    out = str(out_dir)
-    device = stage("device", acc.device_stage)
-    bench_out = stage("bench", acc.bench_stage, config=_bench_config(config), out_dir=out)
-    sweep = stage(
-        "sharded sweep", acc.sweep_stage, runs_per_device=config.sweep_runs_per_device,
-        vocab=config.sweep_vocab, hidden=config.sweep_hidden, num_steps=config.sweep_steps,
-        repeats=config.sweep_repeats,
-    )  # fmt: skip
-    names = list(config.experiments)
-    estimates = stage("memory estimates", acc.estimate_stage, names=names,
-                      smoke=config.smoke_experiments)  # fmt: skip
-    found = estimates.get("result", {})
-    limit = device.get("result", {}).get("bytes_limit")
+def run(config: Config, *, out_dir: str | Path = fw.FIGURES_DIR / NAME) -> dict:
+    stages = acc.Stages(config.budget_s, log=lambda line: fw.progress(f"[{NAME}] {line}"))
+    grid = {"vocab_sizes": config.bench_vocab_sizes, "hidden_sizes": config.bench_hidden_sizes}
+    bench_config = bench.Config.smoke() if config.bench_smoke else bench.Config(**grid)
+    out, fields = str(out_dir), functools.partial(acc.prefixed, config)
+    results = {
+        "device": stages.run("device", acc.device_stage),
+        "bench": stages.run("bench", acc.bench_stage, config=bench_config, out_dir=out),
+        "sweep": stages.run("sharded sweep", acc.sweep_stage, **fields("sweep_")),
+        "real_model_dpo": stages.run("real-model DPO", acc.dpo_step_stage, **fields("dpo_")),
+    }
     runs = {}
-    for name in sorted(names, key=lambda n: _flops(found.get(n))):
-        peak = (found.get(name) or {}).get("peak_bytes")
-        if peak is not None and limit is not None and peak > limit:
-            reason = f"estimated {peak / GIB:.1f} GiB > device memory {limit / GIB:.1f} GiB"
-            runs[name] = {"status": "skipped", "reason": reason}
-        elif left() < config.min_experiment_s:
-            runs[name] = {"status": "skipped", "reason": f"budget: {max(left(), 0):.0f} s left"}
-        else:
-            runs[name] = stage(name, acc.experiment_stage, name=name,
-                               smoke=config.smoke_experiments, out_dir=out)  # fmt: skip
-        runs[name]["estimated_peak_bytes"] = peak
-        if runs[name]["status"] == "skipped":
-            progress(f"[{NAME}] {name}: skipped ({runs[name]['reason']})")
+    for name in config.experiments:
+        kw = {"name": name, "smoke": config.smoke_experiments, "out_dir": out}
+        runs[name] = stages.run(name, acc.experiment_stage, min_s=config.min_experiment_s, **kw)
     return {
         "config": config,
         "budget_s": config.budget_s,
         "out_dir": out,
-        "device": device,
-        "bench": bench_out,
-        "sweep": sweep,
-        "memory": estimates,
+        **results,
         "experiments": runs,
-        "elapsed_s": time.perf_counter() - start,
-        "provenance": provenance(dtype_of=np.zeros(0, np.float32)),
+        "elapsed_s": stages.elapsed(),
+        "provenance": fw.provenance(dtype_of=np.zeros(0, np.float32)),
     }
 
 
 def plot(results: dict) -> plt.Figure:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
-    runs = results["experiments"]
-    names = list(runs)
-    x = np.arange(len(names))
-    peaks = [(runs[n]["estimated_peak_bytes"] or 0) / GIB for n in names]
-    ax.bar(x, peaks, color="C0")
-    limit = results["device"].get("result", {}).get("bytes_limit")
-    if limit:
-        ax.axhline(limit / GIB, color="k", ls="--", lw=0.8, label="device memory")
+    dpo, device = results["real_model_dpo"].get("result", {}), results["device"].get("result", {})
+    parts = ("arguments", "temporaries", "outputs", "peak")
+    bars = {k: dpo.get("memory", {}).get(k, 0) for k in parts}
+    bars["device peak (run)"] = dpo.get("device_peak_bytes") or 0
+    ax.bar(list(bars), np.array(list(bars.values())) / GIB, color=["C0"] * 4 + ["C3"])
+    if device.get("bytes_limit"):
+        ax.axhline(device["bytes_limit"] / GIB, color="k", ls="--", lw=0.8, label="device memory")
         ax.legend(fontsize=8)
-    ax.set(ylabel="estimated peak (GiB)", title="memory estimate (ahead-of-time compile)")
-    ax.set_xticks(x, names, rotation=35, ha="right", fontsize=7)
-    stages = {"bench": results["bench"], "sweep": results["sweep"], "estimates": results["memory"]}
-    stages.update(runs)
-    colors = {"ok": "C2", "failed": "C3", "timed out": "C1", "skipped": "0.7"}
-    labels = list(stages)
-    bx.bar(
-        np.arange(len(labels)),
-        [s.get("wall_s", 0.0) for s in stages.values()],
-        color=[colors[s["status"]] for s in stages.values()],
-    )
-    for i, s in enumerate(stages.values()):
-        bx.text(i, 0, s["status"], rotation=90, va="bottom", ha="center", fontsize=7)
-    bx.set_xticks(np.arange(len(labels)), labels, rotation=35, ha="right", fontsize=7)
-    kind = results["device"].get("result", {}).get("device_kind", "?")
-    bx.set(ylabel="wall time (s)", title=f"{kind}: stages within {results['budget_s']:g} s")
+    shapes = dpo.get("shapes", {})
+    title = f"DPO flow (Flow.memory): B={shapes.get('pairs')} pairs, T={shapes.get('seq_len')}"
+    ax.set(ylabel="GiB", title=title)
+    stages = {k: results[k] for k in ("bench", "sweep", "real_model_dpo")} | results["experiments"]
+    kind = device.get("device_kind", "?")
+    acc.plot_stages(bx, stages, f"{kind}: stages within {results['budget_s']:g} s")
     fig.tight_layout()
     return fig
 
 
 def _summary(r: dict) -> str:
     device = r["device"].get("result", {})
-    counts = {}
-    for v in r["experiments"].values():
-        counts[v["status"]] = counts.get(v["status"], 0) + 1
+    counts = dict(Counter(v["status"] for v in r["experiments"].values()))
     sweep = r["sweep"].get("result", {}).get("all_devices", {})
+    dpo = r["real_model_dpo"].get("result", {})
+    peak = dpo.get("memory", {}).get("peak", float("nan")) / GIB
     return (
-        f"{device.get('device_count', '?')} x {device.get('device_kind', '?')}: sweep "
-        f"{sweep.get('trajectory_steps_per_s', float('nan')):.3g} trajectory-steps/s; "
+        f"{device.get('local_device_count', '?')} x {device.get('device_kind', '?')}: sweep "
+        f"{sweep.get('trajectory_steps_per_s', float('nan')):.3g} trajectory-steps/s; DPO flow "
+        f"peak {peak:.2f} GiB, {dpo.get('steps_per_s', float('nan')):.3g} steps/s; "
         f"experiments {counts}; {r['elapsed_s']:.0f} s of {r['budget_s']:g} s"
     )
 
 
 def main(argv=None) -> dict:
-    config, out_dir = parse_config(Config, argv, prog=f"python -m experiments.{NAME}")
+    _, out_dir = fw.parse_config(Config, argv, prog=f"python -m experiments.{NAME}")
     run_fn = functools.partial(run, out_dir=Path(out_dir) / NAME)
-    return experiment_main(NAME, Config, run_fn, plot, argv, summary=_summary)
+    return fw.experiment_main(NAME, Config, run_fn, plot, argv, summary=_summary)
 
 
 if __name__ == "__main__":
-    cli(main)
+    fw.cli(main)

@@ -85,8 +85,8 @@ KEYS = {
     },
     "bench": {"cells", "sweep", "targets"},
     "audit": {"pairs", "fraction_predicted_displacing", "kept_lines"},
-    "compile_once": {"rows", "min_ratio"},
-    "accelerator_check": {"device", "bench", "sweep", "memory", "experiments", "budget_s"},
+    "compile_once": {"rows", "min_ratio", "min_new_values_ratio", "new_values_compiles"},
+    "accelerator_check": {"device", "bench", "sweep", "real_model_dpo", "experiments", "budget_s"},
     "minilm_encoder_no_over_never": {"skipped", "sft", "runs", "rows", "kernel", "verdict"},
     "learned_features_no_over_never": {
         "skipped",

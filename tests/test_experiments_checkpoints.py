@@ -9,7 +9,7 @@ import pytest
 
 from experiments import __main__ as cli
 from experiments import audit, persona_no_over_never
-from experiments._checkpoint import self_made_checkpoint
+from sims.checkpoints.selfmade import save_self_made
 from sims.checkpoints.tokenization import chat_template
 
 ROWS = [
@@ -63,7 +63,7 @@ def test_audit_main_writes_pair_files_and_reports_bad_rows(tmp_path, capsys):
 def test_checkpoint_experiments_read_a_model_folder_with_chat_template(tmp_path):
     folder = tmp_path / "ckpt"
     config = audit.Config.smoke()
-    assert self_made_checkpoint(config, folder, seed=0) is None  # smoke: not pre-trained
+    assert save_self_made(config.spec(), folder, seed=0) is None  # smoke: not pre-trained
     file = folder / "tokenizer_config.json"
     template = "{{ bos_token }} {{ messages[0]['content'] }} <ans>"
     file.write_text(json.dumps(json.loads(file.read_text()) | {"chat_template": template}))
@@ -125,7 +125,7 @@ def test_audit_without_a_usable_row_lists_the_reasons_before_pretraining(
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_bytes(b"{not json\n" + b"\xe9t\xe9\n" + json.dumps(ROWS[2]).encode() + b"\n")
     monkeypatch.setattr(
-        audit, "open_checkpoint", lambda *a, **k: pytest.fail("the checkpoint was opened")
+        audit, "open_or_make", lambda *a, **k: pytest.fail("the checkpoint was opened")
     )
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["audit", "--smoke", "--pairs", str(pairs), "--out", str(tmp_path / "out")])

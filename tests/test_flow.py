@@ -243,7 +243,7 @@ def test_new_beta_dt_and_length_do_not_recompile(caplog):
     first = _compiles_during(caplog, lambda: run(0.1, 0.01, 6, 2))
     assert "jit(chunk)" in first and "jit(init)" in first  # the cores compiled on first use
     again = _compiles_during(caplog, lambda: run(2.5, 0.3, 40, 5))
-    assert not [n for n in again if n in ("jit(chunk)", "jit(init)", "jit(observe0)")], again
+    assert again == []  # no core, and no slice of a new length either (cut on the host)
 
 
 def test_new_loss_family_compiles_a_new_core(caplog):

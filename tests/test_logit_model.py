@@ -1,5 +1,6 @@
 """Tests of sims.models.logit_model: prefix rows, per-position logits, the DPO/DPOP flows."""
 
+import logging
 from functools import partial
 
 import jax
@@ -176,3 +177,32 @@ def test_edit_pair_flow_rejects_bad_lams():
         edit_pair_flow(
             model, CHOSEN, REJECTED, pre, jnp.array([1.0]), **{**kw, "record_every": 3}
         ).run()
+
+
+def test_edit_pair_flow_new_beta_reuses_the_compiled_flow(caplog):
+    """beta is a run-time value (in the data): a new beta, dt and length compile nothing, and the
+    run equals the lam = 0 reference of the new beta."""
+    pre, model = _small_model("logit")
+    lams = jnp.array([0.0, 3.0])
+    kw = dict(beta=0.5, dt=0.05, num_steps=4, record_every=2)
+    edit_pair_flow(model, CHOSEN, REJECTED, pre, lams, **kw).run()
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            caplog.clear()
+            kw = dict(beta=1.7, dt=0.02, num_steps=12, record_every=6)
+            result = edit_pair_flow(model, CHOSEN, REJECTED, pre, lams, **kw).run()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()] == []
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ref = _lp(model, pre)
+
+    def loss(p, _):
+        return dpo_loss(*_lp(nnx.merge(graphdef, p, rest), pre), *ref, beta=1.7)
+
+    def obs(p, _):
+        return nnx.merge(graphdef, p, rest)(jnp.asarray(pre.chosen))[jnp.arange(5), CHOSEN]
+
+    traj = integrate(loss, obs, params, dt=0.02, num_steps=12, record_every=6).run()
+    np.testing.assert_allclose(result.observables.logprob_chosen[0], traj.observables, rtol=1e-12)

@@ -3,7 +3,9 @@
 * :mod:`~experiments.framework.config` -- :class:`ExperimentConfig`, the field rules;
 * :mod:`~experiments.framework.output` -- provenance, JSON, :func:`save` (PNG and JSON together);
 * :mod:`~experiments.framework.cli` -- flags from ``Config`` fields, :func:`experiment_main`,
-  one-line user errors (:func:`cli`).
+  one-line user errors (:func:`cli`);
+* :mod:`~experiments.framework.accelerator` -- stages of a check on a lent accelerator, each in
+  a child process with a time limit (imported as a module: it is not re-exported here).
 """
 
 from experiments.framework.cli import (

@@ -529,13 +529,16 @@ class Flow:
         steps = jnp.int32(self.record_every)
         while done < self.num_records:
             n = min(self.chunk_records, self.num_records - done)
-            carry, (loss, obs) = chunk(carry, self.data, hyper, steps, jnp.int32(n))
+            carry, out = chunk(carry, self.data, hyper, steps, jnp.int32(n))
+            # the first n checkpoints, cut on the host: a device slice of a new length would
+            # compile an XLA program, so a new num_steps would not be compile-free
+            loss, obs = jax.tree_util.tree_map(np.asarray, out)
             if self.in_axes is None:
                 loss, obs = loss[:n], jax.tree_util.tree_map(lambda a, n=n: a[:n], obs)
             else:
                 loss, obs = loss[:, :n], jax.tree_util.tree_map(lambda a, n=n: a[:, :n], obs)
-            losses.append(np.asarray(loss))
-            observables.append(jax.tree_util.tree_map(np.asarray, obs))
+            losses.append(loss)
+            observables.append(obs)
             done += n
             bad = np.asarray(carry[3])
             if self.check and np.any(bad >= 0):

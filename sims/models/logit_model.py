@@ -154,7 +154,8 @@ class EditRecord(NamedTuple):
 
 
 class EditPairData(NamedTuple):
-    """Arrays of :func:`edit_pair_flow`'s objective: pair, prefix rows, reference, ``lam``."""
+    """Arrays of :func:`edit_pair_flow`'s objective: pair, prefix rows, reference, ``lam``,
+    ``beta`` (a run-time value: a new ``beta`` reuses the compiled flow)."""
 
     chosen: jax.Array
     rejected: jax.Array
@@ -163,6 +164,7 @@ class EditPairData(NamedTuple):
     ref_chosen: jax.Array
     ref_rejected: jax.Array
     lam: jax.Array
+    beta: jax.Array
 
 
 def _tree_dot(a, b):
@@ -179,9 +181,9 @@ def _per_position(model: nnx.Module, data: EditPairData):
 
 @dataclasses.dataclass(frozen=True)
 class _DPOPObjective:
-    """DPOP loss of one edit pair as ``(model, data) -> scalar``; ``record`` its observables."""
+    """DPOP loss of one edit pair as ``(model, data) -> scalar`` (``beta`` and ``lam`` from the
+    data: only the penalty's placement keys the compile cache)."""
 
-    beta: float
     penalty_inside_beta: bool
 
     def __call__(self, model: nnx.Module, data: EditPairData) -> jax.Array:
@@ -191,7 +193,7 @@ class _DPOPObjective:
             lp_r,
             data.ref_chosen,
             data.ref_rejected,
-            beta=self.beta,
+            beta=data.beta,
             lam=data.lam,
             penalty_inside_beta=self.penalty_inside_beta,
         )
@@ -205,7 +207,7 @@ class _DPOPRecord:
     objective: _DPOPObjective
 
     def __call__(self, model: nnx.Module, data: EditPairData) -> EditRecord:
-        beta, inside = self.objective.beta, self.objective.penalty_inside_beta
+        beta, inside = data.beta, self.objective.penalty_inside_beta
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def chosen_lp(p):
@@ -272,12 +274,15 @@ def edit_pair_flow(
         raise ValueError(f"lams must be >= 0, got lams={np.asarray(lams).tolist()}")
     c_tok, r_tok = jnp.asarray(chosen), jnp.asarray(rejected)
     rows_c, rows_r = jnp.asarray(prefixes.chosen), jnp.asarray(prefixes.rejected)
-    probe = EditPairData(c_tok, r_tok, rows_c, rows_r, 0.0, 0.0, 0.0)
+    probe = EditPairData(c_tok, r_tok, rows_c, rows_r, 0.0, 0.0, 0.0, 0.0)
     ref_c, ref_r = (jnp.sum(x) for x in _per_position(model, probe))
     data = probe._replace(
-        ref_chosen=ref_c, ref_rejected=ref_r, lam=jnp.asarray(lams, dtype=ref_c.dtype)
+        ref_chosen=ref_c,
+        ref_rejected=ref_r,
+        lam=jnp.asarray(lams, dtype=ref_c.dtype),
+        beta=jnp.asarray(beta, dtype=ref_c.dtype),
     )
-    objective = _DPOPObjective(float(beta), bool(penalty_inside_beta))
+    objective = _DPOPObjective(bool(penalty_inside_beta))
     return integrate_model(
         model,
         objective,
@@ -286,5 +291,5 @@ def edit_pair_flow(
         dt=dt,
         num_steps=num_steps,
         record_every=record_every,
-        in_axes=(None, EditPairData(None, None, None, None, None, None, 0)),
+        in_axes=(None, EditPairData(None, None, None, None, None, None, 0, None)),
     )

@@ -1,5 +1,7 @@
 """The paper's experimental protocols on real checkpoints, as library functions.
 
+* :mod:`~sims.protocols.filtering` -- the §6 data filter: the per-row displacement audit of a
+  preference file on a checkpoint, the lowest-ln-CHES fraction, the audit's files.
 * :mod:`~sims.protocols.persona` -- the single-token Persona protocol (Razin et al. 2024 §3,
   App. H.1: label-set SFT with a budget rule, single-prompt DPO/IPO runs, gainers, verdicts,
   Table 13, the kernel-form prediction of the first step).
@@ -13,6 +15,13 @@
 """
 
 from sims.protocols import kernel_checks, token_geometry, toy_transformer
+from sims.protocols.filtering import (
+    RECORD_NUMBERS,
+    AuditedRows,
+    audit_rows,
+    lowest_ches_lines,
+    write_audit_files,
+)
 from sims.protocols.persona import (
     GAINER_STEPS,
     MIN_MEAN_DROP,
@@ -36,11 +45,14 @@ from sims.protocols.persona import (
 )
 
 __all__ = [
+    "AuditedRows",
+    "audit_rows",
     "DPORun",
     "MIN_MEAN_DROP",
     "MIN_OPPOSITE_FRACTION",
     "MIN_STABLE_RUNS",
     "MIN_START_PROBABILITY",
+    "RECORD_NUMBERS",
     "SFTBudget",
     "GAINER_STEPS",
     "confusion",
@@ -52,10 +64,12 @@ __all__ = [
     "kernel_checks",
     "label_set_sft",
     "label_word_ids",
+    "lowest_ches_lines",
     "row_verdict",
     "table13",
     "token_geometry",
     "toy_transformer",
     "with_answers",
     "word_probabilities",
+    "write_audit_files",
 ]
