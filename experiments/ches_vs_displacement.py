@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework.plots import bar_min_max
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -28,6 +27,7 @@ from experiments.framework import (
     progress,
     provenance,
 )
+from experiments.framework.plots import bar_min_max
 from sims.analysis.scores import (
     dataset_ches,
     normalized_edit_distance,

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework.plots import identity_line
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -27,6 +26,7 @@ from experiments.framework import (
     progress,
     provenance,
 )
+from experiments.framework.plots import identity_line
 from sims.models.tabular import TabularPolicy, kl_objective_flow
 from theory.kl_counterexample import (
     random_instances,

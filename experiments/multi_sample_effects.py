@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework.plots import identity_line
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -25,6 +24,7 @@ from experiments.framework import (
     progress,
     provenance,
 )
+from experiments.framework.plots import identity_line
 from sims.analysis.summaries import (
     pointwise_relative_error,
     sign_agreement,

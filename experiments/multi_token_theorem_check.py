@@ -16,7 +16,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from experiments.framework.plots import symlog_identity
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -26,6 +25,7 @@ from experiments.framework import (
     progress,
     provenance,
 )
+from experiments.framework.plots import symlog_identity
 from sims.analysis.summaries import pointwise_relative_error, stack
 from sims.models.prefix_tree import extend_prefixes, flow_velocity, index_prefixes, with_reference
 from sims.models.unconstrained import UnconstrainedFeatures

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework.plots import annotated_scatter
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -33,6 +32,7 @@ from experiments.framework import (
     progress,
     provenance,
 )
+from experiments.framework.plots import annotated_scatter
 from sims.analysis.gainers import gainers_at, largest_decrease
 from sims.analysis.scores import spearman
 from sims.analysis.summaries import (

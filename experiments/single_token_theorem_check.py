@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework.plots import symlog_identity
 from experiments.framework import (
     ConfigError,
     ExperimentConfig,
@@ -32,6 +31,7 @@ from experiments.framework import (
     progress,
     provenance,
 )
+from experiments.framework.plots import symlog_identity
 from sims.analysis.summaries import relative_error, sign_agreement
 from sims.flows.core import flow_fn
 from sims.models.unconstrained import softmax_logprobs

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import _bench as bm
 from experiments import bench
+from experiments.framework import bench_flows as bm
 from experiments.framework import dumps
 
 # float32 torch loop vs float32 JAX flow, 20 steps: the style guide's float32 rtol

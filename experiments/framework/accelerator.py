@@ -237,7 +237,7 @@ def _best_call_s(fn: Callable[[], Any], repeats: int) -> float:
 
 def sweep_stage(*, runs_per_device: int, vocab: int, hidden: int, steps: int, repeats: int) -> dict:
     """A sharded sweep over every local device: the exact low-rank DPO + SFT flow of the bench
-    (``experiments._bench.lowrank_run_fn``), ``R = devices x runs_per_device`` random
+    (``experiments.framework.bench_flows.lowrank_run_fn``), ``R = devices x runs_per_device`` random
     trajectories of ``steps`` Euler steps, one at a time per device.
 
     Returns the first call's wall time (compile + run), the best of ``repeats`` repeat calls
@@ -246,7 +246,7 @@ def sweep_stage(*, runs_per_device: int, vocab: int, hidden: int, steps: int, re
     margins from a plain ``jax.vmap`` on one device (runs are independent: expected 0 up to the
     backend's batching).
     """
-    from experiments._bench import lowrank_run_fn
+    from experiments.framework.bench_flows import lowrank_run_fn
     from sims.flows.sweep import run_mesh, sharded_runner, sweep
 
     n = jax.device_count()

@@ -19,8 +19,10 @@ Timings are wall clock, best of ``repeats``; the machine's load average is recor
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,42 @@ import numpy as np
 from flax import nnx
 
 BETA, LR = 0.1, 1e-7  # the paper's DPO settings (App. H)
+
+
+def torch_available() -> bool:
+    """Whether PyTorch is installed (the optional ``bench`` extra)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def best_time(fn: Callable[[], object], *, repeats: int) -> float:
+    """Return the minimum wall time (s) of ``repeats`` calls of ``fn`` (which must block)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def best_wall_and_cpu(fn: Callable[[], object], *, repeats: int) -> tuple[float, float]:
+    """Return the minimum wall time and the minimum CPU time (s) of ``repeats`` calls of ``fn``.
+
+    CPU time is this process's (all threads, ``time.process_time``): on a machine shared with
+    other jobs it counts only the time the work held a core, so rates per CPU-second vary far
+    less with the load than wall-clock rates.
+    """
+    walls, cpus = [], []
+    for _ in range(repeats):
+        cpu, start = time.process_time(), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
+
+
+def boxed_steps(seconds_per_step: float, budget_s: float, min_steps: int, max_steps: int) -> int:
+    """Steps of a time-boxed call: ``budget_s`` over the step time, clipped to the bounds."""
+    return int(np.clip(budget_s / max(seconds_per_step, 1e-9), min_steps, max_steps))
 
 
 def random_pairs(vocab: int, B: int, T: int, seed: int):

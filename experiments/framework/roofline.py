@@ -4,7 +4,7 @@
 memory-sized matrix, matrix products) on one device, on every device at once, and per second of
 CPU time; :func:`lowrank_step_cost` counts one low-rank trajectory-step and
 :func:`autodiff_step_cost` takes XLA's count of one autodiff step; :func:`roofline` places the
-sweeps of :func:`experiments._bench.sweep_rates` against the peaks (per core, per CPU-second).
+sweeps of :func:`experiments.bench_flows.sweep_rates` against the peaks (per core, per CPU-second).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from experiments import _bench as bm
-from experiments.framework import progress
+from experiments.framework import bench_flows as bm
+from experiments.framework.benchmarking import best_time, best_wall_and_cpu
+from experiments.framework.output import progress
 from sims.flows.sweep import RUN_AXIS, run_mesh
 
 
 def lowrank_step_cost(V: int, d: int, fold_every: int) -> dict:
-    """Return ``flops`` and ``bytes`` (float32) of one step of ``_bench.lowrank_run_fn``.
+    """Return ``flops`` and ``bytes`` (float32) of one step of ``bench_flows.lowrank_run_fn``.
 
     Counted from the algorithm (one pair, ``K = fold_every``): two passes over ``W_b``
     (``W_b h`` and ``G W_b``: ``2 V d`` flops and ``4 V d`` bytes each); the fold
@@ -37,7 +38,7 @@ def lowrank_step_cost(V: int, d: int, fold_every: int) -> dict:
 
 
 def autodiff_step_cost(V: int, d: int) -> dict:
-    """Return XLA's own count (``cost_analysis``) of one step of ``_bench.autodiff_run_fn``."""
+    """Return XLA's own count (``cost_analysis``) of one step of ``bench_flows.autodiff_run_fn``."""
     params = bm.random_geometry(V, d, 0)
     cost = jax.jit(lambda p: bm.sweep_steps(p, 1)).lower(params).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -60,14 +61,14 @@ def _rates(kernel: Callable, make_input: Callable, work: float, repeats: int) ->
     one, every, mesh = _one_and_every(kernel)
     x = make_input(jax.random.key(0))
     jax.block_until_ready(one(x))
-    single, cpu = bm.best_wall_and_cpu(lambda: jax.block_until_ready(one(x)), repeats=repeats)
+    single, cpu = best_wall_and_cpu(lambda: jax.block_until_ready(one(x)), repeats=repeats)
     n = mesh.devices.size
     xs = jax.device_put(
         jax.vmap(make_input)(jax.random.split(jax.random.key(1), n)),
         jax.NamedSharding(mesh, jax.P(RUN_AXIS)),
     )
     jax.block_until_ready(every(xs))
-    wall = bm.best_time(lambda: jax.block_until_ready(every(xs)), repeats=repeats)
+    wall = best_time(lambda: jax.block_until_ready(every(xs)), repeats=repeats)
     return {
         "one_device": work / single,
         "all_devices": n * work / wall,
@@ -177,3 +178,28 @@ def roofline(config, sweep: dict, peaks_before: dict) -> dict:
         f"{roof['lowrank']['fraction_of_flop_rate']:.2f} of the flop rate"
     )
     return roof
+
+
+def roofline_panel(ax, roof: dict) -> None:
+    """The sweep's roofline: this machine's measured roofs and the two sweeps' positions."""
+    import numpy as np
+
+    peaks = roof["peaks"]
+    intensity = np.logspace(-2, 2, 50)
+    flops = peaks["flop_rate"]["per_cpu_s"]
+    for key, style in (("cache_bandwidth", "-"), ("dram_bandwidth", "--")):
+        bw = peaks[key]["per_cpu_s"]
+        label = f"{key.split('_')[0]} {bw / 1e9:.3g} GB/s"
+        ax.plot(intensity, np.minimum(flops, bw * intensity), "k" + style, lw=1, label=label)
+    for key, color in (("lowrank", "C0"), ("autodiff", "C1")):
+        ax.plot(
+            roof[key]["intensity"], roof[key]["flop_rate_per_core"], "o", color=color, label=key
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="flop / byte",
+        ylabel="flop / s per core (CPU time)",
+        title="sweep roofline (one core)",
+    )
+    ax.legend(fontsize=7)

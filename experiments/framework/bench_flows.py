@@ -1,4 +1,4 @@
-r"""Timing helpers for ``experiments/bench.py``: reduced flow, full-parameter JAX, PyTorch loop.
+r"""The benchmark's flows (``python -m experiments bench``): reduced, full-parameter JAX, PyTorch.
 
 Every timed problem is the single-token DPO flow of
 :class:`~sims.models.unconstrained.UnconstrainedFeatures`
@@ -21,8 +21,8 @@ The **sweep** (many trajectories from random initialisations) trains DPO plus an
 ``W`` moves. It times the exact low-rank flow (:func:`sims.flows.lowrank.lowrank_flow_fn`), the
 autodiff
 full-parameter step (the generic path before it) and the PyTorch loop on that loss.
-:func:`sweep_rates` times them (interleaved calls); :mod:`experiments._roofline` measures this
-machine's bandwidth and flop rate for the sweep's roofline.
+:func:`sweep_rates` times them (interleaved calls); :mod:`experiments.framework.roofline`
+measures this machine's bandwidth and flop rate for the sweep's roofline.
 
 Timings: one warm-up (compilation) call, then the minimum wall time of ``repeats`` calls, each
 ending in ``block_until_ready``. Slow baselines are time-boxed: the step count is chosen from the
@@ -33,9 +33,8 @@ warm-up so that one timed call takes about ``budget_s``. torch is optional (the 
 from __future__ import annotations
 
 import functools
-import importlib.util
+import gc
 import os
-import time
 from collections.abc import Callable
 
 import jax
@@ -44,7 +43,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.framework import progress
+from experiments.framework.benchmarking import (
+    best_time,
+    best_wall_and_cpu,
+    boxed_steps,
+    torch_available,
+)
+from experiments.framework.output import progress
 from sims.flows.lowrank import lowrank_flow_fn
 from sims.flows.reduced import reduced_preference_flow
 from sims.flows.sweep import sharded_runner
@@ -65,37 +70,6 @@ def sweep_loss() -> BoundLoss:
     start JAX's backend at import, before ``bench.main`` can choose the number of CPU devices.
     """
     return make_loss("sft_term", base_loss=make_loss("dpo", beta=BETA), sft_coef=SFT_COEF)
-
-
-def torch_available() -> bool:
-    """Whether PyTorch is installed (the optional ``bench`` extra)."""
-    return importlib.util.find_spec("torch") is not None
-
-
-def best_time(fn: Callable[[], object], *, repeats: int) -> float:
-    """Return the minimum wall time (s) of ``repeats`` calls of ``fn`` (which must block)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def best_wall_and_cpu(fn: Callable[[], object], *, repeats: int) -> tuple[float, float]:
-    """Return the minimum wall time and the minimum CPU time (s) of ``repeats`` calls of ``fn``.
-
-    CPU time is this process's (all threads, ``time.process_time``): on a machine shared with
-    other jobs it counts only the time the work held a core, so rates per CPU-second vary far
-    less with the load than wall-clock rates.
-    """
-    walls, cpus = [], []
-    for _ in range(repeats):
-        cpu, start = time.process_time(), time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu)
-    return min(walls), min(cpus)
 
 
 def random_geometry(V: int, d: int, seed: int) -> tuple[jax.Array, jax.Array]:
@@ -161,10 +135,6 @@ def full_parameter_steps() -> Callable:
     return jax.jit(_full_steps, donate_argnums=0)
 
 
-def _boxed_steps(seconds_per_step: float, budget_s: float, min_steps: int, max_steps: int) -> int:
-    return int(np.clip(budget_s / max(seconds_per_step, 1e-9), min_steps, max_steps))
-
-
 def full_jax_rate(W, H, *, budget_s: float, min_steps: int, max_steps: int, repeats: int) -> dict:
     """Time the full-parameter JAX flow: ``steps_per_s`` and the timed ``steps`` per call."""
     steps_fn = full_parameter_steps()
@@ -175,7 +145,7 @@ def full_jax_rate(W, H, *, budget_s: float, min_steps: int, max_steps: int, repe
         jax.block_until_ready(state["params"])
 
     call(1)  # compile
-    n = _boxed_steps(best_time(lambda: call(1), repeats=1), budget_s, min_steps, max_steps)
+    n = boxed_steps(best_time(lambda: call(1), repeats=1), budget_s, min_steps, max_steps)
     wall = best_time(lambda: call(n), repeats=repeats)
     return {"steps_per_s": n / wall, "steps": n}
 
@@ -207,7 +177,7 @@ def torch_rate(W, H, *, budget_s: float, min_steps: int, max_steps: int, repeats
 
     steps, _ = _torch_loop(np.array(W), np.array(H[0]))
     steps(1)  # warm-up
-    n = _boxed_steps(best_time(lambda: steps(1), repeats=1), budget_s, min_steps, max_steps)
+    n = boxed_steps(best_time(lambda: steps(1), repeats=1), budget_s, min_steps, max_steps)
     wall = best_time(lambda: steps(n), repeats=repeats)
     return {"steps_per_s": n / wall, "steps": n, "threads": torch.get_num_threads()}
 
@@ -311,7 +281,7 @@ def torch_sweep_rate(
             steps(num_steps)
 
     try:
-        runs = _boxed_steps(best_time(lambda: call(1), repeats=1), budget_s, 1, num_runs)
+        runs = boxed_steps(best_time(lambda: call(1), repeats=1), budget_s, 1, num_runs)
         wall, cpu = best_wall_and_cpu(lambda: call(runs), repeats=repeats)
     finally:
         torch.set_num_threads(previous)
@@ -418,3 +388,67 @@ def sweep_rates(config) -> dict:
         f"x{sweep.get('over_torch', float('nan')):.3g} over torch"
     )
     return sweep
+
+
+def bench_cell(config, V: int, d: int) -> dict:
+    """Time the three single-trajectory paths at ``V x d`` (``config``: ``bench.Config``)."""
+    W, H = random_geometry(V, d, config.seed)
+    box = dict(
+        budget_s=config.budget_s,
+        min_steps=config.min_steps,
+        max_steps=config.max_steps,
+        repeats=config.repeats,
+    )
+    cell = {"V": V, "d": d}
+    cell["reduced"] = reduced_rate(
+        W,
+        H,
+        num_steps=config.reduced_steps,
+        num_checkpoints=config.reduced_checkpoints,
+        repeats=config.repeats,
+    )
+    cell["jax_full"] = full_jax_rate(W, H, **box)
+    if torch_available():
+        W_np, H_np = np.array(W), np.array(H)
+        del W, H  # one copy of a 2 GB W at a time
+        gc.collect()
+        cell["torch"] = torch_rate(W_np, H_np, **box)
+        torch_speed = cell["torch"]["steps_per_s"]
+        cell["reduced_over_torch"] = cell["reduced"]["steps_per_s"] / torch_speed
+        cell["jax_full_over_torch"] = cell["jax_full"]["steps_per_s"] / torch_speed
+    cell["reduced_over_jax_full"] = cell["reduced"]["steps_per_s"] / cell["jax_full"]["steps_per_s"]
+    progress(
+        f"[bench] V={V} d={d}: reduced {cell['reduced']['steps_per_s']:.3g} steps/s "
+        f"({cell['reduced']['wall_s']:.3f} s), jax full {cell['jax_full']['steps_per_s']:.3g}, "
+        f"torch {cell.get('torch', {}).get('steps_per_s', float('nan')):.3g}"
+    )
+    return cell
+
+
+def bench_targets(cells: list[dict], sweep: dict) -> dict:
+    """The issue's targets, read at the largest cell and on the sweep."""
+    big = max(cells, key=lambda c: (c["V"] * c["d"], c["V"]))
+    return {
+        "largest_cell": [big["V"], big["d"]],
+        "reduced_wall_s": big["reduced"]["wall_s"],
+        "reduced_wall_le_1s": big["reduced"]["wall_s"] <= 1.0,
+        "reduced_over_torch_ge_1e4": big.get("reduced_over_torch", 0.0) >= 1e4,
+        "sweep_over_torch_ge_10": sweep.get("over_torch", 0.0) >= 10.0,
+    }
+
+
+def sweep_panel(ax, sweep: dict) -> None:
+    """Bar panel of the sweep's trajectory-steps per second (low-rank, autodiff, torch)."""
+    bars = [("low-rank", sweep["lowrank"]["trajectory_steps_per_s"])]
+    bars.append(("autodiff", sweep["autodiff"]["trajectory_steps_per_s"]))
+    for r in sweep.get("torch_variants", []):
+        bars.append((f"torch {r['threads']}t", r["trajectory_steps_per_s"]))
+    ax.bar(
+        [b[0] for b in bars], [b[1] for b in bars], color=["C0", "C1"] + ["C2"] * (len(bars) - 2)
+    )
+    ax.set(
+        yscale="log",
+        ylabel="trajectory-steps / s",
+        title=f"DPO + SFT sweep, {sweep['runs']} runs, {sweep['devices']} device(s)",
+    )
+    ax.tick_params(axis="x", rotation=45)
