@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -28,23 +27,15 @@ from experiments.framework import (
     provenance,
 )
 from experiments.framework.plots import bar_min_max
-from sims.analysis.scores import (
-    dataset_ches,
-    normalized_edit_distance,
-    percentile_subsets,
-    spearman,
-)
-from sims.analysis.summaries import stack, statistic_text, statistics
+from sims.analysis.scores import spearman
+from sims.analysis.summaries import statistic_text, statistics
 from sims.data.synthetic import synthetic_preferences
-from sims.flows.core import preference_flow, stack_models
-from sims.models.prefix_tree import restrict, with_reference
+from sims.models.prefix_tree import with_reference
+from sims.protocols.theory_checks import SIMILARITY_SCORES as SCORES
+from sims.protocols.theory_checks import pair_similarity_scores, percentile_subset_changes
 from theory.losses import make_loss
 
 NAME = "ches_vs_displacement"
-SCORES = ("ches", "ches_length_normalized", "neg_edit_distance", "last_hidden_inner_product")
-
-
-_rule_percentile = number_in(0, 100)
 
 
 @dataclass(frozen=True)
@@ -64,7 +55,7 @@ class Config(ExperimentConfig):
     dt: float = 0.5  # Euler step of gradient flow
     num_steps: int = 60  # steps: t = num_steps * dt
 
-    RULES = {"percentiles": each(_rule_percentile)}
+    RULES = {"percentiles": each(number_in(0, 100))}
 
     def check(self) -> None:
         if self.subset_size > self.num_pairs:
@@ -77,80 +68,29 @@ class Config(ExperimentConfig):
         return cls(num_seeds=2, num_pairs=60, subset_size=10, num_steps=4, max_len=4)
 
 
-def _scores(data, pairs) -> dict[str, np.ndarray]:
-    edit = [
-        normalized_edit_distance(a, b)
-        for a, b in zip(data.chosen_tokens, data.rejected_tokens, strict=True)
-    ]
-    return {
-        "ches": np.asarray(dataset_ches(data.model, pairs)),
-        "ches_length_normalized": np.asarray(
-            dataset_ches(data.model, pairs, length_normalized=True)
-        ),
-        "neg_edit_distance": -np.asarray(edit),  # higher = more similar, like the other scores
-        "last_hidden_inner_product": np.sum(data.last_hidden_chosen * data.last_hidden_rejected, 1),
-    }
-
-
-def _subset_changes(config: Config, model, pairs, rows: np.ndarray) -> tuple:
-    """DPO on every subset of ``rows`` ``[runs, size]`` in one vmapped flow: the change of each
-    subset's mean preferred log-prob and of its loss, ``[runs]`` each."""
-    P = 2 * config.subset_size * (config.max_len + 1)  # bound on a subset's distinct prefixes
-    subsets = [restrict(model, pairs, r, num_prefixes=P) for r in rows]
-    res = preference_flow(
-        stack_models([m for m, _ in subsets]),
-        stack([p for _, p in subsets]),
-        make_loss("dpo", beta=config.beta),
-        dt=config.dt,
-        num_steps=config.num_steps,
-        record_every=config.num_steps,
-        in_axes=(0, 0),
-    ).run()
-    lp = res.observables.logprob_chosen
-    change = np.asarray(jnp.mean(lp[:, -1] - lp[:, 0], axis=1))
-    return change, np.asarray(res.loss[:, -1] - res.loss[:, 0])
-
-
-def _one_seed(config: Config, seed: int) -> dict:
-    data = synthetic_preferences(
-        jax.random.key(seed),
-        num_pairs=config.num_pairs,
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        max_len=config.max_len,
-        head_scale=config.head_scale,
-    )
+def _one_seed(config: Config, seed: int) -> tuple:
+    """One fresh data set and model: the subset changes, Spearman(score, length difference)."""
+    sizes = ("num_pairs", "vocab_size", "hidden_size", "max_len", "head_scale")
+    data = synthetic_preferences(jax.random.key(seed), **{k: getattr(config, k) for k in sizes})
     pairs = with_reference(data.model, data.pairs)
-    scores = _scores(data, pairs)
-    subsets = {
-        s: percentile_subsets(scores[s], config.percentiles, config.subset_size) for s in SCORES
-    }
-    rows = np.concatenate([subsets[s] for s in SCORES])  # [scores * percentiles, size]
-    change, loss_change = _subset_changes(config, data.model, pairs, rows)
-    shape = (len(SCORES), len(config.percentiles))
+    scores = pair_similarity_scores(data, pairs)
+    P = 2 * config.subset_size * (config.max_len + 1)  # bound on a subset's distinct prefixes
+    schedule = {k: getattr(config, k) for k in ("percentiles", "subset_size", "dt", "num_steps")}
+    loss = make_loss("dpo", beta=config.beta)
+    changes = percentile_subset_changes(data.model, pairs, scores, loss, num_prefixes=P, **schedule)
     length_difference = [
         len(y) - len(c) for c, y in zip(data.chosen_tokens, data.rejected_tokens, strict=True)
     ]
-    return {
-        "change_mean_logprob_chosen": change.reshape(shape),
-        "loss_change": loss_change.reshape(shape),
-        "subset_mean_score": np.array([[scores[s][r].mean() for r in subsets[s]] for s in SCORES]),
-        "score_length_spearman": statistics(
-            spearman, {s: (scores[s], length_difference) for s in SCORES}
-        ),
-    }
+    progress(f"[{NAME}] seed {seed} done (t = {config.num_steps * config.dt})")
+    return changes, statistics(spearman, {s: (scores[s], length_difference) for s in SCORES})
 
 
 def run(config: Config) -> dict:
     enable_x64()  # float64 flows, however run() is called
-    per_seed = []
-    for r in range(config.num_seeds):
-        per_seed.append(_one_seed(config, config.seed + r))
-        progress(
-            f"[{NAME}] seed {r + 1}/{config.num_seeds} done (t = {config.num_steps * config.dt})"
-        )
-    change = np.stack([s["change_mean_logprob_chosen"] for s in per_seed])  # [R, scores, pct]
-    mean = change.mean(axis=0)
+    seeds = [_one_seed(config, config.seed + r) for r in range(config.num_seeds)]
+    per_seed, length_spearman = zip(*seeds, strict=True)
+    change, loss_change, mean_score = (np.stack(a) for a in zip(*per_seed, strict=True))
+    mean = change.mean(axis=0)  # change: [R, scores, percentiles]
     pct = list(config.percentiles)
     return {
         "config": config,
@@ -159,8 +99,8 @@ def run(config: Config) -> dict:
         "change_mean": mean,
         "change_min": change.min(axis=0),
         "change_max": change.max(axis=0),
-        "loss_change_per_seed": np.stack([s["loss_change"] for s in per_seed]),
-        "subset_mean_score_per_seed": np.stack([s["subset_mean_score"] for s in per_seed]),
+        "loss_change_per_seed": loss_change,
+        "subset_mean_score_per_seed": mean_score,
         "spearman_percentile_vs_change": statistics(
             spearman, {s: (pct, mean[i]) for i, s in enumerate(SCORES)}
         ),
@@ -169,18 +109,15 @@ def run(config: Config) -> dict:
             {s: (pct * config.num_seeds, change[:, i].ravel()) for i, s in enumerate(SCORES)},
         ),
         "spearman_score_vs_length_difference": {  # per seed; None where undefined
-            s: [p["score_length_spearman"][s] for p in per_seed] for s in SCORES
+            s: [rho[s] for rho in length_spearman] for s in SCORES
         },
         "provenance": provenance(dtype_of=change),
     }
 
 
 def plot(results: dict) -> plt.Figure:
-    pct = (
-        results["config"]["percentiles"]
-        if isinstance(results["config"], dict)
-        else list(results["config"].percentiles)
-    )
+    cfg = results["config"]  # a Config, or its dict when redrawn from the JSON
+    pct = list(cfg["percentiles"] if isinstance(cfg, dict) else cfg.percentiles)
     fig, axes = plt.subplots(1, len(results["scores"]), figsize=(13, 3.2), sharey=True)
     for i, (ax, s) in enumerate(zip(axes, results["scores"], strict=True)):
         mean = np.asarray(results["change_mean"])[i]

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments._dpop import flow_summary, reference_context_logits, sign_checks
-from experiments.framework import (
-    ConfigError,
-    ExperimentConfig,
-    cli,
-    each,
-    enable_x64,
-    experiment_main,
-    finite,
-    nonnegative,
-    provenance,
-)
-from sims.models.logit_model import PositionLogits, edit_pair_flow, edit_pair_prefixes
-from sims.models.unconstrained import UnconstrainedFeatures
-from theory.dpop_signs import lambda_thresholds, well_optimised
+from experiments.framework import ConfigError, ExperimentConfig, cli, each, experiment_main
+from experiments.framework.config import finite, nonnegative
+from experiments.framework.output import enable_x64, provenance
+from sims.protocols.dpop import ARITHMETIC_TOKENS as TOKENS
+from sims.protocols.dpop import arithmetic_ids, edit_distance_protocol
 
 NAME = "dpop_edit_distance"
-TOKENS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=", ";", "<eos>")
 
 
 @dataclass(frozen=True)
@@ -49,9 +36,7 @@ class Config(ExperimentConfig):
     hidden_size: int = 16  # d of the unconstrained-features model
     num_lam_grid: int = 200  # lambdas for the t = 0 sign check (log grid around lambda*)
     num_random_states: int = 1000  # perturbed reference states for the sign-agreement rates
-    state_noise: float = (
-        0.3  # std of the perturbation of y_l-context logits (breaks the assumption)
-    )
+    state_noise: float = 0.3  # std of the perturbation of y_l-context logits (breaks assumption)
     seed: int = 0
 
     RULES = {"lam_factors": each(nonnegative), "edit_logits": each(finite), "noise": nonnegative}
@@ -71,73 +56,31 @@ class Config(ExperimentConfig):
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(
-            chosen="2+2=4;4",
-            rejected="2+2=5;4",
-            num_steps=40,
-            record_every=20,
-            lam_factors=(0.0, 2.0),
-            hidden_size=4,
-            num_lam_grid=8,
-            num_random_states=16,
-        )
-
-
-def _ids(text):
-    return np.array([TOKENS.index(ch) for ch in text] + [len(TOKENS) - 1])
-
-
-def _models(config: Config, context, pre, length: int, key) -> dict:
-    """The three models, each at the reference: position logits (contexts tied, then free) and
-    unconstrained features fitted to the reference logits."""
-    W = jax.random.normal(key, (len(TOKENS), config.hidden_size)) / np.sqrt(config.hidden_size)
-    H = jnp.linalg.lstsq(W, context.T)[0].T  # [P, d]: W H^T = reference logits when d >= V
-    return {
-        "logit": PositionLogits(context, pre.position, length),
-        "free_logit": PositionLogits(context, pre.position, length, trainable="context"),
-        "features": UnconstrainedFeatures.from_arrays(W, H),
-    }
+        pair = dict(chosen="2+2=4;4", rejected="2+2=5;4", lam_factors=(0.0, 2.0))
+        sizes = dict(hidden_size=4, num_lam_grid=8, num_random_states=16)
+        return cls(**pair, **sizes, num_steps=40, record_every=20)
 
 
 def run(config: Config) -> dict:
     enable_x64()  # float64 flows and sign checks, however run() is called
-    chosen, rejected = _ids(config.chosen), _ids(config.rejected)
-    pre = edit_pair_prefixes(chosen, rejected)
-    k_logit, k_w, k_s = jax.random.split(jax.random.key(config.seed), 3)
-    context = reference_context_logits(
-        k_logit, chosen, rejected, pre, vocab_size=len(TOKENS),
-        confidence_chosen=config.confidence_chosen, confidence_rejected=config.confidence_rejected,
-        edit_logits=config.edit_logits, noise=config.noise,
-    )  # fmt: skip
-    lw, lr = context[pre.chosen], context[pre.rejected]  # [L, V]; position logits start at 0
-    placement = dict(beta=config.beta, penalty_inside_beta=config.penalty_inside_beta)
-    th = lambda_thresholds(lw, lr, chosen, rejected, **placement)
-    lam_star = float(np.max(th.threshold))
-    lams = jnp.asarray(config.lam_factors) * lam_star
-    kw = dict(dt=config.dt, num_steps=config.num_steps, record_every=config.record_every)
-    results = {
-        name: flow_summary(edit_pair_flow(model, chosen, rejected, pre, lams, **placement,
-        **kw).run(),
-                           lams)
-        for name, model in _models(config, context, pre, len(chosen), k_w).items()
-    }  # fmt: skip
-    signs = sign_checks(
-        k_s,
-        lw,
-        lr,
-        chosen,
-        rejected,
-        **placement,
-        lam_grid=lam_star * jnp.logspace(-2, 1, config.num_lam_grid),
-        num_states=config.num_random_states,
-        state_noise=config.state_noise,
-    )
+    r = edit_distance_protocol(
+        jax.random.key(config.seed),
+        arithmetic_ids(config.chosen),
+        arithmetic_ids(config.rejected),
+        vocab_size=len(TOKENS),
+        **{k: v for k, v in asdict(config).items() if k not in ("chosen", "rejected", "seed")},
+    )  # every other Config field is a keyword of edit_distance_protocol
     return {
-        "config": dataclasses.asdict(config), "tokens": TOKENS, "edit": pre.edit,
-        "thresholds": th._asdict(), "lambda_star": lam_star,
-        "well_optimised": well_optimised(lw, lr, chosen, rejected), "signs": signs,
-        **results, "provenance": provenance(dtype_of=context),
-    }  # fmt: skip
+        "config": config,
+        "tokens": TOKENS,
+        "edit": r.edit,
+        "thresholds": r.thresholds._asdict(),
+        "lambda_star": r.lambda_star,
+        "well_optimised": r.well_optimised,
+        "signs": r.signs._asdict(),
+        **{name: flow._asdict() for name, flow in r.flows.items()},
+        "provenance": provenance(dtype_of=r.context),
+    }
 
 
 def _plot_model(top, bottom, name: str, r: dict, m: int, lam_star: float) -> None:
@@ -147,11 +90,8 @@ def _plot_model(top, bottom, name: str, r: dict, m: int, lam_star: float) -> Non
         for k in range(lp.shape[2]):
             color = "tab:red" if k > m else ("tab:green" if k == m else "0.6")
             top.plot(t, lp[i, :, k] - lp[i, 0, k], style, color=color, lw=1)
-    top.set(
-        title=f"{name}: ln pi(t_k|y_w^<k) - ref\nsolid DPO, dashed lam={lams[-1]:.3g}; "
-        "red k>m, green k=m",
-        xlabel="t",
-    )
+    title = f"{name}: ln pi(t_k|y_w^<k) - ref\nsolid DPO, dashed lam={lams[-1]:.3g}; "
+    top.set(title=title + "red k>m, green k=m", xlabel="t")
     delta, x = np.asarray(r["delta_final"]), lams / lam_star
     bottom.plot(x, delta[:, m + 1 :].min(-1), "o-", label="min over k>m")
     bottom.plot(x, delta[:, m + 1 :].max(-1), "^-", label="max over k>m")
@@ -174,26 +114,14 @@ def plot(results: dict) -> plt.Figure:
     for j in range(right.shape[1]):
         line = ax.semilogx(grid, right[:, j] + 0.02 * j, lw=1)[0]
         ax.axvline(thr[j], color=line.get_color(), ls=":", lw=1)
-    ax.set(
-        xlabel="lambda",
-        ylabel="all signs right at k (offset per k)",
-        title="t=0, hinge active: exact signs vs lambda*_k (dotted)",
-    )
+    ax.set(xlabel="lambda", ylabel="all signs right at k (offset per k)")
+    ax.set_title("t=0, hinge active: exact signs vs lambda*_k (dotted)")
     ax = axes[2, 1]
     for name in models:
-        r = results[name]
-        ax.plot(
-            np.asarray(r["lams"]) / results["lambda_star"],
-            r["hinge_active_fraction"],
-            "o-",
-            label=name,
-        )
-    ax.set(
-        xscale="symlog",
-        xlabel="lambda / max_k lambda*_k",
-        ylabel="fraction of checkpoints",
-        title="DPOP hinge active (else on the kink / inactive)",
-    )
+        x = np.asarray(results[name]["lams"]) / results["lambda_star"]
+        ax.plot(x, results[name]["hinge_active_fraction"], "o-", label=name)
+    ax.set(xscale="symlog", xlabel="lambda / max_k lambda*_k", ylabel="fraction of checkpoints")
+    ax.set_title("DPOP hinge active (else on the kink / inactive)")
     ax.legend(fontsize=7)
     axes[2, 2].axis("off")
     lines = [f"{k}: {v}" for k, v in sg.items() if v is None or isinstance(v, int | float)]
@@ -206,8 +134,10 @@ def plot(results: dict) -> plt.Figure:
 
 def _summary(r: dict) -> str:
     post = np.asarray(r["logit"]["delta_final"])[:, r["edit"] + 1 :]
-    return (f"lambda*={r['lambda_star']:.4g}; logit model, min post-edit change per lam: "
-            f"{np.round(post.min(-1), 3).tolist()}")  # fmt: skip
+    return (
+        f"lambda*={r['lambda_star']:.4g}; logit model, min post-edit change per lam: "
+        f"{np.round(post.min(-1), 3).tolist()}"
+    )
 
 
 def main(argv=None) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -25,17 +24,9 @@ from experiments.framework import (
     provenance,
 )
 from experiments.framework.plots import identity_line
-from sims.analysis.summaries import (
-    pointwise_relative_error,
-    sign_agreement,
-    sign_match_rate,
-    stack,
-)
-from sims.flows.core import preference_flow, stack_models
-from sims.models.prefix_tree import index_prefixes, with_reference
-from sims.models.unconstrained import UnconstrainedFeatures
+from sims.analysis.summaries import pointwise_relative_error, sign_agreement, sign_match_rate
+from sims.protocols.theory_checks import extra_sample_effect, extra_sample_instance
 from theory.losses import make_loss
-from theory.single_token import logprob_velocity, multi_sample_logprob_velocity
 
 NAME = "multi_sample_effects"
 KINDS = ("contradicting", "non_contradicting")
@@ -67,80 +58,22 @@ class Config(ExperimentConfig):
         return cls(instances=3, num_steps=8, steps_rate=2)
 
 
-def _instance(rng, V, d, kind):
-    mean = rng.normal(size=d)  # shared component: <h_x, h_x~> > 0 (the paper's observation)
-    H = mean[None, :] + 0.5 * rng.normal(size=(2, d))
-    W = rng.normal(size=(V, d)) / np.sqrt(d)
-    y_pos, y_neg = rng.choice(V, 2, replace=False)
-    if kind == "contradicting":
-        t_neg = y_pos
-        t_pos = rng.choice(np.setdiff1d(np.arange(V), [y_pos]))
-    else:
-        t_pos, t_neg = rng.choice(np.setdiff1d(np.arange(V), [y_pos]), 2, replace=False)
-        probs = np.exp(W @ H[0] - np.max(W @ H[0]))
-        if probs[t_neg] > probs[t_pos]:  # non-contradicting (Thm 8) needs pi(y~-|x) < pi(y~+|x)
-            t_pos, t_neg = t_neg, t_pos
-    return W, H, np.array([y_pos, t_pos]), np.array([y_neg, t_neg])
-
-
-def _change(models, datasets, loss, dt: float, steps: int) -> np.ndarray:
-    """Change of ln pi(y+_0|x_0) over ``steps`` Euler steps, per instance ``[R]`` (vmapped)."""
-    res = preference_flow(
-        stack_models(models),
-        stack(datasets),
-        loss,
-        dt=dt,
-        num_steps=steps,
-        record_every=steps,
-        in_axes=(0, 0),
-    ).run()
-    lp = res.observables.logprob_chosen  # [R, 2, N]
-    return np.asarray(lp[:, -1, 0] - lp[:, 0, 0])
-
-
 def _one_kind(config: Config, rng, kind: str, loss) -> dict:
+    dims = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size)
     insts = [
-        _instance(rng, config.vocab_size, config.hidden_size, kind) for _ in range(config.instances)
+        extra_sample_instance(rng, **dims, contradicting=kind == "contradicting")
+        for _ in range(config.instances)
     ]
-    models = [UnconstrainedFeatures.from_arrays(W, H) for W, H, _, _ in insts]
-    both = [
-        with_reference(m, index_prefixes([0, 1], [[p[0]], [p[1]]], [[n[0]], [n[1]]])[0])
-        for m, (_, _, p, n) in zip(models, insts, strict=True)
-    ]
-    alone = [
-        with_reference(m, index_prefixes([0], [[p[0]]], [[n[0]]])[0])
-        for m, (_, _, p, n) in zip(models, insts, strict=True)
-    ]
-    # At t = 0 the margins equal the reference margins: l' = -beta * sigma(0) = -beta / 2.
-    ell = -config.beta / 2
-    pred_both = np.array(
-        [
-            float(multi_sample_logprob_velocity(W, H, p, n, jnp.full(2, ell))[0, p[0]])
-            for W, H, p, n in insts
-        ]
-    )
-    pred_alone = np.array(
-        [float(logprob_velocity(W, H[0], p[0], n[0], ell)[p[0]]) for W, H, p, n in insts]
-    )
-    t_rate = config.dt_rate * config.steps_rate
-    sim_both = _change(models, both, loss, config.dt_rate, config.steps_rate) / t_rate
-    sim_alone = _change(models, alone, loss, config.dt_rate, config.steps_rate) / t_rate
-    long_both = _change(models, both, loss, config.dt, config.num_steps)
-    # alone: half the step, so the one pair has the weight 1/2 it has in the pair of two
-    long_alone = _change(models, alone, loss, config.dt / 2, config.num_steps)
-    predicted = pred_both - pred_alone / 2  # the extra sample's term of Theorem 8
-    simulated = sim_both - sim_alone / 2
+    steps = {k: getattr(config, k) for k in ("dt_rate", "steps_rate", "dt", "num_steps")}
+    e = extra_sample_effect(insts, loss, **steps)
+    predicted, simulated = e.predicted_extra_term, e.simulated_extra_term
     # the finite-time rate has error O(t * |d2/dt2 ln pi|): signs count where resolved
+    t_rate = config.dt_rate * config.steps_rate
     resolved_rate, resolved_count = sign_agreement(
         predicted, simulated, threshold=SIGN_RESOLUTION * t_rate, magnitude=predicted
     )
     return {
-        "predicted_extra_term": predicted,
-        "simulated_extra_term": simulated,
-        "predicted_velocity_with_extra": pred_both,
-        "simulated_velocity_with_extra": sim_both,
-        "long_run_change_with_extra": long_both,
-        "long_run_change_alone_half_weight": long_alone,
+        **e._asdict(),
         "fraction_predicted_negative": float(np.mean(predicted < 0)),
         "fraction_simulated_negative": float(np.mean(simulated < 0)),
         "sign_agreement": sign_match_rate(predicted, simulated),
@@ -149,7 +82,9 @@ def _one_kind(config: Config, rng, kind: str, loss) -> dict:
         "max_rel_diff_predicted_vs_simulated": float(
             pointwise_relative_error(simulated, predicted, floor=1e-12).max()
         ),
-        "fraction_long_run_worse_with_extra": float(np.mean(long_both < long_alone)),
+        "fraction_long_run_worse_with_extra": float(
+            np.mean(e.long_run_change_with_extra < e.long_run_change_alone_half_weight)
+        ),
         "long_run_t": config.dt * config.num_steps,
     }
 
@@ -172,20 +107,17 @@ def plot(results: dict) -> plt.Figure:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for kind, color in zip(KINDS, ("tab:red", "tab:blue"), strict=True):
         r = results["results"][kind]
-        axes[0].scatter(
-            r["predicted_extra_term"],
-            r["simulated_extra_term"],
-            s=6,
-            color=color,
-            label=f"{kind} (sign agree {r['sign_agreement']:.2f})",
+        agree, worse = r["sign_agreement"], r["fraction_long_run_worse_with_extra"]
+        panels = (
+            ("predicted_extra_term", "simulated_extra_term", f"sign agree {agree:.2f}"),
+            (
+                "long_run_change_alone_half_weight",
+                "long_run_change_with_extra",
+                f"worse {worse:.2f}",
+            ),
         )
-        axes[1].scatter(
-            r["long_run_change_alone_half_weight"],
-            r["long_run_change_with_extra"],
-            s=6,
-            color=color,
-            label=f"{kind} (worse {r['fraction_long_run_worse_with_extra']:.2f})",
-        )
+        for ax, (x, y, note) in zip(axes, panels, strict=False):
+            ax.scatter(r[x], r[y], s=6, color=color, label=f"{kind} ({note})")
         axes[2].bar(kind, r["fraction_predicted_negative"], color=color, alpha=0.6)
     lim = max(np.abs(axes[0].get_xlim()).max(), 1e-9)
     identity_line(axes[0], -lim, lim)

@@ -19,9 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
-import numpy as np
 
 from experiments.framework import (
     ConfigError,
@@ -33,29 +31,14 @@ from experiments.framework import (
     provenance,
 )
 from experiments.framework.plots import annotated_scatter
-from sims.analysis.gainers import gainers_at, largest_decrease
-from sims.analysis.scores import spearman
-from sims.analysis.summaries import (
-    groups,
-    mean_gain,
-    mean_of,
-    mean_peak_gain,
-    statistic,
-    statistic_text,
-    top_names,
+from sims.analysis.summaries import groups, statistic_text
+from sims.data.vocab import GEOMETRIES
+from sims.protocols.theory_checks import (
+    no_over_never_model,
+    no_over_never_record,
+    no_over_never_summary,
 )
-from sims.data.vocab import (
-    BENIGN_FOR_NO,
-    CATASTROPHIC_FOR_NO,
-    GEOMETRIES,
-    NO_SET,
-    YES_SET,
-    semantic_unembeddings,
-)
-from sims.flows.core import SFTData, preference_flow, sft_flow
-from sims.models.unconstrained import UnconstrainedFeatures, make_pairs
 from theory import losses
-from theory.single_token import displacement_terms, logprob_velocity
 
 NAME = "no_over_never"
 #: Probability curves of the trajectory panels and their colours.
@@ -65,6 +48,8 @@ CURVES = {
     "p_benign": "tab:green",
     "p_never": "0.5",
 }
+#: Config fields of the SFT model (:func:`no_over_never_model`).
+SFT_FIELDS = ("hidden_size", "concept_scale", "num_filler", "prompts", "sft_dt", "sft_steps")
 
 
 @dataclass(frozen=True)
@@ -99,114 +84,20 @@ class Config(ExperimentConfig):
             raise ConfigError(f"--prompts must be >= 2 (half trait, half not), got {self.prompts}")
 
 
-def _sft_model(config: Config, geometry: str, seed: int):
-    """Return ``(model, tokens)``: the SFT model of one run and its vocabulary."""
-    k_vocab, k_hidden, _ = jax.random.split(jax.random.key(config.seed * 1000 + seed), 3)
-    d, P = config.hidden_size, config.prompts
-    W, tokens = semantic_unembeddings(
-        k_vocab,
-        geometry=geometry,
-        hidden_size=d,
-        concept_scale=config.concept_scale,
-        num_filler=config.num_filler,
-    )
-    idx = {t: i for i, t in enumerate(tokens)}
-    H = jax.random.normal(k_hidden, (P, d)) / jnp.sqrt(d)
-    sft_prompts, labels = zip(
-        *[(p, idx[t]) for p in range(P) for t in (NO_SET if p < P // 2 else YES_SET)], strict=True
-    )
-    model = UnconstrainedFeatures.from_arrays(W, H)
-    sft = sft_flow(
-        model,
-        SFTData(jnp.array(sft_prompts), jnp.array(labels)),
-        dt=config.sft_dt,
-        num_steps=config.sft_steps,
-    ).run()
-    return sft.final, tokens
-
-
-def _one_run(config: Config, geometry: str, seed: int) -> dict:
-    model, tokens = _sft_model(config, geometry, seed)
-    idx = {t: i for i, t in enumerate(tokens)}
-    y_pos, y_neg = idx["No"], idx["Never"]
-    pairs = make_pairs(model, [0], [y_pos], [y_neg])
-    loss = losses.make_loss("dpo", beta=config.beta)
-    W0, h0 = model.unembedding[...], model.hidden[...][0]
-    terms = displacement_terms(W0, h0, y_pos, y_neg)
-    lp0 = model(jnp.array([0]))[0]
-    ell_prime = losses.margin_derivative(loss, lp0[y_pos], lp0[y_neg], lp0[y_pos], lp0[y_neg])
-    predicted = logprob_velocity(W0, h0, y_pos, y_neg, ell_prime)
-    traj = preference_flow(
-        model, pairs, loss, dt=config.dt, num_steps=config.steps, record_every=config.record_every
-    ).run()
-    logprobs = np.asarray(traj.observables.logprobs[:, 0])  # [C + 1, V]
-    probs = np.exp(logprobs)
-    # instantaneous velocity at t = 0: one Euler step of flow time probe_dt
-    probe = preference_flow(model, pairs, loss, dt=config.probe_dt, num_steps=1).run()
-    step = probe.observables.logprobs[1, 0] - probe.observables.logprobs[0, 0]
-    instant = np.asarray(step / config.probe_dt)
-    n_ckpt = probs.shape[0] - 1
-    early = logprobs[max(1, round(0.05 * n_ckpt))] - logprobs[0]
-    checkpoints = [max(1, round(frac * n_ckpt)) for frac in (0.05, 0.25, 1.0)]
-    gainers = gainers_at(probs, tokens, k=config.top_k, checkpoints=checkpoints)
-    others = np.array([i for i in range(len(tokens)) if i not in (y_pos, y_neg)])
-    align = terms.token_alignment[others]
-    p_no = probs[:, y_pos]
-    return {
-        "geometry": geometry,
-        "seed": seed,
-        "t": traj.t,
-        "loss": traj.loss,
-        "p_no": p_no,
-        "p_never": probs[:, y_neg],
-        "p_catastrophic": probs[:, [idx[t] for t in CATASTROPHIC_FOR_NO]].sum(1),
-        "p_benign": probs[:, [idx[t] for t in BENIGN_FOR_NO]].sum(1),
-        "no_decrease_max": float(largest_decrease(p_no)),
-        "no_change": float(p_no[-1] - p_no[0]),
-        "theorem4_velocity_no": float(predicted[y_pos]),
-        "observed_velocity_no": float(instant[y_pos]),
-        "m_plus_S": float(terms.m + terms.S),
-        "theorem5_alignment": {tokens[i]: float(terms.token_alignment[i]) for i in others},
-        "early_logprob_change": {tokens[i]: float(early[i]) for i in others},
-        **statistic("spearman_alignment_vs_instant", spearman, align, instant[others]),
-        **statistic("spearman_alignment_vs_early", spearman, align, early[others]),
-        **statistic(
-            "spearman_alignment_vs_final",
-            spearman,
-            align,
-            logprobs[-1, others] - logprobs[0, others],
-        ),
-        "top_gainers": {
-            f"t={float(traj.t[c]):g}": g for c, g in zip(checkpoints, gainers, strict=True)
-        },
-        "top_predicted": top_names(predicted[others], [tokens[i] for i in others], config.top_k),
-    }
-
-
-def _geometry_summary(rs: list[dict]) -> dict:
-    """Per-geometry means of the per-run numbers."""
-    signs = [np.sign(r["theorem4_velocity_no"]) == np.sign(r["observed_velocity_no"]) for r in rs]
-    return {
-        "runs_with_no_falling": sum(r["no_change"] < 0 for r in rs),
-        "mean_no_decrease_max": mean_of(rs, "no_decrease_max"),
-        "mean_catastrophic_gain": mean_gain(rs, "p_catastrophic"),
-        "mean_benign_gain": mean_gain(rs, "p_benign"),
-        "theorem4_sign_matches": int(sum(signs)),
-        "mean_spearman_alignment_vs_instant": mean_of(rs, "spearman_alignment_vs_instant"),
-        "mean_spearman_alignment_vs_early": mean_of(rs, "spearman_alignment_vs_early"),
-        "mean_catastrophic_peak_gain": mean_peak_gain(rs, "p_catastrophic"),
-        "mean_benign_peak_gain": mean_peak_gain(rs, "p_benign"),
-        "mean_spearman_alignment_vs_final": mean_of(rs, "spearman_alignment_vs_final"),
-        "runs": len(rs),
-    }
-
-
 def run(config: Config) -> dict:
     enable_x64()  # float64 flows, however run() is called
+    sft = {k: getattr(config, k) for k in SFT_FIELDS}
+    dpo = dict(dt=config.dt, num_steps=config.steps, record_every=config.record_every)
+    loss = losses.make_loss("dpo", beta=config.beta)
     runs = []
     for geometry in GEOMETRIES:
         for seed in range(config.seeds):
-            runs.append(r := _one_run(config, geometry, seed))
+            key = jax.random.key(config.seed * 1000 + seed)
+            model, tokens = no_over_never_model(key, geometry=geometry, **sft)
+            record = no_over_never_record(
+                model, tokens, loss, probe_dt=config.probe_dt, top_k=config.top_k, **dpo
+            )
+            runs.append(r := {"geometry": geometry, "seed": seed, **record})
             progress(
                 f"  {geometry} seed {seed}: pi(No) {r['p_no'][0]:.3f} -> {r['p_no'][-1]:.3f}, "
                 f"Yes set {r['p_catastrophic'][0]:.3f} -> {r['p_catastrophic'][-1]:.3f}, "
@@ -215,7 +106,7 @@ def run(config: Config) -> dict:
     return {
         "config": config,
         "runs": runs,
-        "summary": {g: _geometry_summary(rs) for g, rs in groups(runs, "geometry").items()},
+        "summary": {g: no_over_never_summary(rs) for g, rs in groups(runs, "geometry").items()},
         "provenance": provenance(dtype_of=runs[0]["p_no"]),
     }
 

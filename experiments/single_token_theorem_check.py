@@ -4,19 +4,17 @@ For each random instance (unembeddings ``W``, hidden embedding ``h``, a pair ``y
 reference margin) the closed form :func:`theory.single_token.logprob_velocity` is compared, for
 every token, with (i) autodiff: ``jvp`` of the model's log-probs along ``-grad L`` of the actual
 loss, and (ii) a central difference of the log-probs over one simulated Euler step of the flow and
-one of the time-reversed flow (``sims.flows.core.flow_fn``, step ``fd_step``). Half of the
-instances have
-``W- = 1.2 W+ + noise`` and a small ``h``, so that displacement cases are well represented.
+one of the time-reversed flow (step ``fd_step``). Half of the instances have ``W- = 1.2 W+ +
+noise`` and a small ``h``, so that displacement cases are well represented
+(:func:`sims.protocols.theory_checks.single_token_velocity_check`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from itertools import product
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -32,14 +30,13 @@ from experiments.framework import (
     provenance,
 )
 from experiments.framework.plots import symlog_identity
-from sims.analysis.summaries import relative_error, sign_agreement
-from sims.flows.core import flow_fn
-from sims.models.unconstrained import softmax_logprobs
+from sims.protocols.theory_checks import single_token_velocity_check, velocity_errors
 from theory import losses
-from theory.single_token import logprob_velocity
 
 NAME = "single_token_theorem_check"
 LOSSES = {"dpo": {"beta": 0.1}, "ipo": {"tau": 0.05}, "slic": {"delta": 50.0}}
+#: Velocities plotted per instance (drawn in this order) and their colours.
+POINT_KINDS = {"other": "0.6", "y_neg": "tab:red", "y_pos": "tab:blue"}
 
 
 @dataclass(frozen=True)
@@ -62,85 +59,18 @@ class Config(ExperimentConfig):
     def check(self) -> None:
         for shape in self.shapes:
             parts = shape.split("x")
-            if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 2:
+            ok = len(parts) == 2 and all(p.isdigit() for p in parts)
+            if not ok or int(parts[0]) < 2 or int(parts[1]) < 1:
                 raise ConfigError(f"--shapes must be VxD with V >= 2, D >= 1, got {shape!r}")
-            if int(parts[1]) < 1:
-                raise ConfigError(f"--shapes must be VxD with V >= 2, D >= 1, got {shape!r}")
 
 
-def _instance(key, V, d, scales):
-    kW, kh, kp, kn, kr, ks, ka = jax.random.split(key, 7)
-    scale = jax.random.choice(ks, jnp.asarray(scales))
-    W = scale * jax.random.normal(kW, (V, d)) / jnp.sqrt(d)
-    h = scale * jax.random.normal(kh, (d,))
-    y_pos = jax.random.randint(kp, (), 0, V)
-    y_neg = (y_pos + jax.random.randint(kn, (), 1, V)) % V
-    aligned = jax.random.bernoulli(ka)  # displacement-prone geometry (Theorem 4)
-    W = W.at[y_neg].set(jnp.where(aligned, 1.2 * W[y_pos] + 0.3 * W[y_neg], W[y_neg]))
-    h = jnp.where(aligned, 0.1 * h / jnp.sqrt(d), h)
-    return W, h, y_pos, y_neg, jax.random.normal(kr, (2,)) - 2.0
-
-
-@partial(jax.jit, static_argnames=("loss", "V", "d", "scales"))
-def _check_cell(keys, fd_step, *, loss, V, d, scales):
-    """Closed form, autodiff and central difference for a cell's instances (compiled once)."""
-
-    def pair_loss(params, data):
-        lp = softmax_logprobs(*params)[0]
-        y_pos, y_neg, ref = data
-        return loss(lp[y_pos], lp[y_neg], ref[0], ref[1])
-
-    def observe(params, _):
-        return softmax_logprobs(*params)[0]
-
-    forward = flow_fn(pair_loss, observe, optimizer="sgd", num_steps=1, record_every=1)
-    backward = flow_fn(
-        lambda p, x: -pair_loss(p, x), observe, optimizer="sgd", num_steps=1, record_every=1
-    )
-
-    def one(key):
-        W, h, y_pos, y_neg, ref = _instance(key, V, d, scales)
-        params, data = (W, h[None]), (y_pos, y_neg, ref)
-        lp = observe(params, None)
-        ell_prime = losses.margin_derivative(loss, lp[y_pos], lp[y_neg], ref[0], ref[1])
-        closed = logprob_velocity(W, h, y_pos, y_neg, ell_prime)
-        grads = jax.grad(pair_loss)(params, data)
-        auto = jax.jvp(
-            lambda p: observe(p, None), (params,), (jax.tree_util.tree_map(jnp.negative, grads),)
-        )[1]
-        fd = (
-            forward(params, data, fd_step).observables[1]
-            - backward(params, data, fd_step).observables[1]
-        ) / (2 * fd_step)
-        return closed, auto, fd, y_pos, y_neg
-
-    return jax.vmap(one)(keys)
-
-
-def _cell(shape: str, closed, auto, fd, y_pos) -> dict:
-    """Errors and sign agreement of one cell's closed forms against autodiff and the flow."""
-    scale = np.max(np.abs(auto), axis=1)
-    # entries whose sign is meaningful: above round-off (autodiff) or above the O(dt^2)
-    # truncation error of the central difference (up to ~1e-4 relative here)
-    agree, _ = sign_agreement(closed, auto, threshold=1e-6 * scale[:, None])
-    agree_fd, _ = sign_agreement(closed, fd, threshold=1e-3 * scale[:, None], magnitude=auto)
-    return {
-        "shape": shape,
-        "instances": len(y_pos),
-        "max_rel_err_autodiff": float(relative_error(closed, auto, axis=1).max()),
-        "max_rel_err_fd": float(relative_error(closed, fd, axis=1, scale=scale).max()),
-        "sign_agreement_autodiff": agree,
-        "sign_agreement_fd": agree_fd,
-        "displacing_instances": int(np.sum(auto[np.arange(len(y_pos)), y_pos] < 0)),
-    }
-
-
-def _add_points(points: dict, closed, auto, fd, y_pos, y_neg, V: int) -> None:
-    """Append a cell's velocities of y+, y- and one other token per instance to ``points``."""
-    rows, scale = np.arange(len(y_pos)), np.max(np.abs(auto), axis=1)
-    for kind, cols in (("y_pos", y_pos), ("y_neg", y_neg), ("other", (y_pos + y_neg) % V)):
-        keep = (cols != y_neg) & (cols != y_pos) if kind == "other" else np.ones_like(cols, bool)
-        for key, arr in (("closed", closed), ("autodiff", auto), ("finite_difference", fd)):
+def _points(points: dict, chk, V: int) -> None:
+    """Append the velocities of y+, y- and one other token per instance (the scatter panels)."""
+    rows, scale = np.arange(len(chk.y_pos)), np.max(np.abs(chk.autodiff), axis=1)
+    other = (chk.y_pos + chk.y_neg) % V
+    for kind, cols in zip(list(POINT_KINDS)[::-1], (chk.y_pos, chk.y_neg, other), strict=True):
+        keep = (kind != "other") | ((cols != chk.y_neg) & (cols != chk.y_pos))
+        for key, arr in zip(("closed", "autodiff", "finite_difference"), chk[:3], strict=True):
             points[key].extend(arr[rows, cols][keep].tolist())
         points["kind"].extend([kind] * int(keep.sum()))
         points["scale"].extend(scale[keep].tolist())
@@ -154,35 +84,32 @@ def run(config: Config) -> dict:
     points = {"closed": [], "autodiff": [], "finite_difference": [], "kind": [], "scale": []}
     for key, (shape, loss_type) in zip(keys, grid, strict=True):
         V, d = (int(x) for x in shape.split("x"))
-        out = _check_cell(
+        chk = single_token_velocity_check(
             jax.random.split(key, config.instances),
-            config.fd_step,
             loss=losses.make_loss(loss_type, **LOSSES[loss_type]),
-            V=V,
-            d=d,
-            scales=tuple(config.init_scales),
+            vocab_size=V,
+            hidden_size=d,
+            scales=config.init_scales,
+            fd_step=config.fd_step,
         )
-        closed, auto, fd, y_pos, y_neg = (np.asarray(a) for a in out)
-        cells.append({**_cell(shape, closed, auto, fd, y_pos), "loss_type": loss_type})
-        _add_points(points, closed, auto, fd, y_pos, y_neg, V)
-        c = cells[-1]
+        cells.append(
+            c := {**velocity_errors(chk)._asdict(), "shape": shape, "loss_type": loss_type}
+        )
+        _points(points, chk, V)
         progress(
             f"  {shape} {loss_type}: max rel err autodiff {c['max_rel_err_autodiff']:.2e}, "
             f"fd {c['max_rel_err_fd']:.2e}, displacing {c['displacing_instances']}"
         )
+    summary = {k: sum(c[k] for c in cells) for k in ("instances", "displacing_instances")}
+    summary |= {k: max(c[k] for c in cells) for k in ("max_rel_err_autodiff", "max_rel_err_fd")}
+    for k in ("sign_agreement_autodiff", "sign_agreement_fd"):
+        summary[f"min_{k}"] = min(c[k] for c in cells)
     return {
         "config": config,
         "cells": cells,
         "points": points,
-        "summary": {
-            "instances": sum(c["instances"] for c in cells),
-            "max_rel_err_autodiff": max(c["max_rel_err_autodiff"] for c in cells),
-            "max_rel_err_fd": max(c["max_rel_err_fd"] for c in cells),
-            "min_sign_agreement_autodiff": min(c["sign_agreement_autodiff"] for c in cells),
-            "min_sign_agreement_fd": min(c["sign_agreement_fd"] for c in cells),
-            "displacing_instances": sum(c["displacing_instances"] for c in cells),
-        },
-        "provenance": provenance(dtype_of=closed),
+        "summary": summary,
+        "provenance": provenance(dtype_of=chk.closed_form),
     }
 
 
@@ -190,7 +117,7 @@ def plot(results: dict) -> plt.Figure:
     p = {k: np.asarray(v) for k, v in results["points"].items()}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, ref in zip(axes[:2], ("autodiff", "finite_difference"), strict=True):
-        for kind, color in (("other", "0.6"), ("y_neg", "tab:red"), ("y_pos", "tab:blue")):
+        for kind, color in POINT_KINDS.items():
             m = p["kind"] == kind
             ax.scatter(p[ref][m], p["closed"][m], s=4, c=color, label=kind, alpha=0.6)
         ticks = [-1e4, -1e2, -1, 0, 1, 1e2, 1e4]
