@@ -91,8 +91,10 @@ KEYS = {
     "learned_features_no_over_never": {
         "skipped",
         "verdict",
+        "reasons",
         "cell_verdicts",
         "cells",
+        "control",
         "sft",
         "drop_threshold",
     },

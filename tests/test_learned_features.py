@@ -11,6 +11,7 @@ from flax import nnx
 from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 from sims.flows.core import preference_flow
 from sims.models.mlp_features import ScaledMLPFeatures, make_feature_pairs
+from sims.models.unconstrained import make_pairs
 from sims.protocols import learned_features as lf
 from theory.losses import make_loss
 
@@ -178,7 +179,7 @@ def test_summarise_cell_effect_needs_mean_drop_and_yes_like_gainer_in_half_the_r
     assert lf.cell_verdict(_hand_cell(("yeah", "cat", "dog"))) == "not reproduced"
 
 
-def test_feature_sft_and_margin_rate_meet_their_targets_on_a_tiny_model():
+def test_rate_rule_sft_and_margin_rate_meet_their_targets_on_a_tiny_model():
     """The chosen rates reach their targets in an independent flow; the grid rate below fails."""
     model0 = _tiny_model(0.0)
     model0 = ScaledMLPFeatures(
@@ -188,7 +189,7 @@ def test_feature_sft_and_margin_rate_meet_their_targets_on_a_tiny_model():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(6, 3))
     labels = np.array([0, 1, 0, 1, 2, 3])
-    model, info = lf.feature_sft(model0, X, labels, steps=20, target=0.6)
+    model, info = lf.rate_rule_sft(model0, X, labels, steps=20, target=0.6)
     assert info["met"] and info["pi_label_mean"] >= 0.6
     pi = np.exp(np.asarray(model(jnp.asarray(X))))[np.arange(6), labels]
     np.testing.assert_allclose(pi.mean(), info["pi_label_mean"], rtol=1e-12)
@@ -235,3 +236,82 @@ def test_statement_features_balanced_labels_and_scaled_features():
     np.testing.assert_allclose(data.S[1], data.W[[data.ids[w] for w in lf.POS]].mean(0))
     with pytest.raises(ValueError, match="runs_per_pair must be in"):
         lf.statement_features(vocab_size=40, runs_per_pair=lf.MAX_RUNS + 1, seed=0)
+
+
+def _fake_data(num_prompts=8, runs_per_pair=1):
+    """Statement data on the protocol's label words only: prompt i labelled with run i's y+."""
+    words = list(lf.NEG + lf.POS)
+    ids = {w: i for i, w in enumerate(words)}
+    R = runs_per_pair
+    pos = np.repeat([ids[p] for p, _ in lf.PAIRS], R)
+    neg = np.repeat([ids[n] for _, n in lf.PAIRS], R)
+    labels = np.resize(pos, num_prompts)
+    labels[-1] = ids["no"]  # the held-out prompt
+    X = np.random.default_rng(0).normal(size=(num_prompts, 3))
+    return lf.StatementFeatures(
+        np.eye(len(words), 4), words, ids, [f"s{i}" for i in range(num_prompts)], X, labels,
+        num_prompts - 1, (X[: 4 * R], pos, neg), np.arange(4 * R), None,
+    )  # fmt: skip
+
+
+def test_constructed_vocabulary_keeps_prompts_labels_and_runs_as_words():
+    data = _fake_data()
+    for geometry in lf.CONTROL_GEOMETRIES:
+        c = lf.constructed_vocabulary(data, geometry, hidden_size=8, seed=3)
+        assert c.W.shape == (52, 8) and len(c.words) == 52 and len(set(c.words)) == 52
+        word = lambda d, i: d.words[int(i)]  # noqa: E731
+        assert [word(c, i) for i in c.labels] == [word(data, i) for i in data.labels]
+        for new, old in zip(c.runs[1:], data.runs[1:], strict=True):
+            assert [word(c, i) for i in new] == [word(data, i) for i in old]
+        assert c.held_out == data.held_out and c.texts == data.texts
+        np.testing.assert_array_equal(c.features, data.features)
+        yes = [c.ids[w] for w in lf.POS]
+        np.testing.assert_allclose(c.S[1], c.W[yes].mean(0), rtol=1e-12)
+    # one key for every geometry: only No and Never differ
+    a = lf.constructed_vocabulary(data, "catastrophic", hidden_size=8, seed=3)
+    b = lf.constructed_vocabulary(data, "none", hidden_size=8, seed=3)
+    differ = sorted({a.words[i] for i in np.flatnonzero(np.any(a.W != b.W, axis=1))})
+    assert differ == ["never", "no"]
+
+
+@pytest.mark.parametrize(
+    ("effects", "met", "reason"),
+    [
+        ((False, False, False), True, "catastrophic/free_h: no>never EFFECT False"),
+        ((True, True, False), True, "benign/free_h: no>never EFFECT True"),
+        ((True, False, False), False, "no rate grows the margin 8 nats"),
+    ],
+)
+def test_control_detects_fails_when_a_geometry_disagrees(effects, met, reason):
+    control = {
+        f"{g}/free_h/margin8": {"pairs": {"no>never": {"effect": e}}, "calibration": {"met": met}}
+        for g, e in zip(lf.CONTROL_GEOMETRIES, effects, strict=True)
+    }
+    detects, reasons = lf.control_detects(control, margin_target=8.0)
+    assert not detects and any(reason in r for r in reasons), reasons
+    assert lf.control_detects({}, margin_target=8.0)[0] is False
+
+
+def test_runs_cell_free_h_equals_single_runs_and_sft_rule_passes():
+    """Free h: the SFT rule's rate reaches its target (the grid rate below does not); the
+    vmapped runs of runs_cell equal independent single-run flows."""
+    data = lf.constructed_vocabulary(_fake_data(), "catastrophic", hidden_size=8, seed=0)
+    model0 = lf.free_hidden_model(data.W, len(data.texts), seed=0)
+    model, info = lf.rate_rule_sft(model0, np.arange(8), data.labels, steps=20, target=0.8)
+    assert info["met"] and info["pi_label_mean"] >= 0.8
+    assert set(info["relative_weight_change"]) == {"hidden", "unembedding"}
+    below = [s for r, s in info["evaluated"] if r < info["lr"]]
+    assert below and below[-1] < 0.8
+    loss = make_loss("dpo", beta=0.1)
+    cell = lf.runs_cell(model, data, loss, 0.01, num_steps=100, runs_per_pair=1, drop_threshold=0.2)
+    _, pos, neg = data.runs
+    for j, (yp, yn) in enumerate(lf.PAIRS):
+        pairs = make_pairs(model, [j], [pos[j]], [neg[j]])
+        res = preference_flow(
+            model, pairs, loss, dt=0.01, num_steps=100, optimizer="rmsprop_torch"
+        ).run()
+        p = np.exp(np.asarray(res.observables.logprobs[:, 0]))  # [T + 1, V]
+        run = cell["pairs"][f"{yp}>{yn}"]["runs"][0]
+        np.testing.assert_allclose(run["pi_pos"], p[:, pos[j]], rtol=1e-10, err_msg=f"{yp}>{yn}")
+        margin = np.log(p[:, pos[j]]) - np.log(p[:, neg[j]])
+        np.testing.assert_allclose(run["margin_growth"], margin[-1] - margin[0], rtol=1e-9)

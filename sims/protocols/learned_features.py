@@ -8,19 +8,22 @@ question, the settings and the pre-registered criterion) as library functions:
   learning-rate rule and the prompts of the runs;
 * :func:`smallest_passing_rate` -- the grid rule for learning rates (bisection on
   :data:`LR_GRID`);
-* :func:`feature_sft` -- SFT of :class:`~sims.models.mlp_features.ScaledMLPFeatures` at the grid
-  rule's rate; :func:`margin_rate` -- the preference rate rule (held-out margin growth);
+* :func:`rate_rule_sft` -- SFT at the grid rule's rate; :func:`margin_rate` -- the preference rate
+  rule (held-out margin growth of a target number of nats);
 * :func:`feature_kernels`, :func:`kernel_change`, :func:`first_step_measurements` -- the hidden
   kernel ``K = J P J^T`` and the t = 0 velocities (truth, kernel form, free-h Theorems 4-5);
 * :func:`preference_cell`, :func:`summarise_cell`, :func:`cell_verdict` -- the runs of one
-  (arm, init, loss), their numbers and the pre-registered verdict;
+  (arm, init, loss, margin target), their numbers and the pre-registered verdict;
+* the positive control (issue 18): :func:`constructed_vocabulary` (the geometries of
+  :mod:`sims.data.vocab` on the same prompts and runs), :func:`free_hidden_model`,
+  :func:`runs_cell` (either model family, no kernel), :func:`control_detects`;
 * :func:`run_learned_features` -- the whole protocol, as a JSON-ready dict.
 
 The ``EFFECT`` of a cell's pair: mean over its runs of the largest drop of :math:`\pi(y^+)`
 (:func:`sims.analysis.gainers.largest_decrease`) ``>= drop_threshold`` and, in at least half of
 its runs, a yes-like token (:data:`POS` minus :math:`\{y^+, y^-\}`) among the top-3 probability
 gainers at a step of :data:`REPORT_STEPS`. A cell is ``"reproduced"`` iff no > never shows the
-EFFECT and none of the control pairs does.
+EFFECT and none of the control pairs does; ``"uninformative"`` if its rate rule met no target.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from sims.analysis.kernel import hidden_kernel, rmsprop_preconditioner, velocity
 from sims.analysis.scores import pearson
 from sims.analysis.summaries import relative_error, sign_agreement, statistic
 from sims.data.real_embeddings import load_minilm, minilm_dir, word_subset
-from sims.flows.core import FlowResult, preference_flow
+from sims.data.vocab import semantic_unembeddings
+from sims.flows.core import FlowResult, SFTData, preference_flow, sft_flow
 from sims.models.bert import load_bert_tokenizer
 from sims.models.mlp_features import (
     FeaturePairs,
@@ -48,6 +52,7 @@ from sims.models.mlp_features import (
     feature_sft_flow,
     make_feature_pairs,
 )
+from sims.models.unconstrained import PreferencePairs, UnconstrainedFeatures, make_pairs
 from theory.kernel import kernel_anisotropy, preconditioned_logprob_velocity
 from theory.losses import make_loss, margin_derivative, mean_pair_loss
 from theory.single_token import logprob_velocity
@@ -68,6 +73,18 @@ SIGN_TOL = 1e-6
 LOSS_TYPES = ("dpo", "ipo")  # preference losses (DPO with beta, IPO with tau)
 INITS = ("mean_field", "lazy")  # feature-learning and lazy parametrisations
 ARMS = ("W_frozen", "W_trained")  # the unembeddings during the preference phase
+#: Positive control: the geometries of :mod:`sims.data.vocab`, the feature kinds, hidden size d.
+CONTROL_GEOMETRIES = ("catastrophic", "benign", "none")
+CONTROL_FEATURES = ("free_h", "mlp")
+CONTROL_HIDDEN_SIZE = 32
+#: The allowed entries of each tuple setting of :func:`run_learned_features`.
+CHOICES = {
+    "loss_types": LOSS_TYPES,
+    "inits": INITS,
+    "arms": ARMS,
+    "control_geometries": CONTROL_GEOMETRIES,
+    "control_features": CONTROL_FEATURES,
+}
 
 
 class StatementFeatures(NamedTuple):
@@ -183,29 +200,46 @@ def smallest_passing_rate(
     return {"lr": grid[index], "met": met, "evaluated": evaluated}
 
 
-def feature_sft(
-    model0: ScaledMLPFeatures,
-    features: np.ndarray,
+def _sft_flow(model0, inputs, labels, lr, steps):
+    if isinstance(model0, UnconstrainedFeatures):
+        data = SFTData(jnp.asarray(inputs), jnp.asarray(labels))
+        return sft_flow(
+            model0, data, dt=lr, num_steps=steps, record_every=steps, optimizer="rmsprop_torch"
+        )
+    return feature_sft_flow(
+        model0, inputs, labels, dt=lr, num_steps=steps, record_every=steps,
+        optimizer="rmsprop_torch",
+    )  # fmt: skip
+
+
+def rate_rule_sft(
+    model0: ScaledMLPFeatures | UnconstrainedFeatures,
+    inputs: np.ndarray,
     labels: np.ndarray,
     *,
     steps: int,
     target: float,
-) -> tuple[ScaledMLPFeatures, dict[str, Any]]:
-    """Return the SFT model and its record: full-batch torch RMSprop for ``steps`` steps at the
-    smallest :data:`LR_GRID` rate whose mean :math:`\\pi(\\text{label}|x)` reaches ``target``.
+) -> tuple[ScaledMLPFeatures | UnconstrainedFeatures, dict[str, Any]]:
+    r"""Return the SFT model and its record: full-batch torch RMSprop for ``steps`` steps at the
+    smallest :data:`LR_GRID` rate whose mean :math:`\pi(\text{label}|x)` reaches ``target``.
+
+    Args:
+      model0: the model before SFT: :class:`~sims.models.mlp_features.ScaledMLPFeatures`
+        (``inputs`` = features ``[P, f]``) or, free h,
+        :class:`~sims.models.unconstrained.UnconstrainedFeatures` (``inputs`` = prompt ids
+        ``[P]``; ``W`` trains too).
+      labels: ``[P]`` token ids.
 
     Returns:
       ``(model, info)``: ``info`` holds the rule's ``lr``, ``met``, ``evaluated``, the mean and
-      quartiles of :math:`\\pi(\\text{label}|x)` over the prompts, and the relative weight change
-      :math:`|A - A^{(0)}|_F / |A^{(0)}|_F` of ``fc_in`` and ``fc_out``.
+      quartiles of :math:`\pi(\text{label}|x)` over the prompts, and the relative weight change
+      :math:`|A - A^{(0)}|_F / |A^{(0)}|_F` of ``fc_in`` and ``fc_out`` (free h: of ``hidden`` and
+      ``unembedding``).
     """
     finals = {}
 
     def score(lr):
-        res = feature_sft_flow(
-            model0, features, labels, dt=lr, num_steps=steps, record_every=steps,
-            optimizer="rmsprop_torch",
-        ).run()  # fmt: skip
+        res = _sft_flow(model0, inputs, labels, lr, steps).run()
         finals[lr] = res
         return float(np.mean(np.exp(np.asarray(res.observables)[-1])))
 
@@ -215,13 +249,13 @@ def feature_sft(
     res = finals[rule["lr"]]
     pi = np.exp(np.asarray(res.observables)[-1])  # [P]
     model = res.final
-    change = {
-        name: float(
-            np.linalg.norm(getattr(model, name)[...] - getattr(model, f"{name}_init")[...])
-            / np.linalg.norm(getattr(model, f"{name}_init")[...])
-        )
-        for name in ("fc_in", "fc_out")
-    }
+    if isinstance(model0, UnconstrainedFeatures):
+        pairs = {name: (getattr(model, name)[...], getattr(model0, name)[...])
+                 for name in ("hidden", "unembedding")}  # fmt: skip
+    else:
+        pairs = {name: (getattr(model, name)[...], getattr(model, f"{name}_init")[...])
+                 for name in ("fc_in", "fc_out")}  # fmt: skip
+    change = {n: float(np.linalg.norm(a - b) / np.linalg.norm(b)) for n, (a, b) in pairs.items()}
     info = {
         **rule,
         "pi_label_mean": float(pi.mean()),
@@ -345,6 +379,11 @@ def _run_logprobs(model: ScaledMLPFeatures, pairs: FeaturePairs) -> jax.Array:
     return model(pairs.features)[0]
 
 
+def _free_run_logprobs(model: UnconstrainedFeatures, pairs: PreferencePairs) -> jax.Array:
+    """[V] ln pi(.|x) of a single-prompt run's prompt (free h)."""
+    return model(pairs.prompt)[0]
+
+
 def _margin(model: ScaledMLPFeatures, pairs: FeaturePairs) -> jax.Array:
     """Scalar margin of a single-pair run (the lr rule's observable)."""
     return pairs.record(model).margin[0]
@@ -363,8 +402,15 @@ def _flow(model, pairs, loss, lr, num_steps, observe) -> FlowResult:
     ).run()
 
 
+def _pairs(model, data: StatementFeatures, prompts, pos, neg):
+    """Pairs of ``model``'s family at the prompts ``prompts`` (indices into the statements)."""
+    if isinstance(model, UnconstrainedFeatures):
+        return make_pairs(model, prompts, pos, neg)
+    return make_feature_pairs(model, data.features[prompts], pos, neg)
+
+
 def margin_rate(
-    model: ScaledMLPFeatures,
+    model: ScaledMLPFeatures | UnconstrainedFeatures,
     data: StatementFeatures,
     loss: Any,
     *,
@@ -374,10 +420,9 @@ def margin_rate(
     r"""Return the preference rate rule's choice (:func:`smallest_passing_rate` on
     :data:`LR_GRID`): the smallest rate at which ``num_steps`` torch-RMSprop steps grow the
     margin :math:`\ln\pi(no|x) - \ln\pi(never|x)` of the held-out prompt by ``>= margin_target``
-    nats (a run that fails with a non-finite value scores :math:`-\infty`)."""
-    pairs = make_feature_pairs(
-        model, data.features[data.held_out][None], [data.ids["no"]], [data.ids["never"]]
-    )
+    nats (a run that fails with a non-finite value scores :math:`-\infty`); ``met`` False: no
+    grid rate reaches the target."""
+    pairs = _pairs(model, data, [data.held_out], [data.ids["no"]], [data.ids["never"]])
 
     def growth(lr):
         try:
@@ -412,23 +457,16 @@ def _compare(pred: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def _run(probs, logp, at0, r, yp, yn, K_start, lam, lr, data) -> dict:
-    """Numbers of one run (``probs``/``logp`` ``[T+1, V]``)."""
+def _run_basics(probs, logp, prompt, yp, yn, data) -> dict:
+    """Numbers of one run that need no kernel (``probs``/``logp`` ``[T+1, V]``)."""
     ip, ineg = data.ids[yp], data.ids[yn]
     yes_like = {w for w in POS if w not in (yp, yn)}
     same, other = (POS, NEG) if yp in POS else (NEG, POS)
     gainers = gainers_at(probs, data.words, k=3, checkpoints=REPORT_STEPS)
     names = {n for step in gainers for n, _ in step}
-    u = data.W[ip] - data.W[ineg]
-    align = {
-        "K_P": data.W @ (at0["K_P"][r] @ u),
-        "K": data.W @ (K_start[r] @ u),
-        "free_h": data.W @ u,
-    }
     yes_rows = [data.ids[w] for w in sorted(yes_like)]
-    truth = at0["truth"][r]
     return {
-        "prompt": data.texts[data.run_prompts[r]],
+        "prompt": data.texts[prompt],
         "pi_pos": probs[:, ip],
         "pi_pos_start": float(probs[0, ip]),
         "pi_pos_min": float(probs[:, ip].min()),
@@ -439,6 +477,21 @@ def _run(probs, logp, at0, r, yp, yn, K_start, lam, lr, data) -> dict:
         "yes_like_gainer": bool(names & yes_like),
         "benign": sorted(names & (set(same) - {yp})),
         "catastrophic": sorted(names & (set(other) - {yn})),
+    }
+
+
+def _run_kernel(logp, at0, r, yp, yn, K_start, lam, lr, data) -> dict:
+    """Kernel numbers of run ``r`` at t = 0."""
+    ip, ineg = data.ids[yp], data.ids[yn]
+    yes_rows = [data.ids[w] for w in sorted(w for w in POS if w not in (yp, yn))]
+    u = data.W[ip] - data.W[ineg]
+    align = {
+        "K_P": data.W @ (at0["K_P"][r] @ u),
+        "K": data.W @ (K_start[r] @ u),
+        "free_h": data.W @ u,
+    }
+    truth = at0["truth"][r]
+    return {
         "lambda_eff": [float(x[r]) for x in lam],  # K before SFT, K at start, K_P at start
         "kernel_vs_truth": _compare(at0["kernel"][r], truth),
         "free_h_vs_truth": _compare(at0["free_h"][r], truth),
@@ -448,6 +501,60 @@ def _run(probs, logp, at0, r, yp, yn, K_start, lam, lr, data) -> dict:
         "rank_best_yes_like": {k: min(_rank(a, i) for i in yes_rows) for k, a in align.items()},
         "top_aligned_K_P": [data.words[i] for i in np.argsort(-align["K_P"])[:3]],
     }
+
+
+def _pair_basics(runs: list[dict], R: int, drop_threshold: float) -> dict:
+    """A pair's run list and the means behind its EFFECT flag."""
+    drop = float(np.mean([x["max_drop"] for x in runs]))
+    yes_runs = sum(x["yes_like_gainer"] for x in runs)
+    counts = {}
+    for s, step in enumerate(REPORT_STEPS):
+        c = Counter(n for x in runs for n, _ in x["gainers"][s])
+        counts[str(step)] = {n: k for n, k in c.most_common()}
+    return {
+        "runs": runs,
+        "pi_pos_mean": np.mean([x["pi_pos"] for x in runs], axis=0),
+        "pi_pos_start_mean": float(np.mean([x["pi_pos_start"] for x in runs])),
+        "pi_pos_min_mean": float(np.mean([x["pi_pos_min"] for x in runs])),
+        "max_drop_mean": drop,
+        "margin_growth_mean": float(np.mean([x["margin_growth"] for x in runs])),
+        "yes_like_gainer_runs": int(yes_runs),
+        "effect": bool(drop >= drop_threshold and 2 * yes_runs >= R),
+        "gainer_counts": counts,
+    }
+
+
+def summarise_runs(
+    logp: np.ndarray,
+    lr: float,
+    data: StatementFeatures,
+    *,
+    runs_per_pair: int,
+    drop_threshold: float,
+) -> dict[str, Any]:
+    r"""Return the kernel-free numbers of a cell, per pair of :data:`PAIRS`.
+
+    Args:
+      logp: ``[4R, T+1, V]`` :math:`\ln\pi(\cdot|x)` of every run at every step (pairs in
+        :data:`PAIRS` order, ``R = runs_per_pair`` each).
+      lr: the cell's preference rate.
+      drop_threshold: the EFFECT's mean largest drop of :math:`\pi(y^+)`.
+
+    Returns:
+      ``{"lr", "pairs"}``; ``pairs["y+>y-"]`` holds the runs (start, minimum and largest drop of
+      :math:`\pi(y^+)`, margin growth, top-3 gainers at :data:`REPORT_STEPS`, benign /
+      catastrophic gainers), their means and ``effect`` (module docstring).
+    """
+    probs = np.exp(logp)  # [4R, T+1, V]
+    R = runs_per_pair
+    pairs = {}
+    for j, (yp, yn) in enumerate(PAIRS):
+        runs = [
+            _run_basics(probs[r], logp[r], data.run_prompts[r], yp, yn, data)
+            for r in range(j * R, (j + 1) * R)
+        ]
+        pairs[f"{yp}>{yn}"] = _pair_basics(runs, R, drop_threshold)
+    return {"lr": lr, "pairs": pairs}
 
 
 def summarise_cell(
@@ -461,51 +568,33 @@ def summarise_cell(
     runs_per_pair: int,
     drop_threshold: float,
 ) -> dict[str, Any]:
-    r"""Return the numbers of one (arm, init, loss) cell, per pair of :data:`PAIRS`.
+    r"""Return :func:`summarise_runs` with the kernel numbers of each run and pair.
 
     Args:
-      logp: ``[4R, T+1, V]`` :math:`\ln\pi(\cdot|x)` of every run at every step (pairs in
-        :data:`PAIRS` order, ``R = runs_per_pair`` each).
+      logp: as :func:`summarise_runs`.
       at0: :func:`first_step_measurements` of the runs.
-      lr: the cell's preference rate.
-      data: the protocol's data.
       K_start, K_init: ``[4R, d, d]`` gradient-flow kernels at the runs' prompts after and
         before SFT.
-      drop_threshold: the EFFECT's mean largest drop of :math:`\pi(y^+)`.
 
     Returns:
-      ``{"lr", "pairs", "K_P_closed_form_vs_measured"}``; ``pairs["y+>y-"]`` holds the runs
-      (start, minimum and largest drop of :math:`\pi(y^+)`, margin growth, top-3 gainers at
-      :data:`REPORT_STEPS`, benign / catastrophic gainers, :math:`\lambda_{\mathrm{eff}}` of
-      ``K_init``, ``K_start`` and :math:`K_P` on ``span(S)``, kernel form and free-h vs the true
-      first-step velocity, ranks of :math:`y^+` and of the best yes-like token by the alignment
-      :math:`W_z^\top K (W_{y^+} - W_{y^-})`), their means, and ``effect`` (module docstring).
+      :func:`summarise_runs`'s record plus ``K_P_closed_form_vs_measured``; each run adds
+      :math:`\lambda_{\mathrm{eff}}` of ``K_init``, ``K_start`` and :math:`K_P` on ``span(S)``,
+      the kernel form and free-h vs the true first-step velocity, and the ranks of :math:`y^+`
+      and of the best yes-like token by the alignment :math:`W_z^\top K (W_{y^+} - W_{y^-})`;
+      each pair their summaries.
     """
     at0 = {k: np.asarray(v) for k, v in at0.items()}
-    probs = np.exp(logp)  # [4R, T+1, V]
+    cell = summarise_runs(
+        logp, lr, data, runs_per_pair=runs_per_pair, drop_threshold=drop_threshold
+    )
     R = runs_per_pair
     lam = [_lambda_eff(K, data.S) for K in (K_init, K_start, at0["K_P"])]  # 3 x [4R]
-    pairs = {}
     for j, (yp, yn) in enumerate(PAIRS):
-        runs = [
-            _run(probs[r], logp[r], at0, r, yp, yn, K_start, lam, lr, data)
-            for r in range(j * R, (j + 1) * R)
-        ]
-        drop = float(np.mean([x["max_drop"] for x in runs]))
-        yes_runs = sum(x["yes_like_gainer"] for x in runs)
-        counts = {}
-        for s, step in enumerate(REPORT_STEPS):
-            c = Counter(n for x in runs for n, _ in x["gainers"][s])
-            counts[str(step)] = {n: k for n, k in c.most_common()}
-        pairs[f"{yp}>{yn}"] = {
-            "runs": runs,
-            "pi_pos_mean": np.mean([x["pi_pos"] for x in runs], axis=0),
-            "pi_pos_start_mean": float(np.mean([x["pi_pos_start"] for x in runs])),
-            "pi_pos_min_mean": float(np.mean([x["pi_pos_min"] for x in runs])),
-            "max_drop_mean": drop,
-            "yes_like_gainer_runs": int(yes_runs),
-            "effect": bool(drop >= drop_threshold and 2 * yes_runs >= R),
-            "gainer_counts": counts,
+        pair = cell["pairs"][f"{yp}>{yn}"]
+        runs = pair["runs"]
+        for r, run in zip(range(j * R, (j + 1) * R), runs, strict=True):
+            run.update(_run_kernel(logp[r], at0, r, yp, yn, K_start, lam, lr, data))
+        pair.update({
             **{
                 f"lambda_eff_{k}": _stats([x["lambda_eff"][i] for x in runs])
                 for i, k in enumerate(("K_init", "K", "KP"))
@@ -516,9 +605,11 @@ def summarise_cell(
             "free_h_correlation": _stats([x["free_h_vs_truth"]["correlation"] for x in runs]),
             "rank_pos_K_P": _stats([x["rank_pos"]["K_P"] for x in runs]),
             "rank_best_yes_like_K_P": _stats([x["rank_best_yes_like"]["K_P"] for x in runs]),
-        }
-    closed = float(relative_error(at0["K_P"][0], at0["K_P_measured_first"]))
-    return {"lr": lr, "pairs": pairs, "K_P_closed_form_vs_measured": closed}
+        })  # fmt: skip
+    cell["K_P_closed_form_vs_measured"] = float(
+        relative_error(at0["K_P"][0], at0["K_P_measured_first"])
+    )
+    return cell
 
 
 def preference_cell(
@@ -551,31 +642,132 @@ def preference_cell(
     )  # fmt: skip
 
 
+def runs_cell(
+    model: ScaledMLPFeatures | UnconstrainedFeatures,
+    data: StatementFeatures,
+    loss: Any,
+    lr: float,
+    *,
+    num_steps: int,
+    runs_per_pair: int,
+    drop_threshold: float,
+) -> dict[str, Any]:
+    """Return :func:`summarise_runs` of every run of ``data`` at rate ``lr`` (as
+    :func:`preference_cell`, without the kernel measurements; either model family)."""
+    _, pos, neg = data.runs
+    pairs = _pairs(model, data, data.run_prompts, pos, neg)
+    stacked = jax.tree_util.tree_map(lambda a: a[:, None], pairs)  # [R, 1, ...]
+    free = isinstance(model, UnconstrainedFeatures)
+    observe = _free_run_logprobs if free else _run_logprobs
+    logp = np.asarray(_flow(model, stacked, loss, lr, num_steps, observe).observables)
+    return summarise_runs(
+        logp, lr, data, runs_per_pair=runs_per_pair, drop_threshold=drop_threshold
+    )
+
+
+def constructed_vocabulary(
+    data: StatementFeatures, geometry: str, *, hidden_size: int, seed: int
+) -> StatementFeatures:
+    """Return ``data`` on the constructed vocabulary of ``no_over_never``.
+
+    ``W`` [52, ``hidden_size``] is :func:`sims.data.vocab.semantic_unembeddings` (key ``seed``, the
+    same for every ``geometry``: only ``No`` and ``Never`` differ); its label tokens (``No``,
+    ``Yes``, ...) are renamed to the protocol's words (``no``, ``yes``, ...) and its informal
+    ``no`` to ``no_informal``. Prompts, SFT labels (as words), the held-out prompt and the runs
+    are those of ``data``.
+
+    Example:
+      >>> ids = {w: i for i, w in enumerate(NEG + POS)}
+      >>> d = StatementFeatures(None, list(NEG + POS), ids, ["s"], None, np.array([1]), 0,
+      ...                       (None, np.array([0]), np.array([1])), np.array([0]), None)
+      >>> c = constructed_vocabulary(d, "catastrophic", hidden_size=8, seed=0)
+      >>> c.W.shape, c.words[c.labels[0]], c.words[c.runs[1][0]], "no_informal" in c.words
+      ((52, 8), 'never', 'no', True)
+    """
+    W, tokens = semantic_unembeddings(
+        jax.random.key(seed), geometry=geometry, hidden_size=hidden_size
+    )
+    W = np.asarray(W, np.float64)
+    rename = {w.capitalize(): w for w in NEG + POS} | {"no": "no_informal"}
+    words = [rename.get(t, t) for t in tokens]
+    ids = {w: words.index(w) for w in NEG + POS}
+    word_of = {i: w for w, i in data.ids.items()}
+    relabel = lambda a: np.array([ids[word_of[int(i)]] for i in a])  # noqa: E731
+    x, pos, neg = data.runs
+    S = np.stack([W[[ids[w] for w in NEG]].mean(0), W[[ids[w] for w in POS]].mean(0)])
+    return data._replace(W=W, words=words, ids=ids, labels=relabel(data.labels),
+                         runs=(x, relabel(pos), relabel(neg)), S=S)  # fmt: skip
+
+
+def free_hidden_model(W: np.ndarray, num_prompts: int, *, seed: int) -> UnconstrainedFeatures:
+    """Return the free-h model: ``W`` and one hidden embedding per prompt, ``N(0, 1/d)`` entries
+    (key ``seed``), both trainable (Razin et al. 2024, §4.1), float64."""
+    d = W.shape[1]
+    H = jax.random.normal(jax.random.key(seed), (num_prompts, d), jnp.float64) / np.sqrt(d)
+    return UnconstrainedFeatures.from_arrays(jnp.asarray(W, jnp.float64), H)
+
+
 def cell_verdict(cell: dict) -> str:
-    """Return ``"reproduced"`` iff the EFFECT holds for no>never and for none of the controls.
+    """Return ``"uninformative"`` if the cell's rate rule missed its margin target, else
+    ``"reproduced"`` iff the EFFECT holds for no>never and for none of the controls.
 
     Example:
       >>> pairs = {"no>never": {"effect": True}, "never>no": {"effect": False}}
-      >>> cell_verdict({"pairs": pairs})
-      'reproduced'
+      >>> cell_verdict({"pairs": pairs}), cell_verdict({"pairs": pairs, "calibration": {"met": 0}})
+      ('reproduced', 'uninformative')
     """
+    if not cell.get("calibration", {"met": True})["met"]:
+        return "uninformative"
     pairs = cell["pairs"]
     target = pairs["no>never"]["effect"]
     controls = [v["effect"] for k, v in pairs.items() if k != "no>never"]
     return "reproduced" if target and not any(controls) else "not reproduced"
 
 
+def control_detects(control: dict, *, margin_target: float) -> tuple[bool, list[str]]:
+    """Return whether the positive control detects the effect, and why not.
+
+    It does iff, with free h at ``margin_target``, no>never shows the EFFECT in the
+    ``catastrophic`` geometry and not in ``benign`` or ``none``, each rate rule meeting its
+    target (cells keyed ``"geometry/free_h/margin<target>"``; a missing geometry fails).
+
+    Example:
+      >>> cell = lambda e: {"pairs": {"no>never": {"effect": e}}, "calibration": {"met": True}}
+      >>> c = {"catastrophic/free_h/margin8": cell(True), "benign/free_h/margin8": cell(False),
+      ...      "none/free_h/margin8": cell(False)}
+      >>> control_detects(c, margin_target=8.0)
+      (True, [])
+    """
+    reasons = []
+    for geometry, expected in (("catastrophic", True), ("benign", False), ("none", False)):
+        cell = control.get(f"{geometry}/free_h/margin{margin_target:g}")
+        if cell is None:
+            reasons.append(f"{geometry}/free_h at {margin_target:g} nats not run")
+        elif not cell["calibration"]["met"]:
+            reasons.append(f"{geometry}/free_h: no rate grows the margin {margin_target:g} nats")
+        elif cell["pairs"]["no>never"]["effect"] != expected:
+            reasons.append(
+                f"{geometry}/free_h: no>never EFFECT {not expected}, expected {expected}"
+            )
+    return not reasons, reasons
+
+
 def cell_line(cell: dict) -> str:
-    """Return one printable line of a cell: lr and, per pair, start / drop / yes-like runs /
-    lambda_eff / rank of y+."""
+    """Return one printable line of a cell: lr and, per pair, start / drop / margin growth /
+    yes-like runs and (cells with kernel numbers) lambda_eff and the rank of y+."""
     parts = [f"lr {cell['lr']:.3g}"]
     for k, v in cell["pairs"].items():
-        parts.append(
+        text = (
             f"{k} start {v['pi_pos_start_mean']:.2f} drop {v['max_drop_mean']:.2f} "
-            f"yes-like {v['yes_like_gainer_runs']}/{len(v['runs'])} "
-            f"lam K {v['lambda_eff_K']['mean']:.2f} K_P {v['lambda_eff_KP']['mean']:.2f} "
-            f"rank y+ {v['rank_pos_K_P']['mean']:.0f}"
+            f"margin +{v['margin_growth_mean']:.1f} "
+            f"yes-like {v['yes_like_gainer_runs']}/{len(v['runs'])}"
         )
+        if "lambda_eff_K" in v:
+            text += (
+                f" lam K {v['lambda_eff_K']['mean']:.2f} K_P {v['lambda_eff_KP']['mean']:.2f} "
+                f"rank y+ {v['rank_pos_K_P']['mean']:.0f}"
+            )
+        parts.append(text)
     return "; ".join(parts)
 
 
@@ -587,7 +779,7 @@ def run_learned_features(
     unembedding_rate: float,
     sft_steps: int,
     sft_target: float,
-    margin_target: float,
+    margin_targets: Sequence[float],
     beta: float,
     tau: float,
     loss_types: Sequence[str],
@@ -596,31 +788,43 @@ def run_learned_features(
     num_steps: int,
     runs_per_pair: int,
     drop_threshold: float,
+    control_geometries: Sequence[str],
+    control_features: Sequence[str],
     seed: int,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the protocol (float64; needs ``jax_enable_x64``) and return its JSON-ready record.
 
-    Per init of :data:`INITS`: a :class:`~sims.models.mlp_features.ScaledMLPFeatures` (seed
-    ``seed``, all inits share their weights), :func:`feature_sft`, the kernels before and after
-    SFT; then per arm of :data:`ARMS` (``W_trained``: rate ``unembedding_rate``) and loss (DPO
-    with ``beta``, IPO with ``tau``): :func:`margin_rate`, :func:`preference_cell` and
-    :func:`cell_verdict`.
+    Main grid, per init of :data:`INITS`: a :class:`~sims.models.mlp_features.ScaledMLPFeatures`
+    (seed ``seed``; all inits share their weights), :func:`rate_rule_sft`, the kernels before and
+    after SFT; then per arm of :data:`ARMS` (``W_trained``: rate ``unembedding_rate``), loss (DPO
+    with ``beta``, IPO with ``tau``) and margin target: :func:`margin_rate`,
+    :func:`preference_cell`, :func:`cell_verdict`. Positive control, per geometry of
+    ``control_geometries`` (:func:`constructed_vocabulary`, ``d =`` :data:`CONTROL_HIDDEN_SIZE`)
+    and feature kind of ``control_features`` (``free_h``: :func:`free_hidden_model`; ``mlp``: a
+    mean-field ``ScaledMLPFeatures`` of width ``width``, ``W`` frozen): :func:`rate_rule_sft`,
+    then per margin target :func:`margin_rate` and :func:`runs_cell` with DPO.
 
     Returns:
-      ``vocab_kept``, ``prompts``, ``sft`` (per init), ``cells`` (``"arm/init/loss"`` ->
-      :func:`summarise_cell` plus ``calibration``), ``cell_verdicts``, ``verdict``
-      (``"reproduced"`` iff some cell reproduces) and ``reproduced_in``.
+      ``vocab_kept``, ``prompts``, ``sft`` (per init), ``cells`` (``"arm/init/loss/margin<m>"``
+      -> :func:`summarise_cell` plus ``calibration``), ``cell_verdicts``, ``control``
+      (``sft`` and ``cells`` keyed ``"geometry/features/margin<m>"``, ``cell_verdicts``,
+      ``detects``), ``verdict`` and its ``reasons``, ``reproduced_in``. The verdict is
+      ``"reproduced"`` iff some main cell is; otherwise ``"not reproduced"`` if the control
+      detects the effect at the largest margin target (:func:`control_detects`) and every main
+      cell at that target met it, else ``"uninformative"``.
     """
     data = statement_features(vocab_size=vocab_size, runs_per_pair=runs_per_pair, seed=seed)
     losses = {"dpo": make_loss("dpo", beta=beta), "ipo": make_loss("ipo", tau=tau)}
+    steps = {"num_steps": num_steps}
+    rule = {"runs_per_pair": runs_per_pair, "drop_threshold": drop_threshold}
     cells, sft = {}, {}
     for init in inits:
         model0 = ScaledMLPFeatures(
             data.W, data.features.shape[1], width=width, parametrisation=init,
             lazy_scale=lazy_scale, rngs=nnx.Rngs(seed), dtype=jnp.float64,
         )  # fmt: skip
-        model, sft[init] = feature_sft(
+        model, sft[init] = rate_rule_sft(
             model0, data.features, data.labels, steps=sft_steps, target=sft_target
         )
         K_init, err_init = feature_kernels(model0, data.runs[0])
@@ -630,25 +834,54 @@ def run_learned_features(
         log(f"[learned features] {init}: SFT lr {sft[init]['lr']:.3g}, {sft[init]}")
         for arm in arms:
             armed = model.with_unembedding_rate(unembedding_rate if arm == "W_trained" else 0.0)
-            for lt in loss_types:
-                cal = margin_rate(
-                    armed, data, losses[lt], num_steps=num_steps, margin_target=margin_target
-                )
-                key = f"{arm}/{init}/{lt}"
+            for lt, target in ((lt, m) for lt in loss_types for m in margin_targets):
+                cal = margin_rate(armed, data, losses[lt], **steps, margin_target=target)
+                key = f"{arm}/{init}/{lt}/margin{target:g}"
                 cells[key] = preference_cell(
-                    armed, data, losses[lt], cal["lr"], K_start, K_init, num_steps=num_steps,
-                    runs_per_pair=runs_per_pair, drop_threshold=drop_threshold,
-                )  # fmt: skip
+                    armed, data, losses[lt], cal["lr"], K_start, K_init, **steps, **rule
+                )
                 cells[key]["calibration"] = cal
                 log(f"[learned features] {key}: {cell_line(cells[key])}")
+    control = {"sft": {}, "cells": {}}
+    for geometry in control_geometries:
+        cdata = constructed_vocabulary(data, geometry, hidden_size=CONTROL_HIDDEN_SIZE, seed=seed)
+        for kind in control_features:
+            if kind == "free_h":
+                model0 = free_hidden_model(cdata.W, len(cdata.texts), seed=seed)
+            else:
+                model0 = ScaledMLPFeatures(
+                    cdata.W, cdata.features.shape[1], width=width, parametrisation="mean_field",
+                    rngs=nnx.Rngs(seed), dtype=jnp.float64,
+                )  # fmt: skip
+            inputs = np.arange(len(cdata.texts)) if kind == "free_h" else cdata.features
+            model, control["sft"][f"{geometry}/{kind}"] = rate_rule_sft(
+                model0, inputs, cdata.labels, steps=sft_steps, target=sft_target
+            )
+            for target in margin_targets:
+                cal = margin_rate(model, cdata, losses["dpo"], **steps, margin_target=target)
+                key = f"{geometry}/{kind}/margin{target:g}"
+                cell = runs_cell(model, cdata, losses["dpo"], cal["lr"], **steps, **rule)
+                control["cells"][key] = {**cell, "calibration": cal}
+                log(f"[learned features] control {key}: {cell_line(cell)}")
     verdicts = {k: cell_verdict(v) for k, v in cells.items()}
+    control["cell_verdicts"] = {k: cell_verdict(v) for k, v in control["cells"].items()}
+    top = max(margin_targets)
+    control["detects"], reasons = control_detects(control["cells"], margin_target=top)
+    reasons += [
+        f"{k}: no rate grows the held-out margin {top:g} nats"
+        for k, v in verdicts.items()
+        if v == "uninformative" and k.endswith(f"/margin{top:g}")
+    ]
     reproduced = [k for k, v in verdicts.items() if v == "reproduced"]
+    verdict = "reproduced" if reproduced else "uninformative" if reasons else "not reproduced"
     return {
         "vocab_kept": len(data.words),
         "prompts": data.texts,
         "sft": sft,
         "cells": cells,
         "cell_verdicts": verdicts,
-        "verdict": "reproduced" if reproduced else "not reproduced",
+        "control": control,
+        "verdict": verdict,
+        "reasons": reasons,
         "reproduced_in": reproduced,
     }
