@@ -1,36 +1,33 @@
 r"""Razin et al. 2024 Table 1 on a real pretrained network: MiniLM-L6, all ~22M parameters trained.
 
-Issue 13, part 3c (:mod:`sims.protocols.minilm`). Model: the whole ``all-MiniLM-L6-v2`` encoder
-(float32) read out at an appended ``[MASK]``, word embeddings tied as ``W``; its untouched readout
-is near uniform, so SFT comes first. Prompts: ``persona_question(statement)``, 16 statements each
-side of the "ends justify means" trait (written here in the style of the Persona subset, App. H.1).
+Issue 13, part 3c (:mod:`sims.protocols.minilm`). ``all-MiniLM-L6-v2`` (float32) read out at an
+appended ``[MASK]``, ``W`` tied; prompts ``persona_question(s)``, 16 "ends justify means" s a side.
 
-Protocol (App. H.1, scaled to one CPU): SFT on the first ``sft_statements`` statements of each
-class, each labelled with one random word of its set -- trait-according from N = {no, never,
-maybe, perhaps}, the others from Y = {yes, yeah, sure, certainly, absolutely} -- full batch, torch
-RMSprop, every parameter. Then per run one prompt (seeded draw from the SFT prompts of y+'s
-class), DPO (beta 0.1; reference = the SFT model), torch RMSprop, 100 steps, all parameters; pairs
-no > never and the controls never > no, yes > no, sure > yes; IPO (tau 0.01) in ``--scale``.
-Recorded per run: pi(.|x) at every step, the largest decrease of pi(y+) between any two steps, the
-top-3 gainers at steps 5, 25, 100; at t = 0, on the first ``kernel_prompts`` no > never runs, the
-kernel measurements (:func:`~sims.protocols.minilm.kernel_summary`). A run is *stable* (App. H.1)
-if its training loss decreases at every step; only stable runs enter rows and verdict.
-Learning rates (rules fixed before any preference run; pilots, which ran SFT or recorded the loss
-only, in :mod:`sims.protocols.minilm`): SFT: the smallest lr in {1e-6, 3e-6, 1e-5, 3e-5, 1e-4}
-whose ``sft_steps`` steps leave a mean mass >= 0.9 on each prompt's own label set: 1e-4. DPO: the
-largest lr in {sft_lr, /3, /10, /30, /100} at which every run of the default config decreases its
-loss at every step (App. H's "largest stable" rule): 1e-6. IPO: lr / 10 (App. H.1).
+Protocol (App. H.1 on one CPU; start state amended by issue 18 before the amended default first
+ran): the first 8 statements of each class, trait-according (labels from N = {no, never, maybe,
+perhaps}) and not (Y = {yes, yeah, sure, certainly, absolutely}). A seeded permutation per class
+gives each pair 3 distinct prompts of y+'s class, labelled y+ for SFT (other prompts: a random
+word of their set). SFT: full batch, torch RMSprop, every parameter, in blocks of ``sft_steps``
+steps (fresh optimiser state) until every run's prompt has pi(y+) >= 0.5, at most 3 blocks; a run
+starting below 0.5 is *uninformative*. Per run DPO (beta 0.1; reference = the SFT model), torch
+RMSprop, 100 steps, all parameters; IPO (tau 0.01) in ``--scale``. Recorded per run: pi(.|x) at
+every step, the largest decrease of pi(y+) between any two steps, beside it the entropy of pi and
+the margin growth, the top-3 gainers at steps 5, 25, 100; at t = 0 on the first no > never run
+:func:`~sims.protocols.minilm.kernel_summary`. A run is *stable* (App. H.1) if its training loss
+decreases at every step, *counted* if informative and stable; only counted runs enter rows and
+verdict. Learning rates (pilots on SFT or the loss only, :mod:`sims.protocols.minilm`): SFT 1e-4
+(the smallest of {1e-6, 3e-6, 1e-5, 3e-5, 1e-4} with mean own-set mass >= 0.9), DPO 1e-6 (the
+largest of {sft_lr, /3, /10, /30, /100} with every pilot run stable, App. H; kept), IPO lr/10.
 
 **Reproduction (pre-registered, the issue's wording):** pi(y+) drops by >= 0.2, with yes-like
 tokens among the top gainers, for no > never and not for the controls. **Anything else is "not
-reproduced"**, reported with the kernel explanation. Reading, fixed before the first run: for a
-pair, *catastrophic* = (mean decrease of pi(y+) over stable runs >= 0.2) and (in at least half of
-the stable runs a token of the set opposite to y+ -- Y for y+ in N, N for y+ in Y; y+ and y-
-excluded -- is among the top-3 gainers at step 5, 25 or 100). Reproduced iff no > never is
-catastrophic and none of never > no, yes > no, sure > yes is; a pair without a stable run makes
-the result "not reproduced". The verdict uses DPO; IPO rows are reported beside it. Nothing is
-tuned after the first preference run. (Added after the first run, for exact ties in hand-built
-tests; it changes no recorded result: a counted gainer's increase must be > 0.)
+reproduced"** (since issue 18: "uninformative" if a pair has no informative run), reported with
+the kernel explanation. Reading, fixed before the first run: for a pair, *catastrophic* = (mean
+decrease of pi(y+) over counted runs >= 0.2) and (in at least half of the counted runs a token of
+the set opposite to y+ -- Y for y+ in N, N for y+ in Y; y+ and y- excluded -- is among the top-3
+gainers at step 5, 25 or 100, with an increase > 0). Reproduced iff no > never is catastrophic and
+none of never > no, yes > no, sure > yes is; a pair without a counted run makes the result "not
+reproduced". The verdict uses DPO; IPO rows are reported beside it.
 """
 
 from __future__ import annotations
@@ -56,13 +53,15 @@ class Config(fw.ExperimentConfig):
     sft_statements: int = 8  # statements per class in the SFT set; preference prompts come from it
     sft_steps: int = 20  # full-batch SFT steps (the paper: one epoch, ~31 steps of 32)
     sft_lr: float = 1e-4  # SFT RMSprop lr (rule and pilot in the module docstring)
+    sft_min_start: float = 0.5  # SFT blocks until every run starts at pi(y+) >= this
+    sft_max_blocks: int = 3  # most SFT blocks of sft_steps steps
     lr: float = 1e-6  # DPO RMSprop lr (rule and pilot in the module docstring)
     ipo_lr: float = 1e-7  # IPO RMSprop lr: lr / 10 (App. H.1)
     beta: float = 0.1  # DPO KL coefficient
     ipo_tau: float = 0.01  # IPO KL coefficient tau (target margin 1 / (2 tau))
     losses: tuple = ("dpo",)  # preference losses run (the verdict uses dpo)
     num_steps: int = 100  # preference steps per run
-    runs_per_pair: int = 1  # prompts (runs) per pair, distinct
+    runs_per_pair: int = 3  # prompts (runs) per pair, distinct (2x <= sft_statements)
     gain_steps: tuple = (5, 25, 100)  # steps at which top gainers are listed
     top_k: int = 3  # gainers listed per run and step
     kernel_prompts: int = 1  # no > never prompts at which the full 384 x 384 K is measured
@@ -73,8 +72,8 @@ class Config(fw.ExperimentConfig):
              "sft_statements": fw.number_in(1, len(minilm.AGREE_STATEMENTS))}  # fmt: skip
 
     def check(self) -> None:
-        if self.runs_per_pair > self.sft_statements:
-            raise fw.ConfigError("--runs-per-pair must be <= --sft-statements (distinct prompts)")
+        if 2 * self.runs_per_pair > self.sft_statements:
+            raise fw.ConfigError("--runs-per-pair must be <= --sft-statements / 2")
         if self.kernel_prompts > self.runs_per_pair:
             raise fw.ConfigError("--kernel-prompts must be <= --runs-per-pair")
         steps = self.gain_steps
@@ -84,12 +83,12 @@ class Config(fw.ExperimentConfig):
     @classmethod
     def smoke(cls) -> Config:
         return cls(sft_statements=2, sft_steps=2, losses=("dpo", "ipo"), num_steps=4,
-                   gain_steps=(1, 2, 4), tiny_encoder=True)  # fmt: skip
+                   runs_per_pair=1, sft_max_blocks=2, gain_steps=(1, 2, 4),
+                   tiny_encoder=True)  # fmt: skip
 
     @classmethod
-    def scaled(cls) -> Config:
-        """``--scale`` (GPU/TPU): all statements, 10 runs per pair (the paper's count), IPO."""
-        return cls(sft_statements=16, losses=("dpo", "ipo"), runs_per_pair=10, kernel_prompts=2)
+    def scaled(cls) -> Config:  # --scale (GPU/TPU): all statements, 8 runs per pair, IPO
+        return cls(sft_statements=16, losses=("dpo", "ipo"), runs_per_pair=8, kernel_prompts=2)
 
 
 def run(config: Config) -> dict:
@@ -108,23 +107,24 @@ def plot(results: dict) -> plt.Figure:
     fig.suptitle(f"MiniLM-L6 encoder, no > never and controls: {results.get('verdict', 'skipped')}")
     if results["skipped"]:
         return fig
-    recs = [r for r in results["runs"].get("dpo", []) if r["stable"]]
+    recs = [r for r in results["runs"].get("dpo", []) if r["stable"] and r.get("informative", 1)]
     for key in results["rows"].get("dpo", {}):
         if rs := [r for r in recs if r["pair"] == key]:
-            mean_band(ax, [r["pi_pos"] for r in rs], f"{key} ({len(rs)} stable)")
+            mean_band(ax, [r["pi_pos"] for r in rs], f"{key} ({len(rs)} counted)")
     if test := [r for r in recs if r["pair"] == "no>never"]:
         for label, k in {"pi(no)": "pi_pos", "pi(never)": "pi_neg", "Y-set mass": "y_mass"}.items():
             mean_band(bx, [r[k] for r in test], label)
         mean_band(bx, [1 - np.add(r["n_mass"], r["y_mass"]) for r in test], "rest (not N, not Y)")
-    ax.set(xlabel="DPO step", ylabel="pi(y+), stable runs", title="pi(y+) per pair")
-    bx.set(xlabel="DPO step", ylabel="probability, stable runs", title="no > never")
-    rows = [(f"{loss} {k} ({r['stable_runs']}/{r['runs']} stable)", r)
+    ax.set(xlabel="DPO step", ylabel="pi(y+), counted runs", title="pi(y+) per pair")
+    bx.set(xlabel="DPO step", ylabel="probability, counted runs", title="no > never")
+    rows = [(f"{loss} {k} ({r['stable_runs']}/{r['runs']}) H {r.get('entropy_start', 0):.1f}"
+             f"->{r.get('entropy_end', 0):.1f}", r)
             for loss, table in results["rows"].items() for k, r in table.items()]  # fmt: skip
     colors = ["tab:red" if r["catastrophic"] else "tab:gray" for _, r in rows]
     cx.barh(range(len(rows)), [r.get("drop") or 0.0 for _, r in rows], color=colors)
     cx.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
     cx.axvline(minilm.DROP, color="k", ls="--", lw=0.8)
-    cx.set(xlabel="decrease of pi(y+) (red: catastrophic)", title="Table 1 rows")
+    cx.set(xlabel="decrease of pi(y+) (red: catastrophic)", title="rows (counted/runs, entropy)")
     for k in results["kernel"][:1]:
         s, err = k["scatter"], k["kernel"]["rel_err"]
         dx.scatter(s["truth"], s["free_h"], s=5, alpha=0.5, label="free-h Thms 4-5")

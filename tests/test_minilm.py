@@ -18,13 +18,15 @@ IDS = {"N": [0, 1, 2, 3], "Y": [4, 5, 6, 7, 8]}
 FALLS, RISES = np.array([0.7, 0.6, 0.5]), np.array([0.7, 0.6, 0.65])
 
 
-def _record(rows, pos, neg, loss=FALLS):
+def _record(rows, pos, neg, loss=FALLS, min_start=0.0):
     """A run record from per-step {token id: probability} rows on the 10-token vocabulary."""
     probs = np.zeros((len(rows), 10))
     for t, row in enumerate(rows):
         for i, p in row.items():
             probs[t, i] = p
-    return minilm.run_record(probs, loss, pos, neg, NAMES, IDS, "s", top_k=2, gain_steps=(1, 2))
+    return minilm.run_record(
+        probs, loss, pos, neg, NAMES, IDS, "s", top_k=2, gain_steps=(1, 2), min_start=min_start
+    )
 
 
 def _row(records, pos, neg):
@@ -61,6 +63,48 @@ def test_run_record_entropy_and_masses_hand_values():
     np.testing.assert_allclose(rec["entropy"], [np.log(4), 0.0, np.log(2)], rtol=1e-12)
     np.testing.assert_allclose(rec["n_mass"], [0.5, 1.0, 0.5], rtol=1e-12)
     np.testing.assert_allclose(rec["y_mass"], [0.25, 0.0, 0.5], rtol=1e-12)
+
+
+def test_pair_row_counts_only_informative_stable_runs():
+    """A run starting below the start threshold is left out; entropy and margin growth are the
+    means over the counted runs (hand values)."""
+    start_low = [{0: 0.3, 1: 0.3, 4: 0.4}, {0: 0.1, 4: 0.9}, {0: 0.1, 4: 0.9}]  # catastrophic-like
+    low = _record(start_low, 0, 1, min_start=0.5)
+    high = _record([{0: 0.5, 1: 0.5}, {0: 0.8, 1: 0.2}, {0: 0.9, 1: 0.1}], 0, 1, min_start=0.5)
+    assert not low["informative"] and high["informative"]
+    # margin ln(0.9 / 0.1) - ln(0.5 / 0.5) = ln 9
+    np.testing.assert_allclose(high["margin_growth"], np.log(9.0), rtol=1e-12)
+    assert low["margin_growth"] is None  # pi(never) = 0 at the end: undefined, not inf
+    row = _row([low, high], "no", "never")
+    assert (row["runs"], row["informative_runs"], row["stable_runs"]) == (2, 1, 1)
+    assert not row["catastrophic"] and row["drop"] == 0.0
+    np.testing.assert_allclose(row["entropy_start"], np.log(2.0), rtol=1e-12)  # {0.5, 0.5}
+    expected_end = -(0.9 * np.log(0.9) + 0.1 * np.log(0.1))
+    np.testing.assert_allclose(row["entropy_end"], expected_end, rtol=1e-12)
+    row = _row([low], "no", "never")
+    assert (row["informative_runs"], row["catastrophic"]) == (0, None)
+    rows = {
+        k: {"stable_runs": 1, "catastrophic": False} for k in ("never>no", "yes>no", "sure>yes")
+    }
+    assert minilm.minilm_verdict({"no>never": row, **rows})[0] == "uninformative"
+
+
+def test_runs_and_labels_distinct_prompts_labelled_y_pos():
+    ids = {w: 100 + i for i, w in enumerate(minilm.NEG + minilm.POS)}
+    for seed in range(20):
+        for n, R in ((8, 3), (8, 4), (6, 1), (16, 8)):
+            runs, labels = minilm.runs_and_labels(n, R, ids, seed=seed)
+            prompts = [i for _, i in runs]
+            assert len(runs) == 4 * R and len(set(prompts)) == 4 * R  # distinct across pairs
+            for k, i in runs:
+                pos = minilm.PAIRS[k][0]
+                assert (i < n) == (pos in minilm.NEG)  # a prompt of y+'s class
+                assert labels[i] == ids[pos]
+            rest = set(range(2 * n)) - set(prompts)
+            assert all(labels[i] in [ids[w] for w in minilm.NEG] for i in rest if i < n)
+            assert all(labels[i] in [ids[w] for w in minilm.POS] for i in rest if i >= n)
+    with pytest.raises(ValueError, match="2 \\* runs_per_pair must be <= n"):
+        minilm.runs_and_labels(4, 3, ids, seed=0)
 
 
 def _rows(catastrophic, stable=(1, 1, 1, 1)):

@@ -9,11 +9,14 @@ read out at an appended ``[MASK]`` with its word embeddings tied as ``W``
 * :data:`AGREE_STATEMENTS`, :data:`DISAGREE_STATEMENTS` -- 16 statements a person with the
   "ends justify means" trait would say and 16 they would not, written for this project in the
   style of the Persona subset (Perez et al. 2022; Razin et al. 2024, App. H.1), not copied from it;
-* :func:`prepare_minilm` -- SFT on the statements (labels drawn from the sets :data:`NEG` /
-  :data:`POS`), full batch, torch RMSprop, every parameter; the runs' prompts and pairs;
+* :func:`runs_and_labels`, :func:`prepare_minilm` -- distinct prompts per run, each labelled
+  with its :math:`y^+` (other prompts: a word of their set, :data:`NEG` / :data:`POS`); SFT in
+  blocks until every run's prompt has :math:`\pi(y^+) \ge 0.5` (issue 18), full batch, torch
+  RMSprop, every parameter; the runs' pairs;
 * :func:`preference_runs` -- single-prompt DPO / IPO runs (vmapped, one compile);
-* :func:`run_record`, :func:`pair_row` -- one run's numbers, and a Table 1 row over the stable
-  runs with the pre-registered ``catastrophic`` flag;
+* :func:`run_record`, :func:`pair_row` -- one run's numbers (drop, entropy, margin growth,
+  informative / stable), and a Table 1 row over the counted runs with the pre-registered
+  ``catastrophic`` flag; :func:`minilm_verdict`;
 * :func:`kernel_summary` -- the t = 0 kernel measurements (truth by channel, ``K = JJ^T``, the tied
   kernel form, lambda_eff);
 * :func:`run_minilm_protocol` -- the whole protocol, as a JSON-ready dict with its verdict.
@@ -205,6 +208,11 @@ def class_top_tokens(
     ]
 
 
+def _margin_growth(p: np.ndarray) -> float | None:
+    """ln(p[1, 0] / p[1, 1]) - ln(p[0, 0] / p[0, 1]); None if a probability underflowed to 0."""
+    return float(np.diff(np.log(p[:, 0] / p[:, 1]))[0]) if np.all(p > 0) else None
+
+
 def run_record(
     probs: np.ndarray,
     loss: np.ndarray,
@@ -216,6 +224,7 @@ def run_record(
     *,
     top_k: int,
     gain_steps: Sequence[int],
+    min_start: float = 0.0,
 ) -> dict[str, Any]:
     """Return the numbers of one preference run.
 
@@ -227,9 +236,12 @@ def run_record(
       ids: ``{"N": ids of NEG, "Y": ids of POS}``.
       prompt: the run's statement.
       top_k, gain_steps: gainers listed per step, and the steps.
+      min_start: the run is ``informative`` iff it starts at :math:`\\pi(y^+) \\ge` this.
 
     Returns:
-      ``pair``, ``prompt``, :math:`\\pi(y^+)` and :math:`\\pi(y^-)` series, ``loss``, ``stable``
+      ``pair``, ``prompt``, :math:`\\pi(y^+)` and :math:`\\pi(y^-)` series, ``informative``,
+      ``margin_growth`` (of :math:`\\ln\\pi(y^+) - \\ln\\pi(y^-)`, nats; ``None`` if a
+      probability underflowed to 0), ``loss``, ``stable``
       (the loss decreases at every step, App. H.1), ``drop`` (largest decrease of
       :math:`\\pi(y^+)`, :func:`sims.analysis.gainers.largest_decrease`), ``gainers`` per step,
       ``opposite_gainer`` (a token of the set opposite to :math:`y^+`, :math:`y^\\pm` excluded,
@@ -244,6 +256,8 @@ def run_record(
         "prompt": prompt,
         "pi_pos": probs[:, pos],
         "pi_neg": probs[:, neg],
+        "informative": bool(probs[0, pos] >= min_start),
+        "margin_growth": _margin_growth(probs[[0, -1]][:, [pos, neg]]),
         "loss": loss,
         "stable": bool(np.all(np.diff(loss) < 0)),
         "drop": float(largest_decrease(probs[:, pos])),
@@ -255,18 +269,28 @@ def run_record(
     }
 
 
+def _mean_defined(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None (None if none is)."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
 def pair_row(
     records: Sequence[dict], pos_word: str, neg_word: str, *, drop_threshold: float
 ) -> dict[str, Any]:
-    """Return the Table 1 row of one pair over its stable runs (:func:`run_record`).
+    """Return the Table 1 row of one pair over its counted runs (:func:`run_record`).
 
-    The row holds pi(y+) before -> minimum, the mean decrease, the gainers aggregated over the
-    stable runs (count, mean gain, kind: ``y+``, ``y-``, ``same set``, ``opposite set`` or
-    ``other``), the mean mass on N, Y and the rest and the entropy at the start and the end, and
-    the pre-registered flag ``catastrophic`` = mean decrease ``>= drop_threshold`` and an
-    opposite-set gainer in at least half of the stable runs (``None`` without a stable run).
+    A run is counted if it is informative (starts at :math:`\\pi(y^+) \\ge` the start
+    threshold) and stable. The row holds the numbers of runs, informative runs and counted runs
+    (``stable_runs``); over the counted runs, pi(y+) before -> minimum, the mean decrease, the
+    mean margin growth, the mean entropy of pi at the start and the end, the gainers aggregated
+    (count, mean gain, kind: ``y+``, ``y-``, ``same set``, ``opposite set`` or ``other``), the
+    mean mass on N, Y and the rest; and the pre-registered flag ``catastrophic`` = mean decrease
+    ``>= drop_threshold`` and an opposite-set gainer in at least half of the counted runs
+    (``None`` without a counted run).
     """
-    stable = [r for r in records if r["stable"]]
+    informative = [r for r in records if r.get("informative", True)]
+    stable = [r for r in informative if r["stable"]]
     same = NEG if pos_word in NEG else POS
     opposite = POS if pos_word in NEG else NEG
 
@@ -283,16 +307,26 @@ def pair_row(
                 seen.setdefault(w, []).append(g)
         order = sorted(seen, key=lambda w: (-len(seen[w]), -np.mean(seen[w])))
         gainers[step] = [[w, len(seen[w]), float(np.mean(seen[w])), kind(w)] for w in order]
-    row = {"y_pos": pos_word, "y_neg": neg_word, "runs": len(records), "stable_runs": len(stable)}
+    row = {
+        "y_pos": pos_word,
+        "y_neg": neg_word,
+        "runs": len(records),
+        "informative_runs": len(informative),
+        "stable_runs": len(stable),
+    }
     if not stable:
         return {**row, "catastrophic": None, "gainers": gainers}
     drop = float(np.mean([r["drop"] for r in stable]))
     hits = sum(r["opposite_gainer"] for r in stable)
+    mean = lambda f: float(np.mean([f(r) for r in stable]))  # noqa: E731
     return {
         **row,
-        "pi_before": float(np.mean([r["pi_pos"][0] for r in stable])),
-        "pi_min": float(np.mean([np.min(r["pi_pos"]) for r in stable])),
+        "pi_before": mean(lambda r: r["pi_pos"][0]),
+        "pi_min": mean(lambda r: np.min(r["pi_pos"])),
         "drop": drop,
+        "entropy_start": mean(lambda r: r["entropy"][0]),
+        "entropy_end": mean(lambda r: r["entropy"][-1]),
+        "margin_growth": _mean_defined([r["margin_growth"] for r in stable]),
         "opposite_gainer_runs": int(hits),
         "runs_drop_and_opposite": int(  # diagnostic: both halves of the rule in the same run
             sum(r["opposite_gainer"] and r["drop"] >= drop_threshold for r in stable)
@@ -421,6 +455,48 @@ class MiniLMSetup(NamedTuple):
     sft: dict
 
 
+def _label_probs(model, prompts, labels) -> np.ndarray:
+    """[N] pi(label_i | x_i) at each prompt's mask."""
+    p = np.asarray(_mask_probs_all(model, prompts))
+    return p[np.arange(len(labels)), labels]
+
+
+def runs_and_labels(
+    n: int, runs_per_pair: int, word_ids: dict[str, int], *, seed: int
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Return the runs ``[(pair index into PAIRS, statement index)]`` and the SFT labels ``[2n]``.
+
+    Statements ``0..n-1`` are class N, ``n..2n-1`` class Y. Per class a seeded permutation; the
+    first pair of :data:`PAIRS` whose :math:`y^+` is in the class takes its first
+    ``runs_per_pair`` statements, the second the next ``runs_per_pair``. A run's statement is
+    labelled with its pair's :math:`y^+`; every other statement with a seeded draw from its
+    class's set (:data:`NEG` / :data:`POS`), as token ids ``word_ids[word]``.
+
+    Raises:
+      ValueError: ``2 * runs_per_pair > n``.
+
+    Example:
+      >>> ids = {w: i for i, w in enumerate(NEG + POS)}
+      >>> runs, labels = runs_and_labels(2, 1, ids, seed=0)
+      >>> [(PAIRS[k][0], NEG[labels[i]] if i < 2 else POS[labels[i] - 4]) for k, i in runs]
+      [('no', 'no'), ('never', 'never'), ('yes', 'yes'), ('sure', 'sure')]
+    """
+    if 2 * runs_per_pair > n:
+        raise ValueError(f"2 * runs_per_pair must be <= n={n}, got runs_per_pair={runs_per_pair}")
+    rng = np.random.default_rng(seed)
+    order = {"N": rng.permutation(n), "Y": n + rng.permutation(n)}  # statement indices
+    labels = np.concatenate([rng.choice([word_ids[w] for w in NEG], n),
+                             rng.choice([word_ids[w] for w in POS], n)])  # fmt: skip
+    runs, taken = [], {"N": 0, "Y": 0}
+    for k, (pos_word, _) in enumerate(PAIRS):
+        side = "N" if pos_word in NEG else "Y"
+        block = order[side][taken[side] : taken[side] + runs_per_pair]
+        taken[side] += runs_per_pair
+        runs += [(k, int(i)) for i in block]
+        labels[block] = word_ids[pos_word]
+    return runs, labels
+
+
 def prepare_minilm(
     *,
     sft_statements: int,
@@ -428,71 +504,82 @@ def prepare_minilm(
     sft_lr: float,
     runs_per_pair: int,
     seed: int,
+    sft_min_start: float = 0.5,
+    sft_max_blocks: int = 3,
     tiny_encoder: bool = False,
     agree: Sequence[str] = AGREE_STATEMENTS,
     disagree: Sequence[str] = DISAGREE_STATEMENTS,
     log: Callable[[str], None] = print,
 ) -> MiniLMSetup:
-    """Return the SFT model and the preference runs of the protocol.
+    r"""Return the SFT model and the preference runs of the protocol.
 
-    Loads MiniLM (:func:`minilm_encoder`); labels the first ``sft_statements`` of ``agree`` with
-    seeded draws from :data:`NEG` and as many of ``disagree`` from :data:`POS`; SFT: full batch,
-    torch RMSprop at ``sft_lr`` for ``sft_steps`` steps, every parameter (recording the mass on
-    the prompt's own label set); then per pair of :data:`PAIRS`, ``runs_per_pair`` distinct SFT
-    prompts of the class of :math:`y^+` (seeded), and their pairs (reference = the SFT model).
+    Loads MiniLM (:func:`minilm_encoder`) and takes the first ``n = sft_statements`` of ``agree``
+    (class N) and of ``disagree`` (class Y); runs and SFT labels by :func:`runs_and_labels` (a
+    run's prompt is labelled with its :math:`y^+`). SFT: full batch, torch RMSprop at ``sft_lr``,
+    every parameter, in blocks of ``sft_steps`` steps (each block a fresh optimiser state),
+    repeated while a run's prompt has :math:`\pi(y^+|x) <` ``sft_min_start``, at most
+    ``sft_max_blocks`` blocks. The runs' pairs take the SFT model as reference.
 
     Raises:
-      ValueError: ``sft_statements`` more than the statements given, ``runs_per_pair >
-        sft_statements``.
+      ValueError: ``sft_statements`` more than the statements given, ``2 * runs_per_pair >
+        sft_statements`` (two pairs per class draw distinct prompts), ``sft_max_blocks < 1``.
     """
     n = sft_statements
     if not 1 <= n <= min(len(agree), len(disagree)):
         raise ValueError(
             f"sft_statements must be in [1, {min(len(agree), len(disagree))}], got {n}"
         )
-    if runs_per_pair > n:
-        raise ValueError(f"runs_per_pair must be <= sft_statements={n}, got {runs_per_pair}")
+    if 2 * runs_per_pair > n:
+        raise ValueError(f"2 * runs_per_pair must be <= sft_statements={n}, got {runs_per_pair}")
+    if sft_max_blocks < 1:
+        raise ValueError(f"sft_max_blocks must be >= 1, got {sft_max_blocks}")
     folder = minilm_dir()
     tok, model = load_bert_tokenizer(folder), minilm_encoder(folder, tiny=tiny_encoder, seed=seed)
     names = [""] * model.vocab_size
     for word, i in tok.get_vocab().items():
         names[i] = word
     ids = {"N": [tok.token_to_id(w) for w in NEG], "Y": [tok.token_to_id(w) for w in POS]}
-    rng = np.random.default_rng(seed)
+    word_ids = {w: tok.token_to_id(w) for w in NEG + POS}
+    runs, labels = runs_and_labels(n, runs_per_pair, word_ids, seed=seed)
+    sel = np.array([i for _, i in runs])
     statements = tuple(agree[:n]) + tuple(disagree[:n])
     prompts = encode_masked_prompts(tok, [persona_question(s) for s in statements])
-    labels = np.concatenate([rng.choice(ids["N"], n), rng.choice(ids["Y"], n)])
     data = MaskedLMLabels(*(jnp.asarray(a) for a in prompts), jnp.asarray(labels))
     data.validate(model)
     top_before = class_top_tokens(model, prompts, n, names)
-    sft = integrate_model(
-        model,
-        masked_lm_nll,
-        LabelSetMass(tuple(ids["N"]), tuple(ids["Y"])),
-        data,
-        dt=sft_lr,
-        num_steps=sft_steps,
-        optimizer="rmsprop_torch",
-    ).run()
-    model, mass = sft.final, np.asarray(sft.observables)  # mass [S + 1, 2n, 2]
-    own = np.concatenate([mass[:, :n, 0], mass[:, n:, 1]], axis=1)  # own label set's mass
-    log(
-        f"[minilm] SFT: loss {float(sft.loss[0]):.2f} -> {float(sft.loss[-1]):.2f}, own-set "
-        f"mass {own[-1].mean():.3f} (min {own[-1].min():.3f})"
-    )
+    losses, own_mass, start = [], [], []
+    for block in range(sft_max_blocks):
+        sft = integrate_model(
+            model,
+            masked_lm_nll,
+            LabelSetMass(tuple(ids["N"]), tuple(ids["Y"])),
+            data,
+            dt=sft_lr,
+            num_steps=sft_steps,
+            optimizer="rmsprop_torch",
+        ).run()
+        model, mass = sft.final, np.asarray(sft.observables)  # mass [S + 1, 2n, 2]
+        own = np.concatenate([mass[:, :n, 0], mass[:, n:, 1]], axis=1)  # own label set's mass
+        losses.append(np.asarray(sft.loss))
+        own_mass.append(own.mean(1))
+        start.append(_label_probs(model, prompts, labels)[sel])  # pi(y+) at each run's prompt
+        log(
+            f"[minilm] SFT block {block + 1}: loss {float(sft.loss[0]):.2f} -> "
+            f"{float(sft.loss[-1]):.2f}, own-set mass {own[-1].mean():.3f} (min "
+            f"{own[-1].min():.3f}), runs' pi(y+) min {start[-1].min():.3f}"
+        )
+        if start[-1].min() >= sft_min_start:
+            break
     sft_out = {
-        "loss": sft.loss,
-        "own_set_mass": own.mean(1),
+        "blocks": len(losses),
+        "loss": np.concatenate(losses),
+        "own_set_mass": np.concatenate(own_mass),
         "own_set_mass_min": own[-1].min(),
+        "runs_pi_pos": start,
         "labels": [names[i] for i in labels],
         "top_before": top_before,
         "top_after": class_top_tokens(model, prompts, n, names),
     }
-    runs = []  # (pair, prompt index): runs_per_pair distinct prompts of y+'s class per pair
-    for k, (pos_word, _) in enumerate(PAIRS):
-        offset = 0 if pos_word in NEG else n
-        runs += [(k, offset + int(i)) for i in rng.choice(n, runs_per_pair, replace=False)]
-    sel = np.array([i for _, i in runs])
     chosen = np.array([tok.token_to_id(PAIRS[k][0]) for k, _ in runs], np.int32)
     rejected = np.array([tok.token_to_id(PAIRS[k][1]) for k, _ in runs], np.int32)
     pairs = make_masked_lm_pairs(model, type(prompts)(*(a[sel] for a in prompts)), chosen, rejected)
@@ -521,8 +608,10 @@ def preference_runs(
 def minilm_verdict(rows: dict) -> tuple[str, list[str]]:
     """Return the pre-registered verdict of the DPO rows and its reasons.
 
-    ``"reproduced"`` iff no > never is catastrophic and none of the controls is; a pair without a
-    stable run (or no DPO rows at all) makes it ``"not reproduced"``.
+    ``"uninformative"`` if a pair has no informative run (none starts at pi(y+) >= the start
+    threshold; rows without ``informative_runs`` count as informative); else ``"reproduced"`` iff
+    no > never is catastrophic and none of the controls is; a pair without a counted (stable)
+    run, or no DPO rows at all, makes it ``"not reproduced"``.
 
     Example:
       >>> rows = {k: {"stable_runs": 1, "catastrophic": k == "no>never"}
@@ -531,13 +620,15 @@ def minilm_verdict(rows: dict) -> tuple[str, list[str]]:
       ('reproduced', [])
     """
     keys = [f"{p}>{m}" for p, m in PAIRS]
-    reasons = [f"{k}: no stable run" for k in keys if rows and rows[k]["stable_runs"] == 0]
     if not rows:
-        reasons.append("no DPO runs")
-    else:
-        if not rows[keys[0]]["catastrophic"]:
-            reasons.append(f"{keys[0]} not catastrophic")
-        reasons += [f"{k} catastrophic" for k in keys[1:] if rows[k]["catastrophic"]]
+        return "not reproduced", ["no DPO runs"]
+    cold = [k for k in keys if rows[k].get("informative_runs", 1) == 0]
+    if cold:
+        return "uninformative", [f"{k}: no run starts at pi(y+) >= the threshold" for k in cold]
+    reasons = [f"{k}: no stable run" for k in keys if rows[k]["stable_runs"] == 0]
+    if not rows[keys[0]]["catastrophic"]:
+        reasons.append(f"{keys[0]} not catastrophic")
+    reasons += [f"{k} catastrophic" for k in keys[1:] if rows[k]["catastrophic"]]
     return ("not reproduced" if reasons else "reproduced"), reasons
 
 
@@ -558,15 +649,19 @@ def run_minilm_protocol(
     top_k: int,
     kernel_prompts: int,
     sign_tol: float,
+    sft_min_start: float = 0.5,
+    sft_max_blocks: int = 3,
     tiny_encoder: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the protocol and return its JSON-ready record.
 
-    :func:`prepare_minilm`; per loss of ``losses`` (``"dpo"``: beta ``beta`` at ``lr``;
+    :func:`prepare_minilm` (SFT blocks until every run's prompt has pi(y+) >= ``sft_min_start``,
+    at most ``sft_max_blocks``); per loss of ``losses`` (``"dpo"``: beta ``beta`` at ``lr``;
     ``"ipo"``: tau ``ipo_tau`` at ``ipo_lr``) :func:`preference_runs`, :func:`run_record` per run
-    and :func:`pair_row` per pair (threshold :data:`DROP`); :func:`kernel_summary` at the first
-    ``kernel_prompts`` runs (no > never's); :func:`minilm_verdict` of the DPO rows.
+    (informative iff it starts at pi(y+) >= ``sft_min_start``) and :func:`pair_row` per pair
+    (threshold :data:`DROP`); :func:`kernel_summary` at the first ``kernel_prompts`` runs
+    (no > never's); :func:`minilm_verdict` of the DPO rows.
 
     Returns:
       ``sft``, ``runs`` (loss -> records), ``rows`` (loss -> pair -> row), ``kernel``,
@@ -574,7 +669,8 @@ def run_minilm_protocol(
     """
     setup = prepare_minilm(
         sft_statements=sft_statements, sft_steps=sft_steps, sft_lr=sft_lr,
-        runs_per_pair=runs_per_pair, seed=seed, tiny_encoder=tiny_encoder, log=log,
+        runs_per_pair=runs_per_pair, seed=seed, sft_min_start=sft_min_start,
+        sft_max_blocks=sft_max_blocks, tiny_encoder=tiny_encoder, log=log,
     )  # fmt: skip
     names, pairs, ids = setup.names, setup.pairs, setup.ids
     chosen, rejected = np.asarray(pairs.chosen), np.asarray(pairs.rejected)
@@ -601,6 +697,7 @@ def run_minilm_protocol(
                 setup.statements[setup.sel[j]],
                 top_k=top_k,
                 gain_steps=gain_steps,
+                min_start=sft_min_start,
             )  # fmt: skip
             for j in range(len(setup.runs))
         ]
@@ -648,15 +745,20 @@ def summary_lines(results: dict) -> list[str]:
     for loss_name, rows in results["rows"].items():
         for key, row in rows.items():
             if not row["stable_runs"]:
-                lines.append(f"{loss_name} {key}: no stable run of {row['runs']}")
+                lines.append(
+                    f"{loss_name} {key}: no counted run ({row['informative_runs']} of "
+                    f"{row['runs']} start at pi(y+) >= the threshold)"
+                )
                 continue
-            end = row["mass_end"]
+            end, growth = row["mass_end"], row["margin_growth"]
             lines.append(
                 f"{loss_name} {key}: pi(y+) {row['pi_before']:.3f} -> {row['pi_min']:.3f}, "
-                f"drop {row['drop']:.3f}, opposite-set gainer in {row['opposite_gainer_runs']}"
-                f"/{row['stable_runs']} stable runs (with drop >= {DROP} in the same run: "
-                f"{row['runs_drop_and_opposite']}); end mass N {end['N']:.2f} Y "
-                f"{end['Y']:.2f} rest {end['rest']:.2f}"
+                f"drop {row['drop']:.3f}, entropy {row['entropy_start']:.2f} -> "
+                f"{row['entropy_end']:.2f} nats, margin "
+                f"{'n/a' if growth is None else f'+{growth:.1f}'} nats, opposite-set gainer in "
+                f"{row['opposite_gainer_runs']}/{row['stable_runs']} counted runs (with drop >= "
+                f"{DROP} in the same run: {row['runs_drop_and_opposite']}); end mass N "
+                f"{end['N']:.2f} Y {end['Y']:.2f} rest {end['rest']:.2f}"
             )
     for k in results["kernel"]:
         terms = k["yes_gain_terms"].values()
