@@ -119,7 +119,7 @@ def plot(results: dict) -> plt.Figure:
     keys, pairs = list(both), list(next(iter(cells.values()))["pairs"])
     row = lambda k, p: both[k]["pairs"][p]  # noqa: E731
     for key in keys:
-        ax[0].plot(np.asarray(row(key, "no>never")["pi_pos_mean"]), label=key)
+        ax[0].plot(row(key, "no>never")["pi_pos_mean"], ":" if "control" in key else "-", label=key)
     ax[0].set(xlabel="step", ylabel=r"mean $\pi$(no|x)", title="no > never: preferred prob")
     frac = lambda r: r["yes_like_gainer_runs"] / len(r["runs"])  # noqa: E731
     grouped_bars(ax[1], keys, {p: [row(k, p)["max_drop_mean"] for k in keys] for p in pairs})
