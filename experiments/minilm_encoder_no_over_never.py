@@ -132,7 +132,7 @@ def plot(results: dict) -> plt.Figure:
         dx.axline((0, 0), slope=1, color="k", lw=0.6, ls="--")
         dx.set(xlabel="true d/dt ln pi(z|x) / max|true| (t = 0, GF)", ylabel="prediction",
                title=f"lambda_eff(S) {k['lambda_eff_sets']:.2f}; rel err {err:.1e}")  # fmt: skip
-    for a in (ax, bx, dx):
+    for a in (a for a in (ax, bx, dx) if a.get_legend_handles_labels()[0]):
         a.legend(fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
