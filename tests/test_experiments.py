@@ -91,8 +91,10 @@ KEYS = {
     "learned_features_no_over_never": {
         "skipped",
         "verdict",
+        "reasons",
         "cell_verdicts",
         "cells",
+        "control",
         "sft",
         "drop_threshold",
     },
@@ -187,7 +189,7 @@ def test_experiment_same_seed_same_json(name):
     assert dumps(module.run(module.Config.smoke())) == first, "same seed, different JSON"
 
 
-@pytest.mark.parametrize("name", ["real_token_geometry", "minilm_encoder_no_over_never"])
+@pytest.mark.parametrize("name", sorted(NEEDS_MINILM))
 def test_minilm_experiment_skips_without_package(name, monkeypatch):
     module = importlib.import_module(f"experiments.{name}")
     monkeypatch.setattr(module, "minilm_available", lambda: False)
@@ -320,44 +322,19 @@ def test_plot_helpers_draw_what_they_say():
     plt.close(fig)
 
 
-def test_minilm_pair_row_needs_drop_and_opposite_gainers_in_stable_runs():
-    """Hand-built runs on a 10-token vocabulary: the pre-registered 'catastrophic' rule."""
-    from experiments import _minilm as helpers
-    from experiments import minilm_encoder_no_over_never as exp
+def test_grouped_bars_places_one_bar_per_series_and_group():
+    import matplotlib.pyplot as plt
 
-    names = [*helpers.N_SET, *helpers.Y_SET, "cat"]  # ids 0-3 N, 4-8 Y, 9 other
-    ids = {"N": [0, 1, 2, 3], "Y": [4, 5, 6, 7, 8]}
-    config = exp.Config(num_steps=2, gain_steps=(1, 2), top_k=2, tiny_encoder=True)
+    from experiments.framework.plots import grouped_bars
 
-    def row_of(records, pos, neg):
-        return helpers.pair_row(records, pos, neg, drop_threshold=exp.DROP)  # DROP = 0.2
-
-    falls, rises = np.array([0.7, 0.6, 0.5]), np.array([0.7, 0.6, 0.65])
-
-    def record(rows, pos, neg, loss=falls):
-        probs = np.zeros((3, 10))
-        for t, row in enumerate(rows):
-            for i, p in row.items():
-                probs[t, i] = p
-        return helpers.run_record(probs, loss, pos, neg, names, ids, config, "s")
-
-    yes_gains = record(
-        [{0: 0.8, 1: 0.1, 9: 0.1}, {0: 0.5, 4: 0.3, 9: 0.2}, {0: 0.4, 4: 0.4, 9: 0.2}], 0, 1
+    fig, ax = plt.subplots()
+    grouped_bars(ax, ["a", "b", "c"], {"x": [1.0, 2.0, 3.0], "y": [4.0, 5.0, 6.0]})
+    bars = ax.patches
+    assert [b.get_height() for b in bars] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    # width 0.8 / 2 = 0.4; series j starts at group + 0.4 j (bars centred there)
+    np.testing.assert_allclose(
+        [b.get_x() + b.get_width() / 2 for b in bars], [0, 1, 2, 0.4, 1.4, 2.4]
     )
-    assert yes_gains["drop"] == pytest.approx(0.4) and yes_gains["opposite_gainer"]
-    mild = record([{0: 0.8, 9: 0.2}, {0: 0.7, 9: 0.3}, {0: 0.75, 9: 0.25}], 0, 1)
-    assert mild["drop"] == pytest.approx(0.1) and not mild["opposite_gainer"]
-    row = row_of([yes_gains, mild], "no", "never")  # mean drop 0.25, 1 of 2 runs
-    assert row["catastrophic"] and row["drop"] == pytest.approx(0.25)
-    assert row["runs_drop_and_opposite"] == 1  # yes_gains: drop 0.4 and a Y gainer
-    assert row["mass_end"]["Y"] == pytest.approx(0.2)  # (0.4 + 0) / 2
-    assert not row_of([mild, mild], "no", "never")["catastrophic"]  # no Y gainer
-    unstable = record([{0: 0.9, 9: 0.1}, {0: 0.1, 4: 0.9}, {0: 0.1, 4: 0.9}], 0, 1, loss=rises)
-    row = row_of([unstable, mild], "no", "never")  # the unstable run is left out
-    assert (row["stable_runs"], row["catastrophic"]) == (1, False)
-    assert row_of([unstable], "no", "never")["catastrophic"] is None
-    # y+ = yes: the opposite set is N without y- = no; 'yeah' (same set) and 'no' do not count
-    same = record([{4: 0.8, 0: 0.1, 9: 0.1}, {4: 0.5, 5: 0.4, 0: 0.1}, {4: 0.5, 5: 0.5}], 4, 0)
-    other = record([{4: 0.8, 0: 0.1, 9: 0.1}, {4: 0.5, 1: 0.4, 9: 0.1}, {4: 0.5, 1: 0.5}], 4, 0)
-    assert not same["opposite_gainer"] and other["opposite_gainer"]  # 'never' is opposite
-    assert row_of([same, other], "yes", "no")["catastrophic"]  # drop 0.3, 1 of 2
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["x", "y"]
+    plt.close(fig)

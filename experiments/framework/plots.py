@@ -62,3 +62,16 @@ def annotated_scatter(
     for n, xi, yi in zip(names, x, y, strict=True):
         if named(n):
             ax.annotate(n, (xi, yi), fontsize=7)
+
+
+def grouped_bars(
+    ax: plt.Axes, groups: Sequence[str], series: dict[str, Sequence[float]], *, fontsize: int = 7
+) -> None:
+    """Draw grouped bars: one group per entry of ``groups`` (rotated tick labels), one bar per
+    entry of ``series`` (name -> one value per group), and a legend of the series."""
+    width = 0.8 / len(series)
+    for j, (name, vals) in enumerate(series.items()):
+        ax.bar(np.arange(len(groups)) + j * width, vals, width, label=name)
+    ticks = np.arange(len(groups)) + 0.4 - width / 2
+    ax.set_xticks(ticks, groups, rotation=30, ha="right", fontsize=fontsize)
+    ax.legend(fontsize=fontsize)

@@ -18,6 +18,12 @@ Theory in the unconstrained-features model and its relatives:
 
 Networks trained here:
 
+* :mod:`~sims.protocols.learned_features` -- no > never with an MLP backbone over MiniLM
+  statement features and MiniLM ``W``: grid rate rules with a margin target, the constructed
+  vocabulary as positive control, SFT, t = 0 kernel measurements, the EFFECT rule and verdict.
+* :mod:`~sims.protocols.minilm` -- the Table 1 protocol on the whole MiniLM-L6 encoder: SFT
+  blocks to pi(y+) >= 0.5, single-prompt DPO / IPO runs, Table 1 rows, entropy, t = 0
+  tied-kernel measurements, verdict.
 * :mod:`~sims.protocols.toy_transformer` -- the corpus-pretrained toy transformer of the
   small-transformer figures: pre-training settings, persona prompts, velocities at t = 0,
   on-policy refusal pairs, sampled refusal rates.
