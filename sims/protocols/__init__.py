@@ -16,7 +16,7 @@ Theory in the unconstrained-features model and its relatives:
 * :mod:`~sims.protocols.token_geometry` -- the Table 1 / Table 13 protocol on real word
   embeddings as W(0) (unconstrained features: label-set SFT, DPO/IPO runs, gainers).
 
-Networks trained here:
+Networks other than a pretrained causal LM:
 
 * :mod:`~sims.protocols.learned_features` -- no > never with an MLP backbone over MiniLM
   statement features and MiniLM ``W``: grid rate rules with a margin target, the constructed
