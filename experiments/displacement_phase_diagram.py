@@ -1,14 +1,15 @@
 r"""When does DPO displace? A phase diagram of single-token flows against Theorem 4's t = 0 sign.
 
-Issue 14. A cell is one prompt and one single-token pair (:mod:`sims.protocols.phase_instances`):
-:math:`W_{y^+} = w e_0`, :math:`W_{y^-} = w(\rho e_0 + \omega e_1)`, opposite-meaning tokens along
-:math:`-e_1`, synonyms along :math:`e_0`, fillers; :math:`h_0` of norm :math:`\sqrt\kappa\,w` on the
-max-margin direction of ``y+`` plus a direction no token uses, solved to the target :math:`\pi(y^+)`
-(infeasible targets are flagged, not moved). Axes: :math:`\rho, \omega, \kappa, \pi(y^+)` at t = 0,
-``beta``, the loss (DPO; IPO, ``tau = beta``; SLiC, ``delta = 1/(2 beta)``, reference-free; DPO +
-SFT term of weight ``sft_ratio * beta / 2``), the optimiser (Euler = gradient flow; torch RMSprop),
-the kernel gain :math:`\lambda` (:math:`K = I + \lambda P_S`; 0: unconstrained features). Reference:
-the model at t = 0. Paths: exact reduced flow (DPO/IPO/SLiC, SGD, :math:`\lambda = 0`), else full.
+Issue 14. A cell is one prompt and one single-token pair built explicitly
+(:mod:`sims.protocols.phase_instances`: :math:`W_{y^+} = w e_0`, :math:`W_{y^-} = w(\rho e_0 +
+\omega e_1)`, opposite-meaning tokens along :math:`-e_1`, synonyms, fillers; :math:`h_0` on the
+max-margin direction of ``y+``, :math:`\kappa = \|h_0\|^2/w^2`, solved to the target
+:math:`\pi(y^+)`; infeasible targets are flagged, not moved). Axes: :math:`\rho, \omega, \kappa,
+\pi(y^+)` at t = 0, ``beta``, the loss (DPO; IPO, ``tau = beta``; SLiC, ``delta = 1/(2 beta)``,
+reference-free; DPO + SFT term of weight ``sft_ratio * beta / 2``), the optimiser (Euler = gradient
+flow; torch RMSprop), the kernel gain :math:`\lambda` (:math:`K = I + \lambda P_S`; 0: unconstrained
+features). Reference: the model at t = 0. Paths: exact reduced flow (DPO/IPO/SLiC, SGD,
+:math:`\lambda = 0`), else full.
 
 Definitions, fixed before the first run. Prediction (``theorem4``): the sign of
 :math:`\frac{d}{dt}\ln\pi(y^+)` at t = 0 (Theorem 4; kernel form for :math:`\lambda > 0`; plus
@@ -27,6 +28,20 @@ inside the first checkpoint (:math:`G_0` differs 100x between cells), so time is
 :math:`1/(a^-(0)G_0)`, not :math:`1/a^-(0)`; steps halved for the CPU budget (``rmsprop_lr``
 doubled). The ``relative`` criterion (some token outpaces ``y+`` at t = 0: Theorem 5), added after
 seeing opposite-set tokens overtake ``y+`` later, is exploratory, not a pre-registered test.
+
+Added before their first run (pre-registered; no flow had run on the new cells): (a) *thresholds*:
+agreement and P(displaced | predicted down) (and | up) with "displaced" at each of ``report_tols``
+(1e-3, 0.01, 0.05, 0.1 nats) in place of ``displacement_tol``. (b) *The paper's regime*,
+:math:`\pi(y^+) \ge 0.5` at t = 0, reported on its own (counts at ``displacement_tol``, the
+thresholds table; all runs, by optimiser, loss, kernel and source): the main grid's cells there plus
+a fixed extra slice ``paper_rhos`` (1.2, 1.4, 1.6) x ``paper_omegas`` (0.75, 1, 1.5) x
+``paper_kappas`` (0.25, 0.5, 1) x ``paper_probs`` (0.65, 0.8), with the main grid's other axes: 992
+feasible runs, 346 predicted down (the main grid: 20 of 948 at 0.8), chosen from t = 0 predictions
+alone. (c) *Round-off*: every run (grid and slice) is rerun once with each entry of :math:`W` and
+:math:`h_0` multiplied by :math:`1 + \epsilon u`, :math:`u \sim U(-1, 1)` seeded per run,
+:math:`\epsilon` = ``roundoff`` = :math:`2^{-23}` (float32's epsilon); a run is round-off sensitive
+at a threshold when "displaced" differs between the two; agreement is reported with and without the
+sensitive runs.
 """
 
 from __future__ import annotations
@@ -81,17 +96,25 @@ class Config(fw.ExperimentConfig):
     control_runs: int = 48  # random SGD cells rerun for the step and horizon controls (0: none)
     control_factor: int = 4  # step / factor (Euler control) and horizon * factor (horizon control)
     boundary_points: int = 25  # fine-grid points per axis of the Theorem-4 boundary contours
+    report_tols: tuple = (1e-3, 0.01, 0.05, 0.1)  # thresholds of "displaced" reported (nats)
+    paper_rhos: tuple = (1.2, 1.4, 1.6)  # extra slice of the paper's regime: rho
+    paper_omegas: tuple = (0.75, 1.0, 1.5)  # ... omega
+    paper_kappas: tuple = (0.25, 0.5, 1.0)  # ... kappa
+    paper_probs: tuple = (0.65, 0.8)  # ... pi(y+) at t = 0 (the regime: pi(y+) >= 0.5)
+    roundoff: float = 2.0**-23  # relative perturbation of W and h0 in the reruns (0: none)
 
     RULES = {"rhos": fw.each(fw.finite), "omegas": fw.each(fw.nonnegative)}
     RULES |= {"probs": fw.each(fw.open_unit_interval), "lambdas": fw.each(fw.nonnegative)}
     RULES |= {"batch_size": fw.nonnegative_int, "control_runs": fw.nonnegative_int}
     RULES |= {"losses": fw.each(fw.one_of(sp.PHASE_LOSSES))}
-    RULES |= {"optimizers": fw.each(fw.one_of(sp.PHASE_OPTIMIZERS))}
+    RULES |= {"optimizers": fw.each(fw.one_of(sp.PHASE_OPTIMIZERS)), "roundoff": fw.nonnegative}
+    RULES |= {"paper_omegas": fw.each(fw.nonnegative), "paper_probs": RULES["probs"]}
 
     @classmethod
     def smoke(cls) -> Config:  # one path (generic_sgd): one compile; tests cover the others
         s = dict(rhos=(0.5, 1.5), omegas=(0.0, 1.0), kappas=(0.25,), probs=(0.5,), betas=(0.1,))
         s |= dict(losses=("dpo", "dpo_sft"), optimizers=("sgd",), lambdas=(4.0,), num_steps=200)
+        s |= dict(paper_rhos=(1.2,), paper_omegas=(1.0,), paper_kappas=(0.5,), paper_probs=(0.8,))
         return cls(**s, chunk_size=8, batch_size=0, control_runs=0, boundary_points=9)
 
     @classmethod
