@@ -146,7 +146,7 @@ def run(config: Config, *, sweep_dir: str | Path | None = None) -> dict:
     settings = sp.PhaseSettings(**_fields(config, sp.PhaseSettings))
     axes = sp.phase_axes(**_fields(config, sp.phase_axes))
     res = sp.run_phase_diagram(geo, axes, settings, sweep_dir=sweep_dir, name=NAME, log=fw.progress)
-    provenance = fw.provenance(dtype_of=res.outputs["max_drop"])
+    provenance = fw.provenance(dtype_of=res.main.outputs["max_drop"])
     return {**res.report, "config": config, "provenance": provenance}
 
 

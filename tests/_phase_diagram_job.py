@@ -12,26 +12,14 @@ import sys
 
 import jax
 from test_phase_diagram import GEOMETRY, SMALL_AXES
+from test_phase_diagram import SETTINGS as TEST_SETTINGS
 
 from sims.protocols import phase_diagram as pd
 from sims.protocols.phase_instances import make_phase_geometry
 
-#: The experiment's smoke settings, chunks of 2 runs (two paths: reduced and generic_sgd).
-SETTINGS = pd.PhaseSettings(
-    seed=0,
-    sft_ratio=1.0,
-    horizon=100.0,
-    num_steps=200,
-    record_every=10,
-    rmsprop_lr=2e-3,
-    displacement_tol=1e-3,
-    velocity_tol=1e-9,
-    chunk_size=2,
-    batch_size=0,
-    control_runs=0,
-    control_factor=4,
-    boundary_points=9,
-)
+#: The small grid's settings with 200 steps and chunks of 2 runs (two paths: reduced and
+#: generic_sgd), no round-off reruns.
+SETTINGS = pd.PhaseSettings(**{**TEST_SETTINGS, "num_steps": 200, "chunk_size": 2})
 
 
 def run(out) -> dict:

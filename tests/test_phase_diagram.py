@@ -54,6 +54,24 @@ SMALL_AXES = dict(
 )
 SMALL = PhaseSchedule(num_steps=100, record_every=10, sft_ratio=1.0)
 HORIZON = 100.0
+#: Settings of SMALL's schedule (``pd.PhaseSettings`` fields; no reruns, no controls).
+SETTINGS = dict(
+    seed=0,
+    sft_ratio=SMALL.sft_ratio,
+    horizon=HORIZON,
+    num_steps=SMALL.num_steps,
+    record_every=SMALL.record_every,
+    rmsprop_lr=2e-3,
+    displacement_tol=1e-3,
+    velocity_tol=1e-9,
+    chunk_size=4,
+    batch_size=0,
+    control_runs=0,
+    control_factor=4,
+    boundary_points=5,
+    report_tols=(1e-3, 0.01),
+    roundoff=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +149,45 @@ def test_reduced_and_generic_paths_agree(small_grid):
             scale = np.maximum(np.abs(outputs[key][runs]), 1.0)
             err = np.abs(np.asarray(value) - outputs[key][runs]) / scale
             assert np.max(err) <= FLOW_RTOL, f"{key}: worst run {runs[np.argmax(err)]}"
+
+
+@pytest.mark.slow  # ~35 s on the shared 2-core CPU: a sweep and two one-by-one compiles
+def test_sweep_phase_grids_stack_grids_and_round_off_reruns(small_grid):
+    """Two grids swept together with round-off reruns: every run equals the same run alone, and
+    every rerun equals its run from the start perturbed with the key of its index in the stack."""
+    geometry, grid, outputs = small_grid
+    predict = phase_predictor(geometry, sft_ratio=SMALL.sft_ratio)
+    extra = {**SMALL_AXES, "rhos": (1.2,), "kappas": (0.5,), "probs": (0.8,)}
+    axes = {"grid": pd.phase_axes(**SMALL_AXES), "slice": pd.phase_axes(**extra)}
+    settings = pd.PhaseSettings(**{**SETTINGS, "roundoff": 2.0**-23})
+    swept = pd.sweep_phase_grids(geometry, axes, settings, predict)
+    assert swept["slice"].grid["feasible"].sum() >= 2
+    np.testing.assert_array_equal(swept["grid"].outputs["status"], outputs["status"])
+    ok = outputs["status"] == "ok"
+    for key in ("max_drop", "final_change", "margin_end"):  # the grid as swept alone
+        got = swept["grid"].outputs[key][ok]
+        np.testing.assert_allclose(got, outputs[key][ok], rtol=BATCHING_RTOL, atol=1e-14)
+    offsets = {"grid": 0, "slice": grid["feasible"].size}
+    for p, path in enumerate(PHASE_PATHS):
+        if not any(np.any(part.grid["path"] == p) for part in swept.values()):
+            continue
+        one = jax.jit(phase_run_fn(geometry, path, SMALL, seed=settings.seed))
+        for source, part in swept.items():
+            for r in np.flatnonzero(part.grid["path"] == p):
+                x = {k: part.grid[k][r] for k in RUN_INPUTS}
+                rerun = {"roundoff": settings.roundoff, "run_index": np.int32(offsets[source] + r)}
+                for got, want in ((one(x), part.outputs), (one(x | rerun), part.perturbed)):
+                    for key in ("max_drop", "final_change", "margin_end"):
+                        np.testing.assert_allclose(
+                            got[key],
+                            want[key][r],
+                            rtol=BATCHING_RTOL,
+                            atol=1e-14,
+                            err_msg=f"{source} run {r} {key}",
+                        )
+                # the perturbation moved the run, by round-off (these runs are well conditioned)
+                change = abs(part.perturbed["margin_end"][r] - part.outputs["margin_end"][r])
+                assert 0.0 < change < 1e-6 * max(1.0, abs(part.outputs["margin_end"][r])), r
 
 
 def test_phase_run_fn_rejects_unknown_path():

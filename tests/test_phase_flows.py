@@ -17,12 +17,15 @@ import pytest
 from sims.protocols.phase_flows import (
     PHASE_AXES,
     PHASE_LOSSES,
+    PhaseSchedule,
     displacement_outcomes,
     grid_cells,
     phase_pair_loss,
     phase_prediction,
+    phase_run_fn,
     phase_run_summary,
     predicted_velocities,
+    roundoff_perturbation,
 )
 from sims.protocols.phase_instances import make_phase_geometry, phase_instance
 from theory.losses import loss_coefficients
@@ -217,3 +220,43 @@ def test_grid_cells_enumerate_the_product_row_major(geometry):
     # (rho 1.5, omega 0): every direction ranking y+ above y- ranks the opposite set above y+
     assert not np.any(feasible[(cells["rho"] == 1.5) & (cells["omega"] == 0.0)])
     assert np.all(np.isnan(cells["cos"][~feasible])) and np.all(np.isfinite(cells["cos"][feasible]))
+
+
+def test_roundoff_perturbation_is_bounded_seeded_and_exact_at_zero():
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(14, 8)))
+    eps = 2.0**-23  # float32's machine epsilon
+    key = jax.random.key(3)
+    y = np.asarray(roundoff_perturbation(key, x, scale=eps))
+    rel = np.abs(y / np.asarray(x) - 1.0)
+    assert np.max(rel) <= eps * (1 + 1e-6)  # |u| < 1, up to the product's own round-off
+    assert np.max(rel) > eps / 2 and np.mean(rel > 0) > 0.99  # it does move (nearly) every entry
+    np.testing.assert_array_equal(y, roundoff_perturbation(key, x, scale=eps))  # seeded
+    assert not np.array_equal(y, roundoff_perturbation(jax.random.key(4), x, scale=eps))
+    np.testing.assert_array_equal(roundoff_perturbation(key, x, scale=0.0), x)  # exact at 0
+
+
+def test_phase_run_fn_roundoff_moves_the_run_by_round_off_only(geometry):
+    cells, feasible, _ = grid_cells(
+        geometry,
+        {
+            "rho": np.array([0.5]),
+            "omega": np.array([1.0]),
+            "kappa": np.array([0.25]),
+            "prob_pos": np.array([0.5]),
+            "beta": np.array([0.1]),
+            "loss": np.array([0], np.int32),
+            "optimizer": np.array([0], np.int32),
+            "lam": np.array([0.0]),
+        },
+    )
+    assert feasible.all()
+    x = {k: cells[k][0] for k in ("rho", "omega", "kappa", "phi", "cos", "lam", "beta", "loss_id")}
+    x |= {"dt": 0.05, "roundoff": 0.0, "run_index": np.int32(0)}
+    run = jax.jit(phase_run_fn(geometry, "reduced", PhaseSchedule(100, 10, 1.0)))
+    base = run(x)
+    same = run({**x, "run_index": np.int32(5)})  # at roundoff 0 the key changes nothing
+    moved = run({**x, "roundoff": 2.0**-23})
+    for k in ("max_drop", "final_change", "margin_end"):
+        assert float(same[k]) == float(base[k]), k
+    change = abs(float(moved["margin_end"]) - float(base["margin_end"]))
+    assert 0.0 < change < 1e-5, change  # a well-conditioned run moves by round-off, not more

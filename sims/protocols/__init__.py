@@ -6,7 +6,9 @@
 * :mod:`~sims.protocols.phase_instances`, :mod:`~sims.protocols.phase_flows`,
   :mod:`~sims.protocols.phase_diagram`, :mod:`~sims.protocols.phase_report` -- the displacement
   phase diagram: single-token instances, the t = 0 prediction (Theorems 4-5, Prop. 1) and the
-  flow of a cell, sweeps over a grid of cells, and its report.
+  flow of a cell, sweeps over a grid of cells, its report, and
+  :mod:`~sims.protocols.phase_sensitivity` (controls, thresholds, round-off reruns, the paper's
+  regime).
 """
 
 from sims.protocols.persona import (
@@ -32,12 +34,13 @@ from sims.protocols.persona import (
 )
 from sims.protocols.phase_diagram import (
     PhaseDiagram,
+    PhaseGrid,
     PhaseSettings,
     phase_axes,
     phase_cells,
-    phase_controls,
     run_phase_diagram,
     run_phase_sweeps,
+    sweep_phase_grids,
 )
 from sims.protocols.phase_flows import (
     PHASE_AXES,
@@ -57,6 +60,7 @@ from sims.protocols.phase_flows import (
     phase_run_fn,
     phase_run_summary,
     predicted_velocities,
+    roundoff_perturbation,
 )
 from sims.protocols.phase_instances import (
     TOKEN_CATEGORIES,
@@ -78,6 +82,14 @@ from sims.protocols.phase_report import (
     confusion_table,
     phase_diagram_report,
     prediction_codes,
+)
+from sims.protocols.phase_sensitivity import (
+    PAPER_MIN_PROB,
+    phase_controls,
+    regime_report,
+    roundoff_sensitive,
+    roundoff_summary,
+    threshold_table,
 )
 
 __all__ = [
@@ -101,9 +113,10 @@ __all__ = [
     "MIN_OPPOSITE_FRACTION",
     "MIN_STABLE_RUNS",
     "MIN_START_PROBABILITY",
+    "PAPER_MIN_PROB",
     "persona_row",
-    "PHASE_AXES",
     "phase_axes",
+    "PHASE_AXES",
     "phase_cells",
     "phase_controls",
     "PHASE_CRITERIA",
@@ -123,12 +136,17 @@ __all__ = [
     "phase_run_summary",
     "PhaseDiagram",
     "PhaseGeometry",
+    "PhaseGrid",
     "PhaseInstance",
     "PhaseSchedule",
     "PhaseSettings",
     "predicted_velocities",
     "prediction_codes",
     "PREDICTION_INPUTS",
+    "regime_report",
+    "roundoff_perturbation",
+    "roundoff_sensitive",
+    "roundoff_summary",
     "row_verdict",
     "RUN_INPUTS",
     "run_persona_protocol",
@@ -136,7 +154,9 @@ __all__ = [
     "run_phase_sweeps",
     "SFTBudget",
     "solve_hidden_cos",
+    "sweep_phase_grids",
     "table13",
+    "threshold_table",
     "TOKEN_CATEGORIES",
     "token_category",
     "with_answers",

@@ -9,37 +9,42 @@ kernel gain; its prediction and its flow are :mod:`sims.protocols.phase_flows`. 
   prediction, path and step per cell);
 * :func:`run_phase_sweeps` -- every feasible cell through :func:`sims.flows.sweep.sweep`, one
   sweep per path (sharded over every device, chunked, resumable);
-* :func:`phase_controls` -- the Euler-step and horizon controls on random SGD cells;
+* :func:`sweep_phase_grids` -- cells, sweeps and round-off reruns of several grids at once;
 * :func:`run_phase_diagram` -- all of it for one grid, with the report of
-  :func:`sims.protocols.phase_report.phase_diagram_report`.
+  :func:`sims.protocols.phase_report.phase_diagram_report`, the thresholds and round-off tables
+  and, with an extra slice, the paper's regime (:mod:`sims.protocols.phase_sensitivity`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from sims.flows.sweep import run_mesh, sharded_runner, sweep
+from sims.flows.sweep import sweep
 from sims.protocols.phase_flows import (
     PHASE_AXES,
     PHASE_LOSSES,
     PHASE_MARGIN_LOSSES,
     PHASE_OPTIMIZERS,
-    PHASE_OUTCOMES,
     PHASE_PATHS,
     RUN_INPUTS,
     PhaseSchedule,
-    displacement_outcomes,
     grid_cells,
     phase_predictor,
     phase_run_fn,
 )
 from sims.protocols.phase_instances import PhaseGeometry
-from sims.protocols.phase_report import phase_diagram_report
+from sims.protocols.phase_report import PHASE_CRITERIA, phase_diagram_report, prediction_codes
+from sims.protocols.phase_sensitivity import (
+    phase_controls,
+    regime_report,
+    roundoff_summary,
+    threshold_table,
+)
 
 
 class PhaseSettings(NamedTuple):
@@ -59,6 +64,8 @@ class PhaseSettings(NamedTuple):
       control_runs: random SGD cells of each control (0: none).
       control_factor: step divided / horizon multiplied by it in the controls.
       boundary_points: fine-grid points per axis of the heatmaps' boundary contours.
+      report_tols: thresholds (nats) of the thresholds tables.
+      roundoff: relative size of the perturbation of the round-off reruns (0: no reruns).
     """
 
     seed: int
@@ -74,6 +81,8 @@ class PhaseSettings(NamedTuple):
     control_runs: int
     control_factor: int
     boundary_points: int
+    report_tols: tuple[float, ...]
+    roundoff: float
 
 
 def phase_axes(
@@ -139,7 +148,8 @@ def phase_cells(
       ``feasible``, ``optimizer``, ``prob_pos`` on every cell; the
       :data:`~sims.protocols.phase_flows.RUN_INPUTS`, the prediction (``pred_velocity``,
       ``pred_relative``, ``pred_top_gainer``) and the ``path`` (index into ``PHASE_PATHS``) on
-      feasible cells, NaN / -1 elsewhere. SGD's ``dt = horizon / num_steps / unit``.
+      feasible cells, NaN / -1 elsewhere. SGD's ``dt = horizon / num_steps / unit``. ``roundoff``
+      0 and ``run_index`` the flat cell index everywhere.
     """
     x, feasible, _ = grid_cells(geometry, axes)
     inputs = {k: x[k][feasible] for k in ("rho", "omega", "kappa", "phi", "cos", "lam", "beta")}
@@ -161,6 +171,8 @@ def phase_cells(
     ):
         full[key] = np.full(feasible.shape, fill, np.asarray(value).dtype)
         full[key][feasible] = value
+    full["roundoff"] = np.zeros(feasible.shape)  # unperturbed starts
+    full["run_index"] = np.arange(feasible.size, dtype=np.int32)
     return full
 
 
@@ -174,6 +186,7 @@ def run_phase_sweeps(
     sweep_dir: str | Path | None = None,
     name: str = "phase_diagram",
     log: Callable[[str], None] | None = None,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Run every feasible cell of ``grid`` (:func:`phase_cells`) through
     :func:`sims.flows.sweep.sweep`, one sweep per path.
@@ -187,6 +200,8 @@ def run_phase_sweeps(
       sweep_dir: folder of the sweeps (one subfolder per path; resumable), or ``None``: memory.
       name: names the sweeps (``<name>/<path>``; part of each folder's fingerprint).
       log: called with a progress line after each chunk.
+      seed: seed of the perturbations of runs with ``roundoff > 0``
+        (:func:`~sims.protocols.phase_flows.phase_run_fn`).
 
     Returns:
       The per-run outputs of :func:`~sims.protocols.phase_flows.phase_run_fn` scattered back onto
@@ -210,7 +225,7 @@ def run_phase_sweeps(
                 )
 
         res = sweep(
-            phase_run_fn(geometry, path, schedule),
+            phase_run_fn(geometry, path, schedule, seed=seed),
             {k: grid[k][runs] for k in RUN_INPUTS},
             name=f"{name}/{path}",
             out_dir=None if sweep_dir is None else Path(sweep_dir) / path,
@@ -228,70 +243,97 @@ def run_phase_sweeps(
     return outputs
 
 
-def phase_controls(
+class PhaseGrid(NamedTuple):
+    """A swept grid: its ``axes``, flat ``grid`` inputs, per-run ``outputs`` and the round-off
+    reruns' ``perturbed`` outputs (``None`` without reruns)."""
+
+    axes: dict[str, np.ndarray]
+    grid: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    perturbed: dict[str, np.ndarray] | None
+
+
+def sweep_phase_grids(
     geometry: PhaseGeometry,
-    grid: dict[str, np.ndarray],
-    outputs: dict[str, np.ndarray],
+    axes: Mapping[str, dict[str, np.ndarray]],
+    settings: PhaseSettings,
+    predict: Callable[[dict], dict[str, np.ndarray]],
     *,
-    schedule: PhaseSchedule,
-    runs: int,
-    factor: int,
-    seed: int,
-    displacement_tol: float,
-) -> dict:
-    """Rerun ``runs`` random SGD cells (generic path) with the step divided by ``factor`` (same
-    checkpoint times) and with the horizon multiplied by it.
+    sweep_dir: str | Path | None = None,
+    name: str = "phase_diagram",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, PhaseGrid]:
+    """Build the cells of each grid of ``axes`` and sweep them all together, with round-off reruns.
+
+    The grids' cells are stacked (in ``axes`` order) and, when ``settings.roundoff > 0``, stacked
+    again with ``roundoff = settings.roundoff`` (``run_index``: the run's index in the first
+    stack, so every rerun has its own perturbation); :func:`run_phase_sweeps` then runs one
+    sweep per path over all of them, one compiled program per path.
+
+    Args:
+      geometry: the :class:`~sims.protocols.phase_instances.PhaseGeometry`.
+      axes: source name -> :func:`phase_axes`.
+      settings: :class:`PhaseSettings`.
+      predict: :func:`~sims.protocols.phase_flows.phase_predictor`'s function.
+      sweep_dir, name, log: as :func:`run_phase_sweeps`.
 
     Returns:
-      ``{}`` when ``runs == 0`` or no SGD run is ok; else ``runs`` (the picked run indices) and,
-      for ``finer_step`` and ``longer_horizon``, the largest change of ``max_drop``, how many
-      outcomes (:func:`~sims.protocols.phase_flows.displacement_outcomes` at
-      ``displacement_tol``) changed and how, and the non-finite count.
+      Source name -> :class:`PhaseGrid`.
     """
-    ok = np.flatnonzero((outputs["status"] == "ok") & (grid["path"] < 2))
-    if runs == 0 or ok.size == 0:
-        return {}
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(ok, min(runs, ok.size), replace=False))
-    f = factor
-    longer = PhaseSchedule(schedule.num_steps * f, schedule.record_every * f, schedule.sft_ratio)
-    x = {k: grid[k][pick] for k in RUN_INPUTS}
-    both = {k: np.concatenate([v, v]) for k, v in x.items()}
-    both["dt"] = np.concatenate([x["dt"] / f, x["dt"]])  # finer steps; longer horizon
-    runner = sharded_runner(
-        phase_run_fn(geometry, "generic_sgd", longer), mesh=run_mesh(), batch_size=None
-    )
-    out = runner(both)
-    n = pick.size
-    main_outcome = displacement_outcomes(outputs, displacement_tol)[pick]
-    result = {"runs": pick}
-    for label, sl in (("finer_step", slice(0, n)), ("longer_horizon", slice(n, 2 * n))):
-        part = {k: v[sl] for k, v in out.items()}
-        codes = displacement_outcomes(part, displacement_tol)
-        result[label] = {
-            "max_abs_diff_max_drop": float(
-                np.max(np.abs(part["max_drop"] - outputs["max_drop"][pick]))
-            ),
-            "outcome_changed": int(np.sum(codes != main_outcome)),
-            "transitions": {
-                f"{PHASE_OUTCOMES[a]}->{PHASE_OUTCOMES[b]}": int(
-                    np.sum((main_outcome == a) & (codes == b))
+    s = settings
+    grids = {}
+    for source, ax in axes.items():
+        grids[source] = phase_cells(
+            geometry, predict, ax, horizon=s.horizon, num_steps=s.num_steps, rmsprop_lr=s.rmsprop_lr
+        )
+        if log is not None:
+            g = grids[source]
+            log(
+                f"  {source}: {g['feasible'].size} cells, {int(g['feasible'].sum())} feasible; "
+                + ", ".join(
+                    f"{p}: {int(np.sum(g['path'] == i))}" for i, p in enumerate(PHASE_PATHS)
                 )
-                for a in range(3)
-                for b in range(3)
-                if a != b
-            },
-            "nonfinite": int(np.sum(~np.isfinite(part["max_drop"]))),
-        }
-    return result
+            )
+    keys = ("feasible", "path", *RUN_INPUTS)
+    stack = {k: np.concatenate([g[k] for g in grids.values()]) for k in keys}
+    n = stack["path"].size
+    stack["run_index"] = np.arange(n, dtype=np.int32)
+    if s.roundoff:
+        stack = {k: np.concatenate([v, v]) for k, v in stack.items()}
+        stack["roundoff"][n:] = s.roundoff
+        if log is not None:
+            log(f"  every run again from a start perturbed by {s.roundoff:.3g} (relative)")
+    outputs = run_phase_sweeps(
+        geometry,
+        stack,
+        schedule=PhaseSchedule(s.num_steps, s.record_every, s.sft_ratio),
+        chunk_size=s.chunk_size,
+        batch_size=s.batch_size or None,
+        sweep_dir=sweep_dir,
+        name=name,
+        log=log,
+        seed=s.seed,
+    )
+    out, at = {}, 0
+    for source, g in grids.items():
+        size = g["path"].size
+
+        def part(lo, size=size):
+            return {k: v[lo : lo + size] for k, v in outputs.items()}
+
+        perturbed = part(n + at) if s.roundoff else None
+        out[source] = PhaseGrid(axes[source], g, part(at), perturbed)
+        at += size
+    return out
 
 
 class PhaseDiagram(NamedTuple):
-    """A swept grid: its JSON-ready ``report``, flat ``grid`` inputs and per-run ``outputs``."""
+    """A reported phase diagram: its JSON-ready ``report`` and the swept ``main`` grid and extra
+    ``slice`` (``None`` without one)."""
 
     report: dict
-    grid: dict[str, np.ndarray]
-    outputs: dict[str, np.ndarray]
+    main: PhaseGrid
+    slice: PhaseGrid | None
 
 
 def run_phase_diagram(
@@ -299,65 +341,69 @@ def run_phase_diagram(
     axes: dict[str, np.ndarray],
     settings: PhaseSettings,
     *,
+    slice_axes: dict[str, np.ndarray] | None = None,
     sweep_dir: str | Path | None = None,
     name: str = "phase_diagram",
     log: Callable[[str], None] | None = None,
 ) -> PhaseDiagram:
-    """Build the grid ``axes``, sweep it, report it and run the controls.
+    """Sweep the grid ``axes`` (and an extra ``slice_axes``), report it and run the controls.
 
     Args:
       geometry: the :class:`~sims.protocols.phase_instances.PhaseGeometry`.
-      axes: :func:`phase_axes`.
+      axes: :func:`phase_axes` of the main grid.
       settings: :class:`PhaseSettings`.
+      slice_axes: :func:`phase_axes` of an extra slice, pooled with the main grid in the paper's
+        regime only (swept with it, :func:`sweep_phase_grids`), or ``None``.
       sweep_dir: folder of the sweeps (resumable), or ``None``: in memory.
       name: names the sweeps (:func:`run_phase_sweeps`).
       log: progress lines.
 
     Returns:
       :class:`PhaseDiagram`; its ``report`` is
-      :func:`~sims.protocols.phase_report.phase_diagram_report` with ``controls``
-      (:func:`phase_controls`).
+      :func:`~sims.protocols.phase_report.phase_diagram_report` of the main grid with, from
+      :mod:`sims.protocols.phase_sensitivity`: ``controls`` (:func:`phase_controls`),
+      ``thresholds`` (per criterion, :func:`threshold_table` at ``settings.report_tols``),
+      ``roundoff`` (:func:`roundoff_summary`, with reruns) and ``paper_regime``
+      (:func:`regime_report` of the main grid and the slice).
     """
     s = settings
     predict = phase_predictor(geometry, sft_ratio=s.sft_ratio)
-    grid = phase_cells(
-        geometry, predict, axes, horizon=s.horizon, num_steps=s.num_steps, rmsprop_lr=s.rmsprop_lr
+    sources = {"grid": axes, **({"slice": slice_axes} if slice_axes is not None else {})}
+    swept = sweep_phase_grids(
+        geometry, sources, s, predict, sweep_dir=sweep_dir, name=name, log=log
     )
-    if log is not None:
-        log(
-            f"  {grid['feasible'].size} cells, {int(grid['feasible'].sum())} feasible; paths "
-            + ", ".join(f"{p}: {int(np.sum(grid['path'] == i))}" for i, p in enumerate(PHASE_PATHS))
-        )
-    schedule = PhaseSchedule(s.num_steps, s.record_every, s.sft_ratio)
-    outputs = run_phase_sweeps(
-        geometry,
-        grid,
-        schedule=schedule,
-        chunk_size=s.chunk_size,
-        batch_size=s.batch_size or None,
-        sweep_dir=sweep_dir,
-        name=name,
-        log=log,
-    )
+    main = swept["grid"]
     report = phase_diagram_report(
         geometry,
         predict,
         axes,
-        grid,
-        outputs,
+        main.grid,
+        main.outputs,
         displacement_tol=s.displacement_tol,
         velocity_tol=s.velocity_tol,
         num_checkpoints=s.num_steps // s.record_every,
         boundary_points=s.boundary_points,
     )
+    schedule = PhaseSchedule(s.num_steps, s.record_every, s.sft_ratio)
     report["controls"] = phase_controls(
         geometry,
-        grid,
-        outputs,
+        main.grid,
+        main.outputs,
         schedule=schedule,
         runs=s.control_runs,
         factor=s.control_factor,
         seed=s.seed,
         displacement_tol=s.displacement_tol,
     )
-    return PhaseDiagram(report, grid, outputs)
+    g, report["thresholds"] = main.grid, {}
+    for c in PHASE_CRITERIA:
+        pred = prediction_codes(g["pred_velocity"], g["pred_relative"], s.velocity_tol, c)
+        pred = np.where(main.outputs["status"] == "ok", pred, -1)
+        report["thresholds"][c] = threshold_table(pred, main.outputs, main.perturbed, s.report_tols)
+    if main.perturbed is not None:
+        report["roundoff"] = roundoff_summary(main.outputs, main.perturbed, roundoff=s.roundoff)
+    parts = {source: grid._asdict() for source, grid in swept.items()}
+    report["paper_regime"] = regime_report(
+        parts, displacement_tol=s.displacement_tol, velocity_tol=s.velocity_tol, tols=s.report_tols
+    )
+    return PhaseDiagram(report, main, swept.get("slice"))

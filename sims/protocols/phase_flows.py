@@ -63,8 +63,9 @@ PHASE_AXES = ("rho", "omega", "kappa", "prob_pos", "beta", "loss", "optimizer", 
 PHASE_OUTCOMES = ("none", "transient", "lasting")
 #: Inputs of :func:`phase_prediction` (one scalar each per cell).
 PREDICTION_INPUTS = ("rho", "omega", "kappa", "phi", "cos", "lam", "beta", "loss_id")
-#: Inputs of :func:`phase_run_fn`: the cell and its step ``dt`` (Euler step or learning rate).
-RUN_INPUTS = (*PREDICTION_INPUTS, "dt")
+#: Inputs of :func:`phase_run_fn`: the cell, its step ``dt`` (Euler step or learning rate), the
+#: relative size ``roundoff`` of a perturbation of the start (0: none) and its key's ``run_index``.
+RUN_INPUTS = (*PREDICTION_INPUTS, "dt", "roundoff", "run_index")
 
 
 def phase_pair_loss(
@@ -285,14 +286,44 @@ class PhaseSchedule(NamedTuple):
     sft_ratio: float  # lambda_SFT = sft_ratio * beta / 2 (DPO's -l'(u_0))
 
 
+def roundoff_perturbation(key: jax.Array, x: jax.Array, *, scale: ArrayLike) -> jax.Array:
+    r"""Return ``x`` with each entry multiplied by :math:`1 + \epsilon u`, :math:`u \sim U(-1, 1)`.
+
+    A perturbation of the size of round-off: with ``scale`` :math:`\epsilon = 2^{-23}` (float32's
+    machine epsilon) each entry moves by at most one float32 spacing, the error of storing ``x``
+    in float32 (at most :math:`2^{-24}` relative) being of the same size. Zeros stay zero.
+
+    Args:
+      key: typed PRNG key (independent draws per entry).
+      x: array to perturb (float).
+      scale: :math:`\epsilon \ge 0` (a traced value is fine; 0 returns ``x`` exactly).
+
+    Returns:
+      The perturbed array, ``x``'s shape and dtype.
+
+    Example:
+      >>> x = jnp.arange(1.0, 4.0)
+      >>> y = roundoff_perturbation(jax.random.key(0), x, scale=2.0**-23)
+      >>> bool(jnp.all(jnp.abs(y / x - 1) <= 2.0**-23)), bool(jnp.any(y != x))
+      (True, True)
+    """
+    u = jax.random.uniform(key, jnp.shape(x), dtype=jnp.result_type(x), minval=-1.0, maxval=1.0)
+    return x * (1.0 + scale * u)
+
+
 def phase_run_fn(
-    geometry: PhaseGeometry, path: str, schedule: PhaseSchedule
+    geometry: PhaseGeometry, path: str, schedule: PhaseSchedule, *, seed: int = 0
 ) -> Callable[[dict], dict]:
-    """Return the pure per-run function ``x -> dict of scalars`` of one path (:data:`PHASE_PATHS`).
+    r"""Return the pure per-run function ``x -> dict of scalars`` of one path (:data:`PHASE_PATHS`).
 
     ``x`` holds :data:`RUN_INPUTS`: the scalars ``rho, omega, kappa, phi, cos, lam, beta, dt``
     (float) and ``loss_id`` (int): the cell, and the step (Euler ``dt`` or RMSprop's learning
-    rate). The reference model is the model at t = 0. jit-, vmap- and sweep-safe.
+    rate); ``roundoff`` (float) and ``run_index`` (int): the run starts from :math:`W` and
+    :math:`h_0` perturbed by :func:`roundoff_perturbation` with ``scale=roundoff``, keyed by
+    ``fold_in(key(seed), run_index)`` (``roundoff = 0``: exactly the unperturbed start, since
+    :math:`x(1 + 0 \cdot u) = x`; a value, so reruns share the compiled program). The reference
+    model is the model at t = 0 (perturbed with it); ``dt`` is not changed. jit-, vmap- and
+    sweep-safe.
 
     Returns:
       ``run_fn``; its outputs are :func:`phase_run_summary`'s plus ``first_nonfinite_step``.
@@ -307,6 +338,11 @@ def phase_run_fn(
     def run_fn(x):
         inst = phase_instance(
             geometry, x["rho"], x["omega"], x["kappa"], x["phi"], x["cos"], x["lam"]
+        )
+        key_w, key_h = jax.random.split(jax.random.fold_in(jax.random.key(seed), x["run_index"]))
+        inst = inst._replace(
+            unembedding=roundoff_perturbation(key_w, inst.unembedding, scale=x["roundoff"]),
+            hidden=roundoff_perturbation(key_h, inst.hidden, scale=x["roundoff"]),
         )
         lp0 = jax.nn.log_softmax(inst.unembedding @ inst.hidden)
         if path == "reduced":
