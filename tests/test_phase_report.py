@@ -163,3 +163,14 @@ def test_phase_diagram_report_failure_rates_match_a_loop_over_runs(synthetic):
                 entry = report["failure_by_axis"][opt][a]
                 assert entry["resolved"][i] == resolved, (opt, a, i)
                 assert entry["failure_rate"][i] == pytest.approx(wrong / resolved), (opt, a, i)
+
+
+def test_phase_plot_helpers_by_hand():
+    """The figure's cell edges and JSON rows (experiments.framework.plots), by hand."""
+    from experiments.framework.plots import cell_edges, nan_array
+
+    # edges at the midpoints 0.5, 1.5, 3; the outer ones mirrored: 0 - 0.5 and 4 + (4 - 3)
+    np.testing.assert_allclose(cell_edges([0.0, 1.0, 2.0, 4.0]), [-0.5, 0.5, 1.5, 3.0, 5.0])
+    np.testing.assert_allclose(cell_edges([2.0]), [1.8, 2.2])  # one value: +-10% of it
+    got = nan_array([[1.0, None], [None, 2.0]])
+    np.testing.assert_array_equal(np.isnan(got), [[False, True], [True, False]])

@@ -225,10 +225,51 @@ def phase_legend(fig: plt.Figure) -> None:
     fig.legend(handles=handles, loc="upper right", fontsize=8)
 
 
+def threshold_lines(
+    ax: plt.Axes, tables: dict[str, list[dict]], key: str, *, style: str = "-", label: str = ""
+) -> None:
+    """Plot ``key`` of thresholds tables against their thresholds (log x), one color per table:
+    ``style`` over all runs, dotted without the round-off-sensitive runs (when the table has
+    them). ``tables``: name -> :func:`sims.protocols.phase_sensitivity.threshold_table`."""
+    for i, (name, table) in enumerate(tables.items()):
+        tols = [e["tol"] for e in table]
+        for part, ls, tag in (("all", style, ""), ("without_sensitive", ":", ", w/o sensitive")):
+            if part in table[0]:
+                y = [np.nan if e[part][key] is None else e[part][key] for e in table]
+                ax.plot(tols, y, ls, marker=".", color=f"C{i}", label=f"{name}{label}{tag}")
+    ax.set(xscale="log", xlabel='threshold of "displaced" (nats)', ylim=(0, 1.02))
+    ax.legend(fontsize=6)
+
+
+def phase_regime_table(ax: plt.Axes, regime: dict, outcomes: Sequence[str]) -> None:
+    """Draw the paper's-regime confusion counts (theorem4, rows down / up / flat) with its runs
+    per source and agreement per optimizer in the title."""
+    ax.axis("off")
+    t = regime["confusion"]["theorem4"]
+    counts = t["all"]["counts"]
+    rows = [[str(counts[p][o]) for o in outcomes] for p in counts]
+    table = ax.table(cellText=rows, rowLabels=list(counts), colLabels=list(outcomes), loc="center")
+    table.scale(1, 1.3)
+    runs = ", ".join(
+        f"{k}: {v['predicted_down']} down / {v['predicted_up']} up"
+        for k, v in regime["runs"].items()
+    )
+    by = ", ".join(f"{k} {percent(v['agreement_displaced'])}" for k, v in t["by_optimizer"].items())
+    ax.set_title(
+        f"paper's regime, pi(y+) >= {regime['min_prob']:g} at t = 0 (theorem4)\n{runs}\n"
+        f"agreement {percent(t['all']['agreement_displaced'])} ({by}), P(displaced|down) "
+        f"{percent(t['all']['displaced_given_down'])}",
+        fontsize=7,
+    )
+
+
 def phase_diagram_figure(results: dict) -> plt.Figure:
     """Return the phase-diagram figure drawn from its JSON (``results``) alone: up to eight
-    heatmap panels, the confusion table, agreement per group, failure rate vs omega and the top
-    gainer at the deepest drop (:mod:`sims.protocols.phase_report` names the codes)."""
+    heatmap panels, the confusion table, agreement per group, failure rate vs omega, the top
+    gainer at the deepest drop, agreement and P(displaced | prediction) against the threshold of
+    "displaced" (all runs and the paper's regime, with and without round-off-sensitive runs), the
+    round-off-sensitive counts and the paper's regime's counts (:mod:`sims.protocols.phase_report`
+    names the codes)."""
     from sims.protocols import (
         PHASE_CRITERIA,
         PHASE_LOSSES,
@@ -237,7 +278,7 @@ def phase_diagram_figure(results: dict) -> plt.Figure:
         TOKEN_CATEGORIES,
     )
 
-    fig, axes = plt.subplots(3, 4, figsize=(21, 14))
+    fig, axes = plt.subplots(4, 4, figsize=(21, 18))
     flat = axes.ravel()
     for ax, panel in zip(flat[:8], results["panels"], strict=False):
         phase_heatmap(ax, panel, PHASE_LABELS)
@@ -259,6 +300,24 @@ def phase_diagram_figure(results: dict) -> plt.Figure:
         total="displaced_runs",
     )
     flat[11].set(ylabel="share of displaced runs", title="top gainer at the deepest drop")
+    regime = results["paper_regime"]
+    tables = {"all runs": results["thresholds"]["theorem4"]}
+    tables["paper's regime"] = regime["thresholds"]["theorem4"]
+    threshold_lines(flat[12], tables, "agreement_displaced")
+    flat[12].set(ylabel="agreement (theorem4)", title="agreement vs the threshold of displaced")
+    threshold_lines(flat[13], tables, "displaced_given_down", label=": down")
+    threshold_lines(flat[13], tables, "displaced_given_up", style="--", label=": up")
+    flat[13].set(ylabel="P(displaced | predicted)", title="P(displaced | down) and (| up, dashed)")
+    for j, (name, table) in enumerate(tables.items()):
+        n = [e.get("roundoff_sensitive", 0) for e in table]
+        flat[14].bar(np.arange(len(n)) + 0.4 * j - 0.2, n, width=0.4, color=f"C{j}", label=name)
+    flat[14].set_xticks(range(len(n)), [f"{e['tol']:g}" for e in table])
+    flat[14].set(xlabel='threshold of "displaced" (nats)', ylabel="resolved runs")
+    change = results.get("roundoff", {}).get("max_abs_change_max_drop")
+    change = "n/a" if change is None else f"{change:.3g} nats"
+    flat[14].set_title(f"round-off sensitive runs (largest change of a drop {change})", fontsize=8)
+    flat[14].legend(fontsize=7)
+    phase_regime_table(flat[15], regime, PHASE_OUTCOMES)
     phase_legend(fig)
     s = results["summary"]
     fig.suptitle(
