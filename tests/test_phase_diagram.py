@@ -151,7 +151,7 @@ def test_reduced_and_generic_paths_agree(small_grid):
             assert np.max(err) <= FLOW_RTOL, f"{key}: worst run {runs[np.argmax(err)]}"
 
 
-@pytest.mark.slow  # ~35 s on the shared 2-core CPU: a sweep and two one-by-one compiles
+@pytest.mark.slow  # 15-40 s on the shared 2-core CPU: a sweep and two one-by-one compiles
 def test_sweep_phase_grids_stack_grids_and_round_off_reruns(small_grid):
     """Two grids swept together with round-off reruns: every run equals the same run alone, and
     every rerun equals its run from the start perturbed with the key of its index in the stack."""
