@@ -241,14 +241,18 @@ def threshold_lines(
     ax.legend(fontsize=6)
 
 
-def phase_regime_table(ax: plt.Axes, regime: dict, outcomes: Sequence[str]) -> None:
+def phase_regime_table(
+    ax: plt.Axes, regime: dict, predictions: Sequence[str], outcomes: Sequence[str]
+) -> None:
     """Draw the paper's-regime confusion counts (theorem4, rows down / up / flat) with its runs
     per source and agreement per optimizer in the title."""
     ax.axis("off")
     t = regime["confusion"]["theorem4"]
     counts = t["all"]["counts"]
-    rows = [[str(counts[p][o]) for o in outcomes] for p in counts]
-    table = ax.table(cellText=rows, rowLabels=list(counts), colLabels=list(outcomes), loc="center")
+    rows = [[str(counts[p][o]) for o in outcomes] for p in predictions]
+    table = ax.table(
+        cellText=rows, rowLabels=list(predictions), colLabels=list(outcomes), loc="center"
+    )
     table.scale(1, 1.3)
     runs = ", ".join(
         f"{k}: {v['predicted_down']} down / {v['predicted_up']} up"
@@ -317,7 +321,7 @@ def phase_diagram_figure(results: dict) -> plt.Figure:
     change = "n/a" if change is None else f"{change:.3g} nats"
     flat[14].set_title(f"round-off sensitive runs (largest change of a drop {change})", fontsize=8)
     flat[14].legend(fontsize=7)
-    phase_regime_table(flat[15], regime, PHASE_OUTCOMES)
+    phase_regime_table(flat[15], regime, PHASE_PREDICTIONS, PHASE_OUTCOMES)
     phase_legend(fig)
     s = results["summary"]
     fig.suptitle(
