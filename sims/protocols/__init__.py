@@ -11,6 +11,12 @@ Theory in the unconstrained-features model and its relatives:
 * :mod:`~sims.protocols.dpop` -- DPO vs DPOP on an edit-distance-1 pair (Pal et al. 2024, §3).
 * :mod:`~sims.protocols.kl_mixture` -- the KL optimum of a mixture: counterexample search,
   corrected census, bounds, amplification, the flow to the tilt.
+* :mod:`~sims.protocols.phase_instances`, :mod:`~sims.protocols.phase_flows`,
+  :mod:`~sims.protocols.phase_diagram`, :mod:`~sims.protocols.phase_report` -- the displacement
+  phase diagram: single-token instances, the t = 0 prediction (Theorems 4-5, Prop. 1) and the
+  flow of a cell, sweeps over a grid of cells, its report, and
+  :mod:`~sims.protocols.phase_sensitivity` (controls, thresholds, round-off reruns, the paper's
+  regime).
 * :mod:`~sims.protocols.kernel_checks` -- check tables of the kernel form of Theorems 4-5 against
   the true velocity at t = 0 (MLP features, the toy transformer), the pre-registered verdict.
 * :mod:`~sims.protocols.token_geometry` -- the Table 1 / Table 13 protocol on real word

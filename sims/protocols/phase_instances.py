@@ -1,4 +1,6 @@
-r"""Instances of the displacement phase diagram (issue 14): geometry, 1-D solves, t = 0 model.
+r"""Instances of the displacement phase diagram: geometry, 1-D solves, the model at t = 0.
+
+Used by :mod:`sims.protocols.phase_diagram` (flows over a grid of these instances).
 
 **Instance** (one prompt, a single-token pair). In an orthonormal frame :math:`e_0, \dots,
 e_{d-1}` (turned by a fixed random rotation ``Q`` when ``rotate``), with :math:`w = \|W_{y^+}\|`:
@@ -31,7 +33,6 @@ e_{d-1}` (turned by a fixed random rotation ``Q`` when ``rotate``), with :math:`
 \lambda P_S` with :math:`P_S` the projector onto :math:`S = \mathrm{span}(W_{y^+}, \bar W_{opp})`
 (``W+`` and the opposite-set centroid): :math:`\lambda_{\mathrm{eff}} = 1 + \lambda` exactly
 (:func:`theory.kernel.kernel_anisotropy`); :math:`\lambda = 0` is the unconstrained-features model.
-
 """
 
 from __future__ import annotations
@@ -41,14 +42,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 #: Token categories of the top gainers, by :func:`token_category` code.
-CATEGORIES = ("y+", "y-", "opposite", "synonym", "filler")
+TOKEN_CATEGORIES = ("y+", "y-", "opposite", "synonym", "filler")
 SOLVE_GRID = 1025  # grid points of the first-crossing search in solve_hidden_cos
 SOLVE_ITERS = 60  # bisection steps after it (bracket width 2 / 1024 / 2**60: below round-off)
 
 
-class Geometry(NamedTuple):
+class PhaseGeometry(NamedTuple):
     r"""The fixed parts of every instance (host constants; see the module docstring).
 
     Attributes:
@@ -67,14 +69,16 @@ class Geometry(NamedTuple):
 
     @property
     def vocab_size(self) -> int:
+        """``V = 2 + n_o + n_s + n_f``."""
         return 2 + len(self.opposite_scales) + len(self.synonym_scales) + len(self.fillers)
 
     @property
     def opposite_ids(self) -> np.ndarray:
+        """``[n_o]`` token ids of the opposite-meaning set (``2 .. 1 + n_o``)."""
         return np.arange(2, 2 + len(self.opposite_scales))
 
 
-def make_geometry(
+def make_phase_geometry(
     *,
     seed: int,
     hidden_size: int,
@@ -86,18 +90,35 @@ def make_geometry(
     synonym_scale: float,
     filler_scale: float,
     rotate: bool,
-) -> Geometry:
-    """Return the :class:`Geometry`: scales spread over ``[0.8, 1.2]`` times their base, seeded
-    fillers and rotation.
+) -> PhaseGeometry:
+    r"""Return the :class:`PhaseGeometry` of the instances (see the module docstring).
+
+    The opposite and synonym scales are spread evenly over ``[0.8, 1.2]`` times their base (one
+    token: the base itself); the fillers and the rotation are drawn from ``seed`` (NumPy).
+
+    Args:
+      seed: seed of the fillers and of the Haar-random rotation.
+      hidden_size: ``d >= 4``.
+      num_opposite: ``n_o >= 1`` tokens along :math:`-e_1`.
+      num_synonym: ``n_s`` synonyms of ``y+`` along :math:`e_0`.
+      num_filler: ``n_f`` fillers in :math:`\mathrm{span}(e_3, \dots, e_{d-1})`.
+      unembedding_norm: :math:`w = \|W_{y^+}\|`.
+      opposite_scale: base of :math:`a_i = \|W_z\|/w` of the opposite set.
+      synonym_scale: base of :math:`\sigma_i`, below ``1/1.2``.
+      filler_scale: typical filler norm over ``w``.
+      rotate: turn the frame by a random rotation (identity otherwise).
+
+    Returns:
+      The :class:`PhaseGeometry`.
 
     Raises:
       ValueError: ``hidden_size < 4`` (e_0, e_1, e_2 and a filler direction), ``synonym_scale *
         1.2 >= 1`` (a synonym would outscore ``y+`` along ``e_0``), an empty opposite set.
 
     Example:
-      >>> g = make_geometry(seed=0, hidden_size=6, num_opposite=2, num_synonym=1, num_filler=3,
-      ...     unembedding_norm=2.0, opposite_scale=1.0, synonym_scale=0.5, filler_scale=1.0,
-      ...     rotate=False)
+      >>> g = make_phase_geometry(seed=0, hidden_size=6, num_opposite=2, num_synonym=1,
+      ...     num_filler=3, unembedding_norm=2.0, opposite_scale=1.0, synonym_scale=0.5,
+      ...     filler_scale=1.0, rotate=False)
       >>> g.vocab_size, g.opposite_ids.tolist(), g.opposite_scales.tolist()
       (8, [2, 3], [0.8, 1.2])
     """
@@ -119,7 +140,7 @@ def make_geometry(
         rotation = q * np.sign(np.diag(r))  # Haar-distributed orthogonal matrix
     else:
         rotation = np.eye(hidden_size)
-    return Geometry(
+    return PhaseGeometry(
         float(unembedding_norm),
         opposite_scale * spread(num_opposite),
         synonym_scale * spread(num_synonym),
@@ -128,13 +149,27 @@ def make_geometry(
     )
 
 
-def logit_directions(rho, omega, phi, *, geometry: Geometry) -> np.ndarray:
+def logit_directions(
+    rho: ArrayLike, omega: ArrayLike, phi: ArrayLike, *, geometry: PhaseGeometry
+) -> np.ndarray:
     r"""Return ``[..., V]`` :math:`g_z = \langle W_z, \hat d(\phi)\rangle / w` (NumPy, broadcast).
 
+    With :math:`\hat d = \cos\phi\,e_0 + \sin\phi\,e_1`, in the unrotated frame: the t = 0 logits
+    of a cell are :math:`w^2\sqrt\kappa\,c\,g_z` (fillers lie off the plane: :math:`g_z = 0`).
+
+    Args:
+      rho: :math:`\rho`, any shape (broadcast with ``omega`` and ``phi``).
+      omega: :math:`\omega \ge 0`.
+      phi: the angle of :math:`\hat d` in the plane :math:`(e_0, e_1)`.
+      geometry: the :class:`PhaseGeometry`.
+
+    Returns:
+      ``[..., V]`` float64, tokens in id order (``y+``, ``y-``, opposite, synonyms, fillers).
+
     Example:
-      >>> g = make_geometry(seed=0, hidden_size=4, num_opposite=1, num_synonym=0, num_filler=1,
-      ...     unembedding_norm=2.0, opposite_scale=1.0, synonym_scale=0.5, filler_scale=1.0,
-      ...     rotate=False)
+      >>> g = make_phase_geometry(seed=0, hidden_size=4, num_opposite=1, num_synonym=0,
+      ...     num_filler=1, unembedding_norm=2.0, opposite_scale=1.0, synonym_scale=0.5,
+      ...     filler_scale=1.0, rotate=False)
       >>> logit_directions(0.5, 1.0, 0.0, geometry=g).tolist()  # y+, y-, opposite, filler
       [1.0, 0.5, 0.0, 0.0]
     """
@@ -152,7 +187,7 @@ def logit_directions(rho, omega, phi, *, geometry: Geometry) -> np.ndarray:
     )
 
 
-def _plane_rows(rho, omega, geometry: Geometry) -> np.ndarray:
+def _plane_rows(rho: ArrayLike, omega: ArrayLike, geometry: PhaseGeometry) -> np.ndarray:
     """``[..., M, 2]``: :math:`(W_{y^+} - W_z)/w` in the plane :math:`(e_0, e_1)`, one row per
     distinct token direction (``y-``, opposite tokens, synonyms, fillers)."""
     rho, omega = np.broadcast_arrays(np.asarray(rho, np.float64), np.asarray(omega, np.float64))
@@ -164,7 +199,9 @@ def _plane_rows(rho, omega, geometry: Geometry) -> np.ndarray:
     return np.stack(rows, axis=-2)
 
 
-def hidden_direction(rho, omega, *, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+def hidden_direction(
+    rho: ArrayLike, omega: ArrayLike, *, geometry: PhaseGeometry
+) -> tuple[np.ndarray, np.ndarray]:
     r"""Return ``(phi, margin)``: the max-margin direction of ``y+`` in the plane and its margin.
 
     .. math:: \phi = \arg\max_{\phi}\ \min_{z\ne y^+}\langle W_{y^+} - W_z, \cos\phi\,e_0 +
@@ -175,10 +212,16 @@ def hidden_direction(rho, omega, *, geometry: Geometry) -> tuple[np.ndarray, np.
     r_a - r_b, \hat d\rangle = 0`); every such candidate is evaluated (ties: the first
     candidate). ``margin <= 0``: no direction of the plane ranks ``y+`` first. Inputs broadcast.
 
+    Source: the hidden embedding an SFT loss of ``y+`` drives to (the max-margin direction,
+    Soudry et al. 2018), restricted to the plane of the pair (a construction of this module).
+
+    Returns:
+      ``(phi, margin)`` of the broadcast shape of ``rho`` and ``omega`` (float64).
+
     Example:
-      >>> g = make_geometry(seed=0, hidden_size=4, num_opposite=1, num_synonym=0, num_filler=1,
-      ...     unembedding_norm=1.0, opposite_scale=1.0, synonym_scale=0.5, filler_scale=1.0,
-      ...     rotate=False)
+      >>> g = make_phase_geometry(seed=0, hidden_size=4, num_opposite=1, num_synonym=0,
+      ...     num_filler=1, unembedding_norm=1.0, opposite_scale=1.0, synonym_scale=0.5,
+      ...     filler_scale=1.0, rotate=False)
       >>> phi, margin = hidden_direction(2.0, 2.0, geometry=g)  # y- = (2, 2), opposite = (0, -1)
       >>> # balance y-: (-1, -2).d against the opposite token (1, 1).d: d = (3, -2) / sqrt(13)
       >>> bool(np.isclose(phi, np.arctan2(-2, 3))), round(float(margin), 6)
@@ -202,7 +245,7 @@ def hidden_direction(rho, omega, *, geometry: Geometry) -> tuple[np.ndarray, np.
 
 
 def solve_hidden_cos(
-    scores, kappa, prob_pos, *, unembedding_norm: float
+    scores: ArrayLike, kappa: ArrayLike, prob_pos: ArrayLike, *, unembedding_norm: float
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Return ``(c, feasible)``: the smallest :math:`c \in [-1, 1]` with :math:`\pi(y^+) = p`.
 
@@ -212,6 +255,16 @@ def solve_hidden_cos(
     :data:`SOLVE_GRID` points where :math:`\pi(y^+) \ge p` brackets the root, bisection refines it.
     ``feasible`` is false (and ``c`` NaN) when no :math:`c \in [-1, 1]` reaches ``p`` (``p`` above
     the reachable maximum or below :math:`\pi(y^+)` at ``c = -1``). Inputs broadcast (NumPy).
+
+    Args:
+      scores: ``[..., V]`` :math:`g_z`, ``y+`` first.
+      kappa: :math:`\kappa = \|h_0\|^2/w^2 > 0`, broadcast with ``scores[..., 0]``.
+      prob_pos: the target :math:`p \in (0, 1)`, broadcast likewise.
+      unembedding_norm: :math:`w`.
+
+    Returns:
+      ``(c, feasible)`` of the broadcast shape: ``c`` float64 (NaN where infeasible), ``feasible``
+      bool.
 
     Example:
       >>> g = np.array([1.0, 0.0, 0.0, 0.0, 0.0])  # V = 5: pi(y+) = 1/4 at x = ln(4/3)
@@ -241,7 +294,14 @@ def solve_hidden_cos(
     return np.where(feasible, hi, np.nan), feasible
 
 
-def cell_inputs(rhos, omegas, kappas, probs, *, geometry: Geometry) -> dict[str, np.ndarray]:
+def cell_inputs(
+    rhos: ArrayLike,
+    omegas: ArrayLike,
+    kappas: ArrayLike,
+    probs: ArrayLike,
+    *,
+    geometry: PhaseGeometry,
+) -> dict[str, np.ndarray]:
     """Return ``{"phi", "cos", "feasible"}`` on the grid of 1-D axes, each ``[n_rho, n_omega,
     n_kappa, n_prob]``.
 
@@ -249,9 +309,9 @@ def cell_inputs(rhos, omegas, kappas, probs, *, geometry: Geometry) -> dict[str,
     :func:`solve_hidden_cos` (NaN where infeasible); solved one ``rho`` at a time (memory).
 
     Example:
-      >>> g = make_geometry(seed=0, hidden_size=4, num_opposite=1, num_synonym=0, num_filler=1,
-      ...     unembedding_norm=1.0, opposite_scale=1.0, synonym_scale=0.5, filler_scale=1.0,
-      ...     rotate=False)
+      >>> g = make_phase_geometry(seed=0, hidden_size=4, num_opposite=1, num_synonym=0,
+      ...     num_filler=1, unembedding_norm=1.0, opposite_scale=1.0, synonym_scale=0.5,
+      ...     filler_scale=1.0, rotate=False)
       >>> # V = 4; the max-margin direction is e_0 (margin 1), x = w^2 sqrt(kappa) c <= 2, so
       >>> # pi(y+) <= e^2 / (e^2 + 3) = 0.71: 0.5 is reachable, 0.99 is not
       >>> cell_inputs([0.0], [1.0], [4.0], [0.5, 0.99], geometry=g)["feasible"].tolist()
@@ -272,7 +332,7 @@ def cell_inputs(rhos, omegas, kappas, probs, *, geometry: Geometry) -> dict[str,
     return {"phi": np.broadcast_to(phi[:, :, None, None], shape), "cos": cos, "feasible": feasible}
 
 
-class Instance(NamedTuple):
+class PhaseInstance(NamedTuple):
     """One cell's model at t = 0: unembeddings ``[V, d]``, hidden ``[d]``, ``B`` ``[d, d]``."""
 
     unembedding: jax.Array
@@ -280,18 +340,36 @@ class Instance(NamedTuple):
     basis: jax.Array
 
 
-def instance(geometry: Geometry, rho, omega, kappa, phi, cos, lam) -> Instance:
-    r"""Return the :class:`Instance` of a cell (JAX; jit- and vmap-safe in its scalar inputs).
+def phase_instance(
+    geometry: PhaseGeometry,
+    rho: ArrayLike,
+    omega: ArrayLike,
+    kappa: ArrayLike,
+    phi: ArrayLike,
+    cos: ArrayLike,
+    lam: ArrayLike,
+) -> PhaseInstance:
+    r"""Return the :class:`PhaseInstance` of a cell (JAX; jit- and vmap-safe in its scalar inputs).
 
     See the module docstring: rows ``W`` ``[V, d]`` and :math:`h_0` are rotated by ``Q``;
     :math:`B = I + (\sqrt{1+\lambda} - 1)P_S`. ``phi`` and ``cos`` come from
     :func:`hidden_direction` and :func:`solve_hidden_cos`.
 
+    Args:
+      geometry: the :class:`PhaseGeometry` (host constants, closed over).
+      rho, omega, kappa: the cell's :math:`\rho`, :math:`\omega`, :math:`\kappa` (scalars).
+      phi: angle of :math:`\hat d` in the plane (:func:`hidden_direction`).
+      cos: :math:`c \in [-1, 1]` (:func:`solve_hidden_cos`).
+      lam: kernel gain :math:`\lambda \ge 0` (0: unconstrained features).
+
+    Returns:
+      The :class:`PhaseInstance` (``W`` ``[V, d]``, :math:`h_0` ``[d]``, ``B`` ``[d, d]``).
+
     Example:
-      >>> g = make_geometry(seed=0, hidden_size=4, num_opposite=1, num_synonym=0, num_filler=1,
-      ...     unembedding_norm=2.0, opposite_scale=1.0, synonym_scale=0.5, filler_scale=1.0,
-      ...     rotate=False)
-      >>> inst = instance(g, 0.5, 1.0, 1.0, 0.0, 0.0, 3.0)
+      >>> g = make_phase_geometry(seed=0, hidden_size=4, num_opposite=1, num_synonym=0,
+      ...     num_filler=1, unembedding_norm=2.0, opposite_scale=1.0, synonym_scale=0.5,
+      ...     filler_scale=1.0, rotate=False)
+      >>> inst = phase_instance(g, 0.5, 1.0, 1.0, 0.0, 0.0, 3.0)
       >>> inst.unembedding[:3].tolist(), inst.hidden.tolist()  # y+, y-, opposite; h0 along e_2
       ([[2.0, 0.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0], [0.0, -2.0, 0.0, 0.0]], [0.0, 0.0, 2.0, 0.0])
       >>> jnp.diag(inst.basis @ inst.basis.T).tolist()  # K = I + 3 P_S, S = span(e_0, e_1)
@@ -314,17 +392,25 @@ def instance(geometry: Geometry, rho, omega, kappa, phi, cos, lam) -> Instance:
     span = jnp.stack([W[0], jnp.mean(W[geometry.opposite_ids], axis=0)])  # [2, d]: W+, centroid
     q, _ = jnp.linalg.qr(span.T)  # [d, 2] orthonormal basis of S
     B = jnp.eye(d) + (jnp.sqrt(1.0 + lam) - 1.0) * (q @ q.T)
-    return Instance(W, h0, B)
+    return PhaseInstance(W, h0, B)
 
 
-def kernel_subspace(inst: Instance, geometry: Geometry) -> jax.Array:
-    """``[2, d]``: the vectors spanning ``S`` (``W+`` and the opposite-set centroid)."""
+def kernel_subspace(inst: PhaseInstance, geometry: PhaseGeometry) -> jax.Array:
+    """Return ``[2, d]``: the vectors spanning ``S`` (``W+`` and the opposite-set centroid)."""
     W = inst.unembedding
     return jnp.stack([W[0], jnp.mean(W[geometry.opposite_ids], axis=0)])
 
 
-def token_category(ids, geometry: Geometry) -> np.ndarray:
-    """Return the :data:`CATEGORIES` code of token ids (NumPy)."""
+def token_category(ids: ArrayLike, geometry: PhaseGeometry) -> np.ndarray:
+    """Return the :data:`TOKEN_CATEGORIES` code of each token id (NumPy ints, ``ids``' shape).
+
+    Example:
+      >>> g = make_phase_geometry(seed=0, hidden_size=4, num_opposite=2, num_synonym=1,
+      ...     num_filler=1, unembedding_norm=1.0, opposite_scale=1.0, synonym_scale=0.5,
+      ...     filler_scale=1.0, rotate=False)
+      >>> [TOKEN_CATEGORIES[c] for c in token_category([0, 1, 2, 3, 4, 5], g)]
+      ['y+', 'y-', 'opposite', 'opposite', 'synonym', 'filler']
+    """
     ids = np.asarray(ids)
     n_o, n_s = len(geometry.opposite_scales), len(geometry.synonym_scales)
     edges = np.array([1, 2, 2 + n_o, 2 + n_o + n_s])
