@@ -287,13 +287,9 @@ def phase_diagram_figure(results: dict) -> plt.Figure:
     "displaced" (all runs and the paper's regime, with and without round-off-sensitive runs), the
     round-off-sensitive counts and the paper's regime's counts (:mod:`sims.protocols.phase_report`
     names the codes)."""
-    from sims.protocols import (
-        PHASE_CRITERIA,
-        PHASE_LOSSES,
-        PHASE_OUTCOMES,
-        PHASE_PREDICTIONS,
-        TOKEN_CATEGORIES,
-    )
+    from sims.protocols.phase_flows import PHASE_LOSSES, PHASE_OUTCOMES
+    from sims.protocols.phase_instances import TOKEN_CATEGORIES
+    from sims.protocols.phase_report import PHASE_CRITERIA, PHASE_PREDICTIONS
 
     fig, axes = plt.subplots(4, 4, figsize=(21, 18))
     flat = axes.ravel()
