@@ -43,7 +43,7 @@ from pathlib import Path
 
 from experiments import framework as fw
 from experiments.framework import plots
-from sims import protocols as sp
+from sims.protocols import phase_diagram as sp  # with the names the run needs
 
 NAME = "displacement_phase_diagram"
 

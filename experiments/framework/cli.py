@@ -189,6 +189,8 @@ def experiment_main(
             results = run(config)
     else:
         results = run(config)
+    if isinstance(results.get("provenance"), dict):  # the run's own wall time, plot excluded
+        results["provenance"]["run_s"] = round(time.perf_counter() - start, 1)
     png, js = save(name, results, plot(results), out_dir)
     progress(f"[{name}] wrote {png} and {js} in {time.perf_counter() - start:.1f} s")
     if summary is not None:

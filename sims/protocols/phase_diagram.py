@@ -37,7 +37,7 @@ from sims.protocols.phase_flows import (
     phase_predictor,
     phase_run_fn,
 )
-from sims.protocols.phase_instances import PhaseGeometry
+from sims.protocols.phase_instances import PhaseGeometry, make_phase_geometry
 from sims.protocols.phase_report import PHASE_CRITERIA, phase_diagram_report, prediction_codes
 from sims.protocols.phase_sensitivity import (
     phase_controls,
@@ -46,6 +46,20 @@ from sims.protocols.phase_sensitivity import (
     threshold_table,
 )
 
+__all__ = [  # this module's names and, for a caller's one import, the run's vocabulary
+    "PHASE_CRITERIA",
+    "PHASE_LOSSES",
+    "PHASE_OPTIMIZERS",
+    "PhaseDiagram",
+    "PhaseGrid",
+    "PhaseSettings",
+    "make_phase_geometry",
+    "phase_axes",
+    "phase_cells",
+    "run_phase_diagram",
+    "run_phase_sweeps",
+    "sweep_phase_grids",
+]
 
 class PhaseSettings(NamedTuple):
     r"""The knobs of a phase-diagram run besides geometry and axes (:func:`run_phase_diagram`).
