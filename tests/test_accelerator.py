@@ -26,11 +26,13 @@ F32_RTOL = 1e-6  # a float32 loss against its exact value (a few ulps)
 SHARDED_ATOL = 1e-5
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_in_child_returns_the_stage_result():
     out = acc.in_child(dict, 120.0, a=1, b="x")
     assert out["status"] == "ok" and out["result"] == {"a": 1, "b": "x"} and out["wall_s"] > 0
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_in_child_reports_a_raised_error_with_its_traceback():
     out = acc.in_child(functools.partial(int, "not a number"), 120.0)
     assert out["status"] == "failed" and out["error"].startswith("ValueError: invalid literal")
@@ -43,6 +45,7 @@ def test_in_child_reports_a_process_that_died():
     assert out["error"] == "child process exited with code 3"
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_in_child_stops_a_stage_at_its_time_limit():
     start = time.perf_counter()
     out = acc.in_child(functools.partial(time.sleep, 600), 3.0)
@@ -96,6 +99,7 @@ def test_dpo_step_stage_plans_runs_and_reports_the_same_program():
     assert out["architecture"]["num_layers"] == 2 and out["shapes"]["pairs"] == 2
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_dpo_step_stage_keeps_fewer_layers_and_runs_only_when_asked():
     out = acc.dpo_step_stage(pairs=1, seq_len=4, steps=1, num_layers=1, config=_tiny())
     assert out["architecture"]["num_layers"] == 1
@@ -103,6 +107,7 @@ def test_dpo_step_stage_keeps_fewer_layers_and_runs_only_when_asked():
     assert out["memory"]["arguments"] > 0
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_smollm2_config_is_the_135m_architecture():
     c = acc.smollm2_config()  # SmolLM2-135M-Instruct's model card: 30 layers, d = 576, tied
     sizes = (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.tied)
@@ -112,6 +117,7 @@ def test_smollm2_config_is_the_135m_architecture():
     assert c.num_parameters == 134_515_008
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_sweep_stage_shards_runs_like_a_plain_vmap():
     out = acc.sweep_stage(runs_per_device=1, vocab=16, hidden=4, steps=3, repeats=1)
     assert out["runs"] == out["devices"] and out["sweep_status"]["ok"] == out["runs"]

@@ -62,6 +62,7 @@ def _audit(seed: int):
     return audit_pairs(_model(), *_pairs(seed), LOSS, batch_size=2, top_k=3)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_audit_ches_matches_theory_on_model_hidden_states():
     model = _model()
     chosen, rejected = _pairs()
@@ -83,6 +84,7 @@ def test_audit_ches_matches_theory_on_model_hidden_states():
     assert np.ptp(audit.ches) > 1e-3  # the pairs differ: the comparison is not trivial
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_audit_velocity_matches_central_difference_of_an_sgd_step():
     model = _model()
     chosen, rejected = _pairs(1)

@@ -125,6 +125,7 @@ def _save_random_hf(transformers, tmp_path, *, seed, head=False, **overrides):
     return model.bert if head else model
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @needs_minilm
 def test_load_bert_matches_hf_bert_model_on_minilm():
     transformers = _transformers()
@@ -251,6 +252,7 @@ def test_bert_encoder_holds_one_vocabulary_matrix():
     assert np.all(np.asarray(model.unembedding_matrix()) == 0)  # the readout reads that Param
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_bert_encoder_real_positions_ignore_padding():
     model = BertEncoder(TINY, rngs=nnx.Rngs(5), dtype=jnp.float64)
     rng = np.random.default_rng(6)
@@ -427,6 +429,7 @@ def test_masked_lm_pairs_logprobs_match_unpadded_numpy_readout():
         np.testing.assert_allclose(pairs.record(model), want, rtol=RTOL_EXACT, atol=1e-13)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_masked_lm_pairs_reference_gives_dpo_loss_ln2():
     model = BertEncoder(TINY, rngs=nnx.Rngs(3), dtype=jnp.float64)
     pairs = make_masked_lm_pairs(model, *_masked_batch(np.random.default_rng(0), 3))
@@ -462,6 +465,7 @@ def _dpo_rate_jit(graphdef, params, rest, prompts, chosen, rejected, ref, beta):
     return jax.jvp(logprobs, (params,), (direction,))[1]
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_preference_flow_masked_lm_first_step_matches_autodiff_of_dpo():
     """One SGD step of preference_flow moves every log-prob at the autodiff rate
     d/dt ln pi = <grad ln pi, -grad L> (Euler: the difference quotient is O(dt) off)."""

@@ -55,6 +55,7 @@ def test_decoder_lm_accepts_any_leading_axes():
     assert m.hidden_states(tokens).shape == (2, 3, T, 16)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_decoder_lm_remat_gives_same_loss_and_gradient():
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, V, (2, T)))
 

@@ -25,6 +25,7 @@ def test_compilations_counts_each_new_program_once():
     assert seen == []
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize(
     "name",
     [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in FRONT_ENDS],

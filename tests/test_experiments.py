@@ -89,6 +89,7 @@ KEYS = {
     "bench": {"cells", "sweep", "targets"},
     "audit": {"pairs", "fraction_predicted_displacing", "kept_lines"},
     "compile_once": {"rows", "min_ratio", "min_new_values_ratio", "new_values_compiles"},
+    "check_figures": {"rows", "changed", "compared"},
     "accelerator_check": {"device", "bench", "sweep", "real_model_dpo", "experiments", "budget_s"},
     "minilm_encoder_no_over_never": {"skipped", "sft", "runs", "rows", "kernel", "verdict"},
     "learned_features_no_over_never": {
@@ -201,6 +202,7 @@ def test_minilm_experiment_skips_without_package(name, monkeypatch):
     module.plot(json.loads(dumps(result)))
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_kl_optimum_mixture_smoke_findings():
     """The smoke run still finds the counterexample and no failure of the corrected theorem."""
     from experiments import kl_optimum_mixture as exp
@@ -281,6 +283,7 @@ def test_statistic_reports_an_undefined_summary_as_null_with_its_reason():
     assert statistic_text(None) == "undefined" and statistic_text(0.25) == "+0.25"
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_no_over_never_reports_an_undefined_spearman_as_null(tmp_path):
     """The probe of issue 21: ``--sft-dt 1e6`` saturates the SFT model, so the Theorem 5
     alignment ranking is compared with a constant observed change; Spearman is undefined there.

@@ -34,6 +34,7 @@ def _jsonl(path, rows):
     return path
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_audit_main_writes_pair_files_and_reports_bad_rows(tmp_path, capsys):
     pairs = _jsonl(tmp_path / "pairs.jsonl", ROWS)
     out = tmp_path / "out"
@@ -87,6 +88,7 @@ def test_checkpoint_experiments_read_a_model_folder_with_chat_template(tmp_path)
     assert res["prompts"][0].startswith("<bos> would you say")
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize(
     "rows",
     [

@@ -98,6 +98,7 @@ def _by_hand(ckpt, rows):
     return batches
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_audit_rows_skips_over_long_rows_and_keeps_line_numbers():
     _, audited, progress = _audited()
     assert [r["line"] for r in audited.records] == [2, 3, 7] == audited.lines.tolist()

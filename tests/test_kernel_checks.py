@@ -91,6 +91,7 @@ def _normalised(v):
     return v / np.max(np.abs(v), axis=-1, keepdims=True)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_kernel_form_check_on_mlp_features_is_exact_and_its_truth_is_the_flow():
     inst = kc.mlp_instance(
         np.random.default_rng(1), 1, vocab=7, features=3, hidden=4, width=5, prompts=3
@@ -113,6 +114,7 @@ def test_kernel_form_check_on_mlp_features_is_exact_and_its_truth_is_the_flow():
     assert out["lambda_eff_pair"].shape == (3,) and "lambda_eff_pair" not in joint
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_kernel_form_check_tied_transformer_needs_the_cross_terms():
     model = _tiny_transformer(True)
     prompt = corpus.encode(corpus.persona_prompt("lying", "fine"))
@@ -192,6 +194,7 @@ def _hidden_flow_velocity(W, h, y_pos, y_neg, loss, ref):
     return jax.jvp(logprobs, ((W, h),), (jax.tree.map(lambda x: -x, g),))[1]
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("tied", [True, False])
 def test_answer_velocities_match_autodiff_and_finite_differences(tied):
     model = _tiny_transformer(tied)

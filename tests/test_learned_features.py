@@ -84,6 +84,7 @@ def _tiny_model(rate: float, seed: int = 0) -> ScaledMLPFeatures:
     return model
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_first_step_measurements_kernel_form_and_one_step(rate):
     """The kernel form (theory.kernel) equals the jvp truth; the truth equals one torch-RMSprop
@@ -292,6 +293,7 @@ def test_control_detects_fails_when_a_geometry_disagrees(effects, met, reason):
     assert lf.control_detects({}, margin_target=8.0)[0] is False
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_runs_cell_free_h_equals_single_runs_and_sft_rule_passes():
     """Free h: the SFT rule's rate reaches its target (the grid rate below does not); the
     vmapped runs of runs_cell equal independent single-run flows."""

@@ -69,6 +69,7 @@ def _lp(model, pre):
     return lp_c, lp_r
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("inside", [True, False])
 def test_position_logits_gradient_matches_theory(inside):
     pre, ctx, ref = _random_context(1)
@@ -138,6 +139,7 @@ def _small_model(kind):
     return pre, UnconstrainedFeatures.from_arrays(W, H)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("kind", ["logit", "features"])
 def test_edit_pair_flow_satisfies_proposition_2_and_matches_integrate(kind):
     pre, model = _small_model(kind)

@@ -66,6 +66,7 @@ def _lowrank_flow(loss, prompt, chosen, rejected, fold_every):
     return jax.jit(jax.vmap(one))
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize(
     "loss_type,structure,fold_every",
     [("sft_term", "mixed", 16)]
@@ -124,6 +125,7 @@ def _observe_with_norms(model, pairs):
     return pairs.record(model), norms
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_lowrank_preference_flow_matches_preference_flow_api():
     model = UnconstrainedFeatures(40, 6, 4, rngs=nnx.Rngs(3), dtype=jnp.float64)
     pairs = make_pairs(
@@ -184,6 +186,7 @@ def test_lowrank_flow_float32_close_to_float64():
     )
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_lowrank_flow_reports_the_same_first_nonfinite_step():
     # exponential GPO with a huge step overflows within a few steps; both paths name one step
     prompt, chosen, rejected = np.array([0, 1]), np.array([3, 4]), np.array([5, 3])

@@ -135,6 +135,7 @@ def _plain_sft_loss(params, W0, consts, X, labels, rate):
     return -jnp.mean(logp[jnp.arange(X.shape[0]), labels])
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop_torch"])
 def test_feature_sft_flow_first_step_matches_explicit_step(optimizer):
     """One step of the flow = theta - dt * g (SGD) or theta - dt * g / (sqrt(0.01 g^2) + 1e-8)
@@ -254,6 +255,7 @@ def test_feature_pairs_reference_and_validation():
         make_feature_pairs(model, X, [0, 1], [3, 4])
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_stacked_feature_pairs_flow_equals_separate_flows():
     """preference_flow over R stacked single-pair runs = R separate flows (vmap changes nothing)."""
     model = _perturb(_model(2, "lazy", rate=0.1), 2)
@@ -299,6 +301,7 @@ def test_integrate_model_trains_only_params():
     assert float(res.final.output_scale[...]) == float(model.output_scale[...])
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_closed_form_kernel_matches_hidden_kernel(rate):
     """The closed form vs sims.analysis.kernel.hidden_kernel (vjp / jvp products), P = I and a

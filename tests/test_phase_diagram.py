@@ -114,6 +114,7 @@ def test_phase_cells_step_and_path_rules_by_hand():
     assert set(np.unique(grid["path"][ok])) == {0, 1, 2}
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_run_phase_sweeps_equal_the_same_runs_one_by_one(small_grid):
     geometry, grid, outputs = small_grid
     assert {0, 1} <= set(np.unique(grid["path"]))  # both paths of this grid are exercised
@@ -136,6 +137,7 @@ def test_run_phase_sweeps_equal_the_same_runs_one_by_one(small_grid):
     assert np.all((outputs["status"] == "infeasible") == ~grid["feasible"])
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_reduced_and_generic_paths_agree(small_grid):
     geometry, grid, outputs = small_grid
     runs = np.flatnonzero(grid["path"] == 0)

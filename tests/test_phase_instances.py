@@ -46,6 +46,7 @@ def geometry():
     return make_phase_geometry(**GEOMETRY)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_phase_instance_realises_rho_omega_kappa_and_prob_pos(geometry):
     rng = np.random.default_rng(1)
     axes = (
@@ -108,6 +109,7 @@ def _prob_pos_fn(geometry):
     return jax.jit(prob_pos)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_solve_hidden_cos_gives_smallest_root_and_flags_infeasible(geometry):
     axes = (np.array([0.0, 1.0, 1.5, 2.0]), np.array([0.0, 0.7, 2.0]), np.array([0.05, 1.0]))
     probs = np.array([0.2, 0.6, 0.95])

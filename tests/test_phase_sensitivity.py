@@ -164,6 +164,7 @@ def test_regime_report_rejects_a_part_without_outputs():
         regime_report({"grid": {"grid": {}}}, displacement_tol=1e-3, velocity_tol=1e-9, tols=TOLS)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_phase_controls_at_factor_one_repeat_the_sweep():
     """With factor 1 the "finer step" and "longer horizon" reruns are the runs themselves."""
     geometry = make_phase_geometry(

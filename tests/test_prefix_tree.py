@@ -58,6 +58,7 @@ def test_pair_logprobs_match_brute_force():
         np.testing.assert_allclose(float(lp_c[i]), total, rtol=RTOL_SAME_MATH, err_msg=f"pair {i}")
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_flow_velocity_matches_theorem_6_closed_form():
     # autodiff of the simulated model's flow vs the closed form (shared prefix of one token)
     pairs, prefixes = index_prefixes([0], [[1, 2, 3]], [[1, 4]])
@@ -82,6 +83,7 @@ def test_flow_velocity_matches_theorem_6_closed_form():
     np.testing.assert_allclose(float(got[0]), float(want), rtol=1e-9)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_restrict_keeps_logprobs_and_flow():
     data = synthetic_preferences(
         jax.random.key(0), num_pairs=30, vocab_size=10, hidden_size=4, max_len=4

@@ -43,6 +43,7 @@ def test_encode_prompts_right_pads_to_one_shape():
     assert p.tokens[1, 2:].tolist() == [PAD, PAD]
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_word_probabilities_match_sequence_logprobs():
     model, p, tok = _model(), _prompts(), _tok()
     words = persona.label_word_ids(tok, ["No", "Abso lutely"])
@@ -53,6 +54,7 @@ def test_word_probabilities_match_sequence_logprobs():
         np.testing.assert_allclose(probs[:, j], np.exp(data.logprobs(model)), rtol=1e-12)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_label_set_sft_stops_at_the_target_and_raises_the_set():
     model, p, tok = _model(1), _prompts(), _tok()
     words = persona.label_word_ids(tok, ["No", "Never", "Yes", "Sure"])
@@ -79,6 +81,7 @@ def test_label_set_sft_stops_at_the_target_and_raises_the_set():
     assert np.mean(np.sum(probs * mask, axis=1)) == pytest.approx(budget.set_probability[-1])
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("loss", [make_loss("dpo", beta=0.1), make_loss("ipo", tau=0.01)])
 def test_dpo_run_records_and_predicts_its_first_step(loss):
     model, p = _model(2), _prompts()

@@ -31,6 +31,7 @@ def _prompts():
     return TokenBatch(tokens, lens, lens)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("window", [None, 3])
 def test_cached_logits_equal_full_forward(window):
     kw = {"sliding_windows": (None, window)} if window else {}
@@ -47,6 +48,7 @@ def test_cached_logits_equal_full_forward(window):
         assert err <= CACHE_RTOL, (r, err)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_sample_is_seeded_stops_and_reports_its_logprob():
     model, p = _model(), _prompts()
     key = jax.random.key(7)

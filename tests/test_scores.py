@@ -49,6 +49,7 @@ def _pairs(n: int, seed: int):
     return corpus.pack(prompts, pos), corpus.pack(prompts, neg)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_transformer_pair_scores_equal_formula_on_extracted_states():
     m = _model()
     chosen, rejected = _pairs(12, 0)

@@ -152,6 +152,7 @@ def test_open_self_made_casts_to_the_requested_dtype(tmp_path):
         open_self_made(SelfMadeSpec.tiny(), seed=0, dtype="int8", workdir=tmp_path)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_train_self_made_lowers_the_lm_loss_below_uniform():
     """An untrained model's next-token loss is about ln V (near-uniform logits); 40 Adam steps
     on the corpus bring the minibatch loss well below it (the corpus is mostly predictable)."""

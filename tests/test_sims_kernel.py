@@ -94,6 +94,7 @@ def _mlp_kernels(graphdef, state, X, gains):
     )
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("seed", range(3))
 def test_hidden_kernel_matches_jacrev_mlp(seed):
     model = _mlp(seed)
@@ -266,6 +267,7 @@ def test_velocity_channels_and_kernel_form_on_mlp(seed):
     _assert_close(full, truth, scale, "kernel form")
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("tied", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_kernel_form_is_exact_on_causal_transformer(tied):
     """4 prompts (random tokens; in two of them y+ is a prompt token, which is where the tied
@@ -309,6 +311,7 @@ def _table(gains, tied):
     return gains["embed"]["embedding"][...] if tied else gains["unembedding"][...]
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_multi_prompt_kernel_form_on_mlp():
     """N prompts share the MLP: K_ij from hidden_kernel on h [N, d] gives Thms 8-9's analogue."""
     model = _mlp(7)
@@ -346,6 +349,7 @@ def _flow_observe(model, prompt):
     return _answer_logprobs(model, prompt)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_rmsprop_first_step_matches_preconditioned_form():
     """P of the first torch-RMSprop step, the preconditioned kernel form, and a forward difference
     of one actual ``rmsprop_torch`` step of sims.flows.core: the parameter step is exactly -dt P g,
@@ -407,6 +411,7 @@ def test_sims_kernel_rejects_bad_input():
         rmsprop_preconditioner(lambda m: jnp.sum(fn(m)), model, decay=1.0)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_first_step_velocity_matches_autodiff_on_decoder_lm(tied, seed):

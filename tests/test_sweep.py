@@ -62,6 +62,7 @@ def test_sharded_map_on_8_devices_equals_unsharded_vmap_in_subprocess():
     assert report["max_abs_diff"] == 0.0  # runs are independent: sharding must not change a bit
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_sweep_on_8_devices_equals_unsharded_vmap():
     # the root conftest fakes 8 CPU devices for this process
     assert jax.device_count() == 8

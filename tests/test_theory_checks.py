@@ -59,6 +59,7 @@ DPO = losses.make_loss("dpo", beta=0.5)
 # --- single-token instances and the velocity check ----------------------------------------------
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_single_token_instance_pair_is_distinct_and_rows_have_the_drawn_scale():
     keys = jax.random.split(jax.random.key(0), 400)
     draw = jax.vmap(
@@ -274,6 +275,7 @@ def test_error_summary_hand_values():
 # --- flows of several runs ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_logprob_chosen_change_equals_separate_runs():
     models = [UnconstrainedFeatures(5, 2, 3, rngs=nnx.Rngs(i), dtype=jnp.float64) for i in range(3)]
     pairs = index_prefixes([0, 1], [[1, 2], [3]], [[2], [4]])[0]
@@ -450,6 +452,7 @@ def test_extra_sample_instance_kinds():
         extra_sample_instance(rng, vocab_size=3, hidden_size=2, contradicting=True)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_extra_sample_effect_predicted_term_matches_the_flow_and_theorem8_sign():
     rng = np.random.default_rng(1)
     insts = [
@@ -497,6 +500,7 @@ def test_pair_similarity_scores_against_hand_sums():
         assert s["ches_length_normalized"][i] == pytest.approx(m_pos @ (m_neg - m_pos), rel=1e-10)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_percentile_subset_changes_equal_separate_subset_runs():
     data = synthetic_preferences(jax.random.key(1), num_pairs=20, vocab_size=8, max_len=3)
     pairs = with_reference(data.model, data.pairs)

@@ -105,6 +105,7 @@ def test_label_set_features_sft_labels_by_class():
         )
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_geometry_protocol_first_step_follows_theorem_4():
     W0 = jnp.asarray(np.random.default_rng(1).normal(size=(len(WORDS), 4)) / 2)
     settings = tg.GeometrySettings(

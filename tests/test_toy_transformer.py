@@ -58,6 +58,7 @@ def test_pretrained_transformer_without_steps_is_the_initial_model():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_pretrained_transformer_float64_holds_the_float32_trained_parameters():
     settings = toy.PretrainSettings(**{**TINY.__dict__, "pretrain_steps": 3})
     m32, losses32 = toy.pretrained_transformer(1, settings)
@@ -92,6 +93,7 @@ def _answer_pairs(model, num=3, answers=("no", "never")):
     return make_transformer_pairs(model, chosen, rejected), len(prompts[0])
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_answer_logprobs_is_the_next_token_distribution_after_the_prompt():
     model, _ = _tiny()
     pairs, P = _answer_pairs(model, num=1)
@@ -158,6 +160,7 @@ def test_refusal_pairs_prefer_the_judged_refusal():
         toy.refusal_pairs(model, 0, pairs_per_prompt=0)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_train_conditions_change_is_the_weighted_change_of_the_final_models():
     model, _ = _tiny()
     prompts = [corpus.request_prompt("make", o) for o in ("cake", "poem", "kite")]

@@ -125,6 +125,7 @@ def test_prefix_hidden_states_ignore_later_tokens():
         np.testing.assert_allclose(h[k], alone, rtol=RTOL, atol=RTOL, err_msg=f"prefix k={k + 1}")
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_response_logprobs_from_tokens_is_sum_of_prefix_logprobs():
     m = _model(False)
     tokens = np.random.default_rng(7).integers(0, V, (3, T))
@@ -140,6 +141,7 @@ def test_response_logprobs_from_tokens_is_sum_of_prefix_logprobs():
         np.testing.assert_allclose(got[i], want, rtol=RTOL, err_msg=f"sequence {i}")
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_lm_loss_uniform_model_is_log_v():
     m = _model(True)
     graphdef, state = nnx.split(m)
@@ -194,6 +196,7 @@ def test_sample_rejects_bad_temperature():
         )
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_preference_flow_zero_weight_pairs_do_not_matter():
     # a pair with weight 0 must not change the flow: compare with the data set without it
     m = _model(False)
@@ -217,6 +220,7 @@ def test_preference_flow_zero_weight_pairs_do_not_matter():
     assert np.all(lp[0][1, :2] > lp[0][0, :2]) or np.any(lp[0][1] != lp[0][0])  # it moved
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_model_cast_to_float64_computes_in_float64():
     """A float32-built model whose state is cast to float64 computes every hidden state in float64
     (nnx.Embed would keep the float32 compute dtype it was built with)."""
