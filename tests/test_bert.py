@@ -158,6 +158,7 @@ def test_load_bert_matches_hf_bert_model_on_minilm():
     assert np.all(err <= bound), f"log-prob errors {err} exceed bounds {bound}"
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("dtype, rtol", [(jnp.float64, RTOL_F64), (jnp.float32, RTOL_F32)])
 def test_load_bert_matches_hf_random_config(tmp_path, dtype, rtol):
     transformers = _transformers()

@@ -325,6 +325,7 @@ def test_shard_model_keeps_logits_on_8_devices(tmp_path):
     _assert_parity(tmp_path, model, tokens=np.asarray(tokens), mesh=mesh)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_save_causal_lm_round_trips_through_transformers(tmp_path):
     vocab = ("<pad>", "<bos>", "<eos>", "no", "never", "yes", "is", "it", "?")
     tok = word_level_tokenizer(vocab, special_tokens=("<pad>", "<bos>", "<eos>"))

@@ -67,6 +67,7 @@ def _scale(g):
     return g.coef_chosen + g.coef_rejected  # each |e - s| row sums to <= 2: S <= 2 L (a+ + a-)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("inside", [True, False])
 @pytest.mark.parametrize("lam", [0.0, 3.0])
 def test_position_logit_gradients_matches_autodiff(inside, lam):

@@ -142,6 +142,9 @@ SMOKED_ELSEWHERE = {"bench"}
 #: test_dpop*.py, test_mlp_features.py, test_multi_token.py, test_checkpoints.py), and CI runs
 #: them with -m slow.
 SLOW_SMOKE = {
+    "refusal_unalignment",
+    "check_figures",
+    "audit",
     "minilm_encoder_no_over_never",
     "kernel_theorem_check",
     "compile_once",

@@ -115,6 +115,7 @@ def test_help_lists_every_experiment(arg, capsys):
         assert name in out
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_help_runs_as_a_module():
     out = subprocess.run(
         [sys.executable, "-m", "experiments", "--help"],
@@ -170,6 +171,7 @@ def test_provenance_reads_the_dtype_from_the_result():
         provenance(dtype_of=())
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_run_called_directly_computes_in_the_dtype_it_reports():
     """The probe of the issue: run(Config.smoke()) outside main() used to run in float32 while
     labelled float64; run() now enables float64 itself and the label is read from its arrays."""
@@ -225,6 +227,7 @@ def test_debug_shows_the_traceback_and_a_bug_keeps_it(tmp_path, monkeypatch):
         runner.main(["no_over_never"])
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_user_errors_print_one_line_from_both_command_lines(tmp_path):
     """The probe of issue 21: a user error printed a 9-12 frame traceback (exit status 1)."""
     missing = str(tmp_path / "missing.jsonl")
@@ -240,6 +243,7 @@ def test_user_errors_print_one_line_from_both_command_lines(tmp_path):
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_sigterm_during_pretraining_leaves_no_temporary_folder(tmp_path):
     """The probe of issue 21: SIGTERM while the self-made checkpoint pre-trains left its empty
     temporary folder in --out; SIGTERM now raises, and ``with TemporaryDirectory()`` cleans up."""

@@ -106,6 +106,7 @@ def test_audit_rows_skips_over_long_rows_and_keeps_line_numbers():
     assert any(p.startswith("[audit] skipped line 5: over-long") for p in progress)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_audit_rows_records_equal_the_audit_of_a_hand_encoding():
     """The records are the audit of the encoding the rows ask for: a batch encoded here (padded
     with another id) gives the same numbers, line by line."""

@@ -578,6 +578,7 @@ def test_multi_sample_and_anisotropy_reject_bad_input():
         kernel_anisotropy(K3, jnp.array([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]]))
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_invalid_values_under_jit_give_nan():
     """Under jit nothing can raise: bad ids, a negative rate or gain, an asymmetric K must poison
     every entry with NaN, never a plausible number."""

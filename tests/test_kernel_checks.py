@@ -238,6 +238,7 @@ def test_answer_velocities_match_autodiff_and_finite_differences(tied):
     assert not np.allclose(got.predicted, got.actual, rtol=1e-2)  # the backbone moves too
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_answer_velocities_needs_one_answer_pair():
     model = _tiny_transformer(True)
     pairs, P = _answer_pairs(model, num=2)

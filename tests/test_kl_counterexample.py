@@ -92,6 +92,7 @@ def test_exact_check_rejects_bad_input():
         exact_check(ALPHA, P_A, P_U, R[:2], 1)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_search_finds_counterexamples_confirmed_by_public_functions():
     res = search_counterexamples(
         jax.random.key(1), num_instances=20_000, num_outcomes=4, zero_fraction=0.1

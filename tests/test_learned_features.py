@@ -180,6 +180,7 @@ def test_summarise_cell_effect_needs_mean_drop_and_yes_like_gainer_in_half_the_r
     assert lf.cell_verdict(_hand_cell(("yeah", "cat", "dog"))) == "not reproduced"
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_rate_rule_sft_and_margin_rate_meet_their_targets_on_a_tiny_model():
     """The chosen rates reach their targets in an independent flow; the grid rate below fails."""
     model0 = _tiny_model(0.0)

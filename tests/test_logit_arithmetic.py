@@ -70,6 +70,7 @@ def test_mass_matches_direct_sums():
     np.testing.assert_allclose(m.tpm_A + m.tpm_U, 1.0, rtol=1e-12)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_special_cases():
     inst, _, _ = _instances()
     p_ref = _p_ref(inst)

@@ -99,6 +99,7 @@ def test_position_logits_gradient_matches_theory(inside):
     assert np.all(excess <= bound), f"worst instance {i}: excess {excess[i]:.3e} > {bound[i]:.3e}"
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_free_context_logits_never_displace_under_dpo():
     # untied logits: d/dt ln pi(t_k|y_w^<k) = a+ ||e_t - s^w_k||^2 (+ a- ... only at shared k <= m);
     # for k > m the y_w context has its own vector, so the velocity is a+ ||e_t - s^w_k||^2 > 0
@@ -181,6 +182,7 @@ def test_edit_pair_flow_rejects_bad_lams():
         ).run()
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_edit_pair_flow_new_beta_reuses_the_compiled_flow(caplog):
     """beta is a run-time value (in the data): a new beta, dt and length compile nothing, and the
     run equals the lam = 0 reference of the new beta."""

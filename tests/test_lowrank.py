@@ -165,6 +165,7 @@ def test_preference_record_matches_pairs_record():
     np.testing.assert_array_equal(got.margin, want.margin)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_lowrank_flow_float32_close_to_float64():
     # float32 path vs float64 reference: the style guide's rtol for float32 results
     model = UnconstrainedFeatures(50, 8, 2, rngs=nnx.Rngs(5), dtype=jnp.float64)

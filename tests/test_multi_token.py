@@ -226,6 +226,7 @@ def test_logprob_velocities_match_autodiff(case):
     _assert_velocity_checks(results, f"case {case}")
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize(
     "loss_name", _mark(sorted(losses.LOSSES), [n in FAST_LOSSES for n in sorted(losses.LOSSES)])
 )
@@ -242,6 +243,7 @@ def test_logprob_velocities_match_autodiff_for_every_loss(loss_name):
     _assert_velocity_checks(results, loss_name)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("case", _mark([c for c in CASES if c[5] == 0], [False, True, False]))
 def test_other_response_terms_match_autodiff(case):
     loss_cases = {
@@ -264,6 +266,7 @@ def test_other_response_terms_match_autodiff(case):
         _assert_close(got, want, scale, f"{name}, Theorem 7")
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_gradient_inner_product_matches_autodiff():
     case = CASES[3]
 
@@ -438,6 +441,7 @@ def test_other_response_terms_traced_invalid_first_tokens_give_nan():
     assert _all_float_nan(run(W, h_pos, h_neg, y_pos, jnp.array([0, 2]), h_z, z))  # y+1 = y-1
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_multi_token_functions_valid_traced_equal_eager_with_finite_gradients():
     W, h_pos, h_neg, y_pos, y_neg, h_z, z = _traced_case()
     p = (W, h_pos, h_neg, y_pos, y_neg)

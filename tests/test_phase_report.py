@@ -122,6 +122,7 @@ def _loop_codes(grid, outputs, r):
     return pred, outcome
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_phase_diagram_report_counts_match_a_loop_over_runs(synthetic):
     axes, shape, grid, outputs, report = synthetic
     json.dumps(report, allow_nan=False)  # JSON-ready: plain types, no NaN

@@ -54,6 +54,7 @@ def _full_flow(loss, prompt, chosen, rejected):
     )
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize(
     "loss_type,structure",
     [("dpo", "mixed")]
@@ -95,6 +96,7 @@ def test_reduced_flow_matches_full_parameter_flow(loss_type, structure):
     assert np.mean(np.asarray(records.margin[:, -1] - records.margin[:, 0]) > 1e-3) > 0.5
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_reduced_preference_flow_matches_preference_flow_api():
     model = UnconstrainedFeatures(40, 6, 3, rngs=nnx.Rngs(3), dtype=jnp.float64)
     pairs = make_pairs(
@@ -120,6 +122,7 @@ def test_reduced_preference_flow_matches_preference_flow_api():
         assert err <= FLOW_RTOL, f"{what}: normwise relative error {err:.3g}"
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_reduced_flow_float32_close_to_float64():
     # float32 path vs float64 reference: the style guide's rtol for float32 results
     model = UnconstrainedFeatures(50, 8, 2, rngs=nnx.Rngs(5), dtype=jnp.float64)

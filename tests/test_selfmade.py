@@ -126,6 +126,7 @@ def test_read_pairs_without_a_usable_row_raises_with_the_reasons(tmp_path):
         read_pairs(path, seed=0, pairs_per_prompt=1)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_open_self_made_reloads_the_initial_model_and_removes_its_folder(tmp_path):
     spec = SelfMadeSpec.tiny()
     made = open_self_made(spec, seed=3, workdir=tmp_path / "work")

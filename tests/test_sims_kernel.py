@@ -108,6 +108,7 @@ def test_hidden_kernel_matches_jacrev_mlp(seed):
     np.testing.assert_allclose(pre, pre_ref, rtol=RTOL_KERNEL, atol=1e-14)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_hidden_kernel_exclude_drops_those_parameters():
     model = _mlp(4)
     x = jnp.linspace(-1.0, 1.0, 4)

@@ -276,6 +276,7 @@ def test_sweep_refuses_changed_run_fn_under_same_name(tmp_path):
     np.testing.assert_array_equal(res.outputs, x + 1.0)
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_sweep_refuses_resume_with_x64_toggled(tmp_path):
     job.tiny_sweep("a", tmp_path)  # this process runs with x64 on (root conftest)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"}

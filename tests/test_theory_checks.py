@@ -203,6 +203,7 @@ def _sequence_logprob(W, H, tokens, rows):
     return float(np.sum(lsm[np.arange(len(tokens)), tokens]))
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_multi_token_velocity_check_matches_a_hand_central_difference():
     rng = np.random.default_rng(7)
     insts = [

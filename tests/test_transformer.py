@@ -82,6 +82,7 @@ def _manual_hidden(m: CausalTransformer, tokens: np.ndarray) -> np.ndarray:
     return np.stack([ln(x, m.ln_f) for x in xs])
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 @pytest.mark.parametrize("tied", [True, False])
 def test_hidden_states_match_manual_forward(tied):
     m = _model(tied)
