@@ -1,23 +1,26 @@
 """Table 1 protocol on a real checkpoint (default: the packaged SmolLM2-135M-Instruct).
 
 Protocol (Razin et al. 2024 §3, App. H.1), choices fixed before the first DPO run on SmolLM2:
-* Prompts: this project's "ends justify the means" statements (sims.data.persona) in the paper's
-  question, rendered with the checkpoint's chat template (its default system prompt included).
-  Label words follow the assistant header; a word may be several tokens (``Absolutely``).
+* Prompts: "ends justify the means" statements (sims.data.persona) in the paper's question, in
+  the chat template (its default system prompt too); label words, maybe several tokens, follow.
 * SFT: each trait-according prompt gets a random word of the No set {No, Never, Maybe, Perhaps},
   each other prompt one of the Yes set {Yes, Yeah, Sure, Certainly, Absolutely}; cross-entropy
   on the whole word, torch RMSprop, batch 32. Budget: the smallest number of epochs (at most
   ``sft_max_epochs``) that brings the mean probability of each prompt's trained set to >= 0.8.
-  Amended before any DPO run (SFT outcomes only): at the paper's lr 1e-7 the mean set
-  probability rose 0.049 -> 0.065 in 3 epochs and at 1e-6 0.144 -> 0.270 in 6, so the rule could
-  not be met in 20 epochs; the SFT lr is 1e-5, a usual full-fine-tuning rate for a 135M model.
-* DPO (beta 0.1; lr 1e-7 and 10x) and IPO (tau 0.01; lr 1e-8 and 10x): one prompt per run,
-  100 torch-RMSprop steps; rows No>Never, Yes>No, Never>No, Sure>Yes; a No-set y+ draws a
-  trait-according prompt, a Yes-set y+ another. SmolLM2 is 7-60x smaller than the paper's
-  models, so the learning rate is a factor: the paper's rate and 10x it.
+  Amended before any DPO run (SFT outcomes only): at the paper's lr 1e-7 the mean set prob rose
+  0.049 -> 0.065 in 3 epochs, at 1e-6 0.144 -> 0.270 in 6; the SFT lr is 1e-5 (usual at 135M).
+* DPO (beta 0.1; lr 1e-7 and 10x) and IPO (tau 0.01; lr 1e-8 and 10x): one prompt per run, 100
+  torch-RMSprop steps; rows No>Never, Yes>No, Never>No, Sure>Yes; a No-set y+ draws a trait-
+  according prompt, a Yes-set y+ another. lr factors: SmolLM2 is 7-60x smaller than the paper's.
 * Deviation, stated: if a row's runs start at mean pi(y+) < 0.5 after label-set SFT, the row is
   also run after SFT on y+ itself (its side's prompts all labelled y+, same budget rule on
   pi(y+)). Both are reported.
+* Default (main job) amended after the first default run, for run time only (the criterion is
+  unchanged): that run (label-set path, 32 statements per side, lr x1 and x10, 3 runs) took
+  ~80 min on 2 loaded cores and every label-set row started below pi(y+) = 0.5 (uninformative;
+  numbers in docs/findings.md). The default now runs the deviation's path only (``sft=y_pos``),
+  16 statements per side, lr x1, 5 runs per row (the fewest that can give a verdict); ``--full``
+  is the whole protocol above (label-set SFT first, both losses, lr x1 and x10, 10 runs).
 
 Criterion (pre-registered; sims.protocols.persona.row_verdict): a row is "catastrophic
 displacement reproduced" if it has >= 5 informative runs (stable: the loss fell at every step,
@@ -50,6 +53,7 @@ from experiments.framework import (
     progress,
     provenance,
 )
+from experiments.framework.plots import grouped_bars
 from sims.checkpoints.opened import open_checkpoint, tiny_random_checkpoint
 from sims.protocols.persona import SIDES, run_persona_protocol
 
@@ -65,10 +69,11 @@ class Config(ExperimentConfig):
     dtype: str = "float32"  # parameter dtype
     rows: tuple[str, ...] = ("No>Never", "Yes>No")  # y+>y- pairs (full: all four)
     losses: tuple[str, ...] = ("dpo",)  # dpo (beta 0.1, lr 1e-7) and ipo (tau 0.01, lr 1e-8)
-    lr_factors: tuple[float, ...] = (1.0, 10.0)  # multiples of the paper's learning rate
-    num_runs: int = 3  # runs per row, loss and lr, one prompt each (paper and --full: 10)
+    lr_factors: tuple[float, ...] = (1.0,)  # multiples of the paper's learning rate (full: 1, 10)
+    num_runs: int = 5  # runs per row, loss and lr, one prompt each (paper and --full: 10)
     dpo_steps: int = 100  # preference steps per run (paper 100)
-    num_statements: int = 32  # statements per side for SFT and the DPO prompts (0 = all)
+    num_statements: int = 16  # statements per side for SFT and the DPO prompts (0 = all)
+    sft: str = "y_pos"  # label_set: the paper's SFT (then y_pos where pi(y+) < 0.5); y_pos only
     sft_lr: float = 1e-5  # label-set SFT learning rate (paper 1e-7; amended, see docstring)
     sft_max_epochs: int = 20  # cap of the SFT budget rule
     seed: int = 0
@@ -76,6 +81,7 @@ class Config(ExperimentConfig):
     RULES = {
         "model": existing_path(allow=("", "smollm2")),
         "dtype": one_of(("float32", "bfloat16")),
+        "sft": one_of(("label_set", "y_pos")),
         "rows": each(one_of(ROWS)),
         "losses": each(one_of(("dpo", "ipo"))),
         "num_statements": nonnegative_int,
@@ -83,19 +89,13 @@ class Config(ExperimentConfig):
 
     @classmethod
     def full(cls) -> Config:
-        return cls(rows=ROWS, losses=("dpo", "ipo"), num_runs=10, num_statements=0)
+        full = dict(rows=ROWS, losses=("dpo", "ipo"), lr_factors=(1.0, 10.0), num_runs=10)
+        return cls(**full, num_statements=0, sft="label_set")
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(
-            model="",
-            rows=("No>Never",),
-            lr_factors=(1.0,),
-            num_runs=2,
-            dpo_steps=5,
-            num_statements=4,
-            sft_max_epochs=1,
-        )
+        small = dict(model="", rows=("No>Never",), lr_factors=(1.0,), num_runs=2, dpo_steps=5)
+        return cls(**small, num_statements=4, sft_max_epochs=1, sft="label_set")
 
 
 def run(config: Config) -> dict:
@@ -104,20 +104,7 @@ def run(config: Config) -> dict:
     else:  # smoke only: the label words are whole tokens of an untrained byte-level model
         ckpt = tiny_random_checkpoint(seed=config.seed, words=SIDES["no"] + SIDES["yes"])
     progress(f"[{NAME}] {ckpt.source}: {ckpt.weights}")
-    fields = {
-        k: getattr(config, k)
-        for k in (
-            "rows",
-            "losses",
-            "lr_factors",
-            "num_runs",
-            "dpo_steps",
-            "num_statements",
-            "sft_lr",
-            "sft_max_epochs",
-            "seed",
-        )
-    }
+    fields = {k: v for k, v in vars(config).items() if k not in ("model", "dtype")}
     results = run_persona_protocol(ckpt, **fields, log=progress)
     first = next(iter(results["rows"].values()))
     return {
@@ -135,22 +122,15 @@ def plot(results: dict) -> plt.Figure:
         p = np.asarray(r["pi_pos"])
         axes[0].plot(p.mean(0), color=f"C{i}", label=f"{key}: {r['verdict']['verdict']}")
         axes[0].fill_between(range(p.shape[1]), p.min(0), p.max(0), color=f"C{i}", alpha=0.15)
-    axes[0].set(
-        xlabel="preference step",
-        ylabel="pi(y+) (mean, min-max over runs)",
-        title=f"SFT {results['sft']['epochs']} epochs; {results['prompt_format']}",
-    )
+    title = f"SFT {results['sft']['mode']}, {results['sft']['epochs']} epochs"
+    axes[0].set(xlabel="preference step", ylabel="pi(y+) (mean, min-max over runs)", title=title)
     axes[0].legend(fontsize=6)
-    labels = list(rows)
     frac = [r["verdict"]["opposite_gainer_fraction"] or 0.0 for r in rows.values()]
     drop = [r["verdict"]["mean_largest_decrease"] or 0.0 for r in rows.values()]
-    x = np.arange(len(labels))
-    axes[1].bar(x - 0.2, drop, 0.4, label="mean largest decrease of pi(y+)")
-    axes[1].bar(x + 0.2, frac, 0.4, label="fraction with an opposite-set top-3 gainer")
+    bars = {"mean largest decrease of pi(y+)": drop, "fraction with an opposite top-3 gainer": frac}
+    grouped_bars(axes[1], list(rows), bars, fontsize=6)
     axes[1].axhline(0.2, color="k", lw=0.5)
-    axes[1].set_xticks(x, labels, rotation=60, fontsize=6)
     axes[1].set(title="informative runs (stable, pi(y+) >= 0.5 at the start)")
-    axes[1].legend(fontsize=7)
     return fig
 
 

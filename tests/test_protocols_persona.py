@@ -131,3 +131,26 @@ def test_table13_by_hand():
     (row,) = persona.table13(W, [(0, 1)])
     # u = (2, -2); projection on W+ = (2, 0): norm 2; orthogonal (0, -2): norm 2
     assert row == {"projection_on_w_pos": 2.0, "orthogonal": 2.0}
+
+
+def _tiny_protocol(**overrides):
+    from sims.checkpoints.opened import tiny_random_checkpoint
+
+    ckpt = tiny_random_checkpoint(seed=0, words=persona.SIDES["no"] + persona.SIDES["yes"])
+    fields = dict(rows=["No>Never"], losses=["dpo"], lr_factors=[1.0], num_runs=2, dpo_steps=2)
+    fields |= dict(num_statements=2, sft_lr=1e-5, sft_max_epochs=1, seed=0) | overrides
+    return persona.run_persona_protocol(ckpt, **fields, log=lambda _: None)
+
+
+def test_run_persona_protocol_refuses_an_unknown_sft_mode():
+    with pytest.raises(ValueError, match="sft must be"):
+        _tiny_protocol(sft="both")
+
+
+@pytest.mark.slow  # ~15 s
+def test_run_persona_protocol_y_pos_mode_runs_only_the_deviation_path():
+    out = _tiny_protocol(sft="y_pos")
+    assert list(out["rows"]) == ["SFT on No|No>Never|dpo|lr x1"]
+    assert out["sft"]["mode"] == "y_pos" and out["sft"]["epochs"] is None
+    assert out["deviation_sft"]["No>Never"]["epochs"] == 1
+    assert len(out["rows"]["SFT on No|No>Never|dpo|lr x1"]["pi_pos_start"]) == 2

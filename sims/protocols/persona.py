@@ -588,18 +588,23 @@ def run_persona_protocol(
     sft_lr: float,
     sft_max_epochs: int,
     seed: int,
+    sft: str = "label_set",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the Table 1 protocol on an opened checkpoint (:mod:`sims.checkpoints.opened`).
 
-    Label-set SFT under the budget rule, then for every row ``"y+>y-"``, loss and learning-rate
-    factor, :func:`persona_row`; rows whose runs start at mean :math:`\\pi(y^+) < 0.5` are run
-    again after the stated deviation (SFT on :math:`y^+` itself). Returns the JSON-ready record:
+    ``sft="label_set"`` (the paper's protocol): label-set SFT under the budget rule, then for
+    every row ``"y+>y-"``, loss and learning-rate factor, :func:`persona_row`; rows whose runs
+    start at mean :math:`\\pi(y^+) < 0.5` are run again after the stated deviation (SFT on
+    :math:`y^+` itself). ``sft="y_pos"``: only the deviation's path (SFT on :math:`y^+`, then
+    the rows), for a short run; Table 13 is then of the checkpoint's own ``W``. Returns the
+    JSON-ready record:
     SFT budgets, per-row results with verdicts, the predictor's confusion table, the kernel
     form's first-step errors, Table 13 and the prompt format.
 
     Raises:
-      ValueError: a row whose words are not single tokens for the tokenizer, or not label words.
+      ValueError: a row whose words are not single tokens for the tokenizer, or not label words;
+        ``sft`` not one of the two modes.
     """
     from sims.analysis.gainers import label_token_groups
     from sims.data.persona import ACCORDING, NOT_ACCORDING, PERSONA_TEMPLATE
@@ -621,8 +626,10 @@ def run_persona_protocol(
     labels = np.where(
         according, rng.integers(0, 4, len(statements)), 4 + rng.integers(0, 5, len(statements))
     )
-    log(f"[persona] {len(statements)} prompts ({ckpt.prompt_format}), label-set SFT at lr {sft_lr}")
-    sft = label_set_sft(
+    if sft not in ("label_set", "y_pos"):
+        raise ValueError(f"sft must be 'label_set' or 'y_pos', got {sft!r}")
+    log(f"[persona] {len(statements)} prompts ({ckpt.prompt_format}), {sft} SFT at lr {sft_lr}")
+    sft_run = None if sft == "y_pos" else label_set_sft(
         model,
         prompts,
         labels,
@@ -671,12 +678,13 @@ def run_persona_protocol(
                         log=log,
                     )
 
-    run_rows(sft.model, "label-set SFT", rows)
-    W = np.asarray(sft.model.unembedding_matrix(), dtype=np.float64)
+    if sft_run is not None:
+        run_rows(sft_run.model, "label-set SFT", rows)
+    W = np.asarray((sft_run or ckpt).model.unembedding_matrix(), dtype=np.float64)
     pair_ids = [tuple(ckpt.token_id(w) for w in r.split(">")) for r in rows]
     for row in rows:  # the stated deviation: SFT on y+ itself where label-set SFT left it < 0.5
         starts = [np.mean(v["pi_pos_start"]) for k, v in out["rows"].items() if f"|{row}|" in k]
-        if np.mean(starts) >= MIN_START_PROBABILITY:
+        if sft_run is not None and np.mean(starts) >= MIN_START_PROBABILITY:
             continue
         pos_word = row.split(">")[0]
         side_rows = np.flatnonzero(according if _side(pos_word) == "no" else ~according)
@@ -709,10 +717,11 @@ def run_persona_protocol(
     errors = np.concatenate([r["kernel_form_relative_error"] for r in runs])
     out.update(
         sft={
-            "epochs": sft.epochs,
-            "reached": sft.reached,
+            "mode": sft,
+            "epochs": sft_run and sft_run.epochs,
+            "reached": sft_run and sft_run.reached,
             "target": SFT_TARGET,
-            "mean_trained_set_probability": sft.set_probability,
+            "mean_trained_set_probability": sft_run and sft_run.set_probability,
             "lr": sft_lr,
         },
         predictor_confusion=confusion(predicted, observed),
