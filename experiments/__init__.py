@@ -29,6 +29,7 @@ EXPERIMENTS: tuple[str, ...] = (
 #: Separate commands, not part of the main job (``python -m experiments NAME``).
 EXTRA: tuple[str, ...] = (
     "bench",
+    "bench_real_model",
     "compile_once",
     "audit",
     "accelerator_check",

@@ -84,3 +84,17 @@ def test_torch_sweep_baseline_matches_both_jax_sweep_paths():
     assert abs(autodiff - float(start[bm.CHOSEN] - start[bm.REJECTED])) > 1e-3  # it moved
     np.testing.assert_allclose(torch_margin, autodiff, rtol=FLOAT32_RTOL)
     np.testing.assert_allclose(lowrank, autodiff, rtol=FLOAT32_RTOL)
+
+
+@pytest.mark.slow  # ~60 s: compiles and times both sides at two shapes
+def test_bench_real_model_smoke_both_sides_run_one_model():
+    pytest.importorskip("transformers")
+    from experiments import bench_real_model
+
+    results = bench_real_model.run(bench_real_model.Config.smoke())
+    for cell in results["cells"]:
+        # the same GGUF file read by transformers and by this project: one model, float32
+        assert cell["max_abs_logprob_difference"] <= 1e-4
+        assert cell["jax"]["steps_per_s"] > 0 and cell["torch"]["steps_per_s"] > 0
+        assert cell["jax"]["memory"]["peak"] >= cell["floor"]["state"]
+        assert cell["roofline"]["flops"] > 0

@@ -90,6 +90,7 @@ KEYS = {
     "audit": {"pairs", "fraction_predicted_displacing", "kept_lines"},
     "compile_once": {"rows", "min_ratio", "min_new_values_ratio", "new_values_compiles"},
     "check_figures": {"rows", "changed", "compared"},
+    "bench_real_model": {"cells", "targets", "peak_flop_rate", "model"},
     "accelerator_check": {"device", "bench", "sweep", "real_model_dpo", "experiments", "budget_s"},
     "minilm_encoder_no_over_never": {"skipped", "sft", "runs", "rows", "kernel", "verdict"},
     "learned_features_no_over_never": {
@@ -113,7 +114,7 @@ NEEDS_MINILM = {
 
 #: Experiments whose JSON holds wall-clock timings: not deterministic, left out of the same-seed
 #: comparison (their smoke runs and tests/test_bench.py, tests/test_aot.py check them).
-TIMED = {"bench", "compile_once", "accelerator_check"}
+TIMED = {"bench", "bench_real_model", "compile_once", "accelerator_check"}
 
 
 def _non_finite(obj, path="$"):
@@ -142,6 +143,7 @@ SMOKED_ELSEWHERE = {"bench"}
 #: test_dpop*.py, test_mlp_features.py, test_multi_token.py, test_checkpoints.py), and CI runs
 #: them with -m slow.
 SLOW_SMOKE = {
+    "bench_real_model",
     "refusal_unalignment",
     "check_figures",
     "audit",

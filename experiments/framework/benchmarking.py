@@ -122,24 +122,35 @@ def jax_step(model, B: int, T: int, *, n1: int = 2, n2: int = 6, repeats: int = 
             best = min(best, time.perf_counter() - t0)
         return best
 
-    step = (timed(n2) - timed(n1)) / (n2 - n1)
+    t1, t2 = timed(n1), timed(n2)
+    step, method = (t2 - t1) / (n2 - n1), "difference of two runs"
+    if step <= 0:  # noise above the step's cost (tiny models): the whole run bounds it
+        step, method = t2 / n2, "upper bound (run time / steps; the difference was not > 0)"
     mem = flow(n2).memory()
-    leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
-    params = sum(x.size * x.dtype.itemsize for x in leaves)
     return {
         "first_call_s": first,
         "step_s": step,
         "steps_per_s": 1.0 / step,
+        "step_method": method,
+        "ref_logprobs": np.concatenate(
+            [pairs.ref_logprob_chosen, pairs.ref_logprob_rejected]
+        ).tolist(),
         "memory": mem._asdict(),
-        "floor_bytes": 3 * params,
     }
 
 
-def torch_step(gguf_path: str, B: int, T: int, *, n: int = 4, repeats: int = 2) -> dict:
-    """Time the PyTorch + transformers eager DPO step on the same GGUF file and shapes."""
+def torch_step(
+    gguf_path: str, B: int, T: int, *, n: int = 4, repeats: int = 2, threads: int = 0
+) -> dict:
+    """Time the PyTorch + transformers eager DPO step on the same GGUF file and shapes.
+
+    ``threads``: torch's intra-op threads (0: its default, one per core).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    if threads:
+        torch.set_num_threads(threads)
     path = os.fspath(gguf_path)
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
@@ -179,7 +190,49 @@ def torch_step(gguf_path: str, B: int, T: int, *, n: int = 4, repeats: int = 2) 
         "steps_per_s": 1.0 / best,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "ref_logprobs": torch.cat([ref_c, ref_r]).tolist(),
     }
+
+
+def step_cost(model, B: int, T: int) -> dict:
+    """XLA's count of one DPO gradient evaluation (forward + backward of both sequences).
+
+    ``flops`` and ``bytes`` from ``cost_analysis`` of ``jax.grad`` of the DPO loss on ``B``
+    random pairs of ``T`` tokens (the optimiser's elementwise update, ~10 flops per parameter,
+    is added to ``flops``); the roofline position of a step is ``flops / step_s``.
+    """
+    from sims.flows.core import pair_logprobs
+    from sims.models.transformer import make_transformer_pairs
+    from theory.losses import make_loss, mean_pair_loss
+
+    chosen, rejected = random_pairs(model.vocab_size, B, T, 0)
+    pairs = make_transformer_pairs(model, chosen, rejected, chunk_size=1)
+    loss = make_loss("dpo", beta=BETA)
+    graphdef, params = nnx.split(model)
+
+    def objective(params):
+        lp_c, lp_r = pair_logprobs(nnx.merge(graphdef, params), pairs)
+        ref_c, ref_r = pairs.ref_logprob_chosen, pairs.ref_logprob_rejected
+        return mean_pair_loss(loss, lp_c, lp_r, ref_c, ref_r)
+
+    cost = jax.jit(jax.grad(objective)).lower(params).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    n = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    return {"flops": float(cost["flops"]) + 10.0 * n, "bytes": float(cost["bytes accessed"])}
+
+
+def memory_floor(model, B: int, T: int) -> dict:
+    """The least memory a DPO step can hold, in bytes (float32).
+
+    ``state``: parameters + gradients + RMSprop's second moment (3 copies of the parameters);
+    ``activations``: what a fully rematerialised backward must keep -- one residual stream
+    ``[2B, T, d]`` per layer -- plus one ``[2B, T, V]`` logits tensor.
+    """
+    leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+    params = sum(x.size * x.dtype.itemsize for x in leaves)
+    c = model.config
+    acts = 4 * 2 * B * T * (c.hidden_size * c.num_layers + model.vocab_size)
+    return {"state": 3 * params, "activations": acts, "total": 3 * params + acts}
 
 
 def load_average() -> list[float]:

@@ -1,0 +1,146 @@
+"""Benchmark: the real-model DPO step, this project (JAX) against PyTorch + transformers.
+
+Not part of the main job (``python -m experiments bench_real_model``; ~10 minutes on 2 cores).
+Both sides run one DPO step (beta 0.1, torch RMSprop at lr 1e-7) on the same GGUF file
+(transformers reads it with ``gguf_file=``), float32, at the shapes of the persona protocol
+(B = 1 pair of T = 24 tokens) and of the multi-token protocols (B = 8, T = 256); what is timed
+is in experiments/framework/benchmarking.py. Reported per shape: steps/s of each side and their
+ratio, each side's first call (JAX: trace + compile + one step), XLA's memory analysis of the
+compiled step against the floor (parameters, gradients, RMSprop state, a rematerialised
+backward's activations), and the step's roofline position (XLA's flop count over the step time
+against this machine's measured matrix-product rate). Targets (issue 22): >= 2x PyTorch at both
+shapes, first call <= 20 s. Timings depend on the load: the JSON records the load average.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from experiments.framework import ExperimentConfig, cli, existing_path, experiment_main
+from experiments.framework import benchmarking as bm
+from experiments.framework.output import progress, provenance
+from experiments.framework.roofline import machine_peaks
+from sims.checkpoints import load_causal_lm
+from sims.checkpoints.packaged import resolve_model
+
+NAME = "bench_real_model"
+
+
+@dataclass(frozen=True)
+class Config(ExperimentConfig):
+    """Real-model DPO step: JAX vs PyTorch + transformers on one GGUF file."""
+
+    model: str = "smollm2"  # .gguf file or packaged name; "" = a tiny random GGUF (smoke)
+    shapes: tuple[str, ...] = ("1x24", "8x256")  # BxT: pairs x tokens per sequence
+    n1: int = 2  # JAX: steps of the shorter timed run (the step is the difference of two runs)
+    n2: int = 6  # JAX: steps of the longer timed run
+    torch_steps: int = 3  # PyTorch: steps per timed call
+    repeats: int = 2  # timed calls per side (the fastest counts)
+    torch_threads: int = 0  # PyTorch intra-op threads (0: its default, one per core)
+
+    RULES = {"model": existing_path(allow=("", "smollm2"))}
+
+    @classmethod
+    def smoke(cls) -> Config:
+        return cls(model="", shapes=("1x8", "2x16"), n1=1, n2=8, torch_steps=1, repeats=1)
+
+
+def _tiny_gguf(folder: Path) -> Path:
+    from sims.checkpoints.gguf import save_gguf
+    from sims.models.decoder import DecoderConfig, init_decoder
+
+    config = DecoderConfig.llama(64, hidden_size=16, num_heads=2, num_layers=2, tied=True)
+    return save_gguf(init_decoder(config, seed=0), folder / "tiny.gguf")
+
+
+def run(config: Config) -> dict:
+    load_before = bm.load_average()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _tiny_gguf(Path(tmp)) if not config.model else resolve_model(config.model)
+        model = load_causal_lm(path)
+        peak = machine_peaks(repeats=2, scale=0.5 if config.model else 0.05)["flop_rate"]
+        cells = []
+        for shape in config.shapes:
+            B, T = (int(v) for v in shape.split("x"))
+            progress(f"[{NAME}] B={B} T={T}: JAX")
+            jx = bm.jax_step(model, B, T, n1=config.n1, n2=config.n2, repeats=config.repeats)
+            ref = jx.pop("ref_logprobs")  # the reference log-probs of both sides: one model?
+            cell = {"B": B, "T": T, "jax": jx, "floor": bm.memory_floor(model, B, T)}
+            cost = bm.step_cost(model, B, T)
+            cell["roofline"] = cost | {
+                "flop_rate": cost["flops"] / jx["step_s"],
+                "fraction_of_peak_flop_rate": cost["flops"] / jx["step_s"] / peak["all_devices"],
+            }
+            if bm.torch_available():
+                progress(f"[{NAME}] B={B} T={T}: PyTorch")
+                tx = bm.torch_step(path, B, T, n=config.torch_steps, repeats=config.repeats,
+                                   threads=config.torch_threads)  # fmt: skip
+                cell["torch"], cell["jax_over_torch"] = tx, tx["step_s"] / jx["step_s"]
+                diff = np.abs(np.subtract(tx.pop("ref_logprobs"), ref))
+                cell["max_abs_logprob_difference"] = float(np.max(diff))
+            progress(f"[{NAME}] B={B} T={T}: {_cell_line(cell)}")
+            cells.append(cell)
+    return {
+        "config": dataclasses.asdict(config),
+        "model": str(path) if config.model else "tiny random GGUF (smoke)",
+        "cells": cells,
+        "peak_flop_rate": peak,
+        "targets": {
+            "jax_over_torch_ge_2_every_shape": all(c.get("jax_over_torch", 0) >= 2 for c in cells),
+            "first_call_le_20s_every_shape": all(c["jax"]["first_call_s"] <= 20 for c in cells),
+        },
+        "load_average_before": load_before,
+        "load_average_after": bm.load_average(),
+        "provenance": provenance(dtype_of=np.zeros(0, np.float32)),
+    }
+
+
+def _cell_line(c: dict) -> str:
+    j = c["jax"]
+    line = f"JAX {j['steps_per_s']:.3g} steps/s (first call {j['first_call_s']:.1f} s)"
+    if "torch" in c:
+        line += f", torch {c['torch']['steps_per_s']:.3g}/s, x{c['jax_over_torch']:.2f}"
+    return line + f"; {c['roofline']['fraction_of_peak_flop_rate']:.2f} of the peak flop rate"
+
+
+def plot(results: dict) -> plt.Figure:
+    cells = results["cells"]
+    labels = [f"B={c['B']}, T={c['T']}" for c in cells]
+    x = np.arange(len(cells))
+    fig, (a, b, m) = plt.subplots(1, 3, figsize=(14, 4))
+    a.bar(x - 0.2, [c["jax"]["steps_per_s"] for c in cells], 0.4, label="JAX (this project)")
+    a.bar(x + 0.2, [c.get("torch", {}).get("steps_per_s", np.nan) for c in cells], 0.4,
+          label="PyTorch + transformers")  # fmt: skip
+    a.set(yscale="log", ylabel="DPO steps / s (float32)", xticks=x, xticklabels=labels)
+    a.legend(fontsize=8)
+    b.bar(x - 0.2, [c["jax"]["first_call_s"] for c in cells], 0.4, label="JAX (compile + step)")
+    b.bar(x + 0.2, [c.get("torch", {}).get("first_call_s", np.nan) for c in cells], 0.4,
+          label="PyTorch")  # fmt: skip
+    b.axhline(20, color="k", lw=0.5)
+    b.set(ylabel="first call (s)", xticks=x, xticklabels=labels)
+    b.legend(fontsize=8)
+    m.bar(x - 0.2, [c["jax"]["memory"]["peak"] / 2**30 for c in cells], 0.4, label="XLA")
+    m.bar(x + 0.2, [c["floor"]["total"] / 2**30 for c in cells], 0.4, label="floor")
+    m.set(ylabel="GiB", xticks=x, xticklabels=labels, title="step memory")
+    m.legend(fontsize=8)
+    fig.suptitle(Path(results["model"]).name)
+    fig.tight_layout()
+    return fig
+
+
+def _summary(r: dict) -> str:
+    return "; ".join(f"B={c['B']} T={c['T']}: {_cell_line(c)}" for c in r["cells"])
+
+
+def main(argv=None) -> dict:
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+
+
+if __name__ == "__main__":
+    cli(main)
