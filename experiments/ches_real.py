@@ -58,7 +58,7 @@ class Config(ExperimentConfig):
     batch_size: int = 4  # pairs per DPO step (paper 32)
     lr: float = 1e-7  # torch RMSprop learning rate (paper 1e-7)
     beta: float = 0.1  # DPO KL coefficient (paper 0.1)
-    num_runs: int = 1  # runs per subset (paper 3)
+    num_runs: int = 3  # runs per subset (minibatch orders; paper 3)
     pairs_out: str = ""  # write the sampled pairs as TRL JSONL here ("" = do not)
     seed: int = 0
 
