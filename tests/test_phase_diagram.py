@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _phase_setup import DEFAULT_GEOMETRY
 
 from sims.protocols import phase_diagram as pd
 from sims.protocols.phase_flows import (
@@ -29,18 +30,7 @@ FLOW_RTOL = 1e-9  # reduced vs full-parameter flow: the same Euler steps up to r
 # vmapped (sweep) vs unbatched XLA kernels may order float64 reductions differently
 BATCHING_RTOL = 1e-12
 SUBPROCESS_TIMEOUT_S = 300  # a fresh JAX process compiling two flows on a shared 2-core CPU
-GEOMETRY = dict(
-    seed=0,
-    hidden_size=8,
-    num_opposite=3,
-    num_synonym=2,
-    num_filler=7,
-    unembedding_norm=4.0,
-    opposite_scale=1.0,
-    synonym_scale=0.5,
-    filler_scale=1.0,
-    rotate=True,
-)
+GEOMETRY = DEFAULT_GEOMETRY
 #: A small grid with two paths (reduced: DPO at lambda = 0; generic_sgd: the rest).
 SMALL_AXES = dict(
     rhos=(0.5, 1.5),

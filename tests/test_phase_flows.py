@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _phase_setup import DEFAULT_GEOMETRY
 
 from sims.protocols.phase_flows import (
     PHASE_AXES,
@@ -34,18 +35,7 @@ from theory.single_token import logprob_velocity
 
 CLOSED_FORM_RTOL = 1e-9  # closed form vs autodiff of the actual loss, float64 (style guide)
 NUM_INSTANCES = 256  # random instances of the prediction checks (vmapped)
-GEOMETRY = dict(
-    seed=0,
-    hidden_size=8,
-    num_opposite=3,
-    num_synonym=2,
-    num_filler=7,
-    unembedding_norm=4.0,
-    opposite_scale=1.0,
-    synonym_scale=0.5,
-    filler_scale=1.0,
-    rotate=True,
-)
+GEOMETRY = DEFAULT_GEOMETRY
 
 
 @pytest.fixture(scope="module")

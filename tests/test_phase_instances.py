@@ -11,6 +11,7 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
+from _phase_setup import DEFAULT_GEOMETRY
 
 from sims.protocols.phase_instances import (
     TOKEN_CATEGORIES,
@@ -27,18 +28,7 @@ from theory.kernel import kernel_anisotropy
 # construction vs its targets: the bisection brackets c to 2^-70, so what is left is float64
 # round-off in the rotation, the norms and the softmax
 CONSTRUCTION_RTOL = 1e-12
-GEOMETRY = dict(  # the experiment's default geometry (V = 14, d = 8, rotated frame)
-    seed=0,
-    hidden_size=8,
-    num_opposite=3,
-    num_synonym=2,
-    num_filler=7,
-    unembedding_norm=4.0,
-    opposite_scale=1.0,
-    synonym_scale=0.5,
-    filler_scale=1.0,
-    rotate=True,
-)
+GEOMETRY = DEFAULT_GEOMETRY
 
 
 @pytest.fixture(scope="module")
