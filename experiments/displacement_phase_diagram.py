@@ -46,6 +46,11 @@ from experiments.framework import plots
 from sims.protocols import phase_diagram as sp  # with the names the run needs
 
 NAME = "displacement_phase_diagram"
+#: Agreement of displacement with the t = 0 criteria, all runs and the paper's regime.
+CONCLUSIONS = {f"agreement_displaced/{c}": ("rate", ("summary", c, "agreement_displaced"))
+               for c in ("theorem4", "relative")}  # fmt: skip
+CONCLUSIONS["paper_regime"] = ("rate", ("paper_regime", "confusion", "theorem4", "all",
+                                        "agreement_displaced"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,9 @@ def main(argv=None) -> dict:
     config, out = fw.parse_config(Config, argv, prog=f"python -m experiments.{NAME}")
     digest = hashlib.sha256(fw.dumps({"config": config}).encode()).hexdigest()[:12]
     run_in = functools.partial(run, sweep_dir=Path(out) / f"{NAME}_sweep" / digest)  # resumable
-    return fw.experiment_main(NAME, Config, run_in, plot, argv, summary=_summary)
+    return fw.experiment_main(
+        NAME, Config, run_in, plot, argv, summary=_summary, conclusions=CONCLUSIONS
+    )
 
 
 if __name__ == "__main__":

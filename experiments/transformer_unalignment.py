@@ -35,6 +35,8 @@ from sims.protocols import toy_transformer as toy
 from theory.losses import make_loss
 
 NAME = "transformer_unalignment"
+#: The refusal rate per condition, over seeds (experiments.framework.conclusions).
+CONCLUSIONS = {"refusal": ("rate", ("conditions", "*", "refusal"))}
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":
