@@ -1,6 +1,7 @@
-"""``python -m experiments [NAMES... | all | list] [--flag VALUE | --flag=VALUE ...]``.
+"""``python -m experiments [NAMES... | all | extended | list] [--flag VALUE | --flag=VALUE ...]``.
 
-Runs the named experiments (default: every experiment of the main job, :data:`EXPERIMENTS`), each
+Runs the named experiments (default or ``all``: every experiment of the main job,
+:data:`EXPERIMENTS`; ``extended``: the slow group :data:`EXTENDED`), each
 writing ``<out>/<name>.png`` and ``.json``. Flags go only to the experiments whose ``Config``
 defines them (``--smoke``, ``--out`` go to all; ``--scale`` to those with a bigger version).
 Everything is checked before the first experiment starts: unknown names, flags no selected
@@ -19,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from experiments import EXPERIMENTS, EXTRA
+from experiments import EXPERIMENTS, EXTENDED, EXTRA
 from experiments.framework import (
     ConfigError,
     config_flags,
@@ -30,7 +31,7 @@ from experiments.framework import (
 )
 
 USAGE = (
-    "usage: python -m experiments [NAMES... | all | list] [--flag VALUE | --flag=VALUE ...]\n"
+    "usage: python -m experiments [NAMES... | all | extended | list] [--flag VALUE ...]\n"
     "       python -m experiments.NAME --help   (the flags of one experiment)"
 )
 _SWITCHES = ("--smoke", "--scale", "--full")  # flags without a value
@@ -46,6 +47,8 @@ def list_experiments() -> str:
     """Return the listing printed by ``--help``, ``-h`` and ``list``."""
     lines = [USAGE, "", "experiments of the main job (run in this order by default):"]
     lines += [f"  {n:<30} {_summary_line(n)}" for n in EXPERIMENTS]
+    lines += ["", "experiments of the extended job (python -m experiments extended):"]
+    lines += [f"  {n:<30} {_summary_line(n)}" for n in EXTENDED]
     lines += ["", "separate commands:"]
     lines += [f"  {n:<30} {_summary_line(n)}" for n in EXTRA]
     lines += [
@@ -91,10 +94,13 @@ def plan(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
     names, flags = split_args(argv)
     if not names or names == ["all"]:
         names = list(EXPERIMENTS)
-    unknown = [n for n in names if n not in EXPERIMENTS and n not in EXTRA]
+    elif names == ["extended"]:
+        names = list(EXTENDED)
+    known = EXPERIMENTS + EXTENDED + EXTRA
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(
-            f"unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS + EXTRA)} "
+            f"unknown experiment(s) {unknown}; choose from {list(known)} "
             "(python -m experiments list)"
         )
     modules = {n: importlib.import_module(f"experiments.{n}") for n in names}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from experiments import EXPERIMENTS
+from experiments import EXPERIMENTS, EXTENDED
 from experiments.framework import (
     FIGURES_DIR,
     ExperimentConfig,
@@ -45,7 +45,7 @@ class Config(ExperimentConfig):
     xla_flags: str = ""  # extra XLA_FLAGS for the re-run ("" = as this process)
     child_smoke: bool = False  # re-run the --smoke versions (for tests: reference from --smoke)
 
-    RULES = {"names": each(one_of(EXPERIMENTS))}
+    RULES = {"names": each(one_of(EXPERIMENTS + EXTENDED))}
 
     @classmethod
     def smoke(cls) -> Config:

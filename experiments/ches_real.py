@@ -36,12 +36,11 @@ from experiments.framework import (
     provenance,
 )
 from sims.checkpoints.opened import open_checkpoint, tiny_random_checkpoint
-from sims.checkpoints.tokenization import encode_prompts
-from sims.data.preferences import encode_preferences, read_preference_jsonl
+from sims.data.preferences import encode_preference_file
 from sims.data.prompts import GENERAL_INSTRUCTIONS
 from sims.models.transformer import make_transformer_pairs
 from sims.protocols.ches import PERCENTILES, SCORES, figure2
-from sims.protocols.onpolicy import distinct_responses, pick_pairs, response_texts, sample_two
+from sims.protocols.onpolicy import first_draw_pairs
 
 NAME = "ches_real"
 CONCLUSIONS = {"verdict": ("verdict", ("verdict", "*", "verdict")),
@@ -80,46 +79,15 @@ class Config(ExperimentConfig):
         return cls(model="", num_prompts=12, max_new_tokens=4, subset_size=3, batch_size=2)
 
 
-def _pairs(config: Config, ckpt):
-    """Chosen / rejected batches and texts: from ``--pairs`` or two samples per instruction."""
-    pad, eos = ckpt.special_id("pad_token", 0), ckpt.special_id("eos_token")
-    if config.pairs:
-        rows, _ = read_preference_jsonl(config.pairs)
-        enc = encode_preferences(
-            ckpt.tokenizer,
-            rows,
-            max_len=config.max_len,
-            eos_id=eos,
-            pad_id=pad,
-            template=ckpt.template,
-            tokens=ckpt.special,
-        )
-        return enc.chosen, enc.rejected, [rows[i]._asdict() for i in range(len(enc.lines))]
-    texts = GENERAL_INSTRUCTIONS[: config.num_prompts or None]
-    prompts = encode_prompts(
-        ckpt.tokenizer, texts, template=ckpt.template, special=ckpt.special, pad_id=pad
-    )
-    two = sample_two(
-        ckpt,
-        prompts,
-        jax.random.key(config.seed),
-        temperature=1.0,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=16,
-        log=progress,
-    )
-    keep = distinct_responses(two)  # the labelling rule: the first draw is preferred
-    chosen, rejected = pick_pairs(two, np.ones(len(keep), bool))
-    a, b = (response_texts(ckpt.tokenizer, s) for s in two)
-    rows = [{"prompt": texts[i], "chosen": a[i], "rejected": b[i]} for i in np.flatnonzero(keep)]
-    take = jax.tree_util.tree_map(lambda x: np.asarray(x)[keep], (chosen, rejected))
-    return (*take, rows)
-
-
 def run(config: Config) -> dict:
     ckpt = open_checkpoint(config.model) if config.model else tiny_random_checkpoint(seed=0)
     progress(f"[{NAME}] {ckpt.source}: {ckpt.weights}")
-    chosen, rejected, rows = _pairs(config, ckpt)
+    if config.pairs:
+        chosen, rejected, rows = encode_preference_file(config.pairs, ckpt, max_len=config.max_len)
+    else:  # two samples per instruction, the first draw preferred (the stated labelling rule)
+        texts, key = GENERAL_INSTRUCTIONS[: config.num_prompts or None], jax.random.key(config.seed)
+        sample = dict(temperature=1.0, max_new_tokens=config.max_new_tokens, batch_size=16)
+        chosen, rejected, rows = first_draw_pairs(ckpt, texts, key, **sample, log=progress)
     if config.pairs_out:
         from sims.data.preferences import write_preference_jsonl
 
@@ -172,9 +140,7 @@ def plot(results: dict) -> plt.Figure:
 
 
 def _summary(r: dict) -> str:
-    return "; ".join(
-        f"{s}: {v['verdict']} (Spearman {v['spearman']})" for s, v in r["verdict"].items()
-    )
+    return "; ".join(f"{s}: {v['verdict']} (rho {v['spearman']})" for s, v in r["verdict"].items())
 
 
 def main(argv=None) -> dict:

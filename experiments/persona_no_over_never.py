@@ -108,13 +108,8 @@ def run(config: Config) -> dict:
     progress(f"[{NAME}] {ckpt.source}: {ckpt.weights}")
     fields = {k: v for k, v in vars(config).items() if k not in ("model", "dtype")}
     results = run_persona_protocol(ckpt, **fields, log=progress)
-    first = next(iter(results["rows"].values()))
-    return {
-        "config": config,
-        "criterion": __doc__,
-        **results,
-        "provenance": provenance(dtype_of=first["pi_pos"]),
-    }
+    prov = provenance(dtype_of=next(iter(results["rows"].values()))["pi_pos"])
+    return {"config": config, "criterion": __doc__, **results, "provenance": prov}
 
 
 def plot(results: dict) -> plt.Figure:

@@ -1,5 +1,4 @@
-"""Section 6 protocol on a real checkpoint (default SmolLM2-135M-Instruct): unintentional
-unalignment by DPO on on-policy refusal pairs, and its mitigations.
+"""Section 6 on a real checkpoint (default SmolLM2-135M-Instruct): DPO on refusal pairs.
 
 Protocol (Razin et al. 2024 §6, App. H.3), fixed before the first run on SmolLM2: this project's
 unsafe requests (sims.data.prompts.UNSAFE_REQUESTS over SORRY-Bench's 44 categories), split
@@ -10,12 +9,13 @@ One epoch of DPO in minibatches (torch RMSprop, beta 0.1) at the largest stable 
 {1e-7, 5e-7, 1e-6, 5e-6, 1e-5} (train loss after one epoch below the initial loss). Conditions:
 DPO; DPO + SFT term (the smallest coefficient of {0.01, 0.1, 1} that keeps the mean preferred
 log-prob from falling, else 1); DPO on the lowest-ln-CHES 5% and 15% of pairs. Refusal rates on
-train and test prompts before and after, sampled at temperature 0.7 (one sample per prompt per
-run), ``num_runs`` runs.
+train and test prompts before and after, temperature 0.7, one sample per prompt, ``num_runs``.
 
 Criterion (pre-registered): "the drop reproduced" if DPO lowers the train refusal rate by >= 10
 points while the loss falls; "the mitigation reproduced" if the 5% CHES-filtered run keeps it
-within 5 points of the start or raises it (15% reported too).
+within 5 points of the start or raises it (15% reported too). Amended before the first run on
+SmolLM2: the drop is "uninformative" when the initial rate is < 10%, and the mitigation is judged
+only where the drop reproduced (else "uninformative": no drop to prevent).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from experiments.framework import (
 )
 from sims.analysis.refusal import judge_agreement
 from sims.checkpoints.opened import open_checkpoint, tiny_random_checkpoint
-from sims.checkpoints.tokenization import encode_prompts
 from sims.data.prompts import UNSAFE_REQUESTS, split_train_test
 from sims.data.refusal_labels import DEV, HELD_OUT
+from sims.protocols.onpolicy import encode_instructions
 from sims.protocols.unalignment import unalignment
 
 NAME = "refusal_unalignment"
@@ -78,17 +78,7 @@ def run(config: Config) -> dict:
     progress(f"[{NAME}] {ckpt.source}: {ckpt.weights}")
     train, test = split_train_test(UNSAFE_REQUESTS, seed=config.seed)
     train, test = train[: config.num_train or None], test[: config.num_test or None]
-    pad = ckpt.special_id("pad_token", 0)
-    enc = [
-        encode_prompts(
-            ckpt.tokenizer,
-            [r for _, r in part],
-            template=ckpt.template,
-            special=ckpt.special,
-            pad_id=pad,
-        )
-        for part in (train, test)
-    ]
+    enc = [encode_instructions(ckpt, [r for _, r in part]) for part in (train, test)]
     result = unalignment(
         ckpt,
         *enc,
@@ -126,10 +116,8 @@ def plot(results: dict) -> plt.Figure:
         err = [mean - [min(r) for r in runs], [max(r) for r in runs] - mean]
         ax.bar(np.arange(len(names)) + 0.4 * k, mean, 0.4, yerr=err, label=split)
     ax.set_xticks(np.arange(len(names)) + 0.2, names, rotation=30, fontsize=8)
-    ax.set(
-        ylabel="refusal rate (%)",
-        title=f"drop: {results['verdict']['drop']}; mitigation: {results['verdict']['mitigation']}",
-    )
+    v = results["verdict"]
+    ax.set(ylabel="refusal rate (%)", title=f"drop: {v['drop']}; mitigation: {v['mitigation']}")
     ax.legend()
     change = [
         np.mean([r["mean_change"] for r in c["runs"]]) for c in results["conditions"].values()

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments import EXPERIMENTS, EXTRA
+from experiments import EXPERIMENTS, EXTENDED, EXTRA
 from experiments.framework import dumps
 from sims.analysis.gainers import gainers_at, largest_decrease
 from sims.analysis.scores import pearson, spearman
@@ -131,7 +131,7 @@ def _non_finite(obj, path="$"):
 
 
 def test_keys_cover_every_experiment():
-    assert set(KEYS) == set(EXPERIMENTS) | set(EXTRA)
+    assert set(KEYS) == set(EXPERIMENTS) | set(EXTENDED) | set(EXTRA)
 
 
 #: Smoke-run by their own test files, with checks of their own numbers (tests/test_bench.py).
@@ -171,7 +171,7 @@ SLOW_SMOKE = {
     "name",
     [
         pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SMOKE else n
-        for n in EXPERIMENTS + EXTRA
+        for n in EXPERIMENTS + EXTENDED + EXTRA
         if n not in SMOKED_ELSEWHERE
     ],
 )
@@ -188,7 +188,7 @@ def test_experiment_smoke(name, tmp_path):
 
 
 @pytest.mark.slow  # a second full run of every experiment (CI runs it with -m slow)
-@pytest.mark.parametrize("name", [n for n in EXPERIMENTS + EXTRA if n not in TIMED])
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS + EXTENDED + EXTRA if n not in TIMED])
 def test_experiment_same_seed_same_json(name):
     """Two runs of the smoke config in one process give byte-identical JSON."""
     if name in NEEDS_MINILM and not minilm_available():

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import EXPERIMENTS, EXTRA
+from experiments import EXPERIMENTS, EXTENDED, EXTRA
 from experiments import __main__ as runner
 from experiments.framework import (
     ConfigError,
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _modules():
-    return {n: importlib.import_module(f"experiments.{n}") for n in EXPERIMENTS + EXTRA}
+    return {n: importlib.import_module(f"experiments.{n}") for n in EXPERIMENTS + EXTENDED + EXTRA}
 
 
 def test_split_args_reads_both_flag_forms():
@@ -111,7 +111,7 @@ def test_out_into_a_file_is_refused_first(tmp_path, capsys):
 def test_help_lists_every_experiment(arg, capsys):
     runner.main([arg])
     out = capsys.readouterr().out
-    for name in EXPERIMENTS + EXTRA:
+    for name in EXPERIMENTS + EXTENDED + EXTRA:
         assert name in out
 
 
@@ -127,7 +127,7 @@ def test_help_runs_as_a_module():
     assert "experiments of the main job" in out and EXPERIMENTS[0] in out
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS + EXTRA)
+@pytest.mark.parametrize("name", EXPERIMENTS + EXTENDED + EXTRA)
 def test_each_experiment_help_lists_its_flags_with_defaults_and_meaning(name):
     config_cls = _modules()[name].Config
     text = build_parser(config_cls).format_help()
@@ -140,7 +140,7 @@ def test_each_experiment_help_lists_its_flags_with_defaults_and_meaning(name):
     assert "default" in text
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS + EXTRA)
+@pytest.mark.parametrize("name", EXPERIMENTS + EXTENDED + EXTRA)
 def test_default_smoke_and_scaled_configs_validate(name):
     config_cls = _modules()[name].Config
     config_cls()

@@ -58,10 +58,18 @@ def test_unalignment_verdict_branches():
         80.0, {"dpo": 65.0, "filtered_5%": 70.0, "filtered_15%": 90.0}, False
     )
     assert v["drop"] == "not reproduced"  # the loss did not fall
+    assert v["mitigation"] == "uninformative"  # no drop to prevent
+    v = unalignment.unalignment_verdict(
+        80.0, {"dpo": 65.0, "filtered_5%": 70.0, "filtered_15%": 90.0}, True
+    )
     assert v["mitigation"] == "not reproduced" and v["mitigation_filtered_15%"] == "reproduced"
     assert unalignment.unalignment_verdict(
         80.0, {"dpo": 71.0, "filtered_5%": 80.0, "filtered_15%": 80.0}, True
     )["drop"] == ("not reproduced")  # 9 points < 10
+    v = unalignment.unalignment_verdict(
+        5.0, {"dpo": 0.0, "filtered_5%": 5.0, "filtered_15%": 5.0}, True
+    )
+    assert v["drop"] == "uninformative" and v["mitigation"] == "uninformative"  # 5% < 10
 
 
 def test_lowest_fraction_keeps_at_least_one():

@@ -24,7 +24,7 @@ import codecs
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -235,3 +235,27 @@ def encode_preferences(
     return EncodedPreferences(
         batches[0], batches[1], np.array(lines), np.array(resp, dtype=np.int32), bad
     )
+
+
+def encode_preference_file(
+    path: str | Path, ckpt: Any, *, max_len: int
+) -> tuple[Any, Any, list[dict[str, str]]]:
+    """Read a TRL preference JSONL and encode it for an opened checkpoint.
+
+    Returns ``(chosen, rejected, rows)``: the token batches of the usable rows
+    (:func:`encode_preferences` in the checkpoint's chat template, at most ``max_len`` tokens) and
+    those rows as dicts. Bad rows are skipped as :func:`read_preference_jsonl` says.
+    """
+    rows, _ = read_preference_jsonl(path)
+    enc = encode_preferences(
+        ckpt.tokenizer,
+        rows,
+        max_len=max_len,
+        eos_id=ckpt.special_id("eos_token"),
+        pad_id=ckpt.special_id("pad_token", 0),
+        template=ckpt.template,
+        tokens=ckpt.special,
+    )
+    by_line = {r.line: r for r in rows}  # rows the encoding skipped are not in enc.lines
+    kept = [by_line[int(n)]._asdict() for n in enc.lines]
+    return enc.chosen, enc.rejected, kept

@@ -9,7 +9,7 @@ choice; :func:`response_texts` decodes the responses for a judge or a file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -118,3 +118,34 @@ def distinct_responses(two: TwoSamples) -> np.ndarray:
 def subset(batch: TokenBatch, rows: np.ndarray) -> TokenBatch:
     """Rows ``rows`` of a batch."""
     return _rows(batch, np.asarray(rows))
+
+
+def encode_instructions(ckpt: Any, texts: Sequence[str]) -> TokenBatch:
+    """The instructions as right-padded prompts in the checkpoint's chat template."""
+    from sims.checkpoints.tokenization import encode_prompts
+
+    pad = ckpt.special_id("pad_token", 0)
+    return encode_prompts(
+        ckpt.tokenizer, list(texts), template=ckpt.template, special=ckpt.special, pad_id=pad
+    )
+
+
+def first_draw_pairs(
+    ckpt: Any, texts: Sequence[str], key: jax.Array, **sample_kw: Any
+) -> tuple[TokenBatch, TokenBatch, list[dict[str, str]]]:
+    """On-policy pairs of the Figure 2 protocol: two samples per instruction, the first preferred.
+
+    The labelling rule (fixed before any run): the two responses are i.i.d. draws, so "the first
+    is preferred" orders each pair at random and independently of quality -- the Figure 2 claim
+    is about similarity. Pairs with identical responses are dropped. ``sample_kw`` goes to
+    :func:`sample_batched` (``temperature``, ``max_new_tokens``, ``batch_size``, ``log``).
+
+    Returns:
+      ``(chosen, rejected, rows)``: token batches of the kept pairs and their texts
+      (``{"prompt", "chosen", "rejected"}``, as a TRL preference row).
+    """
+    two = sample_two(ckpt, encode_instructions(ckpt, texts), key, **sample_kw)
+    kept = np.flatnonzero(distinct_responses(two))
+    a, b = (response_texts(ckpt.tokenizer, s) for s in two)
+    rows = [{"prompt": texts[i], "chosen": a[i], "rejected": b[i]} for i in kept]
+    return subset(two.a.batch, kept), subset(two.b.batch, kept), rows

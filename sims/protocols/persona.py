@@ -629,18 +629,22 @@ def run_persona_protocol(
     if sft not in ("label_set", "y_pos"):
         raise ValueError(f"sft must be 'label_set' or 'y_pos', got {sft!r}")
     log(f"[persona] {len(statements)} prompts ({ckpt.prompt_format}), {sft} SFT at lr {sft_lr}")
-    sft_run = None if sft == "y_pos" else label_set_sft(
-        model,
-        prompts,
-        labels,
-        words,
-        word_side,
-        lr=sft_lr,
-        batch_size=SFT_BATCH,
-        target=SFT_TARGET,
-        max_epochs=sft_max_epochs,
-        seed=seed,
-        pad_id=pad,
+    sft_run = (
+        None
+        if sft == "y_pos"
+        else label_set_sft(
+            model,
+            prompts,
+            labels,
+            words,
+            word_side,
+            lr=sft_lr,
+            batch_size=SFT_BATCH,
+            target=SFT_TARGET,
+            max_epochs=sft_max_epochs,
+            seed=seed,
+            pad_id=pad,
+        )
     )
     groups = label_token_groups(lambda s: tok.encode(s, add_special_tokens=False).ids, SIDES)
     text = lambda z: tok.id_to_token(int(z)) or str(z)  # noqa: E731

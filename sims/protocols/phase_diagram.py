@@ -61,6 +61,7 @@ __all__ = [  # this module's names and, for a caller's one import, the run's voc
     "sweep_phase_grids",
 ]
 
+
 class PhaseSettings(NamedTuple):
     r"""The knobs of a phase-diagram run besides geometry and axes (:func:`run_phase_diagram`).
 
