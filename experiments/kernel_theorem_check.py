@@ -42,15 +42,11 @@ from sims.protocols import kernel_checks as kc
 from sims.protocols.toy_transformer import PretrainSettings, pretrained_transformer, trait_prompts
 
 NAME = "kernel_theorem_check"
-#: The verdict; the kernel form's float64 error; free h's sign agreement (conclusions).
-FAMILIES = ("mlp", "mlp_joint", "transformer_tied", "transformer_untied")
-CONCLUSIONS = {
-    "verdict": ("verdict", "verdict"),
-    **{f"kernel_max_rel_err/{f}": ("error", ("summary", f"{f}/kernel", "max_rel_err")) for f in FAMILIES},
-    **{f"free_h_sign_agree/{f}": ("rate", ("summary", f"{f}/free_h", "sign_agree_all_tokens"))
-       for f in FAMILIES},
-}  # fmt: skip
 FAMILIES = ("mlp", "mlp_joint", "transformer_untied", "transformer_tied")  # models checked
+#: The verdict; per family, the kernel form's float64 error and free h's sign agreement.
+CONCLUSIONS = {"verdict": ("verdict", "verdict")} | {f"{k}/{f}": (kind, ("summary", f"{f}/{p}", s))
+    for f in FAMILIES for k, kind, p, s in (("kernel_max_rel_err", "error", "kernel",
+    "max_rel_err"), ("free_h_sign_agree", "rate", "free_h", "sign_agree_all_tokens"))}  # fmt: skip
 TITLES = {"free_h": "Thms 4-5 with the model's W, h", "kernel": "kernel form"}
 
 
