@@ -63,6 +63,12 @@ def rerun(config: Config, out: Path) -> int:
     return subprocess.run(cmd, env=env, check=False).returncode
 
 
+def _file_row(experiment: str, what: str, old, new, rule: str) -> dict:
+    """A failed row about a JSON file rather than one conclusion."""
+    row = {"experiment": experiment, "name": what, "kind": "file", "ok": False}
+    return row | {"old": old, "new": new, "rule": rule}
+
+
 def run(config: Config) -> dict:
     rows, status = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,20 +76,13 @@ def run(config: Config) -> dict:
         for name in config.names:
             ref, new = Path(config.reference) / f"{name}.json", Path(tmp) / f"{name}.json"
             if not ref.exists() or not new.exists():
-                rows.append(
-                    {
-                        "experiment": name,
-                        "name": "(file)",
-                        "kind": "file",
-                        "ok": False,
-                        "old": ref.exists(),
-                        "new": new.exists(),
-                        "rule": "both JSONs",
-                    }
-                )
+                rows.append(_file_row(name, "(file)", ref.exists(), new.exists(), "both JSONs"))
                 continue
             old_c = json.loads(ref.read_text()).get("conclusions", {})
             new_c = json.loads(new.read_text()).get("conclusions", {})
+            if not old_c or not new_c:  # nothing to compare is no agreement
+                rule = "both JSONs mark conclusions"
+                rows.append(_file_row(name, "(conclusions)", len(old_c), len(new_c), rule))
             rows += [{"experiment": name, **r} for r in compare(old_c, new_c)]
     for r in rows:
         mark = "same" if r["ok"] else "MOVED"

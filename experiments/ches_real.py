@@ -43,6 +43,8 @@ from sims.protocols.ches import PERCENTILES, SCORES, figure2
 from sims.protocols.onpolicy import first_draw_pairs
 
 NAME = "ches_real"
+CONCLUSIONS = {"verdict": ("verdict", ("verdict", "*", "verdict")),
+               "spearman": ("rate", ("spearman", "*"))}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

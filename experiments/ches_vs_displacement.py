@@ -36,6 +36,12 @@ from sims.protocols.theory_checks import pair_similarity_scores, percentile_subs
 from theory.losses import make_loss
 
 NAME = "ches_vs_displacement"
+#: Spearman(percentile, change) per score; CHES's top and bottom subsets' change, per seed.
+CONCLUSIONS = {
+    "spearman_percentile_vs_change": ("rate", ("spearman_percentile_vs_change", "*")),
+    "ches_top_subset_change": ("rate", ("change_per_seed", "[]", 0, -1)),
+    "ches_bottom_subset_change": ("rate", ("change_per_seed", "[]", 0, 0)),
+}
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,7 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,14 @@ from experiments.framework import plots
 from sims.protocols import phase_diagram as sp  # with the names the run needs
 
 NAME = "displacement_phase_diagram"
+#: Agreement with the t = 0 criteria: all runs, the paper's regime, and at report_tols[0] with
+#: and without the round-off-sensitive runs (and their number).
+AGREE = "agreement_displaced"  # share of resolved runs whose displacement was predicted
+CONCLUSIONS = {"paper_regime": ("rate", ("paper_regime", "confusion", "theorem4", "all", AGREE))}
+CONCLUSIONS |= {f"{k}/{c}": ("rate", p) for c in sp.PHASE_CRITERIA for k, p in (
+    (AGREE, ("summary", c, AGREE)), ("with_roundoff_sensitive", ("thresholds", c, 0, "all", AGREE)),
+    ("without_roundoff_sensitive", ("thresholds", c, 0, "without_sensitive", AGREE)),
+    ("roundoff_sensitive_runs", ("thresholds", c, 0, "roundoff_sensitive")))}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -143,7 +151,8 @@ def main(argv=None) -> dict:
     config, out = fw.parse_config(Config, argv, prog=f"python -m experiments.{NAME}")
     digest = hashlib.sha256(fw.dumps({"config": config}).encode()).hexdigest()[:12]
     run_in = functools.partial(run, sweep_dir=Path(out) / f"{NAME}_sweep" / digest)  # resumable
-    return fw.experiment_main(NAME, Config, run_in, plot, argv, summary=_summary)
+    kw = dict(summary=_summary, conclusions=CONCLUSIONS)
+    return fw.experiment_main(NAME, Config, run_in, plot, argv, **kw)
 
 
 if __name__ == "__main__":

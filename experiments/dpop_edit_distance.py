@@ -15,6 +15,12 @@ from sims.protocols.dpop import ARITHMETIC_TOKENS as TOKENS
 from sims.protocols.dpop import arithmetic_ids, edit_distance_protocol
 
 NAME = "dpop_edit_distance"
+#: DPOP's sign predictions and Proposition 2's float64 error per model (conclusions).
+CONCLUSIONS = {
+    **{f"prop2_error/{m}": ("error", (m, "prop2_max_abs_error")) for m in ("logit", "features")},
+    **{k: ("rate", ("signs", k)) for k in ("dpop_right_above_threshold",
+       "dpo_all_signs_assumption_holds", "dpo_correct_lowered_assumption_fails")},
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ from sims.protocols.toy_transformer import PretrainSettings, pretrained_transfor
 
 NAME = "kernel_theorem_check"
 FAMILIES = ("mlp", "mlp_joint", "transformer_untied", "transformer_tied")  # models checked
+#: The verdict; per family, the kernel form's float64 error and free h's sign agreement.
+CONCLUSIONS = {"verdict": ("verdict", "verdict")} | {f"{k}/{f}": (kind, ("summary", f"{f}/{p}", s))
+    for f in FAMILIES for k, kind, p, s in (("kernel_max_rel_err", "error", "kernel",
+    "max_rel_err"), ("free_h_sign_agree", "rate", "free_h", "sign_agree_all_tokens"))}  # fmt: skip
 TITLES = {"free_h": "Thms 4-5 with the model's W, h", "kernel": "kernel form"}
 
 
@@ -143,7 +147,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

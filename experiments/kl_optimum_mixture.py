@@ -17,6 +17,13 @@ from experiments.framework.plots import identity_line
 from sims.protocols import kl_mixture as km
 
 NAME = "kl_optimum_mixture"
+#: The counterexample found; failures of the stated and corrected theorem (float64 census).
+CONCLUSIONS = {
+    "counterexample": ("verdict", ("counterexample", "violates_stated_theorem")),
+    "stated_failures": ("rate", ("corrected", "stated_failures")),
+    "corrected_failures": ("rate", ("corrected", "tilt_failures")),
+    "residual_violations": ("rate", ("residual", "violations")),
+}
 #: Config fields passed to :func:`sims.protocols.kl_mixture.theorem2_checks` as they are.
 CHECKS = ("search_instances", "corrected_instances", "num_outcomes", "zero_fraction", "reward_grid")
 RESIDUAL = "(1-alpha) exp((r_min^U - r_max)/beta)"  # the residual-mass bound (axis label)
@@ -142,7 +149,15 @@ def plot(results: dict) -> plt.Figure:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=lambda r: str(r["corrected"]))
+    return experiment_main(
+        NAME,
+        Config,
+        run,
+        plot,
+        argv,
+        summary=lambda r: str(r["corrected"]),
+        conclusions=CONCLUSIONS,
+    )
 
 
 if __name__ == "__main__":

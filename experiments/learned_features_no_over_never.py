@@ -48,6 +48,7 @@ from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 from sims.protocols import learned_features as lf
 
 NAME = "learned_features_no_over_never"
+CONCLUSIONS = {"verdict": ("verdict", "verdict"), "cell": ("verdict", ("cell_verdicts", "*"))}
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,9 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return fw.experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return fw.experiment_main(
+        NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS
+    )
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 from sims.protocols import minilm
 
 NAME = "minilm_encoder_no_over_never"
+CONCLUSIONS = {
+    "verdict": ("verdict", "verdict"),
+    "catastrophic": ("verdict", ("rows", "*", "*", "catastrophic")),
+}
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,9 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return fw.experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return fw.experiment_main(
+        NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ from sims.protocols.theory_checks import extra_sample_effect, extra_sample_insta
 from theory.losses import make_loss
 
 NAME = "multi_sample_effects"
+#: Per kind of extra sample (experiments.framework.conclusions): Theorem 8's sign, the long run.
+CONCLUSIONS = {
+    k: ("rate", ("results", "*", k))
+    for k in ("sign_agreement", "fraction_simulated_negative", "fraction_long_run_worse_with_extra")
+}
 KINDS = ("contradicting", "non_contradicting")
 SIGN_RESOLUTION = 100.0  # |predicted| must exceed this * t_rate to count a sign (rate error O(t))
 
@@ -142,7 +147,7 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ LOSSES = {
     "dpop": ("Proposition 2", {"beta": 0.5, "lam": 5.0}),
     "simpo": ("Proposition 2", {"beta": 2.0, "gamma": 0.5}),
 }
+#: What the check concludes (experiments.framework.conclusions): each result's float64 error.
+CONCLUSIONS = {"max_rel_error": ("error", ("summary", "*", "max_rel_error"))}
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

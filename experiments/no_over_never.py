@@ -50,6 +50,12 @@ CURVES = {
 }
 #: Config fields of the SFT model (:func:`no_over_never_model`).
 SFT_FIELDS = ("hidden_size", "concept_scale", "num_filler", "prompts", "sft_dt", "sft_steps")
+#: Per geometry (experiments.framework.conclusions): gains, runs where No fell, Theorem 4 signs.
+CONCLUSIONS = {
+    k: ("rate", ("summary", "*", k))
+    for k in ("mean_catastrophic_peak_gain", "mean_benign_peak_gain", "runs_with_no_falling",
+              "theorem4_sign_matches")
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,9 @@ def plot(results: dict) -> plt.Figure:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=lambda r: str(r["summary"]))
+    return experiment_main(
+        NAME, Config, run, plot, argv, summary=lambda r: str(r["summary"]), conclusions=CONCLUSIONS
+    )
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ from sims.checkpoints.opened import open_checkpoint, tiny_random_checkpoint
 from sims.protocols.persona import SIDES, run_persona_protocol
 
 NAME = "persona_no_over_never"
+CONCLUSIONS = {"verdict": ("verdict", ("rows", "*", "verdict", "verdict")),
+               "largest_decrease": ("rate", ("rows", "*", "largest_decrease"))}  # fmt: skip
 ROWS = ("No>Never", "Yes>No", "Never>No", "Sure>Yes")
 
 
@@ -139,7 +141,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ from sims.data.real_embeddings import MINILM_INSTALL, load_minilm, minilm_availa
 from sims.protocols import token_geometry as tg
 
 NAME = "real_token_geometry"
+#: Per loss and pair (conclusions): the decrease of pi(y+) per run, Theorem 4's sign agreement.
+CONCLUSIONS = {
+    "decrease": ("rate", ("rows", "*", "runs", "[]", "decrease")),
+    "sign_agreement": ("rate", ("rows", "*", "sign_agreement")),
+}
 LABELS = tg.NEG_WORDS + tg.POS_WORDS  # the label sets N and Y
 
 
@@ -124,7 +129,7 @@ def _summary(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

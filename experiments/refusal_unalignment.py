@@ -42,6 +42,8 @@ from sims.protocols.onpolicy import encode_instructions
 from sims.protocols.unalignment import unalignment
 
 NAME = "refusal_unalignment"
+CONCLUSIONS = {k: ("verdict", ("verdict", k)) for k in ("drop", "mitigation")}
+CONCLUSIONS["refusal_test"] = ("rate", ("conditions", "*", "runs", "[]", "refusal_test"))
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

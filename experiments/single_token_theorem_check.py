@@ -37,6 +37,12 @@ NAME = "single_token_theorem_check"
 LOSSES = {"dpo": {"beta": 0.1}, "ipo": {"tau": 0.05}, "slic": {"delta": 50.0}}
 #: Velocities plotted per instance (drawn in this order) and their colours.
 POINT_KINDS = {"other": "0.6", "y_neg": "tab:red", "y_pos": "tab:blue"}
+#: What the check concludes (experiments.framework.conclusions): float64 errors, sign agreement.
+CONCLUSIONS = {
+    "max_rel_err_autodiff": ("error", ("summary", "max_rel_err_autodiff")),
+    "max_rel_err_fd": ("error", ("summary", "max_rel_err_fd")),
+    "min_sign_agreement_fd": ("rate", ("summary", "min_sign_agreement_fd")),
+}
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,9 @@ def plot(results: dict) -> plt.Figure:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=lambda r: str(r["summary"]))
+    return experiment_main(
+        NAME, Config, run, plot, argv, summary=lambda r: str(r["summary"]), conclusions=CONCLUSIONS
+    )
 
 
 if __name__ == "__main__":

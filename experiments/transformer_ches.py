@@ -35,6 +35,12 @@ from sims.protocols.toy_transformer import PretrainSettings, pretrained_transfor
 from theory.losses import make_loss
 
 NAME = "transformer_ches"
+#: CHES orders the decrease (verdicts), the rank correlation per score (conclusions).
+CONCLUSIONS = {
+    "ches_monotone": ("verdict", "ches_monotone"),
+    "loss_decreased": ("verdict", "loss_decreased"),
+    "corr_percentile_vs_decrease": ("rate", ("corr_percentile_vs_decrease", "*")),
+}
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

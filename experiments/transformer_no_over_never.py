@@ -36,6 +36,12 @@ from sims.protocols import toy_transformer as toy
 from theory.losses import make_loss
 
 NAME = "transformer_no_over_never"
+#: Fractions of runs (conclusions); Theorem 4's sign agreement; the correlation per run.
+CONCLUSIONS = {
+    **{k: ("rate", k) for k in ("yes_rose", "yes_set_rose", "pos_decreased", "sign_agreement_yes",
+       "sign_agreement_pos", "sign_agreement_all_tokens")},
+    "velocity_correlation": ("rate", "velocity_correlation"),
+}  # fmt: skip
 Y_POS, Y_NEG = "no", "never"
 
 
@@ -143,7 +149,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ from sims.protocols import toy_transformer as toy
 from theory.losses import make_loss
 
 NAME = "transformer_unalignment"
+#: Refusal rate per condition; per seed, whether DPO lowered it and each mitigation raised it.
+CONCLUSIONS = {"refusal": ("rate", ("conditions", "*", "refusal")),
+               "per_seed": ("verdict", ("seed_verdicts", "*"))}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,8 @@ class Config(toy.PretrainSettings, ExperimentConfig):
     num_seeds: int = 3  # seeds for pair sampling / tie-breaks / evaluation (paper: 3 runs)
     seed: int = 0
 
-    RULES = {
-        "refusal_prob": probability,
-        "keep_fractions": each(unit_interval),
-        "sft_coef": nonnegative,
-    }
+    RULES = {"refusal_prob": probability, "keep_fractions": each(unit_interval)}
+    RULES["sft_coef"] = nonnegative
 
     @classmethod
     def scaled(cls) -> Config:
@@ -67,14 +67,8 @@ class Config(toy.PretrainSettings, ExperimentConfig):
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(
-            **cls.SMOKE,
-            pairs_per_prompt=1,
-            keep_fractions=(0.25,),
-            num_steps=2,
-            eval_samples=1,
-            num_seeds=1,
-        )
+        small = dict(pairs_per_prompt=1, keep_fractions=(0.25,), num_steps=2, eval_samples=1)
+        return cls(**cls.SMOKE, **small, num_seeds=1)
 
 
 def run(config: Config) -> dict:
@@ -110,7 +104,11 @@ def run(config: Config) -> dict:
     }
     out["dpo_sft"] = {"refusal": rates[S * C : S * C + S], "logprob_change": sft.logprob_change}
     out["initial"] = {"refusal": rates[-1:]}
+    plain_dpo = out["dpo"]["refusal"]  # [S]; verdicts per seed ("unstable" if seeds disagree)
+    mitigations = [n for n in out if n not in ("dpo", "initial")]
+    per_seed = {f"{n}_mitigated": (out[n]["refusal"] > plain_dpo).tolist() for n in mitigations}
     return {
+        "seed_verdicts": {"dpo_lowered": (plain_dpo < rates[-1]).tolist(), **per_seed},
         "config": config,
         "pretrain_final_loss": float(pre_losses[-1]),
         "conditions": out,
@@ -143,7 +141,7 @@ def _summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(NAME, Config, run, plot, argv, summary=_summary)
+    return experiment_main(NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from experiments.framework.conclusions import resolve
 from experiments.framework.config import ConfigError, default_rule, field_comments, flag
-from experiments.framework.output import FIGURES_DIR, prepare_out_dir, progress, save
+from experiments.framework.output import FIGURES_DIR, prepare_out_dir, progress, save, to_jsonable
 from sims.errors import InputError  # noqa: E402
 
 #: Switches every experiment takes (besides its Config fields).
@@ -173,10 +174,16 @@ def experiment_main(
     plot: Callable[[dict], plt.Figure],
     argv: Sequence[str] | None = None,
     summary: Callable[[dict], str] | None = None,
+    conclusions: Mapping[str, tuple[str, Any]] | None = None,
 ) -> dict:
     """Parse flags, check the output folder, run, plot, save PNG + JSON, print paths and numbers.
 
-    Errors are raised (:func:`cli` turns a user error into one line).
+    ``conclusions`` (the experiment's ``CONCLUSIONS``: name -> (kind, path), see
+    :mod:`experiments.framework.conclusions`) are read in the results and written as
+    ``results["conclusions"]`` before saving.
+
+    Errors are raised (:func:`cli` turns a user error into one line); a declared conclusion
+    missing from the results raises ``ValueError`` before anything is written.
     """
     config, out_dir, scale = _parse(config_cls, argv, f"python -m experiments.{name}")
     out_dir = prepare_out_dir(out_dir)
@@ -191,6 +198,8 @@ def experiment_main(
         results = run(config)
     if isinstance(results.get("provenance"), dict):  # the run's own wall time, plot excluded
         results["provenance"]["run_s"] = round(time.perf_counter() - start, 1)
+    if conclusions is not None:
+        results["conclusions"] = resolve(name, conclusions, to_jsonable(results))
     png, js = save(name, results, plot(results), out_dir)
     progress(f"[{name}] wrote {png} and {js} in {time.perf_counter() - start:.1f} s")
     if summary is not None:

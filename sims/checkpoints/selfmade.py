@@ -30,6 +30,7 @@ from sims.checkpoints.hf import save_causal_lm
 from sims.checkpoints.opened import OpenedCheckpoint, open_checkpoint
 from sims.checkpoints.tokenization import word_level_tokenizer
 from sims.data import corpus
+from sims.data.fixtures import array_digest, load_fixture
 from sims.data.preferences import (
     BadRow,
     PreferenceRow,
@@ -147,21 +148,59 @@ def self_made_config(spec: SelfMadeSpec) -> DecoderConfig:
     )
 
 
-def train_self_made(spec: SelfMadeSpec, *, seed: int) -> tuple[DecoderLM, float | None]:
-    """Return the self-made model and its last pre-training loss (``None`` without pre-training).
+#: ``kind`` of the self-made checkpoint's fixtures (:mod:`sims.data.fixtures`).
+FIXTURE_KIND = "self_made_llama"
 
-    The corpus is drawn from ``np.random.default_rng(seed)``, the model initialised with ``seed``
-    (:func:`~sims.models.decoder.init_decoder`), minibatches drawn from ``jax.random.key(seed)``
-    (:func:`~sims.models.transformer.pretrain`: Adam, ``spec.pretrain_steps`` steps of
-    ``spec.batch_size`` sequences). The loss returned is the minibatch loss of the last step,
-    before its update.
+
+def self_made_fixture_settings(spec: SelfMadeSpec, *, seed: int) -> dict[str, Any]:
+    """Return everything :func:`train_self_made`'s training depends on, as a fixture key.
+
+    The seed, :class:`SelfMadeSpec`'s fields, the corpus's vocabulary size, sequence length and
+    SHA-256 (:func:`sims.data.fixtures.array_digest` of its tokens and lengths), and the x64
+    mode.
+
+    Example:
+      >>> key = self_made_fixture_settings(SelfMadeSpec(), seed=0)
+      >>> key["pretrain_steps"], key["num_kv_heads"], len(key["corpus_sha256"])
+      (300, 2, 64)
     """
     data = corpus.pretraining_corpus(
         np.random.default_rng(seed), copies=spec.copies, refusal_prob=spec.refusal_prob
     )
+    return {
+        "seed": seed,
+        **dataclasses.asdict(spec.spec()),
+        "vocab_size": len(corpus.VOCAB),
+        "max_len": corpus.MAX_LEN,
+        "corpus_sha256": array_digest(data.tokens, data.length),
+        "jax_enable_x64": bool(jax.config.jax_enable_x64),
+    }
+
+
+def self_made_pretraining(
+    spec: SelfMadeSpec, *, seed: int, use_fixture: bool = True
+) -> tuple[DecoderLM, np.ndarray]:
+    """Return the self-made model and its minibatch LM loss before each pre-training step.
+
+    The corpus is drawn from ``np.random.default_rng(seed)``, the model initialised with ``seed``
+    (:func:`~sims.models.decoder.init_decoder`), minibatches drawn from ``jax.random.key(seed)``
+    (:func:`~sims.models.transformer.pretrain`: Adam, ``spec.pretrain_steps`` steps of
+    ``spec.batch_size`` sequences). When a shipped fixture (:mod:`sims.data.fixtures`) was
+    trained with exactly these settings (:func:`self_made_fixture_settings`) and
+    ``use_fixture``, its parameters and losses are returned instead of training (float32 Adam
+    amplifies a machine's reduction order; the fixture is the same start everywhere).
+    ``spec.pretrain_steps = 0`` returns the initial model and no losses.
+    """
     model = init_decoder(self_made_config(spec), seed=seed)
     if not spec.pretrain_steps:  # a random (untrained) model, for smoke runs
-        return model, None
+        return model, np.zeros(0)
+    key = self_made_fixture_settings(spec, seed=seed)
+    loaded = load_fixture(FIXTURE_KIND, key, model) if use_fixture else None
+    if loaded is not None:
+        return loaded
+    data = corpus.pretraining_corpus(
+        np.random.default_rng(seed), copies=spec.copies, refusal_prob=spec.refusal_prob
+    )
     res = pretrain(
         model,
         jax.random.key(seed),
@@ -171,7 +210,17 @@ def train_self_made(spec: SelfMadeSpec, *, seed: int) -> tuple[DecoderLM, float 
         num_steps=spec.pretrain_steps,
         batch_size=spec.batch_size,
     ).run()
-    return res.final, float(np.asarray(res.loss)[-2])  # [-1] is the loss after the last step
+    return res.final, np.asarray(res.loss)[:-1]  # [-1] is the loss after the last step
+
+
+def train_self_made(spec: SelfMadeSpec, *, seed: int) -> tuple[DecoderLM, float | None]:
+    """Return the self-made model and its last pre-training loss (``None`` without pre-training).
+
+    The model of :func:`self_made_pretraining` (a shipped fixture where one matches); the loss
+    returned is the minibatch loss of the last step, before its update.
+    """
+    model, losses = self_made_pretraining(spec, seed=seed)
+    return model, float(losses[-1]) if losses.size else None
 
 
 def save_self_made(spec: SelfMadeSpec, folder: str | Path, *, seed: int) -> float | None:

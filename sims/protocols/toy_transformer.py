@@ -32,6 +32,7 @@ from flax import nnx
 from sims.analysis.scores import transformer_pair_scores
 from sims.analysis.summaries import lowest_fraction, stack
 from sims.data import corpus
+from sims.data.fixtures import array_digest, load_fixture
 from sims.errors import InputError
 from sims.flows.core import preference_flow
 from sims.models.transformer import (
@@ -47,6 +48,7 @@ from sims.models.transformer import pretrain as pretrain_flow
 __all__ = [
     "AnswerLogprobs",
     "ConditionRuns",
+    "FIXTURE_KIND",
     "PretrainedTransformer",
     "PretrainSettings",
     "RefusalPairs",
@@ -58,6 +60,7 @@ __all__ = [
     "response_batch",
     "train_conditions",
     "trait_prompts",
+    "transformer_fixture_settings",
     "unalignment_conditions",
 ]
 
@@ -155,6 +158,40 @@ def initial_transformer(
     )
 
 
+#: ``kind`` of the toy transformer's fixtures (:mod:`sims.data.fixtures`).
+FIXTURE_KIND = "toy_transformer"
+
+
+def transformer_fixture_settings(
+    seed: int, settings: PretrainSettings, *, tied: bool = True, refusal_prob: float = 0.8
+) -> dict[str, Any]:
+    """Return everything :func:`pretrained_transformer`'s training depends on, as a fixture key.
+
+    The seed, :class:`PretrainSettings`' fields (not those of a ``Config`` deriving from it),
+    ``tied``, ``refusal_prob``, the corpus's vocabulary size, sequence length and SHA-256
+    (:func:`sims.data.fixtures.array_digest` of its tokens and lengths), and the x64 mode.
+
+    Example:
+      >>> key = transformer_fixture_settings(0, PretrainSettings())
+      >>> key["pretrain_steps"], key["tied"], len(key["corpus_sha256"])
+      (150, True, 64)
+    """
+    data = corpus.pretraining_corpus(
+        np.random.default_rng(seed), copies=settings.copies, refusal_prob=refusal_prob
+    )
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(PretrainSettings)}
+    return {
+        "seed": seed,
+        **fields,
+        "tied": tied,
+        "refusal_prob": refusal_prob,
+        "vocab_size": len(corpus.VOCAB),
+        "max_len": corpus.MAX_LEN,
+        "corpus_sha256": array_digest(data.tokens, data.length),
+        "jax_enable_x64": bool(jax.config.jax_enable_x64),
+    }
+
+
 def pretrained_transformer(
     seed: int,
     settings: PretrainSettings,
@@ -162,13 +199,18 @@ def pretrained_transformer(
     tied: bool = True,
     refusal_prob: float = 0.8,
     dtype: Any = jnp.float32,
+    use_fixture: bool = True,
 ) -> PretrainedTransformer:
     """Return the toy transformer pre-trained on the corpus, and its LM losses.
 
     The corpus is :func:`sims.data.corpus.pretraining_corpus` drawn with
     ``np.random.default_rng(seed)`` (``settings.copies`` copies); the model starts from
     :func:`initial_transformer` and is trained by :func:`sims.models.transformer.pretrain`
-    (Adam, minibatches from ``jax.random.key(seed)``).
+    (Adam, minibatches from ``jax.random.key(seed)``). When a shipped fixture
+    (:mod:`sims.data.fixtures`) was trained with exactly these settings
+    (:func:`transformer_fixture_settings`), its parameters and losses are returned instead of
+    training: float32 Adam amplifies a machine's reduction order, the fixture is the same
+    start everywhere (on the machine that made it, loading and training agree bitwise).
 
     Args:
       seed: corpus, initialisation and minibatch seed.
@@ -178,6 +220,7 @@ def pretrained_transformer(
       dtype: dtype of the returned model. Pre-training runs in float32; for another dtype the
         trained parameters are cast into a model built in ``dtype`` (so no module keeps a
         float32 compute dtype). Without pre-training the initial model is drawn in ``dtype``.
+      use_fixture: load a matching fixture instead of training (``False``: always train).
 
     Returns:
       :class:`PretrainedTransformer`.
@@ -193,19 +236,24 @@ def pretrained_transformer(
         return PretrainedTransformer(
             initial_transformer(seed, settings, tied=tied, dtype=dtype), np.zeros(0)
         )
-    data = corpus.pretraining_corpus(
-        np.random.default_rng(seed), copies=settings.copies, refusal_prob=refusal_prob
-    )
-    result = pretrain_flow(
-        initial_transformer(seed, settings, tied=tied),
-        jax.random.key(seed),
-        data.tokens,
-        data.length,
-        lr=settings.pretrain_lr,
-        num_steps=settings.pretrain_steps,
-        batch_size=settings.batch_size,
-    ).run()
-    model, losses = result.final, np.asarray(result.loss)[:-1]  # the loss before each step
+    start = initial_transformer(seed, settings, tied=tied)
+    key = transformer_fixture_settings(seed, settings, tied=tied, refusal_prob=refusal_prob)
+    loaded = load_fixture(FIXTURE_KIND, key, start) if use_fixture else None
+    if loaded is None:
+        data = corpus.pretraining_corpus(
+            np.random.default_rng(seed), copies=settings.copies, refusal_prob=refusal_prob
+        )
+        result = pretrain_flow(
+            start,
+            jax.random.key(seed),
+            data.tokens,
+            data.length,
+            lr=settings.pretrain_lr,
+            num_steps=settings.pretrain_steps,
+            batch_size=settings.batch_size,
+        ).run()
+        loaded = result.final, np.asarray(result.loss)[:-1]  # the loss before each step
+    model, losses = loaded
     if jnp.dtype(dtype) != jnp.float32:
         graphdef = nnx.split(initial_transformer(seed, settings, tied=tied, dtype=dtype))[0]
         state = jax.tree_util.tree_map(lambda a: a.astype(dtype), nnx.split(model)[1])
