@@ -94,17 +94,11 @@ def run(config: Config) -> dict:
         write_preference_jsonl(config.pairs_out, rows)
     pairs = make_transformer_pairs(ckpt.model, chosen, rejected, chunk_size=8)
     progress(f"[{NAME}] {len(rows)} pairs; DPO on percentile subsets of {config.subset_size}")
+    dpo = dict(batch_size=config.batch_size, lr=config.lr, beta=config.beta, seed=config.seed)
     result = figure2(
-        ckpt.model,
-        pairs,
-        subset_size=config.subset_size,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        beta=config.beta,
-        num_runs=config.num_runs,
-        seed=config.seed,
+        ckpt.model, pairs, subset_size=config.subset_size, num_runs=config.num_runs, **dpo,
         log=progress,
-    )
+    )  # fmt: skip
     change = {s: [float(np.mean(q["change"])) for q in result["subsets"][s]] for s in SCORES}
     return {
         "config": config,

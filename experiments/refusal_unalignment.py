@@ -79,16 +79,11 @@ def run(config: Config) -> dict:
     train, test = split_train_test(UNSAFE_REQUESTS, seed=config.seed)
     train, test = train[: config.num_train or None], test[: config.num_test or None]
     enc = [encode_instructions(ckpt, [r for _, r in part]) for part in (train, test)]
+    runs = dict(num_runs=config.num_runs, seed=config.seed, log=progress)
     result = unalignment(
-        ckpt,
-        *enc,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        sample_batch=16,
-        num_runs=config.num_runs,
-        seed=config.seed,
-        log=progress,
-    )
+        ckpt, *enc, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+        sample_batch=16, **runs,
+    )  # fmt: skip
     judge = {"written_examples (development data)": judge_agreement(DEV + HELD_OUT)}
     for part in judge.values():
         part.pop("misclassified", None)
