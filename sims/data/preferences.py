@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -256,6 +257,42 @@ def encode_preference_file(
         template=ckpt.template,
         tokens=ckpt.special,
     )
+    warn_over_context(enc.chosen, enc.rejected, enc.lines, ckpt.model)
     by_line = {r.line: r for r in rows}  # rows the encoding skipped are not in enc.lines
     kept = [by_line[int(n)]._asdict() for n in enc.lines]
     return enc.chosen, enc.rejected, kept
+
+
+def warn_over_context(chosen: Any, rejected: Any, lines: Sequence[int], model: Any) -> int:
+    """Warn when encoded pairs are longer than the model's context; return how many are.
+
+    A sequence past ``model.config.max_position_embeddings`` is still computed (rope
+    extrapolates), but its log-probabilities and velocities are out of the model's range, so
+    the rows are named in a ``UserWarning`` rather than scored silently. A model without that
+    limit (no ``config.max_position_embeddings``) is never warned about.
+
+    Example:
+      >>> from types import SimpleNamespace as NS
+      >>> m = NS(config=NS(max_position_embeddings=4))
+      >>> b = NS(length=np.array([3, 6]))
+      >>> import warnings
+      >>> with warnings.catch_warnings(record=True):
+      ...     warn_over_context(b, b, [1, 2], m)
+      1
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is None:
+        return 0
+    longest = np.maximum(np.asarray(chosen.length), np.asarray(rejected.length))
+    over = np.flatnonzero(longest > limit)
+    if over.size:
+        named = ", ".join(str(int(lines[i])) for i in over[:10])
+        more = "" if over.size <= 10 else f" and {over.size - 10} more"
+        warnings.warn(
+            f"{over.size} of {longest.size} pair(s) are longer than the model's context "
+            f"(max_position_embeddings={limit}; longest {int(longest.max())} tokens): lines "
+            f"{named}{more}; their numbers are extrapolated past the trained positions",
+            UserWarning,
+            stacklevel=2,
+        )
+    return int(over.size)

@@ -26,6 +26,7 @@ from sims.data.preferences import (
     BadRow,
     PreferenceRow,
     encode_preferences,
+    warn_over_context,
     write_preference_jsonl,
 )
 from theory.losses import make_loss
@@ -108,6 +109,7 @@ def audit_rows(
     )
     for b in enc.bad if progress is not None else ():
         progress(f"[audit] skipped line {b.line}: {b.reason}")
+    warn_over_context(enc.chosen, enc.rejected, enc.lines, checkpoint.model)
     loss = make_loss("dpo", beta=beta)
     audit = audit_pairs(
         checkpoint.model,
