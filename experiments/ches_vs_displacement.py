@@ -15,17 +15,9 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework import (
-    ConfigError,
-    ExperimentConfig,
-    cli,
-    each,
-    enable_x64,
-    experiment_main,
-    number_in,
-    progress,
-    provenance,
-)
+from experiments.framework import ConfigError, ExperimentConfig, cli, each, experiment_main
+from experiments.framework.config import number_in
+from experiments.framework.output import enable_x64, progress, provenance
 from experiments.framework.plots import bar_min_max
 from sims.analysis.scores import spearman
 from sims.analysis.summaries import statistic_text, statistics

@@ -35,8 +35,6 @@ alone. (c) Round-off: each run is rerun once with every entry of W and h0 times 
 between the two at a threshold is round-off sensitive; agreement with and without them.
 """
 
-import functools
-import hashlib
 from dataclasses import dataclass
 from inspect import signature
 from pathlib import Path
@@ -141,18 +139,9 @@ def run(config: Config, *, sweep_dir: str | Path | None = None) -> dict:
 plot = plots.phase_diagram_figure  # draws the figure from the JSON alone
 
 
-def _summary(r: dict) -> str:
-    s, p, pc = r["summary"], r["paper_regime"]["confusion"]["theorem4"]["all"], plots.percent
-    agree = ", ".join(f"{c} {pc(s[c]['agreement_displaced'])}" for c in sp.PHASE_CRITERIA)
-    return f"{s['runs_ok']} runs; agreement {agree}; paper's regime {pc(p['agreement_displaced'])}"
-
-
-def main(argv=None) -> dict:
-    config, out = fw.parse_config(Config, argv, prog=f"python -m experiments.{NAME}")
-    digest = hashlib.sha256(fw.dumps({"config": config}).encode()).hexdigest()[:12]
-    run_in = functools.partial(run, sweep_dir=Path(out) / f"{NAME}_sweep" / digest)  # resumable
-    kw = dict(summary=_summary, conclusions=CONCLUSIONS)
-    return fw.experiment_main(NAME, Config, run_in, plot, argv, **kw)
+def main(argv=None) -> dict:  # resumable: the sweep is saved in --out, per config
+    kw = dict(summary=plots.phase_summary, conclusions=CONCLUSIONS, resumable=True)
+    return fw.experiment_main(NAME, Config, run, plot, argv, **kw)
 
 
 if __name__ == "__main__":

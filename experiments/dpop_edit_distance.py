@@ -69,13 +69,10 @@ class Config(ExperimentConfig):
 
 def run(config: Config) -> dict:
     enable_x64()  # float64 flows and sign checks, however run() is called
-    r = edit_distance_protocol(
-        jax.random.key(config.seed),
-        arithmetic_ids(config.chosen),
-        arithmetic_ids(config.rejected),
-        vocab_size=len(TOKENS),
-        **{k: v for k, v in asdict(config).items() if k not in ("chosen", "rejected", "seed")},
-    )  # every other Config field is a keyword of edit_distance_protocol
+    ids = [arithmetic_ids(s) for s in (config.chosen, config.rejected)]
+    # every other Config field is a keyword of edit_distance_protocol
+    rest = {k: v for k, v in asdict(config).items() if k not in ("chosen", "rejected", "seed")}
+    r = edit_distance_protocol(jax.random.key(config.seed), *ids, vocab_size=len(TOKENS), **rest)
     return {
         "config": config,
         "tokens": TOKENS,
@@ -113,9 +110,8 @@ def plot(results: dict) -> plt.Figure:
     fig, axes = plt.subplots(3, 3, figsize=(15, 12), constrained_layout=True)
     for col, name in enumerate(models):
         _plot_model(axes[0, col], axes[1, col], name, results[name], m, results["lambda_star"])
-    sg = results["signs"]
-    ax, grid = axes[2, 0], np.asarray(sg["lam_grid"])
-    right = np.asarray(sg["grid_signs_right"], float)
+    ax, sg = axes[2, 0], results["signs"]
+    grid, right = np.asarray(sg["lam_grid"]), np.asarray(sg["grid_signs_right"], float)
     thr = np.asarray(results["thresholds"]["threshold"])[m + 1 :]
     for j in range(right.shape[1]):
         line = ax.semilogx(grid, right[:, j] + 0.02 * j, lw=1)[0]
@@ -139,11 +135,9 @@ def plot(results: dict) -> plt.Figure:
 
 
 def _summary(r: dict) -> str:
-    post = np.asarray(r["logit"]["delta_final"])[:, r["edit"] + 1 :]
-    return (
-        f"lambda*={r['lambda_star']:.4g}; logit model, min post-edit change per lam: "
-        f"{np.round(post.min(-1), 3).tolist()}"
-    )
+    post = np.asarray(r["logit"]["delta_final"])[:, r["edit"] + 1 :].min(-1)
+    head = f"lambda*={r['lambda_star']:.4g}; logit model, min post-edit change per lam: "
+    return head + str(np.round(post, 3).tolist())
 
 
 def main(argv=None) -> dict:

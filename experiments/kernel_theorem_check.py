@@ -28,15 +28,8 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework import (
-    ExperimentConfig,
-    cli,
-    enable_x64,
-    experiment_main,
-    nonnegative_int,
-    progress,
-    provenance,
-)
+from experiments.framework import ExperimentConfig, cli, experiment_main, nonnegative_int
+from experiments.framework.output import enable_x64, progress, provenance
 from sims.data import corpus
 from sims.protocols import kernel_checks as kc
 from sims.protocols.toy_transformer import PretrainSettings, pretrained_transformer, trait_prompts

@@ -55,16 +55,9 @@ class Config(ExperimentConfig):
     flow_steps: int = 6000  # steps of the flow
     flow_record_every: int = 60  # steps between recorded distances
 
-    RULES = {
-        "zero_fraction": probability,
-        "demo_alpha": open_unit_interval,
-        "demo_p_A": each(probability),
-        "demo_p_U": each(probability),
-        "demo_r": each(finite),
-        "betas": grid(positive),
-        "temperatures": grid(positive),
-        "gammas": grid(finite),
-    }
+    RULES = {"zero_fraction": probability, "demo_alpha": open_unit_interval}
+    RULES |= {"demo_p_A": each(probability), "demo_p_U": each(probability), "demo_r": each(finite)}
+    RULES |= {"betas": grid(positive), "temperatures": grid(positive), "gammas": grid(finite)}
 
     def check(self) -> None:
         if not len(self.demo_p_A) == len(self.demo_p_U) == len(self.demo_r):
@@ -90,16 +83,14 @@ def run(config: Config) -> dict:
     betas, temps = (jnp.geomspace(*g[:2], int(g[2])) for g in (config.betas, config.temperatures))
     grids = dict(temperatures=temps, gammas=jnp.linspace(*config.gammas[:2], int(config.gammas[2])))
     steps = dict(num_steps=config.flow_steps, record_every=config.flow_record_every)
+    swept = {"counterexample": ce, "demo": demo}  # the instances swept over beta
+    sweeps = {k: km.beta_sweep(*v, betas)._asdict() for k, v in swept.items()}
     return {
         "config": config,
         **km.exact_record(stated),
         "corrected": cor.census._asdict(),
         "residual": cor.residual.head(config.scatter_points)._asdict(),
-        "beta_sweep": {
-            "betas": betas,
-            "counterexample": km.beta_sweep(*ce, betas)._asdict(),
-            "demo": km.beta_sweep(*demo, betas)._asdict(),
-        },
+        "beta_sweep": {"betas": betas, **sweeps},
         "amplification": km.amplification(*demo, config.demo_beta, **grids)._asdict(),
         "flow": km.tilt_flow(*demo, beta=config.flow_beta, dt=config.flow_dt, **steps)._asdict(),
         "provenance": provenance(dtype_of=(stated.search.margin, cor.residual.tpm_U)),
@@ -149,15 +140,8 @@ def plot(results: dict) -> plt.Figure:
 
 
 def main(argv=None) -> dict:
-    return experiment_main(
-        NAME,
-        Config,
-        run,
-        plot,
-        argv,
-        summary=lambda r: str(r["corrected"]),
-        conclusions=CONCLUSIONS,
-    )
+    kw = dict(summary=lambda r: str(r["corrected"]), conclusions=CONCLUSIONS)
+    return experiment_main(NAME, Config, run, plot, argv, **kw)
 
 
 if __name__ == "__main__":

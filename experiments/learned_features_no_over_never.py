@@ -137,16 +137,9 @@ def plot(results: dict) -> plt.Figure:
     return fig
 
 
-def _summary(results: dict) -> str:
-    cells = {**results.get("cells", {}), **results.get("control", {}).get("cells", {})}
-    lines = [f"{k}: {lf.cell_line(v)}" for k, v in cells.items()]
-    return "\n".join([f"{results['verdict']} {results.get('reasons', '')}", *lines])
-
-
 def main(argv=None) -> dict:
-    return fw.experiment_main(
-        NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS
-    )
+    kw = dict(summary=lf.summary_report, conclusions=CONCLUSIONS)
+    return fw.experiment_main(NAME, Config, run, plot, argv, **kw)
 
 
 if __name__ == "__main__":

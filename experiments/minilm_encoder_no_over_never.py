@@ -43,10 +43,8 @@ from sims.data.real_embeddings import MINILM_INSTALL, minilm_available
 from sims.protocols import minilm
 
 NAME = "minilm_encoder_no_over_never"
-CONCLUSIONS = {
-    "verdict": ("verdict", "verdict"),
-    "catastrophic": ("verdict", ("rows", "*", "*", "catastrophic")),
-}
+CONCLUSIONS = {"verdict": ("verdict", "verdict")}
+CONCLUSIONS["catastrophic"] = ("verdict", ("rows", "*", "*", "catastrophic"))
 
 
 @dataclass(frozen=True)
@@ -80,15 +78,13 @@ class Config(fw.ExperimentConfig):
             raise fw.ConfigError("--runs-per-pair must be <= --sft-statements / 2")
         if self.kernel_prompts > self.runs_per_pair:
             raise fw.ConfigError("--kernel-prompts must be <= --runs-per-pair")
-        steps = self.gain_steps
-        if list(steps) != sorted(set(steps)) or steps[-1] > self.num_steps:
+        if list(steps := self.gain_steps) != sorted(set(steps)) or steps[-1] > self.num_steps:
             raise fw.ConfigError("--gain-steps must increase and end at or before --num-steps")
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(sft_statements=2, sft_steps=2, losses=("dpo", "ipo"), num_steps=4,
-                   runs_per_pair=1, sft_max_blocks=2, gain_steps=(1, 2, 4),
-                   tiny_encoder=True)  # fmt: skip
+        s = dict(sft_statements=2, sft_steps=2, losses=("dpo", "ipo"), num_steps=4, runs_per_pair=1)
+        return cls(**s, sft_max_blocks=2, gain_steps=(1, 2, 4), tiny_encoder=True)
 
     @classmethod
     def scaled(cls) -> Config:  # --scale (GPU/TPU): all statements, 8 runs per pair, IPO
@@ -142,14 +138,9 @@ def plot(results: dict) -> plt.Figure:
     return fig
 
 
-def _summary(results: dict) -> str:
-    return "; ".join([results.get("verdict", "skipped"), *minilm.summary_lines(results)])
-
-
 def main(argv=None) -> dict:
-    return fw.experiment_main(
-        NAME, Config, run, plot, argv, summary=_summary, conclusions=CONCLUSIONS
-    )
+    kw = dict(summary=lambda r: "; ".join([r.get("verdict", "skipped"), *minilm.summary_lines(r)]))
+    return fw.experiment_main(NAME, Config, run, plot, argv, conclusions=CONCLUSIONS, **kw)
 
 
 if __name__ == "__main__":

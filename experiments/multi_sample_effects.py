@@ -14,15 +14,8 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework import (
-    ConfigError,
-    ExperimentConfig,
-    cli,
-    enable_x64,
-    experiment_main,
-    progress,
-    provenance,
-)
+from experiments.framework import ConfigError, ExperimentConfig, cli, experiment_main
+from experiments.framework.output import enable_x64, progress, provenance
 from experiments.framework.plots import identity_line
 from sims.analysis.summaries import pointwise_relative_error, sign_agreement, sign_match_rate
 from sims.protocols.theory_checks import extra_sample_effect, extra_sample_instance

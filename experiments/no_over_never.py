@@ -42,12 +42,7 @@ from theory import losses
 
 NAME = "no_over_never"
 #: Probability curves of the trajectory panels and their colours.
-CURVES = {
-    "p_no": "tab:blue",
-    "p_catastrophic": "tab:red",
-    "p_benign": "tab:green",
-    "p_never": "0.5",
-}
+CURVES = dict(p_no="tab:blue", p_catastrophic="tab:red", p_benign="tab:green", p_never="0.5")
 #: Config fields of the SFT model (:func:`no_over_never_model`).
 SFT_FIELDS = ("hidden_size", "concept_scale", "num_filler", "prompts", "sft_dt", "sft_steps")
 #: Per geometry (experiments.framework.conclusions): gains, runs where No fell, Theorem 4 signs.

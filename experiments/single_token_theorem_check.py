@@ -18,17 +18,8 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework import (
-    ConfigError,
-    ExperimentConfig,
-    cli,
-    each,
-    enable_x64,
-    experiment_main,
-    one_of,
-    progress,
-    provenance,
-)
+from experiments.framework import ConfigError, ExperimentConfig, cli, each, experiment_main, one_of
+from experiments.framework.output import enable_x64, progress, provenance
 from experiments.framework.plots import symlog_identity
 from sims.protocols.theory_checks import single_token_velocity_check, velocity_errors
 from theory import losses

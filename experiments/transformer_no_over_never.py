@@ -17,14 +17,8 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework import (
-    ExperimentConfig,
-    cli,
-    enable_x64,
-    experiment_main,
-    progress,
-    provenance,
-)
+from experiments.framework import ExperimentConfig, cli, experiment_main
+from experiments.framework.output import enable_x64, progress, provenance
 from experiments.framework.plots import mean_band
 from sims.analysis.scores import pearson
 from sims.analysis.summaries import sign_match_rate, statistic_per_row
@@ -43,6 +37,8 @@ CONCLUSIONS = {
     "velocity_correlation": ("rate", "velocity_correlation"),
 }  # fmt: skip
 Y_POS, Y_NEG = "no", "never"
+#: Curves of the probability panel: result key -> label.
+CURVES = dict(pi_pos="no (y+)", pi_neg="never (y-)", pi_yes="yes", pi_pos_set_mass="Y set mass")
 
 
 @dataclass(frozen=True)
@@ -116,12 +112,7 @@ def run(config: Config) -> dict:
 
 def plot(results: dict) -> plt.Figure:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (
-        ("pi_pos", "no (y+)"),
-        ("pi_neg", "never (y-)"),
-        ("pi_yes", "yes"),
-        ("pi_pos_set_mass", "Y set mass"),
-    ):
+    for key, label in CURVES.items():
         mean_band(ax, results[key], label)
     ax.set(xlabel="DPO step", ylabel="probability (mean, min-max)", title="transformer: no > never")
     ax.legend()

@@ -19,6 +19,7 @@ from experiments import EXPERIMENTS, EXTENDED, EXTRA
 from experiments import __main__ as runner
 from experiments.framework import (
     ConfigError,
+    ExperimentConfig,
     build_parser,
     cli,
     field_comments,
@@ -160,6 +161,37 @@ def test_parse_config_overrides_and_rejects_bad_values():
         Config(beta=-1.0)  # direct construction validates too
     with pytest.raises(ConfigError, match="--seeds must be of type int"):
         Config(seeds=1.5)
+
+
+def test_resumable_experiment_main_runs_in_one_sweep_folder_per_config(tmp_path):
+    """``resumable=True``: ``run`` gets ``sweep_dir = <out>/<name>_sweep/<12 hex digits>``, the
+    same folder for the same config and another for another config."""
+    import matplotlib.pyplot as plt
+
+    from experiments.framework import experiment_main
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(ExperimentConfig):
+        """A config of one field."""
+
+        beta: float = 0.1  # a coefficient
+
+        @classmethod
+        def smoke(cls):
+            return cls()
+
+    seen = []
+
+    def run(config, *, sweep_dir):
+        seen.append(sweep_dir)
+        return {"config": config, "provenance": provenance(dtype_of=np.zeros(1))}
+
+    for beta in ("0.1", "0.1", "0.2"):
+        out = ["--out", str(tmp_path), "--beta", beta]
+        experiment_main("tiny", Config, run, lambda r: plt.figure(), out, resumable=True)
+    assert seen[0] == seen[1] != seen[2]
+    assert {d.parent for d in seen} == {tmp_path / "tiny_sweep"}
+    assert all(re.fullmatch("[0-9a-f]{12}", d.name) for d in seen)
 
 
 def test_provenance_reads_the_dtype_from_the_result():

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import signal
 import sys
@@ -40,7 +42,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.framework.conclusions import resolve
 from experiments.framework.config import ConfigError, default_rule, field_comments, flag
-from experiments.framework.output import FIGURES_DIR, prepare_out_dir, progress, save, to_jsonable
+from experiments.framework.output import (
+    FIGURES_DIR,
+    dumps,
+    prepare_out_dir,
+    progress,
+    save,
+    to_jsonable,
+)
 from sims.errors import InputError  # noqa: E402
 
 #: Switches every experiment takes (besides its Config fields).
@@ -175,6 +184,7 @@ def experiment_main(
     argv: Sequence[str] | None = None,
     summary: Callable[[dict], str] | None = None,
     conclusions: Mapping[str, tuple[str, Any]] | None = None,
+    resumable: bool = False,
 ) -> dict:
     """Parse flags, check the output folder, run, plot, save PNG + JSON, print paths and numbers.
 
@@ -182,11 +192,18 @@ def experiment_main(
     :mod:`experiments.framework.conclusions`) are read in the results and written as
     ``results["conclusions"]`` before saving.
 
+    ``resumable``: ``run`` is called as ``run(config, sweep_dir=<out>/<name>_sweep/<digest>)``,
+    the digest the first 12 hex digits of the SHA-256 of ``{"config": config}``'s JSON, so a
+    rerun of the same config resumes its saved sweep chunks and another config starts afresh.
+
     Errors are raised (:func:`cli` turns a user error into one line); a declared conclusion
     missing from the results raises ``ValueError`` before anything is written.
     """
     config, out_dir, scale = _parse(config_cls, argv, f"python -m experiments.{name}")
     out_dir = prepare_out_dir(out_dir)
+    if resumable:
+        digest = hashlib.sha256(dumps({"config": config}).encode()).hexdigest()[:12]
+        run = functools.partial(run, sweep_dir=out_dir / f"{name}_sweep" / digest)
     start = time.perf_counter()
     progress(f"[{name}] running with {config}")
     if scale:  # every flow prints the memory of the very program it runs, before running it

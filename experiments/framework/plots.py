@@ -280,6 +280,17 @@ def phase_regime_table(
     )
 
 
+def phase_summary(results: dict) -> str:
+    """Return the phase diagram's key numbers in one line, from its JSON (``results``): the runs,
+    each criterion's agreement with "displaced" and the paper's regime's (theorem4)."""
+    from sims.protocols.phase_report import PHASE_CRITERIA
+
+    s, p = results["summary"], results["paper_regime"]["confusion"]["theorem4"]["all"]
+    agree = ", ".join(f"{c} {percent(s[c]['agreement_displaced'])}" for c in PHASE_CRITERIA)
+    regime = percent(p["agreement_displaced"])
+    return f"{s['runs_ok']} runs; agreement {agree}; paper's regime {regime}"
+
+
 def phase_diagram_figure(results: dict) -> plt.Figure:
     """Return the phase-diagram figure drawn from its JSON (``results``) alone: up to eight
     heatmap panels, the confusion table, agreement per group, failure rate vs omega, the top

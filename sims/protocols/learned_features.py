@@ -771,6 +771,19 @@ def cell_line(cell: dict) -> str:
     return "; ".join(parts)
 
 
+def summary_report(results: dict) -> str:
+    """Return the printable summary of a learned-features record: the verdict and its reasons,
+    then one :func:`cell_line` per main and control cell (none in a skipped record).
+
+    Example:
+      >>> summary_report({"verdict": "skipped", "reasons": "(MiniLM absent)"})
+      'skipped (MiniLM absent)'
+    """
+    cells = {**results.get("cells", {}), **results.get("control", {}).get("cells", {})}
+    lines = [f"{k}: {cell_line(v)}" for k, v in cells.items()]
+    return "\n".join([f"{results['verdict']} {results.get('reasons', '')}", *lines])
+
+
 def run_learned_features(
     *,
     vocab_size: int,
