@@ -6,7 +6,8 @@ the main job) in a child process -- optionally under other XLA flags, which chan
 reduction order like another machine would -- and compares every conclusion with the JSON of the
 reference folder (default: figures/): verdicts equal, rates within their runs' spread, float64
 errors within an order of magnitude. It prints a table of what moved; the exit status is 1 if a
-conclusion changed.
+conclusion changed. ``--reference ""`` makes the reference now, by a first run without the extra
+flags: two fresh runs on one machine under two XLA flag sets (the smoke test's mode).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Config(ExperimentConfig):
     """Re-run experiments and compare their conclusions with a reference folder."""
 
     names: tuple[str, ...] = EXPERIMENTS  # experiments to re-run (default: the main job)
-    reference: str = str(FIGURES_DIR)  # folder of the reference JSONs
+    reference: str = str(FIGURES_DIR)  # folder of the reference JSONs ("" = a first run, now)
     xla_flags: str = ""  # extra XLA_FLAGS for the re-run ("" = as this process)
     child_smoke: bool = False  # re-run the --smoke versions (for tests: reference from --smoke)
 
@@ -49,13 +50,14 @@ class Config(ExperimentConfig):
 
     @classmethod
     def smoke(cls) -> Config:
-        return cls(names=("single_token_theorem_check",), child_smoke=True)
+        flags = "--xla_cpu_multi_thread_eigen=false"
+        return cls(("single_token_theorem_check",), "", flags, child_smoke=True)
 
 
-def rerun(config: Config, out: Path) -> int:
+def rerun(config: Config, out: Path, *, extra_flags: bool = True) -> int:
     """Run ``python -m experiments NAMES --out OUT`` in a child process; return its status."""
     env = dict(os.environ)
-    if config.xla_flags:
+    if config.xla_flags and extra_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + config.xla_flags).strip()
     cmd = [sys.executable, "-m", "experiments", *config.names, "--out", str(out)]
     cmd += ["--smoke"] if config.child_smoke else []
@@ -71,10 +73,13 @@ def _file_row(experiment: str, what: str, old, new, rule: str) -> dict:
 
 def run(config: Config) -> dict:
     rows, status = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as first:
+        reference = Path(config.reference or first)
+        if not config.reference:
+            status["reference_exit_status"] = rerun(config, reference, extra_flags=False)
         status["child_exit_status"] = rerun(config, Path(tmp))
         for name in config.names:
-            ref, new = Path(config.reference) / f"{name}.json", Path(tmp) / f"{name}.json"
+            ref, new = reference / f"{name}.json", Path(tmp) / f"{name}.json"
             if not ref.exists() or not new.exists():
                 rows.append(_file_row(name, "(file)", ref.exists(), new.exists(), "both JSONs"))
                 continue
