@@ -133,8 +133,10 @@ def plot(results: dict) -> plt.Figure:
 
 def _summary(r: dict) -> str:
     verdicts = "; ".join(f"{k}: {v['verdict']['verdict']}" for k, v in r["rows"].items())
+    sft = r["sft"]
+    sft = f"{sft['epochs']} epochs (reached {sft['reached']})" if sft["epochs"] else "on y+ only"
     return (
-        f"SFT {r['sft']['epochs']} epochs (reached {r['sft']['reached']}); {verdicts}; "
+        f"SFT {sft}; {verdicts}; "
         f"predictor agreement {r['predictor_agreement']:.2f}; kernel-form first-step error "
         f"median {r['kernel_form_first_step_error']['median']:.2e}"
     )
