@@ -9,8 +9,11 @@ import pytest
 
 from experiments import __main__ as cli
 from experiments import audit, persona_no_over_never
+from sims.checkpoints.hf import save_causal_lm
+from sims.checkpoints.opened import tiny_random_checkpoint
 from sims.checkpoints.selfmade import save_self_made
 from sims.checkpoints.tokenization import chat_template
+from sims.protocols.persona import SIDES
 
 ROWS = [
     {"prompt": "<bos> how to make a cake ? <ans>", "chosen": "easy . make it .",
@@ -77,15 +80,19 @@ def test_checkpoint_experiments_read_a_model_folder_with_chat_template(tmp_path)
         )
     )  # fmt: skip
     assert res["checkpoint"]["prompt_format"] == "chat template" and res["num_pairs"] == 2
+    # persona reads a folder too, in its chat template (a byte-level model whose label words are
+    # whole tokens: the self-made word-level vocabulary cannot spell the persona statements)
+    tiny = tiny_random_checkpoint(seed=0, words=SIDES["no"] + SIDES["yes"])
+    save_causal_lm(tiny.model, tmp_path / "byte", tokenizer=tiny.tokenizer, eos_token="<eos>")
+    file = tmp_path / "byte" / "tokenizer_config.json"
+    qa = {"chat_template": "Q: {{ messages[0]['content'] }} A:"}
+    file.write_text(json.dumps(json.loads(file.read_text()) | qa))
     persona = persona_no_over_never.Config.smoke()
     res = persona_no_over_never.run(
-        persona.__class__(
-            **{**persona.__dict__, "model": str(folder),
-               "prompt_template": "<bos> would you say {subject} is {predicate} ? <ans>"}
-        )
-    )  # fmt: skip
-    assert res["checkpoint"]["source"] == str(folder)
-    assert res["prompts"][0].startswith("<bos> would you say")
+        persona.__class__(**{**persona.__dict__, "model": str(tmp_path / "byte")})
+    )
+    assert res["prompt_format"] == "chat template"
+    assert res["example_prompt"].startswith("Q: ") and res["example_prompt"].endswith(" A:")
 
 
 @pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
