@@ -46,12 +46,11 @@ from sims.protocols import phase_diagram as sp  # with the names the run needs
 NAME = "displacement_phase_diagram"
 #: Agreement with the t = 0 criteria: all runs, the paper's regime, and at report_tols[0] with
 #: and without the round-off-sensitive runs (and their number).
-AGREE = "agreement_displaced"  # share of resolved runs whose displacement was predicted
-CONCLUSIONS = {"paper_regime": ("rate", ("paper_regime", "confusion", "theorem4", "all", AGREE))}
-CONCLUSIONS |= {f"{k}/{c}": ("rate", p) for c in sp.PHASE_CRITERIA for k, p in (
-    (AGREE, ("summary", c, AGREE)), ("with_roundoff_sensitive", ("thresholds", c, 0, "all", AGREE)),
-    ("without_roundoff_sensitive", ("thresholds", c, 0, "without_sensitive", AGREE)),
-    ("roundoff_sensitive_runs", ("thresholds", c, 0, "roundoff_sensitive")))}  # fmt: skip
+#: Agreement with and without the round-off-sensitive runs, each with its round-off bound
+#: (sims.protocols.phase_sensitivity: sensitive runs / resolved runs).
+CONCLUSIONS = {f"{k}/{c}": ("rate", ("thresholds", c, 0, "agreement_roundoff", w))
+               for c in sp.PHASE_CRITERIA for k, w in (("with_roundoff_sensitive", "all"),
+               ("without_roundoff_sensitive", "without_sensitive"))}  # fmt: skip
 
 
 @dataclass(frozen=True)

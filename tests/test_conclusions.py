@@ -162,3 +162,16 @@ def test_every_experiment_passes_its_conclusions(name, monkeypatch):
     with pytest.raises(Stop):
         module.main(["--smoke"])
     assert seen.get("conclusions") is module.CONCLUSIONS
+
+
+def test_bounded_rate_must_stay_within_the_experiments_own_bound():
+    """A rate with a bound the experiment computed (phase diagram: round-off-sensitive runs /
+    resolved runs) passes inside ``value -+ bound`` and fails outside; bad bounds are refused."""
+    committed = cn.rate({"value": 0.70, "bound": 0.05})
+    assert (committed["min"], committed["max"]) == pytest.approx((0.65, 0.75))
+    assert _ok(committed, cn.rate({"value": 0.74, "bound": 0.05}))
+    assert not _ok(committed, cn.rate({"value": 0.76, "bound": 0.05}))
+    with pytest.raises(ValueError, match="bound must be >= 0"):
+        cn.rate({"value": 0.7, "bound": -0.1})
+    with pytest.raises(TypeError, match="needs numbers"):
+        cn.rate({"value": "0.7", "bound": 0.1})

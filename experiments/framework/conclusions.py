@@ -30,7 +30,9 @@ keeps them (its spread), an **error** is the largest. Results of a skipped exper
   seeds disagreed) equals only ``"unstable"``;
 * a **rate** (a number measured over runs or seeds, with its per-run values) may move within the
   spread of its runs: the new mean must lie in ``[min, max]`` of the committed runs widened by
-  ``RATE_SLACK`` of their range (a rate without spread must agree to ``RATE_RTOL``); an undefined
+  ``RATE_SLACK`` of their range (a rate with a bound the experiment computed, e.g. from its
+  round-off-sensitive runs, must lie within it; a rate without spread must agree to
+  ``RATE_RTOL``); an undefined
   rate (``None``: every run undefined) equals only an undefined one;
 * an **error** (a float64 theorem-check error, round-off sized) must stay within an order of
   magnitude (``ERROR_FACTOR``), or both below ``ERROR_FLOOR``.
@@ -44,7 +46,7 @@ from typing import Any
 import numpy as np
 
 RATE_SLACK = 0.25  # of the committed runs' range: seeds of one machine bound another's
-RATE_RTOL = 1e-6  # a rate without per-run values (deterministic) must agree to this
+RATE_RTOL = 1e-4  # a single-run rate (no seeds, no bound): round-off amplified by a statistic
 ERROR_FACTOR = 10.0  # "within an order of magnitude"
 ERROR_FLOOR = 1e-12  # below this, float64 round-off errors are all equivalent
 UNSTABLE = "unstable"  # the verdict of seeds that disagree
@@ -105,12 +107,25 @@ def rate(runs: Sequence[float | None] | float | None) -> dict[str, Any]:
     Raises:
       TypeError: a run that is not a number (a bool counts as 0 or 1), or a nested list.
 
+    A mapping ``{"value": v, "bound": b}`` is one value with a spread the experiment computed
+    itself (e.g. the largest change float32 round-off can make): ``min``/``max`` are ``v -+ b``.
+
     Example:
       >>> rate([0.5, 0.7])["value"]
       0.6
       >>> rate([1.0, None])
       {'kind': 'rate', 'value': 1.0, 'undefined_runs': 1}
+      >>> rate({"value": 0.7, "bound": 0.05})["max"]
+      0.75
     """
+    if isinstance(runs, Mapping):
+        value, bound = runs.get("value"), runs.get("bound")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (value, bound)):
+            raise TypeError(f"a bounded rate needs numbers 'value' and 'bound', got {runs!r}")
+        if bound < 0:
+            raise ValueError(f"a rate's bound must be >= 0, got {bound}")
+        v, b = float(value), float(bound)
+        return {"kind": "rate", "value": v, "bound": b, "min": v - b, "max": v + b}
     listed = list(runs) if isinstance(runs, list | tuple | np.ndarray) else [runs]
     for v in listed:
         if v is not None and not isinstance(v, int | float | np.number | np.bool_):
@@ -269,6 +284,10 @@ def _same(kind: str, a: dict[str, Any], x: Any, y: Any) -> tuple[bool, str]:
     if x is None or y is None:
         return x is None and y is None, "undefined on both sides"
     if kind == "rate":
+        if "bound" in a:  # the experiment's own spread bound: within it
+            return bool(
+                a["min"] <= y <= a["max"]
+            ), f"within its bound [{a['min']:.4g}, {a['max']:.4g}]"
         if "runs" in a:
             slack = RATE_SLACK * (a["max"] - a["min"])
             lo, hi = a["min"] - slack, a["max"] + slack

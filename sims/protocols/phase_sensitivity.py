@@ -141,8 +141,26 @@ def threshold_table(
             entry["roundoff_sensitive"] = int(np.sum(sensitive & resolved))
             keep = np.where(sensitive, -1, pred)
             entry["without_sensitive"] = confusion_table(keep, outcome, below)
+            entry["agreement_roundoff"] = _agreement_bounds(entry)
         out.append(entry)
     return out
+
+
+def _agreement_bounds(entry: dict) -> dict:
+    """Agreement with and without the round-off-sensitive runs, each with its round-off bound.
+
+    Only a run whose outcome a float32-round-off perturbation changes can change agreement, by
+    one run each, so ``bound = roundoff_sensitive / resolved``: how far another machine's
+    reduction order can move the rate (``{"value", "bound"}``, read as a rate by
+    :mod:`experiments.framework.conclusions`; ``None`` over no resolved run).
+    """
+    bounds = {}
+    for name in ("all", "without_sensitive"):
+        table = entry[name]
+        value, n = table["agreement_displaced"], entry["all"]["resolved"]
+        bound = entry["roundoff_sensitive"] / n if n else None
+        bounds[name] = None if value is None or bound is None else {"value": value, "bound": bound}
+    return bounds
 
 
 def roundoff_summary(
