@@ -2,7 +2,7 @@
 
 ``python -m experiments`` runs every name in :data:`EXPERIMENTS` (the README's main job, <= 10
 minutes on a 2-core CPU); ``python -m experiments extended`` runs :data:`EXTENDED` (the real-model
-and learned-feature experiments, ~40 minutes on that CPU, minutes on a GPU); :data:`EXTRA` are
+and learned-feature experiments, about an hour on that CPU); :data:`EXTRA` are
 separate commands (``python -m experiments bench``).
 """
 
