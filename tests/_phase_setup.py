@@ -14,3 +14,6 @@ DEFAULT_GEOMETRY = dict(
     filler_scale=1.0,
     rotate=True,
 )
+
+#: A smaller geometry (V = 8, d = 6) for the report and sensitivity tests.
+SMALL_GEOMETRY = DEFAULT_GEOMETRY | dict(hidden_size=6, num_opposite=2, num_synonym=1, num_filler=3)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from _phase_setup import SMALL_GEOMETRY
 
 from sims.protocols.phase_diagram import phase_axes
 from sims.protocols.phase_flows import PHASE_AXES, phase_predictor
@@ -17,18 +18,7 @@ from sims.protocols.phase_report import (
 )
 
 TOL = 1e-3  # displacement threshold of the synthetic report (nats)
-GEOMETRY = dict(
-    seed=0,
-    hidden_size=6,
-    num_opposite=2,
-    num_synonym=1,
-    num_filler=3,
-    unembedding_norm=4.0,
-    opposite_scale=1.0,
-    synonym_scale=0.5,
-    filler_scale=1.0,
-    rotate=True,
-)
+GEOMETRY = SMALL_GEOMETRY
 AXES = dict(
     rhos=(0.5, 1.5),
     omegas=(0.0, 1.0),

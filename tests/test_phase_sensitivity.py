@@ -4,6 +4,7 @@ factor 1 against the sweep they repeat."""
 
 import numpy as np
 import pytest
+from _phase_setup import SMALL_GEOMETRY
 
 from sims.protocols import phase_diagram as pd
 from sims.protocols.phase_flows import PhaseSchedule, phase_predictor
@@ -167,18 +168,7 @@ def test_regime_report_rejects_a_part_without_outputs():
 @pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it
 def test_phase_controls_at_factor_one_repeat_the_sweep():
     """With factor 1 the "finer step" and "longer horizon" reruns are the runs themselves."""
-    geometry = make_phase_geometry(
-        seed=0,
-        hidden_size=6,
-        num_opposite=2,
-        num_synonym=1,
-        num_filler=3,
-        unembedding_norm=4.0,
-        opposite_scale=1.0,
-        synonym_scale=0.5,
-        filler_scale=1.0,
-        rotate=True,
-    )
+    geometry = make_phase_geometry(**SMALL_GEOMETRY)
     predict = phase_predictor(geometry, sft_ratio=1.0)
     axes = pd.phase_axes(
         rhos=(0.5, 1.2),

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import __main__ as runner
 from experiments.framework import ConfigError, prepare_out_dir
 from sims.checkpoints.gguf import load_gguf, save_gguf
 from sims.checkpoints.hf import load_causal_lm, save_causal_lm
@@ -242,14 +243,12 @@ def test_out_on_a_read_only_filesystem_is_refused():
 
 
 def test_paths_with_spaces_work_for_pairs_and_out(tmp_path):
-    from experiments.__main__ import plan
-
     spaced = tmp_path / "my data" / "run 1"
     spaced.mkdir(parents=True)
     pairs = _pairs(spaced / "pairs file.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
     rows, bad = read_preference_jsonl(pairs)
     assert len(rows) == 1 and not bad
     out = spaced / "out dir"
-    runs = plan(["audit", "--pairs", str(pairs), "--out", str(out)])
+    runs = runner.plan(["audit", "--pairs", str(pairs), "--out", str(out)])
     assert runs[0][0] == "audit" and f"--pairs={pairs}" in runs[0][1]
     assert prepare_out_dir(out).is_dir()

@@ -238,6 +238,26 @@ def encode_preferences(
     )
 
 
+def encode_for_checkpoint(
+    ckpt: Any, rows: Sequence[PreferenceRow], *, max_len: int
+) -> EncodedPreferences:
+    """:func:`encode_preferences` with an opened checkpoint's tokenizer, EOS and pad tokens (pad
+    id 0 without one), chat template and special tokens.
+
+    Raises:
+      InputError: no row could be encoded.
+    """
+    return encode_preferences(
+        ckpt.tokenizer,
+        rows,
+        max_len=max_len,
+        eos_id=ckpt.special_id("eos_token"),
+        pad_id=ckpt.special_id("pad_token", 0),
+        template=ckpt.template,
+        tokens=ckpt.special,
+    )
+
+
 def encode_preference_file(
     path: str | Path, ckpt: Any, *, max_len: int
 ) -> tuple[Any, Any, list[dict[str, str]]]:
@@ -248,15 +268,7 @@ def encode_preference_file(
     those rows as dicts. Bad rows are skipped as :func:`read_preference_jsonl` says.
     """
     rows, _ = read_preference_jsonl(path)
-    enc = encode_preferences(
-        ckpt.tokenizer,
-        rows,
-        max_len=max_len,
-        eos_id=ckpt.special_id("eos_token"),
-        pad_id=ckpt.special_id("pad_token", 0),
-        template=ckpt.template,
-        tokens=ckpt.special,
-    )
+    enc = encode_for_checkpoint(ckpt, rows, max_len=max_len)
     warn_over_context(enc.chosen, enc.rejected, enc.lines, ckpt.model)
     by_line = {r.line: r for r in rows}  # rows the encoding skipped are not in enc.lines
     kept = [by_line[int(n)]._asdict() for n in enc.lines]

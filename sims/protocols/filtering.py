@@ -25,7 +25,7 @@ from sims.analysis.audit import PairAudit, audit_pairs
 from sims.data.preferences import (
     BadRow,
     PreferenceRow,
-    encode_preferences,
+    encode_for_checkpoint,
     warn_over_context,
     write_preference_jsonl,
 )
@@ -98,15 +98,7 @@ def audit_rows(
       InputError: no row could be encoded.
       ValueError: as :func:`~sims.analysis.audit.audit_pairs` (``beta <= 0``, bad ``top_k``).
     """
-    enc = encode_preferences(
-        checkpoint.tokenizer,
-        rows,
-        max_len=max_len,
-        eos_id=checkpoint.special_id("eos_token"),
-        pad_id=checkpoint.special_id("pad_token", 0),
-        template=checkpoint.template,
-        tokens=checkpoint.special,
-    )
+    enc = encode_for_checkpoint(checkpoint, rows, max_len=max_len)
     for b in enc.bad if progress is not None else ():
         progress(f"[audit] skipped line {b.line}: {b.reason}")
     warn_over_context(enc.chosen, enc.rejected, enc.lines, checkpoint.model)
