@@ -210,6 +210,7 @@ def _autodiff_velocity(W, h, y_pos, y_neg, loss):
     return jax.jvp(logp, (W, h), (-gW, -gh))[1]
 
 
+@pytest.mark.slow  # > 3 s on the 2-core CPU (10 cases, each compiling its ops); CI runs it
 @pytest.mark.parametrize("beta", [1e-8, 1e-4, 1.0, 1e4, 1e8])
 @pytest.mark.parametrize("identical_rows", [False, True])
 def test_theorems_4_5_at_extreme_beta_and_identical_rows(beta, identical_rows):
