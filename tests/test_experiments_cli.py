@@ -26,6 +26,7 @@ from experiments.framework import (
     parse_config,
     prepare_out_dir,
     provenance,
+    sigterm_raises,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,6 +274,26 @@ def test_user_errors_print_one_line_from_both_command_lines(tmp_path):
         assert done.returncode == 2, done.stderr
         assert done.stderr.startswith("error: --pairs must be an existing readable file")
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_sigterm_dropped_inside_a_del_or_gc_callback_is_delivered_again():
+    """CI saw SIGTERM land inside JAX's garbage-collector callback: Python dropped the handler's
+    ``SystemExit`` ("Exception ignored") and the run went on. Here the handler runs inside a
+    ``__del__`` (where Python drops exceptions the same way); the exit must still come, soon."""
+
+    class SignalsOnDelete:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)  # the handler runs here; its exit is dropped
+
+    handler, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as info, sigterm_raises():
+        SignalsOnDelete()  # deleted at once
+        while time.monotonic() - start < 10:
+            time.sleep(0.01)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert time.monotonic() - start < 5
+    assert signal.getsignal(signal.SIGTERM) is handler and sys.unraisablehook is hook
 
 
 @pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it

@@ -248,21 +248,49 @@ def sigterm_raises():
     So ``with TemporaryDirectory()`` blocks (the self-made checkpoint inside ``--out``) and
     :func:`save` remove their temporary files, as on SIGINT. Python runs the handler between
     bytecodes: a compiled call in progress (a jitted scan such as the pre-training) finishes
-    first. The previous handler is restored on exit; outside the main thread (where no handler
-    can be set) nothing changes.
+    first. Where the handler ran inside code whose exceptions Python drops -- a garbage
+    collector callback such as JAX's, or a ``__del__`` -- Python reports the ``SystemExit`` to
+    ``sys.unraisablehook`` and goes on; this context's hook then delivers the signal again from
+    a helper thread, so it is handled at the next bytecode outside that code. The previous
+    handler and hook are restored on exit; outside the main thread (where no handler can be
+    set) nothing changes.
     """
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_on_signal)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous_handler = signal.signal(signal.SIGTERM, _raise_on_signal)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_redeliver_dropped_exit, previous_hook)
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+class _SignalExit(SystemExit):
+    """The ``SystemExit`` raised by :func:`sigterm_raises`' handler (told apart from others)."""
 
 
 def _raise_on_signal(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    raise _SignalExit(128 + signum)
+
+
+def _redeliver_dropped_exit(previous_hook: Callable[[Any], None], unraisable: Any) -> None:
+    """``sys.unraisablehook`` inside :func:`sigterm_raises`: a dropped signal exit is sent again.
+
+    The new signal comes from a timer thread 10 ms later, so the handler runs after this hook
+    and (as a rule) the dropping code have returned; if it lands in such code again, this
+    repeats. (A signal sent at once could be handled inside this very hook, where an exception
+    is dropped for good.)
+    """
+    if isinstance(unraisable.exc_value, _SignalExit):
+        signum = unraisable.exc_value.code - 128
+        timer = threading.Timer(0.01, signal.raise_signal, (signum,))
+        timer.daemon = True
+        timer.start()
+        return
+    previous_hook(unraisable)
 
 
 @contextlib.contextmanager
