@@ -1,15 +1,17 @@
 """Benchmark: the real-model DPO step, this project (JAX) against PyTorch + transformers.
 
 Not part of the main job (``python -m experiments bench_real_model``; ~10 minutes on 2 cores).
-Both sides run one DPO step (beta 0.1, torch RMSprop at lr 1e-7) on the same GGUF file
-(transformers reads it with ``gguf_file=``), float32, at the shapes of the persona protocol
-(B = 1 pair of T = 24 tokens) and of the multi-token protocols (B = 8, T = 256); what is timed
-is in experiments/framework/benchmarking.py. Reported per shape: steps/s of each side and their
-ratio, each side's first call (JAX: trace + compile + one step), XLA's memory analysis of the
-compiled step against the floor (parameters, gradients, RMSprop state, a rematerialised
-backward's activations), and the step's roofline position (XLA's flop count over the step time
-against this machine's measured matrix-product rate). Targets (issue 22): >= 2x PyTorch at both
-shapes, first call <= 20 s. Timings depend on the load: the JSON records the load average.
+Both sides run one DPO step (beta 0.1, RMSprop at lr 1e-7) on the same GGUF file (transformers
+reads it with ``gguf_file=``), float32, at the persona protocol's shape (B = 1 pair, T = 24) and
+the multi-token protocols' (B = 8, T = 256); what is timed: experiments/framework/benchmarking.py.
+JAX uses the packed pair layout (``sims.models.transformer.PackedPairs``: the shared prompt runs
+once, the vocabulary head only where a response token is predicted); ``--layout plain`` runs
+chosen and rejected as two batches with logits everywhere, as the PyTorch side does. Per shape:
+steps/s of each side and their ratio, first calls (JAX: trace + compile + one step), XLA's
+memory analysis against the floor (parameters, gradients, RMSprop state, a rematerialised
+backward's activations), the roofline position (XLA's flop count over the step time against
+the measured matrix-product rate). Targets (issue 22): >= 2x PyTorch at both shapes, first call
+<= 20 s. Timings depend on the load: the JSON records the load average.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.framework import ExperimentConfig, cli, existing_path, experiment_main
+from experiments.framework import ExperimentConfig, cli, existing_path, experiment_main, one_of
 from experiments.framework import benchmarking as bm
 from experiments.framework.output import progress, provenance
 from experiments.framework.roofline import machine_peaks
@@ -43,8 +45,9 @@ class Config(ExperimentConfig):
     torch_steps: int = 3  # PyTorch: steps per timed call
     repeats: int = 2  # timed calls per side (the fastest counts)
     torch_threads: int = 0  # PyTorch intra-op threads (0: its default, one per core)
+    layout: str = "packed"  # JAX pairs: "packed" (shared prompt once) or "plain" (two batches)
 
-    RULES = {"model": existing_path(allow=("", "smollm2"))}
+    RULES = {"model": existing_path(allow=("", "smollm2")), "layout": one_of(("packed", "plain"))}
 
     @classmethod
     def smoke(cls) -> Config:
@@ -65,14 +68,15 @@ def run(config: Config) -> dict:
         path = _tiny_gguf(Path(tmp)) if not config.model else resolve_model(config.model)
         model = load_causal_lm(path)
         peak = machine_peaks(repeats=2, scale=0.5 if config.model else 0.05)["flop_rate"]
-        cells = []
+        cells, layout = [], {"packed": config.layout == "packed"}
+        steps = {"n1": config.n1, "n2": config.n2, "repeats": config.repeats} | layout
         for shape in config.shapes:
             B, T = (int(v) for v in shape.split("x"))
             progress(f"[{NAME}] B={B} T={T}: JAX")
-            jx = bm.jax_step(model, B, T, n1=config.n1, n2=config.n2, repeats=config.repeats)
+            jx = bm.jax_step(model, B, T, **steps)
             ref = jx.pop("ref_logprobs")  # the reference log-probs of both sides: one model?
-            cell = {"B": B, "T": T, "jax": jx, "floor": bm.memory_floor(model, B, T)}
-            cost = bm.step_cost(model, B, T)
+            cell = {"B": B, "T": T, "jax": jx, "floor": bm.memory_floor(model, B, T, **layout)}
+            cost = bm.step_cost(model, B, T, **layout)
             cell["roofline"] = cost | {
                 "flop_rate": cost["flops"] / jx["step_s"],
                 "fraction_of_peak_flop_rate": cost["flops"] / jx["step_s"] / peak["all_devices"],

@@ -87,14 +87,20 @@ def _observe_nothing(model, pairs) -> jax.Array:
     return jnp.zeros(())
 
 
-def jax_step(model, B: int, T: int, *, n1: int = 2, n2: int = 6, repeats: int = 2) -> dict:
-    """Time the JAX DPO step (see the module docstring); return seconds and memory."""
+def jax_step(
+    model, B: int, T: int, *, n1: int = 2, n2: int = 6, repeats: int = 2, packed: bool = True
+) -> dict:
+    """Time the JAX DPO step (see the module docstring); return seconds and memory.
+
+    ``packed``: the pairs' layout (:class:`sims.models.transformer.PackedPairs`: the shared
+    prompt once, logits at response positions only; ``False``: two plain batches).
+    """
     from sims.flows.core import preference_flow
     from sims.models.transformer import make_transformer_pairs
     from theory.losses import make_loss
 
     chosen, rejected = random_pairs(model.vocab_size, B, T, 0)
-    pairs = make_transformer_pairs(model, chosen, rejected, chunk_size=1)
+    pairs = make_transformer_pairs(model, chosen, rejected, chunk_size=1, packed=packed)
     loss = make_loss("dpo", beta=BETA)
 
     def flow(n):
@@ -194,7 +200,7 @@ def torch_step(
     }
 
 
-def step_cost(model, B: int, T: int) -> dict:
+def step_cost(model, B: int, T: int, *, packed: bool = True) -> dict:
     """XLA's count of one DPO gradient evaluation (forward + backward of both sequences).
 
     ``flops`` and ``bytes`` from ``cost_analysis`` of ``jax.grad`` of the DPO loss on ``B``
@@ -206,7 +212,7 @@ def step_cost(model, B: int, T: int) -> dict:
     from theory.losses import make_loss, mean_pair_loss
 
     chosen, rejected = random_pairs(model.vocab_size, B, T, 0)
-    pairs = make_transformer_pairs(model, chosen, rejected, chunk_size=1)
+    pairs = make_transformer_pairs(model, chosen, rejected, chunk_size=1, packed=packed)
     loss = make_loss("dpo", beta=BETA)
     graphdef, params = nnx.split(model)
 
@@ -221,17 +227,21 @@ def step_cost(model, B: int, T: int) -> dict:
     return {"flops": float(cost["flops"]) + 10.0 * n, "bytes": float(cost["bytes accessed"])}
 
 
-def memory_floor(model, B: int, T: int) -> dict:
+def memory_floor(model, B: int, T: int, *, packed: bool = True) -> dict:
     """The least memory a DPO step can hold, in bytes (float32).
 
     ``state``: parameters + gradients + RMSprop's second moment (3 copies of the parameters);
-    ``activations``: what a fully rematerialised backward must keep -- one residual stream
-    ``[2B, T, d]`` per layer -- plus one ``[2B, T, V]`` logits tensor.
+    ``activations``: what a fully rematerialised backward must keep -- one residual stream per
+    layer -- plus one logits tensor: ``[2B, T, d]`` and ``[2B, T, V]`` in the plain layout;
+    packed (:func:`random_pairs`' prompt of ``T // 2``, responses of ``R = T - T // 2``),
+    ``[B, T + R, d]`` and ``[2B, R, V]``.
     """
     leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
     params = sum(x.size * x.dtype.itemsize for x in leaves)
     c = model.config
-    acts = 4 * 2 * B * T * (c.hidden_size * c.num_layers + model.vocab_size)
+    R = T - T // 2
+    rows, head = (B * (T + R), 2 * B * R) if packed else (2 * B * T, 2 * B * T)
+    acts = 4 * (rows * c.hidden_size * c.num_layers + head * model.vocab_size)
     return {"state": 3 * params, "activations": acts, "total": 3 * params + acts}
 
 

@@ -312,13 +312,20 @@ class Mask(NamedTuple):
 
 
 def causal_mask(
-    positions: jax.Array, valid: jax.Array | None = None, *, key_positions=None
+    positions: jax.Array,
+    valid: jax.Array | None = None,
+    *,
+    key_positions=None,
+    segments: jax.Array | None = None,
 ) -> Mask:
     """Return the :class:`Mask` of causal attention over ``positions`` (``[..., T]``).
 
     ``valid`` (``[..., Tk]`` bool) marks real keys (``False``: padding, never attended to by
     another position). ``key_positions`` (default ``positions``) are the keys' positions, for a
-    key/value cache longer than the queries.
+    key/value cache longer than the queries. ``segments`` (``[..., T]`` int, self-attention
+    only) packs several sequences that share a prefix into one row: a query sees a key only if
+    the key's segment is 0 (the shared prefix) or its own (see
+    :class:`sims.models.transformer.PackedPairs`).
 
     Example:
       >>> m = causal_mask(jnp.arange(3))
@@ -329,6 +336,11 @@ def causal_mask(
     allowed = k_pos[..., None, :] <= positions[..., :, None]
     if valid is not None:
         allowed = allowed & valid[..., None, :]
+    if segments is not None:
+        if key_positions is not None:
+            raise ValueError("segments need self-attention (no key_positions)")
+        key_seg = segments[..., None, :]
+        allowed = allowed & ((key_seg == 0) | (key_seg == segments[..., :, None]))
     if key_positions is None:  # a padding query attends to itself: no empty softmax row
         allowed = allowed | _lead(allowed, jnp.eye(positions.shape[-1], dtype=bool))
     return Mask(positions, k_pos, allowed)
@@ -529,18 +541,20 @@ class DecoderLM(nnx.Module):
         *,
         positions: jax.Array | None = None,
         valid: jax.Array | None = None,
+        segments: jax.Array | None = None,
     ) -> jax.Array:
         """Return the final-norm hidden state at every position, ``tokens.shape + (d,)``.
 
         ``positions`` (default ``0..T-1``) and ``valid`` (default all ``True``), both
-        ``tokens``-shaped, describe left-padded batches (see :func:`causal_mask`).
+        ``tokens``-shaped, describe left-padded batches; ``segments`` packed rows of sequences
+        that share a prefix (see :func:`causal_mask`).
         """
         x = self._embed(tokens)
         T = tokens.shape[-1]
         if positions is None:
             positions = jnp.arange(T, dtype=jnp.int32)
         cos, sin = self._rope(positions, x.dtype)
-        mask = causal_mask(positions, valid)
+        mask = causal_mask(positions, valid, segments=segments)
         graphdef, state = nnx.split(self.layers)
 
         def block(x, layer):

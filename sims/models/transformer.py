@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -157,6 +158,126 @@ def response_logprobs_from_tokens(model: nnx.Module, tokens, prompt_len, length)
     return jnp.sum(jnp.where(mask, picked, 0.0), axis=-1)
 
 
+def token_logprobs(model: nnx.Module, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    r"""Return :math:`\ln\pi(y_k|\cdot) = (W h)_{y_k} - \operatorname{logsumexp}(W h)` ``[...]``
+    of final-norm hidden states ``[..., d]`` and target ids ``[...]`` (no ``[..., V]``
+    log-softmax is formed, only the logits; ``model`` has ``logits``, as
+    :class:`sims.models.decoder.DecoderLM`)."""
+    logits = model.logits(hidden)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+class PackedPairs(NamedTuple):
+    """Each pair's chosen and rejected responses packed behind their one shared prompt.
+
+    Row ``i`` is ``chosen.tokens[i]`` (prompt, chosen response, pads; ``T`` slots) followed by
+    the rejected response (``S`` slots, ``S`` the longest rejected response). The rejected
+    tokens keep their own positions ``prompt_len + k`` (rotary embeddings) and segment 2; the
+    prompt has segment 0 and the chosen response segment 1; a query sees a key only in segment
+    0 or its own (:func:`sims.models.decoder.causal_mask`). So every response position has
+    exactly the hidden state of its unpacked sequence, while the prompt runs through the model
+    once instead of twice, and the vocabulary head runs only at the ``Rc`` / ``S`` positions that
+    predict response tokens instead of at all ``T - 1``. Same log-probs as the plain layout up
+    to float round-off (``tests/test_transformer.py``); fewer flops (the benchmark
+    ``python -m experiments bench_real_model`` measures the step). Built by
+    :func:`pack_pairs`.
+
+    Attributes (all with the leading axis ``N``, so selecting or stacking rows acts on them as
+    on the other pair fields):
+      tokens, positions, segments, valid: ``[N, T + S]`` the packed row (ids, rotary positions,
+        segment ids, real tokens).
+      chosen_at, chosen_target, chosen_valid: ``[N, Rc]`` the row index of the hidden state
+        predicting each chosen response token, that token, and whether it is real.
+      rejected_at, rejected_target, rejected_valid: ``[N, S]`` the same for the rejected
+        response.
+    """
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    segments: np.ndarray
+    valid: np.ndarray
+    chosen_at: np.ndarray
+    chosen_target: np.ndarray
+    chosen_valid: np.ndarray
+    rejected_at: np.ndarray
+    rejected_target: np.ndarray
+    rejected_valid: np.ndarray
+
+    def logprobs(self, model: nnx.Module) -> tuple[jax.Array, jax.Array]:
+        """Return ``(logprob_chosen, logprob_rejected)`` ``[N]`` (Razin et al. 2024, Eq. 1)."""
+        h = model.hidden_states(
+            self.tokens, positions=self.positions, valid=self.valid, segments=self.segments
+        )
+
+        def summed(at, target, real):
+            picked = token_logprobs(model, jnp.take_along_axis(h, at[..., None], axis=-2), target)
+            return jnp.sum(jnp.where(real, picked, 0.0), axis=-1)
+
+        return (
+            summed(self.chosen_at, self.chosen_target, self.chosen_valid),
+            summed(self.rejected_at, self.rejected_target, self.rejected_valid),
+        )
+
+
+def supports_packing(model: nnx.Module) -> bool:
+    """Whether ``model`` runs :class:`PackedPairs`: ``hidden_states(..., segments=)`` and
+    ``logits`` (:class:`sims.models.decoder.DecoderLM` and the checkpoints it loads)."""
+    method = getattr(model, "hidden_states", None)
+    return (
+        method is not None
+        and hasattr(model, "logits")
+        and "segments" in inspect.signature(method).parameters
+    )
+
+
+def pack_pairs(chosen: TokenBatch, rejected: TokenBatch) -> PackedPairs:
+    """Return the :class:`PackedPairs` of right-padded ``chosen`` / ``rejected`` batches.
+
+    Raises:
+      ValueError: different shapes, a pair whose chosen and rejected rows do not share their
+        prompt (same ``prompt_len``, same prompt tokens), an empty prompt, or a row without a
+        response (``length <= prompt_len``).
+    """
+    tc, pc, lc = (np.asarray(a) for a in chosen)
+    tr, pr, lr = (np.asarray(a) for a in rejected)
+    if tc.shape != tr.shape or tc.ndim != 2:
+        raise ValueError(f"chosen and rejected must be [N, T] alike, got {tc.shape}, {tr.shape}")
+    N, T = tc.shape
+    if np.any(pc < 1) or np.any(lc <= pc) or np.any(lr <= pr) or np.any(np.maximum(lc, lr) > T):
+        raise ValueError("packing needs 1 <= prompt_len < length <= T in every row")
+    t = np.arange(T)[None, :]
+    in_prompt = t < pc[:, None]
+    unshared = (pc != pr) | np.any(in_prompt & (tc != tr), axis=1)
+    if np.any(unshared):
+        raise ValueError(
+            "packing needs each pair's chosen and rejected to share their prompt (same "
+            f"prompt_len and tokens); rows {np.flatnonzero(unshared)[:5].tolist()} do not"
+        )
+    rows = np.arange(N)[:, None]
+    k_c, k_r = np.arange(int(np.max(lc - pc)))[None, :], np.arange(int(np.max(lr - pr)))[None, :]
+    at_c = pc[:, None] + k_c  # chosen token index in the row
+    at_r = pr[:, None] + k_r  # rejected token index in its own sequence
+    real_c, real_r = at_c < lc[:, None], at_r < lr[:, None]
+    rej_tokens = np.where(real_r, tr[rows, np.minimum(at_r, T - 1)], 0)
+    S = rej_tokens.shape[1]
+    i32 = np.int32
+    return PackedPairs(
+        tokens=np.concatenate([tc, rej_tokens], 1).astype(i32),
+        positions=np.concatenate([np.broadcast_to(t, tc.shape), at_r], 1).astype(i32),
+        segments=np.concatenate([np.where(in_prompt, 0, 1), np.full((N, S), 2)], 1).astype(i32),
+        valid=np.concatenate([t < lc[:, None], real_r], 1),
+        chosen_at=np.minimum(at_c - 1, T - 1).astype(i32),
+        chosen_target=np.where(real_c, tc[rows, np.minimum(at_c, T - 1)], 0).astype(i32),
+        chosen_valid=real_c,
+        # the first rejected token is predicted by the prompt's last position (in the chosen
+        # part), the k-th (k >= 1) by the rejected slot k - 1
+        rejected_at=np.where(k_r == 0, pr[:, None] - 1, T + k_r - 1).astype(i32),
+        rejected_target=rej_tokens.astype(i32),
+        rejected_valid=real_r,
+    )
+
+
 class TokenBatch(NamedTuple):
     """Right-padded token sequences: prompt then response.
 
@@ -181,6 +302,11 @@ class TransformerPairs(NamedTuple):
       chosen, rejected: :class:`TokenBatch` of prompt + preferred / dispreferred response.
       ref_logprob_chosen, ref_logprob_rejected: ``[N]`` log-probs under the reference model.
       weight: ``[N]`` sample weights (0 drops a pair: data sets of different sizes stack).
+      packed: ``None`` (plain layout: chosen and rejected run as two batches with logits at
+        every position), or the same pairs as :class:`PackedPairs` (the shared prompt once,
+        logits at response positions only), which :meth:`logprobs` then uses. Built from
+        ``chosen`` / ``rejected`` by :func:`make_transformer_pairs` (``packed=True``): edit
+        pairs by making them again, so the two layouts cannot disagree.
     """
 
     chosen: TokenBatch
@@ -188,9 +314,12 @@ class TransformerPairs(NamedTuple):
     ref_logprob_chosen: jax.Array
     ref_logprob_rejected: jax.Array
     weight: jax.Array
+    packed: PackedPairs | None = None
 
     def logprobs(self, model: nnx.Module) -> tuple[jax.Array, jax.Array]:
         """Return ``(logprob_chosen, logprob_rejected)``, each ``[N]``."""
+        if self.packed is not None:
+            return self.packed.logprobs(model)
         return (
             response_logprobs_from_tokens(model, *self.chosen),
             response_logprobs_from_tokens(model, *self.rejected),
@@ -201,9 +330,16 @@ class TransformerPairs(NamedTuple):
         return response_logprobs_from_tokens(model, *self.chosen)
 
     def validate(self, model: nnx.Module) -> None:
-        """Raise ``ValueError`` for token ids outside ``model``'s vocabulary."""
+        """Raise ``ValueError`` for token ids outside ``model``'s vocabulary, or packed pairs
+        on a model that cannot run them (:func:`supports_packing`)."""
         for name in ("chosen", "rejected"):
             check_token_ids(f"{name}.tokens", getattr(self, name).tokens, model.vocab_size)
+        if self.packed is not None and not supports_packing(model):
+            raise ValueError(
+                f"packed pairs need a model with hidden_states(..., segments=) and logits "
+                f"(sims.models.decoder.DecoderLM); got {type(model).__name__}: make the pairs "
+                "with packed=False"
+            )
 
 
 def make_transformer_pairs(
@@ -213,14 +349,18 @@ def make_transformer_pairs(
     weight=None,
     *,
     chunk_size: int | None = None,
+    packed: bool = False,
 ) -> TransformerPairs:
     """Return :class:`TransformerPairs`, reference log-probs from ``model`` now (default weights 1).
 
     ``chunk_size`` computes the reference log-probs that many pairs at a time (``lax.map``):
-    the ``[N, T, V]`` logits of a large vocabulary need not fit at once.
+    the ``[N, T, V]`` logits of a large vocabulary need not fit at once. ``packed`` adds the
+    :class:`PackedPairs` layout (each pair's shared prompt runs once; logits only where a
+    response token is predicted), which the reference and every later log-prob then use.
 
     Raises:
-      ValueError: ``chosen`` and ``rejected`` of different shapes, token ids out of range.
+      ValueError: ``chosen`` and ``rejected`` of different shapes, token ids out of range;
+        with ``packed``, what :func:`pack_pairs` and :meth:`TransformerPairs.validate` reject.
     """
     chosen = TokenBatch(*(jnp.asarray(a) for a in chosen))
     rejected = TokenBatch(*(jnp.asarray(a) for a in rejected))
@@ -231,6 +371,9 @@ def make_transformer_pairs(
         )
     weight = jnp.ones(chosen.tokens.shape[0]) if weight is None else jnp.asarray(weight, float)
     pairs = TransformerPairs(chosen, rejected, weight, weight, weight)
+    if packed:
+        layout = pack_pairs(chosen, rejected)
+        pairs = pairs._replace(packed=PackedPairs(*(jnp.asarray(a) for a in layout)))
     pairs.validate(model)
     if chunk_size is None:
         lp_c, lp_r = _pair_logprobs(model, pairs)
@@ -241,14 +384,11 @@ def make_transformer_pairs(
 
 @functools.partial(jax.jit, static_argnums=2)
 def _chunked_pair_logprobs(model, pairs: TransformerPairs, chunk_size: int):
-    def one(row):
-        c, r = row
-        return (
-            response_logprobs_from_tokens(model, *(a[None] for a in c))[0],
-            response_logprobs_from_tokens(model, *(a[None] for a in r))[0],
-        )
+    def one(row: TransformerPairs):
+        lp_c, lp_r = jax.tree.map(lambda a: a[None], row).logprobs(model)
+        return lp_c[0], lp_r[0]
 
-    return jax.lax.map(one, (pairs.chosen, pairs.rejected), batch_size=chunk_size)
+    return jax.lax.map(one, pairs, batch_size=chunk_size)
 
 
 def pair_logprobs_chunked(model: nnx.Module, pairs: TransformerPairs, *, chunk_size: int = 8):
