@@ -11,8 +11,7 @@ steps/s of each side and their ratio, first calls (JAX: trace + compile + one st
 memory analysis against the floor (parameters, gradients, RMSprop state, a rematerialised
 backward's activations), the roofline position (the step's matrix-product flops, counted by
 ``benchmarking.step_flops``, over its time, against the measured matrix-product rate).
-Targets (issue 22): >= 2x PyTorch at both shapes, first call <= 20 s. Timings depend on the
-load: the JSON records the load average.
+Targets (issue 22): >= 2x PyTorch at both shapes, first call <= 20 s. JSON: the load average.
 """
 
 from __future__ import annotations
