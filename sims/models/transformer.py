@@ -179,7 +179,7 @@ class PackedPairs(NamedTuple):
     exactly the hidden state of its unpacked sequence, while the prompt runs through the model
     once instead of twice, and the vocabulary head runs only at the ``Rc`` / ``S`` positions that
     predict response tokens instead of at all ``T - 1``. Same log-probs as the plain layout up
-    to float round-off (``tests/test_transformer.py``); fewer flops (the benchmark
+    to float round-off (``tests/test_packed_pairs.py``); fewer flops (the benchmark
     ``python -m experiments bench_real_model`` measures the step). Built by
     :func:`pack_pairs`.
 
