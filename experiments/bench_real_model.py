@@ -1,16 +1,15 @@
 """Benchmark: the real-model DPO step, this project (JAX) against PyTorch + transformers.
 
-Not part of the main job (``python -m experiments bench_real_model``; ~10 minutes on 2 cores).
-Both sides run one DPO step (beta 0.1, RMSprop at lr 1e-7) on the same GGUF file (transformers
-reads it with ``gguf_file=``), float32, at the persona protocol's shape (B = 1 pair, T = 24) and
-the multi-token protocols' (B = 8, T = 256); what is timed: experiments/framework/benchmarking.py.
-JAX uses the packed pair layout (``sims.models.transformer.PackedPairs``: the shared prompt runs
-once, the vocabulary head only where a response token is predicted); ``--layout plain`` runs
-chosen and rejected as two batches with logits everywhere, as the PyTorch side does. Per shape:
-steps/s of each side and their ratio, first calls (JAX: trace + compile + one step), XLA's
-memory analysis against the floor (parameters, gradients, RMSprop state, a rematerialised
-backward's activations), the roofline position (the step's matrix-product flops, counted by
-``benchmarking.step_flops``, over its time, against the measured matrix-product rate).
+Not in the main job (``python -m experiments bench_real_model``; ~11 min on 2 cores). Both
+sides run one DPO step (beta 0.1, RMSprop, lr 1e-7) on one GGUF file (transformers reads it with
+``gguf_file=``), float32, at the persona shape (B = 1 pair, T = 24) and the multi-token one (B =
+8, T = 256), timed interleaved (experiments/framework/benchmarking.py). JAX uses the packed
+layout (``sims.models.transformer.PackedPairs``: the shared prompt once, logits only where a
+response token is predicted; ``--layout plain``: two batches, logits everywhere, as PyTorch
+does). Per shape: steps/s of each side and their ratio, first calls (JAX: trace + compile +
+one step), XLA's memory analysis against the floor (parameters, gradients, RMSprop state, a
+rematerialised backward's activations), the roofline position (matrix-product flops counted
+by ``benchmarking.step_flops`` over the step time, against the measured matrix-product rate).
 Targets (issue 22): >= 2x PyTorch at both shapes, first call <= 20 s. JSON: the load average.
 """
 
@@ -69,11 +68,15 @@ def run(config: Config) -> dict:
         model = load_causal_lm(path)
         peak = machine_peaks(repeats=2, scale=0.5 if config.model else 0.05)["flop_rate"]
         cells, layout = [], {"packed": config.layout == "packed"}
-        steps = {"n1": config.n1, "n2": config.n2, "repeats": config.repeats} | layout
         for shape in config.shapes:
             B, T = (int(v) for v in shape.split("x"))
-            progress(f"[{NAME}] B={B} T={T}: JAX")
-            jx = bm.jax_step(model, B, T, **steps)
+            progress(f"[{NAME}] B={B} T={T}: first calls, then {config.repeats} timed rounds")
+            jax_side = bm.jax_side(model, B, T, n1=config.n1, n2=config.n2, **layout)
+            torch_side = None
+            if bm.torch_available():
+                torch_side = bm.torch_side(path, B, T, n=config.torch_steps,
+                                           threads=config.torch_threads)  # fmt: skip
+            jx, tx = bm.compare_steps(jax_side, torch_side, repeats=config.repeats)
             ref = jx.pop("ref_logprobs")  # the reference log-probs of both sides: one model?
             cell = {"B": B, "T": T, "jax": jx, "floor": bm.memory_floor(model, B, T, **layout)}
             cost = bm.step_cost(model, B, T, **layout)
@@ -81,10 +84,7 @@ def run(config: Config) -> dict:
                 "flop_rate": cost["flops"] / jx["step_s"],
                 "fraction_of_peak_flop_rate": cost["flops"] / jx["step_s"] / peak["all_devices"],
             }
-            if bm.torch_available():
-                progress(f"[{NAME}] B={B} T={T}: PyTorch")
-                tx = bm.torch_step(path, B, T, n=config.torch_steps, repeats=config.repeats,
-                                   threads=config.torch_threads)  # fmt: skip
+            if tx is not None:
                 cell["torch"], cell["jax_over_torch"] = tx, tx["step_s"] / jx["step_s"]
                 diff = np.abs(np.subtract(tx.pop("ref_logprobs"), ref))
                 cell["max_abs_logprob_difference"] = float(np.max(diff))

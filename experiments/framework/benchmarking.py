@@ -14,7 +14,9 @@ log-probs, backward, optimiser step.
   parameters + gradients + RMSprop state.
 * PyTorch: an eager loop, ``torch.optim.RMSprop``; the first call includes nothing compiled.
 
-Timings are wall clock, best of ``repeats``; the machine's load average is recorded beside them.
+Both sides are prepared first (their first calls timed), then timed in ``repeats`` interleaved
+rounds (:func:`compare_steps`): wall clock, the fastest round per side; the machine's load
+average is recorded beside them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import importlib.util
 import os
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,10 +90,20 @@ def _observe_nothing(model, pairs) -> jax.Array:
     return jnp.zeros(())
 
 
-def jax_step(
-    model, B: int, T: int, *, n1: int = 2, n2: int = 6, repeats: int = 2, packed: bool = True
-) -> dict:
-    """Time the JAX DPO step (see the module docstring); return seconds and memory.
+class Side(NamedTuple):
+    """One side of the comparison, prepared: its first call already made and timed.
+
+    ``runs`` maps a step count to a blocking call running that many steps; ``info`` holds what
+    the result reports besides times (reference log-probs, memory, versions).
+    """
+
+    first_call_s: float
+    runs: dict[int, Callable[[], object]]
+    info: dict
+
+
+def jax_side(model, B: int, T: int, *, n1: int, n2: int, packed: bool = True) -> Side:
+    """Prepare the JAX DPO step (see the module docstring): runs of ``n1`` and ``n2`` steps.
 
     ``packed``: the pairs' layout (:class:`sims.models.transformer.PackedPairs`: the shared
     prompt once, logits at response positions only; ``False``: two plain batches).
@@ -119,38 +132,15 @@ def jax_step(
     start = time.perf_counter()
     jax.block_until_ready(flow(1).run().first_nonfinite_step)
     first = time.perf_counter() - start
-
-    def timed(n):
-        best = np.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            flow(n).run()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    t1, t2 = timed(n1), timed(n2)
-    step, method = (t2 - t1) / (n2 - n1), "difference of two runs"
-    if step <= 0:  # noise above the step's cost (tiny models): the whole run bounds it
-        step, method = t2 / n2, "upper bound (run time / steps; the difference was not > 0)"
-    mem = flow(n2).memory()
-    return {
-        "first_call_s": first,
-        "step_s": step,
-        "steps_per_s": 1.0 / step,
-        "step_method": method,
-        "ref_logprobs": np.concatenate(
-            [pairs.ref_logprob_chosen, pairs.ref_logprob_rejected]
-        ).tolist(),
-        "memory": mem._asdict(),
-    }
+    refs = np.concatenate([pairs.ref_logprob_chosen, pairs.ref_logprob_rejected]).tolist()
+    info = {"ref_logprobs": refs, "memory": flow(n2).memory()._asdict()}
+    return Side(first, {n: (lambda n=n: flow(n).run()) for n in (n1, n2)}, info)
 
 
-def torch_step(
-    gguf_path: str, B: int, T: int, *, n: int = 4, repeats: int = 2, threads: int = 0
-) -> dict:
-    """Time the PyTorch + transformers eager DPO step on the same GGUF file and shapes.
+def torch_side(gguf_path: str, B: int, T: int, *, n: int, threads: int = 0) -> Side:
+    """Prepare the PyTorch + transformers eager DPO step on the same GGUF file and shapes.
 
-    ``threads``: torch's intra-op threads (0: its default, one per core).
+    ``n``: steps per timed run; ``threads``: torch's intra-op threads (0: one per core).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -181,23 +171,50 @@ def torch_step(
         loss.backward()
         opt.step()
 
+    def run():
+        for _ in range(n):
+            step()
+
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        best = min(best, (time.perf_counter() - t0) / n)
-    return {
-        "first_call_s": first,
-        "step_s": best,
-        "steps_per_s": 1.0 / best,
+    info = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "ref_logprobs": torch.cat([ref_c, ref_r]).tolist(),
     }
+    return Side(first, {n: run}, info)
+
+
+def compare_steps(
+    jax_prepared: Side, torch_prepared: Side | None, *, repeats: int
+) -> tuple[dict, dict | None]:
+    """Time both sides interleaved, ``repeats`` rounds of (JAX's two runs, PyTorch's run).
+
+    On a shared host the machine's speed drifts by tens of percent over minutes (measured: the
+    matrix-product peak of this 2-core machine read 299 and 148 GFLOP/s in two runs an hour
+    apart), so each round times both sides at nearly the same moment; the fastest of the rounds
+    counts on each side. JAX's step is the difference of its two runs over their step counts
+    (the fixed per-run cost cancels); PyTorch's is its run over its step count.
+    """
+    (n1, run1), (n2, run2) = sorted(jax_prepared.runs.items())
+    best = {"jax1": np.inf, "jax2": np.inf, "torch": np.inf}
+    for _ in range(repeats):
+        best["jax1"] = min(best["jax1"], best_time(run1, repeats=1))
+        best["jax2"] = min(best["jax2"], best_time(run2, repeats=1))
+        if torch_prepared is not None:
+            ((n_torch, run_torch),) = torch_prepared.runs.items()
+            best["torch"] = min(best["torch"], best_time(run_torch, repeats=1) / n_torch)
+    step, method = (best["jax2"] - best["jax1"]) / (n2 - n1), "difference of two runs"
+    if step <= 0:  # noise above the step's cost (tiny models): the whole run bounds it
+        step = best["jax2"] / n2
+        method = "upper bound (run time / steps; the difference was not > 0)"
+    jx = {"first_call_s": jax_prepared.first_call_s, "step_s": step, "steps_per_s": 1 / step}
+    jx |= {"step_method": method, "timing": "interleaved with PyTorch"} | jax_prepared.info
+    if torch_prepared is None:
+        return jx, None
+    tx = {"first_call_s": torch_prepared.first_call_s, "step_s": best["torch"]}
+    return jx, tx | {"steps_per_s": 1 / best["torch"]} | torch_prepared.info
 
 
 def step_flops(config, vocab_size: int, B: int, T: int, *, packed: bool = True) -> float:
