@@ -193,28 +193,34 @@ def compare_steps(
 
     On a shared host the machine's speed drifts by tens of percent over minutes (measured: the
     matrix-product peak of this 2-core machine read 299 and 148 GFLOP/s in two runs an hour
-    apart), so each round times both sides at nearly the same moment; the fastest of the rounds
-    counts on each side. JAX's step is the difference of its two runs over their step counts
-    (the fixed per-run cost cancels); PyTorch's is its run over its step count.
+    apart), so each round times both sides at nearly the same moment; the fastest round counts
+    on each side. JAX's step is the difference of its two runs in a round over the difference
+    of their step counts (the fixed per-run cost cancels); ``step_upper_bound_s`` is its longer
+    run over its steps (fixed cost included). PyTorch's step is its run over its step count.
+    Every round's times are returned (``rounds``).
     """
     (n1, run1), (n2, run2) = sorted(jax_prepared.runs.items())
-    best = {"jax1": np.inf, "jax2": np.inf, "torch": np.inf}
+    rounds = []
     for _ in range(repeats):
-        best["jax1"] = min(best["jax1"], best_time(run1, repeats=1))
-        best["jax2"] = min(best["jax2"], best_time(run2, repeats=1))
+        r = {"jax_n1_s": best_time(run1, repeats=1), "jax_n2_s": best_time(run2, repeats=1)}
         if torch_prepared is not None:
             ((n_torch, run_torch),) = torch_prepared.runs.items()
-            best["torch"] = min(best["torch"], best_time(run_torch, repeats=1) / n_torch)
-    step, method = (best["jax2"] - best["jax1"]) / (n2 - n1), "difference of two runs"
+            r["torch_step_s"] = best_time(run_torch, repeats=1) / n_torch
+        rounds.append(r)
+    # the step within each round (its two runs seconds apart), the fastest round counting
+    step = min((r["jax_n2_s"] - r["jax_n1_s"]) / (n2 - n1) for r in rounds)
+    bound = min(r["jax_n2_s"] for r in rounds) / n2  # the whole run per step: an upper bound
+    method = "difference of two runs in one round"
     if step <= 0:  # noise above the step's cost (tiny models): the whole run bounds it
-        step = best["jax2"] / n2
-        method = "upper bound (run time / steps; the difference was not > 0)"
+        step, method = bound, "upper bound (run time / steps; the difference was not > 0)"
     jx = {"first_call_s": jax_prepared.first_call_s, "step_s": step, "steps_per_s": 1 / step}
-    jx |= {"step_method": method, "timing": "interleaved with PyTorch"} | jax_prepared.info
+    jx |= {"step_upper_bound_s": bound, "step_method": method, "rounds": rounds}
+    jx |= {"timing": "interleaved with PyTorch", "n1": n1, "n2": n2} | jax_prepared.info
     if torch_prepared is None:
         return jx, None
-    tx = {"first_call_s": torch_prepared.first_call_s, "step_s": best["torch"]}
-    return jx, tx | {"steps_per_s": 1 / best["torch"]} | torch_prepared.info
+    torch_step = min(r["torch_step_s"] for r in rounds)
+    tx = {"first_call_s": torch_prepared.first_call_s, "step_s": torch_step}
+    return jx, tx | {"steps_per_s": 1 / torch_step} | torch_prepared.info
 
 
 def step_flops(config, vocab_size: int, B: int, T: int, *, packed: bool = True) -> float:
