@@ -515,8 +515,10 @@ class Flow:
         """
         if self.validate is not None:
             self.validate()
-        for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
-            if not bool(all_finite(leaf)):
+        # one compiled check of the whole tree (one per leaf shape took 3.4 s on SmolLM2's first
+        # call); the leaf-by-leaf pass that names the bad leaf runs only when it fails
+        if not bool(all_finite(self.params)):
+            for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
                 check_finite(f"params{jax.tree_util.keystr(path)}", leaf)
         init, observe0, chunk = self._cores()
         hyper = self._hyper()
