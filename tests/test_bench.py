@@ -99,6 +99,7 @@ def test_bench_real_model_smoke_both_sides_run_one_model():
         assert cell["jax"]["steps_per_s"] > 0 and cell["torch"]["steps_per_s"] > 0
         assert cell["jax"]["memory"]["peak"] >= cell["floor"]["state"]
         assert cell["roofline"]["flops"] > 0
+        assert cell["roofline"]["peak_flop_rate"]["all_devices"] > 0
 
 
 @pytest.mark.slow  # > 3 s on the 2-core CPU; CI runs it

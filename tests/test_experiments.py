@@ -90,7 +90,7 @@ KEYS = {
     "audit": {"pairs", "fraction_predicted_displacing", "kept_lines"},
     "compile_once": {"rows", "min_ratio", "min_new_values_ratio", "new_values_compiles"},
     "check_figures": {"rows", "changed", "compared"},
-    "bench_real_model": {"cells", "targets", "peak_flop_rate", "model"},
+    "bench_real_model": {"cells", "targets", "model"},
     "accelerator_check": {"device", "bench", "sweep", "real_model_dpo", "experiments", "budget_s"},
     "minilm_encoder_no_over_never": {"skipped", "sft", "runs", "rows", "kernel", "verdict"},
     "learned_features_no_over_never": {
