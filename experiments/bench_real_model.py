@@ -42,7 +42,7 @@ class Config(ExperimentConfig):
     n1: int = 2  # JAX: steps of the shorter timed run (the step is the difference of two runs)
     n2: int = 6  # JAX: steps of the longer timed run
     torch_steps: int = 3  # PyTorch: steps per timed call
-    repeats: int = 2  # timed calls per side (the fastest counts)
+    repeats: int = 2  # timed rounds, both sides interleaved (the fastest round counts)
     torch_threads: int = 0  # PyTorch intra-op threads (0: its default, one per core)
     layout: str = "packed"  # JAX pairs: "packed" (shared prompt once) or "plain" (two batches)
 
@@ -70,7 +70,8 @@ def run(config: Config) -> dict:
         for shape in config.shapes:
             B, T = (int(v) for v in shape.split("x"))
             progress(f"[{NAME}] B={B} T={T}: first calls, then {config.repeats} timed rounds")
-            jax_side = bm.jax_side(model, B, T, n1=config.n1, n2=config.n2, **layout)
+            pairs = bm.bench_pairs(model, B, T, **layout)  # the JAX step's and its flop count's
+            jax_side = bm.jax_side(model, pairs, n1=config.n1, n2=config.n2)
             torch_side = None
             if bm.torch_available():
                 torch_side = bm.torch_side(path, B, T, n=config.torch_steps,
@@ -78,7 +79,7 @@ def run(config: Config) -> dict:
             jx, tx = bm.compare_steps(jax_side, torch_side, repeats=config.repeats)
             ref = jx.pop("ref_logprobs")  # the reference log-probs of both sides: one model?
             cell = {"B": B, "T": T, "jax": jx, "floor": bm.memory_floor(model, B, T, **layout)}
-            cost = bm.step_cost(model, B, T, **layout)
+            cost = bm.step_cost(model, pairs)
             peak = machine_peaks(repeats=2, scale=1.0 if config.model else 0.05)["flop_rate"]
             rate = cost["flops"] / jx["step_s"]  # against the peak measured after the rounds
             cell["roofline"] = cost | {"flop_rate": rate, "peak_flop_rate": peak}

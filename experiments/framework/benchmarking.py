@@ -102,18 +102,24 @@ class Side(NamedTuple):
     info: dict
 
 
-def jax_side(model, B: int, T: int, *, n1: int, n2: int, packed: bool = True) -> Side:
-    """Prepare the JAX DPO step (see the module docstring): runs of ``n1`` and ``n2`` steps.
+def bench_pairs(model, B: int, T: int, *, packed: bool = True):
+    """The JAX side's :func:`random_pairs` with their reference log-probs (built once per shape).
 
     ``packed``: the pairs' layout (:class:`sims.models.transformer.PackedPairs`: the shared
     prompt once, logits at response positions only; ``False``: two plain batches).
     """
-    from sims.flows.core import preference_flow
     from sims.models.transformer import make_transformer_pairs
-    from theory.losses import make_loss
 
     chosen, rejected = random_pairs(model.vocab_size, B, T, 0)
-    pairs = make_transformer_pairs(model, chosen, rejected, chunk_size=1, packed=packed)
+    return make_transformer_pairs(model, chosen, rejected, chunk_size=1, packed=packed)
+
+
+def jax_side(model, pairs, *, n1: int, n2: int) -> Side:
+    """Prepare the JAX DPO step on :func:`bench_pairs` (see the module docstring): runs of
+    ``n1`` and ``n2`` steps."""
+    from sims.flows.core import preference_flow
+    from theory.losses import make_loss
+
     loss = make_loss("dpo", beta=BETA)
 
     def flow(n):
@@ -200,11 +206,12 @@ def compare_steps(
     Every round's times are returned (``rounds``).
     """
     (n1, run1), (n2, run2) = sorted(jax_prepared.runs.items())
+    if torch_prepared is not None:
+        ((n_torch, run_torch),) = torch_prepared.runs.items()
     rounds = []
     for _ in range(repeats):
         r = {"jax_n1_s": best_time(run1, repeats=1), "jax_n2_s": best_time(run2, repeats=1)}
         if torch_prepared is not None:
-            ((n_torch, run_torch),) = torch_prepared.runs.items()
             r["torch_step_s"] = best_time(run_torch, repeats=1) / n_torch
         rounds.append(r)
     # the step within each round (its two runs seconds apart), the fastest round counting
@@ -245,8 +252,9 @@ def step_flops(config, vocab_size: int, B: int, T: int, *, packed: bool = True) 
     return float(3 * forward + 10 * n_params)
 
 
-def step_cost(model, B: int, T: int, *, packed: bool = True) -> dict:
-    """The flops of one DPO step (:func:`step_flops`) and XLA's own ``cost_analysis``.
+def step_cost(model, pairs) -> dict:
+    """The flops of one DPO step on :func:`bench_pairs` (:func:`step_flops`) and XLA's own
+    ``cost_analysis``.
 
     XLA counts a ``while`` loop's body once, so for the layers scanned in
     :class:`sims.models.decoder.DecoderLM` its ``flops`` / ``bytes`` cover one layer (plus the
@@ -254,11 +262,10 @@ def step_cost(model, B: int, T: int, *, packed: bool = True) -> dict:
     step is ``flops / step_s``.
     """
     from sims.flows.core import pair_logprobs
-    from sims.models.transformer import make_transformer_pairs
     from theory.losses import make_loss, mean_pair_loss
 
-    chosen, rejected = random_pairs(model.vocab_size, B, T, 0)
-    pairs = make_transformer_pairs(model, chosen, rejected, chunk_size=1, packed=packed)
+    B, T = pairs.chosen.tokens.shape
+    packed = pairs.packed is not None
     loss = make_loss("dpo", beta=BETA)
     graphdef, params = nnx.split(model)
 
